@@ -1,0 +1,56 @@
+"""The `aevae` console script. Each subcommand lives beside the code it drives and registers itself here.
+
+Registration modules import only argparse-level code, so `aevae encode` never pays for torch or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# module -> it defines `register(subparsers)`; the order is the order of `aevae --help`.
+COMMANDS = (
+    "aevae.up",
+    "aevae.trainer.cli",
+    "aevae.services.cli",
+    "aevae.client.cli",
+    "aevae.ui.cli",
+    "aevae.report.cli",
+)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="aevae", description="Serve and explore autoencoder latent spaces.")
+    root.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # a part not built yet
+        module.register(sub)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except UserError as exc:
+        print(f"aevae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+class UserError(Exception):
+    """An error caused by the input or the environment, printed without a traceback."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The latent statistics a version carries: what the UI's violins, axes and PCA scatter plot need.
+
+Computed once by the trainer over the whole training set, so that the services only read JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+QUANTILES = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+GRID_POINTS = 128
+SAMPLE_PER_CLASS = 200
+
+
+def density(values: np.ndarray, lo: float, hi: float, points: int = GRID_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """A Gaussian kernel density on an even grid, via a fine histogram (fast for 60k values, no scipy)."""
+    grid = np.linspace(lo, hi, points)
+    bins = points * 8
+    hist, edges = np.histogram(values, bins=bins, range=(lo, hi), density=True)
+    centers = (edges[:-1] + edges[1:]) / 2
+    bandwidth = max(1.06 * values.std() * len(values) ** (-1 / 5), (hi - lo) / bins)  # Silverman's rule
+    step = edges[1] - edges[0]
+    radius = int(np.ceil(4 * bandwidth / step))
+    kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) * step / bandwidth) ** 2)
+    smooth = np.convolve(hist, kernel / kernel.sum(), mode="same")
+    return grid, np.interp(grid, centers, smooth)
+
+
+def balanced_sample(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+    """Indices of up to `per_class` items of each label, the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks))
+
+
+def compute(latents: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Per dimension: range, quantiles, mean, std and a density for violins; a PCA and its labelled sample."""
+    from sklearn.decomposition import PCA
+
+    dims = []
+    for values in latents.T:
+        lo, hi = float(values.min()), float(values.max())
+        margin = 0.05 * (hi - lo) or 1.0
+        grid, dens = density(values, lo - margin, hi + margin)
+        dims.append({
+            "min": lo, "max": hi, "mean": float(values.mean()), "std": float(values.std()),
+            "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))},
+            "grid": grid.round(5).tolist(), "density": dens.round(7).tolist(),
+        })
+    pca = PCA(n_components=min(2, latents.shape[1]), random_state=seed).fit(latents)
+    idx = balanced_sample(labels, SAMPLE_PER_CLASS, seed)
+    projected = pca.transform(latents[idx])
+    return {
+        "count": int(len(latents)),
+        "latent_dim": int(latents.shape[1]),
+        "source": "encoder mean over the training set",
+        "dims": dims,
+        "pca": {
+            "mean": pca.mean_.tolist(),
+            "components": pca.components_.tolist(),
+            "explained_variance_ratio": pca.explained_variance_ratio_.tolist(),
+            "points": projected.round(4).tolist(),
+            "labels": labels[idx].astype(int).tolist(),
+            "latents": latents[idx].round(4).tolist(),
+        },
+    }

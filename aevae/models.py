@@ -1,0 +1,113 @@
+"""The AE and the VAE: one architecture, the VAE's encoder ending in a mean and a log-variance head.
+
+Read it like pytorch/examples' vae/main.py: model, loss, nothing else. Images are N x 32 x 32 floats in [0, 1];
+the decoder returns logits so that the loss can use the numerically stable BCE-with-logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+KINDS = ("ae", "vae")
+PIXELS = 32 * 32
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild a model from its manifest."""
+
+    kind: str = "vae"
+    latent_dim: int = 4
+    hidden: tuple[int, ...] = (1024, 512, 256)
+    activation: str = "silu"
+    norm: bool = True
+    image_shape: tuple[int, int] = (32, 32)
+    name: str = field(default="mlp", compare=False)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Architecture":
+        data = dict(data)
+        data["hidden"] = tuple(data["hidden"])
+        data["image_shape"] = tuple(data["image_shape"])
+        return cls(**data)
+
+
+_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU, "gelu": nn.GELU}
+
+
+def _mlp(sizes: list[int], arch: Architecture) -> nn.Sequential:
+    """Linear layers with normalization and activation between them, none after the last."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            if arch.norm:
+                layers.append(nn.LayerNorm(n_out))
+            layers.append(_ACTIVATIONS[arch.activation]())
+    return nn.Sequential(*layers)
+
+
+class Autoencoder(nn.Module):
+    """AE when `arch.kind == "ae"`, VAE when "vae": the encoder's last layer is twice as wide for the VAE."""
+
+    def __init__(self, arch: Architecture):
+        super().__init__()
+        if arch.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {arch.kind!r}")
+        self.arch = arch
+        heads = 2 if arch.kind == "vae" else 1
+        self.encoder = _mlp([PIXELS, *arch.hidden, heads * arch.latent_dim], arch)
+        self.decoder = _mlp([arch.latent_dim, *reversed(arch.hidden), PIXELS], arch)
+
+    @property
+    def variational(self) -> bool:
+        return self.arch.kind == "vae"
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images -> (mean, log-variance); the AE's code is its mean and has no log-variance."""
+        h = self.encoder(x.reshape(x.shape[0], PIXELS))
+        if not self.variational:
+            return h, None
+        mu, logvar = h.chunk(2, dim=1)
+        return mu, logvar
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z).reshape(z.shape[0], *self.arch.image_shape)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [0, 1]."""
+        return torch.sigmoid(self.decode_logits(z))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (reconstruction logits, mean, log-variance)."""
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar) if logvar is not None else mu
+        return self.decode_logits(z), mu, logvar
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps (the seed writes sigma squared; that is a slip: sigma = exp(logvar / 2))."""
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def loss_terms(
+    logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch sums, in nats: BCE over the pixels, and the KL to N(0, I) (zero for the AE)."""
+    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    if logvar is None:
+        return bce, torch.zeros((), dtype=bce.dtype)
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return bce, kl
+
+
+def build(arch: Architecture) -> Autoencoder:
+    return Autoencoder(arch)

@@ -1,0 +1,1 @@
+"""The gRPC encoder and decoder services over the model repository."""

