@@ -1,0 +1,44 @@
+# Two commands for a fresh machine; each first sets up whatever is missing (idempotent):
+#   make up    - train if the model repository is empty, then serve both services and the web UI
+#   make test  - the whole test suite (what CI runs)
+# The data root: a folder holding MNIST/raw/; on these machines ../shared/datasets.
+
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+PIP      := $(VENV)/bin/pip
+STAMP    := $(VENV)/.aevae-installed
+export AEVAE_DATA_ROOT ?= $(abspath $(wildcard ../shared/datasets))
+
+.PHONY: setup chromium up test proto bench clean
+
+setup: $(STAMP) chromium
+
+# torch first, pinned to the build these machines carry on disk: unpinned, pip would fetch a multi-GB wheel.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# The browser tests drive Debian's Chromium; install it when it is missing (needs root, as on CI).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+up: setup
+	$(VENV)/bin/aevae up
+
+test: setup
+	$(PY) -m pytest
+
+# Regenerates the protobuf and gRPC code (and mypy stubs) from proto/; commit the result.
+proto: setup
+	$(PY) -m aevae.v1.generate
+
+bench: setup
+	$(PY) benchmarks/bench_training.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
