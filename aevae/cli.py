@@ -10,6 +10,8 @@ import importlib
 import logging
 import sys
 
+from aevae.errors import UserError
+
 # module -> it defines `register(subparsers)`; the order is the order of `aevae --help`.
 COMMANDS = (
     "aevae.up",
@@ -46,10 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"aevae {args.command}: error: {exc}", file=sys.stderr)
         return 2
-
-
-class UserError(Exception):
-    """An error caused by the input or the environment, printed without a traceback."""
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace):
     import os
 
-    from aevae.cli import UserError
+    from aevae.errors import UserError
     from aevae.trainer.config import TrainConfig
 
     def positive(name: str, value: int | float | None) -> None:
@@ -63,7 +63,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from aevae import mnist
-    from aevae.cli import UserError
+    from aevae.errors import UserError
     from aevae.trainer import job
 
     config = config_from_args(args)

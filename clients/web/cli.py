@@ -1,0 +1,46 @@
+"""`aevae ui`: the reference web UI over the encoder and decoder services."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "ui", help="serve the latent-space explorer web page",
+        description="Serve the latent-space explorer. Its server reaches the services only through aevae.client.")
+    p.add_argument("--encoder", default="127.0.0.1:50051", metavar="HOST:PORT",
+                   help="encoder service address (default 127.0.0.1:50051)")
+    p.add_argument("--decoder", default="127.0.0.1:50052", metavar="HOST:PORT",
+                   help="decoder service address (default 127.0.0.1:50052)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.set_defaults(func=run)
+
+
+def _check_target(option: str, value: str) -> None:
+    from aevae.cli import UserError
+
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{option} must be HOST:PORT (e.g. 127.0.0.1:50051), got {value!r}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from aevae.cli import UserError
+
+    _check_target("--encoder", args.encoder)
+    _check_target("--decoder", args.decoder)
+    if not 0 <= args.port < 65536:
+        raise UserError(f"--port must be 0..65535, got {args.port}")
+    try:
+        import aiohttp  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise UserError("the UI needs aiohttp: pip install 'aevae[ui]'") from exc
+    from aevae.ui.server import serve
+
+    try:
+        serve(args.encoder, args.decoder, host=args.host, port=args.port)
+    except OSError as exc:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    return 0

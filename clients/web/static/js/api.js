@@ -1,0 +1,99 @@
+// The page's only way to its server: HTTP for one-off requests, one WebSocket for decoding and status.
+//
+// Decoding is organised in channels ("main", "other", "traverse"...). Each channel has at most one request
+// in flight; a newer request replaces the waiting one (latest wins), so a fast drag never builds a queue and
+// the image always catches up with the pointer.
+
+export async function getJSON(url) {
+  const response = await fetch(url, { cache: "no-store" });
+  const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (!response.ok) throw Object.assign(new Error(body.error || `HTTP ${response.status}`), { body });
+  return body;
+}
+
+export async function postJSON(url, payload) {
+  const response = await fetch(url, {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(payload),
+  });
+  const body = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
+  if (!response.ok) throw Object.assign(new Error(body.error || `HTTP ${response.status}`), { body });
+  return body;
+}
+
+export function base64ToBytes(text) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+export function bytesToBase64(bytes) {
+  let binary = "";
+  for (let i = 0; i < bytes.length; i++) binary += String.fromCharCode(bytes[i]);
+  return btoa(binary);
+}
+
+export class Link {
+  constructor({ onStatus, onConnection }) {
+    this.onStatus = onStatus;
+    this.onConnection = onConnection;
+    this.channels = new Map(); // name -> {inflight: id|null, waiting: request|null, callback}
+    this.nextId = 1;
+    this.ws = null;
+    this.connect();
+  }
+
+  connect() {
+    const url = `${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws`;
+    const ws = new WebSocket(url);
+    this.ws = ws;
+    ws.onopen = () => {
+      this.onConnection(true);
+      for (const [name, channel] of this.channels) {
+        // anything in flight on the old socket is lost: send the newest request again
+        if (channel.inflight !== null) { channel.waiting = channel.waiting || channel.last; channel.inflight = null; }
+        this.pump(name);
+      }
+    };
+    ws.onmessage = (event) => this.receive(JSON.parse(event.data));
+    ws.onclose = () => {
+      if (this.ws !== ws) return;
+      this.onConnection(false);
+      for (const channel of this.channels.values()) {
+        if (channel.inflight !== null) { channel.waiting = channel.waiting || channel.last; channel.inflight = null; }
+      }
+      setTimeout(() => this.connect(), 1000);
+    };
+  }
+
+  receive(message) {
+    if (message.op === "status") { this.onStatus(message.services); return; }
+    const channel = this.channels.get(message.channel);
+    if (!channel || channel.inflight !== message.id) return;
+    channel.inflight = null;
+    const request = channel.last;
+    this.pump(message.channel);       // send the waiting request before painting: overlap the round trip
+    request.callback(message, request);
+  }
+
+  // Ask for `latents` (array of arrays) decoded by `model`; `callback(reply, request)` gets the images.
+  decode(channelName, model, latents, callback, meta = {}) {
+    if (!this.channels.has(channelName)) this.channels.set(channelName, { inflight: null, waiting: null, last: null });
+    const channel = this.channels.get(channelName);
+    channel.waiting = { model, latents, callback, meta };
+    this.pump(channelName);
+  }
+
+  pump(channelName) {
+    const channel = this.channels.get(channelName);
+    if (!channel || channel.inflight !== null || !channel.waiting) return;
+    if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return;
+    const request = channel.waiting;
+    channel.waiting = null;
+    channel.last = request;
+    channel.inflight = this.nextId++;
+    this.ws.send(JSON.stringify({
+      op: "decode", id: channel.inflight, channel: channelName, model: request.model, latents: request.latents,
+    }));
+  }
+}

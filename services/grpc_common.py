@@ -1,0 +1,93 @@
+"""What both gRPC servicers share: running logic off the event loop, mapping typed errors onto status codes,
+and the ListModels response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import Executor
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+
+from aevae.services.errors import ServiceError
+from aevae.services.inputs import Limits
+from aevae.services.model_cache import ModelSummary
+from aevae.v1 import tensor_pb2
+from aevae.v1.tensors import TensorError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Runner:
+    """Runs model work in the executor, or inline when it is tiny and needs no disk (one thread hop saved)."""
+
+    def __init__(self, executor: Executor, inline_max: int):
+        self.executor = executor
+        self.inline_max = inline_max
+
+    async def __call__(self, work: Callable[[], T], n: int, ready: bool) -> T:
+        if ready and n <= self.inline_max:
+            return work()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+
+async def guarded(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+    """Awaits `work`, turning typed errors into their status; anything else is INTERNAL and logged."""
+    try:
+        return await work
+    except StopAsyncIteration:
+        raise
+    except TensorError as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except ServiceError as exc:
+        await context.abort(grpc.StatusCode[exc.code], str(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
+        log.exception("internal error")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    raise AssertionError("unreachable: context.abort raises")
+
+
+async def pipelined(
+    requests: AsyncIterator[R], handle: Callable[[int, R], Awaitable[T]], depth: int = 2
+) -> AsyncIterator[T]:
+    """Handles each request as it arrives, up to `depth` at once, and yields the results in request order,
+    so the next chunk is computed while the previous one is on the wire."""
+    in_flight: deque[asyncio.Task[T]] = deque()
+    try:
+        index = 0
+        async for request in requests:
+            in_flight.append(asyncio.ensure_future(handle(index, request)))
+            index += 1
+            while len(in_flight) >= depth:
+                yield await in_flight.popleft()
+        while in_flight:
+            yield await in_flight.popleft()
+    finally:
+        for task in in_flight:
+            task.cancel()
+
+
+def prefixed(error: Exception, prefix: str) -> Exception:
+    """The same error with the position in a stream in front of its message."""
+    if isinstance(error, (ServiceError, TensorError)):
+        return type(error)(f"{prefix}: {error}")
+    return error
+
+
+def models_response(summaries: list[ModelSummary], limits: Limits) -> tensor_pb2.ListModelsResponse:
+    return tensor_pb2.ListModelsResponse(
+        models=[
+            tensor_pb2.ModelInfo(
+                name=s.name, version=s.version, versions=s.versions, kind=s.kind, latent_dim=s.latent_dim,
+                image_shape=list(s.image_shape), metrics=s.metrics,
+            )
+            for s in summaries
+        ],
+        limits=tensor_pb2.Limits(max_message_bytes=limits.max_message_bytes, max_batch=limits.max_batch),
+    )
+
+

@@ -1,0 +1,52 @@
+"""aevae.v1.Decoder over gRPC: request -> validation -> model (off the event loop) -> response."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Awaitable
+
+import grpc
+
+from aevae.services.decoder import DecoderLogic
+from aevae.services.grpc_common import Runner, guarded, models_response, pipelined, prefixed
+from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+from aevae.v1.tensors import from_tensor, to_tensor
+
+
+class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
+    def __init__(self, logic: DecoderLogic, run: Runner, stream_depth: int = 2):
+        self.logic = logic
+        self.run = run
+        self.stream_depth = stream_depth
+
+    def _decode(self, request: decoder_pb2.DecodeRequest) -> decoder_pb2.DecodeResponse:
+        latents = from_tensor(request.latents, "latents", dtypes=("float32",))
+        out = self.logic.decode(request.model, request.version, latents, request.dtype)
+        return decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images))
+
+    def _submit(self, request: decoder_pb2.DecodeRequest) -> Awaitable[decoder_pb2.DecodeResponse]:
+        n = request.latents.shape[0] if request.latents.shape else 0
+        return self.run(lambda: self._decode(request), n, self.logic.ready(request.model, request.version))
+
+    async def Decode(self, request: decoder_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        return await guarded(context, self._submit(request))
+
+    async def DecodeStream(
+        self, request_iterator: AsyncIterator[decoder_pb2.DecodeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[decoder_pb2.DecodeResponse]:
+        async def handle(index: int, request: decoder_pb2.DecodeRequest) -> decoder_pb2.DecodeResponse:
+            try:
+                return await self._submit(request)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the chunk's position
+                raise prefixed(exc, f"message {index}") from None
+
+        results = pipelined(request_iterator, handle, self.stream_depth)
+        while True:
+            try:
+                response = await guarded(context, anext(results))
+            except StopAsyncIteration:
+                return
+            yield response
+
+    async def ListModels(self, request: tensor_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
+        summaries = await guarded(context, self.run(self.logic.list_models, 0, False))
+        return models_response(summaries, self.logic.limits)

@@ -1,0 +1,58 @@
+"""The model code itself: shapes, the reparameterization, the loss and the repository's atomic writes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from aevae.models import Architecture, build, loss_terms, reparameterize
+from aevae.repository import ModelRepository
+
+
+@pytest.mark.parametrize("kind", ["ae", "vae"])
+def test_shapes(kind: str) -> None:
+    model = build(Architecture(kind=kind, latent_dim=3, hidden=(64, 32)))
+    x = torch.rand(5, 32, 32)
+    logits, mu, logvar = model(x)
+    assert logits.shape == (5, 32, 32) and mu.shape == (5, 3)
+    assert (logvar is None) == (kind == "ae")
+    assert model.decode(mu).min() >= 0 and model.decode(mu).max() <= 1
+
+
+def test_reparameterization_uses_sigma_not_sigma_squared() -> None:
+    mu = torch.full((200_000, 1), 3.0)
+    logvar = torch.full((200_000, 1), math.log(4.0))  # sigma = 2, sigma squared = 4
+    z = reparameterize(mu, logvar, generator=torch.Generator().manual_seed(0))
+    assert z.mean().item() == pytest.approx(3.0, abs=0.02)
+    assert z.std().item() == pytest.approx(2.0, abs=0.02)
+
+
+def test_kl_is_zero_at_the_prior_and_positive_elsewhere() -> None:
+    x = torch.rand(4, 32, 32)
+    logits = torch.zeros(4, 32, 32)
+    _, kl0 = loss_terms(logits, x, torch.zeros(4, 2), torch.zeros(4, 2))
+    _, kl1 = loss_terms(logits, x, torch.ones(4, 2), torch.zeros(4, 2))
+    assert kl0.item() == pytest.approx(0.0) and kl1.item() == pytest.approx(4 * 2 * 0.5)
+    bce, _ = loss_terms(logits, x, torch.zeros(4, 2), None)
+    assert bce.item() == pytest.approx(4 * 1024 * math.log(2), rel=1e-5)  # logit 0 = p 0.5 on every pixel
+
+
+def test_architecture_round_trips_through_json() -> None:
+    arch = Architecture(kind="ae", latent_dim=2, hidden=(8, 4))
+    assert Architecture.from_json(arch.to_json()) == arch
+
+
+def test_writes_are_numbered_and_atomic(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path)
+    model = build(Architecture(kind="ae", latent_dim=2, hidden=(8,)))
+    manifest = {"kind": "ae", "latent_dim": 2, "architecture": model.arch.to_json()}
+    first = repo.write("ae-2d", manifest, model.state_dict(), {"dims": []})
+    second = repo.write("ae-2d", manifest, model.state_dict(), {"dims": []})
+    assert (first.version, second.version) == (1, 2)
+    assert second.manifest["version"] == 2 and second.manifest["name"] == "ae-2d"
+    assert sorted(p.name for p in (tmp_path / "ae-2d").iterdir()) == ["1", "2"]
+    with pytest.raises(ValueError, match="model name"):
+        repo.write("../evil", manifest, model.state_dict(), {})

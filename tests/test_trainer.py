@@ -1,0 +1,198 @@
+"""The real Ray Train job on a subset: a complete repository, faithful reloads, versions, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aevae import mnist
+from aevae.inference import LoadedModel
+from aevae.repository import MANIFEST, STATS, WEIGHTS, ModelRepository
+from aevae.trainer.loop import evaluate
+from conftest import SMALL_TRAINING, run_aevae
+
+
+def test_repository_is_complete(trained_repo: Path) -> None:
+    versions = ModelRepository(trained_repo).list()
+    assert sorted(versions) == ["ae", "vae"]
+    for name, kind in (("ae", "ae"), ("vae", "vae")):
+        [version] = versions[name]
+        assert version.version == 1
+        for filename in (MANIFEST, WEIGHTS, STATS):
+            assert (version.path / filename).is_file()
+        manifest = version.manifest
+        assert manifest["kind"] == kind and manifest["latent_dim"] == 4 and manifest["version"] == 1
+        assert manifest["image_shape"] == [32, 32]
+        assert manifest["training"]["train_limit"] == 2000 and manifest["training"]["seed"] == 0
+        assert manifest["data"]["sha256"]["train-images-idx3-ubyte"] == mnist.FILES["train-images-idx3-ubyte"][1]
+        metrics = manifest["metrics"]
+        assert 45.5 < metrics["test_bce"] < 400
+        assert metrics["test_loss"] == pytest.approx(metrics["test_bce"] + metrics["test_kl"], abs=1e-3)
+        assert (metrics["test_kl"] > 0) == (kind == "vae")
+        stats = version.latent_stats()
+        assert stats["count"] == 2000 and len(stats["dims"]) == 4
+        for dim in stats["dims"]:
+            assert dim["min"] <= dim["quantiles"]["0.5"] <= dim["max"]
+            assert len(dim["grid"]) == len(dim["density"]) == 128
+            area = np.trapezoid(dim["density"], dim["grid"])
+            assert area == pytest.approx(1.0, abs=0.05)  # a density, not raw counts
+        labels = np.array(stats["pca"]["labels"])
+        counts = np.bincount(labels, minlength=10)
+        assert counts.min() > 0 and counts.max() <= 200
+        assert np.array(stats["pca"]["points"]).shape == (len(labels), 2)
+    assert not list(trained_repo.glob("*/.incoming-*"))
+
+
+def test_reload_reproduces_the_trained_model(trained_repo: Path, mnist_root: Path) -> None:
+    """The weights on disk give the test metrics measured in training and the latents in the statistics."""
+    data = mnist.load(mnist_root)
+    for name in ("ae", "vae"):
+        loaded = ModelRepository(trained_repo).load(name)
+        metrics = evaluate(loaded.model, torch.from_numpy(data.test.floats()))
+        assert metrics["test_loss"] == pytest.approx(loaded.manifest["metrics"]["test_loss"], abs=1e-2)
+        pca = loaded.latent_stats()["pca"]
+        from aevae.latent_stats import balanced_sample
+
+        idx = balanced_sample(data.train.labels[:2000], 200, seed=0)
+        assert (data.train.labels[idx] == np.array(pca["labels"])).all()
+        mean, logvar = loaded.encode(data.train.floats()[:2000][idx])
+        np.testing.assert_allclose(mean, np.array(pca["latents"]), atol=2e-4)
+        assert (logvar is None) == (name == "ae")
+        images = loaded.decode(mean[:5])
+        assert images.shape == (5, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+def test_second_run_with_two_workers_writes_version_2(trained_repo: Path, mnist_root: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(trained_repo, models)
+    done = run_aevae("train", "--data-root", str(mnist_root), "--models-dir", str(models), "--num-workers", "2",
+                     "--storage-path", str(tmp_path / "ray"), *SMALL_TRAINING)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[vae] epoch 1/1" in done.stdout and "img/s" in done.stdout and "ETA" in done.stdout
+    repo = ModelRepository(models)
+    for name in ("ae", "vae"):
+        assert [v.version for v in repo.list()[name]] == [1, 2]
+        newest = repo.resolve(name)
+        assert newest.version == 2 and newest.manifest["training"]["num_workers"] == 2
+        assert newest.manifest["metrics"]["test_bce"] < 400
+
+
+def _copy_raw(mnist_root: Path, target: Path) -> Path:
+    raw = target / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in mnist.FILES:
+        (raw / name).symlink_to(mnist_root / "MNIST" / "raw" / name)
+    return raw
+
+
+def test_missing_mnist_file_names_option_variable_and_files(mnist_root: Path, tmp_path: Path) -> None:
+    raw = _copy_raw(mnist_root, tmp_path)
+    (raw / "t10k-labels-idx1-ubyte").unlink()
+    done = run_aevae("train", "--data-root", str(tmp_path), "--models-dir", str(tmp_path / "m"), timeout=120)
+    assert done.returncode == 2
+    for needle in ("t10k-labels-idx1-ubyte", "--data-root", "AEVAE_DATA_ROOT", "train-images-idx3-ubyte"):
+        assert needle in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_no_data_root_and_no_download_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(mnist.DATA_ROOT_ENV, raising=False)
+    with pytest.raises(mnist.MnistError) as error:
+        mnist.load(None, cache=tmp_path / "cache")  # these machines reach no download host
+    assert "--data-root" in str(error.value) and mnist.DATA_ROOT_ENV in str(error.value)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_damaged_mnist_file_is_named(mnist_root: Path, tmp_path: Path, damage: str) -> None:
+    raw = _copy_raw(mnist_root, tmp_path)
+    name = "train-labels-idx1-ubyte"
+    original = (raw / name).read_bytes()
+    (raw / name).unlink()
+    (raw / name).write_bytes(original[:-100] if damage == "truncate" else original[:-1] + b"\x07")
+    with pytest.raises(mnist.MnistError) as error:
+        mnist.load(tmp_path)
+    assert name in str(error.value)
+    assert ("truncated" if damage == "truncate" else "corrupt") in str(error.value)
+
+
+def test_version_without_manifest_is_skipped(trained_repo: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(trained_repo, models)
+    shutil.copytree(models / "vae" / "1", models / "vae" / "2")
+    (models / "vae" / "2" / MANIFEST).unlink()
+    (models / "vae" / "3").mkdir()  # an empty folder, as a crashed copy might leave
+    repo = ModelRepository(models)
+    scan = repo.scan()
+    assert [v.version for v in scan.versions["vae"]] == [1]
+    assert {p.name for p, _ in scan.broken} == {"2", "3"}
+    assert any("no manifest.json" in reason for _, reason in scan.broken)
+    assert repo.resolve("vae").version == 1
+    assert repo.load("vae").version.version == 1
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_payload_is_refused(trained_repo: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(trained_repo, models)
+    evil = models / "vae" / "2"
+    shutil.copytree(models / "vae" / "1", evil)
+    marker = tmp_path / "pwned"
+    state = torch.load(evil / WEIGHTS, weights_only=True)
+    state["payload"] = _Payload(marker)
+    torch.save(state, evil / WEIGHTS)
+    manifest = json.loads((evil / MANIFEST).read_text())
+    from aevae.repository import sha256_file
+
+    manifest["files"][WEIGHTS] = sha256_file(evil / WEIGHTS)  # a consistent checksum: only the pickle is bad
+    manifest["version"] = 2
+    (evil / MANIFEST).write_text(json.dumps(manifest))
+
+    repo = ModelRepository(models)
+    with pytest.raises(Exception) as error:
+        LoadedModel.from_version(repo.resolve("vae", 2))
+    assert "weights_only" in str(error.value) or "Unsupported" in str(error.value)
+    assert repo.load("vae").version.version == 1  # the newest is broken: fall back, do not run it
+    assert not marker.exists()
+
+
+def test_truncated_weights_are_detected(trained_repo: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(trained_repo, models)
+    weights = models / "ae" / "1" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:1000])
+    from aevae.repository import RepositoryError
+
+    with pytest.raises(RepositoryError, match="checksum"):
+        ModelRepository(models).load("ae")
+
+
+def test_unknown_model_and_version_list_what_exists(trained_repo: Path) -> None:
+    from aevae.repository import RepositoryError
+
+    repo = ModelRepository(trained_repo)
+    with pytest.raises(RepositoryError, match=r"unknown model 'nope'.*ae: 1; vae: 1"):
+        repo.resolve("nope")
+    with pytest.raises(RepositoryError, match=r"no version 7"):
+        repo.resolve("vae", 7)
+
+
+def test_bad_training_flags_are_clear_errors(tmp_path: Path) -> None:
+    done = run_aevae("train", "--models", "ae,gan", "--models-dir", str(tmp_path), timeout=60)
+    assert done.returncode == 2 and "--models accepts" in done.stderr and "gan" in done.stderr
+    done = run_aevae("train", "--epochs", "0", "--models-dir", str(tmp_path), timeout=60)
+    assert done.returncode == 2 and "--epochs must be positive" in done.stderr
