@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from aevae.services.inputs import Limits  # numpy only
+from aevae.services.limits import Limits  # stdlib only
 
 PORTS = {"encoder": 50051, "decoder": 50052}
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from aevae.services import inputs
 from aevae.services.errors import InvalidArgument
-from aevae.services.inputs import Limits
+from aevae.services.limits import Limits
 from aevae.services.model_cache import ModelCache, ModelSummary
 
 OUTPUT_DTYPES = ("float32", "uint8")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from aevae.services import inputs
-from aevae.services.inputs import Limits
+from aevae.services.limits import Limits
 from aevae.services.model_cache import ModelCache, ModelSummary
 
 

@@ -7,12 +7,12 @@ import asyncio
 import logging
 from collections import deque
 from concurrent.futures import Executor
-from typing import AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
 from aevae.services.errors import ServiceError
-from aevae.services.inputs import Limits
+from aevae.services.limits import Limits
 from aevae.services.model_cache import ModelSummary
 from aevae.v1 import tensor_pb2
 from aevae.v1.tensors import TensorError
@@ -69,6 +69,45 @@ async def pipelined(
     finally:
         for task in in_flight:
             task.cancel()
+
+
+async def served_stream(
+    context: grpc.aio.ServicerContext,
+    requests: AsyncIterator[R],
+    submit: Callable[[int, R], Awaitable[T]],
+    depth: int,
+) -> AsyncIterator[T]:
+    """A streaming RPC: each request answered by one response, in order, `depth` at once.
+
+    A whole stream is served by one version: the first message resolves "newest", and later messages that
+    name the same model with version 0 are pinned to it, so a version written mid-stream cannot mix in.
+    An error ends the stream with its status and the failing message's position.
+    """
+    pinned: dict[str, int] = {}
+    first_done = asyncio.Event()
+
+    async def handle(index: int, request: Any) -> T:
+        if index > 0:
+            await first_done.wait()
+        if not request.version and request.model in pinned:
+            request.version = pinned[request.model]
+        try:
+            response: Any = await submit(index, request)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
+            raise prefixed(exc, f"message {index}") from None
+        finally:
+            if index == 0:
+                first_done.set()
+        pinned.setdefault(response.model, response.version)
+        return response
+
+    results = pipelined(requests, handle, depth)
+    while True:
+        try:
+            response = await guarded(context, anext(results))
+        except StopAsyncIteration:
+            return
+        yield response
 
 
 def prefixed(error: Exception, prefix: str) -> Exception:

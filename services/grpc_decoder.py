@@ -7,7 +7,7 @@ from typing import AsyncIterator, Awaitable
 import grpc
 
 from aevae.services.decoder import DecoderLogic
-from aevae.services.grpc_common import Runner, guarded, models_response, pipelined, prefixed
+from aevae.services.grpc_common import Runner, guarded, models_response, served_stream
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor
 
@@ -33,18 +33,8 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
     async def DecodeStream(
         self, request_iterator: AsyncIterator[decoder_pb2.DecodeRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[decoder_pb2.DecodeResponse]:
-        async def handle(index: int, request: decoder_pb2.DecodeRequest) -> decoder_pb2.DecodeResponse:
-            try:
-                return await self._submit(request)
-            except Exception as exc:  # noqa: BLE001 - re-raised with the chunk's position
-                raise prefixed(exc, f"message {index}") from None
-
-        results = pipelined(request_iterator, handle, self.stream_depth)
-        while True:
-            try:
-                response = await guarded(context, anext(results))
-            except StopAsyncIteration:
-                return
+        async for response in served_stream(context, request_iterator, lambda _, r: self._submit(r),
+                                            self.stream_depth):
             yield response
 
     async def ListModels(self, request: tensor_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):

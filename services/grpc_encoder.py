@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 
 from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import Runner, guarded, models_response, pipelined, prefixed
+from aevae.services.grpc_common import Runner, guarded, models_response, served_stream
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor
 
@@ -50,23 +50,15 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         state: dict[str, np.random.Generator | None] = {}
         lock = asyncio.Lock()
 
-        async def handle(index: int, request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeResponse:
-            try:
-                if not request.sample:
-                    return await self._submit(request, None)
-                if "noise" not in state:
-                    state["noise"] = _noise(request)
-                async with lock:
-                    return await self._submit(request, state["noise"])
-            except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
-                raise prefixed(exc, f"message {index}") from None
+        async def submit(index: int, request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeResponse:
+            if not request.sample:
+                return await self._submit(request, None)
+            if "noise" not in state:
+                state["noise"] = _noise(request)
+            async with lock:
+                return await self._submit(request, state["noise"])
 
-        results = pipelined(request_iterator, handle, self.stream_depth)
-        while True:
-            try:
-                response = await guarded(context, anext(results))
-            except StopAsyncIteration:
-                return
+        async for response in served_stream(context, request_iterator, submit, self.stream_depth):
             yield response
 
     async def ListModels(self, request: tensor_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):

@@ -6,38 +6,12 @@ reading this file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from aevae.services.errors import InvalidArgument, ResourceExhausted
+from aevae.services.errors import InvalidArgument
 
 IMAGE_SHAPES = ((32, 32), (28, 28))
 PAD = 2  # 28 x 28 MNIST digits are padded by 2 zero pixels per side to 32 x 32, as in training
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request or response may hold; beyond it, RESOURCE_EXHAUSTED with the limit in the message."""
-
-    max_message_bytes: int = 64 * 1024 * 1024
-    max_batch: int = 65536
-
-    def check_batch(self, n: int, field: str) -> None:
-        if n > self.max_batch:
-            raise ResourceExhausted(
-                f"{field}: batch of {n} exceeds the maximum batch per request of {self.max_batch}; "
-                "split it or use the streaming RPC"
-            )
-
-    def check_response(self, n: int, bytes_per_item: int, field: str) -> None:
-        size = n * bytes_per_item
-        if size > self.max_message_bytes:
-            fits = max(1, self.max_message_bytes // bytes_per_item)
-            raise ResourceExhausted(
-                f"{field}: the response would be {size} bytes, over the max message size of "
-                f"{self.max_message_bytes} bytes; send at most {fits} per request or use the streaming RPC"
-            )
 
 
 def model_name(name: str) -> str:

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from aevae.services.inputs import Limits
+from aevae.services.limits import Limits
 
 log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"encoder": 50051, "decoder": 50052}
@@ -74,6 +75,8 @@ def build(config: ServerConfig, executor: ThreadPoolExecutor) -> tuple[grpc.aio.
 
 
 async def serve(config: ServerConfig) -> int:
+    # Request tensors are read-only views on the message bytes; the model only reads them.
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     if config.torch_threads:
         import torch
 

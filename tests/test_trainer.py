@@ -196,3 +196,38 @@ def test_bad_training_flags_are_clear_errors(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--models accepts" in done.stderr and "gan" in done.stderr
     done = run_aevae("train", "--epochs", "0", "--models-dir", str(tmp_path), timeout=60)
     assert done.returncode == 2 and "--epochs must be positive" in done.stderr
+
+
+def test_killed_worker_resumes_from_last_checkpoint(mnist_root: Path, tmp_path: Path) -> None:
+    """Kill the Ray Train worker during training: the FailureConfig restarts it from the last checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    from conftest import ROOT
+
+    models = tmp_path / "models"
+    command = [sys.executable, "-m", "aevae.cli", "train", "--data-root", str(mnist_root), "--models", "vae",
+               "--models-dir", str(models), "--storage-path", str(tmp_path / "ray"), "--train-limit", "3000",
+               "--epochs", "3"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    lines = []
+    killed = False
+    for line in driver.stdout:
+        lines.append(line)
+        if not killed and "epoch 2/3" in line:
+            workers = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                       if "RayTrainWorker" in " ".join(p.cmdline())]
+            assert workers, "no Ray Train worker found under the driver"
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGKILL)
+            killed = True
+    output = "".join(lines)
+    assert driver.wait(timeout=300) == 0, output
+    assert killed
+    assert "resumed from the checkpoint of epoch" in output
+    assert "epoch 3/3" in output
+    assert ModelRepository(models).resolve("vae").version == 1

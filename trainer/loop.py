@@ -142,6 +142,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 checkpoint = _save(members, epoch, folder)
                 eta = (time.perf_counter() - started) / (epoch + 1 - start_epoch) * (config["epochs"] - epoch - 1)
                 metrics["eta_seconds"] = eta
-                if progress is not None:
-                    progress.put(metrics)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if rank == 0 and progress is not None:
+            progress.put(metrics)  # after the report, so a printed epoch is a checkpointed epoch

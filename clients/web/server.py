@@ -64,7 +64,8 @@ def slim_stats(stats: dict[str, Any]) -> dict[str, Any]:
                  for d in stats.get("dims", [])],
         "pca": {"points": np.asarray(pca.get("points", []), dtype=float).round(3).tolist(),
                 "labels": list(pca.get("labels", [])),
-                "explained_variance_ratio": list(pca.get("explained_variance_ratio", []))},
+                "explained_variance_ratio": list(pca.get("explained_variance_ratio", [])),
+                "mean": list(pca.get("mean", [])), "components": [list(c) for c in pca.get("components", [])]},
     }
 
 

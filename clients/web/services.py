@@ -79,7 +79,10 @@ class ServiceLink:
         for name, is_async in zip(names, (True, False)):
             cls = getattr(client, name, None)
             if cls is not None:
-                return cls(self.target, timeout=timeout), is_async
+                try:  # one quick retry: the page would rather hear "down" now than after a long backoff
+                    return cls(self.target, timeout=timeout, retries=1, backoff=0.05), is_async
+                except TypeError:
+                    return cls(self.target, timeout=timeout), is_async
         raise RuntimeError(f"aevae.client has no {names[1]}")
 
     async def _invoke(self, client: Any, is_async: bool, method: str, *args: Any, **kwargs: Any) -> Any:

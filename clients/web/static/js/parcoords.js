@@ -3,7 +3,7 @@
 // The drag path only moves the black line (`moveRecon`); everything else is redrawn by `render`.
 
 const NS = "http://www.w3.org/2000/svg";
-const MARGIN = { top: 34, bottom: 30, left: 46, right: 46 };
+const MARGIN = { top: 34, bottom: 24, left: 74, right: 74 };
 
 function el(name, attrs = {}, parent = null) {
   const node = document.createElementNS(NS, name);
@@ -47,7 +47,7 @@ export class ParCoords {
     const xs = this.view.axes.map((_, i) => (d === 1 ? MARGIN.left + inner / 2 : MARGIN.left + (i * inner) / (d - 1)));
     const y0 = MARGIN.top, y1 = height - MARGIN.bottom;
     const spacing = d > 1 ? inner / (d - 1) : inner;
-    return { width, height, xs, y0, y1, halfWidth: Math.min(0.38 * spacing, 70) };
+    return { width, height, xs, y0, y1, halfWidth: Math.min(0.36 * spacing, 64) };
   }
 
   y(dim, value) {

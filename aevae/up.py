@@ -1,0 +1,168 @@
+"""`aevae up`: the main job. Trains when the repository is empty, then runs both services (and the UI),
+says where they listen and how to call them, and stops everything cleanly on Ctrl-C or SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="train if needed, then serve the encoder, the decoder and the web UI",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding MNIST/raw/, for training when the repository is empty (or AEVAE_DATA_ROOT)")
+    p.add_argument("--host", default="127.0.0.1", help="address the services and the UI listen on")
+    p.add_argument("--encoder-port", type=int, default=50051)
+    p.add_argument("--decoder-port", type=int, default=50052)
+    p.add_argument("--ui-port", type=int, default=8080)
+    p.add_argument("--no-ui", action="store_true", help="serve the two gRPC services only")
+    p.add_argument("--train-args", default="",
+                   help="extra `aevae train` arguments for when the repository is empty, e.g. '--epochs 5'")
+    p.add_argument("--serve-args", default="", help="extra `aevae serve` arguments for both services")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import shlex
+
+    from aevae.cli import UserError
+    from aevae.repository import ModelRepository
+    repository = ModelRepository(args.models_dir)
+    stack = Stack(repository.root, args.host, serve_args=shlex.split(args.serve_args))
+    try:
+        if not repository.list():
+            print(f"aevae up: no models in {repository.root.resolve()}: training the AE and the VAE with the defaults",
+                  flush=True)
+            if stack.train(args.data_root, shlex.split(args.train_args)) != 0:
+                raise UserError("training failed (see above); fix it and run `aevae up` again")
+        stack.start_services(args.encoder_port, args.decoder_port)
+        if not args.no_ui:
+            stack.start_ui(args.ui_port)
+        print(stack.summary(), flush=True)
+        return stack.wait()
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        stack.stop()
+
+
+class Stack:
+    """The processes `aevae up` runs, each a child, so that one stop ends them all."""
+
+    def __init__(self, models_dir: Path, host: str, serve_args: list[str]):
+        self.models_dir = models_dir
+        self.host = host
+        self.serve_args = serve_args
+        self.services: dict = {}
+        self.ui: subprocess.Popen[str] | None = None
+        self.ui_url = ""
+        self._stop = threading.Event()
+
+    def train(self, data_root: str | None, extra: list[str]) -> int:
+        command = [sys.executable, "-m", "aevae.cli", "train", "--models-dir", str(self.models_dir), *extra]
+        if data_root:
+            command += ["--data-root", data_root]
+        return subprocess.run(command).returncode  # progress goes straight to the terminal
+
+    def start_services(self, encoder_port: int, decoder_port: int) -> None:
+        from aevae.services.process import ServiceProcess
+
+        for kind, port in (("encoder", encoder_port), ("decoder", decoder_port)):
+            service = ServiceProcess(kind, self.models_dir, self.host, port, self.serve_args, echo=f"[{kind}]")
+            self.services[kind] = service
+            service.start()
+        for service in self.services.values():
+            service.wait_healthy()
+
+    def start_ui(self, port: int, timeout: float = 60.0) -> None:
+        if importlib.util.find_spec("aevae.ui.cli") is None:
+            print("aevae up: the web UI (aevae.ui) is not installed; serving the gRPC services only", flush=True)
+            return
+        command = [sys.executable, "-m", "aevae.cli", "ui", "--encoder", self.services["encoder"].address,
+                   "--decoder", self.services["decoder"].address, "--host", self.host, "--port", str(port)]
+        self.ui = subprocess.Popen(command)
+        host = _connectable(self.host)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.ui.poll() is not None:
+                raise RuntimeError(f"the web UI exited with code {self.ui.returncode} (see above)")
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the web UI did not listen on {host}:{port} within {timeout:.0f} s") from None
+                time.sleep(0.2)
+        self.ui_url = f"http://{host}:{port}/"
+
+    def summary(self) -> str:
+        enc, dec = self.services["encoder"].address, self.services["decoder"].address
+        lines = [
+            "",
+            "aevae is up:",
+            f"  encoder  grpc://{enc}   (aevae.v1.Encoder; health and reflection on)",
+            f"  decoder  grpc://{dec}   (aevae.v1.Decoder; health and reflection on)",
+        ]
+        if self.ui_url:
+            lines.append(f"  web UI   {self.ui_url}")
+        lines += [
+            "",
+            "Call them:",
+            f"  grpcurl -plaintext {enc} list",
+            f"  grpcurl -plaintext -d '{{\"model\": \"vae\"}}' {enc} aevae.v1.Encoder/GetLatentStats",
+            f"  aevae decode 0.5,-1.0,0.3,1.2 -o digit.png --decoder {dec}",
+            "  python -c 'from aevae.client import DecoderClient; import numpy as np;",
+            f"             print(DecoderClient(\"{dec}\").decode(np.zeros((1, 4)), model=\"vae\").shape)'",
+            "",
+            "Ctrl-C stops everything.",
+        ]
+        return "\n".join(lines)
+
+    def wait(self) -> int:
+        """Until Ctrl-C or SIGTERM (exit 0) or until a child dies (exit 1)."""
+        previous = signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
+        try:
+            while not self._stop.wait(0.5):
+                for name, code in self._exited():
+                    print(f"aevae up: {name} exited with code {code}; stopping the rest", file=sys.stderr, flush=True)
+                    return 1
+            return 0
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _exited(self) -> list[tuple[str, int]]:
+        gone = [(kind, s.poll()) for kind, s in self.services.items() if s.poll() is not None]
+        if self.ui is not None and self.ui.poll() is not None:
+            gone.append(("web UI", self.ui.returncode))
+        return gone
+
+    def stop(self) -> None:
+        """SIGTERM to every child at once (they drain in parallel), then wait for each."""
+        if self.ui is not None and self.ui.poll() is None:
+            self.ui.terminate()
+        for service in self.services.values():
+            service.signal(signal.SIGTERM)
+        if self.ui is not None:
+            try:
+                self.ui.wait(15)
+            except subprocess.TimeoutExpired:
+                self.ui.kill()
+        for service in self.services.values():
+            service.stop()
+        if self.services or self.ui is not None:
+            print("aevae up: stopped", flush=True)
+
+
+def _connectable(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host

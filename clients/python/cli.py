@@ -1,0 +1,119 @@
+"""`aevae encode IMAGE.png ...` and `aevae decode z1,z2,... -o out.png`: the client from a shell.
+
+Pillow (the ui and report extras) is imported inside the commands, so the library never needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+# Latents such as -1.5,0.2 start with "-": without this, argparse would take them for options.
+_NUMBERS = re.compile(r"^-[0-9.]+([eE][-+]?\d+)?(,[-+]?[0-9.]+([eE][-+]?\d+)?)*$")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("encode", help="encode images (PNG, JPEG, ...) to latents through the encoder service")
+    e.add_argument("images", nargs="+", metavar="IMAGE", help="grey or colour images; 28x28 or 32x32 "
+                   "(other sizes are resized to 28x28); white digit on black, like MNIST")
+    e.add_argument("--encoder", default="127.0.0.1:50051", metavar="HOST:PORT")
+    e.add_argument("--model", default="vae", help="model name in the repository (default vae)")
+    e.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
+    e.add_argument("--invert", action="store_true", help="invert the images first (dark digit on light paper)")
+    e.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    e.set_defaults(func=encode)
+
+    d = sub.add_parser("decode", help="decode latents to a PNG through the decoder service",
+                       epilog="Example: aevae decode 0.5,-1.2,0.3,2.0 -o digit.png (several latents: a row)")
+    d.add_argument("latents", nargs="+", metavar="Z1,Z2,...", help="one comma-separated latent vector per image")
+    d.add_argument("-o", "--output", required=True, help="PNG to write (several latents: one row of images)")
+    d.add_argument("--decoder", default="127.0.0.1:50052", metavar="HOST:PORT")
+    d.add_argument("--model", default="vae", help="model name in the repository (default vae)")
+    d.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
+    d.add_argument("--scale", type=int, default=1, help="upscale the PNG by this integer factor (default 1)")
+    d.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    d._negative_number_matcher = _NUMBERS  # type: ignore[attr-defined]
+    d.set_defaults(func=decode)
+
+
+def _pillow():
+    from aevae.cli import UserError
+
+    try:
+        from PIL import Image
+    except ModuleNotFoundError:
+        raise UserError("reading and writing images needs pillow: pip install 'aevae[ui]'") from None
+    return Image
+
+
+def _read_image(path: str, invert: bool):
+    import numpy as np
+
+    from aevae.cli import UserError
+
+    Image = _pillow()
+    try:
+        with Image.open(path) as img:
+            grey = img.convert("L")
+            if grey.size not in ((28, 28), (32, 32)):
+                print(f"{path}: resized from {grey.size[0]}x{grey.size[1]} to 28x28", file=sys.stderr)
+                grey = grey.resize((28, 28), Image.Resampling.LANCZOS)
+            array = np.asarray(grey, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+    return 255 - array if invert else array
+
+
+def encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from aevae.cli import UserError
+    from aevae.client import AevaeError, EncoderClient
+
+    images = [_read_image(path, args.invert) for path in args.images]
+    try:
+        with EncoderClient(args.encoder, timeout=args.timeout) as client:
+            # 28 and 32 pixel images travel in separate calls: one tensor has one shape.
+            rows = {}
+            for size in sorted({img.shape for img in images}):
+                chosen = [i for i, img in enumerate(images) if img.shape == size]
+                result = client.encode(np.stack([images[i] for i in chosen]), model=args.model, version=args.version)
+                rows.update({i: (result, j) for j, i in enumerate(chosen)})
+    except AevaeError as exc:
+        raise UserError(f"{args.encoder}: {exc}") from None
+    for i, path in enumerate(args.images):
+        result, j = rows[i]
+        line = ",".join(f"{v:.4f}" for v in result.mean[j])
+        extra = "" if result.logvar is None else "  logvar " + ",".join(f"{v:.4f}" for v in result.logvar[j])
+        print(f"{path}\t{result.model}/{result.version}\t{line}{extra}")
+    return 0
+
+
+def decode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from aevae.cli import UserError
+    from aevae.client import AevaeError, DecoderClient
+
+    try:
+        latents = np.array([[float(v) for v in z.split(",")] for z in args.latents], dtype=np.float32)
+    except ValueError:
+        raise UserError(f"latents must be comma-separated numbers such as 0.5,-1.2,0.3,2.0; got {args.latents}") from None
+    if args.scale < 1:
+        raise UserError(f"--scale must be a positive integer, got {args.scale}")
+    Image = _pillow()
+    try:
+        with DecoderClient(args.decoder, timeout=args.timeout) as client:
+            images = client.decode(latents, model=args.model, version=args.version, dtype="uint8")
+    except AevaeError as exc:
+        raise UserError(f"{args.decoder}: {exc}") from None
+    row = np.concatenate(list(images), axis=1)
+    if args.scale > 1:
+        row = row.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
+    try:
+        Image.fromarray(row).save(args.output)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot write {args.output}: {exc}") from None
+    print(f"wrote {args.output} ({len(images)} image{'s' if len(images) > 1 else ''}, {row.shape[1]}x{row.shape[0]})")
+    return 0

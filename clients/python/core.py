@@ -1,0 +1,116 @@
+"""What the sync and async clients share: input preparation, splitting into messages, and retries.
+
+Splitting follows the server's limits (from its ListModels response, fetched once per client), so a batch of
+any size travels as messages that each fit, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterator, TypeVar
+
+import grpc
+import numpy as np
+
+from aevae.client.errors import AevaeError, invalid
+from aevae.v1 import tensor_pb2
+
+T = TypeVar("T")
+
+# The server enforces its own limits; the client accepts whatever the server sends.
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+HEADROOM = 4096  # bytes per message kept for the fields around the tensor
+IMAGE_SHAPE = (32, 32)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    max_message_bytes: int
+    max_batch: int
+
+    @classmethod
+    def from_response(cls, response: tensor_pb2.ListModelsResponse) -> "ServerLimits":
+        limits = response.limits
+        return cls(int(limits.max_message_bytes) or 4 * 1024 * 1024, int(limits.max_batch) or 1 << 30)
+
+    def rows(self, bytes_per_row: int, cap: int | None = None) -> int:
+        """How many rows one message can hold, given the bigger of a request's and a response's row."""
+        fit = max(1, min(self.max_batch, (self.max_message_bytes - HEADROOM) // max(1, bytes_per_row)))
+        return fit if cap is None else max(1, min(fit, cap))
+
+
+def prepare_images(images: object) -> np.ndarray:
+    """N x H x W (or one H x W image), uint8 or float32; float64 is narrowed. The server checks the rest."""
+    array = np.asarray(images)
+    if array.ndim == 2:
+        array = array[None]
+    if array.dtype == np.float64:
+        array = array.astype(np.float32)
+    return np.ascontiguousarray(array)
+
+
+def prepare_latents(latents: object) -> np.ndarray:
+    """N x d float32 (or one d-vector); other real numbers are converted. The server checks the rest."""
+    array = np.asarray(latents)
+    if array.ndim == 1:
+        array = array[None]
+    if array.dtype != np.float32 and (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        array = array.astype(np.float32)
+    return np.ascontiguousarray(array)
+
+
+def output_dtype(dtype: str) -> np.dtype:
+    if dtype not in ("float32", "uint8"):
+        raise invalid(f"dtype: expected 'float32' or 'uint8', got {dtype!r}")
+    return np.dtype(dtype)
+
+
+def spans(n: int, rows: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, rows):
+        yield start, min(n, start + rows)
+
+
+def version_number(version: int | None) -> int:
+    if version is not None and (not isinstance(version, (int, np.integer)) or version < 0):
+        raise invalid(f"version: expected None (the newest) or a positive integer, got {version!r}")
+    return int(version or 0)
+
+
+class Retry:
+    """Calls again on UNAVAILABLE only, with exponential backoff; every failure surfaces as AevaeError."""
+
+    def __init__(self, retries: int, backoff: float, max_backoff: float = 2.0):
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _delay(self, attempt: int) -> float:
+        return min(self.max_backoff, self.backoff * 2 ** attempt)
+
+    def _retryable(self, error: grpc.RpcError, attempt: int, retries: int | None) -> bool:
+        limit = self.retries if retries is None else retries
+        return error.code() == grpc.StatusCode.UNAVAILABLE and attempt < limit
+
+    def __call__(self, call: Callable[[], T], retries: int | None = None) -> T:
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as error:
+                if not self._retryable(error, attempt, retries):
+                    raise AevaeError.from_rpc(error) from None
+            time.sleep(self._delay(attempt))
+            attempt += 1
+
+    async def run_async(self, call: Callable[[], Awaitable[T]], retries: int | None = None) -> T:
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except grpc.RpcError as error:
+                if not self._retryable(error, attempt, retries):
+                    raise AevaeError.from_rpc(error) from None
+            await asyncio.sleep(self._delay(attempt))
+            attempt += 1

@@ -1,0 +1,114 @@
+"""DecoderClient and AsyncDecoderClient: latents in, N x 32 x 32 images out, for any N.
+
+A batch that fits one message goes as one Decode call; a bigger one streams through DecodeStream in chunks,
+and the responses, which come back in order, are written into one preallocated array.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+
+from aevae.client.base import AsyncClient, SyncClient
+from aevae.client.core import IMAGE_SHAPE, ServerLimits, output_dtype, prepare_latents, spans, version_number
+from aevae.client.errors import AevaeError
+from aevae.v1 import decoder_pb2, decoder_pb2_grpc
+from aevae.v1.tensors import from_tensor, to_tensor
+
+
+class _Plan:
+    """One decode call: how the batch is split, the request messages, and the assembly of the answer."""
+
+    def __init__(self, latents: object, model: str, version: int | None, dtype: str, limits: ServerLimits,
+                 stream_chunk: int):
+        self.z = prepare_latents(latents)
+        self.model = model
+        self.version = version_number(version)
+        self.dtype = output_dtype(dtype)
+        width = self.z.shape[1] * 4 if self.z.ndim == 2 else 0
+        row = max(width, IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * self.dtype.itemsize)
+        n = len(self.z) if self.z.ndim else 0
+        self.unary = self.z.ndim != 2 or n <= limits.rows(row)
+        self.spans = [(0, n)] if self.unary else list(spans(n, limits.rows(row, stream_chunk)))
+        self.out: np.ndarray | None = None
+        self.received = 0
+
+    def request(self, start: int, stop: int) -> decoder_pb2.DecodeRequest:
+        latents = self.z if self.unary else self.z[start:stop]
+        return decoder_pb2.DecodeRequest(model=self.model, version=self.version, latents=to_tensor(latents),
+                                         dtype=self.dtype.name)
+
+    def requests(self) -> Iterator[decoder_pb2.DecodeRequest]:
+        self.out, self.received = None, 0  # a retry starts over
+        for start, stop in self.spans:
+            yield self.request(start, stop)
+
+    def unary_result(self, response: decoder_pb2.DecodeResponse) -> np.ndarray:
+        return from_tensor(response.images, "images").copy()
+
+    def add(self, response: decoder_pb2.DecodeResponse) -> None:
+        if self.received >= len(self.spans):
+            raise AevaeError(grpc.StatusCode.INTERNAL, f"the server sent more than {len(self.spans)} responses")
+        start, stop = self.spans[self.received]
+        images = from_tensor(response.images, "images")
+        if len(images) != stop - start:
+            raise AevaeError(grpc.StatusCode.INTERNAL,
+                             f"response {self.received} holds {len(images)} images, expected {stop - start}")
+        if self.out is None:
+            self.out = np.empty((len(self.z), *images.shape[1:]), dtype=images.dtype)
+        self.out[start:stop] = images
+        self.received += 1
+
+    def result(self) -> np.ndarray:
+        if self.received != len(self.spans) or self.out is None:
+            raise AevaeError(grpc.StatusCode.INTERNAL,
+                             f"the stream ended after {self.received} of {len(self.spans)} responses")
+        return self.out
+
+
+class DecoderClient(SyncClient):
+    """`with DecoderClient("localhost:50052") as dec: images = dec.decode(z)`."""
+
+    def _make_stub(self, channel: grpc.Channel) -> Any:
+        return decoder_pb2_grpc.DecoderStub(channel)
+
+    def decode(self, latents: object, model: str = "vae", version: int | None = None, dtype: str = "float32",
+               *, timeout: float | None = None) -> np.ndarray:
+        """N x d latents (or one d-vector) -> N x 32 x 32 images, float32 in [0, 1] or uint8."""
+        plan = _Plan(latents, model, version, dtype, self._server_limits(), self.stream_chunk)
+        deadline = self._deadline(timeout, len(plan.spans))
+        if plan.unary:
+            response = self._retry(lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))
+            return plan.unary_result(response)
+
+        def stream() -> np.ndarray:
+            for response in self._stub.DecodeStream(plan.requests(), timeout=deadline):
+                plan.add(response)
+            return plan.result()
+
+        return self._retry(stream)
+
+
+class AsyncDecoderClient(AsyncClient):
+    """The asyncio twin of DecoderClient: the same methods, as coroutines."""
+
+    def _make_stub(self, channel: grpc.aio.Channel) -> Any:
+        return decoder_pb2_grpc.DecoderStub(channel)
+
+    async def decode(self, latents: object, model: str = "vae", version: int | None = None,
+                     dtype: str = "float32", *, timeout: float | None = None) -> np.ndarray:
+        plan = _Plan(latents, model, version, dtype, await self._server_limits(), self.stream_chunk)
+        deadline = self._deadline(timeout, len(plan.spans))
+        if plan.unary:
+            response = await self._retry.run_async(
+                lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))
+            return plan.unary_result(response)
+
+        async def stream() -> np.ndarray:
+            async for response in self._stub.DecodeStream(plan.requests(), timeout=deadline):
+                plan.add(response)
+            return plan.result()
+
+        return await self._retry.run_async(stream)

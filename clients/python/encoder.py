@@ -1,0 +1,115 @@
+"""EncoderClient and AsyncEncoderClient: images in, latents out, plus the models' latent statistics.
+
+A batch that fits one message goes as one Encode call; a bigger one streams through EncodeStream in chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+
+from aevae.client.base import AsyncClient, SyncClient
+from aevae.client.core import ServerLimits, prepare_images, spans, version_number
+from aevae.client.errors import AevaeError, invalid
+from aevae.client.results import EncodeResult, latent_stats
+from aevae.v1 import encoder_pb2, encoder_pb2_grpc
+from aevae.v1.tensors import from_tensor, to_tensor
+
+FIELDS = ("mean", "logvar", "sample")
+RESPONSE_ROW = 3 * 64 * 4  # mean, log-variance and sample of up to 64 float32 dimensions
+
+
+class _Plan:
+    def __init__(self, images: object, model: str, version: int | None, sample: bool, seed: int | None,
+                 limits: ServerLimits, stream_chunk: int):
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise invalid(f"seed: expected None or a non-negative integer, got {seed!r}")
+        self.x = prepare_images(images)
+        self.model = model
+        self.version = version_number(version)
+        self.sample = bool(sample)
+        self.seed = None if seed is None else int(seed)
+        n = len(self.x) if self.x.ndim else 0
+        row = max(RESPONSE_ROW, self.x[:1].nbytes)
+        self.unary = self.x.ndim != 3 or n <= limits.rows(row)
+        self.spans = [(0, n)] if self.unary else list(spans(n, limits.rows(row, stream_chunk)))
+        self.parts: list[encoder_pb2.EncodeResponse] = []
+
+    def request(self, start: int, stop: int, first: bool = True) -> encoder_pb2.EncodeRequest:
+        request = encoder_pb2.EncodeRequest(
+            model=self.model, version=self.version, sample=self.sample,
+            images=to_tensor(self.x if self.unary else self.x[start:stop]),
+        )
+        if self.seed is not None and first:
+            request.seed = self.seed
+        return request
+
+    def requests(self) -> Iterator[encoder_pb2.EncodeRequest]:
+        self.parts = []  # a retry starts over
+        for i, (start, stop) in enumerate(self.spans):
+            yield self.request(start, stop, first=i == 0)
+
+    def result(self, parts: list[encoder_pb2.EncodeResponse]) -> EncodeResult:
+        if len(parts) != len(self.spans):
+            raise AevaeError(grpc.StatusCode.INTERNAL,
+                             f"the stream ended after {len(parts)} of {len(self.spans)} responses")
+        arrays: dict[str, np.ndarray | None] = {}
+        for name in FIELDS:
+            present = [from_tensor(getattr(p, name), name) for p in parts if p.HasField(name)]
+            arrays[name] = np.concatenate(present) if len(present) == len(parts) else None
+        if arrays["mean"] is None:
+            raise AevaeError(grpc.StatusCode.INTERNAL, "a response carried no mean")
+        return EncodeResult(mean=arrays["mean"], logvar=arrays["logvar"], sample=arrays["sample"],
+                            model=parts[0].model, version=int(parts[0].version))
+
+
+class EncoderClient(SyncClient):
+    """`with EncoderClient("localhost:50051") as enc: z = enc.encode(images).mean`."""
+
+    def _make_stub(self, channel: grpc.Channel) -> Any:
+        return encoder_pb2_grpc.EncoderStub(channel)
+
+    def encode(self, images: object, model: str = "vae", version: int | None = None, sample: bool = False,
+               seed: int | None = None, *, timeout: float | None = None) -> EncodeResult:
+        """N x 32 x 32 or N x 28 x 28 images (or one 2-D image), uint8 0..255 or float32 in [0, 1]."""
+        plan = _Plan(images, model, version, sample, seed, self._server_limits(), self.stream_chunk)
+        deadline = self._deadline(timeout, len(plan.spans))
+        if plan.unary:
+            response = self._retry(lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline))
+            return plan.result([response])
+        return self._retry(lambda: plan.result(list(self._stub.EncodeStream(plan.requests(), timeout=deadline))))
+
+    def latent_stats(self, model: str = "vae", version: int | None = None, *,
+                     timeout: float | None = None) -> dict[str, Any]:
+        """latent_stats.json of the model version (violins, quantiles, ranges, PCA), plus "model", "version"."""
+        request = encoder_pb2.GetLatentStatsRequest(model=model, version=version_number(version))
+        return latent_stats(self._retry(lambda: self._stub.GetLatentStats(request, timeout=self._deadline(timeout))))
+
+
+class AsyncEncoderClient(AsyncClient):
+    """The asyncio twin of EncoderClient: the same methods, as coroutines."""
+
+    def _make_stub(self, channel: grpc.aio.Channel) -> Any:
+        return encoder_pb2_grpc.EncoderStub(channel)
+
+    async def encode(self, images: object, model: str = "vae", version: int | None = None, sample: bool = False,
+                     seed: int | None = None, *, timeout: float | None = None) -> EncodeResult:
+        plan = _Plan(images, model, version, sample, seed, await self._server_limits(), self.stream_chunk)
+        deadline = self._deadline(timeout, len(plan.spans))
+        if plan.unary:
+            response = await self._retry.run_async(
+                lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline))
+            return plan.result([response])
+
+        async def stream() -> EncodeResult:
+            return plan.result([r async for r in self._stub.EncodeStream(plan.requests(), timeout=deadline)])
+
+        return await self._retry.run_async(stream)
+
+    async def latent_stats(self, model: str = "vae", version: int | None = None, *,
+                           timeout: float | None = None) -> dict[str, Any]:
+        request = encoder_pb2.GetLatentStatsRequest(model=model, version=version_number(version))
+        return latent_stats(await self._retry.run_async(
+            lambda: self._stub.GetLatentStats(request, timeout=self._deadline(timeout))))

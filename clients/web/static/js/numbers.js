@@ -1,0 +1,40 @@
+// The numbers beside the figure: value ranges of latents, and the seed's information-theory view computed
+// from each served model's metadata (image shape, latent dimension), never written in.
+
+const BITS_PER_PIXEL = 8;   // uint8 grey levels, 0..255
+const BITS_PER_LATENT = 32; // float32
+
+export function rangeOf(latents) {
+  if (!latents.length) return "–";
+  let lo = Infinity, hi = -Infinity;
+  for (const z of latents) for (const v of z) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  return `[${lo.toFixed(2)}, ${hi.toFixed(2)}]`;
+}
+
+export function infoRows(infos, kinds) {
+  const rows = [["", ...kinds.map((k) => k.toUpperCase())]];
+  const get = (fn) => infos.map((info) => (info ? fn(info) : "–"));
+  const imageBits = (info) => (info.image_shape || []).reduce((a, b) => a * b, 1) * BITS_PER_PIXEL;
+  const latentBits = (info) => info.latent_dim * BITS_PER_LATENT;
+  const fmt = (n) => n.toLocaleString("en-US");
+  rows.push(["model", ...get((i) => `${i.name} v${i.version}`)]);
+  rows.push(["bits in an image", ...get((i) => `${(i.image_shape || []).join(" × ")} × ${BITS_PER_PIXEL} = ${fmt(imageBits(i))}`)]);
+  rows.push(["bits in the latent", ...get((i) => `${i.latent_dim} × ${BITS_PER_LATENT} = ${fmt(latentBits(i))}`)]);
+  rows.push(["ratio", ...get((i) => `${fmt(+(imageBits(i) / latentBits(i)).toFixed(2))} ×`)]);
+  rows.push(["perfect reconstruction, ideal code", ...get((i) => `${(100 * latentBits(i) / imageBits(i)).toFixed(2)} %`)]);
+  rows.push(["compression", ...get((i) => `${(100 * (1 - latentBits(i) / imageBits(i))).toFixed(2)} %`)]);
+  return rows;
+}
+
+export function renderTable(table, rows) {
+  table.replaceChildren(...rows.map((row, r) => {
+    const tr = document.createElement("tr");
+    row.forEach((cell, c) => {
+      const td = document.createElement(r === 0 || c === 0 ? "th" : "td");
+      td.textContent = cell;
+      if (r > 0 && c > 0) td.className = "num";
+      tr.appendChild(td);
+    });
+    return tr;
+  }));
+}

@@ -1,0 +1,147 @@
+"""The digit classifier behind the sample-validity score, trained by the report and cached on disk.
+
+Recipe, chosen by measurement (docs/report.md): average-pool the 32 x 32 image to 16 x 16, project onto the
+first 50 principal components of the training digits, and classify with a one-hidden-layer MLP (scikit-learn).
+The projection matters for the score: a plain logistic regression on pixels is either unsure about real digits
+or sure about noise, while the PCA + MLP is sure about most real digits and about almost no noise image.
+
+The cache holds plain arrays (.npz, loaded with allow_pickle=False) and the prediction is a few lines of numpy,
+so a cached classifier never unpickles anything and needs no scikit-learn at prediction time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+RECIPE = {"pool": 2, "components": 50, "hidden": 100, "alpha": 1e-2, "max_iter": 20, "batch_size": 256,
+          "version": 1}
+CONFIDENCE = 0.9
+CACHE_ENV = "AEVAE_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """$AEVAE_CACHE_DIR, else $XDG_CACHE_HOME/aevae, else ~/.cache/aevae."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aevae"
+
+
+def features_in(images: np.ndarray, pool: int = RECIPE["pool"]) -> np.ndarray:
+    """N x H x W floats in [0, 1] -> N x (H/pool * W/pool) pooled pixels."""
+    n, h, w = images.shape
+    return np.asarray(images, dtype=np.float32).reshape(n, h // pool, pool, w // pool, pool).mean(axis=(2, 4)).reshape(n, -1)
+
+
+@dataclass(frozen=True)
+class DigitClassifier:
+    """PCA projection and MLP weights as arrays; `probabilities` is the whole model."""
+
+    pca_mean: np.ndarray
+    pca_components: np.ndarray
+    weights: tuple[np.ndarray, ...]
+    biases: tuple[np.ndarray, ...]
+    info: dict
+
+    def probabilities(self, images: np.ndarray, batch: int = 8192) -> np.ndarray:
+        """N x 32 x 32 floats in [0, 1] -> N x 10 class probabilities."""
+        out = []
+        for start in range(0, len(images), batch):
+            h = (features_in(images[start:start + batch]) - self.pca_mean) @ self.pca_components.T
+            for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+                h = h @ w + b
+                if i < len(self.weights) - 1:
+                    h = np.maximum(h, 0.0)
+            h = h - h.max(axis=1, keepdims=True)
+            e = np.exp(h)
+            out.append(e / e.sum(axis=1, keepdims=True))
+        return np.concatenate(out) if out else np.zeros((0, 10))
+
+    def save(self, path: Path) -> None:
+        arrays = {"pca_mean": self.pca_mean, "pca_components": self.pca_components,
+                  "info": np.frombuffer(json.dumps(self.info).encode(), dtype=np.uint8)}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            arrays[f"w{i}"], arrays[f"b{i}"] = w, b
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # atomic: a concurrent report never reads half a file
+
+    @classmethod
+    def load(cls, path: Path) -> "DigitClassifier":
+        with np.load(path, allow_pickle=False) as data:
+            layers = sum(1 for k in data.files if k.startswith("w"))
+            return cls(pca_mean=data["pca_mean"], pca_components=data["pca_components"],
+                       weights=tuple(data[f"w{i}"] for i in range(layers)),
+                       biases=tuple(data[f"b{i}"] for i in range(layers)),
+                       info=json.loads(data["info"].tobytes().decode()))
+
+
+def train(images: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[DigitClassifier, object]:
+    """Fits the recipe on float images; returns the array form and the fitted scikit-learn MLP."""
+    import warnings
+
+    from sklearn.decomposition import PCA
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+
+    x = features_in(images)
+    pca = PCA(n_components=RECIPE["components"], random_state=seed).fit(x)
+    mlp = MLPClassifier(hidden_layer_sizes=(RECIPE["hidden"],), alpha=RECIPE["alpha"],
+                        max_iter=RECIPE["max_iter"], batch_size=RECIPE["batch_size"], random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a fixed, short budget is the recipe
+        mlp.fit(pca.transform(x), labels)
+    classifier = DigitClassifier(
+        pca_mean=pca.mean_.astype(np.float32), pca_components=pca.components_.astype(np.float32),
+        weights=tuple(w.astype(np.float32) for w in mlp.coefs_),
+        biases=tuple(b.astype(np.float32) for b in mlp.intercepts_),
+        info={"recipe": RECIPE, "train_images": int(len(images)), "seed": seed})
+    return classifier, mlp
+
+
+def cache_path(cache_dir: Path, train_sha256: str, train_images: int, seed: int) -> Path:
+    key = json.dumps({"recipe": RECIPE, "data": train_sha256, "n": train_images, "seed": seed}, sort_keys=True)
+    return cache_dir / f"digit-classifier-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def load_or_train(images: np.ndarray, labels: np.ndarray, train_sha256: str, cache_dir: Path, seed: int = 0,
+                  say: Callable[[str], None] = print) -> DigitClassifier:
+    """The cached classifier for these training images, trained (and cached) first when missing."""
+    path = cache_path(cache_dir, train_sha256, len(images), seed)
+    if path.is_file():
+        try:
+            classifier = DigitClassifier.load(path)
+            say(f"digit classifier: cached {path}")
+            return classifier
+        except (OSError, ValueError, KeyError) as exc:
+            say(f"digit classifier: ignoring unreadable cache {path} ({exc})")
+    say(f"digit classifier: training on {len(images):,} MNIST training images (PCA {RECIPE['components']} + "
+        f"MLP {RECIPE['hidden']}) ...")
+    started = time.perf_counter()
+    classifier, _ = train(images, labels, seed)
+    seconds = time.perf_counter() - started
+    classifier = DigitClassifier(classifier.pca_mean, classifier.pca_components, classifier.weights,
+                                 classifier.biases, {**classifier.info, "train_seconds": round(seconds, 1)})
+    classifier.save(path)
+    say(f"digit classifier: trained in {seconds:.1f}s, cached at {path}")
+    return classifier
+
+
+def confident(probabilities: np.ndarray, threshold: float = CONFIDENCE) -> np.ndarray:
+    """Per image: does the classifier put at least `threshold` on one class?"""
+    return probabilities.max(axis=1) >= threshold
+
+
+def validity(probabilities: np.ndarray, threshold: float = CONFIDENCE) -> float:
+    """The share of images the classifier assigns to one digit with probability >= threshold."""
+    if len(probabilities) == 0:
+        raise ValueError("validity of an empty set of images is undefined")
+    return float(confident(probabilities, threshold).mean())

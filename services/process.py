@@ -1,0 +1,108 @@
+"""A service as a child process: started, awaited until it listens and is healthy, stopped with SIGTERM.
+
+`aevae up`, the tests and the benchmarks start services this way, so they run exactly what
+`aevae serve` runs. Needs only the client's dependencies (no torch in the parent).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Sequence
+
+ADDRESS = re.compile(r"serving \S+ on (\S+):(\d+)")
+
+
+class ServiceProcess:
+    def __init__(self, kind: str, models_dir: str | Path | None, host: str = "127.0.0.1", port: int = 0,
+                 args: Sequence[str] = (), echo: str | None = None, env: dict[str, str] | None = None):
+        """`echo`: prefix under which the child's output is copied to ours (None: kept quiet)."""
+        self.kind = kind
+        command = [sys.executable, "-m", "aevae.cli", "serve", kind, "--host", host, "--port", str(port), *args]
+        if models_dir is not None:
+            command += ["--models-dir", str(models_dir)]
+        self.command = command
+        self.echo = echo
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[str] | None = None
+        self.address = ""
+        self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+
+    def start(self, timeout: float = 60.0) -> "ServiceProcess":
+        """Returns once the service listens; RuntimeError with its output when it exits or takes too long."""
+        self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, env=self.env, bufsize=1)
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not self.address:
+            try:
+                line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                raise RuntimeError(f"{self.kind} did not start within {timeout:.0f} s:\n" + "".join(self.output))
+            if line is None:
+                code = self.process.wait()
+                raise RuntimeError(f"{self.kind} exited with code {code}:\n" + "".join(self.output))
+            match = ADDRESS.search(line)
+            if match:
+                host = "127.0.0.1" if match.group(1) in ("0.0.0.0", "::", "[::]") else match.group(1)
+                self.address = f"{host}:{match.group(2)}"
+        return self
+
+    def _pump(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            if self.echo is not None:
+                print(f"{self.echo} {line}", end="", flush=True)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        from aevae.client import AevaeError, DecoderClient, EncoderClient
+
+        client_class = EncoderClient if self.kind == "encoder" else DecoderClient
+        deadline = time.monotonic() + timeout
+        with client_class(self.address, timeout=2.0, retries=0) as client:
+            while True:
+                try:
+                    if client.health() == "SERVING":
+                        return
+                except AevaeError:
+                    pass
+                if self.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.kind} at {self.address} did not become healthy:\n"
+                                       + "".join(self.output))
+                time.sleep(0.1)
+
+    def poll(self) -> int | None:
+        return None if self.process is None else self.process.poll()
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL after `timeout` seconds; returns the exit code."""
+        if self.process is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> "ServiceProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
