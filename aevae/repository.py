@@ -192,6 +192,6 @@ def _json_default(value: Any) -> Any:
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
-    if isinstance(value, (Path, tuple)):
-        return str(value) if isinstance(value, Path) else list(value)
+    if isinstance(value, Path):
+        return str(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")

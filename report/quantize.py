@@ -78,9 +78,11 @@ class RateDistortion:
 
 
 def rate_distortion(model: LoadedModel, latents: np.ndarray, images: np.ndarray, lo: Sequence[float],
-                    hi: Sequence[float], bits: Iterable[int] = BITS) -> RateDistortion:
-    """The BCE curve of `model` for its (deterministic) test latents quantized at each bit depth."""
+                    hi: Sequence[float], bits: Iterable[int] = BITS, float_bce: float | None = None) -> RateDistortion:
+    """The BCE curve of `model` for its (deterministic) test latents quantized at each bit depth; pass
+    `float_bce` when the unquantized result is already known."""
     bits = tuple(bits)
     curve = tuple(float(bce_per_image(model, quantize(latents, lo, hi, b), images).mean()) for b in bits)
     return RateDistortion(model=model.name, latent_dim=latents.shape[1], bits=bits, bce=curve,
-                          float_bce=float(bce_per_image(model, latents, images).mean()))
+                          float_bce=float_bce if float_bce is not None
+                          else float(bce_per_image(model, latents, images).mean()))

@@ -171,7 +171,15 @@ class ServiceLink:
 
 
 def _short(exc: BaseException) -> str:
+    """A message a person can read in the status line (gRPC's connection errors are long and repetitive)."""
     details = getattr(exc, "details", None)
     text = details() if callable(details) else str(exc)
     text = (text or type(exc).__name__).strip().splitlines()[0]
+    lowered = text.lower()
+    if "connection refused" in lowered:
+        return "connection refused"
+    if "failed to connect" in lowered or "connect failed" in lowered:
+        return "cannot connect"
+    if "deadline exceeded" in lowered:
+        return "no answer in time"
     return text[:300]

@@ -37,7 +37,7 @@ export class Link {
   constructor({ onStatus, onConnection }) {
     this.onStatus = onStatus;
     this.onConnection = onConnection;
-    this.channels = new Map(); // name -> {inflight: id|null, waiting: request|null, callback}
+    this.channels = new Map(); // name -> {inflight: Map id -> request, waiting, last, shown, limit}
     this.nextId = 1;
     this.ws = null;
     this.connect();
@@ -49,18 +49,15 @@ export class Link {
     this.ws = ws;
     ws.onopen = () => {
       this.onConnection(true);
-      for (const [name, channel] of this.channels) {
-        // anything in flight on the old socket is lost: send the newest request again
-        if (channel.inflight !== null) { channel.waiting = channel.waiting || channel.last; channel.inflight = null; }
-        this.pump(name);
-      }
+      for (const name of this.channels.keys()) this.pump(name);
     };
     ws.onmessage = (event) => this.receive(JSON.parse(event.data));
     ws.onclose = () => {
       if (this.ws !== ws) return;
       this.onConnection(false);
       for (const channel of this.channels.values()) {
-        if (channel.inflight !== null) { channel.waiting = channel.waiting || channel.last; channel.inflight = null; }
+        // whatever was in flight on this socket is lost: ask again for the newest
+        if (channel.inflight.size) { channel.waiting = channel.waiting || channel.last; channel.inflight.clear(); }
       }
       setTimeout(() => this.connect(), 1000);
     };
@@ -69,31 +66,42 @@ export class Link {
   receive(message) {
     if (message.op === "status") { this.onStatus(message.services); return; }
     const channel = this.channels.get(message.channel);
-    if (!channel || channel.inflight !== message.id) return;
-    channel.inflight = null;
-    const request = channel.last;
+    if (!channel) return;
+    const request = channel.inflight.get(message.id);
+    if (!request) return;
+    channel.inflight.delete(message.id);
+    request.roundTrip = performance.now() - request.sentAt;
     this.pump(message.channel);       // send the waiting request before painting: overlap the round trip
+    if (message.id < channel.shown) return; // a newer reply was already shown
+    channel.shown = message.id;
     request.callback(message, request);
   }
 
   // Ask for `latents` (array of arrays) decoded by `model`; `callback(reply, request)` gets the images.
-  decode(channelName, model, latents, callback, meta = {}) {
-    if (!this.channels.has(channelName)) this.channels.set(channelName, { inflight: null, waiting: null, last: null });
+  // `inflight` > 1 lets a new request go out before the previous reply is back (replies older than one
+  // already shown are dropped), which trims the wait behind a slow reply while dragging.
+  decode(channelName, model, latents, callback, meta = {}, inflight = 1) {
+    if (!this.channels.has(channelName)) {
+      this.channels.set(channelName, { inflight: new Map(), waiting: null, last: null, shown: 0, limit: inflight });
+    }
     const channel = this.channels.get(channelName);
+    channel.limit = inflight;
     channel.waiting = { model, latents, callback, meta };
     this.pump(channelName);
   }
 
   pump(channelName) {
     const channel = this.channels.get(channelName);
-    if (!channel || channel.inflight !== null || !channel.waiting) return;
+    if (!channel || channel.inflight.size >= channel.limit || !channel.waiting) return;
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return;
     const request = channel.waiting;
+    const id = this.nextId++;
     channel.waiting = null;
     channel.last = request;
-    channel.inflight = this.nextId++;
+    channel.inflight.set(id, request);
+    request.sentAt = performance.now();
     this.ws.send(JSON.stringify({
-      op: "decode", id: channel.inflight, channel: channelName, model: request.model, latents: request.latents,
+      op: "decode", id, channel: channelName, model: request.model, latents: request.latents,
     }));
   }
 }

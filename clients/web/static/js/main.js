@@ -14,6 +14,8 @@ import { infoRows, rangeOf, renderTable } from "./numbers.js";
 const LINE_COLOURS = ["#e6194b", "#2f9e44", "#1c7ed6", "#f08c00", "#ae3ec9", "#0c8599", "#d6336c", "#8d6e4a"];
 const TRAVERSAL_STEPS = 11;
 const INTERPOLATION_STEPS = 9;
+const SECONDARY_MS = 150;
+const MAIN_INFLIGHT = 2;
 const KINDS = ["vae", "ae"];
 const $ = (id) => document.getElementById(id);
 
@@ -33,7 +35,7 @@ const active = () => (state.showAE ? "ae" : "vae");
 const other = () => (state.showAE ? "vae" : "ae");
 
 // In-page timing of the drag loop: pointer move -> decoded image for that move (or a later one) painted.
-const timing = { seq: 0, moves: new Map(), latencies: [] };
+const timing = { seq: 0, moves: new Map(), latencies: [], roundTrips: [] };
 window.__aevae = { state, timing };
 
 const link = new Link({ onStatus: statusChanged, onConnection: connectionChanged });
@@ -43,9 +45,13 @@ const parcoords = new ParCoords($("parcoords"), {
 const pad = drawingPad($("draw-canvas"));
 
 // -- loading --------------------------------------------------------------------------------------------
-let loading = null;
+let loading = null, again = false;
 function refresh() {
-  if (!loading) loading = load().finally(() => { loading = null; });
+  if (loading) { again = true; return loading; } // e.g. the encoder came back while a load was failing
+  loading = load().finally(() => {
+    loading = null;
+    if (again) { again = false; refresh(); }
+  });
   return loading;
 }
 
@@ -65,14 +71,16 @@ async function load() {
   } catch (error) {
     return; // the UI server is not reachable; the WebSocket's reconnection calls refresh again
   }
-  const encoderModels = listing.encoder?.models || [];
+  // the encoder's list, or the decoder's while the encoder is down: the black line can still be decoded
+  const served = listing.encoder?.models?.length ? listing.encoder.models : (listing.decoder?.models || []);
   for (const kind of KINDS) {
-    const info = chooseModel(encoderModels, kind);
+    const info = chooseModel(served, kind);
     if (!info) continue;
     const known = state.models[kind];
     if (!known || known.info.name !== info.name || known.info.version !== info.version) {
       state.models[kind] = { info, stats: null, axes: null };
       state.inputs.forEach((item) => { delete item.latents[kind]; });
+      if (known && known.info.latent_dim !== info.latent_dim) state.z[kind] = null;
     }
   }
   await Promise.all(KINDS.map(async (kind) => {
@@ -85,7 +93,9 @@ async function load() {
     model.axes = axesFor(kind);
     if (!state.z[kind]) {
       const seed = state.inputs[state.selected[0]]?.latents[kind];
-      state.z[kind] = seed ? seed.slice() : (model.stats ? model.stats.dims.map((d) => d.quantiles?.["0.5"] ?? d.mean) : null);
+      state.z[kind] = seed ? seed.slice()
+        : model.stats ? model.stats.dims.map((d) => d.quantiles?.["0.5"] ?? d.mean)
+        : new Array(model.info.latent_dim).fill(0);
     }
   }));
   renderAll();
@@ -136,6 +146,15 @@ function axesFor(kind) {
   return axes;
 }
 
+// The axes on screen: the active model's; with "Show AE", widened to hold the greyed-out VAE as well, so
+// that the two models' ranges are compared on one scale.
+function visibleAxes() {
+  const axes = state.models[active()]?.axes;
+  const vae = state.models.vae?.axes;
+  if (!axes || !state.showAE || !vae) return axes || null;
+  return axes.map((axis, i) => (vae[i] ? { ...axis, lo: Math.min(axis.lo, vae[i].lo), hi: Math.max(axis.hi, vae[i].hi) } : axis));
+}
+
 // -- rendering ------------------------------------------------------------------------------------------
 function renderAll() {
   renderInputs();
@@ -182,14 +201,14 @@ function renderParcoords() {
     .filter((i) => state.inputs[i]?.latents[kind])
     .map((i) => ({ values: state.inputs[i].latents[kind], colour: lineColour(i), index: i, name: state.inputs[i].name }));
   const view = {
-    axes: model.axes,
+    axes: visibleAxes(),
     violins: model.stats?.dims || [],
     lines,
     recon: state.z[kind],
     selectedDim: Math.min(state.selectedDim, model.axes.length - 1),
   };
   if (state.showAE && state.models.vae) {
-    // the seed's "Show AE": the VAE greyed out behind the AE, on the AE's axes
+    // the seed's "Show AE": the VAE greyed out behind the AE, on axes that hold both
     view.ghostViolins = state.models.vae.stats?.dims || [];
     view.ghostLines = state.selected.filter((i) => state.inputs[i]?.latents.vae).map((i) => ({ values: state.inputs[i].latents.vae }));
     view.ghostRecon = state.z.vae;
@@ -318,10 +337,12 @@ function renderStatus() {
 // -- decoding -------------------------------------------------------------------------------------------
 function modelName(kind) { return state.models[kind]?.info.name; }
 
-function requestMain(seq) {
+// Every request carries the newest pointer move it reflects: its painted image resolves that move and all
+// earlier ones that were coalesced away.
+function requestMain() {
   const kind = active();
   if (!modelName(kind) || !state.z[kind]) return;
-  link.decode("main", modelName(kind), [state.z[kind]], paintMain, { seq, kind });
+  link.decode("main", modelName(kind), [state.z[kind].slice()], paintMain, { seq: timing.seq, kind }, MAIN_INFLIGHT);
 }
 
 function paintMain(reply, request) {
@@ -340,7 +361,8 @@ function paintMain(reply, request) {
   paint($(`side-${request.meta.kind}`), bytes, w, h);
   $("output-note").textContent = `${request.meta.kind.toUpperCase()} decoder · z = [${request.latents[0].map((v) => v.toFixed(2)).join(", ")}]`;
   const seq = request.meta.seq;
-  if (seq !== undefined) {
+  if (timing.moves.size) {
+    timing.roundTrips.push(request.roundTrip);
     requestAnimationFrame(() => {
       const now = performance.now();
       for (const [s, t] of timing.moves) {
@@ -348,10 +370,21 @@ function paintMain(reply, request) {
       }
     });
   }
-  requestSecondary();
+  scheduleSecondary();
+}
+
+// The side-by-side decoder and the traversal strip follow the black line too, but while a handle is being
+// dragged at most every SECONDARY_MS, so that they never delay the main image.
+let secondaryTimer = null, secondaryAt = 0;
+function scheduleSecondary() {
+  if (!parcoords.dragging) { clearTimeout(secondaryTimer); secondaryTimer = null; requestSecondary(); return; }
+  if (secondaryTimer) return;
+  const wait = Math.max(0, secondaryAt + SECONDARY_MS - performance.now());
+  secondaryTimer = setTimeout(() => { secondaryTimer = null; requestSecondary(); }, wait);
 }
 
 function requestSecondary() {
+  secondaryAt = performance.now();
   const kind = active(), z = state.z[kind];
   if (!z) return;
   document.querySelectorAll(".side-by-side figure").forEach((f) => f.classList.toggle("active", f.contains($(`side-${kind}`))));
@@ -363,7 +396,7 @@ function requestSecondary() {
   } else if (!modelName(otherKind)) {
     blank($(`side-${otherKind}`));
   }
-  const axes = state.models[kind]?.axes;
+  const axes = visibleAxes();
   const dim = state.traverseDim;
   if (!axes || !axes[dim]) return;
   const values = Array.from({ length: TRAVERSAL_STEPS }, (_, i) => axes[dim].lo + (i / (TRAVERSAL_STEPS - 1)) * (axes[dim].hi - axes[dim].lo));
@@ -402,13 +435,12 @@ function requestDecodes() { requestMain(); }
 
 // -- interaction ----------------------------------------------------------------------------------------
 function dragTo(dim, value) {
-  const seq = ++timing.seq;
-  timing.moves.set(seq, performance.now());
+  timing.moves.set(++timing.seq, performance.now());
   const z = state.z[active()];
   z[dim] = value;
   state.selectedDim = dim;
   parcoords.moveRecon(z, dim);
-  requestMain(seq);
+  requestMain();
 }
 
 // After an edit that is not a drag move: redraw what depends on the black line, and decode it.
@@ -454,7 +486,7 @@ function gaussian() {
 
 $("random").addEventListener("click", () => {
   const kind = active();
-  const axes = state.models[kind]?.axes;
+  const axes = visibleAxes();
   if (!axes) return;
   state.z[kind] = axes.map((axis) => Math.min(axis.hi, Math.max(axis.lo, gaussian())));
   renderParcoords();
@@ -505,7 +537,7 @@ $("encode-drawing").addEventListener("click", async () => {
 document.addEventListener("keydown", (event) => {
   if (["INPUT", "SELECT", "TEXTAREA", "BUTTON"].includes(event.target.tagName)) return;
   const kind = active();
-  const z = state.z[kind], axes = state.models[kind]?.axes;
+  const z = state.z[kind], axes = visibleAxes();
   if (!z || !axes) return;
   const dim = state.selectedDim;
   if (event.key === "ArrowLeft" || event.key === "ArrowRight") {

@@ -1,0 +1,54 @@
+"""Container health for Docker's HEALTHCHECK and compose: exit 0 when healthy, 1 (with the reason) when not.
+
+  aevae-healthcheck 127.0.0.1:50052                   grpc.health.v1 Check, SERVING expected
+  aevae-healthcheck http://127.0.0.1:8080/api/status  HTTP GET, 200 expected
+
+Kubernetes needs none of this: its native `grpc:` probe speaks grpc.health.v1 (see deploy/k8s/).
+"""
+
+from __future__ import annotations
+
+import sys
+import urllib.request
+
+USAGE = "usage: aevae-healthcheck HOST:PORT | http://HOST:PORT/PATH [TIMEOUT_SECONDS]"
+
+
+def grpc_health(target: str, timeout: float) -> str | None:
+    """None when the server says SERVING, else what it said or why it could not be asked."""
+    import grpc
+
+    from aevae.client.health import check
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            status = check(channel, timeout)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+    return None if status == "SERVING" else status
+
+
+def http_health(url: str, timeout: float) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return None if response.status == 200 else f"HTTP {response.status}"
+    except OSError as exc:  # URLError, HTTPError, timeouts
+        return str(exc)
+
+
+def main(argv: list[str]) -> int:
+    if not 1 <= len(argv) <= 2:
+        print(USAGE, file=sys.stderr)
+        return 1  # Docker reserves 2
+    target = argv[0]
+    timeout = float(argv[1]) if len(argv) == 2 else 2.0
+    check = http_health if target.startswith(("http://", "https://")) else grpc_health
+    problem = check(target, timeout)
+    if problem is not None:
+        print(f"unhealthy: {target}: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,52 @@
+"""The 2-d AE that tests the seed's claim "two AE latents do as well as four VAE latents".
+
+It lives in the same repository under its own name, `ae-2d`, so that it never becomes the newest `ae`. When it
+is missing, the report trains it with the real trainer and the 4-d AE's own training settings (epochs, batch,
+learning rate, seed, hidden layers, training subset), so that the comparison changes one thing: the latent size.
+"""
+
+from __future__ import annotations
+
+from aevae.repository import ModelRepository, RepositoryError, Version
+
+NAME = "ae-2d"
+LATENT_DIM = 2
+
+
+def find(repository: ModelRepository) -> Version | None:
+    try:
+        return repository.resolve(NAME)
+    except RepositoryError:
+        return None
+
+
+def train(repository: ModelRepository, reference: Version, data_root: str | None, epochs: int | None = None,
+          train_limit: int | None = None, storage_path: str | None = None) -> Version:
+    """Trains `ae-2d` like `reference` (the 4-d AE) but with a 2-d latent; the trainer prints its progress."""
+    import ray
+
+    from aevae.trainer import job
+    from aevae.trainer.config import TrainConfig
+
+    training = reference.manifest.get("training", {})
+    defaults = TrainConfig()
+    config = TrainConfig(
+        models=("ae",), name=NAME, latent_dim=LATENT_DIM,
+        epochs=epochs or int(training.get("epochs", defaults.epochs)),
+        batch_size=int(training.get("batch_size", defaults.batch_size)),
+        lr=float(training.get("lr", defaults.lr)),
+        seed=int(training.get("seed", defaults.seed)),
+        hidden=tuple(reference.manifest["architecture"].get("hidden", defaults.hidden)),
+        train_limit=train_limit or training.get("train_limit"),
+        data_root=data_root, models_dir=str(repository.root), storage_path=storage_path,
+    )
+    subset = f"first {config.train_limit:,}" if config.train_limit else "all"
+    print(f"{NAME} is missing: training it like {reference.name}/{reference.version} with a {LATENT_DIM}-d latent "
+          f"({config.epochs} epochs, {subset} training images)", flush=True)
+    started_ray = not ray.is_initialized()
+    try:
+        (version,) = job.run(config)
+    finally:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()  # the report needs no cluster after this; give the cores back
+    return version

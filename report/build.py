@@ -1,0 +1,271 @@
+"""The report's driver: load the models and the data, measure the seven parts, draw, write the page.
+
+Every number comes from this run: the models are the repository's newest `ae` and `vae` (and `ae-2d`), the
+data MNIST's test set, the classifier trained here (or cached from an earlier run on the same data).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aevae import mnist
+from aevae.inference import LoadedModel
+from aevae.report import ae2d, classifier as digit_classifier, figures, information, page, samples
+from aevae.report.config import SEED_RANGES, ReportConfig
+from aevae.report.quantize import BITS, TOLERANCE_NATS, bce_per_image, rate_distortion
+from aevae.repository import ModelRepository
+
+FIGURES = "figures"
+
+
+class Progress:
+    """One line per step on stdout, with the seconds each part took, kept for the page too."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def say(self, message: str) -> None:
+        print(f"[report {time.perf_counter() - self.started:6.1f}s] {message}", flush=True)
+
+    def part(self, key: str, title: str) -> "_Part":
+        return _Part(self, key, title)
+
+
+@dataclass
+class _Part:
+    progress: Progress
+    key: str
+    title: str
+
+    def __enter__(self) -> "_Part":
+        self.t0 = time.perf_counter()
+        self.progress.say(f"{self.title} ...")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        seconds = time.perf_counter() - self.t0
+        self.progress.seconds[self.key] = round(seconds, 2)
+        if exc[0] is None:
+            self.progress.say(f"{self.title}: done in {seconds:.1f}s")
+
+
+def _encode(model: LoadedModel, images: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
+    means, logvars = [], []
+    for start in range(0, len(images), batch):
+        mu, logvar = model.encode(images[start:start + batch])
+        means.append(mu)
+        if logvar is not None:
+            logvars.append(logvar)
+    return np.concatenate(means), (np.concatenate(logvars) if logvars else None)
+
+
+def _decode(model: LoadedModel, latents: np.ndarray, batch: int = 4096) -> np.ndarray:
+    return np.concatenate([model.decode(latents[s:s + batch]) for s in range(0, len(latents), batch)])
+
+
+def _bounds(stats: dict) -> tuple[list[float], list[float]]:
+    return [d["min"] for d in stats["dims"]], [d["max"] for d in stats["dims"]]
+
+
+def _range(values: np.ndarray) -> dict[str, Any]:
+    return {"min": float(values.min()), "max": float(values.max()),
+            "dims": [{"min": float(v.min()), "max": float(v.max())} for v in values.T]}
+
+
+def _model_info(model: LoadedModel) -> dict[str, Any]:
+    m = model.manifest
+    training = m.get("training", {})
+    return {"name": model.name, "version": model.version.version, "kind": model.kind,
+            "latent_dim": model.latent_dim, "path": str(model.version.path), "epochs": training.get("epochs"),
+            "train_images": m.get("data", {}).get("train_images"), "created": m.get("created"),
+            "manifest_test_bce": m.get("metrics", {}).get("test_bce")}
+
+
+def run(config: ReportConfig) -> dict[str, Any]:
+    """Writes index.html, figures/*.png and numbers.json into `config.out`; returns the numbers."""
+    progress = Progress()
+    out = Path(config.out)
+    (out / FIGURES).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(config.seed)
+
+    repository = ModelRepository(config.models_dir)
+    versions = {name: repository.resolve(name) for name in ("ae", "vae")}  # RepositoryError names what exists
+    data = mnist.load(config.data_root)
+    test = data.test.floats()[:config.test_limit]
+    test_labels = data.test.labels[:config.test_limit]
+    progress.say(f"MNIST from {data.source}; evaluating on {len(test):,} test images; models in {repository.root}")
+
+    small = ae2d.find(repository)
+    if small is None and config.ae2d:
+        with progress.part("ae2d_training", f"training {ae2d.NAME}"):
+            small = ae2d.train(repository, versions["ae"], config.data_root, config.ae2d_epochs,
+                               config.ae2d_train_limit, config.storage_path)
+    elif small is None:
+        progress.say(f"{ae2d.NAME} is missing and --no-ae2d was given: the 2-d comparison is left out")
+    if small is not None:
+        versions[ae2d.NAME] = small
+
+    with progress.part("load", "loading models and encoding the test set"):
+        models = {name: LoadedModel.from_version(v) for name, v in versions.items()}
+        stats = {name: m.latent_stats() for name, m in models.items()}
+        encoded = {name: _encode(m, test) for name, m in models.items()}
+        means = {name: e[0] for name, e in encoded.items()}
+        float_bce = {name: bce_per_image(m, means[name], test) for name, m in models.items()}
+        for name, m in models.items():
+            progress.say(f"  {name}/{m.version.version}: {m.kind}, {m.latent_dim}-d latent, test BCE from the "
+                         f"encoder mean {float_bce[name].mean():.2f} nats/image")
+
+    train_count = min(config.classifier_train_limit, len(data.train.images))
+    classifier = digit_classifier.load_or_train(
+        data.train.images[:train_count].astype(np.float32) / 255.0, data.train.labels[:train_count],
+        data.sha256["train-images-idx3-ubyte"], Path(config.cache_dir or digit_classifier.default_cache_dir()),
+        seed=config.seed, say=progress.say)
+
+    numbers: dict[str, Any] = {
+        "run": {"created": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "models_dir": str(repository.root),
+                "data": data.source, "test_images": len(test), "seed": config.seed, "samples": config.samples,
+                "models": {name: _model_info(m) for name, m in models.items()}},
+    }
+    fig: dict[str, str] = {}
+
+    def save(key: str, path: Path) -> None:
+        fig[key] = path.relative_to(out).as_posix()
+
+    # 1. Reconstructions
+    with progress.part("reconstructions", "1/7 reconstructions"):
+        idx = np.sort(rng.choice(len(test), size=min(config.reconstructions, len(test)), replace=False))
+        rows = {name: models[name].decode(means[name][idx]) for name in models}
+        save("reconstructions", figures.reconstructions(test[idx], rows, out / FIGURES / "reconstructions.png"))
+        numbers["reconstructions"] = {
+            "indices": idx.tolist(), "labels": test_labels[idx].tolist(),
+            "bce_shown": {n: round(float(float_bce[n][idx].mean()), 3) for n in models},
+            "bce_test": {n: round(float(float_bce[n].mean()), 3) for n in models},
+        }
+
+    # 2. PCA (the seed's Figure 4)
+    with progress.part("pca", "2/7 PCA of the training latents"):
+        pcas = {n: stats[n]["pca"] for n in ("ae", "vae")}
+        save("pca", figures.pca_scatter(
+            {n: (np.asarray(p["points"]), np.asarray(p["labels"]), p["explained_variance_ratio"])
+             for n, p in pcas.items()}, out / FIGURES / "pca.png"))
+        numbers["pca"] = {n: {"explained_variance_ratio": [round(v, 4) for v in p["explained_variance_ratio"]],
+                              "points": len(p["points"]), "training_latents": stats[n]["count"]}
+                          for n, p in pcas.items()}
+
+    # 3. Violins
+    with progress.part("violins", "3/7 latent distributions"):
+        save("violins", figures.violins({n: stats[n]["dims"] for n in ("ae", "vae")}, out / FIGURES / "violins.png"))
+        numbers["violins"] = {n: [{k: round(d[k], 4) for k in ("min", "max", "mean", "std")}
+                                  | {"median": round(d["quantiles"]["0.5"], 4)} for d in stats[n]["dims"]]
+                              for n in ("ae", "vae")}
+
+    # 4. Random samples and their validity
+    with progress.part("samples", "4/7 random samples and sample validity"):
+        n = config.samples
+        sources: dict[str, np.ndarray] = {
+            "real test digits": test[np.sort(rng.choice(len(test), size=min(n, len(test)), replace=False))],
+            "uniform noise images": samples.uniform_noise_images(n, rng),
+        }
+        for name, m in models.items():
+            sources[f"{name}: N(0, I)"] = _decode(m, samples.standard_normal(n, m.latent_dim, rng))
+            lo, hi = _bounds(stats[name])
+            sources[f"{name}: uniform in its box"] = _decode(m, samples.uniform_box(n, lo, hi, rng))
+        validity, raw = {}, {}
+        for label, images in sources.items():
+            validity[label] = digit_classifier.validity(classifier.probabilities(images))
+            raw[label] = digit_classifier.validity(classifier.probabilities(images, gate=False))
+            progress.say(f"  validity of {label}: {validity[label]:.1%}")
+        grids = {"vae: N(0, I)": sources["vae: N(0, I)"][:64], "ae: N(0, I)": sources["ae: N(0, I)"][:64],
+                 "ae: uniform in its box": sources["ae: uniform in its box"][:64]}
+        save("samples", figures.sample_grids(grids, out / FIGURES / "samples.png"))
+        save("validity", figures.validity_bars(validity, digit_classifier.CONFIDENCE, out / FIGURES / "validity.png"))
+        test_probs = classifier.probabilities(test)
+        numbers["samples"] = {
+            "count": n, "threshold": digit_classifier.CONFIDENCE, "validity": validity,
+            "validity_without_subspace_check": raw,
+            "classifier": {**classifier.info, "test_accuracy": float((test_probs.argmax(1) == test_labels).mean()),
+                           "max_residual": classifier.max_residual},
+            "boxes": {name: dict(zip(("lo", "hi"), _bounds(stats[name]))) for name in models},
+        }
+
+    # 5. Latent ranges on the test set
+    with progress.part("ranges", "5/7 latent ranges on the test set"):
+        ranges = {name: _range(means[name]) for name in ("ae", "vae")}
+        mu, logvar = encoded["vae"]
+        sampled = mu + np.exp(0.5 * logvar) * rng.standard_normal(mu.shape).astype(np.float32)
+        save("ranges", figures.latent_ranges(ranges, SEED_RANGES, out / FIGURES / "ranges.png"))
+        width = {n: r["max"] - r["min"] for n, r in ranges.items()}
+        numbers["ranges"] = {**ranges, "vae_sampled": _range(sampled),
+                             "seed": {k: list(v) for k, v in SEED_RANGES.items()},
+                             "width_ratio_ae_over_vae": width["ae"] / width["vae"]}
+        if ae2d.NAME in means:
+            numbers["ranges"][ae2d.NAME] = _range(means[ae2d.NAME])
+
+    # 6. Information theory and rate-distortion
+    with progress.part("information", "6/7 information theory and rate-distortion"):
+        image_bits = information.image_bits(tuple(test.shape[1:]))
+        floor = information.bce_floor(test)
+        curves = []
+        for name, m in models.items():
+            lo, hi = _bounds(stats[name])
+            curve = rate_distortion(m, means[name], test, lo, hi, BITS, float_bce=float(float_bce[name].mean()))
+            curves.append(curve.to_json())
+            progress.say(f"  {name}: float BCE {curve.float_bce:.2f}; within {TOLERANCE_NATS:g} nat at "
+                         f"{curve.bits_within()} bits/dim; 1 bit {curve.bce[0]:.1f}, 16 bits {curve.bce[-1]:.2f}")
+        save("rate_distortion", figures.rate_distortion(curves, floor, out / FIGURES / "rate_distortion.png"))
+        numbers["information"] = {
+            "image_bits": image_bits,
+            "latent_bits": {n: information.latent_bits(m.latent_dim) for n, m in models.items()},
+            "ratio": {n: image_bits / information.latent_bits(m.latent_dim) for n, m in models.items()},
+            "bce_floor": floor, "tolerance_nats": TOLERANCE_NATS,
+            "rate_distortion": {c["model"]: c for c in curves},
+        }
+        if ae2d.NAME in models:
+            by = numbers["information"]["rate_distortion"]
+            numbers["information"]["ae2d_vs_vae"] = {
+                "ae2d_float_bce": by[ae2d.NAME]["float_bce"], "vae_float_bce": by["vae"]["float_bce"],
+                "vae_manifest_test_bce": models["vae"].manifest.get("metrics", {}).get("test_bce"),
+                "difference": by[ae2d.NAME]["float_bce"] - by["vae"]["float_bce"],
+                "at_equal_total_bits": {
+                    str(t): {"ae-2d": a, "vae": v} for t, a in zip(by[ae2d.NAME]["total_bits"], by[ae2d.NAME]["bce"])
+                    for tv, v in zip(by["vae"]["total_bits"], by["vae"]["bce"]) if tv == t},
+            }
+
+    # 7. Traversals
+    with progress.part("traversals", "7/7 latent traversals"):
+        steps = config.traversal_steps
+        numbers["traversals"] = {}
+        for name, m in models.items():
+            dims = stats[name]["dims"]
+            median = np.array([d["quantiles"]["0.5"] for d in dims], dtype=np.float32)
+            values = np.stack([np.linspace(d["min"], d["max"], steps) for d in dims]).astype(np.float32)
+            latents = np.repeat(median[None, None, :], m.latent_dim, axis=0).repeat(steps, axis=1)
+            for d in range(m.latent_dim):
+                latents[d, :, d] = values[d]
+            images = m.decode(latents.reshape(-1, m.latent_dim)).reshape(m.latent_dim, steps, *test.shape[1:])
+            probs = classifier.probabilities(images.reshape(-1, *test.shape[1:])).reshape(m.latent_dim, steps, 10)
+            sure = probs.max(axis=2) >= digit_classifier.CONFIDENCE
+            digits = [[str(int(probs[d, s].argmax())) if sure[d, s] else "-" for s in range(steps)]
+                      for d in range(m.latent_dim)]
+            save(f"traversal_{name}", figures.traversal(
+                images, values, digits, f"{name}: each dimension swept over its training range, the others at "
+                f"their median (digit: classifier, p >= {digit_classifier.CONFIDENCE})",
+                out / FIGURES / f"traversal-{name}.png"))
+            numbers["traversals"][name] = [
+                {"dim": d + 1, "from": float(values[d, 0]), "to": float(values[d, -1]), "digits": digits[d],
+                 "distinct_digits": sorted({x for x in digits[d] if x != "-"})} for d in range(m.latent_dim)]
+            numbers["traversals"][name + "_median"] = median.tolist()
+
+    numbers["timings"] = {**progress.seconds, "total": round(time.perf_counter() - progress.started, 1)}
+    numbers["figures"] = fig
+    (out / "numbers.json").write_text(json.dumps(numbers, indent=1, default=float) + "\n")
+    (out / "index.html").write_text(page.render(numbers))
+    progress.say(f"wrote {out / 'index.html'} ({len(fig)} figures, numbers in {out / 'numbers.json'})")
+    return numbers

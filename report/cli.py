@@ -1,0 +1,63 @@
+"""`aevae report`: argument parsing only; the report itself is imported when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="measure the seed's figures and claims on the repository's models; "
+                                      "writes an HTML page with PNG figures",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
+    p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
+    p.add_argument("--out", default="report", help="output folder: index.html, figures/, numbers.json")
+    p.add_argument("--samples", type=int, default=1000, help="random samples scored per source")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (and of the classifier)")
+    p.add_argument("--test-limit", type=int, default=None, metavar="N",
+                   help="evaluate on the first N test images only (default: all 10,000)")
+    p.add_argument("--no-ae2d", action="store_true",
+                   help="do not train ae-2d when it is missing (the 2-d comparison is then left out)")
+    p.add_argument("--ae2d-epochs", type=int, default=None, help="epochs for ae-2d (default: the ae's)")
+    p.add_argument("--ae2d-train-limit", type=int, default=None, metavar="N",
+                   help="train ae-2d on the first N images (default: the ae's training subset)")
+    p.add_argument("--storage-path", default=None, help="where Ray keeps the ae-2d training's checkpoints")
+    p.add_argument("--cache-dir", default=None,
+                   help="digit classifier cache (default: AEVAE_CACHE_DIR or ~/.cache/aevae)")
+    p.add_argument("--classifier-train-limit", type=int, default=None, metavar="N",
+                   help="train the digit classifier on the first N training images (default: 20,000)")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from pathlib import Path
+
+    from aevae.cli import UserError
+    from aevae.report.config import ReportConfig
+
+    for name in ("samples", "test_limit", "ae2d_epochs", "ae2d_train_limit", "classifier_train_limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    config = ReportConfig(
+        models_dir=args.models_dir, data_root=args.data_root, out=Path(args.out), samples=args.samples,
+        seed=args.seed, test_limit=args.test_limit, ae2d=not args.no_ae2d, ae2d_epochs=args.ae2d_epochs,
+        ae2d_train_limit=args.ae2d_train_limit, storage_path=args.storage_path,
+        cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    if args.classifier_train_limit:
+        config.classifier_train_limit = args.classifier_train_limit
+    return config
+
+
+def run(args: argparse.Namespace) -> int:
+    from aevae import mnist
+    from aevae.cli import UserError
+    from aevae.report import build
+    from aevae.repository import RepositoryError
+
+    config = config_from_args(args)
+    try:
+        build.run(config)
+    except (mnist.MnistError, RepositoryError) as exc:
+        raise UserError(str(exc)) from None
+    return 0

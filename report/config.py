@@ -1,0 +1,29 @@
+"""What one report run is asked to do: one dataclass, filled from the command line or by a caller."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from aevae.report.classifier import TRAIN_IMAGES
+
+# The seed's measured ranges on its input images, shown beside ours (and only there).
+SEED_RANGES = {"vae": (-5.93, 5.98), "ae": (-22.59, 74.46)}
+
+
+@dataclass
+class ReportConfig:
+    models_dir: str | None = None
+    data_root: str | None = None
+    out: Path = Path("report")
+    samples: int = 1000
+    seed: int = 0
+    test_limit: int | None = None  # evaluate on the first N test images only (quick runs)
+    ae2d: bool = True  # train ae-2d when it is missing
+    ae2d_epochs: int | None = None  # default: the 4-d AE's epochs
+    ae2d_train_limit: int | None = None  # default: the 4-d AE's training subset
+    storage_path: str | None = None  # Ray checkpoints of the ae-2d training
+    cache_dir: Path | None = None  # the digit classifier's cache; default ~/.cache/aevae
+    classifier_train_limit: int = TRAIN_IMAGES
+    reconstructions: int = 16
+    traversal_steps: int = 12

@@ -1,0 +1,240 @@
+"""aevae.client against real servers: round trips equal the in-process model, big batches stream whole and in
+order, errors carry status codes, async twins agree, and importing the client never imports torch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from aevae.client import (AevaeError, AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncodeResult,
+                          EncoderClient, ModelInfo)
+from aevae.services.process import ServiceProcess
+from conftest import run_aevae
+
+# Small messages, so that a few hundred images already need the streaming RPCs.
+MAX_MESSAGE = 256 * 1024
+LIMITS = ["--max-message-bytes", str(MAX_MESSAGE)]
+
+
+@pytest.fixture(scope="module")
+def servers(trained_repo: Path) -> Iterator[dict[str, str]]:
+    started = [ServiceProcess(kind, trained_repo, args=LIMITS).start() for kind in ("encoder", "decoder")]
+    try:
+        for service in started:
+            service.wait_healthy()
+        yield {s.kind: s.address for s in started}
+    finally:
+        for service in started:
+            service.stop()
+
+
+@pytest.fixture(scope="module")
+def enc(servers) -> Iterator[EncoderClient]:
+    with EncoderClient(servers["encoder"]) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def dec(servers) -> Iterator[DecoderClient]:
+    with DecoderClient(servers["decoder"]) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def models(trained_repo: Path):
+    from aevae.repository import ModelRepository
+
+    repository = ModelRepository(trained_repo)
+    return {name: repository.load(name) for name in ("ae", "vae")}
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_root: Path) -> np.ndarray:
+    from aevae import mnist
+
+    return mnist.load(mnist_root).test.images[:600]  # uint8, 32 x 32
+
+
+def test_round_trip_matches_the_in_process_model(enc, dec, models, digits) -> None:
+    for name in ("ae", "vae"):
+        result = enc.encode(digits, model=name)  # 600 x 1 KiB: streamed
+        assert isinstance(result, EncodeResult) and (result.model, result.version) == (name, 1)
+        mean, logvar = models[name].encode(digits.astype(np.float32) / 255)
+        np.testing.assert_allclose(result.mean, mean, atol=1e-5)
+        assert result.mean.dtype == np.float32 and result.mean.shape == (600, 4)
+        if name == "vae":
+            np.testing.assert_allclose(result.logvar, logvar, atol=1e-5)
+        else:
+            assert result.logvar is None
+        assert result.sample is None
+        images = dec.decode(result.mean, model=name)  # 600 x 4 KiB: streamed
+        assert images.dtype == np.float32 and images.shape == (600, 32, 32)
+        np.testing.assert_allclose(images, models[name].decode(result.mean), atol=1e-5)
+
+
+def test_28x28_float_images_are_padded_like_training(enc, digits) -> None:
+    cropped = digits[:50, 2:30, 2:30].astype(np.float32) / 255  # MNIST's own 28 x 28: the padding is zeros
+    np.testing.assert_allclose(enc.encode(cropped).mean, enc.encode(digits[:50]).mean, atol=1e-5)
+
+
+def test_a_batch_larger_than_one_message_comes_back_whole_and_in_order(dec, models) -> None:
+    z = np.random.default_rng(0).normal(size=(3000, 4)).astype(np.float32)  # ~12 MB of float32 images
+    images = dec.decode(z)
+    assert images.shape == (3000, 32, 32)
+    np.testing.assert_allclose(images, models["vae"].decode(z), atol=1e-5)
+    as_bytes = dec.decode(z, dtype="uint8")
+    assert as_bytes.dtype == np.uint8 and as_bytes.shape == (3000, 32, 32)
+    assert np.abs(as_bytes.astype(int) - np.rint(images * 255)).max() <= 1
+
+
+def test_one_latent_and_one_image_are_a_batch_of_one(enc, dec) -> None:
+    assert dec.decode(np.zeros(4, np.float32)).shape == (1, 32, 32)
+    assert dec.decode([0.5, -1, 0, 2.0], model="ae").shape == (1, 32, 32)
+    assert enc.encode(np.zeros((28, 28), np.uint8)).mean.shape == (1, 4)
+
+
+def test_samples_are_seeded_and_do_not_depend_on_streaming(enc, digits) -> None:
+    streamed = enc.encode(digits, sample=True, seed=3)  # streamed in several messages
+    unary = enc.encode(digits[:100], sample=True, seed=3)
+    np.testing.assert_array_equal(streamed.sample[:100], unary.sample)
+    again = enc.encode(digits[:100], sample=True, seed=3)
+    np.testing.assert_array_equal(again.sample, unary.sample)
+    sigma = np.exp(0.5 * unary.logvar)
+    eps = (unary.sample - unary.mean) / sigma
+    assert abs(float(eps.mean())) < 0.3 and 0.7 < float(eps.std()) < 1.3
+    assert not np.array_equal(enc.encode(digits[:100], sample=True, seed=4).sample, unary.sample)
+    ae = enc.encode(digits[:10], model="ae", sample=True)
+    np.testing.assert_array_equal(ae.sample, ae.mean)
+
+
+def test_list_models(enc, dec) -> None:
+    for client in (enc, dec):
+        infos = {m.name: m for m in client.list_models()}
+        assert sorted(infos) == ["ae", "vae"]
+        vae = infos["vae"]
+        assert isinstance(vae, ModelInfo)
+        assert (vae.version, vae.versions, vae.kind, vae.latent_dim, vae.image_shape) == (1, [1], "vae", 4, (32, 32))
+        assert set(vae.metrics) >= {"test_bce", "test_kl", "test_loss"}
+
+
+def test_latent_stats_have_the_structure_of_latent_stats_json(enc, trained_repo: Path) -> None:
+    stats = enc.latent_stats("vae")
+    on_disk = json.loads((trained_repo / "vae" / "1" / "latent_stats.json").read_text())
+    assert stats["model"] == "vae" and stats["version"] == 1
+    assert set(stats) == set(on_disk) | {"model", "version"}
+    assert (stats["count"], stats["latent_dim"], stats["source"]) == (on_disk["count"], 4, on_disk["source"])
+    for served, stored in zip(stats["dims"], on_disk["dims"], strict=True):
+        assert set(served) == set(stored) and list(served["quantiles"]) == list(stored["quantiles"])
+        assert served["min"] == stored["min"] and served["density"] == stored["density"]
+    assert set(stats["pca"]) == set(on_disk["pca"])
+    assert stats["pca"]["labels"] == on_disk["pca"]["labels"]
+    for key in ("components", "points", "latents"):
+        np.testing.assert_allclose(stats["pca"][key], on_disk["pca"][key], rtol=1e-6, atol=1e-6)
+    assert enc.latent_stats("ae", version=1)["model"] == "ae"
+
+
+def test_errors_carry_the_status_code_and_the_details(enc, dec) -> None:
+    with pytest.raises(AevaeError) as info:
+        dec.decode(np.zeros((2, 4)), model="gan")
+    assert isinstance(info.value, Exception)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "available: ae: 1; vae: 1" in info.value.details()
+    with pytest.raises(AevaeError) as info:
+        enc.encode(np.zeros((2, 30, 30), np.uint8))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "got [2, 30, 30]" in info.value.details()
+    with pytest.raises(AevaeError) as info:
+        dec.decode(np.zeros((2, 4)), dtype="float16")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(AevaeError) as info:
+        dec.decode(np.zeros((5000, 4)), timeout=1e-4)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_an_unreachable_server_is_unavailable_after_the_retries() -> None:
+    with DecoderClient(_closed_port(), timeout=5, retries=2, backoff=0.01) as client:
+        with pytest.raises(AevaeError) as info:
+            client.decode(np.zeros((1, 4)))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(AevaeError) as info:
+            client.health()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_health(enc, dec) -> None:
+    assert enc.health() == "SERVING" and dec.health() == "SERVING"
+
+
+def test_async_twins_agree_with_the_sync_clients(servers, enc, dec, digits) -> None:
+    z = np.random.default_rng(1).normal(size=(300, 4)).astype(np.float32)  # streamed
+
+    async def main():
+        async with AsyncEncoderClient(servers["encoder"]) as aenc, AsyncDecoderClient(servers["decoder"]) as adec:
+            return (await aenc.encode(digits[:300], sample=True, seed=2), await adec.decode(z),
+                    await aenc.list_models(), await adec.list_models(), await aenc.latent_stats("ae"),
+                    await aenc.health(), await adec.health())
+
+    encoded, decoded, enc_models, dec_models, stats, *health = asyncio.run(main())
+    expected = enc.encode(digits[:300], sample=True, seed=2)
+    np.testing.assert_array_equal(encoded.mean, expected.mean)
+    np.testing.assert_array_equal(encoded.sample, expected.sample)
+    np.testing.assert_array_equal(decoded, dec.decode(z))
+    assert enc_models == enc.list_models() and dec_models == dec.list_models()
+    assert stats == enc.latent_stats("ae") and health == ["SERVING", "SERVING"]
+
+
+def test_async_errors_are_aevae_errors(servers) -> None:
+    async def main():
+        async with AsyncDecoderClient(servers["decoder"]) as adec:
+            await adec.decode(np.zeros((1, 3)))
+
+    with pytest.raises(AevaeError) as info:
+        asyncio.run(main())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "N x 4" in info.value.details()
+
+
+def test_importing_the_client_never_imports_torch() -> None:
+    code = ("import sys, aevae.client, aevae.client.cli, aevae.services.process; "
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_cli_encode_prints_latents_and_decode_writes_a_png(servers, enc, dec, digits, tmp_path: Path) -> None:
+    from PIL import Image
+
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(digits[i, 2:30, 2:30]).save(path)
+        paths.append(str(path))
+    done = run_aevae("encode", *paths, "--encoder", servers["encoder"], "--model", "vae")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(paths[0]) and "\tvae/1\t" in lines[0]
+    printed = np.array([float(v) for v in lines[0].split("\t")[2].split()[0].split(",")])
+    np.testing.assert_allclose(printed, enc.encode(digits[0]).mean[0], atol=1e-3)
+
+    z = [-1.25, 0.5, 0.0, 2.0]
+    out = tmp_path / "out.png"
+    done = run_aevae("decode", ",".join(map(str, z)), "-o", str(out), "--decoder", servers["decoder"])
+    assert done.returncode == 0, done.stderr
+    written = np.asarray(Image.open(out))
+    assert written.shape == (32, 32)
+    np.testing.assert_array_equal(written, dec.decode(z, dtype="uint8")[0])
+
+    done = run_aevae("decode", "1,2", "-o", str(out), "--decoder", servers["decoder"])
+    assert done.returncode == 2 and "INVALID_ARGUMENT" in done.stderr and "N x 4" in done.stderr

