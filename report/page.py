@@ -75,7 +75,7 @@ def _reconstructions(n: dict) -> str:
     r = n["reconstructions"]
     rows = [(name, r["bce_shown"][name], r["bce_test"][name]) for name in r["bce_test"]]
     return (
-        f"<h2>{HEADINGS[0]}</h2>"
+        f"<h2>{escape(HEADINGS[0])}</h2>"
         f"<p>{len(r['indices'])} random test digits (labels {', '.join(map(str, r['labels']))}) and each model's "
         "reconstruction from its encoder mean.</p>" + figure(n, "reconstructions", "reconstructions")
         + table(("model", "BCE of the digits shown (nats/image)", "BCE over the test set (nats/image)"), rows)
@@ -87,7 +87,7 @@ def _pca(n: dict) -> str:
     rows = [(name, p["training_latents"], p["points"], *[pct(v) for v in p["explained_variance_ratio"]])
             for name, p in n["pca"].items()]
     return (
-        f"<h2>{HEADINGS[1]}</h2><p>The latents of the training set projected onto their first two principal "
+        f"<h2>{escape(HEADINGS[1])}</h2><p>The latents of the training set projected onto their first two principal "
         "components (a class-balanced sample from the repository's latent statistics), coloured by digit.</p>"
         + figure(n, "pca", "PCA scatter plots") + table(("model", "training latents", "points shown",
                                                           "variance PC 1", "variance PC 2"), rows))
@@ -97,7 +97,7 @@ def _violins(n: dict) -> str:
     rows = [(name, f"z{i + 1}", d["min"], d["median"], d["max"], d["mean"], d["std"])
             for name, dims in n["violins"].items() for i, d in enumerate(dims)]
     return (
-        f"<h2>{HEADINGS[2]}</h2><p>The density of each latent dimension over the whole training set, both models "
+        f"<h2>{escape(HEADINGS[2])}</h2><p>The density of each latent dimension over the whole training set, both models "
         "on one scale.</p>" + figure(n, "violins", "violin plots")
         + table(("model", "dim", "min", "median", "max", "mean", "std"), rows))
 
@@ -110,7 +110,7 @@ def _samples(n: dict) -> str:
                       for name, b in s["boxes"].items())
     recipe = c["recipe"]
     return (
-        f"<h2>{HEADINGS[3]}</h2><p>Decoded random latents: 64 of the {s['count']:,} scored per source. "
+        f"<h2>{escape(HEADINGS[3])}</h2><p>Decoded random latents: 64 of the {s['count']:,} scored per source. "
         "<code>N(0, I)</code> is the VAE's prior; <em>uniform in its box</em> draws uniformly from the "
         "model's own training bounding box (per dimension, min to max).</p>"
         + figure(n, "samples", "random samples") + figure(n, "validity", "sample validity")
@@ -138,7 +138,7 @@ def _ranges(n: dict) -> str:
     per_dim = [(name, f"z{i + 1}", _rng(d["min"], d["max"])) for name in ("vae", "ae") for i, d in
                enumerate(r[name]["dims"])]
     return (
-        f"<h2>{HEADINGS[4]}</h2><p>The range of the encoder means over all dimensions on the test images, beside "
+        f"<h2>{escape(HEADINGS[4])}</h2><p>The range of the encoder means over all dimensions on the test images, beside "
         f"the seed's. The AE's range is {r['width_ratio_ae_over_vae']:.1f} times as wide as the VAE's. The VAE's "
         f"sampled latents (mean + sigma * eps) span {_rng(r['vae_sampled']['min'], r['vae_sampled']['max'])}.</p>"
         + figure(n, "ranges", "latent ranges")
@@ -161,7 +161,7 @@ def _information(n: dict) -> str:
                (curves[m]["bits_within_1_nat"] or 0) * curves[m]["latent_dim"] or "",
                curves[m]["float_bce"] - info["bce_floor"]) for m in names]
     html = (
-        f"<h2>{HEADINGS[5]}</h2>"
+        f"<h2>{escape(HEADINGS[5])}</h2>"
         + table(("model", "bits per image", "bits in the latent (float32)", "ratio"), bits_rows)
         + f"<p>The BCE floor, the entropy of the grey levels of the test images (the BCE of a perfect "
           f"reconstruction): <strong>{info['bce_floor']:.2f} nats per image</strong>.</p>"
@@ -187,7 +187,7 @@ def _information(n: dict) -> str:
 
 
 def _traversals(n: dict) -> str:
-    parts = [f"<h2>{HEADINGS[6]}</h2><p>For each latent dimension a sweep of decoded images across its training "
+    parts = [f"<h2>{escape(HEADINGS[6])}</h2><p>For each latent dimension a sweep of decoded images across its training "
              "range (min to max), the other dimensions at their median; under each image the digit the classifier "
              "assigns with probability >= 0.9 (\"-\": none).</p>"]
     for name, dims in n["traversals"].items():

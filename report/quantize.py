@@ -39,14 +39,18 @@ def bce_per_image(model: LoadedModel, latents: np.ndarray, images: np.ndarray, b
     import torch
     from torch.nn import functional as F
 
+    # Coarsely quantized codes repeat a lot (1 bit x 4 dims has 16 values): decode each distinct code once.
+    codes, inverse = np.unique(np.asarray(latents, dtype=np.float32), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
     out = []
     with torch.inference_mode():
+        logits = torch.cat([model.model.decode_logits(torch.from_numpy(codes[s:s + batch]))
+                            for s in range(0, len(codes), batch)]) if len(codes) else None
         for start in range(0, len(latents), batch):
-            z = torch.from_numpy(np.ascontiguousarray(latents[start:start + batch], dtype=np.float32))
             x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch], dtype=np.float32))
-            logits = model.model.decode_logits(z)
-            bce = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
-            out.append(bce.reshape(len(z), -1).sum(dim=1).double().numpy())
+            chosen = logits[torch.from_numpy(inverse[start:start + batch])]
+            bce = F.binary_cross_entropy_with_logits(chosen, x, reduction="none")
+            out.append(bce.reshape(len(x), -1).sum(dim=1).double().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -92,6 +92,14 @@ class ModelCache:
                 self._loaded.move_to_end(key)
         return model
 
+    def preload(self) -> None:
+        """Loads the newest version of every model, so that the first requests need no disk."""
+        for name in self.versions(force=True):
+            try:
+                self.get(name, None)
+            except Exception as exc:  # noqa: BLE001 - a request for it will report the error
+                log.warning("not preloaded: %s", exc)
+
     def summaries(self) -> list[ModelSummary]:
         result = []
         for name, versions in sorted(self.versions(force=True).items()):

@@ -12,8 +12,6 @@ Run it with `serve run deploy/serve/config.yaml` (see docs/deploy.md), or build 
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -36,7 +34,6 @@ from aevae.services.model_cache import ModelCache
 from aevae.v1 import decoder_pb2, encoder_pb2, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # What Serve's gRPC proxy must register (gRPCOptions.grpc_servicer_functions, grpc_options in the config).

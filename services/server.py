@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 import warnings
@@ -22,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aevae.services.limits import Limits
+from aevae.services.model_cache import ModelCache
 
 log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"encoder": 50051, "decoder": 50052}
@@ -42,12 +42,10 @@ class ServerConfig:
     shutdown_delay: float = 0.5
 
 
-def build(config: ServerConfig, executor: ThreadPoolExecutor) -> tuple[grpc.aio.Server, str]:
+def build(config: ServerConfig, cache: ModelCache, executor: ThreadPoolExecutor) -> tuple[grpc.aio.Server, str]:
     """The servicer for config.kind on a grpc.aio server; returns the server and its service's full name."""
     from aevae.services.grpc_common import Runner
-    from aevae.services.model_cache import ModelCache
 
-    cache = ModelCache(config.models_dir, refresh_seconds=config.refresh_seconds)
     run = Runner(executor, config.inline_max)
     size = config.limits.max_message_bytes
     server = grpc.aio.server(options=[
@@ -82,7 +80,9 @@ async def serve(config: ServerConfig) -> int:
 
         torch.set_num_threads(config.torch_threads)
     executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"aevae-{config.kind}")
-    server, service = build(config, executor)
+    cache = ModelCache(config.models_dir, refresh_seconds=config.refresh_seconds)
+    server, service = build(config, cache, executor)
+    loop = asyncio.get_running_loop()
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -98,11 +98,10 @@ async def serve(config: ServerConfig) -> int:
     for name in ("", service):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"aevae {config.kind} serving {service} on {config.host}:{bound} "
-          f"(models: {Path(config.models_dir or os.environ.get('AEVAE_MODELS_DIR') or 'models').resolve()})",
-          flush=True)
+          f"(models in {cache.repository.root.resolve()}: {cache.repository.describe()})", flush=True)
+    preloading = loop.run_in_executor(executor, cache.preload)
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
@@ -112,5 +111,6 @@ async def serve(config: ServerConfig) -> int:
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(config.shutdown_delay)
     await server.stop(config.grace)
+    preloading.cancel()
     executor.shutdown(wait=True)
     return 0

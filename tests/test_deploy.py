@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import platform
 import re
@@ -493,13 +492,12 @@ def test_serve_batches_concurrent_decodes_and_answers_each_on_its_own(serve_grpc
                                                             ("vae", latents[10:12, :3].copy())]
     futures = [dec.Decode.future(decode_request(array, model), metadata=DECODER, timeout=60)
                for model, array in calls]
-    concurrent.futures.wait([f for f in futures], timeout=90)  # grpc futures are concurrent.futures
     for (model, array), future in zip(calls[:9], futures):
-        np.testing.assert_allclose(from_tensor(future.result().images, "images"), models[model].decode(array),
+        np.testing.assert_allclose(from_tensor(future.result(timeout=90).images, "images"), models[model].decode(array),
                                    atol=1e-5)
     for future, message in ((futures[9], "expected finite values"), (futures[10], "expects N x 4 latents")):
         with pytest.raises(grpc.RpcError) as failed:
-            future.result()
+            future.result(timeout=90)
         assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in failed.value.details()
 
 

@@ -11,9 +11,11 @@ import sys
 import threading
 from pathlib import Path
 
+import grpc
 import numpy as np
+import pytest
 
-from aevae.client import DecoderClient, EncoderClient
+from aevae.client import AevaeError, DecoderClient, EncoderClient
 from conftest import ROOT
 
 
@@ -53,12 +55,9 @@ def test_up_serves_both_services_says_how_to_call_them_and_stops_cleanly(trained
         assert process.wait(60) == 0, "".join(lines)
         assert "aevae up: stopped" in "".join(lines)
         for address in (encoder, decoder):
-            with DecoderClient(address, timeout=2, retries=0) as gone:
-                try:
-                    gone.health()
-                    raise AssertionError(f"{address} still answers after aevae up stopped")
-                except Exception as exc:  # noqa: BLE001 - any failure to reach it is what we want
-                    assert "UNAVAILABLE" in str(exc)
+            with DecoderClient(address, timeout=2, retries=0) as gone, pytest.raises(AevaeError) as info:
+                gone.health()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, f"{address} still answers after aevae up stopped"
     finally:
         if process.poll() is None:
             process.kill()

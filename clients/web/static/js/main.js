@@ -39,7 +39,7 @@ const timing = { seq: 0, moves: new Map(), latencies: [], roundTrips: [] };
 window.__aevae = { state, timing };
 
 const link = new Link({ onStatus: statusChanged, onConnection: connectionChanged });
-const parcoords = new ParCoords($("parcoords"), {
+const parcoords = new ParCoords($("parcoords"), $("parcoords-top"), {
   onDrag: dragTo, onDragEnd: afterEdit, onSnap: snapTo, onSelectDim: selectDim,
 });
 const pad = drawingPad($("draw-canvas"));
@@ -359,7 +359,8 @@ function paintMain(reply, request) {
   const bytes = base64ToBytes(reply.images[0]);
   paint($("output-image"), bytes, w, h);
   paint($(`side-${request.meta.kind}`), bytes, w, h);
-  $("output-note").textContent = `${request.meta.kind.toUpperCase()} decoder · z = [${request.latents[0].map((v) => v.toFixed(2)).join(", ")}]`;
+  state.shown = { kind: request.meta.kind, z: request.latents[0] };
+  if (!parcoords.dragging) describeOutput();
   const seq = request.meta.seq;
   if (timing.moves.size) {
     timing.roundTrips.push(request.roundTrip);
@@ -383,8 +384,14 @@ function scheduleSecondary() {
   secondaryTimer = setTimeout(() => { secondaryTimer = null; requestSecondary(); }, wait);
 }
 
+function describeOutput() {
+  if (!state.shown) return;
+  $("output-note").textContent = `${state.shown.kind.toUpperCase()} decoder · z = [${state.shown.z.map((v) => v.toFixed(2)).join(", ")}]`;
+}
+
 function requestSecondary() {
   secondaryAt = performance.now();
+  describeOutput();
   const kind = active(), z = state.z[kind];
   if (!z) return;
   document.querySelectorAll(".side-by-side figure").forEach((f) => f.classList.toggle("active", f.contains($(`side-${kind}`))));

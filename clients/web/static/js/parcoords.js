@@ -24,8 +24,9 @@ export function niceTicks(lo, hi, count = 5) {
 }
 
 export class ParCoords {
-  constructor(svg, { onDrag, onDragEnd, onSnap, onSelectDim }) {
+  constructor(svg, top, { onDrag, onDragEnd, onSnap, onSelectDim }) {
     this.svg = svg;
+    this.top = top;
     this.callbacks = { onDrag, onDragEnd, onSnap, onSelectDim };
     this.view = null;
     this.dragging = null;
@@ -87,12 +88,15 @@ export class ParCoords {
   }
 
   render() {
-    const svg = this.svg;
-    while (svg.firstChild) svg.removeChild(svg.firstChild);
+    const svg = this.svg, top = this.top;
+    svg.replaceChildren();
+    top.replaceChildren();
+    this.reconPath = null;
     if (!this.view || !this.view.axes.length) return;
     const v = this.view;
     this.geo = this.geometry();
     svg.setAttribute("viewBox", `0 0 ${this.geo.width} ${this.geo.height}`);
+    top.setAttribute("viewBox", `0 0 ${this.geo.width} ${this.geo.height}`);
 
     const back = el("g", {}, svg);
     (v.ghostViolins || []).forEach((violin, i) => {
@@ -127,17 +131,17 @@ export class ParCoords {
       hit.addEventListener("dblclick", (event) => { event.preventDefault(); this.callbacks.onSnap(line.index); });
     }
 
-    this.reconPath = el("path", { class: "recon", d: this.linePath(v.recon) }, svg);
+    this.reconPath = el("path", { class: "recon", d: this.linePath(v.recon) }, top);
     this.handles = [];
     this.labels = [];
     v.recon.forEach((value, i) => {
       if (i >= v.axes.length) return;
-      const label = el("text", { class: "value", x: this.geo.xs[i] + 10, y: this.y(i, value) - 9 }, svg);
+      const label = el("text", { class: "value", x: this.geo.xs[i] + 10, y: this.y(i, value) - 9 }, top);
       label.textContent = value.toFixed(2);
       const handle = el("circle", {
         class: `handle${i === v.selectedDim ? " selected" : ""}`, cx: this.geo.xs[i], cy: this.y(i, value), r: 7.5,
         "data-testid": "recon-handle", "data-dim": i, "data-value": value,
-      }, svg);
+      }, top);
       handle.addEventListener("pointerdown", (event) => this.pointerDown(event, i));
       this.handles.push(handle);
       this.labels.push(label);
