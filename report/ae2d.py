@@ -23,10 +23,17 @@ def find(repository: ModelRepository) -> Version | None:
 def train(repository: ModelRepository, reference: Version, data_root: str | None, epochs: int | None = None,
           train_limit: int | None = None, storage_path: str | None = None) -> Version:
     """Trains `ae-2d` like `reference` (the 4-d AE) but with a 2-d latent; the trainer prints its progress."""
-    import ray
+    try:
+        import ray
 
-    from aevae.trainer import job
-    from aevae.trainer.config import TrainConfig
+        from aevae.trainer import job
+        from aevae.trainer.config import TrainConfig
+    except ImportError as exc:
+        from aevae.report.config import ReportError
+
+        raise ReportError(f"{NAME} is missing and training it needs the trainer ({exc}): install the `train` "
+                          f"extra (pip install 'aevae[train]'), train it with `aevae train --models ae --name "
+                          f"{NAME} --latent-dim {LATENT_DIM}`, or pass --no-ae2d") from None
 
     training = reference.manifest.get("training", {})
     defaults = TrainConfig()

@@ -7,13 +7,12 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="measure the seed's figures and claims on the repository's models; "
-                                      "writes an HTML page with PNG figures",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                      "writes an HTML page with PNG figures")
     p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
-    p.add_argument("--out", default="report", help="output folder: index.html, figures/, numbers.json")
-    p.add_argument("--samples", type=int, default=1000, help="random samples scored per source")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (and of the classifier)")
+    p.add_argument("--out", default="report", help="output folder for index.html, figures/ and numbers.json (default: ./report)")
+    p.add_argument("--samples", type=int, default=1000, help="random samples scored per source (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw and of the classifier (default: 0)")
     p.add_argument("--test-limit", type=int, default=None, metavar="N",
                    help="evaluate on the first N test images only (default: all 10,000)")
     p.add_argument("--no-ae2d", action="store_true",
@@ -53,11 +52,12 @@ def run(args: argparse.Namespace) -> int:
     from aevae import mnist
     from aevae.cli import UserError
     from aevae.report import build
+    from aevae.report.config import ReportError
     from aevae.repository import RepositoryError
 
     config = config_from_args(args)
     try:
         build.run(config)
-    except (mnist.MnistError, RepositoryError) as exc:
+    except (mnist.MnistError, RepositoryError, ReportError) as exc:
         raise UserError(str(exc)) from None
     return 0

@@ -11,6 +11,10 @@ from aevae.report.classifier import TRAIN_IMAGES
 SEED_RANGES = {"vae": (-5.93, 5.98), "ae": (-22.59, 74.46)}
 
 
+class ReportError(RuntimeError):
+    """The report cannot run as asked; the message says why and what to do instead."""
+
+
 @dataclass
 class ReportConfig:
     models_dir: str | None = None

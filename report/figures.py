@@ -141,21 +141,28 @@ def latent_ranges(ranges: Mapping[str, dict], seed: Mapping[str, tuple[float, fl
 
 
 def rate_distortion(curves: Sequence[dict], floor: float, path: Path) -> Path:
-    """Test BCE against total latent bits for each model, with each float32 result and the BCE floor."""
+    """Test BCE against total latent bits for each model, with each float32 result, the point where it comes
+    within 1 nat of it (circled), and the BCE floor."""
     fig, ax = plt.subplots(figsize=(8, 5))
-    for curve in curves:
+    for i, curve in enumerate(curves):
         c = color(curve["model"])
         ax.plot(curve["total_bits"], curve["bce"], marker="o", markersize=3, color=c,
                 label=f"{curve['model']} ({curve['latent_dim']}-d), quantized")
         ax.axhline(curve["float_bce"], color=c, linestyle="--", linewidth=1,
                    label=f"{curve['model']} float32 ({curve['float_bce']:.1f})")
+        b = curve["bits_within_1_nat"]
+        if b:
+            total, bce = b * curve["latent_dim"], curve["bce"][curve["bits_per_dim"].index(b)]
+            ax.plot([total], [bce], marker="o", markersize=10, markerfacecolor="none", color=c)
+            ax.annotate(f"{curve['model']}: {b} bits/dim", (total, bce), textcoords="offset points",
+                        xytext=(0, 12 + 13 * i), color=c, fontsize=8, ha="center")
     ax.axhline(floor, color="black", linestyle=":", label=f"floor: entropy of the grey levels ({floor:.1f})")
     ax.set_xlabel("total latent bits per image (bits per dimension x dimensions)")
     ax.set_ylabel("test BCE, nats per image")
-    ax.set_yscale("log")
+    ax.set_ylim(0, None)
     ax.set_title("Rate-distortion: uniform quantization of each latent dimension (1-16 bits)")
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     return _save(fig, path)
 
 

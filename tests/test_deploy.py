@@ -7,7 +7,7 @@
 - compose.yaml and the KubeRay manifests: parsed, their commands parsed by the real CLI, their images,
   ports, probes, volumes and the RayService's serveConfigV2 consistent with the Dockerfile and
   deploy/serve/config.yaml.
-- Ray Serve: a real Serve instance with the config's gRPC proxy settings and applications over the trained
+- Ray Serve: `serve run deploy/serve/config.yaml` for real (ports changed to free ones) over the trained
   repository; the standalone gRPC stubs call it with the ("application", name) metadata, and the answers
   are compared to the in-process model.
 """
@@ -15,10 +15,12 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -166,29 +168,29 @@ def test_every_target_runs_a_valid_command_as_non_root_with_a_matching_health_ch
 
 
 def test_the_docker_build_context_builds_the_package(tmp_path: Path) -> None:
-    """The files the Dockerfile COPYs (and .dockerignore lets through) are all `pip install .` needs."""
+    """The files the Dockerfile COPYs (and its .dockerignore lets through) are all `pip install .` needs:
+    the `source` stage's tree, rebuilt here from the same COPY lines, builds a complete wheel."""
     stages = dockerfile_stages()
-    context = tmp_path / "context"
-    for key, value in stages["base"].instructions:
-        if key != "COPY":
-            continue
-        *sources, dest = value.split()
-        for source in sources:
-            src = ROOT / source
-            assert src.exists(), f"COPY {source}: missing in the repository"
-            if dest.startswith("/"):
-                continue  # outside the source tree (the healthcheck script)
-            target = context / source.rstrip("/") if dest in ("./", ".") or dest.endswith("/") else context / dest
-            if src.is_dir():
-                shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules"))
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(src, target)
     ignored = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text()
-    for key, value in stages["base"].instructions:
-        if key == "COPY":
-            for source in value.split()[:-1]:
-                assert f"!{source}" in ignored, f"Dockerfile.dockerignore excludes {source}, which is copied"
+    context = tmp_path / "src"
+    for stage in stages.values():
+        for key, value in stage.instructions:
+            if key != "COPY" or value.startswith("--from"):
+                continue
+            *sources, dest = value.split()
+            for source in sources:
+                assert (ROOT / source).exists(), f"COPY {source}: missing in the repository"
+                assert f"!{source}" in ignored, f"Dockerfile.dockerignore leaves out {source}, which is copied"
+                if stage.name != "source":
+                    continue
+                src = ROOT / source
+                assert dest.startswith("/src/")
+                target = context / dest.removeprefix("/src/")
+                if src.is_dir():
+                    shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules"))
+                else:
+                    target.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src, target / src.name)
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path / "dist"), str(context)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -198,6 +200,7 @@ def test_the_docker_build_context_builds_the_package(tmp_path: Path) -> None:
     for needed in ("aevae/cli.py", "aevae/services/serve_app.py", "aevae/v1/decoder_pb2_grpc.py",
                    "aevae/trainer/job.py", "aevae/client/decoder.py", "aevae/ui/server.py"):
         assert needed in names, f"{needed} missing from the image's package"
+    assert (context / "constraints.txt").is_file()
 
 
 def test_the_images_pin_the_versions_tested_here() -> None:
@@ -412,39 +415,54 @@ def test_serve_args_reject_what_they_do_not_know_with_what_is_accepted() -> None
 
 # ---- Ray Serve, for real ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def serve_grpc(trained_repo: Path) -> Iterator[grpc.Channel]:
-    """Ray Serve as `serve run deploy/serve/config.yaml` starts it (the config's gRPC proxy settings and
-    applications, with their args), on free ports, over the trained repository."""
-    import ray
-    from ray import serve
-    from ray.serve.config import gRPCOptions
-
-    from aevae.services import serve_app
-
-    config = yaml.safe_load(SERVE_CONFIG.read_text())
-    port = free_port()
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
-                    grpc_options=gRPCOptions(**{**config["grpc_options"], "port": port}))
-        for app in config["applications"]:
-            builder = getattr(serve_app, app["import_path"].partition(":")[2])
-            serve.run(builder({**app["args"], "models_dir": str(trained_repo)}),
-                      name=app["name"], route_prefix=app["route_prefix"])
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
-    finally:
-        serve.shutdown()
-        if started_ray:
-            ray.shutdown()
-
-
 DECODER = (("application", "decoder"),)
 ENCODER = (("application", "encoder"),)
+
+
+@pytest.fixture(scope="module")
+def serve_grpc(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
+    """`AEVAE_MODELS_DIR=... serve run deploy/serve/config.yaml`, as the docs say, in its own local Ray
+    (`--address local`: never someone else's cluster); only the two ports are changed, to free ones."""
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    port = free_port()
+    config["grpc_options"]["port"] = port
+    config["http_options"] = {"host": "127.0.0.1", "port": free_port()}
+    folder = tmp_path_factory.mktemp("serve")
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    log = folder / "serve.log"
+    serve_cli = str(Path(sys.executable).parent / "serve")
+    with open(log, "w") as out:
+        process = subprocess.Popen([serve_cli, "run", "--address", "local", str(folder / "config.yaml")],
+                                   stdout=out, stderr=subprocess.STDOUT, cwd=folder, start_new_session=True,
+                                   env={**os.environ, "AEVAE_MODELS_DIR": str(trained_repo),
+                                        "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ""})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            wait_for_applications(channel, process, log)
+            yield channel
+    finally:
+        process.send_signal(signal.SIGINT)  # what Ctrl-C does: serve.shutdown(), then Ray stops
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the session started above: serve run and its Ray
+            process.wait()
+
+
+def wait_for_applications(channel: grpc.Channel, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    for metadata in (DECODER, ENCODER):
+        stub = encoder_pb2_grpc.EncoderStub(channel) if metadata == ENCODER else decoder_pb2_grpc.DecoderStub(channel)
+        while True:
+            try:
+                stub.ListModels(tensor_pb2.ListModelsRequest(), metadata=metadata, timeout=5)
+                break
+            except grpc.RpcError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"serve run did not bring up {metadata[0][1]}:\n" + log.read_text()[-5000:])
+                time.sleep(0.5)
+
+
 
 
 @pytest.fixture(scope="module")
@@ -537,3 +555,10 @@ def test_serve_encoder_matches_the_in_process_model(serve_grpc: grpc.Channel, mo
     np.testing.assert_allclose(from_tensor(out.logvar, "logvar"), logvar, atol=1e-5)
     stats = enc.GetLatentStats(encoder_pb2.GetLatentStatsRequest(model="ae"), metadata=ENCODER, timeout=60)
     assert (stats.model, stats.latent_dim, len(stats.dims)) == ("ae", 4, 4)
+    # EncodeStream through Serve's proxy: the first message's seed drives the whole stream, as standalone
+    request = encoder_pb2.EncodeRequest(model="vae", images=to_tensor(images), sample=True, seed=7)
+    whole = from_tensor(enc.Encode(request, metadata=ENCODER, timeout=60).sample, "sample")
+    chunks = [encoder_pb2.EncodeRequest(model="vae", images=to_tensor(images[i:i + 2]), sample=True, seed=7)
+              for i in (0, 2)]
+    streamed = [from_tensor(r.sample, "sample") for r in enc.EncodeStream(iter(chunks), metadata=ENCODER, timeout=60)]
+    np.testing.assert_allclose(np.concatenate(streamed), whole, atol=1e-6)

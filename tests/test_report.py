@@ -25,7 +25,7 @@ from aevae.report.quantize import quantize, rate_distortion
 from aevae.repository import ModelRepository
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CLASSIFIER_IMAGES = 10_000  # the default is 20,000; 10,000 keeps the test fast and still scores digits high
+CLASSIFIER_IMAGES = digit_classifier.TRAIN_IMAGES  # the default the CLI uses: the report reuses this cache
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,7 @@ def report(trained_repo: Path, mnist_root: Path, classifier, cache_dir: Path,
     shutil.copytree(trained_repo, models)  # the report adds ae-2d: never into the shared fixture
     out = work / "out"
     done = run_aevae("report", "--models-dir", str(models), "--data-root", str(mnist_root), "--out", str(out),
-                     "--cache-dir", str(cache_dir), "--classifier-train-limit", str(CLASSIFIER_IMAGES),
-                     "--test-limit", "1000", "--samples", "200", "--ae2d-epochs", "8",
+                     "--cache-dir", str(cache_dir), "--test-limit", "1000", "--samples", "200", "--ae2d-epochs", "8",
                      "--storage-path", str(work / "ray"))
     assert done.returncode == 0, done.stdout + done.stderr
     return {"out": out, "models": models, "stdout": done.stdout,

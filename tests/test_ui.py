@@ -219,7 +219,9 @@ def test_page_loads_everything_from_the_services(page, stack):
     assert page.locator("[data-testid=recon-handle]").count() == d
     assert page.locator("[data-testid=service-status]").get_attribute("data-state") == "ok"
     for testid in ("pca-vae", "pca-ae"):  # the scatter plots were drawn (coloured pixels present)
-        coloured = page.evaluate("""(id) => { const c = document.querySelector(`[data-testid=${id}]`);
+        coloured = page.evaluate("""async (id) => { const img = document.querySelector(`[data-testid=${id}]`);
+            await img.decode(); const c = document.createElement('canvas');
+            c.width = img.naturalWidth; c.height = img.naturalHeight; c.getContext('2d').drawImage(img, 0, 0);
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let n = 0;
             for (let i = 0; i < d.length; i += 4) if (d[i + 3] > 0 && (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2])) n++;
             return n; }""", testid)
@@ -318,7 +320,7 @@ def test_interpolation_slider_moves_between_two_inputs(page):
     wait_output_changes(page, before)
     slider.fill("1000")
     assert handle_values(page) == pytest.approx(b, abs=1e-3)
-    page.wait_for_function("() => document.querySelectorAll('#traversal canvas').length === 11")
+    page.wait_for_function("() => document.querySelectorAll('#traversal img').length === 11")
 
 
 def test_drawing_a_digit_encodes_it(page):

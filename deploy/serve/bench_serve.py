@@ -63,7 +63,7 @@ def main() -> None:
     config = yaml.safe_load(CONFIG.read_text())
     (app,) = [a for a in config["applications"] if a["name"] == "decoder"]
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a shared cluster
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                     grpc_options=gRPCOptions(**{**config["grpc_options"], "port": port}))

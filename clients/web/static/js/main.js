@@ -8,7 +8,7 @@ import { Link, base64ToBytes, bytesToBase64, getJSON, postJSON } from "./api.js"
 import { drawingPad } from "./draw.js";
 import { DIGIT_COLOURS, drawPca, projector } from "./pca.js";
 import { ParCoords } from "./parcoords.js";
-import { blank, paint } from "./pixels.js";
+import { blank, paint, toImage } from "./pixels.js";
 import { infoRows, rangeOf, renderTable } from "./numbers.js";
 
 const LINE_COLOURS = ["#e6194b", "#2f9e44", "#1c7ed6", "#f08c00", "#ae3ec9", "#0c8599", "#d6336c", "#8d6e4a"];
@@ -16,6 +16,7 @@ const TRAVERSAL_STEPS = 11;
 const INTERPOLATION_STEPS = 9;
 const SECONDARY_MS = 150;
 const MAIN_INFLIGHT = 2;
+const LINE_WAIT_MS = 100;
 const KINDS = ["vae", "ae"];
 const $ = (id) => document.getElementById(id);
 
@@ -175,20 +176,21 @@ function renderInputs() {
   if (box.children.length !== state.inputs.length) {
     box.replaceChildren();
     state.inputs.forEach((item, i) => {
-      const canvas = document.createElement("canvas");
-      canvas.dataset.testid = "input-image";
-      canvas.dataset.index = i;
-      canvas.title = item.label === null ? item.name : `${item.name} (digit ${item.label})`;
-      paint(canvas, item.pixels, item.shape[1], item.shape[0]);
-      canvas.addEventListener("click", () => toggleInput(i));
-      canvas.addEventListener("dblclick", () => { if (!state.selected.includes(i)) toggleInput(i); snapTo(i); });
-      box.appendChild(canvas);
+      const img = document.createElement("img");
+      img.dataset.testid = "input-image";
+      img.dataset.index = i;
+      img.alt = img.title = item.label === null ? item.name : `${item.name} (digit ${item.label})`;
+      toImage(img, item.pixels, item.shape[1], item.shape[0]);
+      img.draggable = false;
+      img.addEventListener("click", () => toggleInput(i));
+      img.addEventListener("dblclick", () => { if (!state.selected.includes(i)) toggleInput(i); snapTo(i); });
+      box.appendChild(img);
     });
   }
-  [...box.children].forEach((canvas, i) => {
+  [...box.children].forEach((img, i) => {
     const colour = lineColour(i);
-    canvas.classList.toggle("selected", !!colour);
-    canvas.style.borderColor = colour || "transparent";
+    img.classList.toggle("selected", !!colour);
+    img.style.borderColor = colour || "transparent";
   });
 }
 
@@ -306,9 +308,9 @@ function requestInterpolationStrip(pair) {
   link.decode("interp", modelName(kind), latents, (reply) => {
     if (reply.op !== "decoded") { interpolationKey = ""; return; }
     if (strip.children.length !== latents.length) {
-      strip.replaceChildren(...latents.map(() => document.createElement("canvas")));
+      strip.replaceChildren(...latents.map(() => document.createElement("img")));
     }
-    reply.images.forEach((image, k) => paint(strip.children[k], base64ToBytes(image), reply.shape[1], reply.shape[0]));
+    reply.images.forEach((image, k) => toImage(strip.children[k], base64ToBytes(image), reply.shape[1], reply.shape[0]));
   });
 }
 
@@ -346,6 +348,7 @@ function requestMain() {
 }
 
 function paintMain(reply, request) {
+  moveLine();
   const output = document.querySelector(".output");
   if (reply.op !== "decoded") {
     state.decoderError = reply.error || "decoding failed";
@@ -358,8 +361,7 @@ function paintMain(reply, request) {
   const [h, w] = reply.shape;
   const bytes = base64ToBytes(reply.images[0]);
   paint($("output-image"), bytes, w, h);
-  paint($(`side-${request.meta.kind}`), bytes, w, h);
-  state.shown = { kind: request.meta.kind, z: request.latents[0] };
+  state.shown = { kind: request.meta.kind, z: request.latents[0], bytes, w, h };
   if (!parcoords.dragging) describeOutput();
   const seq = request.meta.seq;
   if (timing.moves.size) {
@@ -386,6 +388,7 @@ function scheduleSecondary() {
 
 function describeOutput() {
   if (!state.shown) return;
+  toImage($(`side-${state.shown.kind}`), state.shown.bytes, state.shown.w, state.shown.h);
   $("output-note").textContent = `${state.shown.kind.toUpperCase()} decoder · z = [${state.shown.z.map((v) => v.toFixed(2)).join(", ")}]`;
 }
 
@@ -398,10 +401,10 @@ function requestSecondary() {
   const otherKind = other();
   if (modelName(otherKind) && state.models[otherKind].info.latent_dim === z.length) {
     link.decode("other", modelName(otherKind), [z], (reply) => {
-      if (reply.op === "decoded") paint($(`side-${otherKind}`), base64ToBytes(reply.images[0]), reply.shape[1], reply.shape[0]);
+      if (reply.op === "decoded") toImage($(`side-${otherKind}`), base64ToBytes(reply.images[0]), reply.shape[1], reply.shape[0]);
     });
   } else if (!modelName(otherKind)) {
-    blank($(`side-${otherKind}`));
+    $(`side-${otherKind}`).removeAttribute("src");
   }
   const axes = visibleAxes();
   const dim = state.traverseDim;
@@ -415,46 +418,60 @@ function paintTraversal(reply, values, dim) {
   if (reply.op !== "decoded") return;
   const strip = $("traversal");
   if (strip.children.length !== values.length) {
-    strip.replaceChildren(...values.map((_, i) => {
-      const canvas = document.createElement("canvas");
-      canvas.dataset.testid = "traversal-image";
-      canvas.addEventListener("click", () => {
+    strip.replaceChildren(...values.map(() => {
+      const img = document.createElement("img");
+      img.dataset.testid = "traversal-image";
+      img.addEventListener("click", () => {
         const z = state.z[active()];
-        z[Number(canvas.dataset.dim)] = Number(canvas.dataset.value);
+        z[Number(img.dataset.dim)] = Number(img.dataset.value);
         afterEdit();
       });
-      return canvas;
+      return img;
     }));
   }
   const current = state.z[active()]?.[dim];
   const nearest = values.reduce((best, v, i) => (Math.abs(v - current) < Math.abs(values[best] - current) ? i : best), 0);
   reply.images.forEach((image, i) => {
-    const canvas = strip.children[i];
-    paint(canvas, base64ToBytes(image), reply.shape[1], reply.shape[0]);
-    canvas.dataset.value = values[i];
-    canvas.dataset.dim = dim;
-    canvas.title = `z${dim + 1} = ${values[i].toFixed(2)}`;
-    canvas.classList.toggle("current", i === nearest);
+    const img = strip.children[i];
+    toImage(img, base64ToBytes(image), reply.shape[1], reply.shape[0]);
+    img.dataset.value = values[i];
+    img.dataset.dim = dim;
+    img.title = `z${dim + 1} = ${values[i].toFixed(2)}`;
+    img.classList.toggle("current", i === nearest);
   });
 }
 
 function requestDecodes() { requestMain(); }
 
 // -- interaction ----------------------------------------------------------------------------------------
+// While the decoder answers, the black line moves in the same frame as the image decoded from it: one frame
+// per move instead of two, and line and image never disagree. When the decoder is down or slow, at once.
+let lineTimer = null;
 function dragTo(dim, value) {
   timing.moves.set(++timing.seq, performance.now());
   const z = state.z[active()];
   z[dim] = value;
   state.selectedDim = dim;
-  parcoords.moveRecon(z, dim);
+  if (state.services.decoder?.state !== "up" || state.decoderError) {
+    moveLine();
+  } else if (!lineTimer) {
+    lineTimer = setTimeout(moveLine, LINE_WAIT_MS);
+  }
   requestMain();
+}
+
+function moveLine() {
+  clearTimeout(lineTimer);
+  lineTimer = null;
+  const z = state.z[active()];
+  if (z) parcoords.moveRecon(z, state.selectedDim);
 }
 
 // After an edit that is not a drag move: redraw what depends on the black line, and decode it.
 function afterEdit() {
   const z = state.z[active()];
   if (!z) return;
-  parcoords.moveRecon(z, state.selectedDim);
+  moveLine();
   renderNumbers();
   renderPca();
   requestMain();
@@ -576,6 +593,4 @@ function connectionChanged(connected) {
 }
 
 blank($("output-image"));
-blank($("side-vae"));
-blank($("side-ae"));
 renderStatus();

@@ -11,10 +11,18 @@ export function projector(pca) {
   return (z) => pca.components.map((row) => row.reduce((s, c, i) => s + c * (z[i] - pca.mean[i]), 0));
 }
 
-export function drawPca(canvas, pca, marker, empty = "no statistics") {
+// Drawn on a scratch canvas and shown as an <img>: a static picture costs Chromium nothing per frame.
+const scratch = document.createElement("canvas");
+
+export function drawPca(img, pca, marker, empty = "no statistics") {
+  draw(scratch, img.clientWidth || 360, img.clientHeight || 300, pca, marker, empty);
+  img.src = scratch.toDataURL("image/png");
+}
+
+function draw(canvas, cssW, cssH, pca, marker, empty) {
   const ratio = window.devicePixelRatio || 1;
-  const cssW = canvas.clientWidth || canvas.width, cssH = canvas.clientHeight || canvas.height;
-  if (canvas.width !== Math.round(cssW * ratio)) { canvas.width = Math.round(cssW * ratio); canvas.height = Math.round(cssH * ratio); }
+  canvas.width = Math.round(cssW * ratio);
+  canvas.height = Math.round(cssH * ratio);
   const ctx = canvas.getContext("2d");
   ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
   ctx.clearRect(0, 0, cssW, cssH);

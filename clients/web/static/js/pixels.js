@@ -18,3 +18,13 @@ export function blank(canvas) {
   ctx.fillStyle = "#fff";
   ctx.fillRect(0, 0, canvas.width, canvas.height);
 }
+
+// Static pictures (thumbnails, strips) go into <img> elements, not canvases: Chromium re-produces every
+// canvas layer on each frame it composites, so fifty small canvases cost a drag more than the decoding does.
+const scratch = document.createElement("canvas");
+export function toImage(img, bytes, width, height) {
+  paint(scratch, bytes, width, height);
+  img.src = scratch.toDataURL("image/png");
+  img.width = width;
+  img.height = height;
+}
