@@ -41,7 +41,7 @@ def _start_ray(address: str | None) -> None:
         print(f"connecting to the Ray cluster at {address}", flush=True)
         ray.init(address=address, **options)
     else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **options)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **options)
 
 
 def _format_progress(message: dict[str, Any] | str, epochs: int) -> list[str]:
