@@ -186,7 +186,7 @@ def run(config: ReportConfig) -> dict[str, Any]:
                  "ae: uniform in its box": sources["ae: uniform in its box"][:64]}
         save("samples", figures.sample_grids(grids, out / FIGURES / "samples.png"))
         save("validity", figures.validity_bars(validity, digit_classifier.CONFIDENCE, out / FIGURES / "validity.png"))
-        test_probs = classifier.probabilities(test)
+        test_probs = classifier.probabilities(test, gate=False)
         numbers["samples"] = {
             "count": n, "threshold": digit_classifier.CONFIDENCE, "validity": validity,
             "validity_without_subspace_check": raw,
@@ -258,10 +258,9 @@ def run(config: ReportConfig) -> dict[str, Any]:
                 images, values, digits, f"{name}: each dimension swept over its training range, the others at "
                 f"their median (digit: classifier, p >= {digit_classifier.CONFIDENCE})",
                 out / FIGURES / f"traversal-{name}.png"))
-            numbers["traversals"][name] = [
+            numbers["traversals"][name] = {"median": median.tolist(), "sweeps": [
                 {"dim": d + 1, "from": float(values[d, 0]), "to": float(values[d, -1]), "digits": digits[d],
-                 "distinct_digits": sorted({x for x in digits[d] if x != "-"})} for d in range(m.latent_dim)]
-            numbers["traversals"][name + "_median"] = median.tolist()
+                 "distinct_digits": sorted({x for x in digits[d] if x != "-"})} for d in range(m.latent_dim)]}
 
     numbers["timings"] = {**progress.seconds, "total": round(time.perf_counter() - progress.started, 1)}
     numbers["figures"] = fig

@@ -190,12 +190,11 @@ def _traversals(n: dict) -> str:
     parts = [f"<h2>{escape(HEADINGS[6])}</h2><p>For each latent dimension a sweep of decoded images across its training "
              "range (min to max), the other dimensions at their median; under each image the digit the classifier "
              "assigns with probability >= 0.9 (\"-\": none).</p>"]
-    for name, dims in n["traversals"].items():
-        if name.endswith("_median"):
-            continue
+    for name, traversal in n["traversals"].items():
         parts.append(figure(n, f"traversal_{name}", f"traversals of {name}"))
+        parts.append(f"<p>{escape(name)}: medians " + ", ".join(f"{v:.2f}" for v in traversal["median"]) + ".</p>")
         rows = [(f"{name} z{d['dim']}", _rng(d["from"], d["to"]), " ".join(d["digits"]),
-                 ", ".join(d["distinct_digits"]) or "none", len(d["distinct_digits"])) for d in dims]
+                 ", ".join(d["distinct_digits"]) or "none", len(d["distinct_digits"])) for d in traversal["sweeps"]]
         parts.append(table(("dimension", "swept range", "digits along the sweep", "distinct digits", "count"), rows))
     return "".join(parts)
 

@@ -132,9 +132,10 @@ def test_rate_distortion_in_process(report: dict, data: mnist.Mnist) -> None:
 def test_traversals_sweep_each_dimension_over_its_training_range(report: dict) -> None:
     n = report["numbers"]
     for name, dim in (("ae", 4), ("vae", 4), ("ae-2d", 2)):
-        sweeps = n["traversals"][name]
+        sweeps = n["traversals"][name]["sweeps"]
         assert len(sweeps) == dim
         stats = ModelRepository(report["models"]).resolve(name).latent_stats()["dims"]
+        assert n["traversals"][name]["median"] == pytest.approx([d["quantiles"]["0.5"] for d in stats], abs=1e-5)
         for sweep, d in zip(sweeps, stats):
             assert sweep["from"] == pytest.approx(d["min"], abs=1e-5)
             assert sweep["to"] == pytest.approx(d["max"], abs=1e-5)

@@ -273,5 +273,6 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL)
 def serve(encoder: str, decoder: str, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Runs the UI server until interrupted (also what `aevae up` calls)."""
     app = create_app(encoder, decoder)
-    print(f"aevae ui: http://{host}:{port}/  (encoder {encoder}, decoder {decoder})", flush=True)
-    web.run_app(app, host=host, port=port, print=None, handle_signals=True)
+    listening = f"aevae ui: http://{host}:{port}/  (encoder {encoder}, decoder {decoder})"
+    # aiohttp calls `print` once the socket is bound, so the line never announces a port that failed
+    web.run_app(app, host=host, port=port, print=lambda _: print(listening, flush=True), handle_signals=True)

@@ -69,6 +69,7 @@ class ServiceLink:
         self._on_change = on_change
         self._client: Any = None
         self._is_async = False
+        self._retired: list[tuple[Any, bool, float]] = []  # replaced clients, closed once their calls are done
 
     # -- clients --------------------------------------------------------------------------------------
     def _make_client(self, timeout: float) -> tuple[Any, bool]:
@@ -107,7 +108,8 @@ class ServiceLink:
         if state == self.status.state and message == self.status.message:
             return
         if state != self.status.state:
-            log.warning("%s at %s is %s%s", self.service, self.target, state, f": {message}" if message else "")
+            level = logging.WARNING if state == "down" else logging.INFO
+            log.log(level, "%s at %s is %s%s", self.service, self.target, state, f": {message}" if message else "")
         self.status = Status(state, message, time.time())
         if self._on_change is not None:
             await self._on_change()
@@ -142,9 +144,8 @@ class ServiceLink:
             fresh = True
         try:
             answer = await asyncio.wait_for(self._invoke(client, is_async, "health"), PROBE_TIMEOUT + 1.0)
-            healthy = str(getattr(answer, "name", answer)).upper().endswith("SERVING") and \
-                "NOT" not in str(getattr(answer, "name", answer)).upper()
-            message = "" if healthy else f"health: {getattr(answer, 'name', answer)}"
+            serving = str(getattr(answer, "name", answer))  # "SERVING", "NOT_SERVING", ...
+            healthy, message = serving == "SERVING", ("" if serving == "SERVING" else f"health: {serving}")
         except Exception as exc:  # noqa: BLE001 - any failure of the probe means not usable now
             healthy, message = False, _short(exc)
         if fresh:
@@ -153,11 +154,15 @@ class ServiceLink:
                 # the probe client has a short timeout; calls get their own normal one
                 await self._close(client, is_async)
                 self._client, self._is_async = self._make_client(CALL_TIMEOUT)
-                if old is not None:
-                    await self._close(old, old_async)
+                if old is not None:  # a call may still be running on it: close it later, not now
+                    self._retired.append((old, old_async, time.monotonic() + CALL_TIMEOUT + 1))
             else:
                 await self._close(client, is_async)
         await self._set("up" if healthy else "down", message)
+        now = time.monotonic()
+        for client, is_async, due in [r for r in self._retired if r[2] <= now]:
+            await self._close(client, is_async)
+        self._retired = [r for r in self._retired if r[2] > now]
 
     async def watch(self, interval: float) -> None:
         while True:
@@ -165,6 +170,9 @@ class ServiceLink:
             await asyncio.sleep(interval)
 
     async def aclose(self) -> None:
+        for client, is_async, _ in self._retired:
+            await self._close(client, is_async)
+        self._retired = []
         if self._client is not None:
             await self._close(self._client, self._is_async)
             self._client = None

@@ -559,7 +559,10 @@ $("encode-drawing").addEventListener("click", async () => {
 });
 
 document.addEventListener("keydown", (event) => {
-  if (["INPUT", "SELECT", "TEXTAREA", "BUTTON"].includes(event.target.tagName)) return;
+  const target = event.target;
+  // arrows belong to the slider and the menu when they have the focus; everywhere else they move the line
+  if (target.tagName === "SELECT" || target.tagName === "TEXTAREA"
+      || (target.tagName === "INPUT" && target.type !== "checkbox")) return;
   const kind = active();
   const z = state.z[kind], axes = visibleAxes();
   if (!z || !axes) return;
