@@ -180,7 +180,8 @@ def _information(n: dict) -> str:
                           for t, v in c["at_equal_total_bits"].items())
         html += (f"<p><strong>Two AE latents against four VAE latents:</strong> the 2-d AE reconstructs the test "
                  f"set at {c['ae2d_float_bce']:.2f} nats per image, the 4-d VAE at {c['vae_float_bce']:.2f} "
-                 f"(from its mean; {c['vae_manifest_test_bce']} with a posterior sample, from its manifest): the "
+                 f"(from its mean; {_cell(c['vae_manifest_test_bce'])} with a posterior sample, from its "
+                 f"manifest): the "
                  f"2-d AE is {abs(c['difference']):.2f} nats {verdict} the 4-d VAE. At equal total latent bits: "
                  f"{escape(equal)}.</p>")
     return html
