@@ -31,7 +31,7 @@ class _Common:
 
 class SyncClient(_Common):
     def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
-                 stream_chunk: int = 1024):
+                 stream_chunk: int = 4096):
         super().__init__(target, timeout, retries, backoff, stream_chunk)
         self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub: Any = self._make_stub(self._channel)
@@ -70,7 +70,7 @@ class SyncClient(_Common):
 
 class AsyncClient(_Common):
     def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
-                 stream_chunk: int = 1024):
+                 stream_chunk: int = 4096):
         super().__init__(target, timeout, retries, backoff, stream_chunk)
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub: Any = self._make_stub(self._channel)
