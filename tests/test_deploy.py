@@ -420,7 +420,13 @@ ENCODER = (("application", "encoder"),)
 
 
 @pytest.fixture(scope="module")
-def serve_grpc(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
+def serve_grpc(serve_target: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(serve_target) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def serve_target(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`AEVAE_MODELS_DIR=... serve run deploy/serve/config.yaml`, as the docs say, in its own local Ray
     (`--address local`: never someone else's cluster); only the two ports are changed, to free ones."""
     config = yaml.safe_load(SERVE_CONFIG.read_text())
@@ -439,7 +445,7 @@ def serve_grpc(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             wait_for_applications(channel, process, log)
-            yield channel
+        yield f"127.0.0.1:{port}"
     finally:
         process.send_signal(signal.SIGINT)  # what Ctrl-C does: serve.shutdown(), then Ray stops
         try:
@@ -562,3 +568,31 @@ def test_serve_encoder_matches_the_in_process_model(serve_grpc: grpc.Channel, mo
               for i in (0, 2)]
     streamed = [from_tensor(r.sample, "sample") for r in enc.EncodeStream(iter(chunks), metadata=ENCODER, timeout=60)]
     np.testing.assert_allclose(np.concatenate(streamed), whole, atol=1e-6)
+
+
+def test_the_client_reaches_serve_with_application_metadata(serve_target: str, models) -> None:
+    """aevae.client, sync and async, through Serve's proxy: routed by metadata, healthy without grpc.health."""
+    import asyncio
+
+    from aevae.client import AevaeError, AsyncDecoderClient, DecoderClient, EncoderClient
+
+    latents = z(10, seed=3)
+    with DecoderClient(serve_target, metadata=DECODER, timeout=60) as dec, \
+            EncoderClient(serve_target, metadata=ENCODER, timeout=60) as enc:
+        assert dec.health() == "SERVING" and enc.health() == "SERVING"
+        images = dec.decode(latents, model="vae")
+        np.testing.assert_allclose(images, models["vae"].decode(latents), atol=1e-5)
+        mean = enc.encode(images, model="vae").mean
+        np.testing.assert_allclose(mean, models["vae"].encode(images)[0], atol=1e-4)
+    with DecoderClient(serve_target, timeout=60, retries=0) as bare:  # no metadata: Serve cannot route it
+        with pytest.raises(AevaeError) as failed:
+            bare.decode(latents)
+        assert failed.value.code() != grpc.StatusCode.OK
+
+    async def decode_async() -> np.ndarray:
+        async with AsyncDecoderClient(serve_target, metadata=DECODER, timeout=60) as client:
+            assert await client.health() == "SERVING"
+            return await client.decode(latents, model="ae")
+
+    np.testing.assert_allclose(asyncio.run(decode_async()), models["ae"].decode(latents), atol=1e-5)
+

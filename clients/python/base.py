@@ -8,11 +8,14 @@ import grpc
 
 from aevae.client import health
 from aevae.client.core import CHANNEL_OPTIONS, Retry, ServerLimits
+from aevae.client.metadata import Metadata, async_interceptors, sync_channel
 from aevae.client.results import ModelInfo, model_infos
 from aevae.v1 import tensor_pb2
 
 
 class _Common:
+    SERVICE = ""  # the aevae.v1 service name, "Encoder" or "Decoder"
+
     def __init__(self, target: str, timeout: float | None, retries: int, backoff: float, stream_chunk: int):
         """`timeout` (seconds) bounds each request message: a streamed call gets timeout x its messages."""
         self.target = target
@@ -31,9 +34,11 @@ class _Common:
 
 class SyncClient(_Common):
     def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
-                 stream_chunk: int = 4096):
+                 stream_chunk: int = 4096, metadata: Metadata = ()):
+        """`metadata` goes with every call, e.g. [("application", "decoder")] for Ray Serve's gRPC proxy."""
         super().__init__(target, timeout, retries, backoff, stream_chunk)
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._raw_channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = sync_channel(self._raw_channel, metadata)
         self._stub: Any = self._make_stub(self._channel)
 
     def _make_stub(self, channel: grpc.Channel) -> Any:
@@ -56,10 +61,10 @@ class SyncClient(_Common):
 
     def health(self, *, timeout: float | None = None) -> str:
         """"SERVING" or "NOT_SERVING"; AevaeError (UNAVAILABLE) when the server cannot be reached."""
-        return self._retry(lambda: health.check(self._channel, self._deadline(timeout)), retries=0)
+        return self._retry(lambda: health.check(self._channel, self._deadline(timeout), self.SERVICE), retries=0)
 
     def close(self) -> None:
-        self._channel.close()
+        self._raw_channel.close()
 
     def __enter__(self):
         return self
@@ -70,9 +75,10 @@ class SyncClient(_Common):
 
 class AsyncClient(_Common):
     def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
-                 stream_chunk: int = 4096):
+                 stream_chunk: int = 4096, metadata: Metadata = ()):
         super().__init__(target, timeout, retries, backoff, stream_chunk)
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS,
+                                                  interceptors=async_interceptors(metadata))
         self._stub: Any = self._make_stub(self._channel)
 
     def _make_stub(self, channel: grpc.aio.Channel) -> Any:
@@ -94,7 +100,7 @@ class AsyncClient(_Common):
         return model_infos(await self._list_models_response(timeout))
 
     async def health(self, *, timeout: float | None = None) -> str:
-        return await self._retry.run_async(lambda: health.check_async(self._channel, self._deadline(timeout)),
+        return await self._retry.run_async(lambda: health.check_async(self._channel, self._deadline(timeout), self.SERVICE),
                                            retries=0)
 
     async def close(self) -> None:

@@ -71,6 +71,8 @@ class _Plan:
 class DecoderClient(SyncClient):
     """`with DecoderClient("localhost:50052") as dec: images = dec.decode(z)`."""
 
+    SERVICE = "Decoder"
+
     def _make_stub(self, channel: grpc.Channel) -> Any:
         return decoder_pb2_grpc.DecoderStub(channel)
 
@@ -93,6 +95,8 @@ class DecoderClient(SyncClient):
 
 class AsyncDecoderClient(AsyncClient):
     """The asyncio twin of DecoderClient: the same methods, as coroutines."""
+
+    SERVICE = "Decoder"
 
     def _make_stub(self, channel: grpc.aio.Channel) -> Any:
         return decoder_pb2_grpc.DecoderStub(channel)

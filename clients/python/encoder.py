@@ -68,6 +68,8 @@ class _Plan:
 class EncoderClient(SyncClient):
     """`with EncoderClient("localhost:50051") as enc: z = enc.encode(images).mean`."""
 
+    SERVICE = "Encoder"
+
     def _make_stub(self, channel: grpc.Channel) -> Any:
         return encoder_pb2_grpc.EncoderStub(channel)
 
@@ -90,6 +92,8 @@ class EncoderClient(SyncClient):
 
 class AsyncEncoderClient(AsyncClient):
     """The asyncio twin of EncoderClient: the same methods, as coroutines."""
+
+    SERVICE = "Encoder"
 
     def _make_stub(self, channel: grpc.aio.Channel) -> Any:
         return encoder_pb2_grpc.EncoderStub(channel)

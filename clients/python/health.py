@@ -1,8 +1,14 @@
-"""The standard grpc.health.v1 check, as the status name ("SERVING", "NOT_SERVING", ...)."""
+"""The standard grpc.health.v1 check, as the status name ("SERVING", "NOT_SERVING", ...).
+
+Behind a router without the health service (Ray Serve's gRPC proxy answers UNIMPLEMENTED), a successful
+ListModels is what "serving" means.
+"""
 
 from __future__ import annotations
 
 import grpc
+
+from aevae.v1 import tensor_pb2
 
 
 def _stub(channel: grpc.Channel | grpc.aio.Channel):
@@ -11,13 +17,31 @@ def _stub(channel: grpc.Channel | grpc.aio.Channel):
     return health_pb2, health_pb2_grpc.HealthStub(channel)
 
 
-def check(channel: grpc.Channel, timeout: float | None) -> str:
+def _list_models(channel: grpc.Channel | grpc.aio.Channel, service: str):
+    return channel.unary_unary(f"/aevae.v1.{service}/ListModels",
+                               request_serializer=tensor_pb2.ListModelsRequest.SerializeToString,
+                               response_deserializer=tensor_pb2.ListModelsResponse.FromString)
+
+
+def check(channel: grpc.Channel, timeout: float | None, service: str) -> str:
     health_pb2, stub = _stub(channel)
-    response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    try:
+        response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        _list_models(channel, service)(tensor_pb2.ListModelsRequest(), timeout=timeout)
+        return "SERVING"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-async def check_async(channel: grpc.aio.Channel, timeout: float | None) -> str:
+async def check_async(channel: grpc.aio.Channel, timeout: float | None, service: str) -> str:
     health_pb2, stub = _stub(channel)
-    response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    try:
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+            raise
+        await _list_models(channel, service)(tensor_pb2.ListModelsRequest(), timeout=timeout)
+        return "SERVING"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
