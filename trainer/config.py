@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 class TrainConfig:
     models: tuple[str, ...] = ("ae", "vae")
     epochs: int = 15
-    batch_size: int = 128
-    lr: float = 2e-3
+    batch_size: int = 256
+    lr: float = 3e-3
     seed: int = 0
     latent_dim: int = 4
     hidden: tuple[int, ...] = (1024, 512, 256)
