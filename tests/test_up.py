@@ -19,46 +19,88 @@ from aevae.client import AevaeError, DecoderClient, EncoderClient
 from conftest import ROOT
 
 
+class Up:
+    """`aevae up` as a subprocess, its output collected line by line until it says it is ready."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen([sys.executable, "-m", "aevae.cli", "up", *args], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=dict(os.environ))
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                self.ready.set()
+        self.ready.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float) -> dict[str, str]:
+        """The addresses it printed, by name."""
+        assert self.ready.wait(timeout), self.text
+        assert self.process.poll() is None, self.text
+        return {name: re.search(rf"{name}\s+grpc://(\S+)", self.text).group(1) for name in ("encoder", "decoder")}
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
 def test_up_serves_both_services_says_how_to_call_them_and_stops_cleanly(trained_repo: Path, tmp_path) -> None:
     models = tmp_path / "models"
     shutil.copytree(trained_repo, models)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "aevae.cli", "up", "--models-dir", str(models), "--encoder-port", "0",
-         "--decoder-port", "0", "--no-ui"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=dict(os.environ),
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
+    up = Up("--models-dir", str(models), "--encoder-port", "0", "--decoder-port", "0", "--no-ui")
     try:
-        assert ready.wait(120), "".join(lines)
-        text = "".join(lines)
-        assert process.poll() is None, text
-        encoder = re.search(r"encoder\s+grpc://(\S+)", text).group(1)
-        decoder = re.search(r"decoder\s+grpc://(\S+)", text).group(1)
-        assert f"grpcurl -plaintext {encoder} list" in text and "from aevae.client import" in text
-        assert "training" not in text  # the repository was not empty
+        addresses = up.wait_ready(120)
+        encoder, decoder = addresses["encoder"], addresses["decoder"]
+        assert f"grpcurl -plaintext {encoder} list" in up.text and "from aevae.client import" in up.text
+        assert "training" not in up.text  # the repository was not empty
         with EncoderClient(encoder) as enc, DecoderClient(decoder) as dec:
             assert enc.health() == "SERVING" and dec.health() == "SERVING"
             z = enc.encode(np.zeros((2, 28, 28), np.uint8)).mean
             assert dec.decode(z).shape == (2, 32, 32)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0, "".join(lines)
-        assert "aevae up: stopped" in "".join(lines)
+        assert up.stop() == 0, up.text
+        assert "aevae up: stopped" in up.text
         for address in (encoder, decoder):
             with DecoderClient(address, timeout=2, retries=0) as gone, pytest.raises(AevaeError) as info:
                 gone.health()
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, f"{address} still answers after aevae up stopped"
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        up.kill()
+
+
+def test_up_on_an_empty_repository_trains_first_then_serves_the_ui(mnist_root: Path, tmp_path: Path) -> None:
+    """The main job from nothing: train (a small run here), then both services and the web UI."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        ui_port = s.getsockname()[1]
+    models = tmp_path / "models"
+    up = Up("--models-dir", str(models), "--data-root", str(mnist_root), "--encoder-port", "0",
+            "--decoder-port", "0", "--ui-port", str(ui_port),
+            "--train-args", f"--train-limit 2000 --epochs 1 --storage-path {tmp_path / 'ray'}")
+    try:
+        addresses = up.wait_ready(300)
+        assert "training the AE and the VAE" in up.text and "[vae] epoch 1/1" in up.text
+        assert sorted(p.name for p in models.iterdir()) == ["ae", "vae"]
+        assert f"http://127.0.0.1:{ui_port}/" in up.text
+        with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/", timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        with DecoderClient(addresses["decoder"]) as dec:
+            assert dec.decode(np.zeros((3, 4), np.float32), model="ae").shape == (3, 32, 32)
+        assert up.stop() == 0, up.text
+    finally:
+        up.kill()
