@@ -23,24 +23,25 @@ def _list_models(channel: grpc.Channel | grpc.aio.Channel, service: str):
                                response_deserializer=tensor_pb2.ListModelsResponse.FromString)
 
 
-def check(channel: grpc.Channel, timeout: float | None, service: str) -> str:
+def check(channel: grpc.Channel, timeout: float | None, service: str | None = None) -> str:
+    """`service` ("Encoder" or "Decoder") enables the ListModels fallback; without it, only grpc.health.v1."""
     health_pb2, stub = _stub(channel)
     try:
         response = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
     except grpc.RpcError as error:
-        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+        if error.code() != grpc.StatusCode.UNIMPLEMENTED or not service:
             raise
         _list_models(channel, service)(tensor_pb2.ListModelsRequest(), timeout=timeout)
         return "SERVING"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
-async def check_async(channel: grpc.aio.Channel, timeout: float | None, service: str) -> str:
+async def check_async(channel: grpc.aio.Channel, timeout: float | None, service: str | None = None) -> str:
     health_pb2, stub = _stub(channel)
     try:
         response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
     except grpc.RpcError as error:
-        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+        if error.code() != grpc.StatusCode.UNIMPLEMENTED or not service:
             raise
         await _list_models(channel, service)(tensor_pb2.ListModelsRequest(), timeout=timeout)
         return "SERVING"
