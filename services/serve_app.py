@@ -142,6 +142,11 @@ class _Replica:
     def __del__(self) -> None:
         self.executor.shutdown(wait=False)
 
+    # Both services answer ListModels alike; `self.servicer` is each deployment's own servicer.
+    async def ListModels(self, request: tensor_pb2.ListModelsRequest, grpc_context: RayServegRPCContext):
+        return await _unary(grpc_context, self.servicer.ListModels(request, _ServeContext(grpc_context)),
+                            tensor_pb2.ListModelsResponse())
+
 
 @serve.deployment(name="Encoder", autoscaling_config=AUTOSCALING, max_ongoing_requests=MAX_ONGOING_REQUESTS)
 class EncoderDeployment(_Replica):
@@ -159,10 +164,6 @@ class EncoderDeployment(_Replica):
                            grpc_context: RayServegRPCContext):
         async for response in self.servicer.EncodeStream(requests, _ServeContext(grpc_context)):
             yield response
-
-    async def ListModels(self, request: tensor_pb2.ListModelsRequest, grpc_context: RayServegRPCContext):
-        return await _unary(grpc_context, self.servicer.ListModels(request, _ServeContext(grpc_context)),
-                            tensor_pb2.ListModelsResponse())
 
     async def GetLatentStats(self, request: encoder_pb2.GetLatentStatsRequest, grpc_context: RayServegRPCContext):
         return await _unary(grpc_context, self.servicer.GetLatentStats(request, _ServeContext(grpc_context)),
@@ -244,10 +245,6 @@ class DecoderDeployment(_Replica):
                            grpc_context: RayServegRPCContext):
         async for response in self.servicer.DecodeStream(requests, _ServeContext(grpc_context)):
             yield response
-
-    async def ListModels(self, request: tensor_pb2.ListModelsRequest, grpc_context: RayServegRPCContext):
-        return await _unary(grpc_context, self.servicer.ListModels(request, _ServeContext(grpc_context)),
-                            tensor_pb2.ListModelsResponse())
 
 
 def encoder(args: dict[str, Any] | None = None) -> Application:
