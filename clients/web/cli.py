@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from aevae.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,32 +18,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="decoder service address (default 127.0.0.1:50052)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--classifier", type=Path, default=None, metavar="NPZ",
+                   help="the digit classifier that judges samples (default: the one shipped with the UI, "
+                        "exported from the report's by tools/export_classifier.py)")
     p.set_defaults(func=run)
 
 
 def _check_target(option: str, value: str) -> None:
-    from aevae.cli import UserError
-
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UserError(f"{option} must be HOST:PORT (e.g. 127.0.0.1:50051), got {value!r}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from aevae.cli import UserError
-
     _check_target("--encoder", args.encoder)
     _check_target("--decoder", args.decoder)
     if not 0 <= args.port < 65536:
         raise UserError(f"--port must be 0..65535, got {args.port}")
+    if args.classifier is not None and not args.classifier.is_file():
+        raise UserError(f"--classifier: no such file {args.classifier}")
     try:
         import aiohttp  # noqa: F401
     except ModuleNotFoundError as exc:
         raise UserError("the UI needs aiohttp: pip install 'aevae[ui]'") from exc
     from aevae.ui.server import serve
+    from aevae.ui.validity import DEFAULT_PATH
 
     try:
-        serve(args.encoder, args.decoder, host=args.host, port=args.port)
+        serve(args.encoder, args.decoder, host=args.host, port=args.port, classifier=args.classifier or DEFAULT_PATH)
     except OSError as exc:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     return 0

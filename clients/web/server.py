@@ -1,36 +1,58 @@
 """The UI's web server: serves the page and its assets, and relays the page's requests to the services.
 
-HTTP for what the page asks once (models, latent statistics, encoding inputs); one WebSocket for what it asks
-all the time (decoding while a handle is dragged) and for service status pushed as it changes. The page keeps
-at most one decode per channel in flight and sends only the newest latents when it returns (latest wins), so
-a fast drag never queues up stale work here.
+HTTP for what the page asks once (models, latent statistics, encoding inputs, judged samples); one WebSocket
+for what it asks all the time (decoding while a handle is dragged) and for service status pushed as it
+changes. The page keeps at most one or two decodes per channel in flight and sends only the newest latents
+when one returns (latest wins), so a fast drag never queues up stale work here.
+
+Layout: `Links` (the two services), the request parsers, the handlers, and `create_app`, which takes extra
+aiohttp middlewares for whatever wraps every request (checks, logging).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import math
 import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
 
+from aevae.client import AsyncDecoderClient, AsyncEncoderClient, ModelInfo
 from aevae.ui.services import RequestRejected, ServiceDown, ServiceLink
+from aevae.ui.validity import DEFAULT_PATH as CLASSIFIER_PATH, Judge
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 POLL_INTERVAL = 1.0
 MAX_IMAGES = 256
+MAX_IMAGE_SIDE = 256  # the encoder decides which shapes its model takes; this only bounds the request
 MAX_LATENTS = 1024
-IMAGE_SHAPES = ((28, 28), (32, 32))
+MAX_SAMPLES = 64
 
-LINKS = web.AppKey("links", dict)
+
+@dataclass
+class Links:
+    """The UI server's two services."""
+
+    encoder: ServiceLink[AsyncEncoderClient]
+    decoder: ServiceLink[AsyncDecoderClient]
+
+    def __iter__(self) -> Iterator[ServiceLink[Any]]:
+        return iter((self.encoder, self.decoder))
+
+
+LINKS = web.AppKey("links", Links)
+JUDGE = web.AppKey("judge", Judge)
 SOCKETS = web.AppKey("sockets", weakref.WeakSet)
 TASKS = web.AppKey("tasks", list)
 
@@ -40,18 +62,10 @@ class BadRequest(ValueError):
 
 
 # -- conversions ------------------------------------------------------------------------------------------
-def model_info(info: Any) -> dict[str, Any]:
-    def plain(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, (np.generic,)):
-            return value.item()
-        return value
-
-    return {key: plain(getattr(info, key, None))
-            for key in ("name", "version", "versions", "kind", "latent_dim", "image_shape", "metrics")}
+def model_info(info: ModelInfo) -> dict[str, Any]:
+    out = dataclasses.asdict(info)
+    out["image_shape"] = list(info.image_shape)
+    return out
 
 
 def slim_stats(stats: dict[str, Any]) -> dict[str, Any]:
@@ -70,10 +84,12 @@ def slim_stats(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def decode_images(payload: dict[str, Any]) -> np.ndarray:
+    """N x H x W uint8 from base64 rows; which shapes a model takes is the encoder's to say."""
     images = payload.get("images")
-    shape = tuple(payload.get("shape") or ())
-    if shape not in IMAGE_SHAPES:
-        raise BadRequest(f"'shape' must be one of {[list(s) for s in IMAGE_SHAPES]}, got {list(shape)}")
+    shape = payload.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(s, int) and 1 <= s <= MAX_IMAGE_SIDE for s in shape)):
+        raise BadRequest(f"'shape' must be [height, width] with sides 1..{MAX_IMAGE_SIDE}, got {shape!r}")
     if not isinstance(images, list) or not 1 <= len(images) <= MAX_IMAGES:
         raise BadRequest(f"'images' must be a list of 1..{MAX_IMAGES} base64 strings of uint8 pixels")
     size = shape[0] * shape[1]
@@ -108,10 +124,21 @@ def model_name(payload: dict[str, Any]) -> str:
     return name
 
 
-def rows(array: Any) -> list[list[float]] | None:
+def bounded_int(payload: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    value = payload.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise BadRequest(f"'{key}' must be an integer in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def rows(array: Any) -> list[list[float | None]] | None:
     if array is None:
         return None
     return [[float(v) if math.isfinite(float(v)) else None for v in row] for row in np.asarray(array)]
+
+
+def to_base64(images: Iterable[np.ndarray]) -> list[str]:
+    return [base64.b64encode(np.ascontiguousarray(im).tobytes()).decode("ascii") for im in images]
 
 
 def error_body(exc: Exception) -> tuple[int, dict[str, Any]]:
@@ -120,9 +147,19 @@ def error_body(exc: Exception) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, ServiceDown):
         return 503, {"error": str(exc), "service": exc.service}
     if isinstance(exc, RequestRejected):
-        status = 404 if exc.code == "NOT_FOUND" else 400
-        return status, {"error": exc.message, "service": exc.service, "code": exc.code}
+        status = 404 if exc.code.name == "NOT_FOUND" else 400
+        return status, {"error": exc.message, "service": exc.service, "code": exc.code.name}
     raise exc
+
+
+async def json_body(request: web.Request, expected: str) -> dict[str, Any]:
+    try:
+        payload = await request.json()
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"body must be JSON: {expected}") from exc
+    if not isinstance(payload, dict):
+        raise BadRequest(f"body must be a JSON object: {expected}")
+    return payload
 
 
 # -- HTTP handlers --------------------------------------------------------------------------------------
@@ -131,9 +168,8 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 def status_message(app: web.Application) -> dict[str, Any]:
-    links: dict[str, ServiceLink] = app[LINKS]
-    return {"op": "status", "services": {name: {"target": link.target, **link.status.as_dict()}
-                                         for name, link in links.items()}}
+    return {"op": "status", "services": {link.service: {"target": link.target, **link.status.as_dict()}
+                                         for link in app[LINKS]}}
 
 
 async def get_status(request: web.Request) -> web.Response:
@@ -141,19 +177,22 @@ async def get_status(request: web.Request) -> web.Response:
 
 
 async def get_models(request: web.Request) -> web.Response:
-    """Each service's models; a service that is down gives an error entry instead of failing the request."""
+    """Each service's models, and the sample judge; a service that is down gives an error entry."""
     out: dict[str, Any] = {}
-    for name, link in request.app[LINKS].items():
+    for link in request.app[LINKS]:
         try:
-            out[name] = {"models": [model_info(m) for m in await link.call("list_models")]}
+            infos = await link.call(lambda client: client.list_models())
+            out[link.service] = {"models": [model_info(m) for m in infos]}
         except (ServiceDown, RequestRejected) as exc:
-            out[name] = {"models": [], "error": str(exc)}
+            out[link.service] = {"models": [], "error": str(exc)}
+    out["classifier"] = request.app[JUDGE].describe()
     return web.json_response(out)
 
 
 async def get_stats(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
     try:
-        stats = await request.app[LINKS]["encoder"].call("latent_stats", model=request.match_info["model"])
+        stats = await request.app[LINKS].encoder.call(lambda client: client.latent_stats(model=name))
     except (ServiceDown, RequestRejected) as exc:
         status, body = error_body(exc)
         return web.json_response(body, status=status)
@@ -162,34 +201,55 @@ async def get_stats(request: web.Request) -> web.Response:
 
 async def post_encode(request: web.Request) -> web.Response:
     try:
-        try:
-            payload = await request.json()
-        except json.JSONDecodeError as exc:
-            raise BadRequest("body must be JSON: {model, shape: [28, 28] | [32, 32], images: [base64]}") from exc
-        if not isinstance(payload, dict):
-            raise BadRequest("body must be a JSON object")
-        images = decode_images(payload)
-        result = await request.app[LINKS]["encoder"].call("encode", images, model=model_name(payload))
+        payload = await json_body(request, "{model, shape: [height, width], images: [base64 uint8 pixels]}")
+        images, name = decode_images(payload), model_name(payload)
+        result = await request.app[LINKS].encoder.call(lambda client: client.encode(images, model=name))
     except (BadRequest, ServiceDown, RequestRejected) as exc:
         status, body = error_body(exc)
         return web.json_response(body, status=status)
-    return web.json_response({"model": getattr(result, "model", None), "version": getattr(result, "version", None),
-                              "mean": rows(result.mean), "logvar": rows(getattr(result, "logvar", None))})
+    return web.json_response({"model": result.model, "version": result.version, "mean": rows(result.mean),
+                              "logvar": rows(result.logvar)})
+
+
+async def post_samples(request: web.Request) -> web.Response:
+    """`count` latents drawn from N(0, I) with `seed`, decoded by `model`, each judged by the digit classifier.
+
+    The latent dimension comes from the served model's metadata; the same seed gives the same samples.
+    """
+    try:
+        payload = await json_body(request, "{model, count: 1..64, seed: integer}")
+        name = model_name(payload)
+        count = bounded_int(payload, "count", 16, 1, MAX_SAMPLES)
+        seed = bounded_int(payload, "seed", 0, 0, 2 ** 32 - 1)
+        decoder = request.app[LINKS].decoder
+        infos = await decoder.call(lambda client: client.list_models())
+        info = next((m for m in infos if m.name == name), None)
+        if info is None:
+            raise BadRequest(f"the decoder serves no model {name!r}; it serves {sorted(m.name for m in infos)}")
+        latents = np.random.default_rng(seed).standard_normal((count, info.latent_dim)).astype(np.float32)
+        images = await decoder.call(lambda client: client.decode(latents, model=name, dtype="float32"))
+    except (BadRequest, ServiceDown, RequestRejected) as exc:
+        status, body = error_body(exc)
+        return web.json_response(body, status=status)
+    judge = request.app[JUDGE]
+    why_not = judge.unavailable_for(images.shape[1:])
+    pixels = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)  # for display; judged as floats
+    return web.json_response({
+        "model": name, "version": info.version, "seed": seed, "shape": list(images.shape[1:]),
+        "latents": rows(latents), "images": to_base64(pixels),
+        "verdicts": None if why_not else judge.judge(images).as_dict(), "unjudged": why_not,
+    })
 
 
 # -- WebSocket: decoding and status ---------------------------------------------------------------------
 async def decode_reply(app: web.Application, message: dict[str, Any]) -> dict[str, Any]:
     base = {"id": message.get("id"), "channel": message.get("channel")}
     try:
-        latents = parse_latents(message.get("latents"))
-        images = await app[LINKS]["decoder"].call("decode", latents, model=model_name(message), dtype="uint8")
+        latents, name = parse_latents(message.get("latents")), model_name(message)
+        images = await app[LINKS].decoder.call(lambda client: client.decode(latents, model=name, dtype="uint8"))
     except (BadRequest, ServiceDown, RequestRejected) as exc:
         return {"op": "error", **base, **error_body(exc)[1]}
-    images = np.asarray(images)
-    if images.dtype != np.uint8:  # a client that ignores dtype="uint8" still gives [0, 1] floats
-        images = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
-    return {"op": "decoded", **base, "model": message.get("model"), "shape": list(images.shape[1:]),
-            "images": [base64.b64encode(np.ascontiguousarray(im).tobytes()).decode("ascii") for im in images]}
+    return {"op": "decoded", **base, "model": name, "shape": list(images.shape[1:]), "images": to_base64(images)}
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -235,19 +295,34 @@ async def broadcast_status(app: web.Application) -> None:
 
 
 # -- the app --------------------------------------------------------------------------------------------
-def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL) -> web.Application:
-    app = web.Application(client_max_size=8 * 1024 * 1024)
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    app.router.add_get("/api/status", get_status)
+    app.router.add_get("/api/models", get_models)
+    app.router.add_get("/api/stats/{model}", get_stats)
+    app.router.add_post("/api/encode", post_encode)
+    app.router.add_post("/api/samples", post_samples)
+    app.router.add_get("/ws", websocket)
+    app.router.add_static("/static", STATIC, append_version=False)
+
+
+def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
+               classifier: Path | None = CLASSIFIER_PATH, middlewares: Iterable[Any] = ()) -> web.Application:
+    app = web.Application(client_max_size=8 * 1024 * 1024, middlewares=list(middlewares))
 
     async def changed() -> None:
         await broadcast_status(app)
 
-    app[LINKS] = {"encoder": ServiceLink("encoder", encoder, changed),
-                  "decoder": ServiceLink("decoder", decoder, changed)}
+    app[LINKS] = Links(encoder=ServiceLink("encoder", encoder, AsyncEncoderClient, changed),
+                       decoder=ServiceLink("decoder", decoder, AsyncDecoderClient, changed))
+    app[JUDGE] = Judge(classifier)
+    if app[JUDGE].classifier is None:
+        log.warning("sample validity is off: %s", app[JUDGE].reason)
     app[SOCKETS] = weakref.WeakSet()
     app[TASKS] = []
 
     async def start_watchers(app: web.Application) -> None:
-        app[TASKS].extend(asyncio.create_task(link.watch(poll_interval)) for link in app[LINKS].values())
+        app[TASKS].extend(asyncio.create_task(link.watch(poll_interval)) for link in app[LINKS])
 
     async def stop(app: web.Application) -> None:
         for task in app[TASKS]:
@@ -255,24 +330,19 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL)
         await asyncio.gather(*app[TASKS], return_exceptions=True)
         for ws in list(app[SOCKETS]):
             await ws.close()
-        for link in app[LINKS].values():
+        for link in app[LINKS]:
             await link.aclose()
 
     app.on_startup.append(start_watchers)
     app.on_shutdown.append(stop)
-    app.router.add_get("/", index)
-    app.router.add_get("/api/status", get_status)
-    app.router.add_get("/api/models", get_models)
-    app.router.add_get("/api/stats/{model}", get_stats)
-    app.router.add_post("/api/encode", post_encode)
-    app.router.add_get("/ws", websocket)
-    app.router.add_static("/static", STATIC, append_version=False)
+    add_routes(app)
     return app
 
 
-def serve(encoder: str, decoder: str, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Runs the UI server until interrupted (also what `aevae up` calls)."""
-    app = create_app(encoder, decoder)
+def serve(encoder: str, decoder: str, host: str = "127.0.0.1", port: int = 8080,
+          classifier: Path | None = CLASSIFIER_PATH) -> None:
+    """Runs the UI server until interrupted (what `aevae ui` calls)."""
+    app = create_app(encoder, decoder, classifier=classifier)
     listening = f"aevae ui: http://{host}:{port}/  (encoder {encoder}, decoder {decoder})"
     # aiohttp calls `print` once the socket is bound, so the line never announces a port that failed
     web.run_app(app, host=host, port=port, print=lambda _: print(listening, flush=True), handle_signals=True)

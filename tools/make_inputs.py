@@ -4,7 +4,7 @@ Two MNIST test digits per class, plus three images that are not digits (a questi
 stick figure), drawn here so that the project owns them. They are 28 x 28 like MNIST, white on black, and the
 services pad them to 32 x 32 as in training. Run once when the set should change; the JSON is committed:
 
-    python -m aevae.ui.make_inputs --data-root ../shared/datasets
+    .venv/bin/python tools/make_inputs.py --data-root ../shared/datasets
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-OUT = Path(__file__).with_name("static") / "inputs.json"
+OUT = Path(__file__).resolve().parents[1] / "clients" / "web" / "static" / "inputs.json"
 PER_DIGIT = 2
 SIZE = 28
 SUPERSAMPLE = 8  # drawn large and box-filtered down, for MNIST-like soft strokes
