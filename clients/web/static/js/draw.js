@@ -1,7 +1,9 @@
 // A drawing pad, and the MNIST preparation of what was drawn: the ink's bounding box scaled to fit 20 x 20,
 // placed in a 28 x 28 image with its centre of mass in the middle, white on black.
+// By keyboard: with the pad focused, the arrow keys move a pen (shown by `pen`, an element over the canvas)
+// and Space or Enter lifts or lowers it; a lowered pen draws as it moves.
 
-export function drawingPad(canvas) {
+export function drawingPad(canvas, pen = null) {
   const ctx = canvas.getContext("2d");
   let last = null;
   let inked = false;
@@ -44,6 +46,33 @@ export function drawingPad(canvas) {
   const end = () => { last = null; };
   canvas.addEventListener("pointerup", end);
   canvas.addEventListener("pointercancel", end);
+
+  const keyboard = { x: canvas.width / 2, y: canvas.height / 2, down: false };
+  function showPen() {
+    if (!pen) return;
+    pen.style.left = `${(keyboard.x / canvas.width) * canvas.clientWidth + canvas.offsetLeft}px`;
+    pen.style.top = `${(keyboard.y / canvas.height) * canvas.clientHeight + canvas.offsetTop}px`;
+    pen.classList.toggle("down", keyboard.down);
+  }
+  canvas.addEventListener("focus", () => { if (pen) pen.hidden = false; showPen(); });
+  canvas.addEventListener("blur", () => { if (pen) pen.hidden = true; });
+  canvas.addEventListener("keydown", (event) => {
+    const step = (canvas.width / 28) * (event.shiftKey ? 3 : 1);
+    const moves = { ArrowLeft: [-step, 0], ArrowRight: [step, 0], ArrowUp: [0, -step], ArrowDown: [0, step] };
+    if (event.key === " " || event.key === "Enter") {
+      keyboard.down = !keyboard.down;
+      if (keyboard.down) stroke([keyboard.x, keyboard.y], [keyboard.x + 0.01, keyboard.y]);
+    } else if (moves[event.key]) {
+      const from = [keyboard.x, keyboard.y];
+      keyboard.x = Math.min(canvas.width, Math.max(0, keyboard.x + moves[event.key][0]));
+      keyboard.y = Math.min(canvas.height, Math.max(0, keyboard.y + moves[event.key][1]));
+      if (keyboard.down) stroke(from, [keyboard.x, keyboard.y]);
+    } else {
+      return;
+    }
+    event.preventDefault();
+    showPen();
+  });
   clear();
 
   return { clear, isEmpty: () => !inked, toMnist: () => toMnist(canvas) };

@@ -1,49 +1,63 @@
 // The latent-space explorer: state, loading, and the wiring between the views and the server.
 //
-// Data path: inputs.json + /api/models + /api/stats/<model> + /api/encode give the input latents and the
-// axes; the black line's values go to the decoder over the WebSocket (channel "main" first, then the side
-// by side decoder and the traversal strip); replies are painted onto canvases.
+// Both models are always on screen, side by side on one shared scale. Data path: inputs.json +
+// /api/models + /api/stats/<model> + /api/encode give the input latents and the axes; each model's black line
+// goes to the decoder over the WebSocket (channel "main-<kind>" first, then the cross decoding and the
+// traversal strip); /api/samples gives judged samples from N(0, I). Everything about a model's shape (image
+// size, latent dimension) comes from the served metadata.
 
 import { Link, base64ToBytes, bytesToBase64, getJSON, postJSON } from "./api.js";
 import { drawingPad } from "./draw.js";
-import { DIGIT_COLOURS, drawPca, projector } from "./pca.js";
+import { DIGIT_COLOURS, drawPca, projector, sharedExtent } from "./pca.js";
 import { ParCoords } from "./parcoords.js";
 import { blank, paint, toImage } from "./pixels.js";
 import { infoRows, rangeOf, renderTable } from "./numbers.js";
 
-const LINE_COLOURS = ["#e6194b", "#2f9e44", "#1c7ed6", "#f08c00", "#ae3ec9", "#0c8599", "#d6336c", "#8d6e4a"];
+// Dark and far apart (CIE76 dE >= 50 between any two, >= 35 from every digit colour of the PCA plots)
+export const SELECTION_COLOURS = ["#a50971", "#5709a5", "#066b49", "#887207", "#6b1606", "#1dad00"];
 const TRAVERSAL_STEPS = 11;
 const INTERPOLATION_STEPS = 9;
+const SAMPLES = 16;
 const SECONDARY_MS = 150;
 const MAIN_INFLIGHT = 2;
 const LINE_WAIT_MS = 100;
 const KINDS = ["vae", "ae"];
+const NAMES = { vae: "VAE", ae: "AE" };
 const $ = (id) => document.getElementById(id);
 
 const state = {
   connected: false,
-  services: {},                 // service -> {state, message, target}
-  models: { vae: null, ae: null }, // kind -> {info, stats, axes}
-  inputs: [],                   // {name, label, shape, pixels: Uint8Array, drawn, latents: {kind: number[]}}
-  selected: [],                 // input indices, in the order they were selected
-  showAE: false,
-  z: { vae: null, ae: null },   // the black line per model
-  selectedDim: 0,
-  traverseDim: 0,
-  decoderError: "",
+  services: {},                     // service -> {state, message, target}
+  models: { vae: null, ae: null },  // kind -> {info, stats}
+  classifier: null,                 // what /api/models says about the sample judge
+  inputs: [],                       // {name, label, shape, pixels: Uint8Array, drawn, latents: {kind: number[]}}
+  selected: [],                     // input indices, in the order they were selected
+  colourOf: {},                     // input index -> its colour (kept after deselection, reused when free)
+  axes: null,                       // the shared scale: [{lo, hi, label}] per latent dimension
+  z: { vae: null, ae: null },       // the black line per model
+  selectedDim: { vae: 0, ae: 0 },
+  traverse: { kind: "vae", dim: 0 },
+  samples: { seed: 0, shown: { vae: null, ae: null }, tally: { vae: [0, 0], ae: [0, 0] } },
+  decoderError: { vae: "", ae: "" },
+  shown: { vae: null, ae: null },   // the last decoded main image per model
 };
-const active = () => (state.showAE ? "ae" : "vae");
-const other = () => (state.showAE ? "vae" : "ae");
 
 // In-page timing of the drag loop: pointer move -> decoded image for that move (or a later one) painted.
 const timing = { seq: 0, moves: new Map(), latencies: [], roundTrips: [] };
 window.__aevae = { state, timing };
 
 const link = new Link({ onStatus: statusChanged, onConnection: connectionChanged });
-const parcoords = new ParCoords($("parcoords"), $("parcoords-top"), {
-  onDrag: dragTo, onDragEnd: afterEdit, onSnap: snapTo, onSelectDim: selectDim,
-});
-const pad = drawingPad($("draw-canvas"));
+const plots = {};
+for (const kind of KINDS) {
+  plots[kind] = new ParCoords($(`parcoords-${kind}`), $(`top-${kind}`), NAMES[kind], {
+    onDrag: (dim, value) => dragTo(kind, dim, value),
+    onDragEnd: () => afterEdit(kind),
+    onSnap: (index) => snapTo(index, [kind]),
+    onSelectDim: (dim) => selectDim(kind, dim),
+    onStep: (dim, value) => { state.z[kind][dim] = value; state.selectedDim[kind] = dim; afterEdit(kind); },
+  });
+}
+const pad = drawingPad($("draw-canvas"), $("pen"));
 
 // -- loading --------------------------------------------------------------------------------------------
 let loading = null, again = false;
@@ -62,8 +76,12 @@ async function load() {
     state.inputs = data.items.map((item) => ({
       name: item.name, label: item.label, shape: item.shape, pixels: base64ToBytes(item.pixels), drawn: false, latents: {},
     }));
-    const first = state.inputs.findIndex((item) => item.label === 3);
-    state.selected = [first >= 0 ? first : 0];
+    // the default view: a clean 3 (its line under the black line, which starts on it) and a 7 to interpolate to
+    for (const digit of [3, 7]) {
+      const i = state.inputs.findIndex((item) => item.label === digit);
+      if (i >= 0) select(i);
+    }
+    if (!state.selected.length) select(0);
     renderInputs();
   }
   let listing;
@@ -72,14 +90,15 @@ async function load() {
   } catch (error) {
     return; // the UI server is not reachable; the WebSocket's reconnection calls refresh again
   }
-  // the encoder's list, or the decoder's while the encoder is down: the black line can still be decoded
+  state.classifier = listing.classifier || null;
+  // the encoder's list, or the decoder's while the encoder is down: the black lines can still be decoded
   const served = listing.encoder?.models?.length ? listing.encoder.models : (listing.decoder?.models || []);
   for (const kind of KINDS) {
     const info = chooseModel(served, kind);
     if (!info) continue;
     const known = state.models[kind];
     if (!known || known.info.name !== info.name || known.info.version !== info.version) {
-      state.models[kind] = { info, stats: null, axes: null };
+      state.models[kind] = { info, stats: null };
       state.inputs.forEach((item) => { delete item.latents[kind]; });
       if (known && known.info.latent_dim !== info.latent_dim) state.z[kind] = null;
     }
@@ -91,16 +110,19 @@ async function load() {
       try { model.stats = await getJSON(`/api/stats/${encodeURIComponent(model.info.name)}`); } catch (error) { /* status shows it */ }
     }
     await encodeMissing(kind);
-    model.axes = axesFor(kind);
-    if (!state.z[kind]) {
-      const seed = state.inputs[state.selected[0]]?.latents[kind];
-      state.z[kind] = seed ? seed.slice()
-        : model.stats ? model.stats.dims.map((d) => d.quantiles?.["0.5"] ?? d.mean)
-        : new Array(model.info.latent_dim).fill(0);
-    }
   }));
+  state.axes = sharedAxes();
+  for (const kind of KINDS) {
+    const model = state.models[kind];
+    if (!model || state.z[kind]) continue;
+    const seed = state.inputs[state.selected[0]]?.latents[kind];
+    state.z[kind] = seed ? seed.slice()
+      : model.stats ? model.stats.dims.map((d) => d.quantiles?.["0.5"] ?? d.mean)
+      : new Array(model.info.latent_dim).fill(0);
+  }
   renderAll();
-  requestDecodes();
+  for (const kind of KINDS) requestMain(kind);
+  if (!state.samples.shown.vae && !state.samples.shown.ae) drawSamples();
 }
 
 // The model of a kind: the one named like the kind ("vae", "ae"), else the first of that kind.
@@ -110,124 +132,161 @@ function chooseModel(models, kind) {
 
 async function encodeMissing(kind) {
   const model = state.models[kind];
-  const todo = state.inputs.map((item, i) => [item, i]).filter(([item]) => !item.latents[kind]);
+  const todo = state.inputs.filter((item) => !item.latents[kind]);
   if (!todo.length) return;
   const groups = new Map(); // by shape
-  for (const [item, i] of todo) {
+  for (const item of todo) {
     const key = item.shape.join("x");
     if (!groups.has(key)) groups.set(key, []);
-    groups.get(key).push([item, i]);
+    groups.get(key).push(item);
   }
   for (const group of groups.values()) {
     try {
       const reply = await postJSON("/api/encode", {
-        model: model.info.name, shape: group[0][0].shape, images: group.map(([item]) => bytesToBase64(item.pixels)),
+        model: model.info.name, shape: group[0].shape, images: group.map((item) => bytesToBase64(item.pixels)),
       });
-      group.forEach(([item], j) => { item.latents[kind] = reply.mean[j]; });
+      group.forEach((item, j) => { item.latents[kind] = reply.mean[j]; });
     } catch (error) { /* the encoder is down: the status says so, and its return triggers refresh */ }
   }
 }
 
-// Axis ranges: the training set's range, widened to hold the built-in inputs' latents, plus a margin.
-function axesFor(kind) {
-  const model = state.models[kind];
-  const d = model.info.latent_dim;
-  const axes = [];
-  for (let i = 0; i < d; i++) {
-    const dim = model.stats?.dims?.[i];
-    let lo = dim ? dim.min : Infinity, hi = dim ? dim.max : -Infinity;
+// One scale for every axis of both models: the training sets' ranges, widened to hold the built-in inputs'
+// latents, plus a margin. The wider model fills the height; the other shows how much narrower it is.
+function sharedAxes() {
+  let lo = Infinity, hi = -Infinity, dims = 0;
+  for (const kind of KINDS) {
+    const model = state.models[kind];
+    if (!model) continue;
+    dims = Math.max(dims, model.info.latent_dim);
+    for (const d of model.stats?.dims || []) { lo = Math.min(lo, d.min); hi = Math.max(hi, d.max); }
     for (const item of state.inputs) {
       const z = item.latents[kind];
-      if (z && !item.drawn) { lo = Math.min(lo, z[i]); hi = Math.max(hi, z[i]); }
+      if (z && !item.drawn) for (const v of z) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
     }
-    if (!Number.isFinite(lo)) { lo = -3; hi = 3; }
-    const margin = 0.04 * (hi - lo || 1);
-    axes.push({ lo: lo - margin, hi: hi + margin, label: `z${i + 1}` });
   }
-  return axes;
+  if (!dims) return null;
+  if (!Number.isFinite(lo)) { lo = -3; hi = 3; }
+  const margin = 0.04 * (hi - lo || 1);
+  return Array.from({ length: dims }, (_, i) => ({ lo: lo - margin, hi: hi + margin, label: `z${i + 1}` }));
 }
 
-// The axes on screen: the active model's; with "Show AE", widened to hold the greyed-out VAE as well, so
-// that the two models' ranges are compared on one scale.
-function visibleAxes() {
-  const axes = state.models[active()]?.axes;
-  const vae = state.models.vae?.axes;
-  if (!axes || !state.showAE || !vae) return axes || null;
-  return axes.map((axis, i) => (vae[i] ? { ...axis, lo: Math.min(axis.lo, vae[i].lo), hi: Math.max(axis.hi, vae[i].hi) } : axis));
+function axesOf(kind) {
+  const d = state.models[kind]?.info.latent_dim || 0;
+  return state.axes ? state.axes.slice(0, d) : null;
+}
+
+// -- selection ------------------------------------------------------------------------------------------
+function colourOf(index) {
+  return index in state.colourOf && state.selected.includes(index) ? SELECTION_COLOURS[state.colourOf[index]] : null;
+}
+
+function select(index) {
+  if (state.selected.includes(index)) return true;
+  if (state.selected.length >= SELECTION_COLOURS.length) {
+    $("inputs-note").textContent = `At most ${SELECTION_COLOURS.length} inputs at once: deselect one first.`;
+    return false;
+  }
+  const used = new Set(state.selected.map((i) => state.colourOf[i]));
+  if (!(index in state.colourOf) || used.has(state.colourOf[index])) {
+    state.colourOf[index] = SELECTION_COLOURS.findIndex((_, c) => !used.has(c));
+  }
+  state.selected.push(index);
+  $("inputs-note").textContent = "";
+  return true;
+}
+
+function toggleInput(index) {
+  const at = state.selected.indexOf(index);
+  if (at >= 0) { state.selected.splice(at, 1); $("inputs-note").textContent = ""; } else if (!select(index)) return;
+  renderInputs();
+  renderPlots();
+  renderInterpolation();
+  renderNumbers();
 }
 
 // -- rendering ------------------------------------------------------------------------------------------
 function renderAll() {
   renderInputs();
-  renderParcoords();
+  renderPlots();
+  renderInterpolation();
   renderTraversalControls();
   renderNumbers();
   renderPca();
   renderBadge();
+  renderStatus();
 }
 
-function lineColour(index) {
-  const position = state.selected.indexOf(index);
-  return position < 0 ? null : LINE_COLOURS[position % LINE_COLOURS.length];
-}
+function displayName(item) { return item.label === null ? item.name : `digit ${item.label} (${item.name})`; }
 
 function renderInputs() {
   const box = $("inputs");
   if (box.children.length !== state.inputs.length) {
     box.replaceChildren();
     state.inputs.forEach((item, i) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.dataset.testid = "input-image";
+      button.dataset.index = i;
+      button.title = displayName(item);
       const img = document.createElement("img");
-      img.dataset.testid = "input-image";
-      img.dataset.index = i;
-      img.alt = img.title = item.label === null ? item.name : `${item.name} (digit ${item.label})`;
-      toImage(img, item.pixels, item.shape[1], item.shape[0]);
+      img.alt = displayName(item);
       img.draggable = false;
-      img.addEventListener("click", () => toggleInput(i));
-      img.addEventListener("dblclick", () => { if (!state.selected.includes(i)) toggleInput(i); snapTo(i); });
-      box.appendChild(img);
+      toImage(img, item.pixels, item.shape[1], item.shape[0]);
+      button.appendChild(img);
+      button.addEventListener("click", () => toggleInput(i));
+      button.addEventListener("dblclick", () => snapTo(i, KINDS)); // its two clicks toggled twice: no change
+      box.appendChild(button);
     });
   }
-  [...box.children].forEach((img, i) => {
-    const colour = lineColour(i);
-    img.classList.toggle("selected", !!colour);
-    img.style.borderColor = colour || "transparent";
+  [...box.children].forEach((button, i) => {
+    const colour = colourOf(i);
+    button.setAttribute("aria-pressed", colour ? "true" : "false");
+    button.classList.toggle("selected", !!colour);
+    button.style.borderColor = colour || "transparent";
   });
+  $("selected-list").replaceChildren(...state.selected.map((i) => {
+    const item = state.inputs[i];
+    const li = document.createElement("li");
+    li.dataset.testid = "selected-input";
+    li.innerHTML = `<span class="swatch" style="background:${colourOf(i)}"></span><span class="name"></span>`;
+    li.querySelector(".name").textContent = item.label === null ? item.name : `${item.label} · ${item.name}`;
+    const snap = document.createElement("button");
+    snap.type = "button";
+    snap.textContent = "Snap";
+    snap.dataset.testid = "snap";
+    snap.setAttribute("aria-label", `snap both black lines to ${displayName(item)}`);
+    snap.addEventListener("click", () => snapTo(i, KINDS));
+    li.appendChild(snap);
+    return li;
+  }));
 }
 
-function renderParcoords() {
-  const kind = active();
-  const model = state.models[kind];
-  $("model-label").textContent = kind.toUpperCase() + (model ? ` · ${model.info.name} v${model.info.version}` : " · not served");
-  if (!model || !model.axes || !state.z[kind]) { parcoords.setView({ axes: [], recon: [] }); return; }
-  const lines = state.selected
-    .filter((i) => state.inputs[i]?.latents[kind])
-    .map((i) => ({ values: state.inputs[i].latents[kind], colour: lineColour(i), index: i, name: state.inputs[i].name }));
-  const view = {
-    axes: visibleAxes(),
-    violins: model.stats?.dims || [],
-    lines,
-    recon: state.z[kind],
-    selectedDim: Math.min(state.selectedDim, model.axes.length - 1),
-  };
-  if (state.showAE && state.models.vae) {
-    // the seed's "Show AE": the VAE greyed out behind the AE, on axes that hold both
-    view.ghostViolins = state.models.vae.stats?.dims || [];
-    view.ghostLines = state.selected.filter((i) => state.inputs[i]?.latents.vae).map((i) => ({ values: state.inputs[i].latents.vae }));
-    view.ghostRecon = state.z.vae;
+function renderPlots() {
+  for (const kind of KINDS) {
+    const model = state.models[kind];
+    $(`label-${kind}`).textContent = model ? `${model.info.name} v${model.info.version} · ${model.info.latent_dim}-d latent` : "not served";
+    const axes = axesOf(kind);
+    if (!model || !axes || !state.z[kind]) { plots[kind].setView({ axes: [], recon: [], lines: [] }); continue; }
+    const lines = state.selected
+      .filter((i) => state.inputs[i]?.latents[kind])
+      .map((i) => ({ values: state.inputs[i].latents[kind], colour: colourOf(i), index: i, name: displayName(state.inputs[i]) }));
+    plots[kind].setView({
+      axes, violins: model.stats?.dims || [], lines, recon: state.z[kind],
+      selectedDim: Math.min(state.selectedDim[kind], axes.length - 1),
+    });
   }
-  parcoords.setView(view);
 }
 
 function renderBadge() {
   const parts = KINDS.filter((k) => state.models[k]).map((k) => {
     const info = state.models[k].info;
-    return `${k.toUpperCase()}: ${info.name} v${info.version}, ${info.latent_dim}-d latent`;
+    return `${NAMES[k]}: ${info.name} v${info.version}, ${info.image_shape.join(" × ")} images, ${info.latent_dim}-d latent`;
   });
   $("models-badge").textContent = parts.join(" · ");
 }
 
 function renderNumbers() {
-  const ranges = [["", ...KINDS.map((k) => k.toUpperCase())]];
+  const ranges = [["", ...KINDS.map((k) => NAMES[k])]];
   const selectedLatents = (k) => state.selected.map((i) => state.inputs[i]?.latents[k]).filter(Boolean);
   const allLatents = (k) => state.inputs.map((item) => item.latents[k]).filter(Boolean);
   const training = (k) => {
@@ -250,17 +309,24 @@ function renderNumbers() {
     : "";
 }
 
+function pcaMarker(kind) {
+  const project = projector(state.models[kind]?.stats?.pca);
+  return project && state.z[kind] ? project(state.z[kind]) : null;
+}
+
 function renderPca() {
+  const pcas = KINDS.map((k) => state.models[k]?.stats?.pca);
+  const extent = sharedExtent(pcas, KINDS.map(pcaMarker));
   for (const kind of KINDS) {
     const model = state.models[kind];
-    const project = projector(model?.stats?.pca);
-    const marker = project && state.z[kind] ? project(state.z[kind]) : null;
-    drawPca($(`pca-${kind}`), model?.stats?.pca, marker, model ? "waiting for the encoder's statistics" : `no ${kind} model served`);
-    const evr = model?.stats?.pca?.explained_variance_ratio;
+    const pca = model?.stats?.pca;
+    drawPca($(`pca-${kind}`), { pca, marker: pcaMarker(kind), extent,
+      empty: model ? "waiting for the encoder's statistics" : `no ${NAMES[kind]} served` });
+    const evr = pca?.explained_variance_ratio;
     $(`pca-${kind}-note`).textContent = evr
-      ? `${model.info.name} v${model.info.version}: ${model.stats.pca.points.length} training images, `
+      ? `${NAMES[kind]} (${model.info.name} v${model.info.version}): ${pca.points.length} training images; `
         + `the two components explain ${(100 * evr.reduce((a, b) => a + b, 0)).toFixed(0)} % of the variance`
-      : "";
+      : NAMES[kind];
   }
   const legend = $("legend");
   if (!legend.children.length) {
@@ -271,59 +337,143 @@ function renderPca() {
     });
   }
 }
+// redrawn at the new size when the plots change width (never a stretched bitmap)
+{
+  let width = 0;
+  new ResizeObserver(() => {
+    const w = $("pca-vae").clientWidth;
+    if (w && w !== width) { width = w; renderPca(); }
+  }).observe($("pca-vae"));
+}
 
 function renderTraversalControls() {
-  const model = state.models[active()];
+  const kind = state.traverse.kind;
   const select = $("traverse-dim");
-  const d = model?.axes?.length || 0;
+  const d = axesOf(kind)?.length || 0;
   if (select.options.length !== d) {
     select.replaceChildren(...Array.from({ length: d }, (_, i) => new Option(`z${i + 1}`, i)));
   }
-  state.traverseDim = Math.min(state.traverseDim, Math.max(0, d - 1));
-  select.value = state.traverseDim;
-  const [a, b] = state.selected;
-  const ready = a !== undefined && b !== undefined && state.inputs[a]?.latents[active()] && state.inputs[b]?.latents[active()];
-  $("interpolate").disabled = !ready;
-  $("interp-from").textContent = ready ? displayName(state.inputs[a]) : "select two inputs";
-  $("interp-to").textContent = ready ? displayName(state.inputs[b]) : "";
-  requestInterpolationStrip(ready ? [a, b] : null);
+  state.traverse.dim = Math.min(state.traverse.dim, Math.max(0, d - 1));
+  select.value = state.traverse.dim;
+  $("traverse-model").value = kind;
 }
 
-function displayName(item) { return item.label === null ? item.name : `digit ${item.label}`; }
+// -- interpolation: both models between the first two selected inputs ------------------------------------
+function interpolationPair() {
+  const [a, b] = state.selected;
+  if (a === undefined || b === undefined) return null;
+  return KINDS.every((k) => !state.models[k] || (state.inputs[a].latents[k] && state.inputs[b].latents[k])) ? [a, b] : null;
+}
 
-// Frames from the first to the second selected input, decoded once per pair (and again after an outage).
+const lerp = (a, b, t) => a.map((v, i) => (1 - t) * v + t * b[i]);
 let interpolationKey = "";
-function requestInterpolationStrip(pair) {
-  const kind = active();
-  const key = pair ? `${kind}:${pair.join(",")}` : "";
+function renderInterpolation() {
+  const pair = interpolationPair();
+  $("interpolate").disabled = !pair;
+  $("interp-from").textContent = pair ? shortName(state.inputs[pair[0]]) : "select two inputs";
+  $("interp-to").textContent = pair ? shortName(state.inputs[pair[1]]) : "";
+  const key = pair ? pair.join(",") + KINDS.map((k) => state.models[k]?.info.version).join(",") : "";
   if (key === interpolationKey) return;
   interpolationKey = key;
-  const strip = $("interp-strip");
-  if (!pair) { strip.replaceChildren(); return; }
-  const [a, b] = pair.map((i) => state.inputs[i].latents[kind]);
-  const latents = Array.from({ length: INTERPOLATION_STEPS }, (_, k) => {
-    const t = k / (INTERPOLATION_STEPS - 1);
-    return a.map((v, i) => (1 - t) * v + t * b[i]);
-  });
-  link.decode("interp", modelName(kind), latents, (reply) => {
-    if (reply.op !== "decoded") { interpolationKey = ""; return; }
-    if (strip.children.length !== latents.length) {
-      strip.replaceChildren(...latents.map(() => document.createElement("img")));
-    }
-    reply.images.forEach((image, k) => toImage(strip.children[k], base64ToBytes(image), reply.shape[1], reply.shape[0]));
-  });
+  for (const kind of KINDS) {
+    const strip = $(`interp-${kind}`);
+    if (!pair || !state.models[kind]) { strip.replaceChildren(); continue; }
+    const [a, b] = pair.map((i) => state.inputs[i].latents[kind]);
+    const latents = Array.from({ length: INTERPOLATION_STEPS }, (_, k) => lerp(a, b, k / (INTERPOLATION_STEPS - 1)));
+    link.decode(`interp-${kind}`, modelName(kind), latents, (reply) => {
+      if (reply.op !== "decoded") { interpolationKey = ""; return; }
+      if (strip.children.length !== latents.length) {
+        strip.replaceChildren(...latents.map((_, k) => {
+          const img = document.createElement("img");
+          img.alt = `${NAMES[kind]}, ${Math.round(100 * k / (INTERPOLATION_STEPS - 1))} % of the way`;
+          return img;
+        }));
+      }
+      reply.images.forEach((image, k) => toImage(strip.children[k], base64ToBytes(image), reply.shape[1], reply.shape[0]));
+    });
+  }
 }
 
+function shortName(item) { return item.label === null ? item.name : `digit ${item.label}`; }
+
+// -- judged samples from N(0, I) ------------------------------------------------------------------------
+async function drawSamples() {
+  const seed = ++state.samples.seed;
+  await Promise.all(KINDS.filter((k) => state.models[k]).map(async (kind) => {
+    let reply;
+    try {
+      reply = await postJSON("/api/samples", { model: modelName(kind), count: SAMPLES, seed });
+    } catch (error) {
+      $(`share-${kind}`).textContent = `(${error.message})`;
+      return;
+    }
+    if (seed !== state.samples.seed) return; // a newer draw was asked for
+    state.samples.shown[kind] = reply;
+    renderSamples(kind, reply);
+  }));
+  renderTally();
+}
+
+function renderSamples(kind, reply) {
+  const grid = $(`samples-${kind}`);
+  const v = reply.verdicts;
+  grid.replaceChildren(...reply.images.map((image, i) => {
+    const fig = document.createElement("figure");
+    fig.setAttribute("role", "listitem");
+    fig.dataset.testid = `sample-${kind}`;
+    const img = document.createElement("img");
+    toImage(img, base64ToBytes(image), reply.shape[1], reply.shape[0]);
+    const caption = document.createElement("figcaption");
+    if (v) {
+      fig.className = `sample ${v.valid[i] ? "valid" : "invalid"}`;
+      fig.dataset.valid = v.valid[i];
+      caption.textContent = v.valid[i] ? `✓ ${v.digits[i]}` : "✗";
+      img.alt = v.valid[i] ? `sample ${i + 1}: valid, digit ${v.digits[i]} (p ${v.confidence[i].toFixed(2)})`
+        : `sample ${i + 1}: not a valid digit (best p ${v.confidence[i].toFixed(2)})`;
+    } else {
+      fig.className = "sample";
+      caption.textContent = " ";
+      img.alt = `sample ${i + 1}`;
+    }
+    fig.append(img, caption);
+    return fig;
+  }));
+  if (v) {
+    state.samples.tally[kind][0] += v.valid_count;
+    state.samples.tally[kind][1] += v.valid.length;
+    $(`share-${kind}`).textContent = `${v.valid_count} of ${v.valid.length} valid (${Math.round(100 * v.valid_count / v.valid.length)} %)`;
+  } else {
+    $(`share-${kind}`).textContent = `(not judged: ${reply.unjudged})`;
+  }
+}
+
+// Wilson's 95 % interval for k successes in n trials
+export function wilson(k, n, z = 1.96) {
+  if (!n) return [0, 1];
+  const p = k / n, z2 = z * z;
+  const centre = (p + z2 / (2 * n)) / (1 + z2 / n);
+  const half = (z * Math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))) / (1 + z2 / n);
+  return [Math.max(0, centre - half), Math.min(1, centre + half)];
+}
+
+function renderTally() {
+  const parts = KINDS.filter((k) => state.samples.tally[k][1]).map((k) => {
+    const [valid, total] = state.samples.tally[k];
+    const [lo, hi] = wilson(valid, total);
+    return `${NAMES[k]} ${valid} of ${total} (${Math.round(100 * valid / total)} %, 95 % interval ${Math.round(100 * lo)}–${Math.round(100 * hi)} %)`;
+  });
+  $("samples-tally").textContent = parts.length ? `All draws on this page: ${parts.join("; ")}.` : "";
+}
+
+// -- status ---------------------------------------------------------------------------------------------
 function renderStatus() {
   const box = $("service-status");
+  const entries = Object.entries(state.services);
+  const down = entries.filter(([, s]) => s.state === "down");
   if (!state.connected) {
     box.dataset.state = "degraded";
     box.textContent = "UI server unreachable: reconnecting…";
-    return;
-  }
-  const entries = Object.entries(state.services);
-  const down = entries.filter(([, s]) => s.state === "down");
-  if (down.length) {
+  } else if (down.length) {
     box.dataset.state = "degraded";
     box.textContent = down.map(([name, s]) => `${name[0].toUpperCase()}${name.slice(1)} unavailable at ${s.target}`
       + (s.message ? ` (${s.message})` : "")).join("; ") + ". The page keeps working and reconnects by itself.";
@@ -334,6 +484,17 @@ function renderStatus() {
     box.dataset.state = "unknown";
     box.textContent = "checking services…";
   }
+  // every panel that needs a service that is down: dimmed, with a message
+  const messages = {
+    decoder: "decoder unavailable: showing the last images",
+    encoder: "encoder unavailable: no new encodings",
+  };
+  document.querySelectorAll("[data-needs]").forEach((panel) => {
+    const service = panel.dataset.needs;
+    const isDown = !state.connected || state.services[service]?.state === "down";
+    if (isDown) panel.dataset.down = state.connected ? messages[service] : "UI server unreachable";
+    else delete panel.dataset.down;
+  });
 }
 
 // -- decoding -------------------------------------------------------------------------------------------
@@ -341,28 +502,28 @@ function modelName(kind) { return state.models[kind]?.info.name; }
 
 // Every request carries the newest pointer move it reflects: its painted image resolves that move and all
 // earlier ones that were coalesced away.
-function requestMain() {
-  const kind = active();
+function requestMain(kind) {
   if (!modelName(kind) || !state.z[kind]) return;
-  link.decode("main", modelName(kind), [state.z[kind].slice()], paintMain, { seq: timing.seq, kind }, MAIN_INFLIGHT);
+  link.decode(`main-${kind}`, modelName(kind), [state.z[kind].slice()], paintMain, { seq: timing.seq, kind }, MAIN_INFLIGHT);
 }
 
 function paintMain(reply, request) {
-  moveLine();
-  const output = document.querySelector(".output");
+  const kind = request.meta.kind;
+  moveLine(kind);
+  const output = $(`output-${kind}`).parentElement;
   if (reply.op !== "decoded") {
-    state.decoderError = reply.error || "decoding failed";
+    state.decoderError[kind] = reply.error || "decoding failed";
     output.classList.add("stale");
-    $("output-note").textContent = `${state.decoderError}: showing the last image`;
+    $(`note-${kind}`).textContent = `${state.decoderError[kind]}: showing the last image`;
     return;
   }
-  state.decoderError = "";
+  state.decoderError[kind] = "";
   output.classList.remove("stale");
   const [h, w] = reply.shape;
   const bytes = base64ToBytes(reply.images[0]);
-  paint($("output-image"), bytes, w, h);
-  state.shown = { kind: request.meta.kind, z: request.latents[0], bytes, w, h };
-  if (!parcoords.dragging) describeOutput();
+  paint($(`output-${kind}`), bytes, w, h);
+  state.shown[kind] = { z: request.latents[0], bytes, w, h };
+  if (!dragging()) describeOutput(kind);
   const seq = request.meta.seq;
   if (timing.moves.size) {
     timing.roundTrips.push(request.roundTrip);
@@ -376,130 +537,130 @@ function paintMain(reply, request) {
   scheduleSecondary();
 }
 
-// The side-by-side decoder and the traversal strip follow the black line too, but while a handle is being
+function dragging() { return KINDS.some((k) => plots[k].dragging); }
+
+// The cross decoding and the traversal strip follow the black lines too, but while a handle is being
 // dragged at most every SECONDARY_MS, so that they never delay the main image.
 let secondaryTimer = null, secondaryAt = 0;
 function scheduleSecondary() {
-  if (!parcoords.dragging) { clearTimeout(secondaryTimer); secondaryTimer = null; requestSecondary(); return; }
+  if (!dragging()) { clearTimeout(secondaryTimer); secondaryTimer = null; requestSecondary(); return; }
   if (secondaryTimer) return;
   const wait = Math.max(0, secondaryAt + SECONDARY_MS - performance.now());
   secondaryTimer = setTimeout(() => { secondaryTimer = null; requestSecondary(); }, wait);
 }
 
-function describeOutput() {
-  if (!state.shown) return;
-  toImage($(`side-${state.shown.kind}`), state.shown.bytes, state.shown.w, state.shown.h);
-  $("output-note").textContent = `${state.shown.kind.toUpperCase()} decoder · z = [${state.shown.z.map((v) => v.toFixed(2)).join(", ")}]`;
+function describeOutput(kind) {
+  const shown = state.shown[kind];
+  if (!shown) return;
+  toImage($(`cross-${kind}-${kind}`), shown.bytes, shown.w, shown.h);
+  $(`note-${kind}`).textContent = `z = [${shown.z.map((v) => v.toFixed(2)).join(", ")}]`;
 }
 
 function requestSecondary() {
   secondaryAt = performance.now();
-  describeOutput();
-  const kind = active(), z = state.z[kind];
-  if (!z) return;
-  document.querySelectorAll(".side-by-side figure").forEach((f) => f.classList.toggle("active", f.contains($(`side-${kind}`))));
-  const otherKind = other();
-  if (modelName(otherKind) && state.models[otherKind].info.latent_dim === z.length) {
-    link.decode("other", modelName(otherKind), [z], (reply) => {
-      if (reply.op === "decoded") toImage($(`side-${otherKind}`), base64ToBytes(reply.images[0]), reply.shape[1], reply.shape[0]);
-    });
-  } else if (!modelName(otherKind)) {
-    $(`side-${otherKind}`).removeAttribute("src");
+  for (const kind of KINDS) {
+    describeOutput(kind);
+    const otherKind = kind === "vae" ? "ae" : "vae";
+    const z = state.z[kind];
+    const target = $(`cross-${kind}-${otherKind}`);
+    if (z && modelName(otherKind) && state.models[otherKind].info.latent_dim === z.length) {
+      link.decode(`cross-${kind}`, modelName(otherKind), [z.slice()], (reply) => {
+        if (reply.op === "decoded") toImage(target, base64ToBytes(reply.images[0]), reply.shape[1], reply.shape[0]);
+      });
+    } else {
+      target.removeAttribute("src");
+    }
   }
-  const axes = visibleAxes();
-  const dim = state.traverseDim;
-  if (!axes || !axes[dim]) return;
-  const values = Array.from({ length: TRAVERSAL_STEPS }, (_, i) => axes[dim].lo + (i / (TRAVERSAL_STEPS - 1)) * (axes[dim].hi - axes[dim].lo));
-  const latents = values.map((v) => { const row = z.slice(); row[dim] = v; return row; });
-  link.decode("traverse", modelName(kind), latents, (reply) => paintTraversal(reply, values, dim));
+  requestTraversal();
 }
 
-function paintTraversal(reply, values, dim) {
+function requestTraversal() {
+  const { kind, dim } = state.traverse;
+  const z = state.z[kind], axes = axesOf(kind);
+  if (!z || !axes || !axes[dim]) return;
+  const values = Array.from({ length: TRAVERSAL_STEPS }, (_, i) => axes[dim].lo + (i / (TRAVERSAL_STEPS - 1)) * (axes[dim].hi - axes[dim].lo));
+  const latents = values.map((v) => { const row = z.slice(); row[dim] = v; return row; });
+  link.decode("traverse", modelName(kind), latents, (reply) => paintTraversal(reply, kind, values, dim));
+}
+
+function paintTraversal(reply, kind, values, dim) {
   if (reply.op !== "decoded") return;
   const strip = $("traversal");
   if (strip.children.length !== values.length) {
     strip.replaceChildren(...values.map(() => {
+      const button = document.createElement("button");
+      button.type = "button";
       const img = document.createElement("img");
       img.dataset.testid = "traversal-image";
-      img.addEventListener("click", () => {
-        const z = state.z[active()];
-        z[Number(img.dataset.dim)] = Number(img.dataset.value);
-        afterEdit();
+      img.alt = "";
+      button.appendChild(img);
+      button.addEventListener("click", () => {
+        const k = button.dataset.kind;
+        state.z[k][Number(button.dataset.dim)] = Number(button.dataset.value);
+        afterEdit(k);
       });
-      return img;
+      return button;
     }));
   }
-  const current = state.z[active()]?.[dim];
+  const current = state.z[kind]?.[dim];
   const nearest = values.reduce((best, v, i) => (Math.abs(v - current) < Math.abs(values[best] - current) ? i : best), 0);
   reply.images.forEach((image, i) => {
-    const img = strip.children[i];
-    toImage(img, base64ToBytes(image), reply.shape[1], reply.shape[0]);
-    img.dataset.value = values[i];
-    img.dataset.dim = dim;
-    img.title = `z${dim + 1} = ${values[i].toFixed(2)}`;
-    img.classList.toggle("current", i === nearest);
+    const button = strip.children[i];
+    toImage(button.firstChild, base64ToBytes(image), reply.shape[1], reply.shape[0]);
+    Object.assign(button.dataset, { value: values[i], dim, kind });
+    button.setAttribute("aria-label", `${NAMES[kind]}: set z${dim + 1} to ${values[i].toFixed(2)}`);
+    button.classList.toggle("current", i === nearest);
   });
 }
 
-function requestDecodes() { requestMain(); }
-
 // -- interaction ----------------------------------------------------------------------------------------
-// While the decoder answers, the black line moves in the same frame as the image decoded from it: one frame
-// per move instead of two, and line and image never disagree. When the decoder is down or slow, at once.
+// While the decoder answers, the dragged black line moves in the same frame as the image decoded from it:
+// one frame per move instead of two, and line and image never disagree. When the decoder is down or slow,
+// at once.
 let lineTimer = null;
-function dragTo(dim, value) {
+function dragTo(kind, dim, value) {
   timing.moves.set(++timing.seq, performance.now());
-  const z = state.z[active()];
-  z[dim] = value;
-  state.selectedDim = dim;
-  if (state.services.decoder?.state !== "up" || state.decoderError) {
-    moveLine();
+  state.z[kind][dim] = value;
+  state.selectedDim[kind] = dim;
+  if (state.services.decoder?.state !== "up" || state.decoderError[kind]) {
+    moveLine(kind);
   } else if (!lineTimer) {
-    lineTimer = setTimeout(moveLine, LINE_WAIT_MS);
+    lineTimer = setTimeout(() => moveLine(kind), LINE_WAIT_MS);
   }
-  requestMain();
+  requestMain(kind);
 }
 
-function moveLine() {
+function moveLine(kind) {
   clearTimeout(lineTimer);
   lineTimer = null;
-  const z = state.z[active()];
-  if (z) parcoords.moveRecon(z, state.selectedDim);
+  if (state.z[kind]) plots[kind].moveRecon(state.z[kind], state.selectedDim[kind]);
 }
 
 // After an edit that is not a drag move: redraw what depends on the black line, and decode it.
-function afterEdit() {
-  const z = state.z[active()];
-  if (!z) return;
-  moveLine();
+function afterEdit(kind) {
+  if (!state.z[kind]) return;
+  moveLine(kind);
   renderNumbers();
   renderPca();
-  requestMain();
+  requestMain(kind);
 }
 
-function selectDim(dim) {
-  state.selectedDim = dim;
-  state.traverseDim = dim;
+function selectDim(kind, dim) {
+  state.selectedDim[kind] = dim;
+  state.traverse = { kind, dim };
   renderTraversalControls();
-  const z = state.z[active()];
-  if (z) parcoords.moveRecon(z, dim);
+  if (state.z[kind]) plots[kind].moveRecon(state.z[kind], dim);
+  requestTraversal();
 }
 
-function snapTo(index) {
-  const z = state.inputs[index]?.latents[active()];
-  if (!z) return;
-  state.z[active()] = z.slice();
-  renderParcoords();
-  afterEdit();
-}
-
-function toggleInput(index) {
-  const at = state.selected.indexOf(index);
-  if (at >= 0) state.selected.splice(at, 1); else state.selected.push(index);
-  renderInputs();
-  renderParcoords();
-  renderTraversalControls();
-  renderNumbers();
+// Snap black lines to an input's latents; the selection is left as it is.
+function snapTo(index, kinds) {
+  for (const kind of kinds) {
+    const z = state.inputs[index]?.latents[kind];
+    if (!z) continue;
+    state.z[kind] = z.slice();
+    afterEdit(kind);
+  }
 }
 
 function gaussian() {
@@ -508,75 +669,57 @@ function gaussian() {
   return Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * Math.random());
 }
 
-$("random").addEventListener("click", () => {
-  const kind = active();
-  const axes = visibleAxes();
-  if (!axes) return;
-  state.z[kind] = axes.map((axis) => Math.min(axis.hi, Math.max(axis.lo, gaussian())));
-  renderParcoords();
-  afterEdit();
-});
+for (const kind of KINDS) {
+  $(`random-${kind}`).addEventListener("click", () => {
+    const axes = axesOf(kind);
+    if (!axes || !state.z[kind]) return;
+    state.z[kind] = axes.map((axis) => Math.min(axis.hi, Math.max(axis.lo, gaussian())));
+    afterEdit(kind);
+  });
+}
 
-$("show-ae").addEventListener("change", (event) => {
-  state.showAE = event.target.checked;
-  state.selectedDim = Math.min(state.selectedDim, (state.models[active()]?.axes?.length || 1) - 1);
-  renderAll();
-  requestMain();
-});
+$("redraw-samples").addEventListener("click", () => drawSamples());
 
 $("interpolate").addEventListener("input", (event) => {
-  const kind = active();
-  const [a, b] = state.selected.map((i) => state.inputs[i]?.latents[kind]);
-  if (!a || !b) return;
+  const pair = interpolationPair();
+  if (!pair) return;
   const t = Number(event.target.value) / 1000;
-  state.z[kind] = a.map((v, i) => (1 - t) * v + t * b[i]);
-  parcoords.moveRecon(state.z[kind], state.selectedDim);
-  requestMain();
+  for (const kind of KINDS) {
+    const [a, b] = pair.map((i) => state.inputs[i].latents[kind]);
+    if (!a || !b) continue;
+    state.z[kind] = lerp(a, b, t);
+    plots[kind].moveRecon(state.z[kind], state.selectedDim[kind]);
+    requestMain(kind);
+  }
 });
-$("interpolate").addEventListener("change", () => afterEdit());
+$("interpolate").addEventListener("change", () => KINDS.forEach(afterEdit));
 
+$("traverse-model").addEventListener("change", (event) => {
+  state.traverse.kind = event.target.value;
+  renderTraversalControls();
+  requestTraversal();
+});
 $("traverse-dim").addEventListener("change", (event) => {
-  state.traverseDim = Number(event.target.value);
-  requestSecondary();
+  state.traverse.dim = Number(event.target.value);
+  requestTraversal();
 });
 
 $("clear-drawing").addEventListener("click", () => pad.clear());
 $("encode-drawing").addEventListener("click", async () => {
   const pixels = pad.toMnist();
-  if (!pixels) { $("output-note").textContent = "draw something first"; return; }
+  if (!pixels) { $("inputs-note").textContent = "Draw something first."; return; }
   const count = state.inputs.filter((item) => item.drawn).length + 1;
   state.inputs.push({ name: `drawing ${count}`, label: null, shape: [28, 28], pixels, drawn: true, latents: {} });
   const index = state.inputs.length - 1;
-  state.selected.push(index);
+  select(index);
   renderInputs();
   await Promise.all(KINDS.filter((k) => state.models[k]).map((k) => encodeMissing(k)));
-  if (state.inputs[index].latents[active()]) {
-    snapTo(index);
+  if (KINDS.some((k) => state.inputs[index].latents[k])) {
+    snapTo(index, KINDS);
   } else {
-    $("output-note").textContent = "could not encode the drawing: is the encoder running?";
+    $("inputs-note").textContent = "Could not encode the drawing: is the encoder running?";
   }
   renderAll();
-});
-
-document.addEventListener("keydown", (event) => {
-  const target = event.target;
-  // arrows belong to the slider and the menu when they have the focus; everywhere else they move the line
-  if (target.tagName === "SELECT" || target.tagName === "TEXTAREA"
-      || (target.tagName === "INPUT" && target.type !== "checkbox")) return;
-  const kind = active();
-  const z = state.z[kind], axes = visibleAxes();
-  if (!z || !axes) return;
-  const dim = state.selectedDim;
-  if (event.key === "ArrowLeft" || event.key === "ArrowRight") {
-    selectDim((dim + (event.key === "ArrowRight" ? 1 : axes.length - 1)) % axes.length);
-  } else if (event.key === "ArrowUp" || event.key === "ArrowDown") {
-    const step = (axes[dim].hi - axes[dim].lo) * (event.shiftKey ? 0.05 : 0.01);
-    z[dim] = Math.min(axes[dim].hi, Math.max(axes[dim].lo, z[dim] + (event.key === "ArrowUp" ? step : -step)));
-    afterEdit();
-  } else {
-    return;
-  }
-  event.preventDefault();
 });
 
 // -- service status -------------------------------------------------------------------------------------
@@ -586,7 +729,12 @@ function statusChanged(services) {
   renderStatus();
   const cameBack = (name) => services[name]?.state === "up" && before[name]?.state !== "up";
   if (cameBack("encoder")) refresh();
-  if (cameBack("decoder")) { interpolationKey = ""; renderTraversalControls(); requestDecodes(); }
+  if (cameBack("decoder")) {
+    interpolationKey = "";
+    renderInterpolation();
+    KINDS.forEach(requestMain);
+    if (KINDS.some((k) => state.models[k] && !state.samples.shown[k])) drawSamples();
+  }
 }
 
 function connectionChanged(connected) {
@@ -595,5 +743,5 @@ function connectionChanged(connected) {
   if (connected) refresh();
 }
 
-blank($("output-image"));
+KINDS.forEach((k) => blank($(`output-${k}`)));
 renderStatus();
