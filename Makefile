@@ -9,7 +9,7 @@ PIP      := $(VENV)/bin/pip
 STAMP    := $(VENV)/.aevae-installed
 export AEVAE_DATA_ROOT ?= $(abspath $(wildcard ../shared/datasets))
 
-.PHONY: setup chromium up test proto bench clean
+.PHONY: setup chromium up test proto bench clean container-tools images smoke-containers
 
 setup: $(STAMP) chromium
 
@@ -42,3 +42,22 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# ---- containers (deploy/, docs/deploy.md) -------------------------------------------------------------------
+# podman for the container smoke test, which `make test` runs: installed when missing, like chromium (root).
+# runc: crun fails on these machines' hybrid cgroups; debootstrap: the base image without a registry.
+container-tools:
+	@command -v podman >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 || { \
+	  echo "installing Debian's podman for the container smoke test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap; }
+
+test: container-tools
+
+# The images with podman or docker, whichever is there: IMAGES="trainer ray" for the torch targets.
+IMAGES ?= encoder decoder ui
+images:
+	deploy/scripts/images.sh $(IMAGES)
+
+# Build the lean images, run them with compose, round-trip through aevae.client, SIGTERM (see the script).
+smoke-containers: setup container-tools
+	$(PY) deploy/scripts/smoke_containers.py $(SMOKE_ARGS)

@@ -253,7 +253,13 @@ def test_healthcheck_reports_a_real_decoder_and_ui_healthy_and_a_stopped_one_unh
 
 # ---- compose ---------------------------------------------------------------------------------------------
 
-def test_compose_trains_once_then_serves_with_health_based_ordering() -> None:
+def seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)s", duration)
+    assert match, f"a duration in seconds: {duration}"
+    return float(match.group(1))
+
+
+def test_compose_serves_a_repository_and_trains_first_with_the_train_profile() -> None:
     (compose,) = load_yaml(DEPLOY / "compose.yaml")
     services = compose["services"]
     assert set(services) == {"trainer", "encoder", "decoder", "ui"}
@@ -262,27 +268,38 @@ def test_compose_trains_once_then_serves_with_health_based_ordering() -> None:
         assert service["build"]["target"] == name and name in stages
         assert (ROOT / "deploy" / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == DOCKERFILE
         assert IMAGE.match(service["image"]).group(1) == name
-    # the trainer: one shot, guarded so that `up` does not train a new version every time
+    models = "${AEVAE_MODELS:-models}:/models"  # a host folder, or the named volume
+    # the trainer: only with --profile train, one shot, guarded so that `up` does not train every time
     trainer = services["trainer"]
-    assert trainer["restart"] == "no"
+    assert trainer["profiles"] == ["train"] and trainer["restart"] == "no"
     script = trainer["command"][0]
     train = shlex.split(re.search(r"exec (aevae train [^;]*)", script).group(1).replace("$${AEVAE_TRAIN_ARGS}", ""))
     args = parse_aevae(train[1:])
     assert args.models_dir == "/models" and args.data_root == "/data"
-    assert "models:/models" in trainer["volumes"]
-    for name in ("encoder", "decoder"):
+    assert models in trainer["volumes"]
+    for name in ("encoder", "decoder", "ui"):
         service = services[name]
-        assert service["depends_on"] == {"trainer": {"condition": "service_completed_successfully"}}
+        port = PORTS[name]
+        # hardened: read-only root filesystem with a tmpfs /tmp, no capabilities, no privilege gain
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
+        assert service["cap_drop"] == ["ALL"] and service["security_opt"] == ["no-new-privileges:true"]
+        assert service["ports"] == [f"${{AEVAE_BIND:-127.0.0.1}}:${{AEVAE_{name.upper()}_PORT:-{port}}}:{port}"]
+        assert str(port) in service["healthcheck"]["test"][-1]
         args = parse_aevae(service["command"])
-        assert (args.kind, args.port, args.host) == (name, PORTS[name], "0.0.0.0")
-        assert service["ports"] == [f"{PORTS[name]}:{PORTS[name]}"]
-        assert service["healthcheck"]["test"][-1] == f"127.0.0.1:{PORTS[name]}"
-        assert "models:/models:ro" in service["volumes"]
+        assert (args.port, args.host) == (port, "0.0.0.0")
+        if name == "ui":
+            continue
+        assert service["depends_on"] == {"trainer": {"condition": "service_completed_successfully",
+                                                     "required": False}}
+        assert args.kind == name
+        assert args.shutdown_delay + args.grace < seconds(service["stop_grace_period"]), "drained before SIGKILL"
+        assert service["volumes"] == [f"{models}:ro"]
     ui = services["ui"]
     assert ui["depends_on"] == {"encoder": {"condition": "service_healthy"},
                                 "decoder": {"condition": "service_healthy"}}
     args = parse_aevae(ui["command"])
-    assert (args.encoder, args.decoder, args.port) == ("encoder:50051", "decoder:50052", 8080)
+    assert (args.encoder, args.decoder) == ("encoder:50051", "decoder:50052")
+    assert "volumes" not in ui
     assert "models" in compose["volumes"]
 
 
@@ -306,6 +323,8 @@ def check_claims(pod_spec: dict[str, Any], claims: set[str]) -> None:
     for container in containers(pod_spec):
         for mount in container.get("volumeMounts", []):
             volume = volumes[mount["name"]]
+            if "emptyDir" in volume:  # scratch space (/tmp under a read-only root filesystem)
+                continue
             assert volume["persistentVolumeClaim"]["claimName"] in claims
 
 

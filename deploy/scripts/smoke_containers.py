@@ -1,0 +1,343 @@
+"""The container smoke test (`make smoke-containers`): the lean images, run with compose, used for real.
+
+1. builds the encoder, decoder and ui images (deploy/scripts/images.sh; --no-build uses the ones there are)
+   and checks that none of them carries torch, that they run as uid 10001 and carry HEALTHCHECK and labels;
+2. trains a small model repository on the host (--models DIR serves an existing one instead);
+3. `podman-compose -f deploy/compose.yaml up -d` with that repository mounted read-only, on free ports;
+4. waits for each service to answer SERVING (grpc.health.v1, polled from the host through aevae.client)
+   and then for each container's own HEALTHCHECK to pass;
+5. round-trips MNIST test digits through both services with aevae.client (encode, then decode), for the
+   VAE and the AE, and checks the answers against the same repository loaded in-process on the host;
+6. checks that the UI answers (its page and /api/status, both services up);
+7. `podman-compose stop`: SIGTERM, and every container must exit 0 within its stop grace period;
+8. prints the image sizes, build times, the time from `compose up` to SERVING and the round trip.
+
+Needs root and podman (apt-get install podman buildah runc debootstrap), podman-compose (the `dev` extra),
+and the project's venv for the host side. Exits non-zero on the first failure, with the containers' logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "deploy" / "compose.yaml"
+SERVICES = ("encoder", "decoder", "ui")
+GRACE = {"encoder": 15, "decoder": 15, "ui": 10}  # compose.yaml's stop_grace_period
+# podman on these machines: runc (crun fails on hybrid cgroups), bounded ulimits (the host's are huge).
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+[engine]
+runtime = "runc"
+"""
+SMALL_TRAINING = ["--train-limit", "2000", "--epochs", "1", "--batch-size", "128"]
+
+
+class SmokeFailure(Exception):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"smoke: {message}", flush=True)
+
+
+def run(cmd: list[str], timeout: float = 600, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and done.returncode != 0:
+        raise SmokeFailure(f"`{' '.join(cmd)}` exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_root() -> Path:
+    path = Path(os.environ.get("AEVAE_DATA_ROOT") or ROOT.parent / "shared" / "datasets")
+    if not (path / "MNIST" / "raw").is_dir():
+        raise SmokeFailure(f"MNIST not found: set AEVAE_DATA_ROOT to a folder holding MNIST/raw/ (tried {path})")
+    return path
+
+
+def test_digits(root: Path, n: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The first n test images (uint8, 28 x 28) and labels, read straight from the IDX files."""
+    raw = root / "MNIST" / "raw"
+    images = np.fromfile(raw / "t10k-images-idx3-ubyte", dtype=np.uint8, offset=16, count=n * 784)
+    labels = np.fromfile(raw / "t10k-labels-idx1-ubyte", dtype=np.uint8, offset=8, count=n)
+    return images.reshape(n, 28, 28), labels
+
+
+# ---- images ------------------------------------------------------------------------------------------------
+
+def build_images(env: dict[str, str]) -> list[str]:
+    start = time.monotonic()
+    done = run(["bash", str(ROOT / "deploy" / "scripts" / "images.sh"), *SERVICES], timeout=1800, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    for line in lines:
+        log(line)
+    log(f"images built in {time.monotonic() - start:.0f} s")
+    return lines
+
+
+def check_images(version: str) -> dict[str, str]:
+    sizes = {}
+    for name in SERVICES:
+        image = f"aevae-{name}:{version}"
+        (info,) = json.loads(run(["podman", "image", "inspect", image]).stdout)
+        config = info["Config"]
+        if config.get("User") != "10001:10001":
+            raise SmokeFailure(f"{image} runs as {config.get('User')!r}, not 10001:10001")
+        if not config.get("Healthcheck", {}).get("Test"):
+            raise SmokeFailure(f"{image} has no HEALTHCHECK (built without --format docker?)")
+        labels = config.get("Labels") or {}
+        for label in ("version", "source", "revision"):
+            if f"org.opencontainers.image.{label}" not in labels:
+                raise SmokeFailure(f"{image} lacks the label org.opencontainers.image.{label}")
+        probe = run(["podman", "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c",
+                     "import importlib.util as u; print([m for m in ('torch', 'ray') if u.find_spec(m)])"])
+        if probe.stdout.strip() != "[]":
+            raise SmokeFailure(f"{image} carries {probe.stdout.strip()}: the lean images must not")
+        sizes[name] = f"{info['Size'] / 1e6:.0f} MB"
+    return sizes
+
+
+# ---- the model repository ----------------------------------------------------------------------------------
+
+def train_small(folder: Path) -> Path:
+    models = folder / "models"
+    start = time.monotonic()
+    run([sys.executable, "-m", "aevae.cli", "train", "--data-root", str(data_root()), "--models-dir", str(models),
+         "--storage-path", str(folder / "ray"), *SMALL_TRAINING], timeout=900, cwd=ROOT)
+    log(f"trained a small repository ({' '.join(SMALL_TRAINING)}) in {time.monotonic() - start:.0f} s: {models}")
+    return models
+
+
+def readable_by_all(path: Path) -> None:
+    """The containers run as uid 10001: the repository and the folders above it must be readable to others."""
+    for parent in [path, *path.parents]:
+        if parent == Path("/"):
+            break
+        parent.chmod(parent.stat().st_mode | 0o005)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames:
+            p = Path(dirpath) / name
+            p.chmod(p.stat().st_mode | 0o005)
+        for name in filenames:
+            p = Path(dirpath) / name
+            p.chmod(p.stat().st_mode | 0o004)
+
+
+# ---- compose -----------------------------------------------------------------------------------------------
+
+class Stack:
+    def __init__(self, project: str, env: dict[str, str]):
+        self.project, self.env = project, env
+        self.compose = [sys.executable, "-m", "podman_compose", "-f", str(COMPOSE), "-p", project]
+
+    def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        return run([*self.compose, *args], timeout=timeout, check=check, env=self.env, cwd=ROOT)
+
+    def container(self, service: str) -> str:
+        names = run(["podman", "ps", "-a", "--filter", f"label=io.podman.compose.project={self.project}",
+                     "--filter", f"label=com.docker.compose.service={service}", "--format", "{{.Names}}"],
+                    env=self.env).stdout.split()
+        if len(names) != 1:
+            raise SmokeFailure(f"expected one container for {service}, found {names}")
+        return names[0]
+
+    def inspect(self, service: str) -> dict:
+        (info,) = json.loads(run(["podman", "inspect", self.container(service)], env=self.env).stdout)
+        return info
+
+    def logs(self) -> str:
+        out = []
+        for service in SERVICES:
+            try:
+                done = run(["podman", "logs", self.container(service)], check=False, env=self.env)
+                out.append(f"---- {service} ----\n{done.stdout[-4000:]}{done.stderr[-4000:]}")
+            except SmokeFailure as exc:
+                out.append(f"---- {service}: {exc}")
+        return "\n".join(out)
+
+
+def wait_serving(service: str, target: str, t0: float, timeout: float = 120) -> float:
+    from aevae.client import DecoderClient, EncoderClient
+
+    client_class = EncoderClient if service == "encoder" else DecoderClient
+    deadline = t0 + timeout
+    with client_class(target, timeout=2, retries=0) as client:
+        while True:
+            try:
+                if client.health(timeout=1) == "SERVING":
+                    return time.monotonic() - t0
+            except Exception:  # noqa: BLE001 - not up yet: refused, unavailable, deadline
+                pass
+            if time.monotonic() > deadline:
+                raise SmokeFailure(f"{service} at {target} was not SERVING {timeout:.0f} s after compose up")
+            time.sleep(0.05)
+
+
+def wait_healthcheck(stack: Stack, service: str, timeout: float = 60) -> None:
+    """The image's own HEALTHCHECK, run by podman in the container (what compose's ordering relies on)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = run(["podman", "healthcheck", "run", stack.container(service)], check=False, env=stack.env)
+        if done.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise SmokeFailure(f"{service}'s HEALTHCHECK kept failing: {done.stdout}{done.stderr}")
+        time.sleep(1)
+
+
+def in_process(models: Path):
+    """The same repository loaded on the host (aevae's own loader): what the containers must answer."""
+    from aevae.store import ModelStore
+
+    return ModelStore(models).get
+
+
+def round_trip(encoder: str, decoder: str, models: Path) -> list[str]:
+    from aevae.client import DecoderClient, EncoderClient
+
+    digits, _ = test_digits(data_root())
+    x = np.pad(digits.astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))  # the models' 32 x 32
+    load = in_process(models)
+    results = []
+    with EncoderClient(encoder, timeout=30) as enc, DecoderClient(decoder, timeout=30) as dec:
+        for model in ("vae", "ae"):
+            z = enc.encode(digits, model=model).mean
+            images = dec.decode(z, model=model)
+            if z.shape != (len(digits), 4) or images.shape != x.shape or images.dtype != np.float32:
+                raise SmokeFailure(f"{model}: latents {z.shape}, images {images.shape} {images.dtype}")
+            if not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+                raise SmokeFailure(f"{model}: decoded images outside [0, 1] or not finite")
+            if not np.array_equal(images, dec.decode(z, model=model)):
+                raise SmokeFailure(f"{model}: decoding the same latents twice gave different images")
+            local = load(model)
+            z_host = local.encode(x)[0]
+            images_host = local.decode(z)
+            dz, dx = float(np.abs(z - z_host).max()), float(np.abs(images - images_host).max())
+            mse = float(((images - x) ** 2).mean())
+            results.append(f"round trip {model}: {len(x)} MNIST test digits -> {z.shape[1]}-d latents -> "
+                           f"32 x 32 images; containers vs the host's in-process model: latents within "
+                           f"{dz:.1e}, images within {dx:.1e}; reconstruction MSE {mse:.4f}")
+            if dz > 1e-4 or dx > 1e-4:
+                raise SmokeFailure("the containers' answers differ from the in-process model: " + results[-1])
+    return results
+
+
+def check_ui(url: str) -> str:
+    with urllib.request.urlopen(url + "/", timeout=10) as response:
+        page = response.read().decode()
+        if response.status != 200 or "<html" not in page.lower():
+            raise SmokeFailure(f"the UI's page: HTTP {response.status}, {page[:200]!r}")
+    deadline = time.monotonic() + 30
+    while True:  # the UI polls the services on its own: wait until it has seen both up
+        with urllib.request.urlopen(url + "/api/status", timeout=10) as response:
+            status = json.loads(response.read())
+        states = {name: s.get("state", s.get("up")) for name, s in status.get("services", {}).items()}
+        if set(states) == {"encoder", "decoder"} and all(s in (True, "up", "SERVING") for s in states.values()):
+            return f"UI: page {len(page)} bytes, /api/status {json.dumps(states)}"
+        if time.monotonic() > deadline:
+            raise SmokeFailure(f"the UI does not see both services up: {status}")
+        time.sleep(0.5)
+
+
+def stop_all(stack: Stack) -> list[str]:
+    start = time.monotonic()
+    stack("stop", timeout=120)
+    elapsed = time.monotonic() - start
+    lines = []
+    for service in SERVICES:
+        state = stack.inspect(service)["State"]
+        if state["Running"] or state["ExitCode"] != 0:
+            raise SmokeFailure(f"{service} after SIGTERM: running={state['Running']}, exit {state['ExitCode']} "
+                               "(137: killed after the grace period)")
+        lines.append(f"{service} exit {state['ExitCode']}")
+    if elapsed > max(GRACE.values()):
+        raise SmokeFailure(f"compose stop took {elapsed:.1f} s, more than the grace period")
+    return [f"SIGTERM (compose stop): {', '.join(lines)}, all stopped in {elapsed:.1f} s "
+            f"(grace {GRACE['encoder']} s for the services, {GRACE['ui']} s for the UI)"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, help="serve this model repository instead of training one")
+    parser.add_argument("--no-build", action="store_true", help="use the images there are")
+    parser.add_argument("--keep", action="store_true", help="leave the stack running (and the temp folder)")
+    args = parser.parse_args(argv)
+    if shutil.which("podman") is None:
+        print("smoke: podman not found: apt-get install podman buildah runc debootstrap (make test does)",
+              file=sys.stderr)
+        return 1
+    version = next(line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
+                   if line.startswith("version = "))
+    folder = Path(tempfile.mkdtemp(prefix="aevae-smoke-"))
+    conf = folder / "containers.conf"
+    conf.write_text(CONTAINERS_CONF)
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    summary: list[str] = []
+    stack = None
+    try:
+        summary += build_images(env) if not args.no_build else []
+        sizes = check_images(version)
+        summary.append("image sizes: " + ", ".join(f"aevae-{n} {s}" for n, s in sizes.items()) + " (no torch)")
+        models = args.models.resolve() if args.models else train_small(folder)
+        readable_by_all(models)
+        ports = {name: free_port() for name in SERVICES}
+        env.update(AEVAE_MODELS=str(models), AEVAE_ENCODER_PORT=str(ports["encoder"]),
+                   AEVAE_DECODER_PORT=str(ports["decoder"]), AEVAE_UI_PORT=str(ports["ui"]))
+        stack = Stack(f"aevae-smoke-{os.getpid()}", env)
+        t0 = time.monotonic()
+        stack("up", "-d", timeout=300)
+        up_seconds = time.monotonic() - t0
+        serving = {name: wait_serving(name, f"127.0.0.1:{ports[name]}", t0) for name in ("encoder", "decoder")}
+        started = {}
+        for name in ("encoder", "decoder"):
+            state = stack.inspect(name)["State"]
+            started[name] = state["StartedAt"]
+        summary.append(f"compose up returned in {up_seconds:.1f} s; SERVING after "
+                       + ", ".join(f"{n} {s:.1f} s" for n, s in serving.items()) + " from `compose up`")
+        for name in SERVICES:
+            wait_healthcheck(stack, name)
+            info = stack.inspect(name)
+            if not info["HostConfig"].get("ReadonlyRootfs"):
+                raise SmokeFailure(f"{name} does not run with a read-only root filesystem")
+        summary.append("HEALTHCHECK passes in all three containers (read-only root filesystems, uid 10001)")
+        summary += round_trip(f"127.0.0.1:{ports['encoder']}", f"127.0.0.1:{ports['decoder']}", models)
+        summary.append(check_ui(f"http://127.0.0.1:{ports['ui']}"))
+        if args.keep:
+            summary.append(f"left running: project {stack.project}, ports {ports}")
+        else:
+            summary += stop_all(stack)
+    except (SmokeFailure, subprocess.TimeoutExpired) as exc:
+        print(f"smoke: FAILED: {exc}", file=sys.stderr)
+        if stack is not None:
+            print(stack.logs(), file=sys.stderr)
+        return 1
+    finally:
+        if stack is not None and not args.keep:
+            stack("down", "-v", "-t", "15", timeout=120, check=False)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    print("smoke: passed\n" + "\n".join(f"  {line}" for line in summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
