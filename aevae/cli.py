@@ -20,6 +20,7 @@ COMMANDS = (
     "aevae.client.cli",
     "aevae.ui.cli",
     "aevae.report.cli",
+    "aevae.batch.cli",
 )
 
 
@@ -28,13 +29,7 @@ def parser() -> argparse.ArgumentParser:
     root.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # a part not built yet
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return root
 
 

@@ -1,5 +1,41 @@
-"""The one exception type the CLI prints without a traceback."""
+"""The typed errors of aevae, transport-independent.
+
+`UserError` is what the CLI prints without a traceback. The `ServiceError` family is what the model store and
+the service logic raise; each is named after the gRPC status code it maps to, so the gRPC servicers map
+`code` onto grpc.StatusCode in one place, and a Ray Serve deployment or an HTTP front end can map it onto
+its own statuses.
+"""
 
 
 class UserError(Exception):
     """An error caused by the input or the environment; the message says what was wrong and what is accepted."""
+
+
+class ServiceError(Exception):
+    code = "INTERNAL"
+
+
+class InvalidArgument(ServiceError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(ServiceError, LookupError):
+    code = "NOT_FOUND"
+
+
+class ResourceExhausted(ServiceError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class FailedPrecondition(ServiceError):
+    code = "FAILED_PRECONDITION"
+
+
+class Unavailable(ServiceError):
+    code = "UNAVAILABLE"
+
+
+def shorten(text: object, limit: int = 80) -> str:
+    """A caller's string as it may be echoed into an error: repr'd and cut to `limit` characters."""
+    value = repr(text)
+    return value if len(value) <= limit else f"{value[:limit - 15]}...' ({len(str(text))} chars)"

@@ -13,7 +13,6 @@ from torch import nn
 from torch.nn import functional as F
 
 KINDS = ("ae", "vae")
-PIXELS = 32 * 32
 
 
 @dataclass(frozen=True)
@@ -62,9 +61,10 @@ class Autoencoder(nn.Module):
         if arch.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {arch.kind!r}")
         self.arch = arch
+        self.pixels = arch.image_shape[0] * arch.image_shape[1]
         heads = 2 if arch.kind == "vae" else 1
-        self.encoder = _mlp([PIXELS, *arch.hidden, heads * arch.latent_dim], arch)
-        self.decoder = _mlp([arch.latent_dim, *reversed(arch.hidden), PIXELS], arch)
+        self.encoder = _mlp([self.pixels, *arch.hidden, heads * arch.latent_dim], arch)
+        self.decoder = _mlp([arch.latent_dim, *reversed(arch.hidden), self.pixels], arch)
 
     @property
     def variational(self) -> bool:
@@ -72,7 +72,7 @@ class Autoencoder(nn.Module):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images -> (mean, log-variance); the AE's code is its mean and has no log-variance."""
-        h = self.encoder(x.reshape(x.shape[0], PIXELS))
+        h = self.encoder(x.reshape(x.shape[0], self.pixels))
         if not self.variational:
             return h, None
         mu, logvar = h.chunk(2, dim=1)

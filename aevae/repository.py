@@ -1,9 +1,15 @@
-"""The model repository: `<root>/<name>/<version>/{manifest.json, weights.pt, latent_stats.json}`.
+"""The model repository on disk: `<root>/<name>/<number>/{manifest.json, weights.pt, latent_stats.json, ...}`.
 
-Versions are integers and appear atomically: a version is written into a hidden folder beside its siblings and
-renamed into place, so a reader never sees half of one. The newest complete version is the default; a broken
-version (no manifest, unreadable files, weights that are not a plain state_dict) is reported and skipped.
-Weights are loaded with `weights_only=True`: a weights file carrying a pickle payload is refused, never run.
+Disk work only: listing versions and writing them atomically. Loading, checksum verification and the
+broken-version policy live in `aevae.store`; this module imports neither torch nor the model runtime.
+
+- A version appears atomically: it is written into a hidden folder beside its siblings and renamed into
+  place, so a reader never sees half of one.
+- Version numbers are canonical decimal folder names from 1 to 2**63 - 1 ("002" or "1e3" are not versions);
+  they are never reused: a high-water mark per model survives deleting the newest version, so a client
+  pinned to a number never silently gets other weights.
+- A version folder or file that resolves outside the repository root (a symlink) is broken unless the
+  repository is opened with `allow_symlinks=True`.
 """
 
 from __future__ import annotations
@@ -17,21 +23,22 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
-import numpy as np
+from aevae.manifest import FILE_NAME as MANIFEST
+from aevae.manifest import Manifest, ManifestError, json_default
 
 MODELS_DIR_ENV = "AEVAE_MODELS_DIR"
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
 STATS = "latent_stats.json"
+HIGH_WATER = ".high-water"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+NUMBER_PATTERN = re.compile(r"^[1-9][0-9]{0,18}$")
+MAX_NUMBER = 2**63 - 1  # what the wire's int64 holds
 
 log = logging.getLogger(__name__)
 
-
-class RepositoryError(LookupError):
-    """A model or version does not exist or cannot be loaded; the message lists what does exist."""
+FileWriter = Callable[[Path], None]
 
 
 def models_dir(value: str | os.PathLike[str] | None = None) -> Path:
@@ -47,133 +54,137 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def version_number(folder_name: str) -> int | None:
+    """The version number a folder name stands for, or None when it is not a canonical version name."""
+    if not NUMBER_PATTERN.match(folder_name):
+        return None
+    number = int(folder_name)
+    return number if number <= MAX_NUMBER else None
+
+
 @dataclass(frozen=True)
 class Version:
-    """A complete version on disk, with its manifest already parsed and checked."""
+    """A complete version on disk, with its manifest parsed and checked (its files are not yet verified)."""
 
     name: str
-    version: int
+    number: int
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
 
-    @property
-    def kind(self) -> str:
-        return str(self.manifest["kind"])
-
-    @property
-    def latent_dim(self) -> int:
-        return int(self.manifest["latent_dim"])
+    def file(self, name: str) -> Path:
+        return self.path / name
 
     def latent_stats(self) -> dict[str, Any]:
-        return json.loads((self.path / STATS).read_text())
+        return json.loads(self.file(STATS).read_text())
+
+    def fingerprint(self) -> tuple[tuple[str, int, int, int], ...]:
+        """(file, size, mtime, inode) of the manifest and every listed file: changes when any is replaced,
+        rewritten or deleted. OSError when a file is gone."""
+        out = []
+        for name in (MANIFEST, *sorted(self.manifest.files)):
+            st = os.stat(self.file(name))
+            out.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+        return tuple(out)
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.number}"
+
+
+@dataclass(frozen=True)
+class BrokenVersion:
+    name: str
+    number: int
+    path: Path
+    reason: str
 
 
 @dataclass
 class Scan:
-    """What a look at the repository found: good versions by name, and the broken ones with the reason."""
+    """What one look at the repository found: complete versions by name (ascending), and the broken ones."""
 
     versions: dict[str, list[Version]] = field(default_factory=dict)
-    broken: list[tuple[Path, str]] = field(default_factory=list)
+    broken: list[BrokenVersion] = field(default_factory=list)
 
-
-def _check_version(name: str, number: int, path: Path) -> Version:
-    """Raises ValueError with the reason when the version is incomplete or inconsistent."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise ValueError(f"no {MANIFEST}")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"unreadable {MANIFEST}: {exc}") from exc
-    for key in ("kind", "latent_dim", "architecture", "files"):
-        if key not in manifest:
-            raise ValueError(f"{MANIFEST} lacks {key!r}")
-    for filename in (WEIGHTS, STATS):
-        if not (path / filename).is_file():
-            raise ValueError(f"no {filename}")
-    return Version(name=name, version=number, path=path, manifest=manifest)
+    def describe(self, root: Path) -> str:
+        """`ae: 1, 2; vae: 1` - what exists, for error messages."""
+        if not self.versions:
+            return f"no models in {root.name or root} (train some with `aevae train`)"
+        return "; ".join(f"{n}: {', '.join(str(v.number) for v in vs)}" for n, vs in self.versions.items())
 
 
 class ModelRepository:
     """Reads and writes the repository at `root`. Cheap to create; every call looks at the disk anew."""
 
-    def __init__(self, root: str | os.PathLike[str] | None = None):
+    def __init__(self, root: str | os.PathLike[str] | None = None, allow_symlinks: bool = False):
         self.root = models_dir(root)
+        self.allow_symlinks = allow_symlinks
 
     def scan(self) -> Scan:
         scan = Scan()
         if not self.root.is_dir():
             return scan
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and NAME_PATTERN.match(p.name)):
+        root = self.root.resolve()
+        for model_dir in sorted(p for p in self.root.iterdir() if NAME_PATTERN.match(p.name) and p.is_dir()):
             found = []
             for entry in model_dir.iterdir():
-                if not (entry.is_dir() and entry.name.isdigit()):
+                number = version_number(entry.name)
+                if number is None:
+                    if entry.name[:1].isdigit():
+                        log.warning("ignoring %s: a version folder is named by a decimal number from 1 to "
+                                    "2**63-1 with no leading zeros", entry)
+                    continue
+                if not entry.is_dir():
                     continue
                 try:
-                    found.append(_check_version(model_dir.name, int(entry.name), entry))
+                    found.append(self._check(model_dir.name, number, entry, root))
                 except ValueError as reason:
-                    scan.broken.append((entry, str(reason)))
+                    scan.broken.append(BrokenVersion(model_dir.name, number, entry, str(reason)))
             if found:
-                scan.versions[model_dir.name] = sorted(found, key=lambda v: v.version)
-        for path, reason in scan.broken:
-            log.warning("skipping broken model version %s: %s", path, reason)
+                scan.versions[model_dir.name] = sorted(found, key=lambda v: v.number)
         return scan
 
-    def list(self) -> dict[str, list[Version]]:
+    def _check(self, name: str, number: int, path: Path, root: Path) -> Version:
+        """Raises ValueError with the reason when the version is incomplete or inconsistent."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise ValueError(f"no {MANIFEST}")
+        try:
+            manifest = Manifest.loads(manifest_path.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"unreadable {MANIFEST}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+        except ManifestError as exc:
+            raise ValueError(str(exc)) from None
+        for filename in (MANIFEST, *manifest.files):
+            file = path / filename
+            if not self.allow_symlinks and not file.resolve().is_relative_to(root):
+                raise ValueError(f"{filename} resolves outside the repository root (a symlink); "
+                                 "open the repository with allow_symlinks to serve it")
+            if not file.is_file():
+                raise ValueError(f"no {filename}")
+        return Version(name=name, number=number, path=path, manifest=manifest.with_(name=name, number=number))
+
+    def versions(self) -> dict[str, list[Version]]:
         return self.scan().versions
 
     def describe(self) -> str:
-        """`ae: 1, 2; vae: 1` - what exists, for error messages."""
-        versions = self.list()
-        if not versions:
-            return f"no models in {self.root} (train some with `aevae train`)"
-        return "; ".join(f"{n}: {', '.join(str(v.version) for v in vs)}" for n, vs in versions.items())
+        return self.scan().describe(self.root)
 
-    def resolve(self, name: str, version: int | None = None) -> Version:
-        """The given version, or the newest complete one when version is None or 0."""
-        versions = self.list()
-        if name not in versions:
-            raise RepositoryError(f"unknown model {name!r}; available: {self.describe()}")
-        if not version:
-            return versions[name][-1]
-        for v in versions[name]:
-            if v.version == version:
-                return v
-        raise RepositoryError(f"model {name!r} has no version {version}; available: {self.describe()}")
-
-    def load(self, name: str, version: int | None = None) -> "LoadedModel":
-        """Loads weights safely. A broken newest version falls back to the one before, with a warning."""
-        from aevae.inference import LoadedModel
-
-        chosen = self.resolve(name, version)
-        candidates = [chosen] if version else list(reversed(self.list()[name]))
-        errors = []
-        for candidate in candidates:
-            try:
-                return LoadedModel.from_version(candidate)
-            except Exception as exc:  # noqa: BLE001 - any failure to load makes the version unusable
-                log.warning("cannot load %s/%s: %s", name, candidate.version, exc)
-                errors.append(f"{candidate.version}: {exc}")
-        raise RepositoryError(f"no loadable version of {name!r}: " + "; ".join(errors))
-
-    def write(self, name: str, manifest: dict[str, Any], state_dict: dict, stats: dict[str, Any]) -> Version:
-        """Writes the next version atomically and returns it. Concurrent writers each get their own number."""
-        import torch
-
+    def write(self, name: str, manifest: Manifest, writers: Mapping[str, FileWriter]) -> Version:
+        """Writes the next version atomically and returns it. `writers` maps a file name to a function that
+        writes that file at the path it is given; every file is checksummed into the manifest. Concurrent
+        writers each get their own number."""
         if not NAME_PATTERN.match(name):
             raise ValueError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=model_dir))
         try:
-            torch.save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, staging / WEIGHTS)
-            (staging / STATS).write_text(json.dumps(stats, default=_json_default))
-            manifest = dict(manifest, name=name)
-            manifest["files"] = {f: sha256_file(staging / f) for f in (WEIGHTS, STATS)}
+            for filename, write in writers.items():
+                write(staging / filename)
+            manifest = manifest.with_(name=name, files={f: sha256_file(staging / f) for f in writers})
             while True:
-                number = 1 + max((int(p.name) for p in model_dir.iterdir() if p.name.isdigit()), default=0)
-                manifest["version"] = number
-                (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+                number = 1 + max(self._high_water(model_dir), *self._numbers(model_dir), 0)
+                (staging / MANIFEST).write_text(manifest.with_(number=number).dumps())
                 target = model_dir / str(number)
                 try:
                     os.rename(staging, target)  # fails if another writer took the number first
@@ -181,17 +192,37 @@ class ModelRepository:
                     if target.exists():
                         continue
                     raise
-                return _check_version(name, number, target)
+                self._set_high_water(model_dir, number)
+                return self._check(name, number, target, self.root.resolve())
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
+    @staticmethod
+    def _numbers(model_dir: Path) -> list[int]:
+        return [n for n in (version_number(p.name) for p in model_dir.iterdir()) if n is not None]
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+    @staticmethod
+    def _high_water(model_dir: Path) -> int:
+        try:
+            return int((model_dir / HIGH_WATER).read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _set_high_water(self, model_dir: Path, number: int) -> None:
+        if number <= self._high_water(model_dir):
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".high-water-", dir=model_dir)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{number}\n")
+        os.replace(tmp, model_dir / HIGH_WATER)
+
+
+def json_writer(data: Any) -> FileWriter:
+    """A writer for `ModelRepository.write` that stores `data` as JSON (numpy values allowed)."""
+
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(data, default=json_default))
+
+    return write
+

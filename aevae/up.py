@@ -4,7 +4,6 @@ says where they listen and how to call them, and stops everything cleanly on Ctr
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import signal
 import socket
 import subprocess
@@ -12,6 +11,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from aevae.errors import UserError
+from aevae.services.settings import PORTS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,9 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None,
                    help="folder holding MNIST/raw/, for training when the repository is empty (or AEVAE_DATA_ROOT)")
     p.add_argument("--host", default="127.0.0.1", help="address the services and the UI listen on")
-    p.add_argument("--encoder-port", type=int, default=50051)
-    p.add_argument("--decoder-port", type=int, default=50052)
-    p.add_argument("--ui-port", type=int, default=8080)
+    p.add_argument("--encoder-port", type=int, default=PORTS["encoder"])
+    p.add_argument("--decoder-port", type=int, default=PORTS["decoder"])
+    p.add_argument("--ui-port", type=int, default=PORTS["ui"])
     p.add_argument("--no-ui", action="store_true", help="serve the two gRPC services only")
     p.add_argument("--train-args", default="",
                    help="extra `aevae train` arguments for when the repository is empty, e.g. '--epochs 5'")
@@ -34,12 +36,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import shlex
 
-    from aevae.cli import UserError
     from aevae.repository import ModelRepository
+
     repository = ModelRepository(args.models_dir)
     stack = Stack(repository.root, args.host, serve_args=shlex.split(args.serve_args))
     try:
-        if not repository.list():
+        if not repository.versions():
             print(f"aevae up: no models in {repository.root.resolve()}: training the AE and the VAE with the defaults",
                   flush=True)
             if stack.train(args.data_root, shlex.split(args.train_args)) != 0:
@@ -63,7 +65,7 @@ class Stack:
         self.host = host
         self.serve_args = serve_args
         self.services: dict = {}
-        self.ui: subprocess.Popen[str] | None = None
+        self.ui: subprocess.Popen[bytes] | None = None
         self.ui_url = ""
         self._stop = threading.Event()
 
@@ -84,17 +86,14 @@ class Stack:
             service.wait_healthy()
 
     def start_ui(self, port: int, timeout: float = 60.0) -> None:
-        if importlib.util.find_spec("aevae.ui.cli") is None:
-            print("aevae up: the web UI (aevae.ui) is not installed; serving the gRPC services only", flush=True)
-            return
         command = [sys.executable, "-m", "aevae.cli", "ui", "--encoder", self.services["encoder"].address,
                    "--decoder", self.services["decoder"].address, "--host", self.host, "--port", str(port)]
-        self.ui = subprocess.Popen(command)
+        self.ui = ui = subprocess.Popen(command)
         host = _connectable(self.host)
         deadline = time.monotonic() + timeout
         while True:
-            if self.ui.poll() is not None:
-                raise RuntimeError(f"the web UI exited with code {self.ui.returncode} (see above)")
+            if ui.poll() is not None:
+                raise RuntimeError(f"the web UI exited with code {ui.returncode} (see above)")
             try:
                 socket.create_connection((host, port), timeout=1).close()
                 break

@@ -1,7 +1,7 @@
 """Ray Serve benchmark: one latent -> one image through Serve's gRPC proxy (sequential latency), and many
 concurrent one-latent calls with and without the Decode batcher (throughput). Prints figures; asserts nothing.
 
-    .venv/bin/python deploy/serve/bench_serve.py [--models-dir /tmp/full1] [--seconds 5] [--concurrency 16]
+    .venv/bin/python benchmarks/bench_serve.py [--models-dir /tmp/full1] [--seconds 5] [--concurrency 16]
 
 Serve runs in this process's local Ray with the config's gRPC settings and the decoder application from
 deploy/serve/config.yaml (its args, models_dir overridden); everything is shut down at the end.
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-CONFIG = Path(__file__).resolve().parent / "config.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve" / "config.yaml"
 
 
 def free_port() -> int:
@@ -46,12 +46,12 @@ def main() -> None:
     from ray import serve
     from ray.serve.config import gRPCOptions
 
-    from aevae.repository import ModelRepository
+    from aevae.store import ModelStore
     from aevae.services import serve_app
     from aevae.v1 import decoder_pb2, decoder_pb2_grpc
     from aevae.v1.tensors import to_tensor
 
-    model = ModelRepository(args.models_dir).load(args.model)
+    model = ModelStore(args.models_dir).get(args.model)
     z = np.random.default_rng(0).normal(size=(1, model.latent_dim)).astype(np.float32)
     times = []
     for _ in range(args.calls):

@@ -106,12 +106,12 @@ def main() -> int:
 
     from aevae import mnist
     from aevae.client import DecoderClient, EncoderClient
-    from aevae.repository import ModelRepository
+    from aevae.store import ModelStore
     from aevae.services.process import ServiceProcess
 
     models = repository(args.models_dir)
-    model = ModelRepository(models).load(args.model)
-    print(f"model {model.name}/{model.version.version} ({model.kind}, latent dim {model.latent_dim}) from {models}; "
+    model = ModelStore(models).get(args.model)
+    print(f"model {model.name}/{model.number} ({model.manifest.kind}, latent dim {model.latent_dim}) from {models}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rng = np.random.default_rng(0)

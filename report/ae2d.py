@@ -7,21 +7,23 @@ learning rate, seed, hidden layers, training subset), so that the comparison cha
 
 from __future__ import annotations
 
-from aevae.repository import ModelRepository, RepositoryError, Version
+from aevae.errors import FailedPrecondition, NotFound
+from aevae.inference import LoadedModel
+from aevae.store import ModelStore
 
 NAME = "ae-2d"
 LATENT_DIM = 2
 
 
-def find(repository: ModelRepository) -> Version | None:
+def find(store: ModelStore) -> LoadedModel | None:
     try:
-        return repository.resolve(NAME)
-    except RepositoryError:
+        return store.get(NAME)
+    except (NotFound, FailedPrecondition):
         return None
 
 
-def train(repository: ModelRepository, reference: Version, data_root: str | None, epochs: int | None = None,
-          train_limit: int | None = None, storage_path: str | None = None) -> Version:
+def train(store: ModelStore, reference: LoadedModel, data_root: str | None, epochs: int | None = None,
+          train_limit: int | None = None, storage_path: str | None = None) -> LoadedModel:
     """Trains `ae-2d` like `reference` (the 4-d AE) but with a 2-d latent; the trainer prints its progress."""
     try:
         import ray
@@ -35,7 +37,7 @@ def train(repository: ModelRepository, reference: Version, data_root: str | None
                           f"extra (pip install 'aevae[train]'), train it with `aevae train --models ae --name "
                           f"{NAME} --latent-dim {LATENT_DIM}`, or pass --no-ae2d") from None
 
-    training = reference.manifest.get("training", {})
+    training = reference.manifest.training
     defaults = TrainConfig()
     config = TrainConfig(
         models=("ae",), name=NAME, latent_dim=LATENT_DIM,
@@ -43,17 +45,18 @@ def train(repository: ModelRepository, reference: Version, data_root: str | None
         batch_size=int(training.get("batch_size", defaults.batch_size)),
         lr=float(training.get("lr", defaults.lr)),
         seed=int(training.get("seed", defaults.seed)),
-        hidden=tuple(reference.manifest["architecture"].get("hidden", defaults.hidden)),
+        hidden=tuple(reference.manifest.architecture.get("hidden", defaults.hidden)),
         train_limit=train_limit or training.get("train_limit"),
-        data_root=data_root, models_dir=str(repository.root), storage_path=storage_path,
+        data_root=data_root, models_dir=str(store.repository.root), storage_path=storage_path,
     )
     subset = f"first {config.train_limit:,}" if config.train_limit else "all"
-    print(f"{NAME} is missing: training it like {reference.name}/{reference.version} with a {LATENT_DIM}-d latent "
+    print(f"{NAME} is missing: training it like {reference.name}/{reference.number} with a {LATENT_DIM}-d latent "
           f"({config.epochs} epochs, {subset} training images)", flush=True)
     started_ray = not ray.is_initialized()
     try:
-        (version,) = job.run(config)
+        job.run(config)
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()  # the report needs no cluster after this; give the cores back
-    return version
+    store.scan(force=True)
+    return store.get(NAME)

@@ -19,7 +19,8 @@ from aevae.inference import LoadedModel
 from aevae.report import ae2d, classifier as digit_classifier, figures, information, page, samples
 from aevae.report.config import SEED_RANGES, ReportConfig
 from aevae.report.quantize import BITS, TOLERANCE_NATS, bce_per_image, rate_distortion
-from aevae.repository import ModelRepository
+from aevae.inference import sample
+from aevae.store import ModelStore
 
 FIGURES = "figures"
 
@@ -56,20 +57,6 @@ class _Part:
             self.progress.say(f"{self.title}: done in {seconds:.1f}s")
 
 
-def _encode(model: LoadedModel, images: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray | None]:
-    means, logvars = [], []
-    for start in range(0, len(images), batch):
-        mu, logvar = model.encode(images[start:start + batch])
-        means.append(mu)
-        if logvar is not None:
-            logvars.append(logvar)
-    return np.concatenate(means), (np.concatenate(logvars) if logvars else None)
-
-
-def _decode(model: LoadedModel, latents: np.ndarray, batch: int = 4096) -> np.ndarray:
-    return np.concatenate([model.decode(latents[s:s + batch]) for s in range(0, len(latents), batch)])
-
-
 def _bounds(stats: dict) -> tuple[list[float], list[float]]:
     return [d["min"] for d in stats["dims"]], [d["max"] for d in stats["dims"]]
 
@@ -81,11 +68,10 @@ def _range(values: np.ndarray) -> dict[str, Any]:
 
 def _model_info(model: LoadedModel) -> dict[str, Any]:
     m = model.manifest
-    training = m.get("training", {})
-    return {"name": model.name, "version": model.version.version, "kind": model.kind,
-            "latent_dim": model.latent_dim, "path": str(model.version.path), "epochs": training.get("epochs"),
-            "train_images": m.get("data", {}).get("train_images"), "created": m.get("created"),
-            "manifest_test_bce": m.get("metrics", {}).get("test_bce")}
+    return {"name": model.name, "version": model.number, "kind": m.kind,
+            "latent_dim": model.latent_dim, "path": str(model.version.path if model.version else ""),
+            "epochs": m.training.get("epochs"), "train_images": m.data.get("train_images"), "created": m.created,
+            "manifest_test_bce": m.metric("test_bce")}
 
 
 def run(config: ReportConfig) -> dict[str, Any]:
@@ -95,17 +81,18 @@ def run(config: ReportConfig) -> dict[str, Any]:
     (out / FIGURES).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(config.seed)
 
-    repository = ModelRepository(config.models_dir)
-    versions = {name: repository.resolve(name) for name in ("ae", "vae")}  # RepositoryError names what exists
+    store = ModelStore(config.models_dir, runtime="torch")  # BCE from the logits needs the torch module
+    repository = store.repository
+    versions = {name: store.get(name) for name in ("ae", "vae")}  # NotFound names what exists
     data = mnist.load(config.data_root)
     test = data.test.floats()[:config.test_limit]
     test_labels = data.test.labels[:config.test_limit]
     progress.say(f"MNIST from {data.source}; evaluating on {len(test):,} test images; models in {repository.root}")
 
-    small = ae2d.find(repository)
+    small = ae2d.find(store)
     if small is None and config.ae2d:
         with progress.part("ae2d_training", f"training {ae2d.NAME}"):
-            small = ae2d.train(repository, versions["ae"], config.data_root, config.ae2d_epochs,
+            small = ae2d.train(store, versions["ae"], config.data_root, config.ae2d_epochs,
                                config.ae2d_train_limit, config.storage_path)
     elif small is None:
         progress.say(f"{ae2d.NAME} is missing and --no-ae2d was given: the 2-d comparison is left out")
@@ -113,13 +100,13 @@ def run(config: ReportConfig) -> dict[str, Any]:
         versions[ae2d.NAME] = small
 
     with progress.part("load", "loading models and encoding the test set"):
-        models = {name: LoadedModel.from_version(v) for name, v in versions.items()}
+        models = versions
         stats = {name: m.latent_stats() for name, m in models.items()}
-        encoded = {name: _encode(m, test) for name, m in models.items()}
+        encoded = {name: m.encode(test) for name, m in models.items()}
         means = {name: e[0] for name, e in encoded.items()}
         float_bce = {name: bce_per_image(m, means[name], test) for name, m in models.items()}
         for name, m in models.items():
-            progress.say(f"  {name}/{m.version.version}: {m.kind}, {m.latent_dim}-d latent, test BCE from the "
+            progress.say(f"  {name}/{m.number}: {m.manifest.kind}, {m.latent_dim}-d latent, test BCE from the "
                          f"encoder mean {float_bce[name].mean():.2f} nats/image")
 
     train_count = min(config.classifier_train_limit, len(data.train.images))
@@ -174,9 +161,9 @@ def run(config: ReportConfig) -> dict[str, Any]:
             "uniform noise images": samples.uniform_noise_images(n, rng),
         }
         for name, m in models.items():
-            sources[f"{name}: N(0, I)"] = _decode(m, samples.standard_normal(n, m.latent_dim, rng))
+            sources[f"{name}: N(0, I)"] = m.decode(samples.standard_normal(n, m.latent_dim, rng))
             lo, hi = _bounds(stats[name])
-            sources[f"{name}: uniform in its box"] = _decode(m, samples.uniform_box(n, lo, hi, rng))
+            sources[f"{name}: uniform in its box"] = m.decode(samples.uniform_box(n, lo, hi, rng))
         validity, raw = {}, {}
         for label, images in sources.items():
             validity[label] = digit_classifier.validity(classifier.probabilities(images))
@@ -199,7 +186,7 @@ def run(config: ReportConfig) -> dict[str, Any]:
     with progress.part("ranges", "5/7 latent ranges on the test set"):
         ranges = {name: _range(means[name]) for name in ("ae", "vae")}
         mu, logvar = encoded["vae"]
-        sampled = mu + np.exp(0.5 * logvar) * rng.standard_normal(mu.shape).astype(np.float32)
+        sampled = sample(mu, logvar, rng)
         save("ranges", figures.latent_ranges(ranges, SEED_RANGES, out / FIGURES / "ranges.png"))
         width = {n: r["max"] - r["min"] for n, r in ranges.items()}
         numbers["ranges"] = {**ranges, "vae_sampled": _range(sampled),
@@ -231,7 +218,7 @@ def run(config: ReportConfig) -> dict[str, Any]:
             by = numbers["information"]["rate_distortion"]
             numbers["information"]["ae2d_vs_vae"] = {
                 "ae2d_float_bce": by[ae2d.NAME]["float_bce"], "vae_float_bce": by["vae"]["float_bce"],
-                "vae_manifest_test_bce": models["vae"].manifest.get("metrics", {}).get("test_bce"),
+                "vae_manifest_test_bce": models["vae"].manifest.metric("test_bce"),
                 "difference": by[ae2d.NAME]["float_bce"] - by["vae"]["float_bce"],
                 "at_equal_total_bits": {
                     str(t): {"ae-2d": a, "vae": v} for t, a in zip(by[ae2d.NAME]["total_bits"], by[ae2d.NAME]["bce"])

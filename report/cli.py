@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace):
     from pathlib import Path
 
-    from aevae.cli import UserError
+    from aevae.errors import UserError
     from aevae.report.config import ReportConfig
 
     for name in ("samples", "test_limit", "ae2d_epochs", "ae2d_train_limit", "classifier_train_limit"):
@@ -50,14 +50,13 @@ def config_from_args(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from aevae import mnist
-    from aevae.cli import UserError
+    from aevae.errors import FailedPrecondition, NotFound, UserError
     from aevae.report import build
     from aevae.report.config import ReportError
-    from aevae.repository import RepositoryError
 
     config = config_from_args(args)
     try:
         build.run(config)
-    except (mnist.MnistError, RepositoryError, ReportError) as exc:
+    except (mnist.MnistError, NotFound, FailedPrecondition, ReportError) as exc:
         raise UserError(str(exc)) from None
     return 0

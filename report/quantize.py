@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from aevae.inference import LoadedModel
+from aevae.runtimes import torch_module
 
 BITS = tuple(range(1, 17))
 TOLERANCE_NATS = 1.0
@@ -42,16 +43,19 @@ def bce_per_image(model: LoadedModel, latents: np.ndarray, images: np.ndarray, b
     # Coarsely quantized codes repeat a lot (1 bit x 4 dims has 16 values): decode each distinct code once.
     codes, inverse = np.unique(np.asarray(latents, dtype=np.float32), axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
+    if not len(codes):
+        return np.zeros(0)
     out = []
     with torch.inference_mode():
-        logits = torch.cat([model.model.decode_logits(torch.from_numpy(codes[s:s + batch]))
-                            for s in range(0, len(codes), batch)]) if len(codes) else None
+        module = torch_module(model)
+        logits = torch.cat([module.decode_logits(torch.from_numpy(codes[s:s + batch]))
+                            for s in range(0, len(codes), batch)])
         for start in range(0, len(latents), batch):
             x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch], dtype=np.float32))
             chosen = logits[torch.from_numpy(inverse[start:start + batch])]
             bce = F.binary_cross_entropy_with_logits(chosen, x, reduction="none")
             out.append(bce.reshape(len(x), -1).sum(dim=1).double().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    return np.concatenate(out)
 
 
 @dataclass(frozen=True)

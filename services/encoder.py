@@ -1,6 +1,6 @@
 """The encoder's logic, transport-independent: numpy images in, numpy latents out, typed errors.
 
-The gRPC servicer (grpc_encoder.py) is one front end; a Ray Serve deployment can wrap the same class.
+The gRPC servicer (grpc_encoder.py) is one front end; the Ray Serve deployment wraps the same class.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from aevae.inference import sample
 from aevae.services import inputs
-from aevae.services.limits import Limits
-from aevae.services.model_cache import ModelCache, ModelSummary
+from aevae.services.settings import Limits
+from aevae.store import ModelStore, ModelSummary
 
 
 @dataclass(frozen=True)
@@ -25,36 +26,26 @@ class Encoded:
 
 
 class EncoderLogic:
-    def __init__(self, cache: ModelCache, limits: Limits = Limits()):
-        self.cache = cache
+    def __init__(self, store: ModelStore, limits: Limits):
+        self.store = store
         self.limits = limits
 
-    def ready(self, model: str, version: int) -> bool:
+    def ready(self, model: str, version: int | None) -> bool:
         """True when encoding needs no disk access: the caller may then run it inline."""
-        return self.cache.peek(model, version or None) is not None
+        return self.store.peek(model, version) is not None
 
-    def encode(
-        self,
-        model: str,
-        version: int,
-        images: np.ndarray,
-        noise: np.random.Generator | None = None,
-    ) -> Encoded:
+    def encode(self, model: str, version: int | None, images: np.ndarray,
+               noise: np.random.Generator | None = None) -> Encoded:
         """`noise` given: also draw z = mean + exp(logvar / 2) * eps from it (the AE's sample is its mean)."""
-        loaded = self.cache.get(inputs.model_name(model), inputs.version_number(version))
+        loaded = self.store.get(inputs.model_name(model), version)
         self.limits.check_batch(len(images), "images")
-        mean, logvar = loaded.encode(inputs.images(images))
-        sample = None
-        if noise is not None:
-            sample = mean.copy()
-            if logvar is not None:
-                eps = noise.standard_normal(mean.shape, dtype=np.float32)
-                sample += np.exp(0.5 * logvar) * eps
-        return Encoded(loaded.name, loaded.version.version, mean, logvar, sample)
+        mean, logvar = loaded.encode(inputs.images(images, loaded.image_shape))
+        z = None if noise is None else sample(mean, logvar, noise)
+        return Encoded(loaded.name, loaded.number, mean, logvar, z)
 
     def list_models(self) -> list[ModelSummary]:
-        return self.cache.summaries()
+        return self.store.summaries()
 
-    def latent_stats(self, model: str, version: int) -> tuple[str, int, dict[str, Any]]:
-        resolved = self.cache.resolve(inputs.model_name(model), inputs.version_number(version))
-        return resolved.name, resolved.version, resolved.latent_stats()
+    def latent_stats(self, model: str, version: int | None) -> tuple[str, int, dict[str, Any]]:
+        loaded = self.store.get(inputs.model_name(model), version)  # the statistics of a loadable version
+        return loaded.name, loaded.number, loaded.latent_stats()

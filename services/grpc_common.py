@@ -11,11 +11,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
-from aevae.services.errors import ServiceError
-from aevae.services.limits import Limits
-from aevae.services.model_cache import ModelSummary
+from aevae.errors import ServiceError
+from aevae.inference import NonFiniteOutput
+from aevae.services.settings import Limits
+from aevae.store import ModelSummary
 from aevae.v1 import tensor_pb2
-from aevae.v1.tensors import TensorError
+from aevae.v1.tensors import WireError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,10 +42,12 @@ async def guarded(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
         return await work
     except StopAsyncIteration:
         raise
-    except TensorError as exc:
+    except WireError as exc:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except ServiceError as exc:
         await context.abort(grpc.StatusCode[exc.code], str(exc))
+    except NonFiniteOutput as exc:
+        await context.abort(grpc.StatusCode.INTERNAL, f"{exc}; the result was withheld")
     except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
         log.exception("internal error")
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
@@ -112,7 +115,7 @@ async def served_stream(
 
 def prefixed(error: Exception, prefix: str) -> Exception:
     """The same error with the position in a stream in front of its message."""
-    if isinstance(error, (ServiceError, TensorError)):
+    if isinstance(error, (ServiceError, WireError)):
         return type(error)(f"{prefix}: {error}")
     return error
 
@@ -121,8 +124,9 @@ def models_response(summaries: list[ModelSummary], limits: Limits) -> tensor_pb2
     return tensor_pb2.ListModelsResponse(
         models=[
             tensor_pb2.ModelInfo(
-                name=s.name, version=s.version, versions=s.versions, kind=s.kind, latent_dim=s.latent_dim,
-                image_shape=list(s.image_shape), metrics=s.metrics,
+                name=s.name, version=s.number, versions=s.numbers, kind=s.kind, latent_dim=s.latent_dim,
+                image_shape=list(s.image_shape), metrics=s.metrics, runtime=s.runtime,
+                broken=[tensor_pb2.BrokenVersion(version=n, reason=r) for n, r in s.broken.items()],
             )
             for s in summaries
         ],

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any, AsyncIterator
 
 import grpc
 import numpy as np
@@ -11,7 +11,7 @@ import numpy as np
 from aevae.services.encoder import EncoderLogic
 from aevae.services.grpc_common import Runner, guarded, models_response, served_stream
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
-from aevae.v1.tensors import from_tensor, to_tensor
+from aevae.v1.tensors import from_tensor, to_tensor, version_from_wire
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
@@ -21,10 +21,10 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         self.stream_depth = stream_depth
 
     def _encode(
-        self, request: encoder_pb2.EncodeRequest, noise: np.random.Generator | None
+        self, request: encoder_pb2.EncodeRequest, version: int | None, noise: np.random.Generator | None
     ) -> encoder_pb2.EncodeResponse:
         images = from_tensor(request.images, "images")
-        out = self.logic.encode(request.model, request.version, images, noise)
+        out = self.logic.encode(request.model, version, images, noise)
         response = encoder_pb2.EncodeResponse(model=out.model, version=out.version, mean=to_tensor(out.mean))
         if out.logvar is not None:
             response.logvar.CopyFrom(to_tensor(out.logvar))
@@ -32,11 +32,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             response.sample.CopyFrom(to_tensor(out.sample))
         return response
 
-    def _submit(
+    async def _submit(
         self, request: encoder_pb2.EncodeRequest, noise: np.random.Generator | None
-    ) -> Awaitable[encoder_pb2.EncodeResponse]:
+    ) -> encoder_pb2.EncodeResponse:
+        version = version_from_wire(request.version)
         n = request.images.shape[0] if request.images.shape else 0
-        return self.run(lambda: self._encode(request, noise), n, self.logic.ready(request.model, request.version))
+        return await self.run(lambda: self._encode(request, version, noise), n,
+                              self.logic.ready(request.model, version))
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
         return await guarded(context, self._submit(request, _noise(request)))
@@ -66,10 +68,12 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         return models_response(summaries, self.logic.limits)
 
     async def GetLatentStats(self, request: encoder_pb2.GetLatentStatsRequest, context: grpc.aio.ServicerContext):
-        name, version, stats = await guarded(
-            context, self.run(lambda: self.logic.latent_stats(request.model, request.version), 0, False)
-        )
-        return latent_stats_message(name, version, stats)
+        async def work() -> tuple[str, int, dict[str, Any]]:
+            version = version_from_wire(request.version)
+            return await self.run(lambda: self.logic.latent_stats(request.model, version), 0, False)
+
+        name, number, stats = await guarded(context, work())
+        return latent_stats_message(name, number, stats)
 
 
 def _noise(request: encoder_pb2.EncodeRequest) -> np.random.Generator | None:

@@ -1,17 +1,20 @@
-"""Checks and normalizes what a request carries, numpy only: images to the training layout, latents as is.
+"""Checks what a request carries, numpy only, against the model that will serve it.
 
 Every error names the field, what is accepted and what came, so that a caller can fix the request without
-reading this file.
+reading this file. Arrays are checked, not converted: the model converts them chunk by chunk, so a big
+request costs little more memory than its own bytes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from aevae.services.errors import InvalidArgument
+from aevae.errors import InvalidArgument, shorten
+from aevae.inference import PAD, accepted_image_shapes
 
-IMAGE_SHAPES = ((32, 32), (28, 28))
-PAD = 2  # 28 x 28 MNIST digits are padded by 2 zero pixels per side to 32 x 32, as in training
+# Latents beyond this magnitude are refused: far outside any trained latent space (|z| < 100 here), and past
+# about 1e19 float32 arithmetic overflows into NaN images.
+LATENT_BOUND = 1e4
 
 
 def model_name(name: str) -> str:
@@ -20,45 +23,42 @@ def model_name(name: str) -> str:
     return name
 
 
-def version_number(version: int) -> int | None:
-    """0 means the newest."""
-    if version < 0:
-        raise InvalidArgument(f"version: expected 0 (the newest) or a positive version, got {version}")
-    return version or None
-
-
 def _finite(array: np.ndarray, field: str) -> None:
     if array.size and not np.isfinite(array).all():
         bad = np.argwhere(~np.isfinite(array))[0].tolist()
         raise InvalidArgument(f"{field}: expected finite values, got {array[tuple(bad)]} at index {bad}")
 
 
-def images(array: np.ndarray, field: str = "images") -> np.ndarray:
-    """N x 32 x 32 or N x 28 x 28, uint8 0..255 or float32 in [0, 1] -> float32 N x 32 x 32 in [0, 1]."""
-    if array.ndim != 3 or tuple(array.shape[1:]) not in IMAGE_SHAPES:
-        raise InvalidArgument(
-            f"{field}.shape: expected N x 32 x 32 or N x 28 x 28, got {list(array.shape)}"
-        )
-    if array.dtype == np.uint8:
-        floats = array.astype(np.float32) / np.float32(255)
-    else:
+def images(array: np.ndarray, image_shape: tuple[int, int], field: str = "images") -> np.ndarray:
+    """N x H x W of the model's image shape (or the shape before padding by PAD pixels per side), uint8
+    0..255 or float32 in [0, 1]."""
+    shapes = accepted_image_shapes(image_shape)
+    if array.ndim != 3 or tuple(array.shape[1:]) not in shapes:
+        wanted = " or ".join(f"N x {h} x {w}" for h, w in shapes)
+        raise InvalidArgument(f"{field}.shape: expected {wanted}, got {list(array.shape)}")
+    if array.dtype != np.uint8:
         _finite(array, field)
         if array.size and (array.min() < 0 or array.max() > 1):
             raise InvalidArgument(
                 f"{field}: float32 pixels must lie in [0, 1] (send uint8 for 0..255), "
                 f"got values in [{array.min():g}, {array.max():g}]"
             )
-        floats = np.asarray(array, dtype=np.float32)
-    if floats.shape[1:] == (28, 28):
-        floats = np.pad(floats, ((0, 0), (PAD, PAD), (PAD, PAD)))
-    return floats
+    return array
 
 
 def latents(array: np.ndarray, latent_dim: int, model: str, field: str = "latents") -> np.ndarray:
-    """N x latent_dim float32, finite."""
+    """N x latent_dim float32, finite, each value within +-LATENT_BOUND."""
     if array.ndim != 2 or array.shape[1] != latent_dim:
         raise InvalidArgument(
-            f"{field}.shape: model {model!r} expects N x {latent_dim} latents, got {list(array.shape)}"
+            f"{field}.shape: model {shorten(model)} expects N x {latent_dim} latents, got {list(array.shape)}"
         )
     _finite(array, field)
+    if array.size:
+        rows = np.flatnonzero(np.abs(array).max(axis=1) > LATENT_BOUND)
+        if len(rows):
+            raise InvalidArgument(f"{field}: values must lie in [-{LATENT_BOUND:g}, {LATENT_BOUND:g}]; row "
+                                  f"{rows[0]} holds {array[rows[0]].tolist()}")
     return array
+
+
+__all__ = ["LATENT_BOUND", "PAD", "images", "latents", "model_name"]

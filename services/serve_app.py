@@ -12,9 +12,8 @@ Run it with `serve run deploy/serve/config.yaml` (see docs/deploy.md), or build 
 
 from __future__ import annotations
 
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, TypeVar
 
 import grpc
@@ -23,16 +22,18 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.grpc_util import RayServegRPCContext
 
+from aevae.errors import InvalidArgument, ServiceError
 from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.services.errors import InvalidArgument, ServiceError
 from aevae.services.grpc_common import Runner, guarded
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
-from aevae.services.limits import Limits
-from aevae.services.model_cache import ModelCache
+from aevae.services.server import open_store
+from aevae.services.settings import ServiceSettings
 from aevae.v1 import decoder_pb2, encoder_pb2, tensor_pb2
-from aevae.v1.tensors import from_tensor, to_tensor
+from aevae.v1.tensors import from_tensor, to_tensor, version_from_wire
+
+DEFAULTS = ServiceSettings()
 
 T = TypeVar("T")
 
@@ -51,49 +52,6 @@ AUTOSCALING = {
     "downscale_delay_s": 60,
 }
 MAX_ONGOING_REQUESTS = 64  # >= the Decode batch size, so that a full batch can gather on one replica
-
-
-@dataclass(frozen=True)
-class ServeArgs:
-    """The application arguments (`args:` in the Serve config); the same knobs as `aevae serve`."""
-
-    models_dir: str | None = None  # None: $AEVAE_MODELS_DIR or ./models
-    max_message_bytes: int = Limits.max_message_bytes
-    max_batch: int = Limits.max_batch
-    refresh_seconds: float = 2.0
-    workers: int = 2  # threads running the model off the replica's event loop
-    inline_max: int = 64
-    torch_threads: int | None = None
-    batch_size: int = 32  # Decode requests merged into one forward pass
-    batch_wait_s: float = 0.002  # how long the first request of a batch waits for company
-    batch_rows: int = 256  # Decode requests with more latents than this are big enough alone: no batching
-
-    @classmethod
-    def parse(cls, args: dict[str, Any] | None) -> "ServeArgs":
-        """Unknown keys and wrong types fail the deploy with a message naming the key and what is accepted."""
-        args = dict(args or {})
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(args) - set(known))
-        if unknown:
-            raise ValueError(f"unknown application args {unknown}; accepted: {sorted(known)}")
-        values: dict[str, Any] = {}
-        for name, value in args.items():
-            default = getattr(cls, name)
-            if value is None or name == "models_dir":
-                values[name] = None if value is None else str(value)
-                continue
-            kind = float if isinstance(default, float) else int
-            try:
-                values[name] = kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"args.{name}: expected {kind.__name__}, got {value!r}") from None
-            if values[name] < 0 or (values[name] == 0 and name not in ("inline_max", "batch_wait_s")):
-                raise ValueError(f"args.{name}: expected a positive number, got {value!r}")
-        return cls(**values)
-
-    @property
-    def limits(self) -> Limits:
-        return Limits(max_message_bytes=self.max_message_bytes, max_batch=self.max_batch)
 
 
 class _Aborted(Exception):
@@ -127,17 +85,13 @@ async def _unary(context: RayServegRPCContext, call: Awaitable[T], empty: T) -> 
 class _Replica:
     """What both deployments share: arguments, the model cache, and the executor the model runs in."""
 
-    def __init__(self, args: dict[str, Any] | None):
-        # Request tensors are read-only views on the message bytes; the model only reads them.
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        self.args = ServeArgs.parse(args)
-        if self.args.torch_threads:
-            import torch
+    servicer: Any  # each deployment's own aevae.v1 servicer
 
-            torch.set_num_threads(self.args.torch_threads)
-        self.cache = ModelCache(self.args.models_dir, refresh_seconds=self.args.refresh_seconds)
-        self.executor = ThreadPoolExecutor(max_workers=self.args.workers, thread_name_prefix="aevae-serve")
-        self.run = Runner(self.executor, self.args.inline_max)
+    def __init__(self, args: dict[str, Any] | None):
+        self.settings = ServiceSettings.from_mapping(args)
+        self.store = open_store(self.settings)
+        self.executor = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="aevae-serve")
+        self.run = Runner(self.executor, self.settings.inline_max)
 
     def __del__(self) -> None:
         self.executor.shutdown(wait=False)
@@ -154,7 +108,7 @@ class EncoderDeployment(_Replica):
 
     def __init__(self, args: dict[str, Any] | None = None):
         super().__init__(args)
-        self.servicer = EncoderServicer(EncoderLogic(self.cache, self.args.limits), self.run)
+        self.servicer = EncoderServicer(EncoderLogic(self.store, self.settings.limits), self.run)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, grpc_context: RayServegRPCContext):
         return await _unary(grpc_context, self.servicer.Encode(request, _ServeContext(grpc_context)),
@@ -173,7 +127,7 @@ class EncoderDeployment(_Replica):
 @dataclass(frozen=True)
 class _DecodeItem:
     model: str
-    version: int
+    version: int | None
     latents: np.ndarray
     dtype: str
 
@@ -184,10 +138,11 @@ class DecoderDeployment(_Replica):
 
     def __init__(self, args: dict[str, Any] | None = None):
         super().__init__(args)
-        self.logic = DecoderLogic(self.cache, self.args.limits)
+        self.logic = DecoderLogic(self.store, self.settings.limits)
         self.servicer = DecoderServicer(self.logic, self.run)
-        self._batched.set_max_batch_size(self.args.batch_size)
-        self._batched.set_batch_wait_timeout_s(self.args.batch_wait_s)
+        # serve.batch adds these setters to the method at run time; its type hints do not show them.
+        self._batched.set_max_batch_size(self.settings.batch_size)  # type: ignore[attr-defined]
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_s)  # type: ignore[attr-defined]
 
     async def Decode(self, request: decoder_pb2.DecodeRequest, grpc_context: RayServegRPCContext):
         return await _unary(grpc_context, guarded(_ServeContext(grpc_context), self._decode(request)),
@@ -196,8 +151,8 @@ class DecoderDeployment(_Replica):
     async def _decode(self, request: decoder_pb2.DecodeRequest) -> decoder_pb2.DecodeResponse:
         """request -> validation -> (batch with other small requests) -> model -> response."""
         latents = from_tensor(request.latents, "latents", dtypes=("float32",))
-        item = _DecodeItem(request.model, request.version, latents, request.dtype)
-        if latents.ndim == 2 and len(latents) <= self.args.batch_rows:
+        item = _DecodeItem(request.model, version_from_wire(request.version), latents, request.dtype)
+        if latents.ndim == 2 and len(latents) <= self.settings.batch_rows:
             out = await self._batched(item)
         else:
             out = await self.run(lambda: self._decode_one(item), len(latents), False)
@@ -205,7 +160,7 @@ class DecoderDeployment(_Replica):
             raise out
         return decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=DEFAULTS.batch_size, batch_wait_timeout_s=DEFAULTS.batch_wait_s)
     async def _batched(self, items: list[_DecodeItem]) -> list[Decoded | Exception]:
         return await self.run(lambda: self._decode_together(items), sum(len(i.latents) for i in items), False)
 
@@ -219,7 +174,7 @@ class DecoderDeployment(_Replica):
         """One forward pass per (model, version, dtype, latent width) among the batch's requests; if that
         fails (one request's bad latents), its requests are decoded one by one, so each gets its own answer
         and no request fails because of a neighbour."""
-        groups: dict[tuple[str, int, str, int], list[int]] = {}
+        groups: dict[tuple[str, int | None, str, int], list[int]] = {}
         for index, item in enumerate(items):
             groups.setdefault((item.model, item.version, item.dtype, item.latents.shape[1]), []).append(index)
         results: list[Decoded | Exception] = [InvalidArgument("not decoded")] * len(items)  # all replaced
@@ -249,11 +204,11 @@ class DecoderDeployment(_Replica):
 
 def encoder(args: dict[str, Any] | None = None) -> Application:
     """Application builder (`import_path: aevae.services.serve_app:encoder` in the Serve config)."""
-    ServeArgs.parse(args)  # fail the deploy early, in the builder, on bad args
-    return EncoderDeployment.bind(args)
+    ServiceSettings.from_mapping(args)  # fail the deploy early, in the builder, on bad args
+    return EncoderDeployment.bind(args)  # type: ignore[attr-defined]  # serve.deployment makes it a Deployment
 
 
 def decoder(args: dict[str, Any] | None = None) -> Application:
     """Application builder (`import_path: aevae.services.serve_app:decoder` in the Serve config)."""
-    ServeArgs.parse(args)
-    return DecoderDeployment.bind(args)
+    ServiceSettings.from_mapping(args)
+    return DecoderDeployment.bind(args)  # type: ignore[attr-defined]  # serve.deployment makes it a Deployment

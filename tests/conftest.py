@@ -1,31 +1,13 @@
-"""Shared fixtures: the MNIST data root and one small repository trained by the real Ray job per session."""
+"""Fixtures: the MNIST data root, a small repository trained by the real Ray job once per session, and tiny
+repositories written without Ray for the fast tier. Helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-AEVAE = [sys.executable, "-m", "aevae.cli"]
-SMALL_TRAINING = ["--train-limit", "2000", "--epochs", "1", "--batch-size", "128"]
-
-
-def data_root() -> Path:
-    value = os.environ.get("AEVAE_DATA_ROOT") or str(ROOT.parent / "shared" / "datasets")
-    path = Path(value)
-    if not (path / "MNIST" / "raw").is_dir():
-        pytest.fail(f"MNIST not found: set AEVAE_DATA_ROOT to a folder holding MNIST/raw/ (tried {path})")
-    return path
-
-
-def run_aevae(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs the real console script in a subprocess and returns what it printed."""
-    return subprocess.run([*AEVAE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=ROOT)
+from helpers import SMALL_TRAINING, data_root, run_aevae, write_tiny
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +26,14 @@ def trained_repo(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> 
                      "--storage-path", str(models.parent / "ray"), *SMALL_TRAINING)
     assert done.returncode == 0, done.stdout + done.stderr
     return models
+
+
+@pytest.fixture
+def tiny_repo(tmp_path: Path) -> Path:
+    """ae/1 and vae/1 (4-d latent, 32 x 32) and vae8/1 (8-d latent, 24 x 20): small random models written
+    with the trainer's writer, fresh for each test (change them freely)."""
+    root = tmp_path / "models"
+    write_tiny(root, "ae", "ae")
+    write_tiny(root, "vae", "vae")
+    write_tiny(root, "vae8", "vae", latent_dim=8, image_shape=(24, 20))
+    return root

@@ -18,7 +18,7 @@ import pytest
 from aevae.client import (AevaeError, AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncodeResult,
                           EncoderClient, ModelInfo)
 from aevae.services.process import ServiceProcess
-from conftest import run_aevae
+from helpers import run_aevae
 
 # Small messages, so that a few hundred images already need the streaming RPCs.
 MAX_MESSAGE = 256 * 1024
@@ -51,10 +51,10 @@ def dec(servers) -> Iterator[DecoderClient]:
 
 @pytest.fixture(scope="module")
 def models(trained_repo: Path):
-    from aevae.repository import ModelRepository
+    from aevae.store import ModelStore
 
-    repository = ModelRepository(trained_repo)
-    return {name: repository.load(name) for name in ("ae", "vae")}
+    store = ModelStore(trained_repo)
+    return {name: store.get(name) for name in ("ae", "vae")}
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_aevae
+from helpers import run_aevae
 
 from aevae import mnist
 from aevae.report import classifier as digit_classifier
 from aevae.report import information, samples
 from aevae.report.page import HEADINGS
 from aevae.report.quantize import quantize, rate_distortion
-from aevae.repository import ModelRepository
+from aevae.store import ModelStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSIFIER_IMAGES = digit_classifier.TRAIN_IMAGES  # the default the CLI uses: the report reuses this cache
@@ -78,7 +78,7 @@ def test_report_writes_the_page_and_every_figure(report: dict, trained_repo: Pat
     for heading in HEADINGS:
         assert f"<h2>{escape(heading)}</h2>" in html, heading
     # ae-2d was trained into the copy, not into the shared fixture
-    assert ModelRepository(report["models"]).resolve("ae-2d").latent_dim == 2
+    assert ModelStore(report["models"]).get("ae-2d").latent_dim == 2
     assert not (trained_repo / "ae-2d").exists()
 
 
@@ -119,7 +119,7 @@ def test_quantization_at_16_bits_matches_float_and_1_bit_is_clearly_worse(report
 
 def test_rate_distortion_in_process(report: dict, data: mnist.Mnist) -> None:
     """The same measurement called directly on the report's ae-2d: exact at 16 bits, far off at 1."""
-    model = ModelRepository(report["models"]).load("ae-2d")
+    model = ModelStore(report["models"], runtime="torch").get("ae-2d")
     dims = model.latent_stats()["dims"]
     images = data.test.floats()[:500]
     latents, _ = model.encode(images)
@@ -134,7 +134,7 @@ def test_traversals_sweep_each_dimension_over_its_training_range(report: dict) -
     for name, dim in (("ae", 4), ("vae", 4), ("ae-2d", 2)):
         sweeps = n["traversals"][name]["sweeps"]
         assert len(sweeps) == dim
-        stats = ModelRepository(report["models"]).resolve(name).latent_stats()["dims"]
+        stats = ModelStore(report["models"]).get(name).latent_stats()["dims"]
         assert n["traversals"][name]["median"] == pytest.approx([d["quantiles"]["0.5"] for d in stats], abs=1e-5)
         for sweep, d in zip(sweeps, stats):
             assert sweep["from"] == pytest.approx(d["min"], abs=1e-5)

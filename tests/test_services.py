@@ -57,9 +57,9 @@ def enc(servers: dict[str, ServiceProcess]) -> Iterator[encoder_pb2_grpc.Encoder
 
 @pytest.fixture(scope="module")
 def vae(trained_repo: Path):
-    from aevae.repository import ModelRepository
+    from aevae.store import ModelStore
 
-    return ModelRepository(trained_repo).load("vae")
+    return ModelStore(trained_repo).get("vae")
 
 
 def latents(n: int, seed: int = 0) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -11,26 +10,28 @@ import pytest
 import torch
 
 from aevae import mnist
-from aevae.inference import LoadedModel
 from aevae.repository import MANIFEST, STATS, WEIGHTS, ModelRepository
+from aevae.runtimes import torch_module
+from aevae.store import ModelStore
 from aevae.trainer.loop import evaluate
-from conftest import SMALL_TRAINING, run_aevae
+from helpers import SMALL_TRAINING, run_aevae
 
 
 def test_repository_is_complete(trained_repo: Path) -> None:
-    versions = ModelRepository(trained_repo).list()
+    versions = ModelRepository(trained_repo).versions()
     assert sorted(versions) == ["ae", "vae"]
     for name, kind in (("ae", "ae"), ("vae", "vae")):
         [version] = versions[name]
-        assert version.version == 1
+        assert version.number == 1
         for filename in (MANIFEST, WEIGHTS, STATS):
             assert (version.path / filename).is_file()
         manifest = version.manifest
-        assert manifest["kind"] == kind and manifest["latent_dim"] == 4 and manifest["version"] == 1
-        assert manifest["image_shape"] == [32, 32]
-        assert manifest["training"]["train_limit"] == 2000 and manifest["training"]["seed"] == 0
-        assert manifest["data"]["sha256"]["train-images-idx3-ubyte"] == mnist.FILES["train-images-idx3-ubyte"][1]
-        metrics = manifest["metrics"]
+        assert manifest.kind == kind and manifest.latent_dim == 4 and manifest.number == 1
+        assert manifest.image_shape == (32, 32) and set(manifest.files) >= {WEIGHTS, STATS}
+        assert manifest.training["train_limit"] == 2000 and manifest.training["seed"] == 0
+        assert manifest.data["sha256"]["train-images-idx3-ubyte"] == mnist.FILES["train-images-idx3-ubyte"][1]
+        assert manifest.packages["torch"] == torch.__version__
+        metrics = manifest.metrics
         assert 45.5 < metrics["test_bce"] < 400
         assert metrics["test_loss"] == pytest.approx(metrics["test_bce"] + metrics["test_kl"], abs=1e-3)
         assert (metrics["test_kl"] > 0) == (kind == "vae")
@@ -52,9 +53,9 @@ def test_reload_reproduces_the_trained_model(trained_repo: Path, mnist_root: Pat
     """The weights on disk give the test metrics measured in training and the latents in the statistics."""
     data = mnist.load(mnist_root)
     for name in ("ae", "vae"):
-        loaded = ModelRepository(trained_repo).load(name)
-        metrics = evaluate(loaded.model, torch.from_numpy(data.test.floats()))
-        assert metrics["test_loss"] == pytest.approx(loaded.manifest["metrics"]["test_loss"], abs=1e-2)
+        loaded = ModelStore(trained_repo, runtime="torch").get(name)
+        metrics = evaluate(torch_module(loaded), torch.from_numpy(data.test.floats()))
+        assert metrics["test_loss"] == pytest.approx(loaded.manifest.metrics["test_loss"], abs=1e-2)
         pca = loaded.latent_stats()["pca"]
         from aevae.latent_stats import balanced_sample
 
@@ -76,10 +77,10 @@ def test_second_run_with_two_workers_writes_version_2(trained_repo: Path, mnist_
     assert "[vae] epoch 1/1" in done.stdout and "img/s" in done.stdout and "ETA" in done.stdout
     repo = ModelRepository(models)
     for name in ("ae", "vae"):
-        assert [v.version for v in repo.list()[name]] == [1, 2]
-        newest = repo.resolve(name)
-        assert newest.version == 2 and newest.manifest["training"]["num_workers"] == 2
-        assert newest.manifest["metrics"]["test_bce"] < 400
+        assert [v.number for v in repo.versions()[name]] == [1, 2]
+        newest = repo.versions()[name][-1]
+        assert newest.number == 2 and newest.manifest.training["num_workers"] == 2
+        assert newest.manifest.metrics["test_bce"] < 400
 
 
 def _copy_raw(mnist_root: Path, target: Path) -> Path:
@@ -121,76 +122,6 @@ def test_damaged_mnist_file_is_named(mnist_root: Path, tmp_path: Path, damage: s
     assert ("truncated" if damage == "truncate" else "corrupt") in str(error.value)
 
 
-def test_version_without_manifest_is_skipped(trained_repo: Path, tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    shutil.copytree(trained_repo, models)
-    shutil.copytree(models / "vae" / "1", models / "vae" / "2")
-    (models / "vae" / "2" / MANIFEST).unlink()
-    (models / "vae" / "3").mkdir()  # an empty folder, as a crashed copy might leave
-    repo = ModelRepository(models)
-    scan = repo.scan()
-    assert [v.version for v in scan.versions["vae"]] == [1]
-    assert {p.name for p, _ in scan.broken} == {"2", "3"}
-    assert any("no manifest.json" in reason for _, reason in scan.broken)
-    assert repo.resolve("vae").version == 1
-    assert repo.load("vae").version.version == 1
-
-
-class _Payload:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_pickle_payload_is_refused(trained_repo: Path, tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    shutil.copytree(trained_repo, models)
-    evil = models / "vae" / "2"
-    shutil.copytree(models / "vae" / "1", evil)
-    marker = tmp_path / "pwned"
-    state = torch.load(evil / WEIGHTS, weights_only=True)
-    state["payload"] = _Payload(marker)
-    torch.save(state, evil / WEIGHTS)
-    manifest = json.loads((evil / MANIFEST).read_text())
-    from aevae.repository import sha256_file
-
-    manifest["files"][WEIGHTS] = sha256_file(evil / WEIGHTS)  # a consistent checksum: only the pickle is bad
-    manifest["version"] = 2
-    (evil / MANIFEST).write_text(json.dumps(manifest))
-
-    repo = ModelRepository(models)
-    with pytest.raises(Exception) as error:
-        LoadedModel.from_version(repo.resolve("vae", 2))
-    assert "weights_only" in str(error.value) or "Unsupported" in str(error.value)
-    assert repo.load("vae").version.version == 1  # the newest is broken: fall back, do not run it
-    assert not marker.exists()
-
-
-def test_truncated_weights_are_detected(trained_repo: Path, tmp_path: Path) -> None:
-    models = tmp_path / "models"
-    shutil.copytree(trained_repo, models)
-    weights = models / "ae" / "1" / WEIGHTS
-    weights.write_bytes(weights.read_bytes()[:1000])
-    from aevae.repository import RepositoryError
-
-    with pytest.raises(RepositoryError, match="checksum"):
-        ModelRepository(models).load("ae")
-
-
-def test_unknown_model_and_version_list_what_exists(trained_repo: Path) -> None:
-    from aevae.repository import RepositoryError
-
-    repo = ModelRepository(trained_repo)
-    with pytest.raises(RepositoryError, match=r"unknown model 'nope'.*ae: 1; vae: 1"):
-        repo.resolve("nope")
-    with pytest.raises(RepositoryError, match=r"no version 7"):
-        repo.resolve("vae", 7)
-
-
 def test_bad_training_flags_are_clear_errors(tmp_path: Path) -> None:
     done = run_aevae("train", "--models", "ae,gan", "--models-dir", str(tmp_path), timeout=60)
     assert done.returncode == 2 and "--models accepts" in done.stderr and "gan" in done.stderr
@@ -207,7 +138,7 @@ def test_killed_worker_resumes_from_last_checkpoint(mnist_root: Path, tmp_path: 
 
     import psutil
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     models = tmp_path / "models"
     command = [sys.executable, "-m", "aevae.cli", "train", "--data-root", str(mnist_root), "--models", "vae",
@@ -230,4 +161,4 @@ def test_killed_worker_resumes_from_last_checkpoint(mnist_root: Path, tmp_path: 
     assert killed
     assert "resumed from the checkpoint of epoch" in output
     assert "epoch 3/3" in output
-    assert ModelRepository(models).resolve("vae").version == 1
+    assert [v.number for v in ModelRepository(models).versions()["vae"]] == [1]

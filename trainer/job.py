@@ -1,12 +1,15 @@
-"""The driver of `aevae train`: start or join Ray, run one TorchTrainer per model, write the versions.
+"""The driver of `aevae train`: start or join Ray, run one TorchTrainer for all models, write the versions.
 
-Each model is its own Ray Train run (own checkpoints, own failure budget); after it finishes, the driver
-computes the latent statistics over the whole training set and writes a version atomically.
+The AE and the VAE train together in one Ray Train run (one start-up, one checkpoint per epoch holding both,
+one failure budget), on the same batches; after it finishes, the driver computes each model's latent
+statistics over the whole training set and writes a version atomically.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import logging
 import os
 import platform
 import tempfile
@@ -14,14 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 import aevae
 from aevae import mnist
+from aevae.inference import LoadedModel
 from aevae.latent_stats import compute as compute_stats
-from aevae.models import Architecture, build
-from aevae.repository import ModelRepository, Version
+from aevae.manifest import Manifest, now
+from aevae.models import Architecture, Autoencoder, build
+from aevae.repository import STATS, WEIGHTS, ModelRepository, Version, json_writer
+from aevae.runtimes import TorchRuntime
 from aevae.trainer.config import TrainConfig
 
 # The entropy of MNIST's grey levels per image: what even a perfect reconstruction scores in BCE (brief).
@@ -35,13 +40,13 @@ def _start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     # Workers' own output stays in Ray's logs; the driver prints one progress line per epoch and model.
-    options = {"log_to_driver": False, "logging_level": "ERROR",
-               "runtime_env": {"env_vars": {"PYTHONUNBUFFERED": "1"}}}
+    runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
     if address:
         print(f"connecting to the Ray cluster at {address}", flush=True)
-        ray.init(address=address, **options)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
     else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, **options)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.ERROR, runtime_env=runtime_env)
 
 
 def _format_progress(message: dict[str, Any] | str, epochs: int) -> list[str]:
@@ -120,40 +125,41 @@ def _fit(config: TrainConfig, archs: dict[str, Architecture], refs: dict[str, An
     return state["models"], metrics
 
 
-def _latents(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        chunks = [model.encode(torch.from_numpy(images[i:i + 4096]).float().div_(255.0))[0]
-                  for i in range(0, len(images), 4096)]
-    return torch.cat(chunks).numpy()
-
-
 def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mnist, train_count: int,
-              run_metrics: dict, seconds: float) -> dict[str, Any]:
+              run_metrics: dict, seconds: float) -> Manifest:
     metrics = run_metrics[config.target_name(kind)]
-    return {
-        "kind": kind,
-        "latent_dim": arch.latent_dim,
-        "image_shape": list(arch.image_shape),
-        "architecture": arch.to_json(),
-        "training": {**{k: v for k, v in config.to_json().items()
-                        if k not in ("models_dir", "address", "storage_path", "data_root")},
-                     "optimizer": "adam, one-cycle lr", "seconds": round(seconds, 1),
-                     "epoch_seconds": round(run_metrics["epoch_seconds"], 2),  # the mean over the epochs
-                     "note": "the AE and the VAE train together, so seconds cover both"},
-        "data": {"dataset": "MNIST", "source": data.source, "sha256": data.sha256,
-                 "train_images": train_count, "test_images": len(data.test.images),
-                 "preprocessing": "28x28 zero-padded to 32x32, scaled to [0, 1]"},
-        "metrics": {
+    return Manifest(
+        kind=kind,
+        latent_dim=arch.latent_dim,
+        image_shape=arch.image_shape,
+        architecture=arch.to_json(),
+        training={**{k: v for k, v in config.to_json().items()
+                     if k not in ("models_dir", "address", "storage_path", "data_root")},
+                  "optimizer": "adam, one-cycle lr", "seconds": round(seconds, 1),
+                  "epoch_seconds": round(run_metrics["epoch_seconds"], 2),  # the mean over the epochs
+                  "note": "the AE and the VAE train together, so seconds cover both"},
+        data={"dataset": "MNIST", "source": data.source, "sha256": data.sha256,
+              "train_images": train_count, "test_images": len(data.test.images),
+              "preprocessing": "28x28 zero-padded to 32x32, scaled to [0, 1]"},
+        metrics={
             "test_bce": round(metrics["test_bce"], 4), "test_kl": round(metrics["test_kl"], 4),
             "test_loss": round(metrics["test_loss"], 4), "train_loss": round(metrics["train_loss"], 4),
             "bce_floor": BCE_FLOOR_NATS, "test_bce_excess": round(metrics["test_bce"] - BCE_FLOOR_NATS, 4),
             "units": "nats per image; test_loss is BCE + KL (the negative ELBO for the VAE)",
         },
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "aevae_version": aevae.__version__,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-    }
+        created=now(),
+        packages={"aevae": aevae.__version__, "torch": torch.__version__, "python": platform.python_version()},
+    )
+
+
+def write_version(repository: ModelRepository, name: str, manifest: Manifest, model: Autoencoder,
+                  stats: dict[str, Any]) -> Version:
+    """The files of a version, written by the repository atomically and checksummed into the manifest."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return repository.write(name, manifest, {
+        WEIGHTS: functools.partial(torch.save, state),
+        STATS: json_writer(stats),
+    })
 
 
 def run(config: TrainConfig) -> list[Version]:
@@ -186,11 +192,11 @@ def run(config: TrainConfig) -> list[Version]:
     for name, arch in archs.items():
         model = build(arch)
         model.load_state_dict(states[name])
-        model.eval()
-        print(f"[{name}] computing latent statistics over {len(train.images):,} training images ...", flush=True)
-        stats = compute_stats(_latents(model, train.images), train.labels, seed=config.seed)
         manifest = _manifest(arch.kind, config, arch, data, len(train.images), metrics, seconds)
-        version = repository.write(name, manifest, model.state_dict(), stats)
+        print(f"[{name}] computing latent statistics over {len(train.images):,} training images ...", flush=True)
+        means, _ = LoadedModel(manifest, TorchRuntime(model.eval())).encode(train.images)
+        stats = compute_stats(means, train.labels, seed=config.seed)
+        version = write_version(repository, name, manifest, model, stats)
         m = metrics[name]
         print(f"[{name}] wrote {version.path}  test bce {m['test_bce']:.2f}  total {m['test_loss']:.2f} "
               f"nats/img", flush=True)

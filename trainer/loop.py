@@ -22,7 +22,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from aevae.models import Architecture, Autoencoder, build, loss_terms
+from aevae.models import Architecture, Autoencoder, build, loss_terms, reparameterize
 
 CHECKPOINT_FILE = "state.pt"
 EVAL_SEED = 1234
@@ -48,7 +48,7 @@ def evaluate(model: Autoencoder, images: torch.Tensor, batch: int = 2000) -> dic
         for start in range(0, len(images), batch):
             x = images[start:start + batch]
             mu, logvar = model.encode(x)
-            z = mu if logvar is None else mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator)
+            z = mu if logvar is None else reparameterize(mu, logvar, generator)
             bce, kl = loss_terms(model.decode_logits(z), x, mu, logvar)
             bce_sum += bce.item()
             kl_sum += kl.item()
@@ -135,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                    "images_per_second": len(train_images) / seconds}
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
-            if rank == 0:
+            if test_images is not None:  # rank 0 evaluates and checkpoints
                 for m in members:
                     metrics[m.name] = {"train_loss": loss_sums[m.name].item() / len(shard),
                                        **evaluate(m.model, test_images)}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
 
 from aevae.client import health
 from aevae.client.core import CHANNEL_OPTIONS, Retry, ServerLimits
+from aevae.client.fanout import AsyncFanOut, SyncFanOut, parse_targets
 from aevae.client.metadata import Metadata, async_interceptors, sync_channel
 from aevae.client.results import ModelInfo, model_infos
 from aevae.v1 import tensor_pb2
@@ -16,9 +17,16 @@ from aevae.v1 import tensor_pb2
 class _Common:
     SERVICE = ""  # the aevae.v1 service name, "Encoder" or "Decoder"
 
-    def __init__(self, target: str, timeout: float | None, retries: int, backoff: float, stream_chunk: int):
-        """`timeout` (seconds) bounds each request message: a streamed call gets timeout x its messages."""
-        self.target = target
+    def __init__(self, target: str | Sequence[str], timeout: float | None, retries: int, backoff: float,
+                 stream_chunk: int):
+        """`timeout` (seconds) bounds each request message: a streamed call gets timeout x its messages.
+
+        `target`: host:port; several (a list, a comma-separated string, or dns:///name:port for every address
+        of a name) make a fan-out client whose big batches run as parallel streams over them (fanout.py).
+        """
+        self.targets = parse_targets(target)
+        self.target = ",".join(self.targets)
+        self._fanout: Any = None
         self.timeout = timeout
         self.stream_chunk = stream_chunk
         self._retry = Retry(retries, backoff)
@@ -37,7 +45,11 @@ class SyncClient(_Common):
                  stream_chunk: int = 4096, metadata: Metadata = ()):
         """`metadata` goes with every call, e.g. [("application", "decoder")] for Ray Serve's gRPC proxy."""
         super().__init__(target, timeout, retries, backoff, stream_chunk)
-        self._raw_channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        if len(self.targets) > 1:  # each replica: this constructor, one target, these options
+            options = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk, metadata=metadata)
+            self._fanout = SyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
+            return
+        self._raw_channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         self._channel = sync_channel(self._raw_channel, metadata)
         self._stub: Any = self._make_stub(self._channel)
 
@@ -57,13 +69,21 @@ class SyncClient(_Common):
         return self._limits
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        if self._fanout is not None:
+            return self._fanout.first(lambda client: client.list_models(timeout=timeout))
         return model_infos(self._list_models_response(timeout))
 
     def health(self, *, timeout: float | None = None) -> str:
-        """"SERVING" or "NOT_SERVING"; AevaeError (UNAVAILABLE) when the server cannot be reached."""
+        """"SERVING" or "NOT_SERVING"; AevaeError (UNAVAILABLE) when the server cannot be reached.
+
+        Over several replicas: "SERVING" when any replica serves."""
+        if self._fanout is not None:
+            return self._fanout.health(lambda client: client.health(timeout=timeout))
         return self._retry(lambda: health.check(self._channel, self._deadline(timeout), self.SERVICE), retries=0)
 
     def close(self) -> None:
+        if self._fanout is not None:
+            return self._fanout.close()
         self._raw_channel.close()
 
     def __enter__(self):
@@ -77,7 +97,11 @@ class AsyncClient(_Common):
     def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
                  stream_chunk: int = 4096, metadata: Metadata = ()):
         super().__init__(target, timeout, retries, backoff, stream_chunk)
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS,
+        if len(self.targets) > 1:
+            options = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk, metadata=metadata)
+            self._fanout = AsyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
+            return
+        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS,
                                                   interceptors=async_interceptors(metadata))
         self._stub: Any = self._make_stub(self._channel)
 
@@ -97,13 +121,19 @@ class AsyncClient(_Common):
         return self._limits
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        if self._fanout is not None:
+            return await self._fanout.first(lambda client: client.list_models(timeout=timeout))
         return model_infos(await self._list_models_response(timeout))
 
     async def health(self, *, timeout: float | None = None) -> str:
+        if self._fanout is not None:
+            return await self._fanout.health(lambda client: client.health(timeout=timeout))
         return await self._retry.run_async(lambda: health.check_async(self._channel, self._deadline(timeout), self.SERVICE),
                                            retries=0)
 
     async def close(self) -> None:
+        if self._fanout is not None:
+            return await self._fanout.close()
         await self._channel.close()
 
     async def __aenter__(self):

@@ -9,6 +9,8 @@ import argparse
 import re
 import sys
 
+from aevae.services.settings import PORTS  # stdlib only
+
 # Latents such as -1.5,0.2 start with "-": without this, argparse would take them for options.
 _NUMBERS = re.compile(r"^-[0-9.]+([eE][-+]?\d+)?(,[-+]?[0-9.]+([eE][-+]?\d+)?)*$")
 
@@ -17,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("encode", help="encode images (PNG, JPEG, ...) to latents through the encoder service")
     e.add_argument("images", nargs="+", metavar="IMAGE", help="grey or colour images; 28x28 or 32x32 "
                    "(other sizes are resized to 28x28); white digit on black, like MNIST")
-    e.add_argument("--encoder", default="127.0.0.1:50051", metavar="HOST:PORT")
+    e.add_argument("--encoder", default=f"127.0.0.1:{PORTS['encoder']}", metavar="HOST:PORT")
     e.add_argument("--model", default="vae", help="model name in the repository (default vae)")
     e.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
     e.add_argument("--invert", action="store_true", help="invert the images first (dark digit on light paper)")
@@ -28,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog="Example: aevae decode 0.5,-1.2,0.3,2.0 -o digit.png (several latents: a row)")
     d.add_argument("latents", nargs="+", metavar="Z1,Z2,...", help="one comma-separated latent vector per image")
     d.add_argument("-o", "--output", required=True, help="PNG to write (several latents: one row of images)")
-    d.add_argument("--decoder", default="127.0.0.1:50052", metavar="HOST:PORT")
+    d.add_argument("--decoder", default=f"127.0.0.1:{PORTS['decoder']}", metavar="HOST:PORT")
     d.add_argument("--model", default="vae", help="model name in the repository (default vae)")
     d.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
     d.add_argument("--scale", type=int, default=1, help="upscale the PNG by this integer factor (default 1)")
@@ -38,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _pillow():
-    from aevae.cli import UserError
+    from aevae.errors import UserError
 
     try:
         from PIL import Image
@@ -50,7 +52,7 @@ def _pillow():
 def _read_image(path: str, invert: bool):
     import numpy as np
 
-    from aevae.cli import UserError
+    from aevae.errors import UserError
 
     Image = _pillow()
     try:
@@ -68,7 +70,7 @@ def _read_image(path: str, invert: bool):
 def encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from aevae.cli import UserError
+    from aevae.errors import UserError
     from aevae.client import AevaeError, EncoderClient
 
     images = [_read_image(path, args.invert) for path in args.images]
@@ -93,7 +95,7 @@ def encode(args: argparse.Namespace) -> int:
 def decode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from aevae.cli import UserError
+    from aevae.errors import UserError
     from aevae.client import AevaeError, DecoderClient
 
     try:

@@ -7,6 +7,7 @@ any size travels as messages that each fit, in order.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterator, TypeVar
@@ -16,24 +17,37 @@ import numpy as np
 
 from aevae.client.errors import AevaeError, invalid
 from aevae.v1 import tensor_pb2
+from aevae.v1.tensors import WireError, version_to_wire
 
 T = TypeVar("T")
 
 # The server enforces its own limits; the client accepts whatever the server sends.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 HEADROOM = 4096  # bytes per message kept for the fields around the tensor
-IMAGE_SHAPE = (32, 32)
 
 
 @dataclass(frozen=True)
 class ServerLimits:
+    """What the server accepts per message, and the image shape of each model it serves (from ListModels):
+    the client splits batches by them and assumes no shape of its own."""
+
     max_message_bytes: int
     max_batch: int
+    image_shapes: dict[str, tuple[int, ...]]
 
     @classmethod
     def from_response(cls, response: tensor_pb2.ListModelsResponse) -> "ServerLimits":
         limits = response.limits
-        return cls(int(limits.max_message_bytes) or 4 * 1024 * 1024, int(limits.max_batch) or 1 << 30)
+        return cls(int(limits.max_message_bytes) or 4 * 1024 * 1024, int(limits.max_batch) or 1 << 30,
+                   {m.name: tuple(int(s) for s in m.image_shape) for m in response.models})
+
+    def pixels(self, model: str) -> int:
+        """Pixels per image of `model`; for a model the server does not list, the largest it serves (the
+        call will get NOT_FOUND anyway)."""
+        shape = self.image_shapes.get(model)
+        if shape is None:
+            return max((math.prod(s) for s in self.image_shapes.values()), default=1)
+        return math.prod(shape)
 
     def rows(self, bytes_per_row: int, cap: int | None = None) -> int:
         """How many rows one message can hold, given the bigger of a request's and a response's row."""
@@ -72,10 +86,12 @@ def spans(n: int, rows: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + rows)
 
 
-def version_number(version: int | None) -> int:
-    if version is not None and (not isinstance(version, (int, np.integer)) or version < 0):
-        raise invalid(f"version: expected None (the newest) or a positive integer, got {version!r}")
-    return int(version or 0)
+def wire_version(version: int | None) -> int:
+    """None (the newest) or a positive number -> the request's version field; AevaeError when invalid."""
+    try:
+        return version_to_wire(version)
+    except WireError as exc:
+        raise invalid(str(exc)) from None
 
 
 class Retry:

@@ -11,8 +11,9 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 
+from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
-from aevae.client.core import IMAGE_SHAPE, ServerLimits, output_dtype, prepare_latents, spans, version_number
+from aevae.client.core import ServerLimits, output_dtype, prepare_latents, spans, wire_version
 from aevae.client.errors import AevaeError
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
 from aevae.v1.tensors import from_tensor, to_tensor
@@ -25,10 +26,10 @@ class _Plan:
                  stream_chunk: int):
         self.z = prepare_latents(latents)
         self.model = model
-        self.version = version_number(version)
+        self.version = wire_version(version)
         self.dtype = output_dtype(dtype)
         width = self.z.shape[1] * 4 if self.z.ndim == 2 else 0
-        row = max(width, IMAGE_SHAPE[0] * IMAGE_SHAPE[1] * self.dtype.itemsize)
+        row = max(width, limits.pixels(model) * self.dtype.itemsize)
         n = len(self.z) if self.z.ndim else 0
         self.unary = self.z.ndim != 2 or n <= limits.rows(row)
         self.spans = [(0, n)] if self.unary else list(spans(n, limits.rows(row, stream_chunk)))
@@ -79,6 +80,8 @@ class DecoderClient(SyncClient):
     def decode(self, latents: object, model: str = "vae", version: int | None = None, dtype: str = "float32",
                *, timeout: float | None = None) -> np.ndarray:
         """N x d latents (or one d-vector) -> N x 32 x 32 images, float32 in [0, 1] or uint8."""
+        if self._fanout is not None:
+            return fanout.decode(self._fanout, latents, model, version, dtype, timeout, self.stream_chunk)
         plan = _Plan(latents, model, version, dtype, self._server_limits(), self.stream_chunk)
         deadline = self._deadline(timeout, len(plan.spans))
         if plan.unary:
@@ -103,6 +106,8 @@ class AsyncDecoderClient(AsyncClient):
 
     async def decode(self, latents: object, model: str = "vae", version: int | None = None,
                      dtype: str = "float32", *, timeout: float | None = None) -> np.ndarray:
+        if self._fanout is not None:
+            return await fanout.decode_async(self._fanout, latents, model, version, dtype, timeout, self.stream_chunk)
         plan = _Plan(latents, model, version, dtype, await self._server_limits(), self.stream_chunk)
         deadline = self._deadline(timeout, len(plan.spans))
         if plan.unary:

@@ -10,8 +10,9 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 
+from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
-from aevae.client.core import ServerLimits, prepare_images, spans, version_number
+from aevae.client.core import ServerLimits, prepare_images, spans, wire_version
 from aevae.client.errors import AevaeError, invalid
 from aevae.client.results import EncodeResult, latent_stats
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc
@@ -28,7 +29,7 @@ class _Plan:
             raise invalid(f"seed: expected None or a non-negative integer, got {seed!r}")
         self.x = prepare_images(images)
         self.model = model
-        self.version = version_number(version)
+        self.version = wire_version(version)
         self.sample = bool(sample)
         self.seed = None if seed is None else int(seed)
         n = len(self.x) if self.x.ndim else 0
@@ -76,6 +77,8 @@ class EncoderClient(SyncClient):
     def encode(self, images: object, model: str = "vae", version: int | None = None, sample: bool = False,
                seed: int | None = None, *, timeout: float | None = None) -> EncodeResult:
         """N x 32 x 32 or N x 28 x 28 images (or one 2-D image), uint8 0..255 or float32 in [0, 1]."""
+        if self._fanout is not None:
+            return fanout.encode(self._fanout, images, model, version, sample, seed, timeout, self.stream_chunk)
         plan = _Plan(images, model, version, sample, seed, self._server_limits(), self.stream_chunk)
         deadline = self._deadline(timeout, len(plan.spans))
         if plan.unary:
@@ -86,7 +89,9 @@ class EncoderClient(SyncClient):
     def latent_stats(self, model: str = "vae", version: int | None = None, *,
                      timeout: float | None = None) -> dict[str, Any]:
         """latent_stats.json of the model version (violins, quantiles, ranges, PCA), plus "model", "version"."""
-        request = encoder_pb2.GetLatentStatsRequest(model=model, version=version_number(version))
+        if self._fanout is not None:
+            return self._fanout.first(lambda client: client.latent_stats(model, version, timeout=timeout))
+        request = encoder_pb2.GetLatentStatsRequest(model=model, version=wire_version(version))
         return latent_stats(self._retry(lambda: self._stub.GetLatentStats(request, timeout=self._deadline(timeout))))
 
 
@@ -100,6 +105,9 @@ class AsyncEncoderClient(AsyncClient):
 
     async def encode(self, images: object, model: str = "vae", version: int | None = None, sample: bool = False,
                      seed: int | None = None, *, timeout: float | None = None) -> EncodeResult:
+        if self._fanout is not None:
+            return await fanout.encode_async(self._fanout, images, model, version, sample, seed, timeout,
+                                             self.stream_chunk)
         plan = _Plan(images, model, version, sample, seed, await self._server_limits(), self.stream_chunk)
         deadline = self._deadline(timeout, len(plan.spans))
         if plan.unary:
@@ -114,6 +122,8 @@ class AsyncEncoderClient(AsyncClient):
 
     async def latent_stats(self, model: str = "vae", version: int | None = None, *,
                            timeout: float | None = None) -> dict[str, Any]:
-        request = encoder_pb2.GetLatentStatsRequest(model=model, version=version_number(version))
+        if self._fanout is not None:
+            return await self._fanout.first(lambda client: client.latent_stats(model, version, timeout=timeout))
+        request = encoder_pb2.GetLatentStatsRequest(model=model, version=wire_version(version))
         return latent_stats(await self._retry.run_async(
             lambda: self._stub.GetLatentStats(request, timeout=self._deadline(timeout))))

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from aevae.models import Architecture, build, loss_terms, reparameterize
-from aevae.repository import ModelRepository
 
 
 @pytest.mark.parametrize("kind", ["ae", "vae"])
@@ -45,14 +44,8 @@ def test_architecture_round_trips_through_json() -> None:
     assert Architecture.from_json(arch.to_json()) == arch
 
 
-def test_writes_are_numbered_and_atomic(tmp_path: Path) -> None:
-    repo = ModelRepository(tmp_path)
-    model = build(Architecture(kind="ae", latent_dim=2, hidden=(8,)))
-    manifest = {"kind": "ae", "latent_dim": 2, "architecture": model.arch.to_json()}
-    first = repo.write("ae-2d", manifest, model.state_dict(), {"dims": []})
-    second = repo.write("ae-2d", manifest, model.state_dict(), {"dims": []})
-    assert (first.version, second.version) == (1, 2)
-    assert second.manifest["version"] == 2 and second.manifest["name"] == "ae-2d"
-    assert sorted(p.name for p in (tmp_path / "ae-2d").iterdir()) == ["1", "2"]
-    with pytest.raises(ValueError, match="model name"):
-        repo.write("../evil", manifest, model.state_dict(), {})
+def test_a_model_of_another_image_shape_decodes_to_that_shape() -> None:
+    model = build(Architecture(kind="vae", latent_dim=8, hidden=(8,), image_shape=(24, 20)))
+    assert model.decode(torch.zeros(3, 8)).shape == (3, 24, 20)
+    mu, logvar = model.encode(torch.zeros(3, 24, 20))
+    assert mu.shape == logvar.shape == (3, 8)

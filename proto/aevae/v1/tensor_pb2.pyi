@@ -97,15 +97,19 @@ class ModelInfo(_message.Message):
     LATENT_DIM_FIELD_NUMBER: _builtins.int
     IMAGE_SHAPE_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    BROKEN_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
-    """The newest version: what a request with version 0 gets."""
+    """The newest loadable version: what a request with version 0 gets (0 when no version loads)."""
     kind: _builtins.str
     """"ae" or "vae"."""
     latent_dim: _builtins.int
+    runtime: _builtins.str
+    """The runtime serving the default version: "onnx" or "torch"; empty when no version loads."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Every complete version, ascending."""
+        """Every version not known to be broken, ascending."""
 
     @_builtins.property
     def image_shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -114,6 +118,12 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """Test metrics from the manifest: test_bce, test_kl, test_loss, ... in nats per image."""
+
+    @_builtins.property
+    def broken(self) -> _containers.RepeatedCompositeFieldContainer[Global___BrokenVersion]:
+        """Versions that cannot be served (failed checksum, unsafe or unreadable weights, incomplete), with why.
+        They are left out of `versions` and never the default.
+        """
 
     def __init__(
         self,
@@ -125,14 +135,38 @@ class ModelInfo(_message.Message):
         latent_dim: _builtins.int = ...,
         image_shape: _abc.Iterable[_builtins.int] | None = ...,
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        broken: _abc.Iterable[Global___BrokenVersion] | None = ...,
+        runtime: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_shape", b"image_shape", "kind", b"kind", "latent_dim", b"latent_dim", "metrics", b"metrics", "name", b"name", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken", b"broken", "image_shape", b"image_shape", "kind", b"kind", "latent_dim", b"latent_dim", "metrics", b"metrics", "name", b"name", "runtime", b"runtime", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class BrokenVersion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BrokenVersion: _TypeAlias = BrokenVersion  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):

@@ -14,17 +14,41 @@ import numpy as np
 
 from aevae.v1 import tensor_pb2
 
-DTYPES = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
+DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 
 
-class TensorError(ValueError):
+class WireError(ValueError):
+    """A message field that does not hold a valid value; the message names the field."""
+
+
+class TensorError(WireError):
     """A Tensor message that does not describe a valid array; the message names the field."""
+
+
+# "The newest version" is None in Python and 0 only on the wire; these two convert it, once at each edge.
+MAX_VERSION = 2**63 - 1
+
+
+def version_from_wire(value: int, field: str = "version") -> int | None:
+    """A request's version field -> a version number, or None for the newest (0)."""
+    if value < 0:
+        raise WireError(f"{field}: expected 0 (the newest) or a positive version, got {value}")
+    return value or None
+
+
+def version_to_wire(version: int | None, field: str = "version") -> int:
+    """None (the newest) or a positive version number -> a request's version field."""
+    if version is None:
+        return 0
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)) or not 0 < version <= MAX_VERSION:
+        raise WireError(f"{field}: expected None (the newest) or a positive integer, got {version!r}")
+    return int(version)
 
 
 def to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     """Any numpy array; its dtype name travels as is, so the receiver can say what it got."""
     array = np.asarray(array)
-    wire = DTYPES.get(array.dtype.name, array.dtype.newbyteorder("<"))
+    wire: np.dtype = DTYPES.get(array.dtype.name, array.dtype.newbyteorder("<"))
     data = np.ascontiguousarray(array, dtype=wire).tobytes()
     return tensor_pb2.Tensor(dtype=array.dtype.name, shape=array.shape, data=data)
 

@@ -1,0 +1,220 @@
+"""The one load path: which version serves a request, loading it safely, and the broken-version policy.
+
+Used alike by the services, the batch jobs, the report and the benchmarks. The policy:
+- the default ("newest", `number=None`) is the newest *loadable* version: a version whose files fail their
+  checksum or whose weights fail the safe load is marked broken once (one log line with the reason) and left
+  out of the default; an explicit request for it gets FailedPrecondition naming the version and the reason;
+- the repository is re-read when the snapshot is older than `refresh_seconds` (or a request names something
+  the snapshot lacks), so a new `aevae train` run is served without a restart; a loaded or broken version
+  whose files changed or disappeared (size, mtime, inode) is dropped then, and reloaded on its next use;
+  it is never served stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aevae.errors import FailedPrecondition, NotFound, shorten
+from aevae.inference import LoadedModel, load
+from aevae.repository import ModelRepository, Scan, Version
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]
+Fingerprint = tuple[tuple[str, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One model name, described by its default version (what ListModels returns)."""
+
+    name: str
+    number: int  # the default version; 0 when no version of the model loads
+    numbers: list[int]  # the versions that are not known to be broken, ascending
+    kind: str
+    latent_dim: int
+    image_shape: tuple[int, int]
+    metrics: dict[str, float] = field(default_factory=dict)
+    broken: dict[int, str] = field(default_factory=dict)  # number -> reason
+    runtime: str = ""
+
+
+class ModelStore:
+    def __init__(self, root: str | Path | None = None, refresh_seconds: float = 2.0, max_loaded: int = 32,
+                 runtime: str = "auto", allow_symlinks: bool = False):
+        self.repository = ModelRepository(root, allow_symlinks=allow_symlinks)
+        self.refresh_seconds = refresh_seconds
+        self.max_loaded = max_loaded
+        self.runtime = runtime
+        self._scan = Scan()
+        self._scanned_at = float("-inf")
+        self._loaded: OrderedDict[Key, tuple[Fingerprint, LoadedModel]] = OrderedDict()
+        self._broken: dict[Key, tuple[Fingerprint | None, str]] = {}
+        self._defaults: dict[str, LoadedModel] = {}
+        self._logged: set[tuple[str, str]] = set()
+        self._lock = threading.RLock()
+
+    # -- the snapshot ---------------------------------------------------------------------------------------
+    def scan(self, force: bool = False) -> Scan:
+        if force or time.monotonic() - self._scanned_at > self.refresh_seconds:
+            with self._lock:
+                scan = self.repository.scan()
+                for b in scan.broken:
+                    self._warn_once(str(b.path), f"skipping broken model version {b.name}/{b.number}: {b.reason}")
+                self._revalidate(scan)
+                self._scan = scan
+                self._scanned_at = time.monotonic()
+        return self._scan
+
+    def _revalidate(self, scan: Scan) -> None:
+        """Drops loaded models and broken marks whose files changed or disappeared since."""
+        current = {(v.name, v.number): v for vs in scan.versions.values() for v in vs}
+        for key, (loaded_at, _) in list(self._loaded.items()):
+            if _fingerprint(current.get(key)) != loaded_at:
+                log.warning("model version %s/%s changed on disk; dropped, reloaded on its next use", *key)
+                del self._loaded[key]
+        for key, (marked_at, _) in list(self._broken.items()):
+            if _fingerprint(current.get(key)) != marked_at:
+                del self._broken[key]
+        self._defaults.clear()
+
+    def describe(self) -> str:
+        return self.scan().describe(self.repository.root)
+
+    # -- resolving ------------------------------------------------------------------------------------------
+    def _candidates(self, name: str) -> list[Version]:
+        versions = self.scan().versions.get(name)
+        if not versions:
+            versions = self.scan(force=True).versions.get(name)
+        if not versions:
+            raise NotFound(f"unknown model {shorten(name)}; available: {self.describe()}")
+        return versions
+
+    def resolve(self, name: str, number: int | None) -> Version:
+        """The named version (checked, not loaded); for `None`, the newest not known to be broken."""
+        versions = self._candidates(name)
+        if number is None:
+            usable = [v for v in versions if (name, v.number) not in self._broken]
+            if not usable:
+                raise FailedPrecondition(f"no loadable version of model {name!r}: {self._reasons(name)}")
+            return usable[-1]
+        found = next((v for v in versions if v.number == number), None)
+        if found is None:
+            found = next((v for v in self.scan(force=True).versions.get(name, []) if v.number == number), None)
+        if found is None:
+            for b in self._scan.broken:
+                if (b.name, b.number) == (name, number):
+                    raise FailedPrecondition(f"model {name!r} version {number} is broken: {b.reason}")
+            raise NotFound(f"model {name!r} has no version {number}; available: {self.describe()}")
+        if (name, number) in self._broken:
+            raise FailedPrecondition(f"model {name!r} version {number} is broken: {self._broken[name, number][1]}")
+        return found
+
+    # -- loading --------------------------------------------------------------------------------------------
+    def peek(self, name: str, number: int | None) -> LoadedModel | None:
+        """The loaded model if serving it needs no disk access now (lock-free: safe on an event loop)."""
+        if time.monotonic() - self._scanned_at > self.refresh_seconds:
+            return None
+        if number is None:
+            return self._defaults.get(name)
+        entry = self._loaded.get((name, number))
+        return None if entry is None else entry[1]
+
+    def get(self, name: str, number: int | None = None) -> LoadedModel:
+        """The loaded model; for `None` the newest loadable one, marking broken ones on the way."""
+        if number is not None:
+            return self._load(self.resolve(name, number))
+        while True:
+            version = self.resolve(name, None)  # FailedPrecondition when none is left
+            try:
+                model = self._load(version)
+            except FailedPrecondition:
+                continue  # marked broken: the next older one
+            self._defaults[name] = model
+            return model
+
+    def _load(self, version: Version) -> LoadedModel:
+        key = (version.name, version.number)
+        entry = self._loaded.get(key)
+        if entry is not None:
+            return entry[1]
+        with self._lock:
+            entry = self._loaded.get(key)
+            if entry is None:
+                if key in self._broken:
+                    raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {self._broken[key][1]}")
+                try:
+                    fingerprint = version.fingerprint()
+                    model = load(version, self.runtime)
+                except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
+                    reason = _reason(exc)
+                    self._broken[key] = (_fingerprint(version), reason)
+                    self._warn_once(str(version.path), f"model version {version} is broken: {reason}")
+                    raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {reason}") from None
+                log.info("loaded %s on %s", version, model.runtime.name)
+                entry = (fingerprint, model)
+                self._loaded[key] = entry
+                while len(self._loaded) > self.max_loaded:
+                    self._loaded.popitem(last=False)
+            else:
+                self._loaded.move_to_end(key)
+        return entry[1]
+
+    def preload(self) -> None:
+        """Loads the default version of every model, so that the first requests need no disk."""
+        for name in self.scan(force=True).versions:
+            try:
+                self.get(name)
+            except FailedPrecondition as exc:
+                log.warning("not preloaded: %s", exc)
+
+    # -- describing -----------------------------------------------------------------------------------------
+    def summaries(self) -> list[ModelSummary]:
+        result = []
+        for name in sorted(self.scan(force=True).versions):
+            try:
+                model = self.get(name)
+                manifest, number, runtime = model.manifest, model.number, model.runtime.name
+            except FailedPrecondition:  # no version loads: described by its newest, with version 0
+                manifest, number, runtime = self._scan.versions[name][-1].manifest, 0, ""
+            broken = {n: reason for (m, n), (_, reason) in self._broken.items() if m == name}
+            broken.update({b.number: b.reason for b in self._scan.broken if b.name == name})
+            result.append(ModelSummary(
+                name=name,
+                number=number,
+                numbers=[v.number for v in self._scan.versions[name] if v.number not in broken],
+                kind=manifest.kind, latent_dim=manifest.latent_dim, image_shape=manifest.image_shape,
+                metrics=manifest.numeric_metrics(), broken=dict(sorted(broken.items())), runtime=runtime,
+            ))
+        return result
+
+    def _reasons(self, name: str) -> str:
+        return "; ".join(f"version {n}: {reason}" for (m, n), (_, reason) in sorted(self._broken.items()) if m == name)
+
+    def _warn_once(self, where: str, message: str) -> None:
+        if (where, message) not in self._logged:
+            self._logged.add((where, message))
+            log.warning("%s", message)
+
+
+def _fingerprint(version: Version | None) -> Fingerprint | None:
+    if version is None:
+        return None
+    try:
+        return version.fingerprint()
+    except OSError:
+        return None
+
+
+def _reason(exc: Exception) -> str:
+    """Why a version failed to load, without absolute server paths."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+    return re.sub(r"(/[^\s/'\"]+)+/", "", text)[:300]  # file names stay, folders go

@@ -1,0 +1,223 @@
+"""`aevae decode-batch` and `aevae encode-batch`: argument parsing here; Ray, torch and pyarrow load when a
+command runs."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+# Ranges such as -3:3:11 start with "-": without this, argparse would take them for options.
+_VALUES = re.compile(r"^-[0-9.]")
+
+EPILOG_DECODE = """examples:
+  aevae decode-batch --prior 1000000 --seed 0 --output out/prior            # Ray Data on this machine
+  aevae decode-batch --grid=-3:3:21 --model ae --output out/grid --format png
+  aevae decode-batch --input z.npy --output out/z --decoder 10.0.0.1:50052,10.0.0.2:50052
+  aevae decode-batch --traverse=-3:3:9 --prior 10 --output out/traversals --address auto
+A rerun of the same command resumes: finished shards are skipped."""
+
+EPILOG_ENCODE = """examples:
+  aevae encode-batch --mnist test --output out/test-latents
+  aevae encode-batch --input images.npy --output out/latents --encoder 10.0.0.1:50051,10.0.0.2:50051"""
+
+
+def _common(p: argparse.ArgumentParser, service: str, port: int) -> None:
+    p.add_argument("--output", "-o", required=True, metavar="DIR",
+                   help="folder for the shards (created; a rerun of the same job resumes in it)")
+    p.add_argument("--model", default="vae", help="model name (default vae)")
+    p.add_argument("--version", type=int, default=None, help="model version (default: the newest, pinned for "
+                   "the whole job)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N input rows")
+    p.add_argument("--shard-size", type=int, default=65536, metavar="ROWS",
+                   help="rows per output file and per unit of work and retry (default 65536)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --output holds when it is another job (default: refuse)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
+    ray = p.add_argument_group("engine: Ray Data (the default)")
+    ray.add_argument("--models-dir", default=None,
+                     help="model repository (or AEVAE_MODELS_DIR; default ./models); on a cluster, a path every "
+                     "node sees")
+    ray.add_argument("--address", default=None,
+                     help="an existing Ray cluster (auto, or ray://head:10001); default: a local Ray")
+    ray.add_argument("--workers", type=int, default=None,
+                     help="actors holding the model (default: the cluster's CPUs / --cpus-per-worker)")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per actor")
+    fleet = p.add_argument_group(f"engine: running {service} services")
+    fleet.add_argument(f"--{service}", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                       help=f"use these {service} replicas (a list, or dns:///NAME:{port} for every address of "
+                       "a name) instead of Ray; the client spreads each shard over all of them")
+    fleet.add_argument("--concurrency", type=int, default=2, help="shards in flight at once (default 2)")
+    fleet.add_argument("--timeout", type=float, default=60.0, help="seconds per request message (default 60)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("decode-batch", help="decode millions of latents to images: Ray Data or a decoder fleet",
+                       epilog=EPILOG_DECODE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = d.add_argument_group("input (one of)")
+    src.add_argument("--input", "-i", default=None, metavar="FILE",
+                     help="latents: .npy or .npz (N x latent_dim), or Parquet (a file or a folder of them)")
+    src.add_argument("--grid", default=None, metavar="LO:HI:STEPS[,...]",
+                     help="every point of a grid: one range for all dimensions or one per dimension "
+                     "(write --grid=-3:3:11)")
+    src.add_argument("--prior", type=int, default=None, metavar="N", help="N samples from N(0, I)")
+    src.add_argument("--traverse", default=None, metavar="LO:HI:STEPS",
+                     help="sweep each dimension over the range, around the origin, --prior N samples or --input")
+    src.add_argument("--seed", type=int, default=0, help="seed of --prior (default 0)")
+    src.add_argument("--scale", type=float, default=1.0, help="standard deviation of --prior (default 1)")
+    src.add_argument("--key", default=None, help="the array of a .npz input")
+    src.add_argument("--column", default=None, help="the Parquet column (default latent; or z0,z1,... scalars)")
+    out = d.add_argument_group("output")
+    out.add_argument("--format", choices=("parquet", "npz", "png"), default="parquet",
+                     help="parquet (default), npz shards, or folders of PNG files")
+    out.add_argument("--image-format", choices=("raw", "png"), default="raw",
+                     help="Parquet image column: raw uint8 pixels (default, fastest) or PNG bytes")
+    _common(d, "decoder", 50052)
+    d._negative_number_matcher = _VALUES  # type: ignore[attr-defined]
+    d.set_defaults(func=run, op="decode")
+
+    e = sub.add_parser("encode-batch", help="encode many images to latents: Ray Data or an encoder fleet",
+                       epilog=EPILOG_ENCODE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = e.add_argument_group("input (one of)")
+    src.add_argument("--input", "-i", default=None, metavar="FILE",
+                     help="images: .npy or .npz (N x H x W, uint8 or float in [0, 1]), or Parquet (PNG bytes, "
+                     "raw pixels or pixel lists, e.g. a decode-batch output)")
+    src.add_argument("--mnist", choices=("train", "test", "all"), default=None,
+                     help="the MNIST files, with their labels (see --data-root)")
+    src.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
+    src.add_argument("--key", default=None, help="the array of a .npz input")
+    src.add_argument("--column", default=None, help="the Parquet column (default image)")
+    out = e.add_argument_group("output")
+    out.add_argument("--format", choices=("parquet", "npz"), default="parquet", help="parquet (default) or npz")
+    _common(e, "encoder", 50051)
+    e.set_defaults(func=run, op="encode", image_format="raw")
+
+
+def _positive(name: str, value: float | None) -> None:
+    from aevae.errors import UserError
+
+    if value is not None and value <= 0:
+        raise UserError(f"--{name} must be positive, got {value}")
+
+
+def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tuple[int, int]):
+    """The input the flags describe, checked against the model's shapes (UserError before any work)."""
+    from pathlib import Path
+
+    from aevae.batch import sources
+    from aevae.errors import UserError
+
+    def file_source(field: str):
+        path = args.input
+        if path.endswith((".npy", ".npz")):
+            return sources.ArrayFile(path, field, key=args.key)
+        if path.endswith(".parquet") or Path(path).is_dir():
+            return sources.ParquetFile(path, field, column=args.column)
+        raise UserError(f"--input {path}: expected a .npy, .npz or .parquet file (or a folder of .parquet)")
+
+    if args.op == "encode":
+        chosen = [f for f in ("input", "mnist") if getattr(args, f) is not None]
+        if len(chosen) != 1:
+            raise UserError("encode-batch needs one input: --input FILE or --mnist train|test|all")
+        source = sources.MnistImages(args.data_root, args.mnist) if args.mnist else file_source("image")
+    else:
+        chosen = [f for f in ("input", "grid", "prior") if getattr(args, f) is not None]
+        if args.traverse is None and len(chosen) != 1:
+            raise UserError("decode-batch needs one input: --input FILE, --grid RANGES, --prior N or --traverse RANGE")
+        if args.traverse is not None and ("grid" in chosen or len(chosen) > 1):
+            raise UserError("--traverse sweeps around the origin, --prior N samples or --input latents (one of "
+                            "them), not a --grid")
+        _positive("prior", args.prior)
+        if args.grid is not None:
+            ranges = [sources.parse_range(r, "--grid") for r in args.grid.split(",")]
+            if len(ranges) == 1:
+                ranges *= latent_dim
+            if len(ranges) != latent_dim:
+                raise UserError(f"--grid: the model has {latent_dim} latent dimensions; give one range for all "
+                                f"or {latent_dim} ranges, got {len(ranges)}")
+            source = sources.Grid(ranges)
+        elif args.prior is not None:
+            source = sources.Prior(args.prior, args.seed, latent_dim, args.scale)
+        else:
+            source = file_source("latent") if args.input else None
+        if args.traverse is not None:
+            source = sources.Traversal(sources.parse_range(args.traverse, "--traverse"), latent_dim, bases=source)
+    if args.limit is not None:
+        source.rows = min(source.rows, args.limit)
+    if source.rows == 0:
+        raise UserError("the input holds no rows")
+    source.check(latent_dim, image_shape)
+    return source
+
+
+def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(job, the engine's client or None, flag of the fleet) from the flags; every check before any work."""
+    from aevae.batch import model as models
+    from aevae.batch.job import Job, fleet_model
+    from aevae.batch.sinks import Sink
+    from aevae.errors import UserError
+
+    for name in ("shard_size", "limit", "workers", "cpus_per_worker", "concurrency", "timeout", "version"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    service = "decoder" if args.op == "decode" else "encoder"
+    targets = getattr(args, service)
+    client = None
+    if targets:
+        if args.address or args.models_dir:
+            raise UserError(f"--{service} runs the job on running services; --address and --models-dir are for "
+                            "the Ray engine")
+        from aevae.client import DecoderClient, EncoderClient
+
+        cls = DecoderClient if service == "decoder" else EncoderClient
+        client = cls(targets, timeout=args.timeout)
+        ref = fleet_model(client, f"--{service}", args.model, args.version)
+    else:
+        ref = models.resolve(args.models_dir, args.model, args.version)
+    source = source_from_args(args, ref.latent_dim, ref.image_shape)
+    meta = {"op": args.op, "model": ref.describe()}
+    sink = Sink(args.output, args.format, args.image_format, meta, id_digits=max(6, len(str(source.rows - 1))))
+    return Job(args.op, ref, source, sink, shard_size=args.shard_size), client, service
+
+
+def run(args: argparse.Namespace) -> int:
+    from aevae.batch.job import finish, prepare, run_fleet, run_ray
+    from aevae.batch.progress import Progress, duration
+    from aevae.errors import UserError
+
+    job, client, service = build(args)
+    plan = prepare(job, overwrite=args.overwrite)
+    label = f"{args.op}-batch"
+    where = f"{len(client.targets)} {service} replica(s)" if client else "Ray Data"
+    if not args.quiet:
+        print(f"{label}: {job.rows:,} rows of {job.model.name}/{job.model.number} in {job.shards} shards of "
+              f"{job.shard_size:,} -> {job.sink.root} ({job.sink.format}); {plan.skipped_shards} shards done "
+              f"before; on {where}", file=sys.stderr)
+    progress = Progress(label, job.rows, job.shards, plan.skipped_rows, plan.skipped_shards, quiet=args.quiet)
+    try:
+        if client is not None:
+            with client:
+                run_fleet(job, plan, progress, client, concurrency=args.concurrency)
+        else:
+            run_ray(job, plan, progress, address=args.address, workers=args.workers,
+                    cpus_per_worker=args.cpus_per_worker)
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"{label}: interrupted; {progress.shards + plan.skipped_shards} of {job.shards} shards are on disk. "
+              "Run the same command again to resume.", file=sys.stderr)
+        raise
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a worker's failure: say what is kept and how to go on
+        progress.close()
+        raise UserError(f"the job failed after {progress.shards + plan.skipped_shards} of {job.shards} shards "
+                        f"({type(exc).__name__}: {exc}). Finished shards are kept; run the same command again "
+                        "to resume.") from exc
+    progress.close()
+    summary = progress.summary()
+    finish(plan, summary, "fleet" if client else "ray")
+    if not args.quiet:
+        print(f"{label}: wrote {summary['rows']:,} rows ({plan.skipped_rows:,} done before) in "
+              f"{duration(summary['seconds'])}: {summary['items_per_s']:,.0f} items/s, "
+              f"{summary['bytes'] / 1e6:,.1f} MB -> {job.sink.root}", file=sys.stderr)
+    return 0

@@ -1,0 +1,69 @@
+"""The model a batch job runs: resolved and checked once on the driver, loaded by number in every worker.
+
+The only place the batch jobs touch the model store: `resolve` (driver) and `Loaded` (workers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aevae.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A pinned model version: every shard of a job, and every rerun, uses exactly this one."""
+
+    name: str
+    number: int
+    kind: str
+    latent_dim: int
+    image_shape: tuple[int, int]
+    models_dir: str = ""  # empty when the model is served by a fleet, not loaded from a repository
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.number, "kind": self.kind, "latent_dim": self.latent_dim,
+                "image_shape": list(self.image_shape)}
+
+
+def _get(models_dir: str, name: str, number: int | None):
+    """The loaded model (the newest loadable one for None). LookupError/ValueError-like errors propagate."""
+    from aevae.store import ModelStore
+
+    return ModelStore(models_dir).get(name, number)
+
+
+def resolve(models_dir: str | None, name: str, number: int | None) -> ModelRef:
+    """Loads the version once (checksums, weights) so that a missing or broken model stops the job here."""
+    from aevae.repository import models_dir as default_models_dir
+
+    root = default_models_dir(models_dir).resolve()
+    try:
+        model = _get(str(root), name, number or None)
+    except Exception as exc:  # noqa: BLE001 - unknown, broken or unreadable: the job cannot start
+        raise UserError(f"model {name!r}{f' version {number}' if number else ''} in {root}: {exc}") from None
+    manifest = model.manifest
+    return ModelRef(name=name, number=model.number, kind=manifest.kind, latent_dim=manifest.latent_dim,
+                    image_shape=tuple(manifest.image_shape), models_dir=str(root))
+
+
+class Loaded:
+    """What a worker runs: uint8 images from latents, (mean, log-variance) from images, chunked."""
+
+    def __init__(self, ref: ModelRef, threads: int | None = None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.ref = ref
+        self.model = _get(ref.models_dir, ref.name, ref.number)
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """N x latent_dim float32 -> N x H x W uint8, rounded as the decoder service rounds."""
+        return self.model.decode(latents, dtype="uint8")
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """N x H x W (uint8 or float32 in [0, 1], or the shape before padding) -> (mean, log-variance)."""
+        return self.model.encode(images)

@@ -1,0 +1,459 @@
+"""What a batch job reads: rows [start, stop) of latents or images, from a file or generated, in any worker.
+
+A source holds only its parameters (paths, ranges, seeds), so it pickles small and every worker opens the file
+itself; `read(start, stop)` returns the same rows wherever and however often it is called, which is what makes
+shards retryable and reruns resumable. `check()` runs on the driver before the job starts and refuses what no
+worker could process (a wrong latent width, NaN, a wrong image shape), naming the first bad row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from aevae.errors import UserError
+
+SCAN_ROWS = 1 << 20  # rows per step of the driver's scan for NaN, shape and range
+PRIOR_BLOCK = 4096  # prior samples come in blocks seeded by (seed, block): independent of the shard size
+PAD = 2  # a model's image shape may be fed its shape before padding (28 x 28 for 32 x 32), as MNIST is
+
+
+class Source:
+    """Rows of one field ("latent" or "image", plus "label" when the source has labels). `--limit N` lowers
+    `rows`: only the first N rows are read and checked."""
+
+    field = "latent"
+    rows = 0
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the input: a rerun into the same output must describe the same input."""
+        raise NotImplementedError
+
+    def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
+        """UserError when some row could not be processed. Generated sources are right by construction."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}  # caches stay behind
+
+
+# -- files ------------------------------------------------------------------------------------------------------
+
+def _stat(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _npz_member(path: Path, key: str | None, field: str) -> str:
+    with zipfile.ZipFile(path) as z:
+        keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
+    if key is not None:
+        if key not in keys:
+            raise UserError(f"{path}: no array {key!r} (it holds {', '.join(keys) or 'none'})")
+        return key
+    preferred = ("latents", "latent", "z") if field == "latent" else ("images", "image", "x")
+    if len(keys) == 1:
+        return keys[0]
+    for name in preferred:
+        if name in keys:
+            return name
+    raise UserError(f"{path} holds several arrays ({', '.join(keys)}): name one with --key")
+
+
+def _open_npz(path: Path, key: str) -> np.ndarray:
+    """The member as a read-only memory map when it is stored uncompressed (np.savez), else loaded whole."""
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{key}.npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(30)
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            offset = f.tell()
+        if not fortran and not dtype.hasobject:
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    with np.load(path, allow_pickle=False) as data:
+        return data[key]
+
+
+class ArrayFile(Source):
+    """A .npy file (memory-mapped) or one array of a .npz file."""
+
+    def __init__(self, path: str | os.PathLike[str], field: str = "latent", key: str | None = None):
+        self.path = Path(path).expanduser().resolve()
+        self.field = field
+        if not self.path.is_file():
+            raise UserError(f"--input {path}: no such file")
+        self.npz = self.path.suffix == ".npz"
+        try:
+            self.key = _npz_member(self.path, key, field) if self.npz else None
+            shape = self._array().shape
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            raise UserError(f"--input {path}: not a readable {'.npz' if self.npz else '.npy'} file: {exc}") from None
+        self.shape = tuple(int(s) for s in shape)
+        self.rows = self.shape[0] if self.shape else 0
+
+    def _array(self) -> np.ndarray:
+        array = self.__dict__.get("_cache")
+        if array is None:
+            array = _open_npz(self.path, self.key) if self.npz else np.load(self.path, mmap_mode="r",
+                                                                            allow_pickle=False)
+            self._cache = array
+        return array
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        rows = np.asarray(self._array()[start:stop])
+        if self.field == "latent":
+            return {"latent": np.ascontiguousarray(rows, dtype=np.float32)}
+        return {"image": np.ascontiguousarray(rows)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "npz" if self.npz else "npy", "key": self.key, "rows": self.rows, **_stat(self.path)}
+
+    def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
+        array = self._array()[:self.rows]
+        where = f"--input {self.path.name}" + (f" (array {self.key!r})" if self.key else "")
+        if self.field == "latent":
+            _check_latent_array(array, latent_dim, where)
+        else:
+            _check_image_array(array, image_shape, where)
+
+
+class ParquetFile(Source):
+    """One column of a Parquet file or a folder of them (in file-name order): latents as a list or
+    fixed-size-list column (or several scalar columns, comma-separated), images as PNG bytes, raw bytes or a
+    list of uint8."""
+
+    def __init__(self, path: str | os.PathLike[str], field: str = "latent", column: str | None = None,
+                 image_shape: tuple[int, int] | None = None):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path).expanduser().resolve()
+        self.field = field
+        self.image_shape = image_shape
+        if self.path.is_dir():
+            self.files = sorted(str(p) for p in self.path.glob("*.parquet"))
+        elif self.path.is_file():
+            self.files = [str(self.path)]
+        else:
+            raise UserError(f"--input {path}: no such file or folder")
+        if not self.files:
+            raise UserError(f"--input {path}: the folder holds no .parquet files")
+        groups = []
+        try:
+            schema = pq.read_schema(self.files[0])
+            for i, name in enumerate(self.files):
+                meta = pq.ParquetFile(name).metadata
+                groups += [(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+            raise UserError(f"--input {path}: not readable as Parquet: {exc}") from None
+        names = schema.names
+        default = "latent" if field == "latent" else "image"
+        self.columns = [c.strip() for c in (column or default).split(",") if c.strip()]
+        missing = [c for c in self.columns if c not in names]
+        if missing:
+            raise UserError(f"--input {path}: no column {', '.join(map(repr, missing))}; its columns: "
+                            f"{', '.join(names)} (choose with --column)")
+        self.label = field == "image" and "label" in names
+        self.groups = groups  # (file index, row group, rows), in order
+        self.starts = np.cumsum([0] + [g[2] for g in groups])
+        self.rows = int(self.starts[-1])
+        shape = (schema.metadata or {}).get(b"aevae.image_shape")
+        if shape and field == "image" and image_shape is None:
+            self.image_shape = tuple(int(s) for s in shape.decode().split("x"))
+
+    def _table(self, start: int, stop: int):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files = self.__dict__.setdefault("_open", {})
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        parts = []
+        columns = self.columns + (["label"] if self.label else [])
+        for k in range(max(0, first), len(self.groups)):
+            if self.starts[k] >= stop:
+                break
+            file_index, group, _ = self.groups[k]
+            if file_index not in files:
+                files[file_index] = pq.ParquetFile(self.files[file_index])
+            table = files[file_index].read_row_group(group, columns=columns)
+            lo, hi = max(start, self.starts[k]) - self.starts[k], min(stop, self.starts[k + 1]) - self.starts[k]
+            parts.append(table.slice(lo, hi - lo))
+        return pa.concat_tables(parts) if parts else None
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        table = self._table(start, stop)
+        n = stop - start
+        out: dict[str, np.ndarray] = {}
+        if self.field == "latent":
+            out["latent"] = _latents_from_columns([table.column(c) for c in self.columns], n)
+        else:
+            out["image"] = _images_from_column(table.column(self.columns[0]), n, self.image_shape)
+            if self.label:
+                out["label"] = table.column("label").to_numpy()
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "parquet", "columns": self.columns, "rows": self.rows,
+                "files": [_stat(Path(f)) for f in self.files]}
+
+    def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
+        where = f"--input {self.path.name} column {','.join(self.columns)}"
+        if self.field == "image" and self.image_shape is None:
+            self.image_shape = image_shape
+        for start in range(0, self.rows, SCAN_ROWS):
+            stop = min(self.rows, start + SCAN_ROWS)
+            try:
+                rows = self.read(start, stop)[self.field]
+            except (ValueError, TypeError, OSError) as exc:
+                raise UserError(f"{where}: {exc}") from None
+            if self.field == "latent":
+                _check_latent_array(rows, latent_dim, where, offset=start)
+            else:
+                _check_image_array(rows, image_shape, where, offset=start)
+
+
+def _latents_from_columns(columns: list, n: int) -> np.ndarray:
+    import pyarrow as pa
+
+    if len(columns) > 1:  # one scalar column per dimension
+        return np.stack([c.to_numpy().astype(np.float32) for c in columns], axis=1)
+    array = columns[0].combine_chunks()
+    if not (pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type)
+            or pa.types.is_large_list(array.type)):
+        raise ValueError(f"expected a list column of numbers, got {array.type}")
+    if array.null_count:
+        raise ValueError("the column has null rows")
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if n and len(values) % n:
+        raise ValueError("the rows have different lengths")
+    return values.reshape(n, -1 if n else 0)
+
+
+def _images_from_column(column, n: int, image_shape: tuple[int, int] | None) -> np.ndarray:
+    import pyarrow as pa
+
+    from aevae.batch import png
+
+    array = column.combine_chunks()
+    if array.null_count:
+        raise ValueError("the column has null rows")
+    if pa.types.is_fixed_size_binary(array.type):
+        width = array.type.byte_width
+        flat = np.frombuffer(array.buffers()[1], np.uint8, count=n * width, offset=array.offset * width)
+        return flat.reshape(n, *_shape_for(width, image_shape))
+    if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
+        return png.decode_many(array.to_pylist())
+    if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        values = array.flatten().to_numpy(zero_copy_only=False)
+        if n and len(values) % n:
+            raise ValueError("the rows have different lengths")
+        return values.reshape(n, *_shape_for(len(values) // max(1, n), image_shape))
+    raise ValueError(f"expected PNG bytes, raw bytes or a list of pixels, got {array.type}")
+
+
+def _shape_for(pixels: int, image_shape: tuple[int, int] | None) -> tuple[int, int]:
+    if image_shape is not None:
+        h, w = image_shape
+        for shape in ((h, w), (h - 2 * PAD, w - 2 * PAD)):
+            if shape[0] * shape[1] == pixels:
+                return shape
+    side = math.isqrt(pixels)
+    if side * side != pixels:
+        raise ValueError(f"rows of {pixels} pixels are no square image; the model takes {image_shape}")
+    return side, side
+
+
+def _check_latent_array(array: np.ndarray, latent_dim: int, where: str, offset: int = 0) -> None:
+    if array.ndim != 2 or array.shape[1] != latent_dim:
+        got = "x".join(map(str, array.shape[1:])) or "scalars"
+        raise UserError(f"{where}: the model takes N x {latent_dim} latents, got rows of {got} "
+                        f"(shape {list(array.shape)})")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise UserError(f"{where}: latents must be numbers, got {array.dtype}")
+    for start in range(0, len(array), SCAN_ROWS):
+        chunk = np.asarray(array[start:start + SCAN_ROWS], dtype=np.float32)
+        bad = ~np.isfinite(chunk).all(axis=1)
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise UserError(f"{where}: row {offset + start + first} holds NaN or infinity "
+                            f"({chunk[first].tolist()}); every latent must be finite")
+
+
+def accepted_shapes(image_shape: tuple[int, int]) -> list[tuple[int, int]]:
+    h, w = image_shape
+    return [(h, w)] + ([(h - 2 * PAD, w - 2 * PAD)] if h > 2 * PAD and w > 2 * PAD else [])
+
+
+def _check_image_array(array: np.ndarray, image_shape: tuple[int, int], where: str, offset: int = 0) -> None:
+    shapes = accepted_shapes(image_shape)
+    if array.ndim != 3 or tuple(array.shape[1:]) not in shapes:
+        raise UserError(f"{where}: the model takes N x {' or '.join('x'.join(map(str, s)) for s in shapes)} images, "
+                        f"got shape {list(array.shape)}")
+    if array.dtype == np.uint8:
+        return
+    if not np.issubdtype(array.dtype, np.floating):
+        raise UserError(f"{where}: images must be uint8 (0..255) or float in [0, 1], got {array.dtype}")
+    for start in range(0, len(array), SCAN_ROWS // 64):
+        chunk = np.asarray(array[start:start + SCAN_ROWS // 64])
+        bad = ~((chunk >= 0) & (chunk <= 1)).reshape(len(chunk), -1).all(axis=1)  # NaN fails both
+        if bad.any():
+            row = offset + start + int(np.argmax(bad))
+            raise UserError(f"{where}: image {row} has pixels outside [0, 1] or NaN; float images must be in [0, 1]")
+
+
+# -- MNIST ------------------------------------------------------------------------------------------------------
+
+_MNIST: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+
+class MnistImages(Source):
+    """The MNIST files (padded to 32 x 32, with their labels): split train, test or all (train, then test)."""
+
+    field = "image"
+    SIZES = {"train": 60000, "test": 10000, "all": 70000}
+
+    def __init__(self, data_root: str | None, split: str):
+        from aevae import mnist
+
+        if split not in self.SIZES:
+            raise UserError(f"--mnist takes train, test or all, got {split!r}")
+        root = mnist.resolve_root(data_root)
+        self.data_root = str(root.resolve()) if root else None
+        self.split = split
+        self.rows = self.SIZES[split]
+
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        from aevae import mnist
+
+        key = (str(self.data_root), self.split)
+        if key not in _MNIST:
+            try:
+                data = mnist.load(self.data_root)
+            except mnist.MnistError as exc:
+                raise UserError(str(exc)) from None
+            parts = {"train": [data.train], "test": [data.test], "all": [data.train, data.test]}[self.split]
+            _MNIST[key] = (np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+        return _MNIST[key]
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        images, labels = self._arrays()
+        return {"image": images[start:stop], "label": labels[start:stop].astype(np.int64)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "mnist", "split": self.split, "rows": self.rows}
+
+    def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
+        images, _ = self._arrays()  # verifies the files' checksums
+        if tuple(images.shape[1:]) not in accepted_shapes(image_shape):
+            raise UserError(f"--mnist: the model takes {image_shape[0]}x{image_shape[1]} images, MNIST is "
+                            f"{images.shape[1]}x{images.shape[2]}")
+
+
+# -- generated latents ------------------------------------------------------------------------------------------
+
+def parse_range(text: str, what: str) -> tuple[float, float, int]:
+    """"lo:hi:steps" -> (lo, hi, steps); steps >= 1 (one step: lo only)."""
+    try:
+        lo, hi, steps = text.split(":")
+        result = float(lo), float(hi), int(steps)
+    except ValueError:
+        raise UserError(f"{what}: expected LO:HI:STEPS such as -3:3:11, got {text!r}") from None
+    if not all(math.isfinite(v) for v in result[:2]) or result[2] < 1:
+        raise UserError(f"{what}: LO and HI must be finite and STEPS at least 1, got {text!r}")
+    return result
+
+
+def _values(lo: float, hi: float, steps: int, index: np.ndarray) -> np.ndarray:
+    if steps == 1:
+        return np.full(index.shape, lo, np.float32)
+    return (lo + index * ((hi - lo) / (steps - 1))).astype(np.float32)
+
+
+class Grid(Source):
+    """Every point of a grid: one LO:HI:STEPS range per dimension (or one for all); the last dimension varies
+    fastest."""
+
+    def __init__(self, ranges: list[tuple[float, float, int]]):
+        self.ranges = [tuple(r) for r in ranges]
+        self.rows = int(np.prod([r[2] for r in ranges], dtype=np.int64))
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        index = np.unravel_index(np.arange(start, stop), [r[2] for r in self.ranges])
+        z = np.stack([_values(lo, hi, steps, i) for (lo, hi, steps), i in zip(self.ranges, index)], axis=1)
+        return {"latent": z}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "grid", "ranges": [list(r) for r in self.ranges]}
+
+
+class Prior(Source):
+    """N samples from the prior N(0, scale^2 I), seeded: row i is the same for any shard size or engine."""
+
+    def __init__(self, count: int, seed: int, latent_dim: int, scale: float = 1.0):
+        self.rows, self.seed, self.latent_dim, self.scale = int(count), int(seed), int(latent_dim), float(scale)
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        blocks = []
+        for block in range(start // PRIOR_BLOCK, (stop - 1) // PRIOR_BLOCK + 1):
+            rng = np.random.default_rng([self.seed, block])
+            blocks.append(rng.standard_normal((PRIOR_BLOCK, self.latent_dim), dtype=np.float32))
+        z = np.concatenate(blocks)
+        first = start - (start // PRIOR_BLOCK) * PRIOR_BLOCK
+        z = z[first:first + stop - start]
+        return {"latent": z * np.float32(self.scale) if self.scale != 1 else np.ascontiguousarray(z)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "prior", "rows": self.rows, "seed": self.seed, "scale": self.scale}
+
+
+class Traversal(Source):
+    """For each base latent (the origin when there are none), each dimension swept over LO:HI:STEPS with the
+    others held: rows ordered by base, then dimension, then step."""
+
+    def __init__(self, sweep: tuple[float, float, int], latent_dim: int, bases: Source | None = None):
+        self.sweep = tuple(sweep)
+        self.latent_dim = int(latent_dim)
+        self.bases = bases
+        per_base = self.latent_dim * self.sweep[2]
+        self.rows = (bases.rows if bases is not None else 1) * per_base
+
+    def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        lo, hi, steps = self.sweep
+        per_base = self.latent_dim * steps
+        index = np.arange(start, stop)
+        base_index = index // per_base
+        first, last = int(base_index[0]), int(base_index[-1]) + 1
+        if self.bases is None:
+            bases = np.zeros((1, self.latent_dim), np.float32)
+        else:
+            bases = self.bases.read(first, last)["latent"]
+        z = bases[base_index - first].copy()
+        dim = (index // steps) % self.latent_dim
+        z[np.arange(len(z)), dim] = _values(lo, hi, steps, index % steps)
+        return {"latent": z}
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "traversal", "sweep": list(self.sweep),
+                "bases": None if self.bases is None else self.bases.describe()}
+
+    def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
+        if self.bases is not None:
+            self.bases.check(latent_dim, image_shape)
+
+
+def chunks(rows: int, size: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, rows, size):
+        yield start, min(rows, start + size)

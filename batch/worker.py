@@ -1,0 +1,29 @@
+"""The Ray Data actor: holds the model, turns each shard index it is given into a written shard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class ShardWorker:
+    """`map_batches(ShardWorker, ...)` over a dataset of shard indices; returns one row of stats per shard."""
+
+    def __init__(self, job: Any, threads: int | None = None):
+        from aevae.batch.model import Loaded
+
+        self.job = job
+        self.model = Loaded(job.model, threads)
+        try:
+            import ray
+
+            self.node = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - outside Ray (tests call it directly)
+            self.node = ""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from aevae.batch.job import run_shard
+
+        stats = [dict(run_shard(self.job, self.model, int(shard)), node=self.node) for shard in batch["shard"]]
+        return {key: np.array([s[key] for s in stats]) for key in stats[0]}

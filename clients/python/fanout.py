@@ -1,0 +1,429 @@
+"""Fan-out: one client over several replicas of a service.
+
+`DecoderClient(["10.0.0.1:50052", "10.0.0.2:50052"])`, `DecoderClient("a:50052,b:50052")` or
+`DecoderClient("dns:///decoders.example:50052")` (every address the name resolves to) give a client whose big
+batches are cut into contiguous spans of rows that run as parallel streams, one per replica; each replica
+takes the next span when it finishes one, so a faster replica takes more. Results land at their rows' offsets,
+so the order is the input's. When a replica fails (unreachable, reset, deadline), its unfinished span goes
+back to the queue for the others; it retries after a backoff and is given up after the client's `retries`
+failures in a row. A batch fails only when every replica has been given up, or at once on an error that
+another replica would repeat (a bad argument, an unknown model).
+
+Each replica is a single-target client built by the same constructor with the same options, so whatever that
+constructor does per target (the channel, its credentials) is done for each replica in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+import grpc
+import numpy as np
+
+from aevae.client.core import Retry, prepare_images, prepare_latents
+from aevae.client.errors import AevaeError, invalid
+from aevae.client.results import EncodeResult
+
+DNS_SCHEME = "dns:///"
+# Failures of one replica, not of the request: another replica may well succeed.
+FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
+                            grpc.StatusCode.CANCELLED})
+SPANS_PER_REPLICA = 4  # spans per replica in a big batch: enough to balance, few enough to keep streams long
+MAX_SPAN_CHUNKS = 16  # a span is at most this many stream chunks
+
+
+def parse_targets(target: str | Sequence[str]) -> list[str]:
+    """A list of host:port, a comma-separated string, or dns:///host:port (all the addresses of the name)."""
+    items = [target] if isinstance(target, str) else list(target)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise invalid(f"target: expected host:port strings, got {item!r}")
+        for part in (p.strip() for p in item.split(",")):
+            if part:
+                out.extend(resolve_all(part) if part.startswith(DNS_SCHEME) else [part])
+    if not out:
+        raise invalid(f"target: expected at least one host:port, got {target!r}")
+    return list(dict.fromkeys(out))  # the same address twice is one replica
+
+
+def resolve_all(target: str) -> list[str]:
+    """dns:///host:port -> one ip:port per address the name resolves to (looked up once, now)."""
+    rest = target[len(DNS_SCHEME):]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise invalid(f"target: {target!r} needs a port, as in dns:///decoders.example:50052")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise AevaeError(grpc.StatusCode.UNAVAILABLE, f"cannot resolve {host!r}: {exc}") from None
+    addresses = dict.fromkeys(info[4][0] for info in infos)
+    if len(addresses) == 1:
+        return [target]  # one address: gRPC resolves it itself (and again when it changes)
+    return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
+
+
+def span_rows(n: int, replicas: int, chunk: int) -> int:
+    """Rows per span: about SPANS_PER_REPLICA spans per replica, whole chunks, 1 to MAX_SPAN_CHUNKS chunks."""
+    chunks = -(-n // max(1, chunk))
+    per_span = -(-chunks // (replicas * SPANS_PER_REPLICA))
+    return chunk * max(1, min(MAX_SPAN_CHUNKS, per_span))
+
+
+class Assembler:
+    """Writes each span's arrays at its offset into arrays preallocated on the first span that arrives."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.out: dict[str, np.ndarray | None] = {}
+        self._lock = threading.Lock()
+
+    def put(self, start: int, parts: dict[str, np.ndarray | None]) -> None:
+        with self._lock:
+            for name, part in parts.items():
+                if name not in self.out:
+                    self.out[name] = None if part is None else np.empty((self.n, *part.shape[1:]), part.dtype)
+            target = {name: self.out[name] for name in parts}
+        for name, part in parts.items():
+            array = target[name]
+            if (part is None) != (array is None):
+                raise AevaeError(grpc.StatusCode.INTERNAL, f"replicas disagree on whether {name} is present")
+            if array is not None and part is not None:
+                array[start:start + len(part)] = part
+
+
+@dataclass
+class _Replica:
+    client: Any
+    failures: int = 0
+    error: AevaeError | None = None
+
+
+@dataclass
+class _Work:
+    """The spans still to do, shared by the replicas' workers (threads or tasks)."""
+
+    todo: list[tuple[int, int]]
+    running: int = 0
+    fatal: AevaeError | None = None
+    done: list[tuple[int, int]] = field(default_factory=list)
+
+    def take(self) -> tuple[int, int] | None:
+        span = self.todo.pop(0)
+        self.running += 1
+        return span
+
+    def finish(self, span: tuple[int, int], ok: bool) -> None:
+        self.running -= 1
+        if ok:
+            self.done.append(span)
+        else:
+            self.todo.insert(0, span)  # first in line for the next free replica
+
+    def idle(self) -> bool:
+        """Nothing to take now, but a running span may still come back."""
+        return not self.todo and self.running > 0 and self.fatal is None
+
+    def over(self) -> bool:
+        return self.fatal is not None or (not self.todo and self.running == 0)
+
+
+def _failover(error: AevaeError) -> bool:
+    return error.code() in FAILOVER_CODES
+
+
+def _give_up(replicas: list[_Replica], work: _Work) -> AevaeError:
+    if work.fatal is not None:
+        return work.fatal
+    reasons = "; ".join(f"{r.client.target}: {r.error.details() or r.error.code().name}"
+                        for r in replicas if r.error is not None)
+    return AevaeError(grpc.StatusCode.UNAVAILABLE,
+                      f"all {len(replicas)} replicas failed with {len(work.todo)} spans left ({reasons})")
+
+
+class SyncFanOut:
+    """Several single-target sync clients and the thread-per-replica loop that spreads spans over them."""
+
+    def __init__(self, make_client: Callable[[str], Any], targets: list[str], retry: Retry):
+        self.targets = targets
+        self.retry = retry
+        self.replicas = [make_client(t) for t in targets]
+        self._next = itertools.count()
+
+    def rotation(self) -> list[Any]:
+        """The replicas, starting from the next one in turn (spreads small calls over the fleet)."""
+        k = next(self._next) % len(self.replicas)
+        return self.replicas[k:] + self.replicas[:k]
+
+    def first(self, call: Callable[[Any], Any]) -> Any:
+        """One whole call on one replica, the next in turn; on a replica failure, the next replica."""
+        last: AevaeError | None = None
+        for attempt in range(self.retry.retries + 1):
+            for client in self.rotation():
+                try:
+                    return call(client)
+                except AevaeError as error:
+                    if not _failover(error):
+                        raise
+                    last = error
+            time.sleep(self.retry._delay(attempt))
+        assert last is not None
+        raise last
+
+    def health(self, check: Callable[[Any], str]) -> str:
+        """"SERVING" when any replica serves; else the first status heard; else the last error."""
+        statuses: list[str] = []
+        last: AevaeError | None = None
+        for client in self.replicas:
+            try:
+                statuses.append(check(client))
+            except AevaeError as error:
+                last = error
+            if statuses and statuses[-1] == "SERVING":
+                return "SERVING"
+        if statuses:
+            return statuses[0]
+        assert last is not None
+        raise last
+
+    def spans(self, n: int, rows: int, run: Callable[[Any, int, int], None]) -> None:
+        """Runs run(client, start, stop) over all spans of `rows` rows, spread over the replicas."""
+        work = _Work(todo=[(s, min(n, s + rows)) for s in range(0, n, rows)])
+        replicas = [_Replica(c) for c in self.rotation()]
+        cond = threading.Condition()
+
+        def worker(replica: _Replica) -> None:
+            while True:
+                with cond:
+                    while work.idle():
+                        cond.wait()
+                    if work.over() or not work.todo:
+                        return
+                    span = work.take()
+                try:
+                    run(replica.client, *span)
+                except AevaeError as error:
+                    with cond:
+                        work.finish(span, ok=False)
+                        if not _failover(error):
+                            work.fatal = work.fatal or error
+                        replica.failures += 1
+                        replica.error = error
+                        cond.notify_all()
+                        if work.fatal is not None or replica.failures > self.retry.retries:
+                            return
+                    time.sleep(self.retry._delay(replica.failures - 1))
+                    continue
+                except BaseException as error:  # noqa: BLE001 - a bug or an interrupt: stop everything
+                    with cond:
+                        work.finish(span, ok=False)
+                        work.fatal = work.fatal or AevaeError(grpc.StatusCode.INTERNAL, repr(error))
+                        cond.notify_all()
+                    return
+                with cond:
+                    work.finish(span, ok=True)
+                    replica.failures = 0
+                    cond.notify_all()
+
+        threads = [threading.Thread(target=worker, args=(r,), daemon=True, name=f"aevae-fanout-{r.client.target}")
+                   for r in replicas]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if work.todo or work.fatal is not None:
+            raise _give_up(replicas, work)
+
+    def close(self) -> None:
+        for client in self.replicas:
+            client.close()
+
+
+class AsyncFanOut:
+    """The asyncio twin: one task per replica."""
+
+    def __init__(self, make_client: Callable[[str], Any], targets: list[str], retry: Retry):
+        self.targets = targets
+        self.retry = retry
+        self.replicas = [make_client(t) for t in targets]
+        self._next = itertools.count()
+
+    def rotation(self) -> list[Any]:
+        k = next(self._next) % len(self.replicas)
+        return self.replicas[k:] + self.replicas[:k]
+
+    async def first(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
+        last: AevaeError | None = None
+        for attempt in range(self.retry.retries + 1):
+            for client in self.rotation():
+                try:
+                    return await call(client)
+                except AevaeError as error:
+                    if not _failover(error):
+                        raise
+                    last = error
+            await asyncio.sleep(self.retry._delay(attempt))
+        assert last is not None
+        raise last
+
+    async def health(self, check: Callable[[Any], Awaitable[str]]) -> str:
+        statuses: list[str] = []
+        last: AevaeError | None = None
+        for client in self.replicas:
+            try:
+                statuses.append(await check(client))
+            except AevaeError as error:
+                last = error
+            if statuses and statuses[-1] == "SERVING":
+                return "SERVING"
+        if statuses:
+            return statuses[0]
+        assert last is not None
+        raise last
+
+    async def spans(self, n: int, rows: int, run: Callable[[Any, int, int], Awaitable[None]]) -> None:
+        work = _Work(todo=[(s, min(n, s + rows)) for s in range(0, n, rows)])
+        replicas = [_Replica(c) for c in self.rotation()]
+        cond = asyncio.Condition()
+
+        async def worker(replica: _Replica) -> None:
+            while True:
+                async with cond:
+                    await cond.wait_for(lambda: not work.idle())
+                    if work.over() or not work.todo:
+                        return
+                    span = work.take()
+                try:
+                    await run(replica.client, *span)
+                except AevaeError as error:
+                    async with cond:
+                        work.finish(span, ok=False)
+                        if not _failover(error):
+                            work.fatal = work.fatal or error
+                        replica.failures += 1
+                        replica.error = error
+                        cond.notify_all()
+                        if work.fatal is not None or replica.failures > self.retry.retries:
+                            return
+                    await asyncio.sleep(self.retry._delay(replica.failures - 1))
+                    continue
+                except BaseException as error:
+                    async with cond:
+                        work.finish(span, ok=False)
+                        work.fatal = work.fatal or AevaeError(grpc.StatusCode.INTERNAL, repr(error))
+                        cond.notify_all()
+                    raise
+                async with cond:
+                    work.finish(span, ok=True)
+                    replica.failures = 0
+                    cond.notify_all()
+
+        await asyncio.gather(*(worker(r) for r in replicas))
+        if work.todo or work.fatal is not None:
+            raise _give_up(replicas, work)
+
+    async def close(self) -> None:
+        for client in self.replicas:
+            await client.close()
+
+
+# The batch operations over a fan-out: small batches go whole to one replica (the next in turn), big ones are
+# split into spans. A call that names no version is pinned first to the newest version a replica lists, so
+# that every span of one batch is served by the same version.
+
+def _newest(infos: list[Any], model: str) -> int | None:
+    return next((info.version for info in infos if info.name == model), None)
+
+
+def decode(fan: SyncFanOut, latents: object, model: str, version: int | None, dtype: str,
+           timeout: float | None, chunk: int) -> np.ndarray:
+    z = prepare_latents(latents)
+    if z.ndim != 2 or len(z) <= chunk:
+        return fan.first(lambda c: c.decode(z, model, version, dtype, timeout=timeout))
+    if not version:
+        version = fan.first(lambda c: _newest(c.list_models(timeout=timeout), model))
+    out = Assembler(len(z))
+
+    def run(client: Any, start: int, stop: int) -> None:
+        out.put(start, {"images": client.decode(z[start:stop], model, version, dtype, timeout=timeout)})
+
+    fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run)
+    return out.out["images"]
+
+
+async def decode_async(fan: AsyncFanOut, latents: object, model: str, version: int | None, dtype: str,
+                       timeout: float | None, chunk: int) -> np.ndarray:
+    z = prepare_latents(latents)
+    if z.ndim != 2 or len(z) <= chunk:
+        return await fan.first(lambda c: c.decode(z, model, version, dtype, timeout=timeout))
+    if not version:
+        version = _newest(await fan.first(lambda c: c.list_models(timeout=timeout)), model)
+    out = Assembler(len(z))
+
+    async def run(client: Any, start: int, stop: int) -> None:
+        out.put(start, {"images": await client.decode(z[start:stop], model, version, dtype, timeout=timeout)})
+
+    await fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run)
+    return out.out["images"]
+
+
+def _encoded(out: Assembler, model: str, version: int | None) -> EncodeResult:
+    mean = out.out["mean"]
+    assert mean is not None
+    return EncodeResult(mean=mean, logvar=out.out["logvar"], sample=out.out["sample"], model=model,
+                        version=int(version or 0))
+
+
+def _parts(result: EncodeResult) -> dict[str, np.ndarray | None]:
+    return {"mean": result.mean, "logvar": result.logvar, "sample": result.sample}
+
+
+def _whole(images: np.ndarray, sample: bool, seed: int | None, chunk: int) -> bool:
+    """Seeded samples come from one generator per stream: split, they would differ from one replica's."""
+    return images.ndim != 3 or len(images) <= chunk or (sample and seed is not None)
+
+
+def encode(fan: SyncFanOut, images: object, model: str, version: int | None, sample: bool, seed: int | None,
+           timeout: float | None, chunk: int) -> EncodeResult:
+    x = prepare_images(images)
+    if _whole(x, sample, seed, chunk):
+        return fan.first(lambda c: c.encode(x, model, version, sample, seed, timeout=timeout))
+    if not version:
+        version = fan.first(lambda c: _newest(c.list_models(timeout=timeout), model))
+    out = Assembler(len(x))
+    served: list[EncodeResult] = []
+
+    def run(client: Any, start: int, stop: int) -> None:
+        result = client.encode(x[start:stop], model, version, sample, None, timeout=timeout)
+        out.put(start, _parts(result))
+        served.append(result)
+
+    fan.spans(len(x), span_rows(len(x), len(fan.replicas), chunk), run)
+    return _encoded(out, served[0].model, served[0].version)
+
+
+async def encode_async(fan: AsyncFanOut, images: object, model: str, version: int | None, sample: bool,
+                       seed: int | None, timeout: float | None, chunk: int) -> EncodeResult:
+    x = prepare_images(images)
+    if _whole(x, sample, seed, chunk):
+        return await fan.first(lambda c: c.encode(x, model, version, sample, seed, timeout=timeout))
+    if not version:
+        version = _newest(await fan.first(lambda c: c.list_models(timeout=timeout)), model)
+    out = Assembler(len(x))
+    served: list[EncodeResult] = []
+
+    async def run(client: Any, start: int, stop: int) -> None:
+        result = await client.encode(x[start:stop], model, version, sample, None, timeout=timeout)
+        out.put(start, _parts(result))
+        served.append(result)
+
+    await fan.spans(len(x), span_rows(len(x), len(fan.replicas), chunk), run)
+    return _encoded(out, served[0].model, served[0].version)

@@ -1,0 +1,153 @@
+"""The one source of the services' settings: a dataclass whose fields, defaults and help texts make the
+`aevae serve` flags, the server's configuration and the Ray Serve application arguments alike.
+
+Standard library only: the CLI imports it to show the defaults, and the client and the UI import the default
+ports from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
+
+from aevae.errors import ResourceExhausted
+
+# The default ports, written once.
+PORTS = {"encoder": 50051, "decoder": 50052, "ui": 8080}
+
+
+def _opt(default: Any, help: str, *, flag: bool = True, minimum: float | None = 0) -> Any:
+    """A setting: its default, its help text, whether `aevae serve` has a flag for it, and its least value
+    (None: no bound)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "minimum": minimum})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request or response may hold; beyond it, RESOURCE_EXHAUSTED with the limit in the message."""
+
+    max_message_bytes: int
+    max_batch: int
+
+    def check_batch(self, n: int, field: str) -> None:
+        if n > self.max_batch:
+            raise ResourceExhausted(
+                f"{field}: batch of {n} exceeds the maximum batch per request of {self.max_batch}; "
+                "split it or use the streaming RPC"
+            )
+
+    def check_response(self, n: int, bytes_per_item: int, field: str) -> None:
+        size = n * bytes_per_item
+        if size > self.max_message_bytes:
+            fits = max(1, self.max_message_bytes // bytes_per_item)
+            raise ResourceExhausted(
+                f"{field}: the response would be {size} bytes, over the max message size of "
+                f"{self.max_message_bytes} bytes; send at most {fits} per request or use the streaming RPC"
+            )
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    models_dir: str | None = _opt(None, "model repository (or AEVAE_MODELS_DIR; default ./models)", minimum=None)
+    host: str = _opt("127.0.0.1", "address to listen on; 0.0.0.0 for all interfaces", minimum=None)
+    port: int | None = _opt(None, "port (default: 50051 for the encoder, 50052 for the decoder); 0 picks a free "
+                                  "one, printed on start")
+    max_message_bytes: int = _opt(64 * 1024 * 1024, "largest request or response message; RESOURCE_EXHAUSTED "
+                                                     "beyond", minimum=1)
+    max_batch: int = _opt(65536, "most images or latents per request message; RESOURCE_EXHAUSTED beyond",
+                          minimum=1)
+    workers: int = _opt(2, "threads running the model off the event loop", minimum=1)
+    torch_threads: int | None = _opt(None, "torch intra-op threads (default: torch's)", minimum=1)
+    inline_max: int = _opt(64, "batches up to this size run on the event loop (saves a thread hop); 0: never")
+    refresh_seconds: float = _opt(2.0, "how often the repository is re-read, so new versions appear and changed "
+                                       "ones are reloaded without a restart")
+    grace: float = _opt(10.0, "seconds calls in flight get to finish on SIGTERM")
+    shutdown_delay: float = _opt(0.5, "seconds between NOT_SERVING and refusing new calls on SIGTERM")
+    runtime: str = _opt("auto", "model runtime: auto (ONNX Runtime when the version has graphs and "
+                                "onnxruntime is installed, else torch), onnx or torch", minimum=None)
+    allow_symlinks: bool = _opt(False, "serve version folders or files that are symlinks out of the "
+                                       "repository root (refused by default)", minimum=None)
+    # Dynamic batching of unary calls: requests that arrive while the model is busy (or within batch_wait_s)
+    # are merged into one forward pass.
+    batch_size: int = _opt(32, "most unary requests merged into one forward pass; 1: no batching", minimum=1)
+    batch_wait_s: float = _opt(0.0, "how long the first request of a batch waits for company when the model "
+                                    "is idle (0: never waits)")
+    batch_rows: int = _opt(256, "requests with more rows than this run alone, unbatched", minimum=1)
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, minimum = getattr(self, f.name), f.metadata["minimum"]
+            if minimum is not None and value is not None and value < minimum:
+                raise ValueError(f"{f.name.replace('_', '-')} must be at least {minimum}, got {value}")
+        if self.runtime not in ("auto", "onnx", "torch"):
+            raise ValueError(f"runtime must be auto, onnx or torch, got {self.runtime!r}")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_message_bytes=self.max_message_bytes, max_batch=self.max_batch)
+
+    def port_for(self, kind: str) -> int:
+        return PORTS[kind] if self.port is None else self.port
+
+    def models_root(self) -> str:
+        return self.models_dir or os.environ.get("AEVAE_MODELS_DIR") or "models"
+
+    def replace(self, **changes: Any) -> "ServiceSettings":
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # -- the two front ends of the settings -------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per setting, its default and help from the field."""
+        for f in fields(cls):
+            if not f.metadata["flag"]:
+                continue
+            option = "--" + f.name.replace("_", "-")
+            default = f.default if f.default is not MISSING else None
+            if isinstance(default, bool):
+                parser.add_argument(option, action="store_true", help=f.metadata["help"])
+                continue
+            kind = _scalar_type(f)
+            parser.add_argument(option, type=kind, default=default, help=f.metadata["help"])
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "ServiceSettings":
+        values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "ServiceSettings":
+        """From a config's mapping (Ray Serve's `args:`): unknown keys and wrong types fail with a message
+        naming the key and what is accepted."""
+        values = dict(values or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown settings {unknown}; accepted: {sorted(known)}")
+        parsed: dict[str, Any] = {}
+        for name, value in values.items():
+            kind = _scalar_type(known[name])
+            if value is None or isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+                parsed[name] = value
+                continue
+            try:
+                if kind is bool or isinstance(value, bool):
+                    raise ValueError
+                parsed[name] = kind(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+        return cls(**parsed)
+
+
+def _scalar_type(f: Any) -> type:
+    """int, float, str or bool, from the field's annotation (`int | None` -> int)."""
+    annotation = str(f.type)
+    for name, kind in (("bool", bool), ("float", float), ("int", int), ("str", str)):
+        if annotation.startswith(name):
+            return kind
+    raise TypeError(f"setting {f.name} has an unsupported type {annotation}")

@@ -1,0 +1,64 @@
+"""The one chunked encode/decode: chunking does not change results, uint8 rounds, shapes come from the
+manifest, and non-finite output is never returned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aevae.inference import LoadedModel, NonFiniteOutput, sample
+from aevae.store import ModelStore
+
+
+def test_chunked_decode_equals_one_pass_and_uint8_rounds(tiny_repo: Path) -> None:
+    model = ModelStore(tiny_repo).get("vae")
+    z = np.random.default_rng(0).normal(size=(37, 4)).astype(np.float32)
+    whole = model.decode(z, chunk=1000)
+    assert whole.shape == (37, 32, 32) and whole.dtype == np.float32
+    assert np.allclose(model.decode(z, chunk=5), whole, atol=1e-6)
+    as_uint8 = model.decode(z, "uint8", chunk=7)
+    assert as_uint8.dtype == np.uint8 and np.array_equal(as_uint8, np.floor(whole * 255 + 0.5).astype(np.uint8))
+
+
+def test_encode_takes_uint8_and_unpadded_images_chunk_by_chunk(tiny_repo: Path) -> None:
+    model = ModelStore(tiny_repo).get("vae")
+    digits = np.random.default_rng(1).integers(0, 256, size=(9, 28, 28), dtype=np.uint8)
+    padded = np.pad(digits.astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))
+    mean, logvar = model.encode(digits, chunk=4)
+    mean2, logvar2 = model.encode(padded, chunk=100)
+    assert mean.shape == logvar.shape == (9, 4)  # type: ignore[union-attr]
+    assert np.allclose(mean, mean2, atol=1e-5) and np.allclose(logvar, logvar2, atol=1e-5)  # type: ignore[arg-type]
+
+
+def test_a_model_of_another_shape_is_served_by_its_manifest(tiny_repo: Path) -> None:
+    model = ModelStore(tiny_repo).get("vae8")
+    assert model.latent_dim == 8 and model.image_shape == (24, 20)
+    assert model.decode(np.zeros((2, 8), np.float32)).shape == (2, 24, 20)
+
+
+def test_sample_uses_sigma_and_the_ae_sample_is_its_mean() -> None:
+    mean = np.zeros((20000, 1), np.float32)
+    z = sample(mean, np.full((20000, 1), np.log(4.0), np.float32), np.random.default_rng(0))
+    assert z.std() == pytest.approx(2.0, rel=0.03)
+    assert np.array_equal(sample(mean, None, np.random.default_rng(0)), mean)
+
+
+class _NaNRuntime:
+    name = "nan"
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, None]:
+        return np.full((len(images), 4), np.nan, np.float32), None
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return np.full((len(latents), 32, 32), np.nan, np.float32)
+
+
+def test_non_finite_output_is_never_returned(tiny_repo: Path) -> None:
+    manifest = ModelStore(tiny_repo).get("ae").manifest
+    model = LoadedModel(manifest, _NaNRuntime())
+    with pytest.raises(NonFiniteOutput):
+        model.decode(np.zeros((1, 4), np.float32))
+    with pytest.raises(NonFiniteOutput):
+        model.encode(np.zeros((1, 32, 32), np.float32))

@@ -1,0 +1,107 @@
+"""The services' logic without a transport: validation, limits and errors as the gRPC servicers map them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aevae.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from aevae.services.decoder import DecoderLogic
+from aevae.services.encoder import EncoderLogic
+from aevae.services.inputs import LATENT_BOUND
+from aevae.services.settings import Limits
+from aevae.store import ModelStore
+
+LIMITS = Limits(max_message_bytes=64 * 1024, max_batch=100)
+
+
+@pytest.fixture
+def dec(tiny_repo: Path) -> DecoderLogic:
+    return DecoderLogic(ModelStore(tiny_repo), LIMITS)
+
+
+@pytest.fixture
+def enc(tiny_repo: Path) -> EncoderLogic:
+    return EncoderLogic(ModelStore(tiny_repo), LIMITS)
+
+
+def test_decode_and_encode_round_trip_shapes(dec: DecoderLogic, enc: EncoderLogic) -> None:
+    out = dec.decode("vae", None, np.zeros((3, 4), np.float32), "uint8")
+    assert (out.model, out.version, out.images.shape, out.images.dtype) == ("vae", 1, (3, 32, 32), np.uint8)
+    encoded = enc.encode("vae", 1, out.images, np.random.default_rng(0))
+    assert encoded.mean.shape == encoded.logvar.shape == encoded.sample.shape == (3, 4)  # type: ignore[union-attr]
+    ae = enc.encode("ae", None, out.images, np.random.default_rng(0))
+    assert ae.logvar is None and np.array_equal(ae.sample, ae.mean)  # type: ignore[arg-type]
+
+
+def test_a_model_of_another_shape_is_validated_by_its_own_manifest(dec: DecoderLogic, enc: EncoderLogic) -> None:
+    images = dec.decode("vae8", None, np.zeros((2, 8), np.float32)).images
+    assert images.shape == (2, 24, 20)
+    assert enc.encode("vae8", None, images).mean.shape == (2, 8)
+    assert enc.encode("vae8", None, np.zeros((2, 20, 16), np.uint8)).mean.shape == (2, 8)  # before padding
+    with pytest.raises(InvalidArgument, match=r"expected N x 24 x 20 or N x 20 x 16, got \[2, 32, 32\]"):
+        enc.encode("vae8", None, np.zeros((2, 32, 32), np.uint8))
+    with pytest.raises(InvalidArgument, match=r"model 'vae8' expects N x 8 latents, got \[1, 4\]"):
+        dec.decode("vae8", None, np.zeros((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("latents, message", [
+    (np.full((2, 4), np.nan, np.float32), r"latents: expected finite values, got nan at index \[0, 0\]"),
+    (np.array([[0, 0, 0, 0], [0, 1e22, 0, 0]], np.float32), r"values must lie in \[-10000, 10000\]; row 1"),
+    (np.zeros((2, 3), np.float32), r"expects N x 4 latents, got \[2, 3\]"),
+    (np.zeros((2, 2, 4), np.float32), r"expects N x 4 latents, got \[2, 2, 4\]"),
+])
+def test_bad_latents_are_invalid_argument_naming_what_is_accepted(dec: DecoderLogic, latents: np.ndarray,
+                                                                  message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        dec.decode("vae", None, latents)
+
+
+def test_latents_at_the_bound_decode_to_finite_images(dec: DecoderLogic) -> None:
+    out = dec.decode("vae", None, np.full((1, 4), LATENT_BOUND, np.float32)).images
+    assert np.isfinite(out).all() and 0 <= out.min() and out.max() <= 1
+
+
+@pytest.mark.parametrize("images, message", [
+    (np.full((1, 32, 32), 2.0, np.float32), r"float32 pixels must lie in \[0, 1\]"),
+    (np.full((1, 32, 32), np.inf, np.float32), r"expected finite values"),
+    (np.zeros((1, 30, 30), np.uint8), r"expected N x 32 x 32 or N x 28 x 28, got \[1, 30, 30\]"),
+])
+def test_bad_images_are_invalid_argument(enc: EncoderLogic, images: np.ndarray, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        enc.encode("vae", None, images)
+
+
+def test_limits_are_resource_exhausted_with_the_limit(dec: DecoderLogic, enc: EncoderLogic) -> None:
+    with pytest.raises(ResourceExhausted, match="maximum batch per request of 100"):
+        dec.decode("vae", None, np.zeros((101, 4), np.float32), "uint8")
+    with pytest.raises(ResourceExhausted, match=r"over the max message size of 65536 bytes; send at most 16"):
+        dec.decode("vae", None, np.zeros((17, 4), np.float32))
+    with pytest.raises(ResourceExhausted, match="maximum batch per request of 100"):
+        enc.encode("vae", None, np.zeros((101, 32, 32), np.uint8))
+
+
+def test_names_dtypes_and_versions(dec: DecoderLogic, enc: EncoderLogic) -> None:
+    with pytest.raises(InvalidArgument, match="model: expected a model name"):
+        dec.decode("", None, np.zeros((1, 4), np.float32))
+    with pytest.raises(InvalidArgument, match=r"dtype: expected float32 or uint8 .*got 'float16'"):
+        dec.decode("vae", None, np.zeros((1, 4), np.float32), "float16")
+    with pytest.raises(NotFound, match="has no version 9"):
+        enc.latent_stats("vae", 9)
+    name, version, stats = enc.latent_stats("vae8", None)
+    assert (name, version, len(stats["dims"])) == ("vae8", 1, 8)
+
+
+def test_a_broken_default_is_skipped_and_an_explicit_request_names_the_reason(tiny_repo: Path) -> None:
+    from helpers import write_tiny
+
+    version = write_tiny(tiny_repo, "vae", seed=5)
+    version.file("weights.pt").write_bytes(b"not a zip")
+    dec = DecoderLogic(ModelStore(tiny_repo), LIMITS)
+    assert dec.decode("vae", None, np.zeros((1, 4), np.float32)).version == 1
+    with pytest.raises(FailedPrecondition, match="model 'vae' version 2 is broken: .*checksum"):
+        dec.decode("vae", 2, np.zeros((1, 4), np.float32))
+    (summary,) = [s for s in dec.list_models() if s.name == "vae"]
+    assert summary.number == 1 and list(summary.broken) == [2]

@@ -1,0 +1,89 @@
+"""The repository on disk: atomic numbered writes, canonical version names, numbers never reused, symlinks
+out of the root refused; and it stays free of torch and of the model runtime."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aevae.manifest import Manifest
+from aevae.repository import MANIFEST, ModelRepository, version_number
+from helpers import ROOT, write_tiny
+
+
+def test_writes_are_numbered_checksummed_and_leave_no_staging(tmp_path: Path) -> None:
+    first = write_tiny(tmp_path, "ae", "ae")
+    second = write_tiny(tmp_path, "ae", "ae", seed=1)
+    assert (first.number, second.number) == (1, 2)
+    assert second.manifest.number == 2 and second.manifest.name == "ae"
+    assert set(second.manifest.files) == {"weights.pt", "latent_stats.json"}
+    assert sorted(p.name for p in (tmp_path / "ae").iterdir() if not p.name.startswith(".high")) == ["1", "2"]
+    on_disk = Manifest.loads((tmp_path / "ae" / "2" / MANIFEST).read_text())
+    assert on_disk == second.manifest
+
+
+def test_a_bad_model_name_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model name"):
+        ModelRepository(tmp_path).write("../evil", Manifest.from_json({
+            "kind": "ae", "latent_dim": 2, "image_shape": [4, 4], "architecture": {}, "files": {}}), {})
+
+
+def test_numbers_are_never_reused_after_the_newest_is_deleted(tmp_path: Path) -> None:
+    write_tiny(tmp_path, "vae")
+    write_tiny(tmp_path, "vae")
+    shutil.rmtree(tmp_path / "vae" / "2")
+    assert write_tiny(tmp_path, "vae").number == 3
+
+
+@pytest.mark.parametrize("name, number", [("1", 1), ("42", 42), ("9223372036854775807", 2**63 - 1),
+                                          ("0", None), ("002", None), ("1e3", None), ("-1", None),
+                                          ("99999999999999999999", None), ("9223372036854775808", None)])
+def test_only_canonical_decimal_names_are_versions(name: str, number: int | None) -> None:
+    assert version_number(name) == number
+
+
+def test_non_canonical_folders_are_ignored_not_listed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_tiny(tmp_path, "vae")
+    write_tiny(tmp_path, "vae")
+    shutil.copytree(tmp_path / "vae" / "2", tmp_path / "vae" / "002")
+    shutil.copytree(tmp_path / "vae" / "2", tmp_path / "vae" / "99999999999999999999")
+    scan = ModelRepository(tmp_path).scan()
+    assert [v.number for v in scan.versions["vae"]] == [1, 2]
+    assert "002" in caplog.text and "leading zeros" in caplog.text
+
+
+def test_an_incomplete_version_is_broken_with_its_reason(tmp_path: Path) -> None:
+    write_tiny(tmp_path, "vae")
+    shutil.copytree(tmp_path / "vae" / "1", tmp_path / "vae" / "2")
+    (tmp_path / "vae" / "2" / MANIFEST).unlink()
+    shutil.copytree(tmp_path / "vae" / "1", tmp_path / "vae" / "3")
+    data = json.loads((tmp_path / "vae" / "3" / MANIFEST).read_text())
+    del data["latent_dim"]
+    (tmp_path / "vae" / "3" / MANIFEST).write_text(json.dumps(data))
+    (tmp_path / "vae" / "4").mkdir()
+    scan = ModelRepository(tmp_path).scan()
+    assert [v.number for v in scan.versions["vae"]] == [1]
+    reasons = {b.number: b.reason for b in scan.broken}
+    assert reasons[2] == "no manifest.json" and "'latent_dim'" in reasons[3] and reasons[4] == "no manifest.json"
+
+
+def test_a_symlink_out_of_the_root_is_broken_unless_allowed(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "models", tmp_path / "elsewhere"
+    write_tiny(root, "vae")
+    write_tiny(elsewhere, "vae")
+    (root / "vae" / "2").symlink_to(elsewhere / "vae" / "1")
+    scan = ModelRepository(root).scan()
+    assert [v.number for v in scan.versions["vae"]] == [1]
+    assert "outside the repository root" in scan.broken[0].reason
+    assert [v.number for v in ModelRepository(root, allow_symlinks=True).versions()["vae"]] == [1, 2]
+
+
+def test_the_repository_imports_neither_torch_nor_the_runtime() -> None:
+    tree = ast.parse((ROOT / "aevae" / "repository.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m.split(".")[0] == "torch" or m in ("aevae.inference", "aevae.runtimes")}

@@ -1,0 +1,136 @@
+"""The one load path's policy: the newest loadable version is the default, a broken one is marked once and
+reported, an explicit request for it fails with the reason, and changed files are never served stale."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aevae.errors import FailedPrecondition, NotFound
+from aevae.repository import WEIGHTS, sha256_file
+from aevae.store import ModelStore
+from helpers import write_tiny
+
+
+def _flip(path: Path, offset: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + 64):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_newest_is_skipped_by_default_and_reported(tiny_repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_tiny(tiny_repo, "vae", seed=1)
+    _flip(tiny_repo / "vae" / "2" / WEIGHTS)
+    store = ModelStore(tiny_repo, refresh_seconds=0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            assert store.get("vae").number == 1
+        (summary,) = [s for s in store.summaries() if s.name == "vae"]
+    assert summary.number == 1 and summary.numbers == [1]
+    assert "checksum" in summary.broken[2]
+    assert caplog.text.count("vae/2 is broken") == 1  # marked once, not re-hashed per request
+    with pytest.raises(FailedPrecondition, match=r"model 'vae' version 2 is broken: .*checksum"):
+        store.get("vae", 2)
+
+
+def test_no_loadable_version_is_a_failed_precondition_with_every_reason(tiny_repo: Path) -> None:
+    _flip(tiny_repo / "ae" / "1" / WEIGHTS)
+    store = ModelStore(tiny_repo)
+    with pytest.raises(FailedPrecondition, match=r"no loadable version of model 'ae': version 1: .*checksum"):
+        store.get("ae")
+    (summary,) = [s for s in store.summaries() if s.name == "ae"]
+    assert summary.number == 0 and summary.numbers == [] and 1 in summary.broken
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_is_refused_and_never_run(tiny_repo: Path, tmp_path: Path) -> None:
+    version = write_tiny(tiny_repo, "vae", seed=1)
+    marker = tmp_path / "pwned"
+    weights = version.file(WEIGHTS)
+    state = torch.load(weights, weights_only=True)
+    state["payload"] = _Payload(marker)
+    torch.save(state, weights)
+    manifest = version.manifest.with_(files={**version.manifest.files, WEIGHTS: sha256_file(weights)})
+    version.file("manifest.json").write_text(manifest.dumps())  # a consistent checksum: only the pickle is bad
+    store = ModelStore(tiny_repo)
+    with pytest.raises(FailedPrecondition, match="version 2 is broken"):
+        store.get("vae", 2)
+    assert store.get("vae").number == 1
+    assert not marker.exists()
+
+
+def test_unknown_model_and_version_list_what_exists(tiny_repo: Path) -> None:
+    store = ModelStore(tiny_repo)
+    with pytest.raises(NotFound, match=r"unknown model 'nope'; available: ae: 1; vae: 1; vae8: 1"):
+        store.get("nope")
+    with pytest.raises(NotFound, match=r"model 'vae' has no version 7"):
+        store.get("vae", 7)
+
+
+def test_a_long_model_name_is_shortened_in_the_error(tiny_repo: Path) -> None:
+    with pytest.raises(NotFound) as error:
+        ModelStore(tiny_repo).get("x" * 100_000)
+    assert len(str(error.value)) < 300 and "100000 chars" in str(error.value)
+
+
+def _decode_one(store: ModelStore, number: int | None = None) -> np.ndarray:
+    return store.get("vae", number).decode(np.ones((1, 4), np.float32))
+
+
+def test_a_version_replaced_in_place_is_reloaded_not_served_stale(tiny_repo: Path) -> None:
+    store = ModelStore(tiny_repo, refresh_seconds=0)
+    before = _decode_one(store)
+    other = write_tiny(tiny_repo / "other", "vae", seed=7)
+    for name in (WEIGHTS, "latent_stats.json", "manifest.json"):
+        tmp = tiny_repo / "vae" / "1" / f".{name}.new"
+        shutil.copy(other.file(name), tmp)
+        os.replace(tmp, tiny_repo / "vae" / "1" / name)
+    after = _decode_one(store)
+    expected = ModelStore(tiny_repo / "other").get("vae").decode(np.ones((1, 4), np.float32))
+    assert not np.array_equal(before, after) and np.array_equal(after, expected)
+
+
+def test_a_deleted_version_is_dropped_and_a_recreated_one_reloaded(tiny_repo: Path) -> None:
+    store = ModelStore(tiny_repo, refresh_seconds=0)
+    write_tiny(tiny_repo, "vae", seed=3)
+    assert store.get("vae").number == 2
+    shutil.move(tiny_repo / "vae" / "2", tiny_repo / "saved")
+    assert store.get("vae").number == 1
+    with pytest.raises(NotFound):
+        store.get("vae", 2)
+    other = write_tiny(tiny_repo / "other", "vae", seed=9)
+    shutil.copytree(other.path, tiny_repo / "vae" / "2")
+    expected = ModelStore(tiny_repo / "other").get("vae").decode(np.ones((1, 4), np.float32))
+    assert np.array_equal(_decode_one(store, 2), expected)
+
+
+def test_a_repaired_broken_version_is_tried_again(tiny_repo: Path) -> None:
+    version = write_tiny(tiny_repo, "vae", seed=1)
+    good = version.file(WEIGHTS).read_bytes()
+    _flip(version.file(WEIGHTS))
+    store = ModelStore(tiny_repo, refresh_seconds=0)
+    assert store.get("vae").number == 1
+    version.file(WEIGHTS).write_bytes(good)
+    os.utime(version.file(WEIGHTS), ns=(1, 1))
+    assert store.get("vae").number == 2
+
+
+def test_peek_is_none_until_loaded_then_the_model(tiny_repo: Path) -> None:
+    store = ModelStore(tiny_repo, refresh_seconds=60)
+    assert store.peek("vae", None) is None
+    model = store.get("vae")
+    assert store.peek("vae", None) is model and store.peek("vae", 1) is model

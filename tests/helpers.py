@@ -1,0 +1,55 @@
+"""What the tests share: paths, running the real console script, and tiny model versions written with the
+repository's own writer (the fast tier's models: real files, real checksums, no Ray)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+AEVAE = [sys.executable, "-m", "aevae.cli"]
+SMALL_TRAINING = ["--train-limit", "2000", "--epochs", "1", "--batch-size", "128"]
+
+
+def data_root() -> Path:
+    import pytest
+
+    value = os.environ.get("AEVAE_DATA_ROOT") or str(ROOT.parent / "shared" / "datasets")
+    path = Path(value)
+    if not (path / "MNIST" / "raw").is_dir():
+        pytest.fail(f"MNIST not found: set AEVAE_DATA_ROOT to a folder holding MNIST/raw/ (tried {path})")
+    return path
+
+
+def run_aevae(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs the real console script in a subprocess and returns what it printed."""
+    return subprocess.run([*AEVAE, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def write_tiny(root: Path, name: str = "vae", kind: str = "vae", latent_dim: int = 4,
+               image_shape: tuple[int, int] = (32, 32), hidden: tuple[int, ...] = (16,), seed: int = 0,
+               **manifest_changes: Any) -> Any:
+    """Writes one small random-weight version with the trainer's writer; returns the Version."""
+    import torch
+
+    from aevae.latent_stats import compute
+    from aevae.manifest import Manifest, now
+    from aevae.models import Architecture, build
+    from aevae.repository import ModelRepository
+    from aevae.trainer.job import write_version
+
+    torch.manual_seed(seed)
+    arch = Architecture(kind=kind, latent_dim=latent_dim, hidden=hidden, image_shape=image_shape)
+    model = build(arch).eval()
+    manifest = Manifest(kind=kind, latent_dim=latent_dim, image_shape=image_shape, architecture=arch.to_json(),
+                        metrics={"test_bce": 100.0 + seed}, created=now(), **manifest_changes)
+    rng = np.random.default_rng(seed)
+    latents = rng.normal(size=(200, latent_dim)).astype(np.float32)
+    stats = compute(latents, rng.integers(0, 10, 200), seed=seed)
+    return write_version(ModelRepository(root), name, manifest, model, stats)
