@@ -8,6 +8,8 @@ import re
 import sys
 from typing import Any
 
+from aevae.services.settings import PORTS  # stdlib only
+
 # Ranges such as -3:3:11 start with "-": without this, argparse would take them for options.
 _VALUES = re.compile(r"^-[0-9.]")
 
@@ -73,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="parquet (default), npz shards, or folders of PNG files")
     out.add_argument("--image-format", choices=("raw", "png"), default="raw",
                      help="Parquet image column: raw uint8 pixels (default, fastest) or PNG bytes")
-    _common(d, "decoder", 50052)
+    _common(d, "decoder", PORTS["decoder"])
     d._negative_number_matcher = _VALUES  # type: ignore[attr-defined]
     d.set_defaults(func=run, op="decode")
 
@@ -90,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--column", default=None, help="the Parquet column (default image)")
     out = e.add_argument_group("output")
     out.add_argument("--format", choices=("parquet", "npz"), default="parquet", help="parquet (default) or npz")
-    _common(e, "encoder", 50051)
+    _common(e, "encoder", PORTS["encoder"])
     e.set_defaults(func=run, op="encode", image_format="raw")
 
 
