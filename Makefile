@@ -1,6 +1,7 @@
 # Two commands for a fresh machine; each first sets up whatever is missing (idempotent):
 #   make up    - train if the model repository is empty, then serve both services and the web UI
-#   make test  - the whole test suite (what CI runs)
+#   make test  - the type check and the whole test suite (what CI runs)
+#   make test-fast - the fast tier only (no Ray, no subprocess; under a minute): tests/fast
 # The data root: a folder holding MNIST/raw/; on these machines ../shared/datasets.
 
 VENV     ?= .venv
@@ -9,7 +10,7 @@ PIP      := $(VENV)/bin/pip
 STAMP    := $(VENV)/.aevae-installed
 export AEVAE_DATA_ROOT ?= $(abspath $(wildcard ../shared/datasets))
 
-.PHONY: setup chromium up test proto bench clean container-tools images smoke-containers
+.PHONY: setup chromium up test test-fast typecheck proto bench clean container-tools images smoke-containers
 
 setup: $(STAMP) chromium
 
@@ -30,8 +31,15 @@ chromium:
 up: setup
 	$(VENV)/bin/aevae up
 
-test: setup
+test: setup typecheck
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest tests/fast -q
+
+# mypy on the installed aevae.* namespace, with the generated stubs (tools/typecheck.py links the tree).
+typecheck: setup
+	$(PY) tools/typecheck.py
 
 # Regenerates the protobuf and gRPC code (and mypy stubs) from proto/; commit the result.
 proto: setup
