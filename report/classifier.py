@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aevae"
 
 
-def features_in(images: np.ndarray, pool: int = RECIPE["pool"]) -> np.ndarray:
+def features_in(images: np.ndarray, pool: int = int(RECIPE["pool"])) -> np.ndarray:
     """N x H x W floats in [0, 1] -> N x (H/pool * W/pool) pooled pixels."""
     n, h, w = images.shape
     return np.asarray(images, dtype=np.float32).reshape(n, h // pool, pool, w // pool, pool).mean(axis=(2, 4)).reshape(n, -1)
@@ -83,7 +84,7 @@ class DigitClassifier:
         return np.concatenate(out) if out else np.zeros((0, 10))
 
     def save(self, path: Path) -> None:
-        arrays = {"pca_mean": self.pca_mean, "pca_components": self.pca_components,
+        arrays: dict[str, Any] = {"pca_mean": self.pca_mean, "pca_components": self.pca_components,
                   "max_residual": np.float64(self.max_residual),
                   "info": np.frombuffer(json.dumps(self.info).encode(), dtype=np.uint8)}
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from collections import deque
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 import grpc
 
@@ -36,7 +36,13 @@ class Runner:
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
 
 
-async def guarded(context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+class Aborts(Protocol):
+    """What `guarded` needs of a call's context: grpc.aio's, or the Ray Serve adapter's."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> Any: ...
+
+
+async def guarded(context: Aborts, work: Awaitable[T]) -> T:
     """Awaits `work`, turning typed errors into their status; anything else is INTERNAL and logged."""
     try:
         return await work
@@ -75,7 +81,7 @@ async def pipelined(
 
 
 async def served_stream(
-    context: grpc.aio.ServicerContext,
+    context: Aborts,
     requests: AsyncIterator[R],
     submit: Callable[[int, R], Awaitable[T]],
     depth: int,

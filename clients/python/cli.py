@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
     d.add_argument("--scale", type=int, default=1, help="upscale the PNG by this integer factor (default 1)")
     d.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
-    d._negative_number_matcher = _NUMBERS  # type: ignore[attr-defined]
+    d._negative_number_matcher = _NUMBERS
     d.set_defaults(func=decode)
 
 

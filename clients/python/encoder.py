@@ -5,7 +5,7 @@ A batch that fits one message goes as one Encode call; a bigger one streams thro
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import grpc
 import numpy as np
@@ -18,7 +18,7 @@ from aevae.client.results import EncodeResult, latent_stats
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc
 from aevae.v1.tensors import from_tensor, to_tensor
 
-FIELDS = ("mean", "logvar", "sample")
+FIELDS: tuple[Literal["mean", "logvar", "sample"], ...] = ("mean", "logvar", "sample")
 RESPONSE_ROW = 3 * 64 * 4  # mean, log-variance and sample of up to 64 float32 dimensions
 
 
