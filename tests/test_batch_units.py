@@ -1,0 +1,216 @@
+"""aevae.batch without Ray or services: the sources (files and generated), the sinks, PNG bytes, the checks
+that refuse bad input before a job starts, and resuming into an output folder. Shards run in-process through
+`run_shard`, the function Ray's actors and the fleet engine call."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aevae.batch import png, sources
+from aevae.batch.job import JOB_FILE, Job, prepare, run_shard
+from aevae.batch.model import Loaded, resolve
+from aevae.batch.sinks import Sink, arrow_table
+from aevae.cli import main
+from aevae.errors import UserError
+
+
+def read_parquet(folder: Path) -> pa.Table:
+    return pq.read_table(folder)  # files starting with _ or . (the job file, temporaries) are not data
+
+
+# -- generated sources ------------------------------------------------------------------------------------------
+
+def test_a_grid_enumerates_every_point_last_dimension_fastest() -> None:
+    grid = sources.Grid([(-1.0, 1.0, 3), (0.0, 10.0, 2)])
+    assert grid.rows == 6
+    z = grid.read(0, 6)["latent"]
+    np.testing.assert_allclose(z, [[-1, 0], [-1, 10], [0, 0], [0, 10], [1, 0], [1, 10]])
+    np.testing.assert_array_equal(grid.read(2, 5)["latent"], z[2:5])
+
+
+def test_prior_rows_do_not_depend_on_how_the_rows_are_split() -> None:
+    prior = sources.Prior(10_000, seed=3, latent_dim=5)
+    whole = prior.read(0, 10_000)["latent"]
+    assert whole.shape == (10_000, 5) and whole.dtype == np.float32
+    pieces = np.concatenate([prior.read(a, b)["latent"] for a, b in [(0, 1), (1, 4097), (4097, 9000), (9000, 10_000)]])
+    np.testing.assert_array_equal(pieces, whole)
+    assert abs(float(whole.mean())) < 0.05 and 0.95 < float(whole.std()) < 1.05
+    assert not np.array_equal(sources.Prior(10, seed=4, latent_dim=5).read(0, 10)["latent"], whole[:10])
+
+
+def test_a_traversal_sweeps_each_dimension_around_each_base() -> None:
+    bases = sources.Grid([(1.0, 2.0, 2), (5.0, 5.0, 1), (7.0, 7.0, 1)])  # bases (1, 5, 7) and (2, 5, 7)
+    sweep = sources.Traversal((-1.0, 1.0, 3), latent_dim=3, bases=bases)
+    assert sweep.rows == 2 * 3 * 3
+    z = sweep.read(0, sweep.rows)["latent"]
+    np.testing.assert_allclose(z[:3], [[-1, 5, 7], [0, 5, 7], [1, 5, 7]])  # base 0, dimension 0
+    np.testing.assert_allclose(z[3:6], [[1, -1, 7], [1, 0, 7], [1, 1, 7]])  # base 0, dimension 1
+    np.testing.assert_allclose(z[15:18], [[2, 5, -1], [2, 5, 0], [2, 5, 1]])  # base 1, dimension 2
+    np.testing.assert_array_equal(sweep.read(4, 11)["latent"], z[4:11])
+    origin = sources.Traversal((0.0, 2.0, 2), latent_dim=2)
+    np.testing.assert_allclose(origin.read(0, 4)["latent"], [[0, 0], [2, 0], [0, 0], [0, 2]])
+
+
+# -- file sources -----------------------------------------------------------------------------------------------
+
+def test_npy_npz_and_parquet_latents_read_the_same_rows(tmp_path: Path) -> None:
+    z = np.random.default_rng(0).normal(size=(1000, 4)).astype(np.float32)
+    np.save(tmp_path / "z.npy", z)
+    np.savez(tmp_path / "stored.npz", latents=z, other=np.zeros(3))
+    np.savez_compressed(tmp_path / "packed.npz", z=z)
+    table = pa.table({"latent": pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), 4),
+                      **{f"z{i}": z[:, i] for i in range(4)}})
+    pq.write_table(table, tmp_path / "z.parquet", row_group_size=300)  # rows 250..700 span row groups
+    found = {
+        "npy": sources.ArrayFile(tmp_path / "z.npy"),
+        "npz stored": sources.ArrayFile(tmp_path / "stored.npz"),  # picks "latents" among two arrays
+        "npz compressed": sources.ArrayFile(tmp_path / "packed.npz"),
+        "parquet list": sources.ParquetFile(tmp_path / "z.parquet"),
+        "parquet scalars": sources.ParquetFile(tmp_path / "z.parquet", column="z0,z1,z2,z3"),
+    }
+    assert isinstance(found["npz stored"]._array(), np.memmap)
+    for name, source in found.items():
+        assert source.rows == 1000, name
+        np.testing.assert_array_equal(source.read(250, 700)["latent"], z[250:700], err_msg=name)
+        source.check(4, (32, 32))
+    with pytest.raises(UserError, match=r"no array 'nope' \(it holds latents, other\)"):
+        sources.ArrayFile(tmp_path / "stored.npz", key="nope")
+    np.savez(tmp_path / "two.npz", a=z, b=z)
+    with pytest.raises(UserError, match="holds several arrays .* name one with --key"):
+        sources.ArrayFile(tmp_path / "two.npz")
+    np.testing.assert_array_equal(sources.ArrayFile(tmp_path / "two.npz", key="b").read(0, 5)["latent"], z[:5])
+
+
+def test_parquet_images_as_raw_bytes_or_png_read_back_exactly(tmp_path: Path) -> None:
+    images = np.random.default_rng(1).integers(0, 256, size=(50, 24, 20), dtype=np.uint8)
+    for fmt in ("raw", "png"):
+        table = arrow_table({"id": np.arange(50), "image": images}, fmt, {})
+        pq.write_table(table, tmp_path / f"{fmt}.parquet")
+        source = sources.ParquetFile(tmp_path / f"{fmt}.parquet", field="image")
+        assert source.image_shape == (24, 20)  # from the schema metadata
+        np.testing.assert_array_equal(source.read(10, 40)["image"], images[10:40])
+
+
+def test_png_bytes_are_real_pngs() -> None:
+    from PIL import Image
+
+    images = np.random.default_rng(2).integers(0, 256, size=(5, 7, 9), dtype=np.uint8)
+    for image, blob in zip(images, png.encode_many(images)):
+        with Image.open(io.BytesIO(blob)) as read:
+            assert read.mode == "L" and read.size == (9, 7)
+            np.testing.assert_array_equal(np.asarray(read), image)
+
+
+# -- checks before a job starts ---------------------------------------------------------------------------------
+
+def test_bad_latents_are_refused_naming_the_problem(tmp_path: Path) -> None:
+    np.save(tmp_path / "wide.npy", np.zeros((10, 5), np.float32))
+    with pytest.raises(UserError, match=r"N x 4 latents, got rows of 5"):
+        sources.ArrayFile(tmp_path / "wide.npy").check(4, (32, 32))
+    z = np.zeros((3_000_000, 4), np.float32)
+    z[2_500_001, 2] = np.nan  # in the scan's third step
+    np.save(tmp_path / "nan.npy", z)
+    with pytest.raises(UserError, match=r"row 2500001 holds NaN or infinity"):
+        sources.ArrayFile(tmp_path / "nan.npy").check(4, (32, 32))
+    images = np.full((4, 28, 28), 0.5, np.float32)
+    images[3, 0, 0] = 1.5
+    np.save(tmp_path / "img.npy", images)
+    with pytest.raises(UserError, match=r"image 3 has pixels outside \[0, 1\]"):
+        sources.ArrayFile(tmp_path / "img.npy", field="image").check(4, (32, 32))
+    np.save(tmp_path / "odd.npy", np.zeros((4, 30, 30), np.uint8))
+    with pytest.raises(UserError, match=r"32x32 or 28x28 images, got shape \[4, 30, 30\]"):
+        sources.ArrayFile(tmp_path / "odd.npy", field="image").check(4, (32, 32))
+
+
+def test_the_cli_refuses_bad_input_before_anything_runs(tiny_repo: Path, tmp_path: Path, capsys) -> None:
+    np.save(tmp_path / "z.npy", np.zeros((10, 4), np.float32))
+    np.save(tmp_path / "nan.npy", np.full((10, 8), np.nan, np.float32))
+    out = tmp_path / "out"
+    cases = [
+        (["--input", str(tmp_path / "z.npy"), "--model", "vae8"], "N x 8 latents, got rows of 4"),
+        (["--input", str(tmp_path / "nan.npy"), "--model", "vae8"], "row 0 holds NaN"),
+        (["--prior", "10", "--model", "gan"], "unknown model 'gan'"),
+        (["--prior", "10", "--model", "vae", "--version", "7"], "has no version 7"),
+        (["--grid=-1:1:3,-1:1:3", "--model", "vae"], "4 latent dimensions"),
+        (["--grid=-1:1"], "expected LO:HI:STEPS"),
+        (["--prior", "10", "--grid=-1:1:3"], "needs one input"),
+    ]
+    for flags, message in cases:
+        code = main(["decode-batch", *flags, "--models-dir", str(tiny_repo), "--output", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (flags, err)
+        assert not out.exists()  # refused before the job started: nothing written
+
+
+def test_an_output_folder_of_another_job_is_refused_unless_overwritten(tiny_repo: Path, tmp_path: Path) -> None:
+    ref = resolve(str(tiny_repo), "vae", None)
+    out = tmp_path / "out"
+
+    def job(seed: int) -> Job:
+        return Job("decode", ref, sources.Prior(100, seed, ref.latent_dim), Sink(out, "npz"), shard_size=40)
+
+    first = job(0)
+    plan = prepare(first)
+    assert plan.todo == [0, 1, 2] and json.loads((out / JOB_FILE).read_text())["job"]["input"]["seed"] == 0
+    model = Loaded(ref)
+    run_shard(first, model, 0)
+    with pytest.raises(UserError, match="holds another job .*differs in input"):
+        prepare(job(1))
+    replaced = prepare(job(1), overwrite=True)
+    assert replaced.todo == [0, 1, 2] and not (out / "part-000000.npz").exists()
+
+
+# -- shards -----------------------------------------------------------------------------------------------------
+
+def test_shards_resume_and_keep_the_input_order(tiny_repo: Path, tmp_path: Path) -> None:
+    ref = resolve(str(tiny_repo), "vae8", None)  # 8-d latents, 24 x 20 images
+    assert (ref.latent_dim, ref.image_shape) == (8, (24, 20))
+    source = sources.Prior(1000, 0, 8)
+    out = tmp_path / "out"
+    job = Job("decode", ref, source, Sink(out, "parquet", "png", {"op": "decode"}), shard_size=300)
+    model = Loaded(ref)
+    plan = prepare(job)
+    assert plan.todo == [0, 1, 2, 3]
+    for shard in (0, 2):
+        assert run_shard(job, model, shard)["rows"] == 300
+    (out / ".part-000001.parquet.tmp-123").write_bytes(b"half a file")  # a writer killed mid-shard
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+    plan = prepare(job)
+    assert plan.todo == [1, 3] and plan.skipped_rows == 600 and not list(out.glob(".part-*"))
+    for shard in plan.todo:
+        run_shard(job, model, shard)
+    assert {p: out.joinpath(p).stat().st_mtime_ns for p in before} == before  # done shards untouched
+    table = read_parquet(out)
+    np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(1000))
+    z = np.stack(table.column("latent").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(z, source.read(0, 1000)["latent"])
+    images = png.decode_many(table.column("image").to_pylist())
+    assert images.shape == (1000, 24, 20)
+    np.testing.assert_array_equal(images, model.decode(z))
+    assert prepare(job).todo == []
+
+
+def test_encode_shards_carry_latents_logvar_and_labels(tiny_repo: Path, tmp_path: Path, mnist_root: Path) -> None:
+    ref = resolve(str(tiny_repo), "vae", None)
+    source = sources.MnistImages(str(mnist_root), "test")
+    source.rows = 500
+    source.check(ref.latent_dim, ref.image_shape)
+    job = Job("encode", ref, source, Sink(tmp_path / "enc", "npz"), shard_size=200)
+    model = Loaded(ref)
+    prepare(job)
+    for shard in range(job.shards):
+        run_shard(job, model, shard)
+    parts = [np.load(p) for p in sorted((tmp_path / "enc").glob("part-*.npz"))]
+    ids = np.concatenate([p["ids"] for p in parts])
+    np.testing.assert_array_equal(ids, np.arange(500))
+    mean, logvar = model.encode(source.read(0, 500)["image"])
+    np.testing.assert_allclose(np.concatenate([p["latents"] for p in parts]), mean, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate([p["logvar"] for p in parts]), logvar, atol=1e-6)
+    np.testing.assert_array_equal(np.concatenate([p["labels"] for p in parts]), source.read(0, 500)["label"])
