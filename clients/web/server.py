@@ -53,8 +53,8 @@ class Links:
 
 LINKS = web.AppKey("links", Links)
 JUDGE = web.AppKey("judge", Judge)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet)
-TASKS = web.AppKey("tasks", list)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
+TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks")
 
 
 class BadRequest(ValueError):
@@ -263,7 +263,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         if not ws.closed:
             await ws.send_json(reply)
 
-    pending: set[asyncio.Task] = set()
+    pending: set[asyncio.Task[None]] = set()
     async for msg in ws:
         if msg.type != WSMsgType.TEXT:
             continue
@@ -286,7 +286,8 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 async def broadcast_status(app: web.Application) -> None:
     message = status_message(app)
-    for ws in list(app[SOCKETS]):
+    sockets = app[SOCKETS]
+    for ws in list(sockets):
         if not ws.closed:
             try:
                 await ws.send_json(message)
@@ -328,7 +329,8 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
         for task in app[TASKS]:
             task.cancel()
         await asyncio.gather(*app[TASKS], return_exceptions=True)
-        for ws in list(app[SOCKETS]):
+        sockets = app[SOCKETS]
+        for ws in list(sockets):
             await ws.close()
         for link in app[LINKS]:
             await link.aclose()

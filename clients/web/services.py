@@ -65,7 +65,7 @@ class ServiceLink(Generic[Client]):
         self.service = service
         self.target = target
         self.status = Status()
-        self._client_type = client_type
+        self._client_type: type[Client] = client_type
         self._on_change = on_change
         self._client: Client | None = None
         self._retired: list[tuple[Client, float]] = []  # replaced clients, closed once their calls are done

@@ -176,6 +176,8 @@ function axesOf(kind) {
 }
 
 // -- selection ------------------------------------------------------------------------------------------
+const released = {}; // colour -> when it was last given back
+let releases = 0;
 function colourOf(index) {
   return index in state.colourOf && state.selected.includes(index) ? SELECTION_COLOURS[state.colourOf[index]] : null;
 }
@@ -186,18 +188,30 @@ function select(index) {
     $("inputs-note").textContent = `At most ${SELECTION_COLOURS.length} inputs at once: deselect one first.`;
     return false;
   }
+  // its previous colour when that is free, else the free colour released longest ago (never: first), so that
+  // an input deselected a moment ago still finds its own colour when it comes back
   const used = new Set(state.selected.map((i) => state.colourOf[i]));
   if (!(index in state.colourOf) || used.has(state.colourOf[index])) {
-    state.colourOf[index] = SELECTION_COLOURS.findIndex((_, c) => !used.has(c));
+    const free = SELECTION_COLOURS.map((_, c) => c).filter((c) => !used.has(c));
+    state.colourOf[index] = free.reduce((best, c) => ((released[c] ?? -1) < (released[best] ?? -1) ? c : best), free[0]);
   }
   state.selected.push(index);
   $("inputs-note").textContent = "";
   return true;
 }
 
-function toggleInput(index) {
+let beforeClick = null;
+function toggleInput(index) { // index -1: no change, just render
   const at = state.selected.indexOf(index);
-  if (at >= 0) { state.selected.splice(at, 1); $("inputs-note").textContent = ""; } else if (!select(index)) return;
+  if (index < 0) {
+    $("inputs-note").textContent = "";
+  } else if (at >= 0) {
+    state.selected.splice(at, 1);
+    released[state.colourOf[index]] = ++releases;
+    $("inputs-note").textContent = "";
+  } else if (!select(index)) {
+    return;
+  }
   renderInputs();
   renderPlots();
   renderInterpolation();
@@ -233,8 +247,17 @@ function renderInputs() {
       img.draggable = false;
       toImage(img, item.pixels, item.shape[1], item.shape[0]);
       button.appendChild(img);
-      button.addEventListener("click", () => toggleInput(i));
-      button.addEventListener("dblclick", () => snapTo(i, KINDS)); // its two clicks toggled twice: no change
+      // a double-click snaps and leaves the selection as it was: its first click toggled, its second is
+      // ignored, and the dblclick puts the selection (and its order) back
+      button.addEventListener("click", (event) => {
+        if (event.detail > 1) return;
+        beforeClick = state.selected.slice();
+        toggleInput(i);
+      });
+      button.addEventListener("dblclick", () => {
+        if (beforeClick) { state.selected = beforeClick; beforeClick = null; toggleInput(-1); }
+        snapTo(i, KINDS);
+      });
       box.appendChild(button);
     });
   }
@@ -286,7 +309,7 @@ function renderBadge() {
 }
 
 function renderNumbers() {
-  const ranges = [["", ...KINDS.map((k) => NAMES[k])]];
+  const ranges = [["latents", ...KINDS.map((k) => NAMES[k])]];
   const selectedLatents = (k) => state.selected.map((i) => state.inputs[i]?.latents[k]).filter(Boolean);
   const allLatents = (k) => state.inputs.map((item) => item.latents[k]).filter(Boolean);
   const training = (k) => {

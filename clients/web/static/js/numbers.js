@@ -12,7 +12,7 @@ export function rangeOf(latents) {
 }
 
 export function infoRows(infos, kinds) {
-  const rows = [["", ...kinds.map((k) => k.toUpperCase())]];
+  const rows = [["quantity", ...kinds.map((k) => k.toUpperCase())]];
   const get = (fn) => infos.map((info) => (info ? fn(info) : "–"));
   const imageBits = (info) => (info.image_shape || []).reduce((a, b) => a * b, 1) * BITS_PER_PIXEL;
   const latentBits = (info) => info.latent_dim * BITS_PER_LATENT;
