@@ -1,6 +1,6 @@
 """deploy/'s manifests against the schemas of what reads them, strictly (an unknown field is an error):
 
-- compose.yaml against the Compose Specification's JSON schema (the copy check-jsonschema ships);
+- compose.yaml and compose.train.yaml against the Compose Specification's JSON schema (the copy check-jsonschema ships);
 - the built-in Kubernetes kinds with kubernetes-validate, strict, for the oldest and the newest Kubernetes
   release we claim (1.27: native gRPC probes are GA there);
 - the RayJob and the RayService against KubeRay's CRD schemas (../shared/schemas/kuberay/, see its README),
@@ -53,9 +53,10 @@ def compose_validator() -> jsonschema.Validator:
     return cls(schema)
 
 
-def test_compose_file_matches_the_compose_specification() -> None:
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.train.yaml"])
+def test_compose_files_match_the_compose_specification(name: str) -> None:
     validator = compose_validator()
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())  # YAML merge keys resolved, as compose does
+    compose = yaml.safe_load((DEPLOY / name).read_text())  # YAML merge keys resolved, as compose does
     assert messages(validator.iter_errors(compose)) == []
     typo = copy.deepcopy(compose)
     typo["services"]["decoder"]["healthchek"] = typo["services"]["decoder"].pop("healthcheck")

@@ -259,24 +259,17 @@ def seconds(duration: str) -> float:
     return float(match.group(1))
 
 
-def test_compose_serves_a_repository_and_trains_first_with_the_train_profile() -> None:
+def test_compose_serves_a_repository_and_the_train_file_trains_it_first() -> None:
     (compose,) = load_yaml(DEPLOY / "compose.yaml")
+    (train,) = load_yaml(DEPLOY / "compose.train.yaml")
     services = compose["services"]
-    assert set(services) == {"trainer", "encoder", "decoder", "ui"}
+    assert set(services) == {"encoder", "decoder", "ui"} and set(train["services"]) == {"trainer", "encoder", "decoder"}
     stages = dockerfile_stages()
-    for name, service in services.items():
+    for name, service in [*services.items(), ("trainer", train["services"]["trainer"])]:
         assert service["build"]["target"] == name and name in stages
         assert (ROOT / "deploy" / service["build"]["context"] / service["build"]["dockerfile"]).resolve() == DOCKERFILE
         assert IMAGE.match(service["image"]).group(1) == name
     models = "${AEVAE_MODELS:-models}:/models"  # a host folder, or the named volume
-    # the trainer: only with --profile train, one shot, guarded so that `up` does not train every time
-    trainer = services["trainer"]
-    assert trainer["profiles"] == ["train"] and trainer["restart"] == "no"
-    script = trainer["command"][0]
-    train = shlex.split(re.search(r"exec (aevae train [^;]*)", script).group(1).replace("$${AEVAE_TRAIN_ARGS}", ""))
-    args = parse_aevae(train[1:])
-    assert args.models_dir == "/models" and args.data_root == "/data"
-    assert models in trainer["volumes"]
     for name in ("encoder", "decoder", "ui"):
         service = services[name]
         port = PORTS[name]
@@ -289,8 +282,7 @@ def test_compose_serves_a_repository_and_trains_first_with_the_train_profile() -
         assert (args.port, args.host) == (port, "0.0.0.0")
         if name == "ui":
             continue
-        assert service["depends_on"] == {"trainer": {"condition": "service_completed_successfully",
-                                                     "required": False}}
+        assert "depends_on" not in service
         assert args.kind == name
         assert args.shutdown_delay + args.grace < seconds(service["stop_grace_period"]), "drained before SIGKILL"
         assert service["volumes"] == [f"{models}:ro"]
@@ -301,6 +293,17 @@ def test_compose_serves_a_repository_and_trains_first_with_the_train_profile() -
     assert (args.encoder, args.decoder) == ("encoder:50051", "decoder:50052")
     assert "volumes" not in ui
     assert "models" in compose["volumes"]
+    # compose.train.yaml: the one-shot trainer, guarded so that `up` does not train every time; the services
+    # wait for it to complete
+    trainer = train["services"]["trainer"]
+    assert trainer["restart"] == "no"
+    script = trainer["command"][0]
+    command = re.search(r"exec (aevae train [^;]*)", script).group(1).replace("$${AEVAE_TRAIN_ARGS}", "")
+    args = parse_aevae(shlex.split(command)[1:])
+    assert args.models_dir == "/models" and args.data_root == "/data"
+    assert models in trainer["volumes"]
+    for name in ("encoder", "decoder"):
+        assert train["services"][name] == {"depends_on": {"trainer": {"condition": "service_completed_successfully"}}}
 
 
 # ---- Kubernetes ------------------------------------------------------------------------------------------
