@@ -59,7 +59,7 @@ def test_compose_files_match_the_compose_specification(name: str) -> None:
     compose = yaml.safe_load((DEPLOY / name).read_text())  # YAML merge keys resolved, as compose does
     assert messages(validator.iter_errors(compose)) == []
     typo = copy.deepcopy(compose)
-    typo["services"]["decoder"]["healthchek"] = typo["services"]["decoder"].pop("healthcheck")
+    typo["services"]["decoder"]["healthchek"] = {"test": ["CMD", "true"]}
     assert any("healthchek" in m for m in messages(validator.iter_errors(typo)))
 
 
