@@ -128,19 +128,12 @@ def train_small(folder: Path) -> Path:
     return models
 
 
-def readable_by_all(path: Path) -> None:
-    """The containers run as uid 10001: the repository and the folders above it must be readable to others."""
-    for parent in [path, *path.parents]:
-        if parent == Path("/"):
-            break
-        parent.chmod(parent.stat().st_mode | 0o005)
-    for dirpath, dirnames, filenames in os.walk(path):
-        for name in dirnames:
-            p = Path(dirpath) / name
-            p.chmod(p.stat().st_mode | 0o005)
+def readable_by_all(folder: Path) -> None:
+    """The containers run as uid 10001: the smoke test's own folder (mkdtemp: 0700) must be readable to it."""
+    for dirpath, _, filenames in os.walk(folder):
+        Path(dirpath).chmod(0o755)
         for name in filenames:
-            p = Path(dirpath) / name
-            p.chmod(p.stat().st_mode | 0o004)
+            (Path(dirpath) / name).chmod(0o644)
 
 
 # ---- compose -----------------------------------------------------------------------------------------------
@@ -294,7 +287,7 @@ def sigterm_all(stack: Stack) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", type=Path, help="serve this model repository instead of training one")
+    parser.add_argument("--models", type=Path, help="serve (a copy of) this repository instead of training one")
     parser.add_argument("--no-build", action="store_true", help="use the images there are")
     parser.add_argument("--keep", action="store_true", help="leave the stack running (and the temp folder)")
     args = parser.parse_args(argv)
@@ -314,8 +307,12 @@ def main(argv: list[str] | None = None) -> int:
         summary += build_images(env) if not args.no_build else []
         sizes = check_images(version)
         summary.append("image sizes: " + ", ".join(f"aevae-{n} {s}" for n, s in sizes.items()) + " (no torch)")
-        models = args.models.resolve() if args.models else train_small(folder)
-        readable_by_all(models)
+        if args.models:  # a copy: the containers need it readable, and the original stays as it is
+            models = folder / "models"
+            shutil.copytree(args.models, models, ignore=shutil.ignore_patterns(".*"))
+        else:
+            models = train_small(folder)
+        readable_by_all(folder)
         ports = {name: free_port() for name in SERVICES}
         env.update(AEVAE_MODELS=str(models), AEVAE_ENCODER_PORT=str(ports["encoder"]),
                    AEVAE_DECODER_PORT=str(ports["decoder"]), AEVAE_UI_PORT=str(ports["ui"]))
