@@ -1,0 +1,330 @@
+"""The Open Inference Protocol v2 (`inference.GRPCInferenceService`, KServe's and Triton's) over the same
+logic as aevae.v1: request -> tensors -> EncoderLogic / DecoderLogic (the same validation, limits, errors and
+batching) -> response. A thin translation, registered beside aevae.v1 on the same port.
+
+The generated code is tritonclient's (`tritonclient.grpc.service_pb2`, Triton's grpc_service.proto: the
+protocol's messages with KServe's field numbers, plus Triton's extensions), so that no hand copy can drift.
+
+Models by their repository names; versions as `model_version` strings ("" or "0": the newest). Tensors in
+`raw_input_contents` or the typed `contents`; the response answers in kind (raw for raw, typed for typed).
+
+| service | input | outputs | request parameters |
+| --- | --- | --- | --- |
+| encoder | `images` UINT8 or FP32, [N, H, W] (the model's shape or the unpadded one) | `mean`, `logvar` (VAE), `sample` | `sample` (bool), `seed` (int) |
+| decoder | `latents` FP32 [N, d] | `images` FP32 or UINT8 | `dtype` ("FP32" or "UINT8") |
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, AsyncIterator, Callable, NoReturn
+
+import grpc
+import numpy as np
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+import aevae
+from aevae.errors import InvalidArgument, ServiceError, shorten
+from aevae.inference import LoadedModel
+from aevae.services import inputs
+from aevae.services.decoder import Decoded, DecoderLogic
+from aevae.services.encoder import EncoderLogic
+from aevae.services.grpc_common import Engine, guarded, pipelined, readable
+
+DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
+CONFIG_TYPES = {"UINT8": model_config_pb2.TYPE_UINT8, "FP32": model_config_pb2.TYPE_FP32}
+Outputs = dict[str, np.ndarray]
+
+
+class ServingState:
+    """Whether the service takes work: ServerReady and ModelReady answer false once shutdown has begun."""
+
+    def __init__(self) -> None:
+        self.serving = True
+
+    def stop(self) -> None:
+        self.serving = False
+
+
+# -- the protocol's fields <-> numpy and the logic's arguments ----------------------------------------------
+def version_from_oip(text: str) -> int | None:
+    """"" or "0": the newest (None); otherwise a positive integer."""
+    if text in ("", "0"):
+        return None
+    if not text.isdigit():
+        raise InvalidArgument(f"model_version: expected a positive integer or empty for the newest, got {shorten(text)}")
+    return int(text)
+
+
+def parameter(params: Any, name: str, kinds: tuple[str, ...]) -> Any:
+    """A request parameter's value, None when absent; INVALID_ARGUMENT when it has another type."""
+    if name not in params:
+        return None
+    which = params[name].WhichOneof("parameter_choice")
+    if which not in kinds:
+        wanted = " or ".join(k.removesuffix("_param") for k in kinds)
+        raise InvalidArgument(f"parameters.{name}: expected a {wanted} parameter, got {which or 'no value'}")
+    return getattr(params[name], which)
+
+
+def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tuple[str, ...]) -> tuple[np.ndarray, bool]:
+    """The request's one input tensor, named `name`, as a read-only array; and whether it came raw."""
+    if len(request.inputs) != 1 or request.inputs[0].name != name:
+        raise InvalidArgument(f"inputs: expected one input named {name!r}, got {[shorten(i.name) for i in request.inputs]}")
+    tensor = request.inputs[0]
+    if tensor.datatype not in datatypes:
+        raise InvalidArgument(f"{name}.datatype: expected {' or '.join(datatypes)}, got {shorten(tensor.datatype)}")
+    shape = tuple(int(s) for s in tensor.shape)
+    if any(s < 0 for s in shape):
+        raise InvalidArgument(f"{name}.shape: dimensions must be >= 0, got {list(shape)}")
+    dtype, count = DATATYPES[tensor.datatype], math.prod(shape)
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidArgument(f"raw_input_contents: expected one entry (for {name!r}), "
+                                  f"got {len(request.raw_input_contents)}")
+        data = request.raw_input_contents[0]
+        if len(data) != count * dtype.itemsize:
+            raise InvalidArgument(f"{name}: shape {list(shape)} of {tensor.datatype} needs {count * dtype.itemsize} "
+                                  f"bytes in raw_input_contents[0], got {len(data)}")
+        return np.frombuffer(data, dtype).reshape(shape), True
+    typed = tensor.contents.uint_contents if tensor.datatype == "UINT8" else tensor.contents.fp32_contents
+    kind = "uint_contents" if tensor.datatype == "UINT8" else "fp32_contents"
+    if len(typed) != count:
+        raise InvalidArgument(f"{name}.contents.{kind}: shape {list(shape)} needs {count} values, got {len(typed)} "
+                              "(or send raw_input_contents)")
+    if tensor.datatype == "UINT8":
+        wide = np.asarray(typed, np.uint32)
+        if wide.size and wide.max() > 255:
+            raise InvalidArgument(f"{name}.contents.uint_contents: UINT8 values must lie in 0..255, got {wide.max()}")
+        return wide.astype(np.uint8).reshape(shape), False
+    return np.asarray(typed, np.float32).reshape(shape), False
+
+
+def infer_response(request: service_pb2.ModelInferRequest, model: str, version: int, outputs: Outputs,
+                   raw: bool) -> service_pb2.ModelInferResponse:
+    """The requested outputs (all when none is named), raw or typed, in the order asked."""
+    names = [o.name for o in request.outputs] or list(outputs)
+    unknown = [n for n in names if n not in outputs]
+    if unknown:
+        raise InvalidArgument(f"outputs: model {model!r} gives {list(outputs)} for this request, not "
+                              f"{[shorten(n) for n in unknown]}")
+    response = service_pb2.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
+    for name in names:
+        array = outputs[name]
+        datatype = "UINT8" if array.dtype == np.uint8 else "FP32"
+        tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        if raw:
+            response.raw_output_contents.append(np.ascontiguousarray(array, DATATYPES[datatype]).tobytes())
+        elif datatype == "UINT8":
+            tensor.contents.uint_contents.extend(array.ravel().tolist())
+        else:
+            tensor.contents.fp32_contents.extend(array.ravel().tolist())
+    return response
+
+
+# -- the two models' signatures ------------------------------------------------------------------------------
+Tensor = tuple[str, str, list[int]]  # name, datatype, shape (-1: any batch)
+
+
+def signature(kind: str, model: LoadedModel) -> tuple[list[Tensor], list[Tensor]]:
+    """Inputs and outputs of `model` as served by `kind`, from its manifest (no shape assumed)."""
+    h, w = model.image_shape
+    latent = [-1, model.latent_dim]
+    if kind == "encoder":
+        outputs = [("mean", "FP32", latent)] + ([("logvar", "FP32", latent)] if model.variational else [])
+        return [("images", "UINT8", [-1, h, w])], outputs + [("sample", "FP32", latent)]
+    return [("latents", "FP32", latent)], [("images", "FP32", [-1, h, w])]
+
+
+def encoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[Callable[[], Any], int, bool]:
+    """The encoder's inputs, parameters and the logic's `prepare` call for one request."""
+    images, _ = read_input(request, "images", ("UINT8", "FP32"))
+    wants_sample = parameter(request.parameters, "sample", ("bool_param",))
+    seed = parameter(request.parameters, "seed", ("int64_param", "uint64_param"))
+    if seed is not None and seed < 0:
+        raise InvalidArgument(f"parameters.seed: expected a non-negative integer, got {seed}")
+    wants_sample = bool(wants_sample) or any(o.name == "sample" for o in request.outputs)
+    noise = np.random.default_rng(seed) if wants_sample else None
+    version = version_from_oip(request.model_version)
+    logic: EncoderLogic = servicer.logic
+    return (lambda: logic.prepare(request.model_name, version, images, noise), len(images),
+            logic.ready(request.model_name, version))
+
+
+def decoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[Callable[[], Any], int, bool]:
+    """The decoder's input, its output dtype parameter and the logic's `prepare` call for one request."""
+    latents, _ = read_input(request, "latents", ("FP32",))
+    dtype = parameter(request.parameters, "dtype", ("string_param",)) or "FP32"
+    dtypes = {"FP32": "float32", "UINT8": "uint8", "float32": "float32", "uint8": "uint8"}
+    if dtype not in dtypes:
+        raise InvalidArgument(f"parameters.dtype: expected FP32 or UINT8, got {shorten(dtype)}")
+    version = version_from_oip(request.model_version)
+    logic: DecoderLogic = servicer.logic
+    return (lambda: logic.prepare(request.model_name, version, latents, dtypes[dtype]), len(latents),
+            logic.ready(request.model_name, version))
+
+
+def outputs_of(result: Any) -> Outputs:
+    """An Encoded or Decoded result -> the protocol's outputs by name."""
+    if isinstance(result, Decoded):
+        return {"images": result.images}
+    outputs: Outputs = {"mean": result.mean}
+    if result.logvar is not None:
+        outputs["logvar"] = result.logvar
+    if result.sample is not None:
+        outputs["sample"] = result.sample
+    return outputs
+
+
+class _Captured(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+
+
+class _Capture:
+    """A context for `guarded` inside a stream: the status becomes the message's error_message, and the
+    stream goes on (Triton's streaming semantics)."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        raise _Captured(code, details)
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """The protocol for one service over its aevae.v1 servicer's logic and engine: the same admission
+    control, runner and dynamic batcher, so OIP and aevae.v1 requests share forward passes."""
+
+    def __init__(self, kind: str, servicer: Any, state: ServingState | None = None):
+        self.kind = kind
+        self.logic: EncoderLogic | DecoderLogic = servicer.logic
+        self.engine: Engine = servicer.engine
+        self.batcher: Any = servicer.batcher
+        self.state = state or ServingState()
+        self._job = encoder_job if kind == "encoder" else decoder_job
+        self._servicer = servicer
+
+    # -- inference ----------------------------------------------------------------------------------------
+    async def _infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
+        """One request: validated on its own, then computed together with whatever else is waiting."""
+        with self.engine.admission.hold(request.ByteSize()):
+            prepare, rows, ready = self._job(self._servicer, request)
+            job = await self.engine.run(prepare, rows, ready)
+            out = await self.batcher.submit(job)
+        raw = bool(request.raw_input_contents)
+        return infer_response(request, out.model, out.version, outputs_of(out), raw)
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
+        async def call() -> service_pb2.ModelInferResponse:
+            with self.engine.admission.call():
+                return await self._infer(readable(request))
+
+        return await guarded(context, call())
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        """One response per request, in order, `stream_depth` computed at once; a failed request answers
+        with its error_message (the status name first) and the stream goes on, as in Triton."""
+        async def handle(index: int, message: Any) -> service_pb2.ModelStreamInferResponse:
+            try:
+                response = await guarded(_Capture(), self._infer(readable(message)))
+            except _Captured as exc:
+                request = message if isinstance(message, service_pb2.ModelInferRequest) else \
+                    service_pb2.ModelInferRequest()
+                return service_pb2.ModelStreamInferResponse(
+                    error_message=f"message {index}: {exc}", infer_response=service_pb2.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id))
+            return service_pb2.ModelStreamInferResponse(infer_response=response)
+
+        async def admitted() -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+            with self.engine.admission.call():
+                async for response in pipelined(request_iterator, handle, self.engine.stream_depth):
+                    yield response
+
+        results = admitted()
+        while True:
+            try:
+                response = await guarded(context, anext(results))
+            except StopAsyncIteration:
+                return
+            yield response
+
+    # -- health and metadata ------------------------------------------------------------------------------
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ServerLiveResponse:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ServerReadyResponse:
+        """Ready while serving (not once shutdown has begun) and the repository holds a model."""
+        if not self.state.serving:
+            return service_pb2.ServerReadyResponse(ready=False)
+        models = await guarded(context, self.engine.run(lambda: self.logic.store.scan().versions, 0, False))
+        return service_pb2.ServerReadyResponse(ready=self.state.serving and bool(models))
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelReadyResponse:
+        """Ready while serving and the version loads (an unknown or broken one is not ready)."""
+        message = await guarded(context, _parsed(request))
+        if not self.state.serving:
+            return service_pb2.ModelReadyResponse(ready=False)
+        try:
+            await self._load(message)
+        except ServiceError:
+            return service_pb2.ModelReadyResponse(ready=False)
+        return service_pb2.ModelReadyResponse(ready=self.state.serving)
+
+    async def ServerMetadata(self, request: Any,
+                             context: grpc.aio.ServicerContext) -> service_pb2.ServerMetadataResponse:
+        return service_pb2.ServerMetadataResponse(name=f"aevae-{self.kind}", version=aevae.__version__,
+                                                  extensions=["parameters"])
+
+    async def _load(self, request: Any) -> LoadedModel:
+        """The model a ModelReady/ModelMetadata/ModelConfig request names (name, version)."""
+        message = readable(request)
+        version = version_from_oip(message.version)
+        return await self.engine.run(lambda: self.logic.store.get(inputs.model_name(message.name), version), 0, False)
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelMetadataResponse:
+        """The real shapes and datatypes, from the version's manifest; -1 is the batch dimension."""
+        model = await guarded(context, self._load(request))
+        ins, outs = signature(self.kind, model)
+        versions = [str(v.number) for v in self.logic.store.scan().versions.get(model.name, [])]
+
+        def meta(tensors: list[Tensor]) -> list[service_pb2.ModelMetadataResponse.TensorMetadata]:
+            return [service_pb2.ModelMetadataResponse.TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in tensors]
+
+        return service_pb2.ModelMetadataResponse(name=model.name, versions=versions,
+                                                 platform=f"aevae_{model.runtime.name}", inputs=meta(ins),
+                                                 outputs=meta(outs))
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelConfigResponse:
+        """A minimal Triton model configuration (for tools such as perf_analyzer): the batch is the first
+        dimension of every tensor (max_batch_size 0)."""
+        model = await guarded(context, self._load(request))
+        ins, outs = signature(self.kind, model)
+        return service_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(
+            name=model.name, platform=f"aevae_{model.runtime.name}", max_batch_size=0,
+            input=[model_config_pb2.ModelInput(name=n, data_type=CONFIG_TYPES[d], dims=s) for n, d, s in ins],
+            output=[model_config_pb2.ModelOutput(name=n, data_type=CONFIG_TYPES[d], dims=s) for n, d, s in outs],
+        ))
+
+    async def RepositoryIndex(self, request: Any,
+                              context: grpc.aio.ServicerContext) -> service_pb2.RepositoryIndexResponse:
+        """Every version: READY (served on request) or UNAVAILABLE with the reason it is broken."""
+        message = await guarded(context, _parsed(request))
+        summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
+        index = []
+        for s in summaries:
+            states = {n: ("READY", "") for n in s.numbers}
+            states.update({n: ("UNAVAILABLE", reason) for n, reason in s.broken.items()})
+            for number, (state, reason) in sorted(states.items()):
+                if not message.ready or state == "READY":
+                    index.append(service_pb2.RepositoryIndexResponse.ModelIndex(
+                        name=s.name, version=str(number), state=state, reason=reason))
+        return service_pb2.RepositoryIndexResponse(models=index)
+
+
+async def _parsed(request: Any) -> Any:
+    return readable(request)
+
+
+DESCRIPTOR = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+
+
+__all__ = ["DESCRIPTOR", "InferenceServicer", "ServingState", "version_from_oip"]

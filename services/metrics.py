@@ -1,0 +1,261 @@
+"""Prometheus metrics for the services and the UI: the official prometheus_client, a grpc.aio server
+interceptor for every RPC (aevae.v1, the Open Inference Protocol, health, reflection), collectors read at
+scrape time for the model store and the dynamic batchers, and the HTTP endpoint on `--metrics-port`.
+
+Off unless a port is set: then nothing here is imported by the server and no interceptor runs.
+
+Label values are bounded: the `model` label is a name the repository served (or was asked for and served
+at least once); anything else a caller sends counts as "other", so a client cannot grow the series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import sys
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+
+import grpc
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+disable_created_metrics()  # no *_created series: half the lines of a scrape, and nothing uses them here
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+
+REQUESTS = Counter("aevae_grpc_requests", "RPCs finished, by service, method, model and status code",
+                   ["service", "method", "model", "code"])
+LATENCY = Histogram("aevae_grpc_request_duration_seconds", "RPC latency from the handler's start to its end "
+                    "(a stream: the whole stream)", ["service", "method", "model"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("aevae_grpc_requests_in_flight", "RPCs being handled now", ["service", "method"])
+ROWS = Histogram("aevae_grpc_request_rows", "images or latents per request message (the batch size a client "
+                 "sends)", ["service", "method", "model"], buckets=ROW_BUCKETS)
+RECEIVED = Counter("aevae_grpc_received_bytes", "request message bytes received", ["service", "method"])
+SENT = Counter("aevae_grpc_sent_bytes", "response message bytes sent", ["service", "method"])
+MODEL_FIELDS = ("model", "model_name", "name")  # aevae.v1 requests; OIP inference; OIP metadata/readiness
+
+
+class Models:
+    """The model names allowed as label values: those a call succeeded with, bounded."""
+
+    def __init__(self, limit: int = 200):
+        self.known: set[str] = set()
+        self.limit = limit
+
+    def label(self, name: str, ok: bool) -> str:
+        if name in self.known or not name:
+            return name
+        if ok and len(self.known) < self.limit:
+            self.known.add(name)
+            return name
+        return "other"
+
+
+def model_of(request: Any) -> str:
+    for field in MODEL_FIELDS:
+        value = getattr(request, field, None)
+        if isinstance(value, str):
+            return value
+    return ""
+
+
+def rows_of(request: Any) -> int | None:
+    """The batch a request message carries: aevae.v1's images or latents tensor, or OIP's first input."""
+    for field in ("images", "latents"):
+        tensor = getattr(request, field, None)
+        shape = getattr(tensor, "shape", None)
+        if shape:
+            return int(shape[0])
+    tensors = getattr(request, "inputs", None)
+    if tensors:
+        shape = getattr(tensors[0], "shape", None)
+        if shape:
+            return int(shape[0])
+    return None
+
+
+def size_of(message: Any) -> int:
+    size = getattr(message, "ByteSize", None)
+    return int(size()) if size is not None else 0
+
+
+class Call:
+    """The bookkeeping of one RPC: started, messages seen, finished with a code."""
+
+    __slots__ = ("interceptor", "service", "method", "model", "received", "sent", "rows", "start")
+
+    def __init__(self, interceptor: "MetricsInterceptor", service: str, method: str):
+        self.interceptor = interceptor
+        self.service = service
+        self.method = method
+        self.model = ""
+        self.received = 0
+        self.sent = 0
+        self.rows: list[int] = []
+        self.start = time.perf_counter()
+        IN_FLIGHT.labels(service, method).inc()
+
+    def request(self, message: Any) -> None:
+        if not self.model:
+            self.model = model_of(message)
+        self.received += size_of(message)
+        rows = rows_of(message)
+        if rows is not None:
+            self.rows.append(rows)
+
+    def response(self, message: Any) -> None:
+        self.sent += size_of(message)
+
+    def finish(self, code: str) -> None:
+        service, method = self.service, self.method
+        IN_FLIGHT.labels(service, method).dec()
+        model = self.interceptor.models.label(self.model, code == "OK")
+        REQUESTS.labels(service, method, model, code).inc()
+        LATENCY.labels(service, method, model).observe(time.perf_counter() - self.start)
+        if self.rows:
+            histogram = ROWS.labels(service, method, model)
+            for rows in self.rows:
+                histogram.observe(rows)
+        if self.received:
+            RECEIVED.labels(service, method).inc(self.received)
+        if self.sent:
+            SENT.labels(service, method).inc(self.sent)
+
+
+def code_of(context: Any, error: BaseException | None) -> str:
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - an older grpc without ServicerContext.code()
+        code = None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):  # grpc.aio may keep the raw integer
+        return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
+    return "OK" if error is None else "UNKNOWN"
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every method handler to count calls, codes, latency, rows and bytes; the handler itself is
+    called unchanged."""
+
+    def __init__(self) -> None:
+        self.models = Models()
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").rpartition("/")  # type: ignore[attr-defined]
+        kinds = (handler.request_streaming, handler.response_streaming)
+        behavior = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
+                    (True, False): handler.stream_unary, (True, True): handler.stream_stream}[kinds]
+        wrapped = self._wrap(behavior, service, method, *kinds)
+        make = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[kinds]
+        return make(wrapped, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+    def _wrap(self, behavior: Callable[..., Any], service: str, method: str, streaming_in: bool,
+              streaming_out: bool) -> Callable[..., Any]:
+        def inbound(request: Any, call: Call) -> Any:
+            if not streaming_in:
+                call.request(request)
+                return request
+            return _counted(request, call)
+
+        if streaming_out and inspect.isasyncgenfunction(behavior):
+            async def generator(request: Any, context: Any) -> AsyncIterator[Any]:
+                call = Call(self, service, method)
+                error: BaseException | None = None
+                try:
+                    async for response in behavior(inbound(request, call), context):
+                        call.response(response)
+                        yield response
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    call.finish(code_of(context, error))
+            return generator
+
+        async def coroutine(request: Any, context: Any) -> Any:
+            call = Call(self, service, method)
+            error: BaseException | None = None
+            try:
+                result = behavior(inbound(request, call), context)
+                if inspect.isawaitable(result):
+                    result = await result
+                if not streaming_out:
+                    call.response(result)
+                return result
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                call.finish(code_of(context, error))
+        return coroutine
+
+
+async def _counted(requests: AsyncIterator[Any], call: Call) -> AsyncIterator[Any]:
+    async for message in requests:
+        call.request(message)
+        yield message
+
+
+class ServiceCollector(Collector):
+    """Read at scrape time: the model versions loaded and known broken (the store), and the forward passes
+    of the dynamic batchers."""
+
+    def __init__(self, store: Any, batchers: Iterable[Any]):
+        self.store = store
+        self.batchers = list(batchers)
+
+    def collect(self) -> Iterator[Any]:
+        loaded = GaugeMetricFamily("aevae_model_versions_loaded", "model versions held in memory, by runtime",
+                                   labels=["model", "version", "runtime"])
+        for (name, number), (_, model) in list(getattr(self.store, "_loaded", {}).items()):
+            loaded.add_metric([name, str(number), model.runtime.name], 1)
+        yield loaded
+        broken = GaugeMetricFamily("aevae_model_versions_broken", "model versions known to be broken (checksum, "
+                                   "unsafe or unreadable weights, missing files); never served", labels=["model", "version"])
+        seen = {key for key in getattr(self.store, "_broken", {})}
+        scan = getattr(self.store, "_scan", None)
+        seen |= {(b.name, b.number) for b in getattr(scan, "broken", [])}
+        for name, number in sorted(seen):
+            broken.add_metric([name, str(number)], 1)
+        yield broken
+        passes = CounterMetricFamily("aevae_batch_forward_passes", "forward passes run by the dynamic batcher")
+        merged = CounterMetricFamily("aevae_batch_merged_requests", "requests answered by a forward pass shared "
+                                     "with other requests")
+        passes.add_metric([], sum(getattr(b, "batches", 0) for b in self.batchers))
+        merged.add_metric([], sum(getattr(b, "merged", 0) for b in self.batchers))
+        yield passes
+        yield merged
+
+
+def interceptors(port: int | None) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors a server gets for its metrics: none when metrics are off."""
+    return [] if port is None else [MetricsInterceptor()]
+
+
+def serve_metrics(port: int, host: str, what: str) -> int:
+    """Starts the /metrics endpoint (a thread) and prints where it is; returns the bound port."""
+    server, _ = start_http_server(port, addr=host)
+    bound = int(server.server_address[1])
+    print(f"aevae {what} metrics on http://{_connectable(host)}:{bound}/metrics", file=sys.stdout, flush=True)
+    return bound
+
+
+def watch(store: Any, batchers: Iterable[Any]) -> None:
+    REGISTRY.register(ServiceCollector(store, batchers))
+
+
+def _connectable(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
