@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--image-format", choices=("raw", "png"), default="raw",
                      help="Parquet image column: raw uint8 pixels (default, fastest) or PNG bytes")
     _common(d, "decoder", PORTS["decoder"])
-    d._negative_number_matcher = _VALUES  # type: ignore[attr-defined]
+    d._negative_number_matcher = _VALUES
     d.set_defaults(func=run, op="decode")
 
     e = sub.add_parser("encode-batch", help="encode many images to latents: Ray Data or an encoder fleet",

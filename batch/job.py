@@ -196,15 +196,15 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
         cpus = float(ray.cluster_resources().get("CPU", 1))
         size = workers or max(1, int(cpus // cpus_per_worker))
         size = min(size, len(plan.todo))
-        ds = ray.data.from_items([{"shard": s} for s in plan.todo], override_num_blocks=len(plan.todo))
-        ds = ds.map_batches(
+        shards = ray.data.from_items([{"shard": s} for s in plan.todo], override_num_blocks=len(plan.todo))
+        done = shards.map_batches(
             ShardWorker, fn_constructor_kwargs={"job": job, "threads": max(1, int(cpus_per_worker))},
             batch_size=1, batch_format="numpy", num_cpus=cpus_per_worker,
             # Ray Data's actor defaults do what a shard needs: a dead actor is replaced and the shards it held
             # run again on the pool (max_restarts=-1, max_task_retries=-1); an exception in a shard fails the job.
             compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
         )
-        for row in ds.iter_rows():
+        for row in done.iter_rows():
             stats = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
             progress.update(stats)
             if on_shard is not None:

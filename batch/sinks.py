@@ -79,8 +79,9 @@ class Sink:
             if self.format == "parquet":
                 self._parquet(tmp, columns)
             elif self.format == "npz":
+                arrays: dict[str, Any] = {_NPZ_NAMES.get(k, k): v for k, v in columns.items()}
                 with open(tmp, "wb") as f:
-                    np.savez(f, **{_NPZ_NAMES.get(k, k): v for k, v in columns.items()})
+                    np.savez(f, **arrays)
             else:
                 self._pngs(tmp, columns)
             size = _size(tmp)

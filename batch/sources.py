@@ -108,7 +108,7 @@ class ArrayFile(Source):
     def _array(self) -> np.ndarray:
         array = self.__dict__.get("_cache")
         if array is None:
-            array = _open_npz(self.path, self.key) if self.npz else np.load(self.path, mmap_mode="r",
+            array = _open_npz(self.path, str(self.key)) if self.npz else np.load(self.path, mmap_mode="r",
                                                                             allow_pickle=False)
             self._cache = array
         return array
@@ -172,7 +172,8 @@ class ParquetFile(Source):
         self.rows = int(self.starts[-1])
         shape = (schema.metadata or {}).get(b"aevae.image_shape")
         if shape and field == "image" and image_shape is None:
-            self.image_shape = tuple(int(s) for s in shape.decode().split("x"))
+            h, w = (int(s) for s in shape.decode().split("x"))
+            self.image_shape = (h, w)
 
     def _table(self, start: int, stop: int):
         import pyarrow as pa
@@ -387,7 +388,7 @@ class Grid(Source):
     fastest."""
 
     def __init__(self, ranges: list[tuple[float, float, int]]):
-        self.ranges = [tuple(r) for r in ranges]
+        self.ranges = [(float(lo), float(hi), int(steps)) for lo, hi, steps in ranges]
         self.rows = int(np.prod([r[2] for r in ranges], dtype=np.int64))
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -424,7 +425,7 @@ class Traversal(Source):
     others held: rows ordered by base, then dimension, then step."""
 
     def __init__(self, sweep: tuple[float, float, int], latent_dim: int, bases: Source | None = None):
-        self.sweep = tuple(sweep)
+        self.sweep = (float(sweep[0]), float(sweep[1]), int(sweep[2]))
         self.latent_dim = int(latent_dim)
         self.bases = bases
         per_base = self.latent_dim * self.sweep[2]

@@ -65,7 +65,7 @@ def resolve_all(target: str) -> list[str]:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
     except OSError as exc:
         raise AevaeError(grpc.StatusCode.UNAVAILABLE, f"cannot resolve {host!r}: {exc}") from None
-    addresses = dict.fromkeys(info[4][0] for info in infos)
+    addresses = dict.fromkeys(str(info[4][0]) for info in infos)
     if len(addresses) == 1:
         return [target]  # one address: gRPC resolves it itself (and again when it changes)
     return [f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses]
@@ -85,6 +85,12 @@ class Assembler:
         self.n = n
         self.out: dict[str, np.ndarray | None] = {}
         self._lock = threading.Lock()
+
+    def array(self, name: str) -> np.ndarray:
+        array = self.out.get(name)
+        if array is None:
+            raise AevaeError(grpc.StatusCode.INTERNAL, f"no replica returned {name}")
+        return array
 
     def put(self, start: int, parts: dict[str, np.ndarray | None]) -> None:
         with self._lock:
@@ -116,7 +122,7 @@ class _Work:
     fatal: AevaeError | None = None
     done: list[tuple[int, int]] = field(default_factory=list)
 
-    def take(self) -> tuple[int, int] | None:
+    def take(self) -> tuple[int, int]:
         span = self.todo.pop(0)
         self.running += 1
         return span
@@ -356,7 +362,7 @@ def decode(fan: SyncFanOut, latents: object, model: str, version: int | None, dt
         out.put(start, {"images": client.decode(z[start:stop], model, version, dtype, timeout=timeout)})
 
     fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run)
-    return out.out["images"]
+    return out.array("images")
 
 
 async def decode_async(fan: AsyncFanOut, latents: object, model: str, version: int | None, dtype: str,
@@ -372,13 +378,11 @@ async def decode_async(fan: AsyncFanOut, latents: object, model: str, version: i
         out.put(start, {"images": await client.decode(z[start:stop], model, version, dtype, timeout=timeout)})
 
     await fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run)
-    return out.out["images"]
+    return out.array("images")
 
 
 def _encoded(out: Assembler, model: str, version: int | None) -> EncodeResult:
-    mean = out.out["mean"]
-    assert mean is not None
-    return EncodeResult(mean=mean, logvar=out.out["logvar"], sample=out.out["sample"], model=model,
+    return EncodeResult(mean=out.array("mean"), logvar=out.out["logvar"], sample=out.out["sample"], model=model,
                         version=int(version or 0))
 
 

@@ -1,0 +1,186 @@
+"""The client's fan-out over several replicas, and decode-batch on a running decoder fleet.
+
+Two decoder processes (on 127.0.0.1 and 127.0.0.2, the same port, so that one DNS name can stand for both) and
+two encoders, over one small repository. Small message limits make a few thousand rows several streams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from aevae.client import AevaeError, AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncoderClient
+from aevae.client.fanout import parse_targets
+from aevae.services.process import ServiceProcess
+from helpers import AEVAE, ROOT, write_tiny
+
+LIMITS = ["--max-message-bytes", str(256 * 1024)]
+CHUNK = 256  # rows per stream message: 4,000 rows make 16 messages, in spans over the replicas
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fleet") / "models"
+    write_tiny(root, "vae", "vae")
+    write_tiny(root, "vae8", "vae", latent_dim=8, image_shape=(24, 20))
+    return root
+
+
+def _free_port() -> int:
+    for _ in range(20):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.2", port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no port free on both 127.0.0.1 and 127.0.0.2")
+
+
+@pytest.fixture(scope="module")
+def fleet(repo: Path) -> Iterator[dict[str, list[str]]]:
+    port = _free_port()
+    started = [ServiceProcess("decoder", repo, host=host, port=port, args=LIMITS).start()
+               for host in ("127.0.0.1", "127.0.0.2")]
+    started += [ServiceProcess("encoder", repo, args=LIMITS).start() for _ in range(2)]
+    try:
+        for service in started:
+            service.wait_healthy()
+        yield {"decoder": [s.address for s in started[:2]], "encoder": [s.address for s in started[2:]],
+               "port": [str(port)]}
+    finally:
+        for service in started:
+            service.stop()
+
+
+def _dead_target() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_fan_out_over_two_decoders_returns_what_one_returns(fleet) -> None:
+    z = np.random.default_rng(0).normal(size=(4000, 8)).astype(np.float32)
+    with DecoderClient(fleet["decoder"][0], stream_chunk=CHUNK) as one, \
+            DecoderClient(fleet["decoder"], stream_chunk=CHUNK) as two:
+        assert two.targets == fleet["decoder"] and two.health() == "SERVING"
+        expected = one.decode(z, model="vae8", dtype="uint8")
+        assert expected.shape == (4000, 24, 20)
+        np.testing.assert_array_equal(two.decode(z, model="vae8", dtype="uint8"), expected)
+        assert all(r._limits is not None for r in two._fanout.replicas)  # both replicas served spans
+        np.testing.assert_allclose(two.decode(z[:100], model="vae8"), one.decode(z[:100], model="vae8"), atol=1e-6)
+        assert [m.name for m in two.list_models()] == ["vae", "vae8"]
+
+    async def main() -> np.ndarray:
+        async with AsyncDecoderClient(",".join(fleet["decoder"]), stream_chunk=CHUNK) as client:
+            assert await client.health() == "SERVING"
+            return await client.decode(z, model="vae8", dtype="uint8")
+
+    np.testing.assert_array_equal(asyncio.run(main()), expected)
+
+
+def test_fan_out_over_two_encoders_returns_what_one_returns(fleet, mnist_root: Path) -> None:
+    from aevae import mnist
+
+    images = mnist.load(mnist_root).test.images[:3000]
+    with EncoderClient(fleet["encoder"][0], stream_chunk=CHUNK) as one, \
+            EncoderClient(fleet["encoder"], stream_chunk=CHUNK) as two:
+        expected = one.encode(images)
+        got = two.encode(images)
+        np.testing.assert_allclose(got.mean, expected.mean, atol=1e-5)  # another process: last bits may differ
+        np.testing.assert_allclose(got.logvar, expected.logvar, atol=1e-5)
+        assert all(r._limits is not None for r in two._fanout.replicas)
+        assert (got.model, got.version) == ("vae", 1)
+        seeded = two.encode(images, sample=True, seed=5)  # one stream: the same samples as one replica's
+        np.testing.assert_allclose(seeded.sample, one.encode(images, sample=True, seed=5).sample, atol=1e-5)
+        assert two.latent_stats("vae")["latent_dim"] == 4
+
+    async def main():
+        async with AsyncEncoderClient(fleet["encoder"], stream_chunk=CHUNK) as client:
+            return await client.encode(images)
+
+    np.testing.assert_allclose(asyncio.run(main()).mean, expected.mean, atol=1e-5)
+
+
+def test_a_failed_replica_s_spans_go_to_the_others(fleet) -> None:
+    z = np.random.default_rng(1).normal(size=(4000, 4)).astype(np.float32)
+    dead = _dead_target()
+    with DecoderClient(fleet["decoder"][0], stream_chunk=CHUNK) as one, \
+            DecoderClient([dead, *fleet["decoder"]], stream_chunk=CHUNK, retries=1, backoff=0.01) as three:
+        expected = one.decode(z, dtype="uint8")
+        np.testing.assert_array_equal(three.decode(z, dtype="uint8"), expected)  # the dead one's spans re-sent
+        for _ in range(3):  # small batches rotate over the replicas, the dead one included
+            # float32 from another process may differ in the last bit (the server batches rows its own way)
+            np.testing.assert_allclose(three.decode(z[:10]), expected[:10] / 255, atol=0.5 / 255 + 1e-6)
+    with DecoderClient([dead, _dead_target()], retries=1, backoff=0.01, timeout=5) as none:
+        with pytest.raises(AevaeError) as info:
+            none.decode(z)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with DecoderClient(fleet["decoder"], stream_chunk=CHUNK) as two:
+        with pytest.raises(AevaeError) as info:  # the same answer from any replica: raised at once
+            two.decode(z, model="gan")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_dns_name_with_several_addresses_is_several_replicas(fleet, monkeypatch) -> None:
+    port = int(fleet["port"][0])
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kwargs):
+        if host == "decoders.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ("127.0.0.1", "127.0.0.2")]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    assert parse_targets(f"dns:///decoders.test:{port}") == [f"127.0.0.1:{port}", f"127.0.0.2:{port}"]
+    assert parse_targets("a:1, b:2") == ["a:1", "b:2"] and parse_targets(["a:1", "a:1"]) == ["a:1"]
+    z = np.random.default_rng(2).normal(size=(3000, 4)).astype(np.float32)
+    with DecoderClient(f"dns:///decoders.test:{port}", stream_chunk=CHUNK) as both, \
+            DecoderClient(fleet["decoder"][1], stream_chunk=CHUNK) as one:
+        assert len(both.targets) == 2
+        np.testing.assert_array_equal(both.decode(z, dtype="uint8"), one.decode(z, dtype="uint8"))
+
+
+def test_decode_batch_on_the_fleet_resumes_after_ctrl_c(fleet, repo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    command = [*AEVAE, "decode-batch", "--prior", "40000", "--seed", "1", "--model", "vae8", "--output", str(out),
+               "--shard-size", "1000", "--decoder", ",".join(fleet["decoder"]), "--concurrency", "1"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Run the same command again to resume" in err, err
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert 1 <= len(done) < 40
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(done)} shards done before" in rerun.stderr
+    assert {n: (out / n).stat().st_mtime_ns for n in done} == done
+    table = pq.read_table(out)
+    np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(40000))
+    from aevae.batch.sources import Prior
+
+    z = np.stack(table.column("latent").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(z, Prior(40000, 1, 8).read(0, 40000)["latent"])
+    with DecoderClient(fleet["decoder"][0]) as one:
+        expected = one.decode(z[-2000:], model="vae8", dtype="uint8")
+    raw = table.column("image").combine_chunks().slice(38000)
+    got = np.frombuffer(raw.buffers()[1], np.uint8, count=2000 * 480, offset=raw.offset * 480).reshape(-1, 24, 20)
+    np.testing.assert_array_equal(got, expected)
+    assert os.path.exists(out / "_aevae_batch.json")
