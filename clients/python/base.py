@@ -46,7 +46,8 @@ class SyncClient(_Common):
         """`metadata` goes with every call, e.g. [("application", "decoder")] for Ray Serve's gRPC proxy."""
         super().__init__(target, timeout, retries, backoff, stream_chunk)
         if len(self.targets) > 1:  # each replica: this constructor, one target, these options
-            options = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk, metadata=metadata)
+            options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
+                                           metadata=metadata)
             self._fanout = SyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
             return
         self._raw_channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
@@ -98,7 +99,8 @@ class AsyncClient(_Common):
                  stream_chunk: int = 4096, metadata: Metadata = ()):
         super().__init__(target, timeout, retries, backoff, stream_chunk)
         if len(self.targets) > 1:
-            options = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk, metadata=metadata)
+            options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
+                                           metadata=metadata)
             self._fanout = AsyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
             return
         self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS,
