@@ -1,0 +1,277 @@
+"""The Open Inference Protocol v2 on both services, through tritonclient (sync and asyncio) against real
+server processes: metadata from the manifests, inference for both models in both datatypes equal to
+aevae.v1's, typed contents, clear statuses for bad inputs, streaming, and readiness during shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from aevae.client import DecoderClient, EncoderClient
+from aevae.services.process import ServiceProcess
+from helpers import write_tiny
+
+MAX_BATCH = 500
+ARGS = ["--max-batch", str(MAX_BATCH), "--shutdown-delay", "0"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ae/1, vae/1 (32 x 32, 4-d) and vae8/1 (24 x 20, 8-d): shapes must come from the manifest."""
+    root = tmp_path_factory.mktemp("oip") / "models"
+    write_tiny(root, "ae", "ae")
+    write_tiny(root, "vae", "vae")
+    write_tiny(root, "vae8", "vae", latent_dim=8, image_shape=(24, 20))
+    return root
+
+
+@pytest.fixture(scope="module")
+def servers(repo: Path) -> Iterator[dict[str, ServiceProcess]]:
+    started = {kind: ServiceProcess(kind, repo, args=ARGS).start() for kind in ("encoder", "decoder")}
+    try:
+        for service in started.values():
+            service.wait_healthy()
+        yield started
+    finally:
+        for service in started.values():
+            service.stop()
+
+
+@pytest.fixture(scope="module")
+def enc(servers: dict[str, ServiceProcess]) -> Iterator[triton.InferenceServerClient]:
+    with triton.InferenceServerClient(servers["encoder"].address) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def dec(servers: dict[str, ServiceProcess]) -> Iterator[triton.InferenceServerClient]:
+    with triton.InferenceServerClient(servers["decoder"].address) as client:
+        yield client
+
+
+def tensor(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
+    value = triton.InferInput(name, list(array.shape), datatype)
+    value.set_data_from_numpy(array)
+    return value
+
+
+def images(n: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def latents(n: int, d: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+
+
+def status(error: InferenceServerException) -> str:
+    return str(error.status())
+
+
+def test_metadata_readiness_and_index(enc: triton.InferenceServerClient, dec: triton.InferenceServerClient) -> None:
+    for client, kind in ((enc, "encoder"), (dec, "decoder")):
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.get_server_metadata().name == f"aevae-{kind}"
+        assert client.is_model_ready("vae8") and client.is_model_ready("ae", "1")
+        assert not client.is_model_ready("gan") and not client.is_model_ready("vae", "7")
+        index = client.get_model_repository_index()
+        assert {(m.name, m.version, m.state) for m in index.models} == {
+            ("ae", "1", "READY"), ("vae", "1", "READY"), ("vae8", "1", "READY")}
+
+    def shapes(meta: Any) -> dict[str, tuple[str, list[int]]]:
+        return {t.name: (t.datatype, list(t.shape)) for t in [*meta.inputs, *meta.outputs]}
+
+    meta = enc.get_model_metadata("vae8")
+    assert (meta.name, list(meta.versions)) == ("vae8", ["1"])
+    assert shapes(meta) == {"images": ("UINT8", [-1, 24, 20]), "mean": ("FP32", [-1, 8]),
+                            "logvar": ("FP32", [-1, 8]), "sample": ("FP32", [-1, 8])}
+    assert "logvar" not in shapes(enc.get_model_metadata("ae"))
+    assert shapes(dec.get_model_metadata("vae8", "1")) == {"latents": ("FP32", [-1, 8]),
+                                                           "images": ("FP32", [-1, 24, 20])}
+    config = dec.get_model_config("vae").config
+    assert [list(i.dims) for i in config.input] == [[-1, 4]] and [list(o.dims) for o in config.output] == [[-1, 32, 32]]
+    with pytest.raises(InferenceServerException) as err:
+        dec.get_model_metadata("gan")
+    assert status(err.value) == "StatusCode.NOT_FOUND" and "available" in err.value.message()
+
+
+@pytest.mark.parametrize("model,shape", [("vae", (32, 32)), ("vae", (28, 28)), ("ae", (32, 32)), ("vae8", (24, 20))])
+def test_encode_equals_aevae_v1(servers: dict[str, ServiceProcess], enc: triton.InferenceServerClient, model: str,
+                                shape: tuple[int, int]) -> None:
+    x = images(5, shape)
+    with EncoderClient(servers["encoder"].address) as v1:
+        expected = v1.encode(x, model=model, sample=True, seed=3)
+    for datatype, array in (("UINT8", x), ("FP32", x.astype(np.float32) / 255)):
+        result = enc.infer(model, [tensor("images", array, datatype)], parameters={"sample": True, "seed": 3})
+        assert result.get_response().model_version == str(expected.version)
+        np.testing.assert_allclose(result.as_numpy("mean"), expected.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result.as_numpy("sample"), expected.sample, rtol=1e-5, atol=1e-6)
+        if expected.logvar is None:
+            assert result.as_numpy("logvar") is None
+        else:
+            np.testing.assert_allclose(result.as_numpy("logvar"), expected.logvar, rtol=1e-5, atol=1e-6)
+    only = enc.infer(model, [tensor("images", x, "UINT8")], outputs=[triton.InferRequestedOutput("mean")])
+    assert [o.name for o in only.get_response().outputs] == ["mean"]
+
+
+@pytest.mark.parametrize("model,d", [("vae", 4), ("ae", 4), ("vae8", 8)])
+def test_decode_equals_aevae_v1(servers: dict[str, ServiceProcess], dec: triton.InferenceServerClient, model: str,
+                                d: int) -> None:
+    z = latents(7, d)
+    with DecoderClient(servers["decoder"].address) as v1:
+        for dtype, datatype in (("float32", "FP32"), ("uint8", "UINT8")):
+            expected = v1.decode(z, model=model, dtype=dtype)
+            result = dec.infer(model, [tensor("latents", z, "FP32")], parameters={"dtype": datatype})
+            got = result.as_numpy("images")
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=1e-5,
+                                       atol=1e-6 if dtype == "float32" else 1)
+
+
+def test_typed_contents(servers: dict[str, ServiceProcess]) -> None:
+    """The typed `contents` fields in, typed contents out; the same numbers as raw."""
+    z = latents(2, 4)
+    x = images(2, (28, 28))
+    with grpc.insecure_channel(servers["decoder"].address) as d_channel, \
+            grpc.insecure_channel(servers["encoder"].address) as e_channel:
+        dec = service_pb2_grpc.GRPCInferenceServiceStub(d_channel)
+        enc = service_pb2_grpc.GRPCInferenceServiceStub(e_channel)
+        typed = service_pb2.ModelInferRequest(model_name="vae", model_version="1")
+        typed.inputs.add(name="latents", datatype="FP32", shape=[2, 4]).contents.fp32_contents.extend(z.ravel().tolist())
+        raw = service_pb2.ModelInferRequest(model_name="vae", raw_input_contents=[z.tobytes()])
+        raw.inputs.add(name="latents", datatype="FP32", shape=[2, 4])
+        typed_out, raw_out = dec.ModelInfer(typed), dec.ModelInfer(raw)
+        assert not typed_out.raw_output_contents and list(typed_out.outputs[0].shape) == [2, 32, 32]
+        np.testing.assert_allclose(np.array(typed_out.outputs[0].contents.fp32_contents, np.float32),
+                                   np.frombuffer(raw_out.raw_output_contents[0], np.float32), rtol=1e-5, atol=1e-6)
+
+        request = service_pb2.ModelInferRequest(model_name="ae")
+        request.inputs.add(name="images", datatype="UINT8", shape=[2, 28, 28]).contents.uint_contents.extend(
+            x.ravel().tolist())
+        out = enc.ModelInfer(request)
+        with EncoderClient(servers["encoder"].address) as v1:
+            np.testing.assert_allclose(np.array(out.outputs[0].contents.fp32_contents).reshape(2, 4),
+                                       v1.encode(x, model="ae").mean, rtol=1e-5, atol=1e-6)
+        request.inputs[0].contents.uint_contents[0] = 256
+        with pytest.raises(grpc.RpcError) as err:
+            enc.ModelInfer(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "0..255" in (err.value.details() or "")
+
+
+def test_bad_inputs_get_clear_statuses(servers: dict[str, ServiceProcess], enc: triton.InferenceServerClient,
+                                       dec: triton.InferenceServerClient) -> None:
+    z = latents(2, 4)
+    cases: list[tuple[Any, dict[str, Any], str, str]] = [
+        (dec, dict(model_name="vae", inputs=[tensor("z", z, "FP32")]), "INVALID_ARGUMENT", "named 'latents'"),
+        (dec, dict(model_name="vae", inputs=[tensor("latents", z.astype(np.float64), "FP64")]), "INVALID_ARGUMENT",
+         "expected FP32"),
+        (dec, dict(model_name="vae8", inputs=[tensor("latents", z, "FP32")]), "INVALID_ARGUMENT", "N x 8"),
+        (dec, dict(model_name="gan", inputs=[tensor("latents", z, "FP32")]), "NOT_FOUND", "available"),
+        (dec, dict(model_name="vae", model_version="9", inputs=[tensor("latents", z, "FP32")]), "NOT_FOUND",
+         "no version 9"),
+        (dec, dict(model_name="vae", model_version="x", inputs=[tensor("latents", z, "FP32")]), "INVALID_ARGUMENT",
+         "model_version"),
+        (dec, dict(model_name="vae", inputs=[tensor("latents", latents(MAX_BATCH + 1, 4), "FP32")]),
+         "RESOURCE_EXHAUSTED", str(MAX_BATCH)),
+        (dec, dict(model_name="vae", inputs=[tensor("latents", z * np.inf, "FP32")]), "INVALID_ARGUMENT", "finite"),
+        (dec, dict(model_name="vae", inputs=[tensor("latents", z, "FP32")], parameters={"dtype": "FP16"}),
+         "INVALID_ARGUMENT", "parameters.dtype"),
+        (enc, dict(model_name="ae", inputs=[tensor("images", images(1, (32, 32)), "UINT8")],
+                   outputs=[triton.InferRequestedOutput("logvar")]), "INVALID_ARGUMENT", "logvar"),
+        (enc, dict(model_name="vae", inputs=[tensor("images", images(1, (30, 30)), "UINT8")]), "INVALID_ARGUMENT",
+         "N x 32 x 32 or N x 28 x 28"),
+        (enc, dict(model_name="vae", inputs=[tensor("images", np.full((1, 32, 32), 2, np.float32), "FP32")]),
+         "INVALID_ARGUMENT", "[0, 1]"),
+        (enc, dict(model_name="vae", inputs=[tensor("images", images(1, (32, 32)), "UINT8")],
+                   parameters={"sample": "yes"}), "INVALID_ARGUMENT", "parameters.sample"),
+    ]
+    for client, kwargs, code, words in cases:
+        with pytest.raises(InferenceServerException) as err:
+            client.infer(**kwargs)
+        assert status(err.value) == f"StatusCode.{code}", (kwargs, err.value)
+        assert words in err.value.message(), (kwargs, err.value.message())
+    # raw bytes that do not match the shape (tritonclient cannot send these: a raw stub)
+    request = service_pb2.ModelInferRequest(model_name="vae", raw_input_contents=[z.tobytes()[:-4]])
+    request.inputs.add(name="latents", datatype="FP32", shape=[2, 4])
+    with grpc.insecure_channel(servers["decoder"].address) as channel:
+        with pytest.raises(grpc.RpcError) as rpc_err:
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert rpc_err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 32 bytes" in (rpc_err.value.details() or "")
+    assert dec.infer("vae", [tensor("latents", z, "FP32")]).as_numpy("images").shape == (2, 32, 32)  # still serving
+
+
+def test_stream_in_order_with_errors(dec: triton.InferenceServerClient) -> None:
+    """Triton's streaming extension: answers in request order; a bad request answers with its error and the
+    stream goes on."""
+    results: list[tuple[Any, Any]] = []
+    dec.start_stream(callback=lambda result, error: results.append((result, error)))
+    try:
+        for i, n in enumerate([3, 0, 5, 2]):
+            z = latents(n, 4, seed=i) if n else latents(1, 3)
+            dec.async_stream_infer("vae", [tensor("latents", z, "FP32")], request_id=str(i))
+    finally:
+        dec.stop_stream()
+    assert len(results) == 4
+    assert [r.get_response().id if r else None for r, _ in results] == ["0", None, "2", "3"]
+    assert [r.as_numpy("images").shape[0] for r, _ in results if r] == [3, 5, 2]
+    assert results[1][1] is not None and "INVALID_ARGUMENT" in str(results[1][1]) and "N x 4" in str(results[1][1])
+
+
+def test_asyncio_client(servers: dict[str, ServiceProcess]) -> None:
+    async def main() -> None:
+        async with triton_aio.InferenceServerClient(servers["decoder"].address) as dec, \
+                triton_aio.InferenceServerClient(servers["encoder"].address) as enc:
+            assert await dec.is_server_ready() and await enc.is_model_ready("vae")
+            meta = await enc.get_model_metadata("vae")
+            assert [list(i.shape) for i in meta.inputs] == [[-1, 32, 32]]
+            z = latents(4, 4)
+            result = await dec.infer("vae", [tensor("latents", z, "FP32")], parameters={"dtype": "UINT8"})
+            images_u8 = result.as_numpy("images")
+            assert images_u8.dtype == np.uint8 and images_u8.shape == (4, 32, 32)
+            encoded = await enc.infer("vae", [tensor("images", images_u8, "UINT8")])
+            assert encoded.as_numpy("mean").shape == (4, 4)
+
+            async def requests() -> Any:
+                for i in range(3):
+                    yield {"model_name": "vae", "inputs": [tensor("latents", latents(2, 4, seed=i), "FP32")],
+                           "request_id": str(i)}
+
+            ids = [(r.get_response().id, e) async for r, e in dec.stream_infer(requests())]
+            assert ids == [("0", None), ("1", None), ("2", None)]
+            with pytest.raises(InferenceServerException) as err:
+                await dec.infer("vae", [tensor("latents", latents(1, 5), "FP32")])
+            assert "StatusCode.INVALID_ARGUMENT" in str(err.value.status())
+
+    asyncio.run(main())
+
+
+def test_not_ready_while_shutting_down(repo: Path) -> None:
+    """SIGTERM: ServerReady and ModelReady answer false during the shutdown delay, while ServerLive still
+    answers; then the process exits 0."""
+    service = ServiceProcess("decoder", repo, args=["--shutdown-delay", "3", "--grace", "1"]).start()
+    try:
+        service.wait_healthy()
+        with triton.InferenceServerClient(service.address) as client:
+            assert client.is_server_ready() and client.is_model_ready("vae")
+            service.signal(signal.SIGTERM)
+            seen: list[bool] = []
+            for _ in range(200):  # bounded: until it answers not ready (the delay is 3 s)
+                seen.append(client.is_server_ready())
+                if not seen[-1]:
+                    break
+                time.sleep(0.02)
+            assert seen[-1] is False
+            assert client.is_model_ready("vae") is False and client.is_server_live() is True
+        assert service.process is not None and service.process.wait(30) == 0
+    finally:
+        service.stop()
