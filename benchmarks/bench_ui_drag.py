@@ -1,7 +1,8 @@
 """The UI's drag loop, measured in the browser: pointer move -> the decoded image for that move painted.
 
 Starts the encoder, the decoder and the UI server on free ports over a model repository (or uses running ones),
-opens the page in headless Chromium and drags a handle of the black line through a scripted path of 200 moves
+opens the whole page (both models' plots, the judged samples, the interpolation strips, the cross decoding,
+the PCA plots) in headless Chromium and drags the VAE's first black-line point through a scripted path of 200 moves
 at pointer rate (one move per frame, 60 Hz). The page timestamps each pointermove with performance.now() and,
 when the image decoded from that move's latents (or from a later move's: the page coalesces, latest wins) has
 been drawn and the next animation frame starts, records the difference. Prints p50, p95 and max.
@@ -71,9 +72,9 @@ def start_stack(models_dir: str) -> tuple[str, list[subprocess.Popen]]:
 
 def drag(page, moves: int, interval: float) -> dict:
     page.evaluate("() => { const t = window.__aevae.timing; t.latencies.length = 0; t.roundTrips.length = 0; t.moves.clear(); }")
-    handle = page.locator("[data-testid=recon-handle]").nth(0)
+    handle = page.locator("[data-testid=model-vae] [data-testid=recon-handle]").nth(0)
     box = handle.bounding_box()
-    axis = page.locator("[data-testid=latent-axis]").nth(0).bounding_box()
+    axis = page.locator("[data-testid=model-vae] [data-testid=latent-axis]").nth(0).bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     top, bottom = axis["y"] + 5, axis["y"] + axis["height"] - 5
     page.mouse.move(x, y)
@@ -113,6 +114,9 @@ def main() -> int:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.wait_for_selector("[data-testid=recon-handle]", timeout=30000)
+            # every panel loaded first, so that the drag runs with all of them on the page
+            page.wait_for_function("() => document.querySelectorAll('[data-testid=sample-ae]').length === 16",
+                                   timeout=30000)
             page.wait_for_timeout(1000)
             load_before = os.getloadavg()[0]
             results = [drag(page, args.moves, args.interval_ms / 1000) for _ in range(args.runs)]
