@@ -55,6 +55,7 @@ args=(--file deploy/docker/Dockerfile
 [ -z "${TORCH_INDEX:-}" ] || args+=(--build-arg "TORCH_INDEX=$TORCH_INDEX")
 ca="$(ca_bundle)"
 [ -z "$ca" ] || args+=(--secret "id=pip-ca,src=$ca")
+[ "$ENGINE" != docker ] || export DOCKER_BUILDKIT=1  # RUN --mount=type=secret
 if [ "$ENGINE" = podman ]; then
   # chroot isolation: no nested runtime needed; docker format: keeps HEALTHCHECK (OCI drops it)
   args+=(--isolation chroot --format docker --ignorefile deploy/docker/Dockerfile.dockerignore)

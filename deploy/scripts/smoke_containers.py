@@ -95,11 +95,11 @@ def build_images(env: dict[str, str]) -> list[str]:
     return lines
 
 
-def check_images(version: str) -> dict[str, str]:
+def check_images(version: str, env: dict[str, str]) -> dict[str, str]:
     sizes = {}
     for name in SERVICES:
         image = f"aevae-{name}:{version}"
-        (info,) = json.loads(run(["podman", "image", "inspect", image]).stdout)
+        (info,) = json.loads(run(["podman", "image", "inspect", image], env=env).stdout)
         config = info["Config"]
         if config.get("User") != "10001:10001":
             raise SmokeFailure(f"{image} runs as {config.get('User')!r}, not 10001:10001")
@@ -109,8 +109,9 @@ def check_images(version: str) -> dict[str, str]:
         for label in ("version", "source", "revision"):
             if f"org.opencontainers.image.{label}" not in labels:
                 raise SmokeFailure(f"{image} lacks the label org.opencontainers.image.{label}")
-        probe = run(["podman", "run", "--rm", "--network", "none", "--entrypoint", "python", image, "-c",
-                     "import importlib.util as u; print([m for m in ('torch', 'ray') if u.find_spec(m)])"])
+        probe = run(["podman", "run", "--rm", "--network", "none", "--no-healthcheck", "--entrypoint", "python",
+                     image, "-c", "import importlib.util as u; print([m for m in ('torch', 'ray') if u.find_spec(m)])"],
+                    env=env)
         if probe.stdout.strip() != "[]":
             raise SmokeFailure(f"{image} carries {probe.stdout.strip()}: the lean images must not")
         sizes[name] = f"{info['Size'] / 1e6:.0f} MB"
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = None
     try:
         summary += build_images(env) if not args.no_build else []
-        sizes = check_images(version)
+        sizes = check_images(version, env)
         summary.append("image sizes: " + ", ".join(f"aevae-{n} {s}" for n, s in sizes.items()) + " (no torch)")
         if args.models:  # a copy: the containers need it readable, and the original stays as it is
             models = folder / "models"
