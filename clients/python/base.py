@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import grpc
 
 from aevae.client import health
-from aevae.client.core import CHANNEL_OPTIONS, Retry, ServerLimits
+from aevae.client.core import Retry, ServerLimits, channel_options
 from aevae.client.fanout import AsyncFanOut, SyncFanOut, parse_targets
 from aevae.client.metadata import Metadata, async_interceptors, sync_channel
 from aevae.client.results import ModelInfo, model_infos
@@ -19,7 +19,8 @@ class _Common:
 
     def __init__(self, target: str | Sequence[str], timeout: float | None, retries: int, backoff: float,
                  stream_chunk: int):
-        """`timeout` (seconds) bounds each request message: a streamed call gets timeout x its messages.
+        """`timeout` (seconds) is one total deadline per call, a streamed one included, retries included
+        (None: no deadline). `retries`: gRPC retries a call that fails with UNAVAILABLE (core.service_config).
 
         `target`: host:port; several (a list, a comma-separated string, or dns:///name:port for every address
         of a name) make a fan-out client whose big batches run as parallel streams over them (fanout.py).
@@ -33,8 +34,8 @@ class _Common:
         self._limits: ServerLimits | None = None
 
     def _deadline(self, timeout: float | None, messages: int = 1) -> float | None:
-        budget = self.timeout if timeout is None else timeout
-        return None if budget is None else budget * max(1, messages)
+        """One total deadline for the call, however many messages it streams."""
+        return self.timeout if timeout is None else timeout
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
@@ -50,7 +51,7 @@ class SyncClient(_Common):
                                            metadata=metadata)
             self._fanout = SyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
             return
-        self._raw_channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
+        self._raw_channel = grpc.insecure_channel(self.target, options=channel_options(retries, backoff))
         self._channel = sync_channel(self._raw_channel, metadata)
         self._stub: Any = self._make_stub(self._channel)
 
@@ -103,7 +104,7 @@ class AsyncClient(_Common):
                                            metadata=metadata)
             self._fanout = AsyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
             return
-        self._channel = grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS,
+        self._channel = grpc.aio.insecure_channel(self.target, options=channel_options(retries, backoff),
                                                   interceptors=async_interceptors(metadata))
         self._stub: Any = self._make_stub(self._channel)
 

@@ -1,4 +1,4 @@
-"""What the sync and async clients share: input preparation, splitting into messages, and retries.
+"""What the sync and async clients share: input preparation, splitting into messages, and the retry policy.
 
 Splitting follows the server's limits (from its ListModels response, fetched once per client), so a batch of
 any size travels as messages that each fit, in order.
@@ -6,9 +6,8 @@ any size travels as messages that each fit, in order.
 
 from __future__ import annotations
 
-import asyncio
+import json
 import math
-import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterator, TypeVar
 
@@ -94,8 +93,33 @@ def wire_version(version: int | None) -> int:
         raise invalid(str(exc)) from None
 
 
+def service_config(retries: int, backoff: float, max_backoff: float = 2.0) -> str:
+    """The channel's service config: gRPC itself retries aevae.v1 calls that fail with UNAVAILABLE, up to
+    `retries` times (gRPC caps the attempts at 5), waiting a random time up to backoff x 2^n (at most
+    `max_backoff`) before retry n: exponential backoff with full jitter. Health checks are not retried.
+
+    A stream is retried only while gRPC still holds every message it sent (its per-call retry buffer); a
+    long stream that fails after that surfaces UNAVAILABLE."""
+    method: dict[str, object] = {"name": [{"service": "aevae.v1.Encoder"}, {"service": "aevae.v1.Decoder"}]}
+    if retries > 0:
+        method["retryPolicy"] = {
+            "maxAttempts": min(5, retries + 1),
+            "initialBackoff": f"{max(backoff, 0.001):.3f}s",
+            "maxBackoff": f"{max(max_backoff, backoff, 0.001):.3f}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return json.dumps({"methodConfig": [method]})
+
+
+def channel_options(retries: int, backoff: float) -> list[tuple[str, object]]:
+    return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", service_config(retries, backoff))]
+
+
 class Retry:
-    """Calls again on UNAVAILABLE only, with exponential backoff; every failure surfaces as AevaeError."""
+    """The retry settings of a client. gRPC retries the calls itself (`channel_options`, the channel's service
+    config); calling this runs a call once and surfaces every failure as AevaeError. `retries` and `_delay`
+    are also the fan-out's budget for failing over between replicas (fanout.py)."""
 
     def __init__(self, retries: int, backoff: float, max_backoff: float = 2.0):
         self.retries = retries
@@ -105,28 +129,15 @@ class Retry:
     def _delay(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * 2 ** attempt)
 
-    def _retryable(self, error: grpc.RpcError, attempt: int, retries: int | None) -> bool:
-        limit = self.retries if retries is None else retries
-        return error.code() == grpc.StatusCode.UNAVAILABLE and attempt < limit
-
     def __call__(self, call: Callable[[], T], retries: int | None = None) -> T:
-        attempt = 0
-        while True:
-            try:
-                return call()
-            except grpc.RpcError as error:
-                if not self._retryable(error, attempt, retries):
-                    raise AevaeError.from_rpc(error) from None
-            time.sleep(self._delay(attempt))
-            attempt += 1
+        """`retries` is accepted for compatibility; the channel's service config decides."""
+        try:
+            return call()
+        except grpc.RpcError as error:
+            raise AevaeError.from_rpc(error) from None
 
     async def run_async(self, call: Callable[[], Awaitable[T]], retries: int | None = None) -> T:
-        attempt = 0
-        while True:
-            try:
-                return await call()
-            except grpc.RpcError as error:
-                if not self._retryable(error, attempt, retries):
-                    raise AevaeError.from_rpc(error) from None
-            await asyncio.sleep(self._delay(attempt))
-            attempt += 1
+        try:
+            return await call()
+        except grpc.RpcError as error:
+            raise AevaeError.from_rpc(error) from None
