@@ -259,3 +259,43 @@ def watch(store: Any, batchers: Iterable[Any]) -> None:
 
 def _connectable(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
+
+
+# -- the web UI (aevae ui --metrics-port) ------------------------------------------------------------------
+UI_HTTP = Counter("aevae_ui_http_requests", "UI HTTP requests finished, by route and status", ["route", "status"])
+UI_SESSIONS = Gauge("aevae_ui_websocket_sessions", "WebSocket sessions open now")
+UI_SESSIONS_TOTAL = Counter("aevae_ui_websocket_sessions_opened", "WebSocket sessions opened")
+UI_DECODES = Histogram("aevae_ui_decode_round_trip_seconds", "a WebSocket decode message to its reply (through "
+                       "the decoder service), by outcome", ["outcome"], buckets=LATENCY_BUCKETS)
+
+
+def observe_ui_decode(seconds: float, outcome: str) -> None:
+    UI_DECODES.labels(outcome).observe(seconds)
+
+
+def ui_middleware() -> Any:
+    """An aiohttp middleware: requests by route and status; /ws counts as a session while it is open."""
+    from aiohttp import web
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> Any:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        session = route == "/ws"
+        if session:
+            UI_SESSIONS.inc()
+            UI_SESSIONS_TOTAL.inc()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            if session:
+                UI_SESSIONS.dec()
+            UI_HTTP.labels(route, str(status)).inc()
+
+    return middleware

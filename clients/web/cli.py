@@ -18,6 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="decoder service address (default 127.0.0.1:50052)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off when unset; 0 picks a free port)")
     p.add_argument("--classifier", type=Path, default=None, metavar="NPZ",
                    help="the digit classifier that judges samples (default: the one shipped with the UI, "
                         "exported from the report's by tools/export_classifier.py)")
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
     from aevae.ui.validity import DEFAULT_PATH
 
     try:
-        serve(args.encoder, args.decoder, host=args.host, port=args.port, classifier=args.classifier or DEFAULT_PATH)
+        serve(args.encoder, args.decoder, host=args.host, port=args.port, classifier=args.classifier or DEFAULT_PATH,
+              metrics_port=args.metrics_port)
     except OSError as exc:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     return 0

@@ -17,8 +17,9 @@ import dataclasses
 import json
 import logging
 import math
+import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,8 @@ LINKS = web.AppKey("links", Links)
 JUDGE = web.AppKey("judge", Judge)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks")
+# With --metrics-port: called with each WebSocket decode's round trip in seconds and its outcome.
+ROUND_TRIP: web.AppKey[Callable[[float, str], None]] = web.AppKey("round_trip")
 
 
 class BadRequest(ValueError):
@@ -244,12 +247,16 @@ async def post_samples(request: web.Request) -> web.Response:
 # -- WebSocket: decoding and status ---------------------------------------------------------------------
 async def decode_reply(app: web.Application, message: dict[str, Any]) -> dict[str, Any]:
     base = {"id": message.get("id"), "channel": message.get("channel")}
+    started = time.perf_counter()
     try:
         latents, name = parse_latents(message.get("latents")), model_name(message)
         images = await app[LINKS].decoder.call(lambda client: client.decode(latents, model=name, dtype="uint8"))
+        reply = {"op": "decoded", **base, "model": name, "shape": list(images.shape[1:]), "images": to_base64(images)}
     except (BadRequest, ServiceDown, RequestRejected) as exc:
-        return {"op": "error", **base, **error_body(exc)[1]}
-    return {"op": "decoded", **base, "model": name, "shape": list(images.shape[1:]), "images": to_base64(images)}
+        reply = {"op": "error", **base, **error_body(exc)[1]}
+    if ROUND_TRIP in app:
+        app[ROUND_TRIP](time.perf_counter() - started, reply["op"])
+    return reply
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
@@ -342,9 +349,17 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
 
 
 def serve(encoder: str, decoder: str, host: str = "127.0.0.1", port: int = 8080,
-          classifier: Path | None = CLASSIFIER_PATH) -> None:
-    """Runs the UI server until interrupted (what `aevae ui` calls)."""
-    app = create_app(encoder, decoder, classifier=classifier)
+          classifier: Path | None = CLASSIFIER_PATH, metrics_port: int | None = None) -> None:
+    """Runs the UI server until interrupted (what `aevae ui` calls); Prometheus metrics on `metrics_port`."""
+    middlewares: list[Any] = []
+    if metrics_port is not None:
+        from aevae.services import metrics
+
+        metrics.serve_metrics(metrics_port, host, "ui")
+        middlewares.append(metrics.ui_middleware())
+    app = create_app(encoder, decoder, classifier=classifier, middlewares=middlewares)
+    if metrics_port is not None:
+        app[ROUND_TRIP] = metrics.observe_ui_decode
     listening = f"aevae ui: http://{host}:{port}/  (encoder {encoder}, decoder {decoder})"
     # aiohttp calls `print` once the socket is bound, so the line never announces a port that failed
     web.run_app(app, host=host, port=port, print=lambda _: print(listening, flush=True), handle_signals=True)
