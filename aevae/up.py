@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-args", default="",
                    help="extra `aevae train` arguments for when the repository is empty, e.g. '--epochs 5'")
     p.add_argument("--serve-args", default="", help="extra `aevae serve` arguments for both services")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="no Prometheus metrics (by default each service and the UI serve /metrics on a free port)")
     p.set_defaults(func=run)
 
 
@@ -39,9 +41,11 @@ def run(args: argparse.Namespace) -> int:
     from aevae.repository import ModelRepository
 
     repository = ModelRepository(args.models_dir)
-    stack = Stack(repository.root, args.host, serve_args=shlex.split(args.serve_args))
+    _require("serve", ("torch", "grpc_health", "grpc_reflection", "tritonclient", "prometheus_client"))
+    stack = Stack(repository.root, args.host, serve_args=shlex.split(args.serve_args), metrics=not args.no_metrics)
     try:
         if not repository.versions():
+            _require("train", ("torch", "ray"))
             print(f"aevae up: no models in {repository.root.resolve()}: training the AE and the VAE with the defaults",
                   flush=True)
             if stack.train(args.data_root, shlex.split(args.train_args)) != 0:
@@ -60,10 +64,12 @@ def run(args: argparse.Namespace) -> int:
 class Stack:
     """The processes `aevae up` runs, each a child, so that one stop ends them all."""
 
-    def __init__(self, models_dir: Path, host: str, serve_args: list[str]):
+    def __init__(self, models_dir: Path, host: str, serve_args: list[str], metrics: bool = False):
         self.models_dir = models_dir
         self.host = host
         self.serve_args = serve_args
+        # Prometheus endpoints: a free port each, chosen here so that the summary can name them
+        self.metrics_ports = {name: _free_port(host) for name in ("encoder", "decoder", "ui")} if metrics else {}
         self.services: dict = {}
         self.ui: subprocess.Popen[bytes] | None = None
         self.ui_url = ""
@@ -79,7 +85,9 @@ class Stack:
         from aevae.services.process import ServiceProcess
 
         for kind, port in (("encoder", encoder_port), ("decoder", decoder_port)):
-            service = ServiceProcess(kind, self.models_dir, self.host, port, self.serve_args, echo=f"[{kind}]")
+            metrics = ["--metrics-port", str(self.metrics_ports[kind])] if self.metrics_ports else []
+            service = ServiceProcess(kind, self.models_dir, self.host, port, [*self.serve_args, *metrics],
+                                     echo=f"[{kind}]")
             self.services[kind] = service
             service.start()
         for service in self.services.values():
@@ -88,6 +96,8 @@ class Stack:
     def start_ui(self, port: int, timeout: float = 60.0) -> None:
         command = [sys.executable, "-m", "aevae.cli", "ui", "--encoder", self.services["encoder"].address,
                    "--decoder", self.services["decoder"].address, "--host", self.host, "--port", str(port)]
+        if self.metrics_ports:
+            command += ["--metrics-port", str(self.metrics_ports["ui"])]
         self.ui = ui = subprocess.Popen(command)
         host = _connectable(self.host)
         deadline = time.monotonic() + timeout
@@ -113,7 +123,12 @@ class Stack:
         ]
         if self.ui_url:
             lines.append(f"  web UI   {self.ui_url}")
+        shown = [n for n in ("encoder", "decoder", "ui") if n in self.metrics_ports and (n != "ui" or self.ui_url)]
+        if shown:
+            lines.append("  metrics  " + "  ".join(
+                f"http://{_connectable(self.host)}:{self.metrics_ports[n]}/metrics ({n})" for n in shown))
         lines += [
+            f"  OIP v2   tritonclient.grpc.InferenceServerClient(\"{enc}\") (or \"{dec}\"): models by name",
             "",
             "Call them:",
             f"  grpcurl -plaintext {enc} list",
@@ -161,6 +176,22 @@ class Stack:
             service.stop()
         if self.services or self.ui is not None:
             print("aevae up: stopped", flush=True)
+
+
+def _require(extra: str, modules: tuple[str, ...]) -> None:
+    """UserError naming the extra to install when one of its modules is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"aevae up needs the {extra} extra ({', '.join(missing)} missing): "
+                        f"pip install 'aevae[{extra}]'")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((_connectable(host), 0))
+        return int(s.getsockname()[1])
 
 
 def _connectable(host: str) -> str:

@@ -62,9 +62,13 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from aevae import mnist
     from aevae.errors import UserError
-    from aevae.trainer import job
+
+    try:
+        from aevae import mnist
+        from aevae.trainer import job
+    except ImportError as exc:
+        raise UserError(f"training needs the train extra ({exc.name} is missing): pip install 'aevae[train]'") from None
 
     config = config_from_args(args)
     try:
