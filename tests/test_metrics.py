@@ -1,0 +1,147 @@
+"""Prometheus metrics: a real decoder with --metrics-port and a real UI with --metrics-port; the counters,
+histograms and gauges move with traffic (aevae.v1, the OIP, errors, WebSocket decodes)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from prometheus_client.parser import text_string_to_metric_families
+
+from aevae.client import AevaeError, DecoderClient
+from aevae.services.process import ServiceProcess
+from helpers import write_tiny
+
+URL = re.compile(r"metrics on (http://\S+/metrics)")
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over the samples of `name` whose labels include `labels` (0 when none)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def metrics_url(output: list[str]) -> str:
+    for line in output:
+        match = URL.search(line)
+        if match:
+            return match.group(1)
+    raise AssertionError("no metrics URL printed:\n" + "".join(output))
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("metrics") / "models"
+    write_tiny(root, "vae", "vae")
+    service = ServiceProcess("decoder", root, args=["--metrics-port", "0", "--shutdown-delay", "0"]).start()
+    try:
+        service.wait_healthy()
+        yield service
+    finally:
+        service.stop()
+
+
+def test_service_counters_move_with_traffic(decoder: ServiceProcess) -> None:
+    url = metrics_url(decoder.output)
+    before = scrape(url)
+    decode = dict(service="aevae.v1.Decoder", method="Decode")
+    with DecoderClient(decoder.address) as client:
+        for _ in range(3):
+            client.decode(np.zeros((5, 4), np.float32), model="vae")
+        with pytest.raises(AevaeError):
+            client.decode(np.zeros((2, 3), np.float32), model="vae")
+        with pytest.raises(AevaeError):
+            client.decode(np.zeros((2, 4), np.float32), model=f"nope-{time.time()}")
+    with triton.InferenceServerClient(decoder.address) as oip:
+        z = triton.InferInput("latents", [7, 4], "FP32")
+        z.set_data_from_numpy(np.zeros((7, 4), np.float32))
+        oip.infer("vae", [z])
+    after = scrape(url)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("aevae_grpc_requests_total", **decode, model="vae", code="OK") == 3
+    assert delta("aevae_grpc_requests_total", **decode, model="vae", code="INVALID_ARGUMENT") == 1
+    assert delta("aevae_grpc_requests_total", **decode, model="other", code="NOT_FOUND") == 1  # bounded labels
+    assert delta("aevae_grpc_requests_total", service="inference.GRPCInferenceService", method="ModelInfer",
+                 model="vae", code="OK") == 1
+    assert delta("aevae_grpc_request_duration_seconds_count", **decode, model="vae") == 4
+    assert delta("aevae_grpc_request_rows_count", **decode) == 5
+    assert delta("aevae_grpc_request_rows_sum", **decode) == 3 * 5 + 2 + 2
+    assert delta("aevae_grpc_request_rows_sum", method="ModelInfer") == 7
+    assert delta("aevae_grpc_received_bytes_total", **decode) > 5 * 16 * 3
+    assert delta("aevae_grpc_sent_bytes_total", **decode) > 3 * 5 * 32 * 32 * 4
+    assert value(after, "aevae_grpc_requests_in_flight", **decode) == 0
+    assert value(after, "aevae_model_versions_loaded", model="vae", version="1") == 1
+    assert delta("aevae_batch_forward_passes_total") >= 4
+    assert ("process_cpu_seconds_total", frozenset()) in after  # the default collectors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_ui_sessions_and_decode_round_trips(decoder: ServiceProcess) -> None:
+    aiohttp = pytest.importorskip("aiohttp")
+    port, metrics_port = _free_port(), _free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "aevae.cli", "ui", "--encoder", f"127.0.0.1:{_free_port()}",
+                           "--decoder", decoder.address, "--port", str(port), "--metrics-port", str(metrics_port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    try:
+        for _ in range(300):  # bounded: until the UI listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert ui.poll() is None, ui.stdout.read() if ui.stdout else ""
+                time.sleep(0.1)
+
+        async def session() -> list[str]:
+            async with aiohttp.ClientSession() as http, http.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+                assert value(scrape(url), "aevae_ui_websocket_sessions") == 1
+                ops = []
+                for i, latents in enumerate(([[0.0, 0.0, 0.0, 0.0]], [[0.0, 0.0]])):
+                    await ws.send_json({"op": "decode", "id": i, "channel": "a", "model": "vae", "latents": latents})
+                    while True:
+                        reply = await ws.receive_json(timeout=30)
+                        if reply.get("op") in ("decoded", "error"):
+                            ops.append(reply["op"])
+                            break
+                return ops
+
+        assert asyncio.run(session()) == ["decoded", "error"]
+        samples = scrape(url)
+        assert value(samples, "aevae_ui_websocket_sessions_opened_total") == 1
+        assert value(samples, "aevae_ui_decode_round_trip_seconds_count", outcome="decoded") == 1
+        assert value(samples, "aevae_ui_decode_round_trip_seconds_count", outcome="error") == 1
+        for _ in range(100):  # bounded: the server notices the closed socket
+            if value(scrape(url), "aevae_ui_websocket_sessions") == 0:
+                break
+            time.sleep(0.05)
+        assert value(scrape(url), "aevae_ui_websocket_sessions") == 0
+        assert value(scrape(url), "aevae_ui_http_requests_total", route="/ws") == 1  # counted when it ended
+    finally:
+        ui.terminate()
+        ui.wait(20)
