@@ -6,6 +6,7 @@ data MNIST's test set, the classifier trained here (or cached from an earlier ru
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 
 from aevae import mnist
 from aevae.inference import LoadedModel
-from aevae.report import ae2d, classifier as digit_classifier, figures, information, page, samples
+from aevae.report import ae2d, claims, classifier as digit_classifier, figures, information, page, samples
 from aevae.report.config import SEED_RANGES, ReportConfig
 from aevae.report.quantize import BITS, TOLERANCE_NATS, bce_per_image, rate_distortion
 from aevae.inference import sample
@@ -64,6 +65,22 @@ def _bounds(stats: dict) -> tuple[list[float], list[float]]:
 def _range(values: np.ndarray) -> dict[str, Any]:
     return {"min": float(values.min()), "max": float(values.max()),
             "dims": [{"min": float(v.min()), "max": float(v.max())} for v in values.T]}
+
+
+def explorer_inputs() -> tuple[np.ndarray, Path] | None:
+    """The web explorer's input images (the seed's kind of inputs: a few digits and a few non-digits), as
+    N x 32 x 32 floats; None when the UI package is not there."""
+    try:
+        import aevae.ui
+    except ImportError:
+        return None
+    path = Path(aevae.ui.__file__).with_name("static") / "inputs.json"
+    if not path.is_file():
+        return None
+    items = json.loads(path.read_text())["items"]
+    images = np.stack([np.frombuffer(base64.b64decode(item["pixels"]), np.uint8).reshape(item["shape"])
+                       for item in items])
+    return mnist.pad(images).astype(np.float32) / 255.0, path
 
 
 def _model_info(model: LoadedModel) -> dict[str, Any]:
@@ -126,7 +143,7 @@ def run(config: ReportConfig) -> dict[str, Any]:
         fig[key] = path.relative_to(out).as_posix()
 
     # 1. Reconstructions
-    with progress.part("reconstructions", "1/7 reconstructions"):
+    with progress.part("reconstructions", "1/8 reconstructions"):
         idx = np.sort(rng.choice(len(test), size=min(config.reconstructions, len(test)), replace=False))
         rows = {name: models[name].decode(means[name][idx]) for name in models}
         save("reconstructions", figures.reconstructions(test[idx], rows, out / FIGURES / "reconstructions.png"))
@@ -137,7 +154,7 @@ def run(config: ReportConfig) -> dict[str, Any]:
         }
 
     # 2. PCA (the seed's Figure 4)
-    with progress.part("pca", "2/7 PCA of the training latents"):
+    with progress.part("pca", "2/8 PCA of the training latents"):
         pcas = {n: stats[n]["pca"] for n in ("ae", "vae")}
         save("pca", figures.pca_scatter(
             {n: (np.asarray(p["points"]), np.asarray(p["labels"]), p["explained_variance_ratio"])
@@ -147,14 +164,14 @@ def run(config: ReportConfig) -> dict[str, Any]:
                           for n, p in pcas.items()}
 
     # 3. Violins
-    with progress.part("violins", "3/7 latent distributions"):
+    with progress.part("violins", "3/8 latent distributions"):
         save("violins", figures.violins({n: stats[n]["dims"] for n in ("ae", "vae")}, out / FIGURES / "violins.png"))
         numbers["violins"] = {n: [{k: round(d[k], 4) for k in ("min", "max", "mean", "std")}
                                   | {"median": round(d["quantiles"]["0.5"], 4)} for d in stats[n]["dims"]]
                               for n in ("ae", "vae")}
 
     # 4. Random samples and their validity
-    with progress.part("samples", "4/7 random samples and sample validity"):
+    with progress.part("samples", "4/8 random samples and sample validity"):
         n = config.samples
         sources: dict[str, np.ndarray] = {
             "real test digits": test[np.sort(rng.choice(len(test), size=min(n, len(test)), replace=False))],
@@ -164,26 +181,30 @@ def run(config: ReportConfig) -> dict[str, Any]:
             sources[f"{name}: N(0, I)"] = m.decode(samples.standard_normal(n, m.latent_dim, rng))
             lo, hi = _bounds(stats[name])
             sources[f"{name}: uniform in its box"] = m.decode(samples.uniform_box(n, lo, hi, rng))
-        validity, raw = {}, {}
+        validity, raw, valid, shares = {}, {}, {}, {}
         for label, images in sources.items():
-            validity[label] = digit_classifier.validity(classifier.probabilities(images))
+            valid[label] = digit_classifier.confident(classifier.probabilities(images))
+            validity[label] = float(valid[label].mean())
+            shares[label] = claims.share(int(valid[label].sum()), len(valid[label]))
             raw[label] = digit_classifier.validity(classifier.probabilities(images, gate=False))
-            progress.say(f"  validity of {label}: {validity[label]:.1%}")
-        grids = {"vae: N(0, I)": sources["vae: N(0, I)"][:64], "ae: N(0, I)": sources["ae: N(0, I)"][:64],
-                 "ae: uniform in its box": sources["ae: uniform in its box"][:64]}
+            progress.say(f"  validity of {label}: {claims.fmt_share(shares[label])}")
+        shown = ("vae: N(0, I)", "ae: N(0, I)", "ae: uniform in its box", "vae: uniform in its box")
+        grids = {label: (sources[label][:64], valid[label][:64]) for label in shown}
         save("samples", figures.sample_grids(grids, out / FIGURES / "samples.png"))
         save("validity", figures.validity_bars(validity, digit_classifier.CONFIDENCE, out / FIGURES / "validity.png"))
         test_probs = classifier.probabilities(test, gate=False)
         numbers["samples"] = {
-            "count": n, "threshold": digit_classifier.CONFIDENCE, "validity": validity,
+            "count": n, "threshold": digit_classifier.CONFIDENCE, "validity": validity, "shares": shares,
             "validity_without_subspace_check": raw,
+            "grids": {label: {"shown": int(len(grids[label][1])),
+                              "valid_indices": np.flatnonzero(grids[label][1]).tolist()} for label in shown},
             "classifier": {**classifier.info, "test_accuracy": float((test_probs.argmax(1) == test_labels).mean()),
                            "max_residual": classifier.max_residual},
             "boxes": {name: dict(zip(("lo", "hi"), _bounds(stats[name]))) for name in models},
         }
 
     # 5. Latent ranges on the test set
-    with progress.part("ranges", "5/7 latent ranges on the test set"):
+    with progress.part("ranges", "5/8 latent ranges on the test set"):
         ranges = {name: _range(means[name]) for name in ("ae", "vae")}
         mu, logvar = encoded["vae"]
         sampled = sample(mu, logvar, rng)
@@ -194,9 +215,15 @@ def run(config: ReportConfig) -> dict[str, Any]:
                              "width_ratio_ae_over_vae": width["ae"] / width["vae"]}
         if ae2d.NAME in means:
             numbers["ranges"][ae2d.NAME] = _range(means[ae2d.NAME])
+        explorer = explorer_inputs()
+        if explorer is not None:  # the seed's ranges come from its figure's few inputs: ours on the same kind
+            images, path = explorer
+            numbers["ranges"]["explorer_inputs"] = {
+                "count": len(images), "source": path.name,
+                **{name: _range(models[name].encode(images)[0]) for name in ("ae", "vae")}}
 
     # 6. Information theory and rate-distortion
-    with progress.part("information", "6/7 information theory and rate-distortion"):
+    with progress.part("information", "6/8 information theory and rate-distortion"):
         image_bits = information.image_bits(tuple(test.shape[1:]))
         floor = information.bce_floor(test)
         curves = []
@@ -226,7 +253,7 @@ def run(config: ReportConfig) -> dict[str, Any]:
             }
 
     # 7. Traversals
-    with progress.part("traversals", "7/7 latent traversals"):
+    with progress.part("traversals", "7/8 latent traversals"):
         steps = config.traversal_steps
         numbers["traversals"] = {}
         for name, m in models.items():
@@ -249,9 +276,49 @@ def run(config: ReportConfig) -> dict[str, Any]:
                 {"dim": d + 1, "from": float(values[d, 0]), "to": float(values[d, -1]), "digits": digits[d],
                  "distinct_digits": sorted({x for x in digits[d] if x != "-"})} for d in range(m.latent_dim)]}
 
+    # 8. Interpolations
+    with progress.part("interpolations", "8/8 interpolations between test digits"):
+        numbers["interpolations"] = interpolations(models, means, test, test_labels, classifier, config, rng)
+        save("interpolations", figures.interpolations(
+            numbers["interpolations"].pop("figure"), out / FIGURES / "interpolations.png"))
+
+    numbers["claims"] = [c.as_dict() for c in claims.evaluate(numbers)]
     numbers["timings"] = {**progress.seconds, "total": round(time.perf_counter() - progress.started, 1)}
     numbers["figures"] = fig
     (out / "numbers.json").write_text(json.dumps(numbers, indent=1, default=float) + "\n")
     (out / "index.html").write_text(page.render(numbers))
     progress.say(f"wrote {out / 'index.html'} ({len(fig)} figures, numbers in {out / 'numbers.json'})")
     return numbers
+
+
+def interpolations(models: dict[str, LoadedModel], means: dict[str, np.ndarray], test: np.ndarray,
+                   labels: np.ndarray, classifier: digit_classifier.DigitClassifier, config: ReportConfig,
+                   rng: np.random.Generator) -> dict[str, Any]:
+    """Straight lines between the encodings of random test pairs of different digits, in each model's own
+    latent space; every in-between frame (the ends excluded) judged by the classifier."""
+    steps, count = config.interpolation_steps, config.interpolation_pairs
+    pairs: list[tuple[int, int]] = []
+    while len(pairs) < count:
+        a, b = (int(i) for i in rng.choice(len(test), size=2, replace=False))
+        if labels[a] != labels[b]:
+            pairs.append((a, b))
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32)[None, :, None]
+    out: dict[str, Any] = {"pairs": len(pairs), "steps": steps, "shares": {}, "digits": {},
+                           "shown": [{"from": int(labels[a]), "to": int(labels[b]), "indices": [a, b]}
+                                     for a, b in pairs[:config.interpolation_shown]]}
+    figure: dict[str, Any] = {"pairs": out["shown"], "rows": {}}
+    for name, m in models.items():
+        z = means[name]
+        ia, ib = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        latents = (1 - t) * z[ia][:, None, :] + t * z[ib][:, None, :]  # pairs x steps x d
+        images = m.decode(latents.reshape(-1, m.latent_dim)).reshape(len(pairs), steps, *test.shape[1:])
+        probs = classifier.probabilities(images.reshape(-1, *test.shape[1:])).reshape(len(pairs), steps, 10)
+        sure = probs.max(axis=2) >= digit_classifier.CONFIDENCE
+        inner = sure[:, 1:-1]
+        out["shares"][name] = claims.share(int(inner.sum()), int(inner.size))
+        digits = [[str(int(probs[p, s].argmax())) if sure[p, s] else "-" for s in range(steps)]
+                  for p in range(config.interpolation_shown)]
+        out["digits"][name] = digits
+        figure["rows"][name] = (images[:config.interpolation_shown], digits)
+    out["figure"] = figure
+    return out

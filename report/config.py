@@ -31,3 +31,6 @@ class ReportConfig:
     classifier_train_limit: int = TRAIN_IMAGES
     reconstructions: int = 16
     traversal_steps: int = 12
+    interpolation_pairs: int = 200  # random test pairs of different digits, scored frame by frame
+    interpolation_steps: int = 9  # frames from one input to the other, both ends included
+    interpolation_shown: int = 4  # pairs drawn in the figure

@@ -93,13 +93,47 @@ def violins(dims_by_model: Mapping[str, list[dict]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def sample_grids(grids: Mapping[str, np.ndarray], path: Path, cols: int = 8) -> Path:
-    """Decoded samples, one 8 x 8 panel per source."""
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 4.6), squeeze=False)
-    for ax, (title, images) in zip(axes[0], grids.items()):
+def sample_grids(grids: Mapping[str, tuple[np.ndarray, np.ndarray]], path: Path, cols: int = 8) -> Path:
+    """Decoded samples, one 8 x 8 panel per source; a green frame marks each sample counted valid."""
+    from matplotlib.patches import Rectangle
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(3.9 * len(grids), 4.5), squeeze=False)
+    for ax, (title, (images, valid)) in zip(axes[0], grids.items()):
         ax.imshow(tile(images, cols), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=10)
+        h, w = images.shape[1:]
+        for i in np.flatnonzero(valid):
+            r, c = divmod(int(i), cols)
+            ax.add_patch(Rectangle((1 + c * (w + 2) - 0.5, 1 + r * (h + 2) - 0.5), w + 1, h + 1, fill=False,
+                                   edgecolor="#1dd15c", linewidth=1.6))
+        ax.set_title(f"{title}\n{int(np.sum(valid))} of {len(valid)} valid (green frame)", fontsize=10)
         ax.axis("off")
+    return _save(fig, path)
+
+
+def interpolations(figure: Mapping, path: Path) -> Path:
+    """For a few test pairs, each model's frames from one digit to the other, with the classifier's digit
+    (or "-") under each frame."""
+    names = list(figure["rows"])
+    pairs = figure["pairs"]
+    blocks = []
+    labels = []
+    for p, pair in enumerate(pairs):
+        for name in names:
+            images, digits = figure["rows"][name]
+            blocks.append((images[p], digits[p]))
+            labels.append(f"{name}: {pair['from']} to {pair['to']}")
+    steps = len(blocks[0][1])
+    h, w = blocks[0][0].shape[1:]
+    grid = tile(np.concatenate([b[0] for b in blocks]), cols=steps)
+    fig, ax = plt.subplots(figsize=(steps * 0.62 + 1.6, len(blocks) * 0.72 + 0.6))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+    for r, (_, digits) in enumerate(blocks):
+        for c, digit in enumerate(digits):
+            ax.text(2 + c * (w + 2) + w / 2 - 1, 2 + r * (h + 2) + h - 3, digit, color="yellow", fontsize=7,
+                    ha="center", va="bottom")
+    ax.set_yticks([2 + (h + 2) * r + h / 2 - 1 for r in range(len(blocks))], labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title("Interpolations in each model's latent space (digit: classifier, p >= 0.9; -: none)", fontsize=10)
     return _save(fig, path)
 
 
@@ -141,28 +175,39 @@ def latent_ranges(ranges: Mapping[str, dict], seed: Mapping[str, tuple[float, fl
 
 
 def rate_distortion(curves: Sequence[dict], floor: float, path: Path) -> Path:
-    """Test BCE against total latent bits for each model, with each float32 result, the point where it comes
-    within 1 nat of it (circled), and the BCE floor."""
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, curve in enumerate(curves):
-        c = color(curve["model"])
-        ax.plot(curve["total_bits"], curve["bce"], marker="o", markersize=3, color=c,
-                label=f"{curve['model']} ({curve['latent_dim']}-d), quantized")
-        ax.axhline(curve["float_bce"], color=c, linestyle="--", linewidth=1,
-                   label=f"{curve['model']} float32 ({curve['float_bce']:.1f})")
+    """Two panels: test BCE against bits per dimension (where each model comes within 1 nat of its float32
+    result, marked) and against total latent bits (the comparison at equal code size), with the floor."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    top = max(c["float_bce"] for c in curves) * 1.6
+    finding = []
+    for curve in curves:
+        c, name = color(curve["model"]), curve["model"]
+        for ax, x in ((left, curve["bits_per_dim"]), (right, curve["total_bits"])):
+            ax.plot(x, curve["bce"], marker="o", markersize=3.5, color=c, linewidth=1.8,
+                    label=f"{name} ({curve['latent_dim']}-d)")
+            ax.axhline(curve["float_bce"], color=c, linestyle="--", linewidth=1)
         b = curve["bits_within_1_nat"]
         if b:
-            total, bce = b * curve["latent_dim"], curve["bce"][curve["bits_per_dim"].index(b)]
-            ax.plot([total], [bce], marker="o", markersize=10, markerfacecolor="none", color=c)
-            ax.annotate(f"{curve['model']}: {b} bits/dim", (total, bce), textcoords="offset points",
-                        xytext=(0, 12 + 13 * i), color=c, fontsize=8, ha="center")
-    ax.axhline(floor, color="black", linestyle=":", label=f"floor: entropy of the grey levels ({floor:.1f})")
-    ax.set_xlabel("total latent bits per image (bits per dimension x dimensions)")
-    ax.set_ylabel("test BCE, nats per image")
-    ax.set_ylim(0, None)
-    ax.set_title("Rate-distortion: uniform quantization of each latent dimension (1-16 bits)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+            bce = curve["bce"][curve["bits_per_dim"].index(b)]
+            left.plot([b], [bce], marker="o", markersize=12, markerfacecolor="none", markeredgewidth=2, color=c)
+            finding.append(f"{name} {b}")
+    for ax in (left, right):
+        ax.axhline(floor, color="black", linestyle=":", linewidth=1.2)
+        ax.set_ylim(floor - 10, top)
+        ax.set_ylabel("test BCE, nats per image")
+        ax.grid(alpha=0.3)
+    left.text(16, floor + 2, f"floor {floor:.1f}", ha="right", fontsize=8)
+    left.set_xlabel("bits per latent dimension")
+    left.set_xticks(range(1, 17))
+    left.set_title("Bits per dimension to come within 1 nat of float32 (circled):\n" + ", ".join(finding),
+                   fontsize=10)
+    right.set_xlabel("total latent bits per image (bits per dimension x dimensions)")
+    right.set_xscale("log", base=2)
+    right.set_title("At equal code size (dashed: float32; lower is better)", fontsize=10)
+    left.legend(fontsize=9, loc="upper right")
+    fig.text(0.5, -0.02, f"Points above {top:.0f} nats (1-2 bits per dimension) are off the scale; the table "
+             "below has every value.", ha="center", fontsize=8)
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -18,6 +18,7 @@ HEADINGS = (
     "5. Latent ranges on the test set",
     "6. Information theory and rate-distortion",
     "7. Latent traversals",
+    "8. Interpolations between test digits",
 )
 
 STYLE = """
@@ -28,6 +29,9 @@ th, td { border: 1px solid #ddd; padding: 3px 9px; text-align: right; } th { bac
 td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.8em 0; }
 .note { color: #555; font-size: 14px; } code { background: #f4f4f4; padding: 0 3px; }
+table.claims td { text-align: left; vertical-align: top; } table.claims td.rule { color: #555; font-size: 12.5px; }
+.verdict { font-weight: 600; white-space: nowrap; } .supported { color: #067647; } .partly { color: #9a6700; }
+.not-reproduced { color: #b42318; }
 """
 
 
@@ -71,6 +75,19 @@ def _header(n: dict) -> str:
                  "created"), rows))
 
 
+def _claims(n: dict) -> str:
+    rows = "".join(
+        f"<tr><td>{escape(c['claim'])}</td><td>{escape(c['seed'])}</td><td>{escape(c['ours'])}</td>"
+        f'<td class="verdict {c["verdict"].replace(" ", "-")}">{escape(c["verdict"])}</td>'
+        f'<td class="rule">{escape(c["rule"])}</td></tr>' for c in n["claims"])
+    return ('<h2 id="claims">The seed\'s claims, measured</h2>'
+            '<table class="claims"><tr><th>the seed\'s claim</th><th>the seed\'s number</th><th>ours (this run)</th>'
+            f"<th>verdict</th><th>how the verdict is decided</th></tr>{rows}</table>"
+            '<p class="note">Shares are given with Wilson 95 % intervals in brackets. The seed\'s ranges come from '
+            "the few input images of its figure; ours are given on the same kind of inputs (the explorer's digits "
+            "and non-digits) and on the whole test set. The sections below hold the figures and every number.</p>")
+
+
 def _reconstructions(n: dict) -> str:
     r = n["reconstructions"]
     rows = [(name, r["bce_shown"][name], r["bce_test"][name]) for name in r["bce_test"]]
@@ -105,16 +122,20 @@ def _violins(n: dict) -> str:
 def _samples(n: dict) -> str:
     s = n["samples"]
     c = s["classifier"]
-    rows = [(label, pct(v), pct(s["validity_without_subspace_check"][label])) for label, v in s["validity"].items()]
+    rows = [(label, pct(v), f"[{pct(s['shares'][label]['lo'])}, {pct(s['shares'][label]['hi'])}]",
+             f"{s['shares'][label]['k']} of {s['shares'][label]['n']}",
+             pct(s["validity_without_subspace_check"][label])) for label, v in s["validity"].items()]
     boxes = "; ".join(f"{name}: " + ", ".join(_rng(lo, hi) for lo, hi in zip(b["lo"], b["hi"]))
                       for name, b in s["boxes"].items())
     recipe = c["recipe"]
     return (
-        f"<h2>{escape(HEADINGS[3])}</h2><p>Decoded random latents: 64 of the {s['count']:,} scored per source. "
+        f"<h2>{escape(HEADINGS[3])}</h2><p>Decoded random latents: the first 64 of the {s['count']:,} scored per "
+        "source; a green frame marks each sample counted valid. "
         "<code>N(0, I)</code> is the VAE's prior; <em>uniform in its box</em> draws uniformly from the "
         "model's own training bounding box (per dimension, min to max).</p>"
         + figure(n, "samples", "random samples") + figure(n, "validity", "sample validity")
-        + table(("source", f"validity (p >= {s['threshold']})", "without the subspace check"), rows)
+        + table(("source", f"validity (p >= {s['threshold']})", "95 % interval", "valid", "without the subspace check"),
+                rows)
         + f'<p class="note">Validity: the share of images that a digit classifier assigns to one digit with '
           f"probability >= {s['threshold']}. The classifier is trained by the report on the first "
           f"{c['train_images']:,} MNIST training images (pooled to 16 x 16, PCA to {recipe['components']} "
@@ -137,12 +158,25 @@ def _ranges(n: dict) -> str:
                      "", ""))
     per_dim = [(name, f"z{i + 1}", _rng(d["min"], d["max"])) for name in ("vae", "ae") for i, d in
                enumerate(r[name]["dims"])]
+    explorer = ""
+    if "explorer_inputs" in r:
+        e = r["explorer_inputs"]
+        width = {name: e[name]["max"] - e[name]["min"] for name in ("vae", "ae")}
+        explorer = (
+            f"<p><strong>Two populations.</strong> The seed measured its ranges on the few input images of its figure; "
+            f"the table above is ours on {n['run']['test_images']:,} test images. On the same kind of inputs as the "
+            f"seed's (the web explorer's {e['count']}: two test digits per class, a question mark, a letter and a "
+            f"stick figure) our ranges are VAE {_rng(e['vae']['min'], e['vae']['max'])} and AE "
+            f"{_rng(e['ae']['min'], e['ae']['max'])}: the AE's is {width['ae'] / width['vae']:.1f} times as wide "
+            f"(the seed's: {(r['seed']['ae'][1] - r['seed']['ae'][0]) / (r['seed']['vae'][1] - r['seed']['vae'][0]):.1f}"
+            " times).</p>")
     return (
         f"<h2>{escape(HEADINGS[4])}</h2><p>The range of the encoder means over all dimensions on the test images, beside "
         f"the seed's. The AE's range is {r['width_ratio_ae_over_vae']:.1f} times as wide as the VAE's. The VAE's "
         f"sampled latents (mean + sigma * eps) span {_rng(r['vae_sampled']['min'], r['vae_sampled']['max'])}.</p>"
         + figure(n, "ranges", "latent ranges")
-        + table(("model", "range (this run)", "width", "range (seed)", "width (seed)"), rows)
+        + table(("model", "range on the test set (this run)", "width", "range (seed, its figure's inputs)",
+                 "width (seed)"), rows) + explorer
         + table(("model", "dim", "range"), per_dim))
 
 
@@ -165,7 +199,7 @@ def _information(n: dict) -> str:
         + table(("model", "bits per image", "bits in the latent (float32)", "ratio"), bits_rows)
         + f"<p>The BCE floor, the entropy of the grey levels of the test images (the BCE of a perfect "
           f"reconstruction): <strong>{info['bce_floor']:.2f} nats per image</strong>.</p>"
-        + figure(n, "rate_distortion", "rate-distortion")
+        + figure(n, "rate_distortion", "rate-distortion") + _bits_finding(info)
         + '<p class="note">Each latent dimension is quantized uniformly to 2<sup>b</sup> levels (bin centres) '
           "over its training range (min to max from the latent statistics); test values outside are clipped. "
           "The VAE is evaluated from its quantized <em>mean</em> (deterministic decode, no sampling); so is its "
@@ -185,6 +219,40 @@ def _information(n: dict) -> str:
                  f"2-d AE is {abs(c['difference']):.2f} nats {verdict} the 4-d VAE. At equal total latent bits: "
                  f"{escape(equal)}.</p>")
     return html
+
+
+def _bits_finding(info: dict) -> str:
+    curves = info["rate_distortion"]
+    if "ae" not in curves or "vae" not in curves:
+        return ""
+    a, v = curves["ae"], curves["vae"]
+    ba, bv = a["bits_within_1_nat"], v["bits_within_1_nat"]
+    better = [b for b, x, y in zip(a["bits_per_dim"], a["bce"], v["bce"]) if x < y]
+    if ba and bv and bv < ba:
+        order = (f"our VAE needs <em>fewer</em> bits per dimension than our AE to come within "
+                 f"{info['tolerance_nats']:g} nat of its float32 result ({bv} against {ba}), which cuts against the "
+                 "seed's argument that the VAE's prior limits what its latents can hold")
+    elif ba and bv and bv > ba:
+        order = f"our VAE needs more bits per dimension than our AE ({bv} against {ba}), as the seed's argument expects"
+    else:
+        order = f"both need the same number of bits per dimension ({ba})"
+    return (f"<p><strong>Bits per dimension:</strong> {order}. At equal bits per dimension the AE reconstructs better "
+            f"at {len(better)} of {len(a['bce'])} bit depths; at float32 the AE scores {a['float_bce']:.2f} and the "
+            f"VAE {v['float_bce']:.2f} nats per image.</p>")
+
+
+def _interpolations(n: dict) -> str:
+    it = n.get("interpolations")
+    if not it:
+        return ""
+    rows = [(name, f"{x['share']:.1%}", f"[{x['lo']:.1%}, {x['hi']:.1%}]", f"{x['k']} of {x['n']}")
+            for name, x in it["shares"].items()]
+    return (f"<h2>{escape(HEADINGS[7])}</h2><p>{it['pairs']} random pairs of test digits with different labels; for "
+            f"each model a straight line between the two encodings (encoder means) in its own latent space, "
+            f"{it['steps']} frames with both ends. Under each frame the digit the classifier assigns with "
+            "probability >= 0.9 (\"-\": none). The share counts the in-between frames (ends excluded) that are "
+            "valid digits.</p>" + figure(n, "interpolations", "interpolations")
+            + table(("model", "valid in-between frames", "95 % interval", "frames"), rows))
 
 
 def _traversals(n: dict) -> str:
@@ -207,6 +275,7 @@ def _timings(n: dict) -> str:
 
 def render(numbers: dict) -> str:
     body = "".join(section(numbers) for section in (
-        _header, _reconstructions, _pca, _violins, _samples, _ranges, _information, _traversals, _timings))
+        _header, _claims, _reconstructions, _pca, _violins, _samples, _ranges, _information, _traversals,
+        _interpolations, _timings))
     return ('<!doctype html><html lang="en"><head><meta charset="utf-8"><title>aevae report</title>'
             f"<style>{STYLE}</style></head><body>{body}</body></html>\n")

@@ -18,6 +18,7 @@ import pytest
 from helpers import run_aevae
 
 from aevae import mnist
+from aevae.report import claims
 from aevae.report import classifier as digit_classifier
 from aevae.report import information, samples
 from aevae.report.page import HEADINGS
@@ -69,7 +70,7 @@ def test_report_writes_the_page_and_every_figure(report: dict, trained_repo: Pat
     html = (out / "index.html").read_text()
     figures = numbers["figures"]
     assert {"reconstructions", "pca", "violins", "samples", "validity", "ranges", "rate_distortion",
-            "traversal_ae", "traversal_vae", "traversal_ae-2d"} <= set(figures)
+            "traversal_ae", "traversal_vae", "traversal_ae-2d", "interpolations"} <= set(figures)
     for path in figures.values():
         assert (out / path).read_bytes()[:8] == PNG_MAGIC, path
         assert f'src="{path}"' in html, f"{path} is not on the page"
@@ -103,10 +104,121 @@ def test_page_shows_the_numbers_of_this_run(report: dict) -> None:
 
 def test_progress_is_printed_part_by_part(report: dict) -> None:
     out = report["stdout"]
-    for i in range(1, 8):
-        assert re.search(rf"\] {i}/7 .*: done in", out), f"no progress line for part {i}"
+    for i in range(1, 9):
+        assert re.search(rf"\] {i}/8 .*: done in", out), f"no progress line for part {i}"
     assert "ae-2d is missing: training it" in out and "[ae-2d] epoch 8/8" in out
     assert "digit classifier: cached" in out  # the fixture's classifier was reused, not retrained
+
+
+def test_claims_table_comes_first_with_verdicts_and_intervals(report: dict) -> None:
+    html, n = (report["out"] / "index.html").read_text(), report["numbers"]
+    assert html.index("The seed's claims, measured") < html.index(f"<h2>{escape(HEADINGS[0])}</h2>")
+    rows = n["claims"]
+    assert len(rows) == 8  # ranges, N(0, I), boxes, interpolations, one dimension, 2-d AE, compression, bits
+    assert {r["verdict"] for r in rows} <= {"supported", "partly", "not reproduced"}
+    for row in rows:
+        assert escape(row["ours"]) in html and escape(row["verdict"]) in html and row["rule"]
+    vae = n["samples"]["shares"]["vae: N(0, I)"]
+    assert (vae["lo"], vae["hi"]) == pytest.approx(claims.wilson(vae["k"], vae["n"]))
+    assert vae["n"] == 200 and claims.fmt_share(vae) in rows[1]["ours"]
+    assert "[-22.59, 74.46]" in rows[0]["seed"]  # the seed's numbers, labelled as the seed's
+
+
+def test_both_populations_for_the_ranges(report: dict) -> None:
+    html, r = (report["out"] / "index.html").read_text(), report["numbers"]["ranges"]
+    e = r["explorer_inputs"]
+    assert e["count"] == 23 and e["source"] == "inputs.json"
+    for name in ("ae", "vae"):
+        assert f"[{e[name]['min']:.2f}, {e[name]['max']:.2f}]" in html
+    assert "Two populations" in html
+
+
+def test_sample_grids_mark_the_valid_samples(report: dict) -> None:
+    from matplotlib.image import imread
+
+    n = report["numbers"]["samples"]
+    marked = sum(len(g["valid_indices"]) for g in n["grids"].values())
+    assert all(g["shown"] == 64 and set(g["valid_indices"]) <= set(range(64)) for g in n["grids"].values())
+    pixels = imread(report["out"] / report["numbers"]["figures"]["samples"])[..., :3]
+    green = ((pixels[..., 1] > 0.7) & (pixels[..., 0] < 0.35) & (pixels[..., 2] < 0.5)).sum()
+    assert (green > 0) == (marked > 0)  # a green frame exactly when some shown sample counted valid
+
+
+def test_interpolations_score_every_in_between_frame(report: dict) -> None:
+    it = report["numbers"]["interpolations"]
+    assert it["pairs"] == 200 and it["steps"] == 9
+    for name in ("ae", "vae", "ae-2d"):
+        share = it["shares"][name]
+        assert share["n"] == 200 * 7  # the two ends of each pair excluded
+        assert len(it["digits"][name]) == 4 and all(len(d) == 9 for d in it["digits"][name])
+    assert all(p["from"] != p["to"] for p in it["shown"])
+    assert "8. Interpolations between test digits" in (report["out"] / "index.html").read_text()
+
+
+def test_bits_per_dimension_finding_is_stated(report: dict) -> None:
+    html = (report["out"] / "index.html").read_text()
+    curves = report["numbers"]["information"]["rate_distortion"]
+    assert "<strong>Bits per dimension:</strong>" in html
+    ae, vae = curves["ae"]["bits_within_1_nat"], curves["vae"]["bits_within_1_nat"]
+    if ae != vae:
+        assert f"({min(ae, vae) if vae < ae else vae} against {ae if vae < ae else ae})" in html or \
+            f"({vae} against {ae})" in html
+
+
+def test_wilson_interval() -> None:
+    assert claims.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert claims.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert claims.wilson(737, 1000) == pytest.approx((0.7088, 0.7634), abs=1e-4)
+    assert claims.wilson(3, 0) == (0.0, 1.0)
+
+
+def _numbers(vae_share: tuple[int, int], ae_share: tuple[int, int], box: tuple[int, int], vae_box: tuple[int, int],
+             ranges: tuple[float, float], bits: tuple[int, int]) -> dict:
+    """A minimal numbers.json for claims.evaluate: the fields it reads."""
+    def curve(float_bce: float, bce: list[float], within: int) -> dict:
+        return {"bits_per_dim": list(range(1, len(bce) + 1)), "bce": bce, "float_bce": float_bce,
+                "bits_within_1_nat": within}
+
+    def span(width: float) -> dict:
+        return {"min": -width / 2, "max": width / 2}
+
+    return {
+        "run": {"test_images": 10000},
+        "ranges": {"vae": span(ranges[0]), "ae": span(ranges[1]), "width_ratio_ae_over_vae": ranges[1] / ranges[0],
+                   "seed": {"vae": [-5.93, 5.98], "ae": [-22.59, 74.46]},
+                   "explorer_inputs": {"count": 23, "vae": span(ranges[0]), "ae": span(ranges[1])}},
+        "samples": {"shares": {"vae: N(0, I)": claims.share(*vae_share), "ae: N(0, I)": claims.share(*ae_share),
+                               "ae: uniform in its box": claims.share(*box),
+                               "vae: uniform in its box": claims.share(*vae_box),
+                               "real test digits": claims.share(900, 1000)}},
+        "interpolations": {"pairs": 200, "shares": {"vae": claims.share(1200, 1400), "ae": claims.share(500, 1400)}},
+        "traversals": {m: {"sweeps": [{"distinct_digits": list("0123")}]} for m in ("vae", "ae")},
+        "information": {"image_bits": 8192, "latent_bits": {"vae": 128}, "bce_floor": 45.5, "tolerance_nats": 1.0,
+                        "rate_distortion": {"ae": curve(102.0, [300.0, 150.0, 104.0], bits[0]),
+                                            "vae": curve(104.0, [310.0, 140.0, 105.0], bits[1])},
+                        "ae2d_vs_vae": {"ae2d_float_bce": 130.0, "vae_float_bce": 104.0, "difference": 26.0,
+                                        "at_equal_total_bits": {"8": {"ae-2d": 150.0, "vae": 160.0},
+                                                                "16": {"ae-2d": 135.0, "vae": 120.0}}}},
+    }
+
+
+def test_claim_verdicts_follow_their_rules() -> None:
+    by = {c.claim.split(" ")[1]: c for c in claims.evaluate(_numbers((737, 1000), (571, 1000), (529, 1000),
+                                                                      (650, 1000), (8.0, 16.0), (7, 6)))}
+    verdicts = [c.verdict for c in claims.evaluate(_numbers((737, 1000), (571, 1000), (529, 1000), (650, 1000),
+                                                            (8.0, 16.0), (7, 6)))]
+    assert verdicts == ["partly",  # 2x as wide, the seed's 8.8x: wider, but not half as much
+                        "supported",  # 73.7 % against 57.1 % and 52.9 %: the intervals are apart
+                        "supported",  # 65 % against 52.9 %
+                        "partly",  # VAE 86 % of in-between frames, AE 36 %
+                        "supported",  # four digits along one sweep in each model
+                        "partly",  # the 2-d AE is worse at float32 but better at 8 bits
+                        "partly",  # the AE wins at float32 and at 2 of 3 bit depths
+                        "supported"]  # 8192 / 128
+    assert by["AE's"].ours.startswith("on the explorer's 23 inputs")
+    close = [c.verdict for c in claims.evaluate(_numbers((560, 1000), (540, 1000), (700, 1000), (600, 1000),
+                                                         (8.0, 80.0), (7, 6)))]
+    assert close[:3] == ["supported", "partly", "not reproduced"]  # 10x; overlapping intervals; box below
 
 
 def test_quantization_at_16_bits_matches_float_and_1_bit_is_clearly_worse(report: dict) -> None:
