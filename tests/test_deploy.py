@@ -276,7 +276,9 @@ def test_compose_serves_a_repository_and_the_train_file_trains_it_first() -> Non
         # hardened: read-only root filesystem with a tmpfs /tmp, no capabilities, no privilege gain
         assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
         assert service["cap_drop"] == ["ALL"] and service["security_opt"] == ["no-new-privileges:true"]
-        assert service["ports"] == [f"${{AEVAE_BIND:-127.0.0.1}}:${{AEVAE_{name.upper()}_PORT:-{port}}}:{port}"]
+        assert service["ports"][0] == f"${{AEVAE_BIND:-127.0.0.1}}:${{AEVAE_{name.upper()}_PORT:-{port}}}:{port}"
+        assert service["ports"][1:] == [f"${{AEVAE_BIND:-127.0.0.1}}:${{AEVAE_{name.upper()}_METRICS_PORT:-"
+                                        f"{9101 + ('encoder', 'decoder', 'ui').index(name)}}}:9090"]  # Prometheus
         assert str(port) in service["healthcheck"]["test"][-1]
         args = parse_aevae(service["command"])
         assert (args.port, args.host) == (port, "0.0.0.0")
@@ -359,7 +361,8 @@ def test_kubernetes_manifests_are_consistent_with_the_images_ports_and_cli() -> 
         assert image == name and image in stages
         args = parse_aevae(container["args"])  # the image's entrypoint is `aevae`
         assert (args.host, args.port) == ("0.0.0.0", port)
-        assert [p["containerPort"] for p in container["ports"]] == [port]
+        assert [p["containerPort"] for p in container["ports"]] == [port, 9090]  # and Prometheus /metrics
+        assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9090"
         service = docs[("Service", f"aevae-{name}")]
         assert service["spec"]["selector"].items() <= labels.items()
         (service_port,) = service["spec"]["ports"]
