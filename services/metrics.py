@@ -151,7 +151,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
-        service, _, method = details.method.lstrip("/").rpartition("/")  # type: ignore[attr-defined]
+        service, _, method = details.method.lstrip("/").rpartition("/")
         kinds = (handler.request_streaming, handler.response_streaming)
         behavior = {(False, False): handler.unary_unary, (False, True): handler.unary_stream,
                     (True, False): handler.stream_unary, (True, True): handler.stream_stream}[kinds]

@@ -255,7 +255,7 @@ async def decode_reply(app: web.Application, message: dict[str, Any]) -> dict[st
     except (BadRequest, ServiceDown, RequestRejected) as exc:
         reply = {"op": "error", **base, **error_body(exc)[1]}
     if ROUND_TRIP in app:
-        app[ROUND_TRIP](time.perf_counter() - started, reply["op"])
+        app[ROUND_TRIP](time.perf_counter() - started, str(reply["op"]))
     return reply
 
 
