@@ -75,6 +75,8 @@ class ServiceSettings:
     batch_wait_s: float = _opt(0.0, "how long the first request of a batch waits for company when the model "
                                     "is idle (0: never waits)")
     batch_rows: int = _opt(256, "requests with more rows than this run alone, unbatched", minimum=1)
+    metrics_port: int | None = _opt(None, "serve Prometheus metrics at http://HOST:PORT/metrics (off when unset; "
+                                          "0 picks a free port, printed on start)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
