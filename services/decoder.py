@@ -1,16 +1,19 @@
 """The decoder's logic, transport-independent: numpy latents in, numpy images out, typed errors.
 
-Big batches are decoded in chunks into one preallocated output (LoadedModel.decode), which bounds the memory
-the model's hidden layers take whatever the batch size.
+Two steps, so that concurrent requests can share a forward pass: `prepare` validates one request against
+its model (a bad request fails alone, before it meets others), `run` decodes a list of prepared requests of
+one model and dtype in one chunked pass (LoadedModel.decode, which bounds the hidden layers' memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Hashable, Sequence
 
 import numpy as np
 
 from aevae.errors import InvalidArgument, shorten
+from aevae.inference import LoadedModel
 from aevae.services import inputs
 from aevae.services.settings import Limits
 from aevae.store import ModelStore, ModelSummary
@@ -23,6 +26,22 @@ class Decoded:
     model: str
     version: int
     images: np.ndarray
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    model: LoadedModel
+    latents: np.ndarray
+    dtype: str
+
+    @property
+    def key(self) -> Hashable:
+        """Jobs with equal keys can share a forward pass."""
+        return id(self.model), self.dtype
+
+    @property
+    def rows(self) -> int:
+        return len(self.latents)
 
 
 def output_dtype(dtype: str) -> str:
@@ -39,16 +58,31 @@ class DecoderLogic:
         self.limits = limits
 
     def ready(self, model: str, version: int | None) -> bool:
-        """True when decoding needs no disk access: the caller may then run it inline."""
+        """True when preparing needs no disk access: the caller may then run it inline."""
         return self.store.peek(model, version) is not None
 
-    def decode(self, model: str, version: int | None, latents: np.ndarray, dtype: str = "float32") -> Decoded:
+    def prepare(self, model: str, version: int | None, latents: np.ndarray, dtype: str = "float32") -> DecodeJob:
         dtype = output_dtype(dtype)
         loaded = self.store.get(inputs.model_name(model), version)
         z = inputs.latents(latents, loaded.latent_dim, loaded.name)
         self.limits.check_batch(len(z), "latents")
         self.limits.check_response(len(z), loaded.manifest.pixels * np.dtype(dtype).itemsize, "latents")
-        return Decoded(loaded.name, loaded.number, loaded.decode(z, dtype))
+        return DecodeJob(loaded, z, dtype)
+
+    @staticmethod
+    def run(jobs: Sequence[DecodeJob]) -> list[Decoded]:
+        """Decodes jobs of one key in one pass; each gets its own rows (views on one output array)."""
+        model, dtype = jobs[0].model, jobs[0].dtype
+        z = jobs[0].latents if len(jobs) == 1 else np.concatenate([j.latents for j in jobs])
+        images = model.decode(z, dtype)
+        out, start = [], 0
+        for job in jobs:
+            out.append(Decoded(model.name, model.number, images[start:start + job.rows]))
+            start += job.rows
+        return out
+
+    def decode(self, model: str, version: int | None, latents: np.ndarray, dtype: str = "float32") -> Decoded:
+        return self.run([self.prepare(model, version, latents, dtype)])[0]
 
     def list_models(self) -> list[ModelSummary]:
         return self.store.summaries()

@@ -1,16 +1,18 @@
 """The encoder's logic, transport-independent: numpy images in, numpy latents out, typed errors.
 
-The gRPC servicer (grpc_encoder.py) is one front end; the Ray Serve deployment wraps the same class.
+Like the decoder's: `prepare` validates one request against its model, `run` encodes prepared requests of
+one model and image layout in one chunked pass. The gRPC servicer (grpc_encoder.py) is one front end; the
+Ray Serve deployment wraps the same classes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from aevae.inference import sample
+from aevae.inference import LoadedModel, sample
 from aevae.services import inputs
 from aevae.services.settings import Limits
 from aevae.store import ModelStore, ModelSummary
@@ -25,23 +27,55 @@ class Encoded:
     sample: np.ndarray | None
 
 
+@dataclass(frozen=True)
+class EncodeJob:
+    model: LoadedModel
+    images: np.ndarray
+    noise: np.random.Generator | None  # given: also draw a sample from it
+
+    @property
+    def key(self) -> Hashable:
+        return id(self.model), self.images.shape[1:], self.images.dtype.str
+
+    @property
+    def rows(self) -> int:
+        return len(self.images)
+
+
 class EncoderLogic:
     def __init__(self, store: ModelStore, limits: Limits):
         self.store = store
         self.limits = limits
 
     def ready(self, model: str, version: int | None) -> bool:
-        """True when encoding needs no disk access: the caller may then run it inline."""
+        """True when preparing needs no disk access: the caller may then run it inline."""
         return self.store.peek(model, version) is not None
+
+    def prepare(self, model: str, version: int | None, images: np.ndarray,
+                noise: np.random.Generator | None = None) -> EncodeJob:
+        loaded = self.store.get(inputs.model_name(model), version)
+        self.limits.check_batch(len(images), "images")
+        return EncodeJob(loaded, inputs.images(images, loaded.image_shape), noise)
+
+    @staticmethod
+    def run(jobs: Sequence[EncodeJob]) -> list[Encoded]:
+        """Encodes jobs of one key in one pass; a job with noise also gets z = mean + exp(logvar / 2) * eps
+        drawn from it (the AE's sample is its mean), in job order."""
+        model = jobs[0].model
+        x = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
+        mean, logvar = model.encode(x)
+        out, start = [], 0
+        for job in jobs:
+            rows = slice(start, start + job.rows)
+            lv = None if logvar is None else logvar[rows]
+            z = None if job.noise is None else sample(mean[rows], lv, job.noise)
+            out.append(Encoded(model.name, model.number, mean[rows], lv, z))
+            start += job.rows
+        return out
 
     def encode(self, model: str, version: int | None, images: np.ndarray,
                noise: np.random.Generator | None = None) -> Encoded:
-        """`noise` given: also draw z = mean + exp(logvar / 2) * eps from it (the AE's sample is its mean)."""
-        loaded = self.store.get(inputs.model_name(model), version)
-        self.limits.check_batch(len(images), "images")
-        mean, logvar = loaded.encode(inputs.images(images, loaded.image_shape))
-        z = None if noise is None else sample(mean, logvar, noise)
-        return Encoded(loaded.name, loaded.number, mean, logvar, z)
+        return self.run([self.prepare(model, version, images, noise)])[0]
 
     def list_models(self) -> list[ModelSummary]:
         return self.store.summaries()

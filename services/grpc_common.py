@@ -1,17 +1,23 @@
-"""What both gRPC servicers share: running logic off the event loop, mapping typed errors onto status codes,
-and the ListModels response."""
+"""What the gRPC servicers share: registration with request parsing that never fails the call, admission
+control, running logic off the event loop, mapping typed errors onto status codes, streams, ListModels."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import deque
+import time
 from concurrent.futures import Executor
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, TypeVar
 
 import grpc
 
-from aevae.errors import ServiceError
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
+
+from aevae.errors import ResourceExhausted, ServiceError
 from aevae.inference import NonFiniteOutput
 from aevae.services.settings import Limits
 from aevae.store import ModelSummary
@@ -21,6 +27,91 @@ from aevae.v1.tensors import WireError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+# -- registration: request bytes that do not parse become a clear status, not UNKNOWN -----------------------
+@dataclass(frozen=True)
+class Unreadable:
+    """Request bytes that could not become a message; the handler answers with `error`'s status, in a stream
+    after the answers to the earlier messages and naming the message's position."""
+
+    error: Exception
+
+
+def _parser(message_class: Any, max_bytes: int) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        if len(data) > max_bytes:
+            return Unreadable(ResourceExhausted(
+                f"a request message of {len(data)} bytes is over the max message size of {max_bytes} bytes; "
+                "split the batch into smaller messages"))
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, RuntimeError, ValueError) as exc:
+            return Unreadable(WireError(f"the request bytes are not a valid {message_class.DESCRIPTOR.full_name} "
+                                        f"message ({str(exc)[:120]})"))
+    return parse
+
+
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor, max_message_bytes: int) -> None:
+    """Adds `servicer`'s methods for `service` to `server`, like the generated add_*_to_server, but with
+    request parsing that turns bad bytes and over-limit messages into `Unreadable` for the handler."""
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=_parser(request_class, max_message_bytes),
+                                     response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def readable(request: R | Unreadable) -> R:
+    """The request, or its parse error raised."""
+    if isinstance(request, Unreadable):
+        raise request.error
+    return request
+
+
+# -- admission control ----------------------------------------------------------------------------------
+class Admission:
+    """Caps the model calls in flight and the request bytes they hold. Past a cap, RESOURCE_EXHAUSTED naming
+    it; health and ListModels are not counted, so they still answer."""
+
+    def __init__(self, max_calls: int, max_bytes: int):
+        self.max_calls = max_calls
+        self.max_bytes = max_bytes
+        self.calls = 0
+        self.bytes = 0
+
+    @contextlib.contextmanager
+    def call(self) -> Iterator[None]:
+        if self.calls >= self.max_calls:
+            raise ResourceExhausted(f"the server has {self.calls} calls in flight, its limit "
+                                    f"(--max-concurrent-rpcs {self.max_calls}); retry with backoff")
+        self.calls += 1
+        try:
+            yield
+        finally:
+            self.calls -= 1
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int) -> Iterator[None]:
+        if self.bytes and self.bytes + nbytes > self.max_bytes:
+            raise ResourceExhausted(f"the server holds {self.bytes} request bytes in flight; {nbytes} more would "
+                                    f"pass its limit (--max-inflight-bytes {self.max_bytes}); retry with backoff")
+        self.bytes += nbytes
+        try:
+            yield
+        finally:
+            self.bytes -= nbytes
 
 
 class Runner:
@@ -34,6 +125,19 @@ class Runner:
         if ready and n <= self.inline_max:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
+
+@dataclass
+class Engine:
+    """What every servicer of one server shares: the runner, the admission control and the batching
+    settings (from ServiceSettings)."""
+
+    run: Runner
+    admission: Admission
+    batch_size: int = 32
+    batch_rows: int = 256
+    batch_wait_s: float = 0.0
+    stream_depth: int = 2
 
 
 class Aborts(Protocol):
@@ -55,7 +159,7 @@ async def guarded(context: Aborts, work: Awaitable[T]) -> T:
     except NonFiniteOutput as exc:
         await context.abort(grpc.StatusCode.INTERNAL, f"{exc}; the result was withheld")
     except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-        log.exception("internal error")
+        _log_internal(exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
     raise AssertionError("unreachable: context.abort raises")
 
@@ -63,27 +167,44 @@ async def guarded(context: Aborts, work: Awaitable[T]) -> T:
 async def pipelined(
     requests: AsyncIterator[R], handle: Callable[[int, R], Awaitable[T]], depth: int = 2
 ) -> AsyncIterator[T]:
-    """Handles each request as it arrives, up to `depth` at once, and yields the results in request order,
-    so the next chunk is computed while the previous one is on the wire."""
-    in_flight: deque[asyncio.Task[T]] = deque()
+    """Handles each request as it arrives, at most `depth` at once, and yields the results in request order
+    as soon as each is ready: the next message is computed while the previous one is on the wire, a client
+    that waits for an answer before sending more is answered, and one that stops reading stops the reading
+    of its requests once `depth` answers wait."""
+    ready: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=max(1, depth - 1))
+
+    async def read() -> None:
+        try:
+            index = 0
+            async for request in requests:
+                await ready.put(("task", asyncio.ensure_future(handle(index, request))))
+                index += 1
+            await ready.put(("end", None))
+        except Exception as exc:  # noqa: BLE001 - the stream's reading failed: end it with that error
+            await ready.put(("error", exc))
+
+    reader = asyncio.ensure_future(read())
     try:
-        index = 0
-        async for request in requests:
-            in_flight.append(asyncio.ensure_future(handle(index, request)))
-            index += 1
-            while len(in_flight) >= depth:
-                yield await in_flight.popleft()
-        while in_flight:
-            yield await in_flight.popleft()
+        while True:
+            kind, value = await ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield await value
     finally:
-        for task in in_flight:
-            task.cancel()
+        reader.cancel()
+        while not ready.empty():
+            kind, value = ready.get_nowait()
+            if kind == "task":
+                value.cancel()
 
 
 async def served_stream(
     context: Aborts,
-    requests: AsyncIterator[R],
-    submit: Callable[[int, R], Awaitable[T]],
+    admission: Admission,
+    requests: AsyncIterator[Any],
+    submit: Callable[[int, Any], Awaitable[T]],
     depth: int,
 ) -> AsyncIterator[T]:
     """A streaming RPC: each request answered by one response, in order, `depth` at once.
@@ -95,12 +216,13 @@ async def served_stream(
     pinned: dict[str, int] = {}
     first_done = asyncio.Event()
 
-    async def handle(index: int, request: Any) -> T:
+    async def handle(index: int, message: Any) -> T:
         if index > 0:
             await first_done.wait()
-        if not request.version and request.model in pinned:
-            request.version = pinned[request.model]
         try:
+            request = readable(message)
+            if not request.version and request.model in pinned:
+                request.version = pinned[request.model]
             response: Any = await submit(index, request)
         except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
             raise prefixed(exc, f"message {index}") from None
@@ -110,13 +232,29 @@ async def served_stream(
         pinned.setdefault(response.model, response.version)
         return response
 
-    results = pipelined(requests, handle, depth)
+    async def admitted() -> AsyncIterator[T]:
+        with admission.call():
+            async for response in pipelined(requests, handle, depth):
+                yield response
+
+    results = admitted()
     while True:
         try:
             response = await guarded(context, anext(results))
         except StopAsyncIteration:
             return
         yield response
+
+
+_last_logged = [0.0]
+
+
+def _log_internal(exc: Exception) -> None:
+    """A real bug: its traceback, at most once a second (a flood of one bug must not flood the log)."""
+    now = time.monotonic()
+    if now - _last_logged[0] >= 1.0:
+        _last_logged[0] = now
+        log.error("internal error", exc_info=exc)
 
 
 def prefixed(error: Exception, prefix: str) -> Exception:

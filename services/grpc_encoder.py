@@ -1,4 +1,4 @@
-"""aevae.v1.Encoder over gRPC: request -> validation -> model (off the event loop) -> response."""
+"""aevae.v1.Encoder over gRPC: request -> validation -> batch -> model -> response."""
 
 from __future__ import annotations
 
@@ -8,23 +8,30 @@ from typing import Any, AsyncIterator
 import grpc
 import numpy as np
 
-from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import Runner, guarded, models_response, served_stream
+from aevae.services.batching import Batcher
+from aevae.services.encoder import Encoded, EncodeJob, EncoderLogic
+from aevae.services.grpc_common import Engine, guarded, models_response, readable, served_stream
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor, version_from_wire
 
 
 class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
-    def __init__(self, logic: EncoderLogic, run: Runner, stream_depth: int = 2):
+    def __init__(self, logic: EncoderLogic, engine: Engine):
         self.logic = logic
-        self.run = run
-        self.stream_depth = stream_depth
+        self.engine = engine
+        self.batcher: Batcher[EncodeJob, Encoded] = Batcher(
+            logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
+            max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s)
 
-    def _encode(
-        self, request: encoder_pb2.EncodeRequest, version: int | None, noise: np.random.Generator | None
-    ) -> encoder_pb2.EncodeResponse:
-        images = from_tensor(request.images, "images")
-        out = self.logic.encode(request.model, version, images, noise)
+    async def _encode(self, request: encoder_pb2.EncodeRequest,
+                      noise: np.random.Generator | None) -> encoder_pb2.EncodeResponse:
+        """One message: validated on its own, then encoded together with whatever else is waiting."""
+        with self.engine.admission.hold(request.ByteSize()):
+            version = version_from_wire(request.version)
+            images = from_tensor(request.images, "images")
+            job = await self.engine.run(lambda: self.logic.prepare(request.model, version, images, noise),
+                                        len(images), self.logic.ready(request.model, version))
+            out = await self.batcher.submit(job)
         response = encoder_pb2.EncodeResponse(model=out.model, version=out.version, mean=to_tensor(out.mean))
         if out.logvar is not None:
             response.logvar.CopyFrom(to_tensor(out.logvar))
@@ -32,45 +39,43 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             response.sample.CopyFrom(to_tensor(out.sample))
         return response
 
-    async def _submit(
-        self, request: encoder_pb2.EncodeRequest, noise: np.random.Generator | None
-    ) -> encoder_pb2.EncodeResponse:
-        version = version_from_wire(request.version)
-        n = request.images.shape[0] if request.images.shape else 0
-        return await self.run(lambda: self._encode(request, version, noise), n,
-                              self.logic.ready(request.model, version))
+    async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
+        async def call() -> encoder_pb2.EncodeResponse:
+            with self.engine.admission.call():
+                message = readable(request)
+                return await self._encode(message, _noise(message))
 
-    async def Encode(self, request: encoder_pb2.EncodeRequest, context: grpc.aio.ServicerContext):
-        return await guarded(context, self._submit(request, _noise(request)))
+        return await guarded(context, call())
 
-    async def EncodeStream(
-        self, request_iterator: AsyncIterator[encoder_pb2.EncodeRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[encoder_pb2.EncodeResponse]:
+    async def EncodeStream(self, request_iterator: AsyncIterator[Any],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[encoder_pb2.EncodeResponse]:
         # One generator for the whole stream, seeded by the first message that asks for a sample, drawn from
-        # in message order (handlers start in order and the lock is FIFO), so that the sample does not depend
-        # on how the client split the batch.
+        # in message order (handlers start in order, the lock is FIFO, and a batch runs its jobs in order), so
+        # that the sample does not depend on how the client split the batch.
         state: dict[str, np.random.Generator | None] = {}
         lock = asyncio.Lock()
 
         async def submit(index: int, request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeResponse:
             if not request.sample:
-                return await self._submit(request, None)
+                return await self._encode(request, None)
             if "noise" not in state:
                 state["noise"] = _noise(request)
             async with lock:
-                return await self._submit(request, state["noise"])
+                return await self._encode(request, state["noise"])
 
-        async for response in served_stream(context, request_iterator, submit, self.stream_depth):
+        async for response in served_stream(context, self.engine.admission, request_iterator, submit,
+                                            self.engine.stream_depth):
             yield response
 
-    async def ListModels(self, request: tensor_pb2.ListModelsRequest, context: grpc.aio.ServicerContext):
-        summaries = await guarded(context, self.run(self.logic.list_models, 0, False))
+    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> tensor_pb2.ListModelsResponse:
+        summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
         return models_response(summaries, self.logic.limits)
 
-    async def GetLatentStats(self, request: encoder_pb2.GetLatentStatsRequest, context: grpc.aio.ServicerContext):
+    async def GetLatentStats(self, request: Any, context: grpc.aio.ServicerContext) -> encoder_pb2.LatentStats:
         async def work() -> tuple[str, int, dict[str, Any]]:
-            version = version_from_wire(request.version)
-            return await self.run(lambda: self.logic.latent_stats(request.model, version), 0, False)
+            message = readable(request)
+            version = version_from_wire(message.version)
+            return await self.engine.run(lambda: self.logic.latent_stats(message.model, version), 0, False)
 
         name, number, stats = await guarded(context, work())
         return latent_stats_message(name, number, stats)

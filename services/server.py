@@ -16,39 +16,51 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from google.protobuf.descriptor import ServiceDescriptor
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from aevae.services.decoder import DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import Runner
+from aevae.services.grpc_common import Admission, Engine, Runner, register
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
+from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
 from aevae.services.settings import PORTS, ServiceSettings
 from aevae.store import ModelStore
-from aevae.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc
+from aevae.v1 import decoder_pb2, encoder_pb2
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Service:
-    """One of the two services: its logic, its aevae.v1 servicer, how it registers, where it listens."""
+    """One of the two services: its logic, its aevae.v1 servicer and service, where it listens."""
 
     logic: Callable[..., Any]
     servicer: Callable[..., Any]
-    register: Callable[[Any, grpc.aio.Server], None]
-    full_name: str
+    descriptor: ServiceDescriptor
     default_port: int
+
+    @property
+    def full_name(self) -> str:
+        return self.descriptor.full_name
 
 
 SERVICES = {
-    "encoder": Service(EncoderLogic, EncoderServicer, encoder_pb2_grpc.add_EncoderServicer_to_server,
-                       encoder_pb2.DESCRIPTOR.services_by_name["Encoder"].full_name, PORTS["encoder"]),
-    "decoder": Service(DecoderLogic, DecoderServicer, decoder_pb2_grpc.add_DecoderServicer_to_server,
-                       decoder_pb2.DESCRIPTOR.services_by_name["Decoder"].full_name, PORTS["decoder"]),
+    "encoder": Service(EncoderLogic, EncoderServicer, encoder_pb2.DESCRIPTOR.services_by_name["Encoder"],
+                       PORTS["encoder"]),
+    "decoder": Service(DecoderLogic, DecoderServicer, decoder_pb2.DESCRIPTOR.services_by_name["Decoder"],
+                       PORTS["decoder"]),
 }
+
+
+def engine(settings: ServiceSettings, executor: ThreadPoolExecutor) -> Engine:
+    return Engine(Runner(executor, settings.inline_max),
+                  Admission(settings.max_concurrent_rpcs, settings.max_inflight_bytes),
+                  batch_size=settings.batch_size, batch_rows=settings.batch_rows, batch_wait_s=settings.batch_wait_s)
 
 
 def open_store(settings: ServiceSettings) -> ModelStore:
@@ -63,30 +75,47 @@ def open_store(settings: ServiceSettings) -> ModelStore:
                       allow_symlinks=settings.allow_symlinks)
 
 
-def build(kind: str, settings: ServiceSettings, store: ModelStore,
-          executor: ThreadPoolExecutor) -> tuple[grpc.aio.Server, Service]:
-    """The servicer for `kind` on a grpc.aio server."""
+def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: ThreadPoolExecutor,
+          state: ServingState | None = None) -> tuple[grpc.aio.Server, Service]:
+    """The servicer for `kind` on a grpc.aio server, and the Open Inference Protocol over the same logic."""
     service = SERVICES[kind]
     size = settings.max_message_bytes
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", size),
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if settings.metrics_port is not None:
+        from aevae.services import metrics
+
+        interceptors = metrics.interceptors(settings.metrics_port)
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        # The transport's own cap is a backstop at twice the limit: messages up to it reach the handler,
+        # which answers one over the limit with RESOURCE_EXHAUSTED naming it (in a stream, its position).
+        ("grpc.max_receive_message_length", 2 * size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
     ])
     logic = service.logic(store, settings.limits)
-    service.register(service.servicer(logic, Runner(executor, settings.inline_max)), server)
+    servicer = service.servicer(logic, engine(settings, executor))
+    register(servicer, server, service.descriptor, size)
+    register(InferenceServicer(kind, servicer, state), server, OIP, size)
+    if interceptors:
+        metrics.watch(store, [servicer.batcher])
     return server, service
 
 
 async def serve(kind: str, settings: ServiceSettings) -> int:
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=f"aevae-{kind}")
     store = open_store(settings)
-    server, service = build(kind, settings, store, executor)
+    state = ServingState()
+    server, service = build(kind, settings, store, executor, state)
     loop = asyncio.get_running_loop()
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((service.full_name, OIP.full_name, health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME), server)
+    if settings.metrics_port is not None:
+        from aevae.services.metrics import serve_metrics
+
+        serve_metrics(settings.metrics_port, settings.host, kind)
 
     address = f"{settings.host}:{settings.port_for(kind)}"
     try:
@@ -107,9 +136,12 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
 
     log.info("shutting down: NOT_SERVING, then draining for up to %.1f s", settings.grace)
     print(f"aevae {kind}: stopping (NOT_SERVING, draining)", file=sys.stderr, flush=True)
+    state.stop()  # OIP ServerReady and ModelReady answer false from now on
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.shutdown_delay)
+    # Calls still running after the grace are cancelled; model work queued for them is dropped, never
+    # computed: the process exits within the grace plus the one forward pass each worker may be in.
     await server.stop(settings.grace)
     preloading.cancel()
-    executor.shutdown(wait=True)
+    executor.shutdown(wait=True, cancel_futures=True)
     return 0

@@ -58,6 +58,10 @@ class ServiceSettings:
                                                      "beyond", minimum=1)
     max_batch: int = _opt(65536, "most images or latents per request message; RESOURCE_EXHAUSTED beyond",
                           minimum=1)
+    max_concurrent_rpcs: int = _opt(256, "most Encode/Decode calls and streams in flight; RESOURCE_EXHAUSTED "
+                                         "beyond (health and ListModels always answer)", minimum=1)
+    max_inflight_bytes: int = _opt(512 * 1024 * 1024, "most request bytes held by calls in flight; "
+                                                      "RESOURCE_EXHAUSTED beyond", minimum=1)
     workers: int = _opt(2, "threads running the model off the event loop", minimum=1)
     torch_threads: int | None = _opt(None, "torch intra-op threads (default: torch's)", minimum=1)
     inline_max: int = _opt(64, "batches up to this size run on the event loop (saves a thread hop); 0: never")

@@ -22,3 +22,15 @@ def test_a_python_version_must_be_none_or_positive(bad: object) -> None:
 def test_a_negative_wire_version_is_refused() -> None:
     with pytest.raises(WireError, match=r"version: expected 0 \(the newest\) or a positive version, got -3"):
         version_from_wire(-3)
+
+
+def test_shapes_numpy_cannot_hold_are_tensor_errors() -> None:
+    from aevae.v1 import tensor_pb2
+    from aevae.v1.tensors import TensorError, from_tensor
+
+    with pytest.raises(TensorError, match="at most 32 dimensions, got 33"):
+        from_tensor(tensor_pb2.Tensor(dtype="uint8", shape=[1] * 33, data=b"\0"), "x")
+    with pytest.raises(TensorError, match="below 2\\*\\*40"):
+        from_tensor(tensor_pb2.Tensor(dtype="uint8", shape=[0, 2**62], data=b""), "x")
+    with pytest.raises(TensorError, match=r"expected float32, got 'xxxx.*\.\.\."):
+        from_tensor(tensor_pb2.Tensor(dtype="x" * 10_000, shape=[1], data=b"\0"), "x", dtypes=("float32",))

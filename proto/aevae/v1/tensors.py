@@ -14,6 +14,8 @@ import numpy as np
 
 from aevae.v1 import tensor_pb2
 
+MAX_RANK = 32  # numpy's limit
+MAX_DIM = 2**40  # far beyond any message; keeps products of dimensions inside int64
 DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 
 
@@ -57,11 +59,15 @@ def from_tensor(tensor: tensor_pb2.Tensor, field: str, dtypes: Iterable[str] = t
     """A read-only array viewing the message's bytes; TensorError when dtype, shape or length are wrong."""
     accepted = tuple(dtypes)
     if tensor.dtype not in accepted:
-        got = repr(tensor.dtype) if tensor.dtype else "no dtype"
+        got = repr(tensor.dtype[:40]) + ("..." if len(tensor.dtype) > 40 else "") if tensor.dtype else "no dtype"
         raise TensorError(f"{field}.dtype: expected {' or '.join(accepted)}, got {got}")
+    if len(tensor.shape) > MAX_RANK:
+        raise TensorError(f"{field}.shape: at most {MAX_RANK} dimensions, got {len(tensor.shape)}")
     shape = tuple(int(s) for s in tensor.shape)
     if any(s < 0 for s in shape):
         raise TensorError(f"{field}.shape: dimensions must be >= 0, got {list(shape)}")
+    if any(s > MAX_DIM for s in shape):
+        raise TensorError(f"{field}.shape: each dimension must be below 2**40, got {list(shape)}")
     itemsize = DTYPES[tensor.dtype].itemsize
     expected = math.prod(shape) * itemsize
     if len(tensor.data) != expected:

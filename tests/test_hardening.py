@@ -1,0 +1,173 @@
+"""Serving that survives faults and floods (issue 9), against real server processes: a repository that
+agrees with the disk, wire errors with their own statuses, admission control, and a bounded shutdown."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aevae.services.process import ServiceProcess
+from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+from aevae.v1.tensors import from_tensor, to_tensor
+from helpers import write_tiny
+
+MAX_MESSAGE = 65536
+ARGS = ["--max-message-bytes", str(MAX_MESSAGE), "--refresh-seconds", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("hardening") / "models"
+    write_tiny(root, "vae")
+    write_tiny(root, "ae", "ae")
+    return root
+
+
+@pytest.fixture(scope="module")
+def decoder(repo: Path) -> Iterator[ServiceProcess]:
+    with ServiceProcess("decoder", repo, args=ARGS) as service:
+        service.wait_healthy()
+        yield service
+
+
+@pytest.fixture(scope="module")
+def channel(decoder: ServiceProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(decoder.address) as ch:
+        yield ch
+
+
+def _request(n: int = 2, model: str = "vae", **kw: object) -> decoder_pb2.DecodeRequest:
+    z = np.random.default_rng(n).normal(size=(n, 4)).astype(np.float32)
+    return decoder_pb2.DecodeRequest(model=model, latents=to_tensor(z), **kw)  # type: ignore[arg-type]
+
+
+def _raw(channel: grpc.Channel, method: str, streaming: bool = False):  # type: ignore[no-untyped-def]
+    path = f"/aevae.v1.Decoder/{method}"
+    make = channel.stream_stream if streaming else channel.unary_unary
+    return make(path, request_serializer=lambda b: b, response_deserializer=decoder_pb2.DecodeResponse.FromString)
+
+
+def _status(call) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as error:
+        call()
+    return error.value.code(), error.value.details()
+
+
+def test_unparsable_request_bytes_are_invalid_argument(channel: grpc.Channel) -> None:
+    code, details = _status(lambda: _raw(channel, "Decode")(b"\xff\xff\xff\xff"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid aevae.v1.DecodeRequest" in details
+
+
+def test_in_a_stream_earlier_answers_arrive_before_the_error_naming_its_position(channel: grpc.Channel) -> None:
+    good = _request(3).SerializeToString()
+    too_big = decoder_pb2.DecodeRequest(model="vae", latents=tensor_pb2.Tensor(
+        dtype="float32", shape=[MAX_MESSAGE // 16 + 256, 4], data=b"\0" * (MAX_MESSAGE + 4096))).SerializeToString()
+    assert MAX_MESSAGE < len(too_big) < 2 * MAX_MESSAGE + 100
+    for bad, code, words in ((b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "not a valid"),
+                             (too_big, grpc.StatusCode.RESOURCE_EXHAUSTED, f"max message size of {MAX_MESSAGE}")):
+        responses = []
+        with pytest.raises(grpc.RpcError) as error:
+            for response in _raw(channel, "DecodeStream", streaming=True)(iter([good, good, bad, good])):
+                responses.append(response)
+        assert len(responses) == 2 and all(len(from_tensor(r.images, "i")) == 3 for r in responses), error.value.details()
+        assert error.value.code() == code
+        assert error.value.details().startswith("message 2: ") and words in error.value.details()
+
+
+@pytest.mark.parametrize("tensor, words", [
+    (tensor_pb2.Tensor(dtype="float32", shape=[1] * 33, data=b"\0" * 4), "at most 32 dimensions"),
+    (tensor_pb2.Tensor(dtype="float32", shape=[0, 2**62], data=b""), "below 2**40"),
+    (to_tensor(np.array([[0, 0, 0, 0], [1e22, 0, 0, 0]], np.float32)), "values must lie in [-10000, 10000]; row 1"),
+])
+def test_unrepresentable_shapes_and_huge_latents_are_invalid_argument(channel: grpc.Channel,
+                                                                        tensor: tensor_pb2.Tensor,
+                                                                        words: str) -> None:
+    stub = decoder_pb2_grpc.DecoderStub(channel)
+    code, details = _status(lambda: stub.Decode(decoder_pb2.DecodeRequest(model="vae", latents=tensor)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and words in details
+
+
+def test_a_huge_model_name_is_not_found_with_a_short_message(channel: grpc.Channel) -> None:
+    stub = decoder_pb2_grpc.DecoderStub(channel)
+    code, details = _status(lambda: stub.Decode(_request(model="m" * 30_000)))  # the details travel in 8 KiB of metadata
+    assert code == grpc.StatusCode.NOT_FOUND and len(details) < 400 and "30000 chars" in details
+
+
+def test_bad_requests_leave_no_traceback_and_no_server_path(decoder: ServiceProcess, repo: Path) -> None:
+    assert "Traceback" not in "".join(decoder.output)
+    stub = decoder_pb2_grpc.DecoderStub(decoder_channel := grpc.insecure_channel(decoder.address))
+    try:
+        code, details = _status(lambda: stub.Decode(_request(model="nope")))
+    finally:
+        decoder_channel.close()
+    assert code == grpc.StatusCode.NOT_FOUND and str(repo.parent) not in details
+
+
+def test_a_corrupt_newest_version_is_reported_skipped_and_refused_by_name(repo: Path, channel: grpc.Channel) -> None:
+    version = write_tiny(repo, "vae", seed=4)
+    data = bytearray(version.file("weights.pt").read_bytes())
+    data[200:264] = bytes(b ^ 0xFF for b in data[200:264])
+    version.file("weights.pt").write_bytes(bytes(data))
+    time.sleep(0.3)  # the refresh interval
+    stub = decoder_pb2_grpc.DecoderStub(channel)
+    (info,) = [m for m in stub.ListModels(tensor_pb2.ListModelsRequest()).models if m.name == "vae"]
+    assert info.version == 1 and list(info.versions) == [1]
+    assert [(b.version, "checksum" in b.reason) for b in info.broken] == [(2, True)]
+    assert stub.Decode(_request()).version == 1
+    code, details = _status(lambda: stub.Decode(_request(version=2)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "version 2 is broken" in details
+
+
+def test_admission_caps_calls_while_health_and_list_models_answer(repo: Path) -> None:
+    with ServiceProcess("decoder", repo, args=["--max-concurrent-rpcs", "1"]) as service:
+        service.wait_healthy()
+        with grpc.insecure_channel(service.address) as channel:
+            stub = decoder_pb2_grpc.DecoderStub(channel)
+            held: list[decoder_pb2.DecodeRequest] = []
+
+            def requests() -> Iterator[decoder_pb2.DecodeRequest]:
+                yield _request(1)
+                while not held:  # keep the stream open until the test is done
+                    time.sleep(0.05)
+
+            stream = stub.DecodeStream(requests())
+            next(stream)
+            code, details = _status(lambda: stub.Decode(_request()))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs 1" in details
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            assert stub.ListModels(tensor_pb2.ListModelsRequest()).models
+            held.append(_request())
+            assert list(stream) == []
+            assert stub.Decode(_request()).version == 1  # the slot is free again
+
+
+def test_sigterm_under_a_backlog_exits_within_the_grace(repo: Path) -> None:
+    grace = 2.0
+    service = ServiceProcess("decoder", repo, args=["--grace", str(grace), "--shutdown-delay", "0.1"]).start()
+    try:
+        service.wait_healthy()
+        z = np.random.default_rng(0).normal(size=(2048, 4)).astype(np.float32)  # 2 MiB of uint8 images
+        channels = [grpc.insecure_channel(service.address) for _ in range(8)]
+        streams = [decoder_pb2_grpc.DecoderStub(ch).DecodeStream(
+            iter([decoder_pb2.DecodeRequest(model="vae", latents=to_tensor(z), dtype="uint8")] * 400))
+            for ch in channels]
+        for stream in streams:
+            next(stream)  # every stream is in flight, with hundreds of messages behind it
+        started = time.monotonic()
+        service.signal(signal.SIGTERM)
+        code = service.process.wait(grace + 30)  # type: ignore[union-attr]
+        elapsed = time.monotonic() - started
+        for ch in channels:
+            ch.close()
+        assert code == 0
+        assert elapsed < grace + 0.1 + 2.0 + 3.0, f"exited {elapsed:.1f} s after SIGTERM (grace {grace} s)"
+    finally:
+        service.stop()
