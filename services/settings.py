@@ -63,7 +63,8 @@ class ServiceSettings:
     max_inflight_bytes: int = _opt(512 * 1024 * 1024, "most request bytes held by calls in flight; "
                                                       "RESOURCE_EXHAUSTED beyond", minimum=1)
     workers: int = _opt(2, "threads running the model off the event loop", minimum=1)
-    torch_threads: int | None = _opt(None, "torch intra-op threads (default: torch's)", minimum=1)
+    threads: int | None = _opt(None, "intra-op threads of the model runtime, ONNX Runtime or torch (default: "
+                                     "the runtime's own)", minimum=1)
     inline_max: int = _opt(64, "batches up to this size run on the event loop (saves a thread hop); 0: never")
     refresh_seconds: float = _opt(2.0, "how often the repository is re-read, so new versions appear and changed "
                                        "ones are reloaded without a restart")
@@ -81,6 +82,19 @@ class ServiceSettings:
     batch_rows: int = _opt(256, "requests with more rows than this run alone, unbatched", minimum=1)
     metrics_port: int | None = _opt(None, "serve Prometheus metrics at http://HOST:PORT/metrics (off when unset; "
                                           "0 picks a free port, printed on start)")
+    # Security (services/security.py): TLS, mutual TLS, bearer tokens and the binding policy.
+    tls_cert: str | None = _opt(None, "PEM certificate (chain) of the server: serve TLS (with --tls-key)", minimum=None)
+    tls_key: str | None = _opt(None, "PEM private key of --tls-cert", minimum=None)
+    tls_client_ca: str | None = _opt(None, "PEM CA certificates: mutual TLS, every client must present a "
+                                           "certificate signed by one of them", minimum=None)
+    token_file: str | None = _opt(None, "file of accepted bearer tokens, one per line, re-read when it changes "
+                                        "(default: the AEVAE_TOKEN variable; none: no token needed); calls "
+                                        "send `authorization: Bearer TOKEN`, health needs none", minimum=None)
+    insecure: bool = _opt(False, "allow a non-loopback --host without TLS or without a token (warns on "
+                                 "every start); only when something else protects the traffic", minimum=None)
+    health_port: int | None = _opt(None, "also serve grpc.health.v1 alone, plaintext and without a token, on "
+                                         "this port (for probes that speak neither TLS nor tokens, such as "
+                                         "Kubernetes' grpc probes)")
 
     def __post_init__(self) -> None:
         for f in fields(self):
