@@ -54,7 +54,9 @@ export function drawingPad(canvas, pen = null) {
     pen.style.top = `${(keyboard.y / canvas.height) * canvas.clientHeight + canvas.offsetTop}px`;
     pen.classList.toggle("down", keyboard.down);
   }
-  canvas.addEventListener("focus", () => { if (pen) pen.hidden = false; showPen(); });
+  canvas.addEventListener("focus", () => { // the pen only for the keyboard, not after a click
+    if (pen && canvas.matches(":focus-visible")) { pen.hidden = false; showPen(); }
+  });
   canvas.addEventListener("blur", () => { if (pen) pen.hidden = true; });
   canvas.addEventListener("keydown", (event) => {
     const step = (canvas.width / 28) * (event.shiftKey ? 3 : 1);
@@ -71,6 +73,7 @@ export function drawingPad(canvas, pen = null) {
       return;
     }
     event.preventDefault();
+    if (pen) pen.hidden = false;
     showPen();
   });
   clear();

@@ -186,12 +186,17 @@ export class ParCoords {
     this.view.selectedDim = selectedDim;
     this.reconPath.setAttribute("d", this.linePath(values));
     this.handles.forEach((handle, i) => {
+      const selected = i === selectedDim;
+      if (handle.dataset.value === String(values[i])) { // unchanged: only the selection mark may move
+        if (handle.classList.contains("selected") !== selected) handle.classList.toggle("selected", selected);
+        return;
+      }
       const y = this.y(i, values[i]);
       handle.setAttribute("cy", y);
       handle.setAttribute("data-value", values[i]);
       handle.setAttribute("aria-valuenow", values[i].toFixed(2));
       handle.setAttribute("aria-valuetext", `${this.view.axes[i].label || `z${i + 1}`} = ${values[i].toFixed(2)}`);
-      handle.classList.toggle("selected", i === selectedDim);
+      handle.classList.toggle("selected", selected);
       this.labels[i].setAttribute("y", y - 9);
       this.labels[i].textContent = values[i].toFixed(2);
     });
