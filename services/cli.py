@@ -26,10 +26,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"--{exc}") from None
     try:
+        from aevae.services.security import SecurityError
         from aevae.services.server import serve
     except ImportError as exc:
         raise UserError(f"serving needs the serve extra ({exc.name} is missing): pip install 'aevae[serve]'") from None
     try:
         return asyncio.run(serve(args.kind, settings))
+    except SecurityError as exc:
+        raise UserError(f"--{exc}" if str(exc).startswith(("tls-", "token-")) else str(exc)) from None
     except OSError as exc:
         raise UserError(str(exc)) from None

@@ -15,15 +15,19 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 ADDRESS = re.compile(r"serving \S+ on (\S+):(\d+)")
 
 
 class ServiceProcess:
     def __init__(self, kind: str, models_dir: str | Path | None, host: str = "127.0.0.1", port: int = 0,
-                 args: Sequence[str] = (), echo: str | None = None, env: dict[str, str] | None = None):
-        """`echo`: prefix under which the child's output is copied to ours (None: kept quiet)."""
+                 args: Sequence[str] = (), echo: str | None = None, env: dict[str, str] | None = None,
+                 security: Any = None):
+        """`echo`: prefix under which the child's output is copied to ours (None: kept quiet). `security`: the
+        aevae.client ChannelSecurity (TLS, token) that `wait_healthy` connects with, for a service started
+        with --tls-cert or --token-file in `args` (default: from the environment, as any client)."""
+        self.security = security
         self.kind = kind
         command = [sys.executable, "-m", "aevae.cli", "serve", kind, "--host", host, "--port", str(port), *args]
         if models_dir is not None:
@@ -71,7 +75,7 @@ class ServiceProcess:
 
         client_class = EncoderClient if self.kind == "encoder" else DecoderClient
         deadline = time.monotonic() + timeout
-        with client_class(self.address, timeout=2.0, retries=0) as client:
+        with client_class(self.address, timeout=2.0, retries=0, security=self.security) as client:
             while True:
                 try:
                     if client.health() == "SERVING":

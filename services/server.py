@@ -28,6 +28,7 @@ from aevae.services.grpc_common import Admission, Engine, Runner, register
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
+from aevae.services import security
 from aevae.services.settings import PORTS, ServiceSettings
 from aevae.store import ModelStore
 from aevae.v1 import decoder_pb2, encoder_pb2
@@ -85,7 +86,8 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
         from aevae.services import metrics
 
         interceptors = metrics.interceptors(settings.metrics_port)
-    server = grpc.aio.server(interceptors=interceptors, options=[
+    # after the metrics, so that refused calls are counted as UNAUTHENTICATED
+    server = grpc.aio.server(interceptors=[*interceptors, *security.interceptors(settings)], options=[
         # The transport's own cap is a backstop at twice the limit: messages up to it reach the handler,
         # which answers one over the limit with RESOURCE_EXHAUSTED naming it (in a stream, its position).
         ("grpc.max_receive_message_length", 2 * size),
@@ -96,12 +98,14 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
     servicer = service.servicer(logic, engine(settings, executor))
     register(servicer, server, service.descriptor, size)
     register(InferenceServicer(kind, servicer, state), server, OIP, size)
-    if interceptors:
+    if settings.metrics_port is not None:
         metrics.watch(store, [servicer.batcher])
     return server, service
 
 
 async def serve(kind: str, settings: ServiceSettings) -> int:
+    protection = security.check_binding(settings, kind)  # before anything loads: refuse a public plaintext port
+    credentials = security.server_credentials(settings)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=f"aevae-{kind}")
     store = open_store(settings)
     state = ServingState()
@@ -119,14 +123,16 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
 
     address = f"{settings.host}:{settings.port_for(kind)}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address} (in use?): {exc}") from None
+    probes = await security.serve_health(settings, health_servicer)
     await server.start()
     for name in ("", service.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"aevae {kind} serving {service.full_name} on {settings.host}:{bound} "
-          f"(models in {store.repository.root.resolve()}: {store.describe()})", flush=True)
+          f"(models in {store.repository.root.resolve()}: {store.describe()}; {protection})", flush=True)
     preloading = loop.run_in_executor(executor, store.preload)
 
     stop = asyncio.Event()
@@ -142,6 +148,8 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     # Calls still running after the grace are cancelled; model work queued for them is dropped, never
     # computed: the process exits within the grace plus the one forward pass each worker may be in.
     await server.stop(settings.grace)
+    if probes is not None:
+        await probes.stop(0)
     preloading.cancel()
     executor.shutdown(wait=True, cancel_futures=True)
     return 0

@@ -8,8 +8,9 @@ import grpc
 
 from aevae.client import health
 from aevae.client.core import Retry, ServerLimits, channel_options
+from aevae.client.credentials import ChannelSecurity, open_channel
 from aevae.client.fanout import AsyncFanOut, SyncFanOut, parse_targets
-from aevae.client.metadata import Metadata, async_interceptors, sync_channel
+from aevae.client.metadata import Metadata
 from aevae.client.results import ModelInfo, model_infos
 from aevae.v1 import tensor_pb2
 
@@ -18,19 +19,25 @@ class _Common:
     SERVICE = ""  # the aevae.v1 service name, "Encoder" or "Decoder"
 
     def __init__(self, target: str | Sequence[str], timeout: float | None, retries: int, backoff: float,
-                 stream_chunk: int):
+                 stream_chunk: int, security: ChannelSecurity):
         """`timeout` (seconds) is one total deadline per call, a streamed one included, retries included
         (None: no deadline). `retries`: gRPC retries a call that fails with UNAVAILABLE (core.service_config).
 
         `target`: host:port; several (a list, a comma-separated string, or dns:///name:port for every address
         of a name) make a fan-out client whose big batches run as parallel streams over them (fanout.py).
+
+        TLS and the token (credentials.py): `token`, `token_file`, `tls`, `tls_ca`, `tls_cert`, `tls_key`, or
+        the AEVAE_TOKEN, AEVAE_TOKEN_FILE, AEVAE_TLS_CA, AEVAE_TLS_CERT, AEVAE_TLS_KEY variables; or a ready
+        `security=ChannelSecurity(...)`. Every replica of a fan-out client gets the same.
         """
+        self.security = security
         self.targets = parse_targets(target)
         self.target = ",".join(self.targets)
         self._fanout: Any = None
         self.timeout = timeout
         self.stream_chunk = stream_chunk
         self._retry = Retry(retries, backoff)
+        self._retry.explain = security.explain(self.target)
         self._limits: ServerLimits | None = None
 
     def _deadline(self, timeout: float | None, messages: int = 1) -> float | None:
@@ -43,16 +50,20 @@ class _Common:
 
 class SyncClient(_Common):
     def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
-                 stream_chunk: int = 4096, metadata: Metadata = ()):
+                 stream_chunk: int = 4096, metadata: Metadata = (), *, token: str | None = None,
+                 token_file: str | None = None, tls: bool | None = None, tls_ca: str | bytes | None = None,
+                 tls_cert: str | bytes | None = None, tls_key: str | bytes | None = None,
+                 security: ChannelSecurity | None = None):
         """`metadata` goes with every call, e.g. [("application", "decoder")] for Ray Serve's gRPC proxy."""
-        super().__init__(target, timeout, retries, backoff, stream_chunk)
+        security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert, tls_key)
+        super().__init__(target, timeout, retries, backoff, stream_chunk, security)
         if len(self.targets) > 1:  # each replica: this constructor, one target, these options
             options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
-                                           metadata=metadata)
+                                           metadata=metadata, security=security)
             self._fanout = SyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
             return
-        self._raw_channel = grpc.insecure_channel(self.target, options=channel_options(retries, backoff))
-        self._channel = sync_channel(self._raw_channel, metadata)
+        self._raw_channel, self._channel = open_channel(self.target, channel_options(retries, backoff), security,
+                                                        metadata)
         self._stub: Any = self._make_stub(self._channel)
 
     def _make_stub(self, channel: grpc.Channel) -> Any:
@@ -97,15 +108,18 @@ class SyncClient(_Common):
 
 class AsyncClient(_Common):
     def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
-                 stream_chunk: int = 4096, metadata: Metadata = ()):
-        super().__init__(target, timeout, retries, backoff, stream_chunk)
+                 stream_chunk: int = 4096, metadata: Metadata = (), *, token: str | None = None,
+                 token_file: str | None = None, tls: bool | None = None, tls_ca: str | bytes | None = None,
+                 tls_cert: str | bytes | None = None, tls_key: str | bytes | None = None,
+                 security: ChannelSecurity | None = None):
+        security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert, tls_key)
+        super().__init__(target, timeout, retries, backoff, stream_chunk, security)
         if len(self.targets) > 1:
             options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
-                                           metadata=metadata)
+                                           metadata=metadata, security=security)
             self._fanout = AsyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
             return
-        self._channel = grpc.aio.insecure_channel(self.target, options=channel_options(retries, backoff),
-                                                  interceptors=async_interceptors(metadata))
+        _, self._channel = open_channel(self.target, channel_options(retries, backoff), security, metadata, aio=True)
         self._stub: Any = self._make_stub(self._channel)
 
     def _make_stub(self, channel: grpc.aio.Channel) -> Any:

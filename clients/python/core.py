@@ -125,6 +125,8 @@ class Retry:
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        # turns transport failures (TLS mismatch, missing token) into errors saying what to change
+        self.explain: Callable[[AevaeError], AevaeError] = lambda error: error
 
     def _delay(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * 2 ** attempt)
@@ -134,10 +136,10 @@ class Retry:
         try:
             return call()
         except grpc.RpcError as error:
-            raise AevaeError.from_rpc(error) from None
+            raise self.explain(AevaeError.from_rpc(error)) from None
 
     async def run_async(self, call: Callable[[], Awaitable[T]], retries: int | None = None) -> T:
         try:
             return await call()
         except grpc.RpcError as error:
-            raise AevaeError.from_rpc(error) from None
+            raise self.explain(AevaeError.from_rpc(error)) from None

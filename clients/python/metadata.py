@@ -1,7 +1,8 @@
-"""Metadata sent on every call, for routers in front of the services.
+"""Metadata sent on every call, for routers in front of the services, and the token.
 
 Ray Serve's gRPC proxy serves several applications on one port and picks one by the `application` metadata
-key; an interceptor adds it to every call of a channel, so no call site has to remember it.
+key; an interceptor adds it to every call of a channel, so no call site has to remember it. `dynamic`, when
+given, is called per call for more (the `authorization` metadata, whose token file may be rotated).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Callable, Sequence
 import grpc
 
 Metadata = Sequence[tuple[str, str]]
+Dynamic = Callable[[], Metadata] | None
 
 
 class _CallDetails(namedtuple("_CallDetails", "method timeout metadata credentials wait_for_ready compression"),
@@ -32,11 +34,13 @@ def _with_async(details: Any, metadata: Metadata) -> grpc.aio.ClientCallDetails:
 
 class _Sync(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
             grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    def __init__(self, metadata: Metadata):
+    def __init__(self, metadata: Metadata, dynamic: Dynamic = None):
         self.metadata = tuple(metadata)
+        self.dynamic = dynamic
 
     def _call(self, continuation: Callable, details: Any, request: Any) -> Any:
-        return continuation(_with(details, self.metadata), request)
+        extra = self.metadata if self.dynamic is None else (*self.metadata, *self.dynamic())
+        return continuation(_with(details, extra), request)
 
     # One method serves the four call shapes; grpc's stubs type each shape apart.
     intercept_unary_unary = intercept_unary_stream = _call  # type: ignore[assignment]
@@ -44,11 +48,13 @@ class _Sync(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
 
 
 class _Async:
-    def __init__(self, metadata: Metadata):
+    def __init__(self, metadata: Metadata, dynamic: Dynamic = None):
         self.metadata = tuple(metadata)
+        self.dynamic = dynamic
 
     async def _call(self, continuation: Callable, details: Any, request: Any) -> Any:
-        return await continuation(_with_async(details, self.metadata), request)
+        extra = self.metadata if self.dynamic is None else (*self.metadata, *self.dynamic())
+        return await continuation(_with_async(details, extra), request)
 
 
 class _AsyncUnaryUnary(_Async, grpc.aio.UnaryUnaryClientInterceptor):
@@ -67,12 +73,13 @@ class _AsyncStreamStream(_Async, grpc.aio.StreamStreamClientInterceptor):
     intercept_stream_stream = _Async._call  # type: ignore[assignment]  # one method, four call shapes
 
 
-def sync_channel(channel: grpc.Channel, metadata: Metadata) -> grpc.Channel:
+def sync_channel(channel: grpc.Channel, metadata: Metadata, dynamic: Dynamic = None) -> grpc.Channel:
     """The channel itself when there is no metadata to add (the common case costs nothing)."""
-    return grpc.intercept_channel(channel, _Sync(metadata)) if metadata else channel
+    return grpc.intercept_channel(channel, _Sync(metadata, dynamic)) if metadata or dynamic else channel
 
 
-def async_interceptors(metadata: Metadata) -> list | None:
-    if not metadata:
+def async_interceptors(metadata: Metadata, dynamic: Dynamic = None) -> list | None:
+    if not metadata and dynamic is None:
         return None
-    return [cls(metadata) for cls in (_AsyncUnaryUnary, _AsyncUnaryStream, _AsyncStreamUnary, _AsyncStreamStream)]
+    return [cls(metadata, dynamic)
+            for cls in (_AsyncUnaryUnary, _AsyncUnaryStream, _AsyncStreamUnary, _AsyncStreamStream)]

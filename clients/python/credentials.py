@@ -1,0 +1,196 @@
+"""TLS and token authentication for the client: where every channel of aevae.client is made.
+
+`ChannelSecurity` says how to reach a service: plaintext or TLS (the CA that signed the server's certificate,
+optionally a client certificate and key for mutual TLS) and a bearer token sent as `authorization` metadata.
+Anything not passed is read from the environment:
+
+| variable | what |
+| --- | --- |
+| `AEVAE_TOKEN` | the token itself |
+| `AEVAE_TOKEN_FILE` | a file holding it (re-read when it changes, so a rotated token is picked up) |
+| `AEVAE_TLS_CA` | PEM file of the CA that signed the server's certificate; turns TLS on |
+| `AEVAE_TLS_CERT`, `AEVAE_TLS_KEY` | the client's certificate and key, for a server that requires mutual TLS |
+| `AEVAE_TLS` | `1`: TLS with the system's root certificates (no CA file) |
+
+`open_channel` is the one function that makes a channel (sync or asyncio), so a fan-out client's replicas,
+the UI's links and the CLI all get the same credentials. `TokenFile` is shared with the services, which read
+their accepted tokens the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import grpc
+
+from aevae.client.errors import AevaeError
+
+ENV_TOKEN, ENV_TOKEN_FILE = "AEVAE_TOKEN", "AEVAE_TOKEN_FILE"
+ENV_CA, ENV_CERT, ENV_KEY, ENV_TLS = "AEVAE_TLS_CA", "AEVAE_TLS_CERT", "AEVAE_TLS_KEY", "AEVAE_TLS"
+RECHECK_SECONDS = 1.0  # how often a token file's size, mtime and inode are looked at
+
+
+class TokenFile:
+    """Tokens from a file, one per line (several: all accepted, for a rotation with overlap; blank lines and
+    lines starting with # are ignored). Re-read when the file's size, mtime or inode change, checked at most
+    once a second; a file that cannot be read keeps the last tokens read."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self._stamp: tuple[int, int, int] | None = None
+        self._checked = 0.0
+        self._lock = threading.Lock()
+        self.tokens: tuple[str, ...] = ()
+        self.refresh(force=True)
+        if not self.tokens:
+            raise ValueError(f"token file {self.path} holds no token")
+
+    def refresh(self, force: bool = False) -> tuple[str, ...]:
+        now = time.monotonic()
+        if not force and now - self._checked < RECHECK_SECONDS:
+            return self.tokens
+        with self._lock:
+            self._checked = now
+            try:
+                st = self.path.stat()
+                stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+                if stamp != self._stamp:
+                    lines = self.path.read_text(encoding="utf-8").splitlines()
+                    tokens = tuple(t for t in (line.strip() for line in lines) if t and not t.startswith("#"))
+                    if tokens or force:
+                        self.tokens, self._stamp = tokens, stamp
+            except OSError:
+                if force:
+                    raise ValueError(f"cannot read the token file {self.path}") from None
+        return self.tokens
+
+    def first(self) -> str:
+        return self.refresh()[0] if self.refresh() else ""
+
+
+def _read(value: str | bytes | os.PathLike[str] | None, what: str) -> bytes | None:
+    """PEM bytes: given as bytes, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: cannot read {value}: {exc.strerror}") from None
+
+
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How a client reaches a service. `tls`: None turns TLS on when a CA or a client certificate is given
+    (here or in the environment) or AEVAE_TLS=1; True uses the system's roots when no CA is given."""
+
+    token: str | None = None
+    token_file: str | None = None
+    tls: bool | None = None
+    tls_ca: str | bytes | None = None
+    tls_cert: str | bytes | None = None
+    tls_key: str | bytes | None = None
+    _tokens: TokenFile | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def resolve(cls, token: str | None = None, token_file: str | None = None, tls: bool | None = None,
+                tls_ca: str | bytes | None = None, tls_cert: str | bytes | None = None,
+                tls_key: str | bytes | None = None, env: dict[str, str] | None = None) -> "ChannelSecurity":
+        """The arguments given, the environment for the rest. `token=""` or `tls=False` turn them off."""
+        env = dict(os.environ if env is None else env)
+        if token is None and token_file is None:
+            token = env.get(ENV_TOKEN) or None
+            token_file = None if token else env.get(ENV_TOKEN_FILE) or None
+        tls_ca = tls_ca if tls_ca is not None else env.get(ENV_CA) or None
+        tls_cert = tls_cert if tls_cert is not None else env.get(ENV_CERT) or None
+        tls_key = tls_key if tls_key is not None else env.get(ENV_KEY) or None
+        if tls is None:
+            tls = bool(tls_ca or tls_cert or env.get(ENV_TLS, "") in ("1", "true", "yes"))
+        if (tls_cert is None) != (tls_key is None):
+            raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                             "tls_cert and tls_key: a client certificate needs its key, and the other way round")
+        tokens = None
+        if token_file and not token:
+            try:
+                tokens = TokenFile(token_file)
+            except ValueError as exc:
+                raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"token_file: {exc}") from None
+        return cls(token or None, token_file, bool(tls), tls_ca, tls_cert, tls_key, tokens)
+
+    def current_token(self) -> str:
+        if self.token:
+            return self.token
+        return self._tokens.first() if self._tokens is not None else ""
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self.token or self._tokens is not None)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        cert = _read(self.tls_cert, "tls_cert")
+        return grpc.ssl_channel_credentials(root_certificates=_read(self.tls_ca, "tls_ca"),
+                                            private_key=_read(self.tls_key, "tls_key"), certificate_chain=cert)
+
+    def metadata(self) -> Callable[[], Sequence[tuple[str, str]]] | None:
+        """A function giving the `authorization` metadata of each call (None without a token)."""
+        if not self.has_token:
+            return None
+        return lambda: (("authorization", f"Bearer {self.current_token()}"),)
+
+    def explain(self, target: str) -> Callable[[AevaeError], AevaeError]:
+        """Turns gRPC's transport-level failures into errors that say what to change."""
+        def explain(error: AevaeError) -> AevaeError:
+            code, details = error.code(), error.details() or ""
+            lowered = details.lower()
+            hint = ""
+            if code == grpc.StatusCode.UNAUTHENTICATED:
+                hint = ("" if self.has_token else
+                        f" (this client sent no token: pass token= or set {ENV_TOKEN} / {ENV_TOKEN_FILE})")
+            elif code == grpc.StatusCode.UNAVAILABLE:
+                if not self.tls and ("socket closed" in lowered or "connection reset" in lowered
+                                     or "ssl" in lowered or "handshake" in lowered or "eof" in lowered):
+                    hint = (f"; the server at {target} closed a plaintext connection: if it serves TLS, pass "
+                            f"tls_ca= (or set {ENV_CA}) with the CA that signed its certificate")
+                elif self.tls and ("wrong_version_number" in lowered or "wrong version number" in lowered
+                                   or "record layer failure" in lowered or "packet length too long" in lowered):
+                    hint = (f"; TLS handshake with {target} failed: the server answers in plaintext (connect "
+                            "without TLS, or start it with --tls-cert and --tls-key)")
+                elif self.tls and ("certificate_verify_failed" in lowered or "certificate verify failed" in lowered
+                                   or "self signed" in lowered or "self-signed" in lowered):
+                    hint = (f"; the certificate of {target} is not signed by the CA this client trusts (tls_ca= "
+                            f"or {ENV_CA}), or does not name {target.rpartition(':')[0]}")
+                elif self.tls and ("certificate required" in lowered or "alert" in lowered
+                                   or "handshake" in lowered or "ssl" in lowered):
+                    hint = (f"; TLS handshake with {target} failed: if the server requires mutual TLS, pass "
+                            f"tls_cert= and tls_key= (or {ENV_CERT} and {ENV_KEY}) with a certificate its "
+                            "client CA signed")
+            return AevaeError(code, details + hint) if hint else error
+        return explain
+
+
+def open_channel(target: str, options: list[tuple[str, Any]], security: ChannelSecurity,
+                 metadata: Sequence[tuple[str, str]] = (), aio: bool = False) -> tuple[Any, Any]:
+    """(the raw channel, the channel to make stubs on): TLS or plaintext per `security`, with interceptors
+    adding `metadata` and the token to every call. The only place aevae.client creates a channel."""
+    from aevae.client.metadata import async_interceptors, sync_channel
+
+    credentials = security.credentials()
+    dynamic = security.metadata()
+    if aio:
+        interceptors = async_interceptors(metadata, dynamic)
+        if credentials is None:
+            channel = grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+        else:
+            channel = grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+        return channel, channel
+    if credentials is None:
+        raw = grpc.insecure_channel(target, options=options)
+    else:
+        raw = grpc.secure_channel(target, credentials, options=options)
+    return raw, sync_channel(raw, metadata, dynamic)

@@ -1,0 +1,271 @@
+"""Who may call a service: TLS and mutual TLS credentials, the bearer-token check, the binding policy.
+
+- TLS: `--tls-cert` and `--tls-key` (PEM) serve TLS; `--tls-client-ca` adds mutual TLS (a client certificate
+  signed by one of those CAs is required and verified by gRPC's own handshake).
+- Tokens: `--token-file` (one token per line, several for a rotation with overlap, re-read when the file
+  changes) or the AEVAE_TOKEN variable. A grpc.aio server interceptor checks the `authorization: Bearer TOKEN`
+  metadata of every call in constant time; a missing or wrong token gets UNAUTHENTICATED saying what is
+  expected, never the token. Only `grpc.health.v1.Health` answers without a token (probes); aevae.v1, the Open
+  Inference Protocol and server reflection (which describes the API) need it.
+- Binding: a non-loopback `--host` without TLS or without a token refuses to start unless `--insecure`, which
+  then warns on every start.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from aevae.client.credentials import ENV_TOKEN, TokenFile
+from aevae.services.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # answer without a token
+EXPECTED = ("send the metadata `authorization: Bearer <token>` with a token the service accepts (its "
+            "--token-file or AEVAE_TOKEN); aevae.client: token= or AEVAE_TOKEN")
+
+
+class SecurityError(ValueError):
+    """Security settings that cannot work (a certificate without its key, an unreadable file...)."""
+
+
+class InsecureBinding(SecurityError):
+    """A public address without TLS or a token, and no --insecure."""
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityError(f"{what}: cannot read {path}: {exc.strerror}") from None
+    if b"-----BEGIN" not in data:
+        raise SecurityError(f"{what}: {path} is not a PEM file")
+    return data
+
+
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings (None: plaintext); ValueError naming the option when incomplete."""
+    if not settings.tls_cert and not settings.tls_key:
+        if settings.tls_client_ca:
+            raise SecurityError("tls-client-ca (mutual TLS) needs TLS: --tls-cert and --tls-key")
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise SecurityError("tls-cert and tls-key go together: the certificate and its private key")
+    pair = (_read(settings.tls_key, "tls-key"), _read(settings.tls_cert, "tls-cert"))
+    ca = _read(settings.tls_client_ca, "tls-client-ca") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class Tokens:
+    """The accepted tokens: from a file (re-read when it changes) or fixed ones (AEVAE_TOKEN)."""
+
+    def __init__(self, file: TokenFile | None = None, fixed: tuple[str, ...] = ()):
+        self.file = file
+        self.fixed = fixed
+        self.source = f"--token-file {file.path}" if file is not None else f"${ENV_TOKEN}"
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings, env: dict[str, str] | None = None) -> "Tokens | None":
+        env = dict(os.environ if env is None else env)
+        if settings.token_file:
+            try:
+                return cls(file=TokenFile(settings.token_file))
+            except ValueError as exc:
+                raise SecurityError(f"token-file: {exc}") from None
+        token = env.get(ENV_TOKEN, "").strip()
+        return cls(fixed=(token,)) if token else None
+
+    def accepts(self, header: str) -> bool:
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented:
+            return False
+        candidate = presented.strip().encode()
+        accepted = self.file.refresh() if self.file is not None else self.fixed
+        ok = False
+        for token in accepted:  # every token compared, in constant time each
+            ok |= hmac.compare_digest(candidate, token.encode())
+        return ok
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that ends the call with UNAUTHENTICATED; the request bytes
+    are never parsed."""
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for every call but health without an accepted `authorization: Bearer` token."""
+
+    def __init__(self, tokens: Tokens):
+        self.tokens = tokens
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
+                                                             Awaitable[grpc.RpcMethodHandler | None]],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        header = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        if header is None:
+            return _refusal(handler, f"missing token: {method} needs one; {EXPECTED}")
+        if not self.tokens.accepts(header):
+            return _refusal(handler, f"the token sent is not accepted ({'not a Bearer token' if not header.lower().startswith('bearer ') else 'wrong or rotated'}); {EXPECTED}")
+        return handler
+
+
+def interceptors(settings: ServiceSettings) -> list[grpc.aio.ServerInterceptor]:
+    tokens = Tokens.from_settings(settings)
+    return [] if tokens is None else [TokenInterceptor(tokens)]
+
+
+def check_binding(settings: ServiceSettings, kind: str, env: dict[str, str] | None = None) -> str:
+    """A line describing the service's protection, printed on start. InsecureBinding for a non-loopback host
+    without TLS or a token unless --insecure; with --insecure, a warning on stderr on every start."""
+    tls = bool(settings.tls_cert and settings.tls_key)
+    tokens = Tokens.from_settings(settings, env)
+    parts = [("mutual TLS" if settings.tls_client_ca else "TLS") if tls else "plaintext",
+             f"token from {tokens.source}" if tokens is not None else "no token"]
+    summary = ", ".join(parts)
+    missing = [what for what, ok in (("TLS (--tls-cert, --tls-key)", tls),
+                                     ("a token (--token-file or AEVAE_TOKEN)", tokens is not None)) if not ok]
+    if missing and not is_loopback(settings.host):
+        if not settings.insecure:
+            raise InsecureBinding(
+                f"refusing to serve the {kind} on {settings.host} without {' and '.join(missing)}: anyone who "
+                "can reach the port could call it" + (" and read its traffic" if not tls else "") + ". Give "
+                "them, listen on 127.0.0.1, or pass --insecure when something else protects the traffic (a "
+                "private network, a mesh with mutual TLS)")
+        print(f"aevae {kind}: WARNING: --insecure: listening on {settings.host} without "
+              f"{' and '.join(missing)}; whatever reaches this port can call the service"
+              + ("" if tls else " and read its traffic"), file=sys.stderr, flush=True)
+    return summary
+
+
+async def serve_health(settings: ServiceSettings, servicer: Any) -> grpc.aio.Server | None:
+    """With --health-port: grpc.health.v1 alone (the same servicer, so the same status, NOT_SERVING on
+    SIGTERM included) on a plaintext port without a token, for probes that speak neither (Kubernetes' grpc
+    probes). Nothing else is served there."""
+    if settings.health_port is None:
+        return None
+    from grpc_health.v1 import health_pb2_grpc
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address} for health (in use?): {exc}") from None
+    await server.start()
+    print(f"health (grpc.health.v1 only, plaintext) on {settings.host}:{bound}", flush=True)
+    return server
+
+
+# -- made here: a token, and a self-signed CA with a server (and client) certificate ----------------------
+def new_token() -> str:
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
+def write_secret(path: Path, data: str | bytes) -> Path:
+    """Writes a file only its owner can read."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def make_certificates(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1"),
+                      days: int = 30) -> dict[str, Path]:
+    """A throwaway CA and, signed by it, a server certificate naming `hosts` and a client certificate (for
+    mutual TLS): ca.pem, server.pem, server.key, client.pem, client.key in `folder` (keys 0600). Needs the
+    `cryptography` package."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "aevae"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("aevae local CA")).issuer_name(name("aevae local CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(start).not_valid_after(end)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+
+    def leaf(common: str, usage: Any, sans: list[x509.GeneralName]) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (x509.CertificateBuilder().subject_name(name(common)).issuer_name(ca.subject)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(start).not_valid_after(end)
+                   .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                   .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        return (cert.public_bytes(serialization.Encoding.PEM),
+                key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    server_pem, server_key = leaf(hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, sans)
+    client_pem, client_key = leaf("aevae client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
+           "client_cert": folder / "client.pem", "client_key": folder / "client.key"}
+    out["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    out["cert"].write_bytes(server_pem)
+    write_secret(out["key"], server_key)
+    out["client_cert"].write_bytes(client_pem)
+    write_secret(out["client_key"], client_key)
+    return out
