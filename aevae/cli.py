@@ -16,6 +16,7 @@ from aevae.errors import UserError
 COMMANDS = (
     "aevae.up",
     "aevae.trainer.cli",
+    "aevae.onnx_export",
     "aevae.services.cli",
     "aevae.client.cli",
     "aevae.ui.cli",

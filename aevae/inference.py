@@ -132,7 +132,7 @@ def _check_finite(array: np.ndarray, what: str) -> None:
         raise NonFiniteOutput(f"the model produced non-finite {what}")
 
 
-def load(version: Version, prefer: str = "auto") -> LoadedModel:
+def load(version: Version, prefer: str = "auto", threads: int | None = None) -> LoadedModel:
     """Verifies every file the manifest lists against its SHA-256, then loads the version safely (weights
     only, never a pickle) on a runtime: "auto" takes ONNX Runtime when the version has graphs and
     onnxruntime is installed, torch otherwise. ValueError with the reason when the version is unusable."""
@@ -142,7 +142,7 @@ def load(version: Version, prefer: str = "auto") -> LoadedModel:
     for filename, expected in version.manifest.files.items():
         if sha256_file(version.file(filename)) != expected:
             raise ValueError(f"{filename} does not match the checksum in its manifest (truncated or altered)")
-    return LoadedModel(manifest=version.manifest, runtime=open_runtime(version, prefer), version=version)
+    return LoadedModel(manifest=version.manifest, runtime=open_runtime(version, prefer, threads), version=version)
 
 
 def describe(model: LoadedModel) -> dict[str, Any]:

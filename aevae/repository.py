@@ -198,6 +198,28 @@ class ModelRepository:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
+    def add_files(self, version: Version, writers: Mapping[str, FileWriter], **manifest_changes: Any) -> Version:
+        """Adds files to an existing version (e.g. the ONNX graphs of one written before): each is written
+        under a temporary name and renamed into place, then the manifest that lists them replaces the old one
+        atomically. The files it already lists are left as they are."""
+        clash = sorted(set(writers) & (set(version.manifest.files) | {MANIFEST}))
+        if clash:
+            raise ValueError(f"{version} already has {clash}")
+        checksums = {}
+        for filename, write in writers.items():
+            tmp = version.path / f".{filename}.incoming"
+            write(tmp)
+            checksums[filename] = sha256_file(tmp)
+            os.replace(tmp, version.path / filename)
+        changes = dict(manifest_changes)
+        if "runtimes" in changes:
+            changes["runtimes"] = {**version.manifest.runtimes, **changes["runtimes"]}
+        manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
+        tmp = version.path / f".{MANIFEST}.incoming"
+        tmp.write_text(manifest.dumps())
+        os.replace(tmp, version.path / MANIFEST)
+        return self._check(version.name, version.number, version.path, self.root.resolve())
+
     @staticmethod
     def _numbers(model_dir: Path) -> list[int]:
         return [n for n in (version_number(p.name) for p in model_dir.iterdir()) if n is not None]

@@ -1,7 +1,8 @@
-"""The model runtimes: torch over the version's weights (`weights.pt`, loaded with weights_only=True).
+"""The model runtimes: ONNX Runtime over the version's graphs (`encoder.onnx`, `decoder.onnx`), or torch over
+its weights (`weights.pt`, loaded with weights_only=True).
 
 A runtime is chosen per version by `open_runtime`; each imports its framework only when it is opened, so a
-serving process that never opens the torch runtime never loads torch.
+serving process that runs ONNX graphs never loads torch.
 """
 
 from __future__ import annotations
@@ -12,11 +13,37 @@ import numpy as np
 
 from aevae.repository import WEIGHTS, Version
 
-RUNTIMES = ("auto", "torch")
+RUNTIMES = ("auto", "onnx", "torch")
+ENCODER, DECODER = "encoder.onnx", "decoder.onnx"  # as aevae.onnx_export writes them
+
+
+class OnnxRuntime:
+    name = "onnx"
+
+    def __init__(self, version: Version, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.inter_op_num_threads = 1
+        if threads:
+            options.intra_op_num_threads = threads
+        # Idle worker threads sleep instead of spinning: the gRPC threads share these cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.encoder = ort.InferenceSession(str(version.file(ENCODER)), options, providers=["CPUExecutionProvider"])
+        self.decoder = ort.InferenceSession(str(version.file(DECODER)), options, providers=["CPUExecutionProvider"])
+        self._variational = len(self.encoder.get_outputs()) == 2
+
+    def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = self.encoder.run(None, {"images": images})
+        return outputs[0], outputs[1] if self._variational else None
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        return self.decoder.run(None, {"latents": latents})[0]
 
 
 class TorchRuntime:
     name = "torch"
+    # torch's intra-op threads are per process: `threads` is applied when the runtime is opened.
 
     def __init__(self, model: Any):
         """`model`: an aevae.models.Autoencoder in eval mode."""
@@ -26,8 +53,11 @@ class TorchRuntime:
         self.model = model
 
     @classmethod
-    def open(cls, version: Version) -> "TorchRuntime":
+    def open(cls, version: Version, threads: int | None = None) -> "TorchRuntime":
         import torch
+
+        if threads:
+            torch.set_num_threads(threads)
 
         from aevae.models import Architecture, build
 
@@ -47,10 +77,24 @@ class TorchRuntime:
             return self.model.decode(self._torch.from_numpy(latents)).numpy()
 
 
-def open_runtime(version: Version, prefer: str = "auto") -> TorchRuntime:
+def open_runtime(version: Version, prefer: str = "auto", threads: int | None = None) -> OnnxRuntime | TorchRuntime:
+    """"auto": ONNX Runtime when the version has its graphs and onnxruntime is installed, else torch."""
     if prefer not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {prefer!r}")
-    return TorchRuntime.open(version)
+    has_graphs = ENCODER in version.manifest.files and DECODER in version.manifest.files
+    if prefer == "onnx" and not has_graphs:
+        raise ValueError("it has no ONNX graphs (add them with `aevae export-onnx`)")
+    if prefer in ("auto", "onnx") and has_graphs:
+        try:
+            return OnnxRuntime(version, threads)
+        except ImportError:
+            if prefer == "onnx":
+                raise ValueError("onnxruntime is not installed: pip install 'aevae[serve]'") from None
+    try:
+        return TorchRuntime.open(version, threads)
+    except ImportError:
+        raise ValueError("it has no ONNX graphs and torch is not installed: add the graphs with `aevae "
+                         "export-onnx` or install torch (pip install 'aevae[model]')") from None
 
 
 def torch_module(model: Any) -> Any:

@@ -47,11 +47,12 @@ class ModelSummary:
 
 class ModelStore:
     def __init__(self, root: str | Path | None = None, refresh_seconds: float = 2.0, max_loaded: int = 32,
-                 runtime: str = "auto", allow_symlinks: bool = False):
+                 runtime: str = "auto", threads: int | None = None, allow_symlinks: bool = False):
         self.repository = ModelRepository(root, allow_symlinks=allow_symlinks)
         self.refresh_seconds = refresh_seconds
         self.max_loaded = max_loaded
         self.runtime = runtime
+        self.threads = threads
         self._scan = Scan()
         self._scanned_at = float("-inf")
         self._loaded: OrderedDict[Key, tuple[Fingerprint, LoadedModel]] = OrderedDict()
@@ -151,7 +152,7 @@ class ModelStore:
                     raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {self._broken[key][1]}")
                 try:
                     fingerprint = version.fingerprint()
-                    model = load(version, self.runtime)
+                    model = load(version, self.runtime, self.threads)
                 except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
                     reason = _reason(exc)
                     self._broken[key] = (_fingerprint(version), reason)

@@ -68,12 +68,8 @@ def open_store(settings: ServiceSettings) -> ModelStore:
     """The model store both front ends (aevae serve, Ray Serve) build from the settings."""
     # Request tensors are read-only views on the message bytes; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
     return ModelStore(settings.models_dir, refresh_seconds=settings.refresh_seconds, runtime=settings.runtime,
-                      allow_symlinks=settings.allow_symlinks)
+                      threads=settings.threads, allow_symlinks=settings.allow_symlinks)
 
 
 def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: ThreadPoolExecutor,

@@ -3,6 +3,7 @@ repositories written without Ray for the fast tier. Helpers live in tests/helper
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,17 @@ def trained_repo(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> 
     return models
 
 
-@pytest.fixture
-def tiny_repo(tmp_path: Path) -> Path:
-    """ae/1 and vae/1 (4-d latent, 32 x 32) and vae8/1 (8-d latent, 24 x 20): small random models written
-    with the trainer's writer, fresh for each test (change them freely)."""
-    root = tmp_path / "models"
+@pytest.fixture(scope="session")
+def _tiny_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny") / "models"
     write_tiny(root, "ae", "ae")
     write_tiny(root, "vae", "vae")
     write_tiny(root, "vae8", "vae", latent_dim=8, image_shape=(24, 20))
     return root
+
+
+@pytest.fixture
+def tiny_repo(_tiny_template: Path, tmp_path: Path) -> Path:
+    """ae/1 and vae/1 (4-d latent, 32 x 32) and vae8/1 (8-d latent, 24 x 20): small random models written
+    with the trainer's writer (ONNX graphs included), a fresh copy for each test (change them freely)."""
+    return Path(shutil.copytree(_tiny_template, tmp_path / "models"))

@@ -19,8 +19,10 @@ from typing import Any
 
 import torch
 
+import numpy as np
+
 import aevae
-from aevae import mnist
+from aevae import mnist, onnx_export
 from aevae.inference import LoadedModel
 from aevae.latent_stats import compute as compute_stats
 from aevae.manifest import Manifest, now
@@ -153,12 +155,16 @@ def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mn
 
 
 def write_version(repository: ModelRepository, name: str, manifest: Manifest, model: Autoencoder,
-                  stats: dict[str, Any]) -> Version:
-    """The files of a version, written by the repository atomically and checksummed into the manifest."""
+                  stats: dict[str, Any], check_images: np.ndarray | None = None) -> Version:
+    """The files of a version, written by the repository atomically and checksummed into the manifest: the
+    weights, the latent statistics, and the ONNX graphs, checked against the model on `check_images`
+    (float32 in [0, 1]) with the largest difference recorded."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    return repository.write(name, manifest, {
+    graphs, onnx_entry = onnx_export.export(model.eval(), check_images)
+    return repository.write(name, manifest.with_(runtimes={**manifest.runtimes, "onnx": onnx_entry}), {
         WEIGHTS: functools.partial(torch.save, state),
         STATS: json_writer(stats),
+        **{filename: onnx_export.bytes_writer(data) for filename, data in graphs.items()},
     })
 
 
@@ -196,7 +202,8 @@ def run(config: TrainConfig) -> list[Version]:
         print(f"[{name}] computing latent statistics over {len(train.images):,} training images ...", flush=True)
         means, _ = LoadedModel(manifest, TorchRuntime(model.eval())).encode(train.images)
         stats = compute_stats(means, train.labels, seed=config.seed)
-        version = write_version(repository, name, manifest, model, stats)
+        check = train.images[:256].astype(np.float32) / np.float32(255)
+        version = write_version(repository, name, manifest, model, stats, check)
         m = metrics[name]
         print(f"[{name}] wrote {version.path}  test bce {m['test_bce']:.2f}  total {m['test_loss']:.2f} "
               f"nats/img", flush=True)

@@ -23,12 +23,14 @@ class EncodeResult:
 @dataclass(frozen=True)
 class ModelInfo:
     name: str
-    version: int  # the newest
-    versions: list[int]
+    version: int  # the newest loadable (0 when none loads)
+    versions: list[int]  # those not known to be broken
     kind: str  # "ae" or "vae"
     latent_dim: int
     image_shape: tuple[int, ...]
     metrics: dict[str, float] = field(default_factory=dict)
+    broken: dict[int, str] = field(default_factory=dict)  # version -> why it cannot be served
+    runtime: str = ""  # "onnx" or "torch": what serves the newest
 
 
 def model_infos(response: tensor_pb2.ListModelsResponse) -> list[ModelInfo]:
@@ -36,6 +38,7 @@ def model_infos(response: tensor_pb2.ListModelsResponse) -> list[ModelInfo]:
         ModelInfo(
             name=m.name, version=int(m.version), versions=[int(v) for v in m.versions], kind=m.kind,
             latent_dim=int(m.latent_dim), image_shape=tuple(int(s) for s in m.image_shape), metrics=dict(m.metrics),
+            broken={int(b.version): b.reason for b in m.broken}, runtime=m.runtime,
         )
         for m in response.models
     ]

@@ -62,3 +62,36 @@ def test_non_finite_output_is_never_returned(tiny_repo: Path) -> None:
         model.decode(np.zeros((1, 4), np.float32))
     with pytest.raises(NonFiniteOutput):
         model.encode(np.zeros((1, 32, 32), np.float32))
+
+
+def test_the_onnx_runtime_computes_what_torch_computes(tiny_repo: Path) -> None:
+    onnx, torch_ = ModelStore(tiny_repo, runtime="onnx").get("vae"), ModelStore(tiny_repo, runtime="torch").get("vae")
+    assert (onnx.runtime.name, torch_.runtime.name) == ("onnx", "torch")
+    assert ModelStore(tiny_repo).get("vae").runtime.name == "onnx"  # auto prefers the graphs
+    z = np.random.default_rng(3).normal(size=(50, 4)).astype(np.float32)
+    assert np.abs(onnx.decode(z) - torch_.decode(z)).max() <= 1e-5
+    images = torch_.decode(z)
+    for a, b in zip(onnx.encode(images), torch_.encode(images)):
+        assert np.abs(a - b).max() <= 1e-5  # type: ignore[operator]
+
+
+def test_export_onnx_adds_graphs_to_a_version_written_without_them(tiny_repo: Path) -> None:
+    import argparse
+    import json
+
+    from aevae.onnx_export import run
+    from aevae.repository import ModelRepository
+
+    folder = tiny_repo / "ae" / "1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in ("encoder.onnx", "decoder.onnx"):
+        (folder / name).unlink()
+        del manifest["files"][name]
+    del manifest["runtimes"]["onnx"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert ModelStore(tiny_repo).get("ae").runtime.name == "torch"
+    run(argparse.Namespace(models=["ae"], models_dir=str(tiny_repo)))
+    (version,) = ModelRepository(tiny_repo).versions()["ae"]
+    assert {"encoder.onnx", "decoder.onnx"} <= set(version.manifest.files)
+    assert version.manifest.runtimes["onnx"]["max_abs_diff"] <= 1e-4
+    assert ModelStore(tiny_repo).get("ae").runtime.name == "onnx"

@@ -1,0 +1,67 @@
+"""The ONNX Runtime path end to end: a decoder process serves the trained graphs without loading torch, and
+its images equal torch's; a model of another shape is served beside the defaults."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from aevae.client import DecoderClient, EncoderClient
+from aevae.services.process import ServiceProcess
+from aevae.store import ModelStore
+from helpers import write_tiny
+
+
+@pytest.fixture(scope="module")
+def repo(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    copy = tmp_path_factory.mktemp("onnx") / "models"
+    shutil.copytree(trained_repo, copy)
+    write_tiny(copy, "vae8", latent_dim=8, image_shape=(24, 20))  # another latent size and image shape
+    return copy
+
+
+@pytest.fixture(scope="module")
+def services(repo: Path) -> Iterator[dict[str, ServiceProcess]]:
+    started = {kind: ServiceProcess(kind, repo).start() for kind in ("encoder", "decoder")}
+    try:
+        for service in started.values():
+            service.wait_healthy()
+        yield started
+    finally:
+        for service in started.values():
+            service.stop()
+
+
+def _libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_decoder_serves_onnx_without_torch_and_equals_torch(services: dict[str, ServiceProcess],
+                                                                repo: Path) -> None:
+    z = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)
+    with DecoderClient(services["decoder"].address) as client:
+        images = client.decode(z, model="vae")
+        (info,) = [m for m in client.list_models() if m.name == "vae"]
+    pid = services["decoder"].process.pid  # type: ignore[union-attr]
+    maps = _libraries(pid)
+    assert "onnxruntime" in maps and "libtorch" not in maps
+    assert info.runtime == "onnx"
+    expected = ModelStore(repo, runtime="torch").get("vae").decode(z)
+    assert np.abs(images - expected).max() <= 1e-5
+
+
+def test_a_model_of_another_shape_is_served_beside_the_defaults(services: dict[str, ServiceProcess]) -> None:
+    with EncoderClient(services["encoder"].address) as enc, DecoderClient(services["decoder"].address) as dec:
+        infos = {m.name: m for m in dec.list_models()}
+        assert (infos["vae8"].latent_dim, tuple(infos["vae8"].image_shape)) == (8, (24, 20))
+        assert (infos["vae"].latent_dim, tuple(infos["vae"].image_shape)) == (4, (32, 32))
+        z = np.random.default_rng(1).normal(size=(5000, 8)).astype(np.float32)  # big enough to stream
+        images = dec.decode(z, model="vae8", dtype="uint8")
+        assert images.shape == (5000, 24, 20)
+        latents = enc.encode(images[:7], model="vae8").mean
+        assert latents.shape == (7, 8)
+        assert dec.decode(np.zeros((2, 4), np.float32), model="vae").shape == (2, 32, 32)
