@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--serve-args", default="", help="extra `aevae serve` arguments for both services")
     p.add_argument("--no-metrics", action="store_true",
                    help="no Prometheus metrics (by default each service and the UI serve /metrics on a free port)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve TLS with a self-signed certificate made now (its CA is printed for the clients)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without --tls (warns); the token is still required")
     p.set_defaults(func=run)
 
 
@@ -43,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     repository = ModelRepository(args.models_dir)
     _require("serve", ("torch", "grpc_health", "grpc_reflection", "tritonclient", "prometheus_client"))
     stack = Stack(repository.root, args.host, serve_args=shlex.split(args.serve_args), metrics=not args.no_metrics)
+    stack.secure(tls=args.tls, insecure=args.insecure)
     try:
         if not repository.versions():
             _require("train", ("torch", "ray"))
@@ -74,6 +79,37 @@ class Stack:
         self.ui: subprocess.Popen[bytes] | None = None
         self.ui_url = ""
         self._stop = threading.Event()
+        self.token_file: Path | None = None
+        self.certificates: dict[str, Path] = {}
+        self.security: object = None  # the ChannelSecurity of the services, for the health checks
+        self.insecure = False
+
+    def secure(self, tls: bool, insecure: bool = False) -> None:
+        """A token for the services and the UI (kept in aevae.client's local token file, created once, so that
+        clients on this machine find it), and with `tls` a throwaway CA and certificate for the services."""
+        from aevae.client.credentials import ChannelSecurity, local_token_path
+        from aevae.services.security import make_certificates, new_token, write_secret
+
+        self.token_file = local_token_path()
+        if not self.token_file.is_file():
+            write_secret(self.token_file, new_token() + "\n")
+        if tls:
+            hosts = ("localhost", "127.0.0.1", "::1", *([] if self.host in ("0.0.0.0", "::", "") else [self.host]),
+                     socket.gethostname())
+            try:
+                self.certificates = make_certificates(self.token_file.parent / "tls", tuple(dict.fromkeys(hosts)))
+            except ImportError:
+                raise UserError("--tls needs the cryptography package: pip install cryptography") from None
+        self.insecure = insecure
+        self.security = ChannelSecurity.resolve(token_file=str(self.token_file), tls=tls,
+                                                tls_ca=str(self.certificates["ca"]) if tls else None)
+
+    def _security_args(self, ui: bool = False) -> list[str]:
+        args = ["--token-file", str(self.token_file)] if self.token_file else []
+        if self.certificates:
+            args += (["--tls-ca", str(self.certificates["ca"])] if ui else
+                     ["--tls-cert", str(self.certificates["cert"]), "--tls-key", str(self.certificates["key"])])
+        return args + (["--insecure"] if self.insecure else [])
 
     def train(self, data_root: str | None, extra: list[str]) -> int:
         command = [sys.executable, "-m", "aevae.cli", "train", "--models-dir", str(self.models_dir), *extra]
@@ -86,8 +122,9 @@ class Stack:
 
         for kind, port in (("encoder", encoder_port), ("decoder", decoder_port)):
             metrics = ["--metrics-port", str(self.metrics_ports[kind])] if self.metrics_ports else []
-            service = ServiceProcess(kind, self.models_dir, self.host, port, [*self.serve_args, *metrics],
-                                     echo=f"[{kind}]")
+            service = ServiceProcess(kind, self.models_dir, self.host, port,
+                                     [*self.serve_args, *metrics, *self._security_args()], echo=f"[{kind}]",
+                                     security=self.security)
             self.services[kind] = service
             service.start()
         for service in self.services.values():
@@ -98,6 +135,7 @@ class Stack:
                    "--decoder", self.services["decoder"].address, "--host", self.host, "--port", str(port)]
         if self.metrics_ports:
             command += ["--metrics-port", str(self.metrics_ports["ui"])]
+        command += self._security_args(ui=True)
         self.ui = ui = subprocess.Popen(command)
         host = _connectable(self.host)
         deadline = time.monotonic() + timeout
@@ -112,6 +150,8 @@ class Stack:
                     raise RuntimeError(f"the web UI did not listen on {host}:{port} within {timeout:.0f} s") from None
                 time.sleep(0.2)
         self.ui_url = f"http://{host}:{port}/"
+        if self.host not in ("127.0.0.1", "localhost", "::1") and self.token_file:  # the UI asks for a login
+            self.ui_url += f"?token={self.token_file.read_text().split()[0]}"
 
     def summary(self) -> str:
         enc, dec = self.services["encoder"].address, self.services["decoder"].address
@@ -127,12 +167,27 @@ class Stack:
         if shown:
             lines.append("  metrics  " + "  ".join(
                 f"http://{_connectable(self.host)}:{self.metrics_ports[n]}/metrics ({n})" for n in shown))
+        tls = "-cacert " + str(self.certificates["ca"]) if self.certificates else "-plaintext"
+        auth = f"-H \"authorization: Bearer $(cat {self.token_file})\" " if self.token_file else ""
         lines += [
             f"  OIP v2   tritonclient.grpc.InferenceServerClient(\"{enc}\") (or \"{dec}\"): models by name",
+            f"  token    {self.token_file} (every call but health and reflection sends it; clients on this "
+            "machine find it there)" if self.token_file else "  token    none",
+        ]
+        if self.certificates:
+            lines.append(f"  TLS      self-signed: clients trust {self.certificates['ca']} (export AEVAE_TLS_CA=...)")
+        lines += [
             "",
             "Call them:",
-            f"  grpcurl -plaintext {enc} list",
-            f"  grpcurl -plaintext -d '{{\"model\": \"vae\"}}' {enc} aevae.v1.Encoder/GetLatentStats",
+            f"  grpcurl {tls} {enc} list",
+            f"  grpcurl {tls} {auth}-d '{{\"model\": \"vae\"}}' {enc} aevae.v1.Encoder/GetLatentStats",
+        ]
+        if self.token_file:
+            exports = f"AEVAE_TOKEN_FILE={self.token_file}"
+            if self.certificates:
+                exports += f" AEVAE_TLS_CA={self.certificates['ca']}"
+            lines.append(f"  export {exports}   # elsewhere than on this machine's loopback, or with TLS")
+        lines += [
             f"  aevae decode 0.5,-1.0,0.3,1.2 -o digit.png --decoder {dec}",
             "  python -c 'from aevae.client import DecoderClient; import numpy as np;",
             f"             print(DecoderClient(\"{dec}\").decode(np.zeros((1, 4)), model=\"vae\").shape)'",

@@ -5,8 +5,10 @@
 - Tokens: `--token-file` (one token per line, several for a rotation with overlap, re-read when the file
   changes) or the AEVAE_TOKEN variable. A grpc.aio server interceptor checks the `authorization: Bearer TOKEN`
   metadata of every call in constant time; a missing or wrong token gets UNAUTHENTICATED saying what is
-  expected, never the token. Only `grpc.health.v1.Health` answers without a token (probes); aevae.v1, the Open
-  Inference Protocol and server reflection (which describes the API) need it.
+  expected, never the token. `grpc.health.v1.Health` (probes) and server reflection answer without a token:
+  reflection tells only the API's schema, which is public (proto/ in the repository), and lets stock tools
+  (`grpcurl list`, `describe`) work; every call of aevae.v1 and of the Open Inference Protocol (which run the
+  models or tell what the repository holds) needs the token.
 - Binding: a non-loopback `--host` without TLS or without a token refuses to start unless `--insecure`, which
   then warns on every start.
 """
@@ -28,7 +30,9 @@ from aevae.services.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # answer without a token
+# answer without a token: probes, and the (public) schema for stock tools
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                 "/grpc.reflection.v1.ServerReflection/")
 EXPECTED = ("send the metadata `authorization: Bearer <token>` with a token the service accepts (its "
             "--token-file or AEVAE_TOKEN); aevae.client: token= or AEVAE_TOKEN")
 
@@ -121,7 +125,8 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED for every call but health without an accepted `authorization: Bearer` token."""
+    """UNAUTHENTICATED for every call but health and reflection without an accepted `authorization: Bearer`
+    token."""
 
     def __init__(self, tokens: Tokens):
         self.tokens = tokens

@@ -55,7 +55,8 @@ class SyncClient(_Common):
                  tls_cert: str | bytes | None = None, tls_key: str | bytes | None = None,
                  security: ChannelSecurity | None = None):
         """`metadata` goes with every call, e.g. [("application", "decoder")] for Ray Serve's gRPC proxy."""
-        security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert, tls_key)
+        security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert, tls_key,
+                                                       target=target)
         super().__init__(target, timeout, retries, backoff, stream_chunk, security)
         if len(self.targets) > 1:  # each replica: this constructor, one target, these options
             options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
@@ -112,7 +113,8 @@ class AsyncClient(_Common):
                  token_file: str | None = None, tls: bool | None = None, tls_ca: str | bytes | None = None,
                  tls_cert: str | bytes | None = None, tls_key: str | bytes | None = None,
                  security: ChannelSecurity | None = None):
-        security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert, tls_key)
+        security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert, tls_key,
+                                                       target=target)
         super().__init__(target, timeout, retries, backoff, stream_chunk, security)
         if len(self.targets) > 1:
             options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,

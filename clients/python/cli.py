@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
     e.add_argument("--invert", action="store_true", help="invert the images first (dark digit on light paper)")
     e.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    add_security_arguments(e)
     e.set_defaults(func=encode)
 
     d = sub.add_parser("decode", help="decode latents to a PNG through the decoder service",
@@ -35,8 +36,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
     d.add_argument("--scale", type=int, default=1, help="upscale the PNG by this integer factor (default 1)")
     d.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    add_security_arguments(d)
     d._negative_number_matcher = _NUMBERS
     d.set_defaults(func=decode)
+
+
+def add_security_arguments(p: argparse.ArgumentParser) -> None:
+    """How a command reaches TLS and token-protected services (default: the AEVAE_* variables)."""
+    g = p.add_argument_group("TLS and token (default: AEVAE_TOKEN, AEVAE_TOKEN_FILE, AEVAE_TLS_CA, "
+                                 "AEVAE_TLS_CERT, AEVAE_TLS_KEY)")
+    g.add_argument("--token-file", default=None, metavar="FILE", help="file holding the services' bearer token")
+    g.add_argument("--tls-ca", default=None, metavar="PEM", help="CA that signed the services' certificate: TLS")
+    g.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate, for mutual TLS")
+    g.add_argument("--tls-key", default=None, metavar="PEM", help="the client certificate's key")
+
+
+def security_options(args: argparse.Namespace) -> dict:
+    """The client keyword arguments of `add_security_arguments`' options that were given."""
+    names = ("token_file", "tls_ca", "tls_cert", "tls_key")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
 def _pillow():
@@ -75,7 +93,7 @@ def encode(args: argparse.Namespace) -> int:
 
     images = [_read_image(path, args.invert) for path in args.images]
     try:
-        with EncoderClient(args.encoder, timeout=args.timeout) as client:
+        with EncoderClient(args.encoder, timeout=args.timeout, **security_options(args)) as client:
             # 28 and 32 pixel images travel in separate calls: one tensor has one shape.
             rows = {}
             for size in sorted({img.shape for img in images}):
@@ -106,7 +124,7 @@ def decode(args: argparse.Namespace) -> int:
         raise UserError(f"--scale must be a positive integer, got {args.scale}")
     Image = _pillow()
     try:
-        with DecoderClient(args.decoder, timeout=args.timeout) as client:
+        with DecoderClient(args.decoder, timeout=args.timeout, **security_options(args)) as client:
             images = client.decode(latents, model=args.model, version=args.version, dtype="uint8")
     except AevaeError as exc:
         raise UserError(f"{args.decoder}: {exc}") from None

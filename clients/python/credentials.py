@@ -12,6 +12,9 @@ Anything not passed is read from the environment:
 | `AEVAE_TLS_CERT`, `AEVAE_TLS_KEY` | the client's certificate and key, for a server that requires mutual TLS |
 | `AEVAE_TLS` | `1`: TLS with the system's root certificates (no CA file) |
 
+With none of these, a client of services on this machine only (loopback targets) sends the token that `aevae
+up` keeps in `local_token_path()` (~/.config/aevae/token) when that file exists; it never goes elsewhere.
+
 `open_channel` is the one function that makes a channel (sync or asyncio), so a fan-out client's replicas,
 the UI's links and the CLI all get the same credentials. `TokenFile` is shared with the services, which read
 their accepted tokens the same way.
@@ -33,6 +36,30 @@ from aevae.client.errors import AevaeError
 ENV_TOKEN, ENV_TOKEN_FILE = "AEVAE_TOKEN", "AEVAE_TOKEN_FILE"
 ENV_CA, ENV_CERT, ENV_KEY, ENV_TLS = "AEVAE_TLS_CA", "AEVAE_TLS_CERT", "AEVAE_TLS_KEY", "AEVAE_TLS"
 RECHECK_SECONDS = 1.0  # how often a token file's size, mtime and inode are looked at
+
+
+def local_token_path() -> Path:
+    """Where `aevae up` keeps the token of the services it runs on this machine."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "aevae" / "token"
+
+
+def is_loopback_target(target: str | Sequence[str]) -> bool:
+    """Whether every host:port of `target` (a list or comma-separated) is on this machine."""
+    import ipaddress
+
+    items = [target] if isinstance(target, str) else list(target)
+    parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    for part in parts:
+        host = part.removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0].strip("[]")
+        if host == "localhost":
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:
+            return False
+    return bool(parts)
 
 
 class TokenFile:
@@ -99,12 +126,15 @@ class ChannelSecurity:
     @classmethod
     def resolve(cls, token: str | None = None, token_file: str | None = None, tls: bool | None = None,
                 tls_ca: str | bytes | None = None, tls_cert: str | bytes | None = None,
-                tls_key: str | bytes | None = None, env: dict[str, str] | None = None) -> "ChannelSecurity":
+                tls_key: str | bytes | None = None, env: dict[str, str] | None = None,
+                target: str | Sequence[str] = "") -> "ChannelSecurity":
         """The arguments given, the environment for the rest. `token=""` or `tls=False` turn them off."""
         env = dict(os.environ if env is None else env)
         if token is None and token_file is None:
             token = env.get(ENV_TOKEN) or None
             token_file = None if token else env.get(ENV_TOKEN_FILE) or None
+            if not token and not token_file and is_loopback_target(target) and local_token_path().is_file():
+                token_file = str(local_token_path())
         tls_ca = tls_ca if tls_ca is not None else env.get(ENV_CA) or None
         tls_cert = tls_cert if tls_cert is not None else env.get(ENV_CERT) or None
         tls_key = tls_key if tls_key is not None else env.get(ENV_KEY) or None
@@ -166,7 +196,8 @@ class ChannelSecurity:
                     hint = (f"; the certificate of {target} is not signed by the CA this client trusts (tls_ca= "
                             f"or {ENV_CA}), or does not name {target.rpartition(':')[0]}")
                 elif self.tls and ("certificate required" in lowered or "alert" in lowered
-                                   or "handshake" in lowered or "ssl" in lowered):
+                                   or "handshake" in lowered or "ssl" in lowered
+                                   or (self.tls_cert is None and "socket closed" in lowered)):
                     hint = (f"; TLS handshake with {target} failed: if the server requires mutual TLS, pass "
                             f"tls_cert= and tls_key= (or {ENV_CERT} and {ENV_KEY}) with a certificate its "
                             "client CA signed")

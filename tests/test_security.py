@@ -1,0 +1,154 @@
+"""TLS, mutual TLS and tokens against real service processes (certificates made here, at test time, with
+cryptography): the round trip (sync, async, fan-out), clear errors for a plaintext client on a TLS port and
+for a missing client certificate, UNAUTHENTICATED for a missing, wrong or rotated-out token while health and
+reflection answer, and the binding policy. Two services for the module: a TLS decoder and a mutual-TLS
+encoder, both with a token file."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from aevae.client import AevaeError, AsyncDecoderClient, DecoderClient, EncoderClient
+from aevae.client.credentials import ChannelSecurity
+from aevae.services.process import ServiceProcess
+from aevae.services.security import make_certificates
+from helpers import run_aevae, write_tiny
+
+TOKEN = "first-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    root = tmp_path_factory.mktemp("security")
+    models = root / "models"
+    write_tiny(models, "vae", "vae")
+    certs = make_certificates(root / "tls")
+    token_file = root / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_args = ["--token-file", str(token_file)]
+    tls_args = ["--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])]
+    # no token from the developer's environment or `aevae up`'s file: each client here says what it sends
+    isolated = {"AEVAE_TOKEN": "", "AEVAE_TOKEN_FILE": "", "XDG_CONFIG_HOME": str(root / "config")}
+    ok = ChannelSecurity.resolve(token=TOKEN, tls_ca=str(certs["ca"]))
+    mtls_ok = ChannelSecurity.resolve(token=TOKEN, tls_ca=str(certs["ca"]), tls_cert=str(certs["client_cert"]),
+                                      tls_key=str(certs["client_key"]))
+    decoder = ServiceProcess("decoder", models, args=[*tls_args, *token_args], env=isolated, security=ok)
+    encoder = ServiceProcess("encoder", models, args=[*tls_args, "--tls-client-ca", str(certs["ca"]), *token_args],
+                             env=isolated, security=mtls_ok)
+    try:
+        decoder.start()
+        encoder.start()
+        decoder.wait_healthy()
+        encoder.wait_healthy()
+        yield {"models": models, "certs": certs, "token_file": token_file, "decoder": decoder, "encoder": encoder,
+               "isolated": isolated}
+    finally:
+        decoder.stop()
+        encoder.stop()
+
+
+def test_tls_round_trip_sync_async_and_fan_out(env: dict[str, Any]) -> None:
+    address, ca = env["decoder"].address, str(env["certs"]["ca"])
+    assert "TLS, token from --token-file" in "".join(env["decoder"].output)
+    z = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    with DecoderClient(address, tls_ca=ca, token=TOKEN) as dec:
+        images = dec.decode(z)
+        assert images.shape == (3, 32, 32) and dec.health() == "SERVING"
+
+    async def run_async() -> np.ndarray:
+        async with AsyncDecoderClient(address, tls_ca=ca, token=TOKEN) as adec:
+            return await adec.decode(z)
+
+    np.testing.assert_array_equal(asyncio.run(run_async()), images)
+    # a fan-out client over two names of the same server: every replica's channel gets the TLS and the token
+    port = address.rpartition(":")[2]
+    with DecoderClient([f"127.0.0.1:{port}", f"localhost:{port}"], tls_ca=ca, token=TOKEN, stream_chunk=64) as fan:
+        many = fan.decode(np.repeat(z, 400, axis=0), dtype="uint8")
+        assert many.shape == (1200, 32, 32) and fan.health() == "SERVING"
+
+
+def test_plaintext_client_against_a_tls_port_fails_clearly(env: dict[str, Any]) -> None:
+    with DecoderClient(env["decoder"].address, tls=False, token=TOKEN, retries=0, timeout=10) as dec:
+        with pytest.raises(AevaeError) as info:
+            dec.decode(np.zeros((1, 4), np.float32))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "if it serves TLS, pass tls_ca=" in info.value.details()
+
+
+def test_mutual_tls_refuses_a_client_without_a_certificate(env: dict[str, Any]) -> None:
+    address, certs = env["encoder"].address, env["certs"]
+    with EncoderClient(address, tls_ca=str(certs["ca"]), token=TOKEN, retries=0, timeout=10) as enc:
+        with pytest.raises(AevaeError) as info:
+            enc.list_models()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "mutual TLS" in info.value.details() or "not signed" in info.value.details()
+    with EncoderClient(address, tls_ca=str(certs["ca"]), tls_cert=str(certs["client_cert"]),
+                       tls_key=str(certs["client_key"]), token=TOKEN) as enc:
+        assert [m.name for m in enc.list_models()] == ["vae"]
+        assert enc.encode(np.zeros((2, 28, 28), np.uint8)).mean.shape == (2, 4)
+
+
+def test_tokens_missing_wrong_and_rotated_while_health_and_reflection_answer(env: dict[str, Any]) -> None:
+    address, ca = env["decoder"].address, str(env["certs"]["ca"])
+    z = np.zeros((1, 4), np.float32)
+    with DecoderClient(address, tls_ca=ca, token="", retries=0) as anonymous:
+        assert anonymous.health() == "SERVING"  # probes need no token
+        with pytest.raises(AevaeError) as missing:
+            anonymous.decode(z)
+    assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "missing token" in missing.value.details() and "authorization: Bearer" in missing.value.details()
+    wrong = "not-the-token-" + "x" * 20
+    with DecoderClient(address, tls_ca=ca, token=wrong, retries=0) as dec:
+        with pytest.raises(AevaeError) as refused:
+            dec.decode(z)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and wrong not in refused.value.details()
+    assert TOKEN not in refused.value.details()
+    # reflection (the public schema) answers without a token
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(ca).read_bytes())) as channel:
+        answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        names = {s.name for answer in answers for s in answer.list_services_response.service}
+    assert "aevae.v1.Decoder" in names
+    # rotation without a restart: the file is re-read when it changes
+    env["token_file"].write_text("second-token-9876543210\n")
+    deadline = time.monotonic() + 20
+    with DecoderClient(address, tls_ca=ca, token="second-token-9876543210", retries=0) as new, \
+            DecoderClient(address, tls_ca=ca, token=TOKEN, retries=0) as old:
+        while True:
+            try:
+                new.decode(z)
+                break
+            except AevaeError as exc:
+                assert exc.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() < deadline
+                time.sleep(0.3)
+        with pytest.raises(AevaeError) as rotated_out:
+            old.decode(z)
+    assert rotated_out.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    env["token_file"].write_text(TOKEN + "\n")
+
+
+def test_a_public_host_without_tls_or_token_is_refused_unless_insecure(env: dict[str, Any], tmp_path: Path) -> None:
+    models = str(env["models"])
+    plain = run_aevae("serve", "decoder", "--host", "0.0.0.0", "--port", "0", "--models-dir", models,
+                      env=env["isolated"], timeout=120)
+    assert plain.returncode != 0 and "refusing to serve the decoder on 0.0.0.0" in plain.stderr
+    assert "TLS" in plain.stderr and "a token" in plain.stderr and "--insecure" in plain.stderr
+    token_only = run_aevae("serve", "decoder", "--host", "0.0.0.0", "--port", "0", "--models-dir", models,
+                           env={**env["isolated"], "AEVAE_TOKEN": TOKEN}, timeout=120)
+    assert token_only.returncode != 0 and "without TLS (--tls-cert, --tls-key)" in token_only.stderr
+    assert TOKEN not in token_only.stderr + token_only.stdout
+    with ServiceProcess("decoder", models, host="0.0.0.0", args=["--insecure", "--health-port", "0"],
+                        env=env["isolated"]) as loud:
+        loud.wait_healthy()
+        output = "".join(loud.output)
+        assert "WARNING: --insecure: listening on 0.0.0.0 without TLS" in output
+        assert "health (grpc.health.v1 only, plaintext)" in output
