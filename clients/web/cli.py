@@ -23,6 +23,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--classifier", type=Path, default=None, metavar="NPZ",
                    help="the digit classifier that judges samples (default: the one shipped with the UI, "
                         "exported from the report's by tools/export_classifier.py)")
+    from aevae.client.cli import add_security_arguments
+
+    add_security_arguments(p)  # how the UI server reaches the services
+    g = p.add_argument_group("who may use the UI")
+    g.add_argument("--login-token-file", default=None, metavar="FILE",
+                   help="tokens that log in to the page, one per line (default, when bound to a non-loopback "
+                        "address: the services' token); with one, every page and call needs the login")
+    g.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="another origin (scheme://host:port) whose pages may open the WebSocket and POST; "
+                        "repeatable (default: the page's own origin only)")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="another name the server answers for in the Host header (default: the bound host; "
+                        "on loopback also localhost, 127.0.0.1, ::1); repeatable")
+    g.add_argument("--https-cert", default=None, metavar="PEM", help="serve HTTPS with this certificate")
+    g.add_argument("--https-key", default=None, metavar="PEM", help="the HTTPS certificate's key")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a login (warns on every start)")
     p.set_defaults(func=run)
 
 
@@ -46,9 +63,56 @@ def run(args: argparse.Namespace) -> int:
     from aevae.ui.server import serve
     from aevae.ui.validity import DEFAULT_PATH
 
+    guard, security, ssl_context = _protection(args)
     try:
         serve(args.encoder, args.decoder, host=args.host, port=args.port, classifier=args.classifier or DEFAULT_PATH,
-              metrics_port=args.metrics_port)
+              metrics_port=args.metrics_port, guard=guard, security=security, ssl_context=ssl_context)
     except OSError as exc:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     return 0
+
+
+def _protection(args: argparse.Namespace):
+    """The Guard (Host, Origin, login), the services' ChannelSecurity and the HTTPS context from the options;
+    UserError for a non-loopback --host without a login unless --insecure."""
+    import ssl
+    import sys
+
+    from aevae.client import AevaeError
+    from aevae.client.cli import security_options
+    from aevae.client.credentials import ChannelSecurity, TokenFile
+    from aevae.ui.guard import Guard, is_loopback
+
+    try:
+        security = ChannelSecurity.resolve(**security_options(args), target=[args.encoder, args.decoder])
+    except AevaeError as exc:
+        raise UserError(exc.details()) from None
+    public = not is_loopback(args.host)
+    login: TokenFile | tuple[str, ...] | None = None
+    try:
+        if args.login_token_file:
+            login = TokenFile(args.login_token_file)
+        elif public and security.has_token:
+            login = security._tokens if security._tokens is not None else (security.current_token(),)
+    except ValueError as exc:
+        raise UserError(f"--login-token-file: {exc}") from None
+    if public and login is None:
+        if not args.insecure:
+            raise UserError(f"refusing to serve the UI on {args.host} without a login: anyone who can reach the "
+                            "port could use it. Give --login-token-file (or the services' token: --token-file, "
+                            "AEVAE_TOKEN), listen on 127.0.0.1, or pass --insecure when something else guards it")
+        print(f"aevae ui: WARNING: --insecure: serving on {args.host} without a login", file=sys.stderr, flush=True)
+    if public and login is not None and not args.https_cert:
+        print(f"aevae ui: note: the login token and the pages travel unencrypted on {args.host}; use --https-cert "
+              "and --https-key, or a TLS proxy in front", file=sys.stderr, flush=True)
+    ssl_context = None
+    if args.https_cert or args.https_key:
+        if not (args.https_cert and args.https_key):
+            raise UserError("--https-cert and --https-key go together")
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            ssl_context.load_cert_chain(args.https_cert, args.https_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise UserError(f"--https-cert/--https-key: {exc}") from None
+    guard = Guard.create(args.host, args.allow_host, args.allow_origin, login)
+    return guard, security, ssl_context

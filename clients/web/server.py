@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ import numpy as np
 from aiohttp import WSMsgType, web
 
 from aevae.client import AsyncDecoderClient, AsyncEncoderClient, ModelInfo
+from aevae.ui.guard import MAX_DECODES, TRANSPORT_MAX_BYTES, BadMessage, Guard, parse_json
 from aevae.ui.services import RequestRejected, ServiceDown, ServiceLink
 from aevae.ui.validity import DEFAULT_PATH as CLASSIFIER_PATH, Judge
 
@@ -39,6 +39,7 @@ MAX_IMAGES = 256
 MAX_IMAGE_SIDE = 256  # the encoder decides which shapes its model takes; this only bounds the request
 MAX_LATENTS = 1024
 MAX_SAMPLES = 64
+MAX_BODY = 8 * 1024 * 1024  # an HTTP request body
 
 
 @dataclass
@@ -157,9 +158,9 @@ def error_body(exc: Exception) -> tuple[int, dict[str, Any]]:
 
 async def json_body(request: web.Request, expected: str) -> dict[str, Any]:
     try:
-        payload = await request.json()
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"body must be JSON: {expected}") from exc
+        payload = parse_json(await request.read(), max_bytes=MAX_BODY)
+    except BadMessage as exc:
+        raise BadRequest(f"body: {exc}: {expected}") from exc
     if not isinstance(payload, dict):
         raise BadRequest(f"body must be a JSON object: {expected}")
     return payload
@@ -260,7 +261,8 @@ async def decode_reply(app: web.Application, message: dict[str, Any]) -> dict[st
 
 
 async def websocket(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(heartbeat=20)
+    # aiohttp closes the socket (1009) only past TRANSPORT_MAX_BYTES; below it, parse_json answers an error
+    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=TRANSPORT_MAX_BYTES)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     await ws.send_json(status_message(request.app))
@@ -275,13 +277,18 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
         if msg.type != WSMsgType.TEXT:
             continue
         try:
-            message = json.loads(msg.data)
-        except json.JSONDecodeError:
-            await ws.send_json({"op": "error", "error": "messages must be JSON"})
+            message = parse_json(msg.data)
+        except BadMessage as exc:
+            await ws.send_json({"op": "error", "error": str(exc)})
             continue
         if not isinstance(message, dict) or message.get("op") != "decode":
             await ws.send_json({"op": "error", "error": "accepted messages: {op: \"decode\", id, channel, model, "
                                                         "latents: [[...]]}"})
+            continue
+        if len(pending) >= MAX_DECODES:  # answered at once, never queued: a flood costs nothing downstream
+            await ws.send_json({"op": "error", "id": message.get("id"), "channel": message.get("channel"),
+                                "code": "RESOURCE_EXHAUSTED", "error": f"at most {MAX_DECODES} decodes in flight "
+                                "per connection; wait for a reply before sending more"})
             continue
         task = asyncio.create_task(handle(message))
         pending.add(task)
@@ -315,14 +322,18 @@ def add_routes(app: web.Application) -> None:
 
 
 def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
-               classifier: Path | None = CLASSIFIER_PATH, middlewares: Iterable[Any] = ()) -> web.Application:
-    app = web.Application(client_max_size=8 * 1024 * 1024, middlewares=list(middlewares))
+               classifier: Path | None = CLASSIFIER_PATH, middlewares: Iterable[Any] = (),
+               guard: Guard | None = None, security: Any = None) -> web.Application:
+    """`guard`: the Host, Origin and login checks (guard.py; default: those of a server bound to loopback);
+    `security`: the aevae.client ChannelSecurity for the services (default: from the environment)."""
+    guard = guard or Guard.create("127.0.0.1")
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware(), *middlewares])
 
     async def changed() -> None:
         await broadcast_status(app)
 
-    app[LINKS] = Links(encoder=ServiceLink("encoder", encoder, AsyncEncoderClient, changed),
-                       decoder=ServiceLink("decoder", decoder, AsyncDecoderClient, changed))
+    app[LINKS] = Links(encoder=ServiceLink("encoder", encoder, AsyncEncoderClient, changed, security),
+                       decoder=ServiceLink("decoder", decoder, AsyncDecoderClient, changed, security))
     app[JUDGE] = Judge(classifier)
     if app[JUDGE].classifier is None:
         log.warning("sample validity is off: %s", app[JUDGE].reason)
@@ -345,21 +356,27 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
     app.on_startup.append(start_watchers)
     app.on_shutdown.append(stop)
     add_routes(app)
+    guard.add_routes(app)
     return app
 
 
 def serve(encoder: str, decoder: str, host: str = "127.0.0.1", port: int = 8080,
-          classifier: Path | None = CLASSIFIER_PATH, metrics_port: int | None = None) -> None:
-    """Runs the UI server until interrupted (what `aevae ui` calls); Prometheus metrics on `metrics_port`."""
+          classifier: Path | None = CLASSIFIER_PATH, metrics_port: int | None = None, guard: Guard | None = None,
+          security: Any = None, ssl_context: Any = None) -> None:
+    """Runs the UI server until interrupted (what `aevae ui` calls); Prometheus metrics on `metrics_port`;
+    `guard`, `security`: see create_app; `ssl_context`: serve HTTPS."""
     middlewares: list[Any] = []
     if metrics_port is not None:
         from aevae.services import metrics
 
         metrics.serve_metrics(metrics_port, host, "ui")
         middlewares.append(metrics.ui_middleware())
-    app = create_app(encoder, decoder, classifier=classifier, middlewares=middlewares)
+    app = create_app(encoder, decoder, classifier=classifier, middlewares=middlewares,
+                     guard=guard or Guard.create(host), security=security)
     if metrics_port is not None:
         app[ROUND_TRIP] = metrics.observe_ui_decode
-    listening = f"aevae ui: http://{host}:{port}/  (encoder {encoder}, decoder {decoder})"
+    listening = (f"aevae ui: {'https' if ssl_context else 'http'}://{host}:{port}/  (encoder {encoder}, "
+                 f"decoder {decoder})")
     # aiohttp calls `print` once the socket is bound, so the line never announces a port that failed
-    web.run_app(app, host=host, port=port, print=lambda _: print(listening, flush=True), handle_signals=True)
+    web.run_app(app, host=host, port=port, print=lambda _: print(listening, flush=True), handle_signals=True,
+                ssl_context=ssl_context)

@@ -61,7 +61,10 @@ class ServiceLink(Generic[Client]):
     """One service at one address: its async client (of type `Client`) and its up/down status."""
 
     def __init__(self, service: str, target: str, client_type: type[Client],
-                 on_change: Callable[[], Awaitable[None]] | None = None):
+                 on_change: Callable[[], Awaitable[None]] | None = None, security: Any = None):
+        """`security`: the aevae.client ChannelSecurity (TLS, token) every client of this link gets (None:
+        from the environment, as any client)."""
+        self.security = security
         self.service = service
         self.target = target
         self.status = Status()
@@ -72,7 +75,7 @@ class ServiceLink(Generic[Client]):
 
     def _new_client(self, timeout: float) -> Client:
         # one quick retry: the page would rather hear "down" now than after a long backoff
-        return self._client_type(self.target, timeout=timeout, retries=1, backoff=0.05)
+        return self._client_type(self.target, timeout=timeout, retries=1, backoff=0.05, security=self.security)
 
     async def _close(self, client: Client) -> None:
         try:

@@ -1,0 +1,176 @@
+"""The UI server's guard and bounds, against a real decoder: foreign Origins, wrong Hosts and cross-site POSTs
+refused, the login when one is set, and a WebSocket that survives a flood, an oversized message and deeply
+nested JSON (issue 9). The UI runs in-process (aiohttp's test server), the decoder as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from aevae.services.process import ServiceProcess
+from aevae.ui.guard import MAX_DECODES, MAX_MESSAGE_BYTES, Guard
+from aevae.ui.server import LINKS, create_app
+from helpers import run_aevae, write_tiny
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    models = tmp_path_factory.mktemp("ui-hardening") / "models"
+    write_tiny(models, "vae", "vae")
+    isolated = {"AEVAE_TOKEN": "", "AEVAE_TOKEN_FILE": "", "XDG_CONFIG_HOME": str(models.parent / "config")}
+    with ServiceProcess("decoder", models, env=isolated) as service:
+        service.wait_healthy()
+        yield service
+
+
+def run(decoder: ServiceProcess, scenario: Any, guard: Guard | None = None) -> Any:
+    """Runs `scenario(session, base_url, app)` against a fresh UI app over the real decoder."""
+    async def main() -> Any:
+        app = create_app("127.0.0.1:1", decoder.address, poll_interval=0.2, classifier=None, guard=guard,
+                         security=None)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:  # IP hosts
+                return await scenario(session, f"http://127.0.0.1:{server.port}", app)
+        finally:
+            await server.close()
+    return asyncio.run(main())
+
+
+def test_foreign_origin_websocket_wrong_host_and_cross_site_posts_are_refused(decoder: ServiceProcess) -> None:
+    async def scenario(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        host = base.removeprefix("http://")
+        with pytest.raises(aiohttp.WSServerHandshakeError) as foreign:
+            await session.ws_connect(f"{base}/ws", headers={"Origin": "https://evil.example"})
+        assert foreign.value.status == 403
+        async with session.ws_connect(f"{base}/ws", headers={"Origin": base}) as ws:  # same origin works
+            assert (await ws.receive_json(timeout=10))["op"] == "status"
+        async with session.get(f"{base}/api/status", headers={"Host": "rebound.example:8080"}) as wrong_host:
+            assert wrong_host.status == 421 and "--allow-host" in (await wrong_host.json())["error"]
+        async with session.get(f"{base}/api/status", headers={"Host": f"localhost:{host.rpartition(':')[2]}"}) as ok:
+            assert ok.status == 200
+        body = json.dumps({"model": "vae", "shape": [28, 28], "images": []})
+        async with session.post(f"{base}/api/encode", data=body, headers={"Content-Type": "text/plain"}) as form:
+            assert form.status == 415  # what a cross-site form can send, refused before parsing
+        async with session.post(f"{base}/api/encode", data=body, headers={
+                "Content-Type": "application/json", "Origin": "https://evil.example"}) as cross:
+            assert cross.status == 403 and "cross-origin" in (await cross.json())["error"]
+        async with session.post(f"{base}/api/encode", data=body, headers={
+                "Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}) as fetch_meta:
+            assert fetch_meta.status == 403
+        async with session.post(f"{base}/api/encode", data=body, headers={
+                "Content-Type": "application/json", "Origin": base}) as same:
+            assert same.status == 400 and "images" in (await same.json())["error"]  # reached the handler
+
+    run(decoder, scenario)
+    allowed = Guard.create("127.0.0.1", allow_hosts=["aevae.internal"], allow_origins=["https://portal.example"])
+
+    async def allowed_scenario(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        port = base.rpartition(":")[2]
+        async with session.get(f"{base}/api/status", headers={"Host": f"aevae.internal:{port}"}) as named:
+            assert named.status == 200
+        async with session.ws_connect(f"{base}/ws", headers={"Origin": "https://portal.example"}) as ws:
+            assert (await ws.receive_json(timeout=10))["op"] == "status"
+
+    run(decoder, allowed_scenario, allowed)
+
+
+def test_login_is_required_when_a_login_token_is_set(decoder: ServiceProcess) -> None:
+    guard = Guard.create("0.0.0.0", login=("ui-secret-token",))
+
+    async def scenario(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        async with session.get(f"{base}/", allow_redirects=False) as page:
+            assert page.status == 302 and page.headers["Location"] == "/login"
+        async with session.get(f"{base}/api/models") as api:
+            assert api.status == 401
+        with pytest.raises(aiohttp.WSServerHandshakeError) as ws_refused:
+            await session.ws_connect(f"{base}/ws")
+        assert ws_refused.value.status == 401
+        async with session.get(f"{base}/api/status") as status:  # the container health check stays open
+            assert status.status == 200
+        async with session.get(f"{base}/?token=wrong", allow_redirects=False) as wrong:
+            assert wrong.status == 401
+        async with session.get(f"{base}/?token=ui-secret-token", allow_redirects=False) as login:
+            assert login.status == 302 and "aevae_session" in login.cookies
+            assert "httponly" in login.headers["Set-Cookie"].lower()
+        async with session.get(f"{base}/api/models") as api:  # the cookie now
+            assert api.status == 200
+        async with session.ws_connect(f"{base}/ws") as ws:
+            assert (await ws.receive_json(timeout=10))["op"] == "status"
+
+    run(decoder, scenario, guard)
+
+    async def bearer(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        async with session.get(f"{base}/api/models", headers={"Authorization": "Bearer ui-secret-token"}) as api:
+            assert api.status == 200
+
+    run(decoder, bearer, guard)
+
+
+def test_websocket_bounds_a_flood_an_oversized_message_and_deep_json(decoder: ServiceProcess) -> None:
+    async def scenario(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        link = app[LINKS].decoder
+        real_call, state = link.call, {"now": 0, "peak": 0}
+
+        async def counted(request: Any) -> Any:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+            try:
+                return await real_call(request)
+            finally:
+                state["now"] -= 1
+
+        link.call = counted
+        async with session.ws_connect(f"{base}/ws") as ws:
+            assert (await ws.receive_json(timeout=10))["op"] == "status"
+            sent = 2000
+            for i in range(sent):
+                await ws.send_str(json.dumps({"op": "decode", "id": i, "channel": "main", "model": "vae",
+                                              "latents": [[0.1, 0.2, 0.3, 0.4]]}))
+            replies: dict[str, int] = {}
+            statuses = []
+            while sum(replies.values()) < sent:
+                message = await ws.receive_json(timeout=60)
+                if message["op"] == "status":
+                    statuses.append(message)
+                    continue
+                key = message["op"] if message["op"] == "decoded" else message.get("code", message["error"])
+                replies[key] = replies.get(key, 0) + 1
+            assert set(replies) <= {"decoded", "RESOURCE_EXHAUSTED"}, replies
+            assert replies.get("decoded", 0) >= 1 and replies.get("RESOURCE_EXHAUSTED", 0) >= 1, replies
+            assert state["peak"] <= MAX_DECODES, state
+            assert all(s["services"]["decoder"]["state"] != "down" for s in statuses)
+            assert app[LINKS].decoder.status.state == "up"
+
+            await ws.send_str(json.dumps({"op": "decode", "pad": "x" * (5 * 1024 * 1024)}))  # 5 MB
+            big = await ws.receive_json(timeout=30)
+            assert big["op"] == "error" and f"over the limit of {MAX_MESSAGE_BYTES} bytes" in big["error"]
+            await ws.send_str("[" * 100_000 + "]" * 100_000)
+            deep = await ws.receive_json(timeout=30)
+            assert deep["op"] == "error" and "nested deeper than" in deep["error"]
+            await ws.send_str('{"op": "decode", "x": ' + "[" * 20 + "1" + "]" * 20 + "}")  # no RecursionError
+            assert "nested deeper than" in (await ws.receive_json(timeout=30))["error"]
+            # the socket is still open and still decodes
+            await ws.send_str(json.dumps({"op": "decode", "id": 1, "channel": "main", "model": "vae",
+                                          "latents": [[0.0, 0.0, 0.0, 0.0]]}))
+            while (last := await ws.receive_json(timeout=30))["op"] == "status":
+                pass
+            assert last["op"] == "decoded" and last["id"] == 1
+        async with session.post(f"{base}/api/samples", data="[" * 100_000,
+                                headers={"Content-Type": "application/json"}) as deep_post:
+            assert deep_post.status == 400 and "nested deeper" in (await deep_post.json())["error"]
+
+    run(decoder, scenario)
+
+
+def test_ui_on_a_public_address_needs_a_login_unless_insecure(tmp_path: Path) -> None:
+    isolated = {"AEVAE_TOKEN": "", "AEVAE_TOKEN_FILE": "", "XDG_CONFIG_HOME": str(tmp_path)}
+    refused = run_aevae("ui", "--host", "0.0.0.0", "--port", "0", env=isolated, timeout=60)
+    assert refused.returncode != 0 and "without a login" in refused.stderr and "--insecure" in refused.stderr
