@@ -205,8 +205,10 @@ def rate_distortion(curves: Sequence[dict], floor: float, path: Path) -> Path:
     right.set_xscale("log", base=2)
     right.set_title("At equal code size (dashed: float32; lower is better)", fontsize=10)
     left.legend(fontsize=9, loc="upper right")
-    fig.text(0.5, -0.02, f"Points above {top:.0f} nats (1-2 bits per dimension) are off the scale; the table "
-             "below has every value.", ha="center", fontsize=8)
+    off = sorted({b for c in curves for b, v in zip(c["bits_per_dim"], c["bce"]) if v > top})
+    if off:
+        fig.text(0.5, -0.02, f"Off the scale (above {top:.0f} nats): {', '.join(map(str, off))} bit(s) per dimension; "
+                 "the table below has every value.", ha="center", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 

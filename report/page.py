@@ -29,7 +29,7 @@ th, td { border: 1px solid #ddd; padding: 3px 9px; text-align: right; } th { bac
 td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; display: block; margin: 0.8em 0; }
 .note { color: #555; font-size: 14px; } code { background: #f4f4f4; padding: 0 3px; }
-table.claims td { text-align: left; vertical-align: top; } table.claims td.rule { color: #555; font-size: 12.5px; }
+table.claims td, table.claims th { text-align: left; vertical-align: top; } table.claims td.rule { color: #555; font-size: 12.5px; }
 .verdict { font-weight: 600; white-space: nowrap; } .supported { color: #067647; } .partly { color: #9a6700; }
 .not-reproduced { color: #b42318; }
 """
