@@ -208,7 +208,7 @@ def test_the_images_pin_the_versions_tested_here() -> None:
 
     pins = dict(line.split("==") for line in (DEPLOY / "docker" / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
-    for package in ("grpcio", "protobuf", "numpy", "ray", "torch", "aiohttp"):
+    for package in ("grpcio", "protobuf", "numpy", "onnxruntime", "tritonclient", "ray", "torch", "aiohttp"):
         assert pins.get(package) == version(package), f"constraints.txt pins {package} {pins.get(package)}"
     args = dict(re.findall(r"^ARG (\w+)=(\S+)$", DOCKERFILE.read_text(), re.MULTILINE))
     assert args["TORCH_VERSION"] == pins["torch"] and args["TORCHVISION_VERSION"] == pins["torchvision"]

@@ -103,7 +103,7 @@ def check_images(version: str, env: dict[str, str]) -> dict[str, str]:
         config = info["Config"]
         if config.get("User") != "10001:10001":
             raise SmokeFailure(f"{image} runs as {config.get('User')!r}, not 10001:10001")
-        if not config.get("Healthcheck", {}).get("Test"):
+        if not (info.get("Healthcheck") or config.get("Healthcheck") or {}).get("Test"):  # podman, docker
             raise SmokeFailure(f"{image} has no HEALTHCHECK (built without --format docker?)")
         labels = config.get("Labels") or {}
         for label in ("version", "source", "revision"):
@@ -315,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             models = train_small(folder)
         readable_by_all(folder)
         ports = {name: free_port() for name in SERVICES}
-        env.update(AEVAE_MODELS=str(models), AEVAE_ENCODER_PORT=str(ports["encoder"]),
-                   AEVAE_DECODER_PORT=str(ports["decoder"]), AEVAE_UI_PORT=str(ports["ui"]))
+        env.update(AEVAE_MODELS=str(models), AEVAE_TOKEN="")
+        for name in SERVICES:  # the published ports: free ones, so that nothing here clashes
+            env[f"AEVAE_{name.upper()}_PORT"] = str(ports[name])
+            env[f"AEVAE_{name.upper()}_METRICS_PORT"] = str(free_port())
         stack = Stack(f"aevae-smoke-{os.getpid()}", env)
         t0 = time.monotonic()
         stack("up", "-d", timeout=300)
@@ -348,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if stack is not None and not args.keep:
             stack("down", "-v", "-t", "15", timeout=120, check=False)
+            left = run(["podman", "ps", "-aq", "--filter", f"label=io.podman.compose.project={stack.project}"],
+                       check=False, env=env).stdout.split()
+            if left:  # e.g. a container that `restart: unless-stopped` was restarting during `down`
+                run(["podman", "rm", "-f", "-t", "5", *left], check=False, env=env)
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
     print("smoke: passed\n" + "\n".join(f"  {line}" for line in summary), flush=True)
