@@ -152,3 +152,33 @@ def test_a_public_host_without_tls_or_token_is_refused_unless_insecure(env: dict
         output = "".join(loud.output)
         assert "WARNING: --insecure: listening on 0.0.0.0 without TLS" in output
         assert "health (grpc.health.v1 only, plaintext)" in output
+
+
+def test_the_ui_server_reaches_tls_and_token_services(env: dict[str, Any]) -> None:
+    """The UI's links carry the TLS and the token: a WebSocket decode through the TLS decoder works; with no
+    token configured the decoder's UNAUTHENTICATED reaches the page as an error, not a "down" service."""
+    import aiohttp
+    from aiohttp.test_utils import TestServer
+
+    from aevae.ui.server import LINKS, create_app
+
+    async def decode_once(security: ChannelSecurity) -> tuple[dict[str, Any], str]:
+        app = create_app("127.0.0.1:1", env["decoder"].address, classifier=None, security=security)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        try:
+            async with aiohttp.ClientSession() as session, \
+                    session.ws_connect(f"http://127.0.0.1:{server.port}/ws") as ws:
+                await ws.send_json({"op": "decode", "id": 1, "channel": "main", "model": "vae",
+                                    "latents": [[0.0, 0.0, 0.0, 0.0]]})
+                while (reply := await ws.receive_json(timeout=30))["op"] == "status":
+                    pass
+                return reply, app[LINKS].decoder.status.state
+        finally:
+            await server.close()
+
+    ca = str(env["certs"]["ca"])
+    reply, _ = asyncio.run(decode_once(ChannelSecurity.resolve(token=TOKEN, tls_ca=ca)))
+    assert reply["op"] == "decoded" and reply["shape"] == [32, 32]
+    refused, state = asyncio.run(decode_once(ChannelSecurity.resolve(token="", tls_ca=ca)))
+    assert refused["op"] == "error" and refused["code"] == "UNAUTHENTICATED" and state != "down"

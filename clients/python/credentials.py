@@ -97,7 +97,8 @@ class TokenFile:
         return self.tokens
 
     def first(self) -> str:
-        return self.refresh()[0] if self.refresh() else ""
+        tokens = self.refresh()
+        return tokens[0] if tokens else ""
 
 
 def _read(value: str | bytes | os.PathLike[str] | None, what: str) -> bytes | None:
