@@ -118,6 +118,16 @@ def test_tokens_missing_wrong_and_rotated_while_health_and_reflection_answer(env
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         names = {s.name for answer in answers for s in answer.list_services_response.service}
     assert "aevae.v1.Decoder" in names
+    # the Open Inference Protocol is behind the same check (tritonclient sends the token as a header)
+    import tritonclient.grpc as triton
+    from tritonclient.utils import InferenceServerException
+
+    oip = triton.InferenceServerClient(address, ssl=True, root_certificates=ca)
+    with pytest.raises(InferenceServerException) as oip_refused:
+        oip.get_model_metadata("vae")
+    assert "UNAUTHENTICATED" in str(oip_refused.value.status()) + str(oip_refused.value)
+    assert oip.get_model_metadata("vae", headers={"authorization": f"Bearer {TOKEN}"}).name == "vae"
+    oip.close()
     # rotation without a restart: the file is re-read when it changes
     env["token_file"].write_text("second-token-9876543210\n")
     deadline = time.monotonic() + 20
