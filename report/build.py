@@ -191,7 +191,8 @@ def run(config: ReportConfig) -> dict[str, Any]:
         shown = ("vae: N(0, I)", "ae: N(0, I)", "ae: uniform in its box", "vae: uniform in its box")
         grids = {label: (sources[label][:64], valid[label][:64]) for label in shown}
         save("samples", figures.sample_grids(grids, out / FIGURES / "samples.png"))
-        save("validity", figures.validity_bars(validity, digit_classifier.CONFIDENCE, out / FIGURES / "validity.png"))
+        save("validity", figures.validity_bars(validity, digit_classifier.CONFIDENCE, out / FIGURES / "validity.png",
+                                               {label: (x["lo"], x["hi"]) for label, x in shares.items()}))
         test_probs = classifier.probabilities(test, gate=False)
         numbers["samples"] = {
             "count": n, "threshold": digit_classifier.CONFIDENCE, "validity": validity, "shares": shares,

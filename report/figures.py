@@ -137,13 +137,19 @@ def interpolations(figure: Mapping, path: Path) -> Path:
     return _save(fig, path)
 
 
-def validity_bars(scores: Mapping[str, float], threshold: float, path: Path) -> Path:
+def validity_bars(scores: Mapping[str, float], threshold: float, path: Path,
+                  intervals: Mapping[str, tuple[float, float]] | None = None) -> Path:
+    """One bar per source; with `intervals`, their 95 % intervals as error bars."""
     names = list(scores)
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.2))
     y = np.arange(len(names))[::-1]
-    ax.barh(y, [scores[n] for n in names], color=[color(n.split(":")[0]) for n in names])
+    xerr = None
+    if intervals:
+        xerr = np.array([[scores[n] - intervals[n][0] for n in names], [intervals[n][1] - scores[n] for n in names]])
+    ax.barh(y, [scores[n] for n in names], color=[color(n.split(":")[0]) for n in names], xerr=xerr,
+            error_kw={"elinewidth": 1, "capsize": 3})
     for yi, n in zip(y, names):
-        ax.text(min(scores[n] + 0.01, 0.9), yi, f"{scores[n]:.1%}", va="center", fontsize=9)
+        ax.text(min(scores[n] + 0.06, 0.9), yi, f"{scores[n]:.1%}", va="center", fontsize=9)
     ax.set_yticks(y, names)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"share assigned to one digit with probability >= {threshold}")
