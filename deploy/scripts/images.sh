@@ -34,12 +34,15 @@ base_image() {
     echo "$DEFAULT_BASE"; return
   fi
   if ! "$ENGINE" image inspect "$DEBIAN_BASE" >/dev/null 2>&1; then
-    echo "images.sh: $DEFAULT_BASE cannot be pulled; building $DEBIAN_BASE from Debian's packages" >&2
-    ENGINE="$ENGINE" deploy/scripts/debian-base.sh "$DEBIAN_BASE" >&2
+    echo "images.sh: $DEFAULT_BASE cannot be pulled; building $DEBIAN_BASE from Debian's packages" >"$NOTE"
+    ENGINE="$ENGINE" deploy/scripts/debian-base.sh "$DEBIAN_BASE" >>"$NOTE"
   fi
   echo "$DEBIAN_BASE"
 }
-BASE="$(base_image)"
+NOTE="$(mktemp)"
+trap 'rm -f "$NOTE"' EXIT
+BASE="$(base_image)" || { cat "$NOTE" >&2; exit 1; }
+cat "$NOTE"
 
 ca_bundle() {
   for f in "${PIP_CA:-}" "${PIP_CERT:-}" "${REQUESTS_CA_BUNDLE:-}" "${SSL_CERT_FILE:-}" /etc/ssl/certs/ca-certificates.crt; do
