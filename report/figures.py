@@ -145,7 +145,8 @@ def validity_bars(scores: Mapping[str, float], threshold: float, path: Path,
     y = np.arange(len(names))[::-1]
     xerr = None
     if intervals:
-        xerr = np.array([[scores[n] - intervals[n][0] for n in names], [intervals[n][1] - scores[n] for n in names]])
+        xerr = np.maximum(0.0, [[scores[n] - intervals[n][0] for n in names],
+                                [intervals[n][1] - scores[n] for n in names]])
     ax.barh(y, [scores[n] for n in names], color=[color(n.split(":")[0]) for n in names], xerr=xerr,
             error_kw={"elinewidth": 1, "capsize": 3})
     for yi, n in zip(y, names):

@@ -170,6 +170,9 @@ def test_wilson_interval() -> None:
     assert claims.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert claims.wilson(737, 1000) == pytest.approx((0.7088, 0.7634), abs=1e-4)
     assert claims.wilson(3, 0) == (0.0, 1.0)
+    for k, n in ((0, 1000), (1000, 1000), (0, 7), (1, 3)):  # the share itself always lies inside
+        lo, hi = claims.wilson(k, n)
+        assert lo <= k / n <= hi
 
 
 def _numbers(vae_share: tuple[int, int], ae_share: tuple[int, int], box: tuple[int, int], vae_box: tuple[int, int],
