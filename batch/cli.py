@@ -169,14 +169,22 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         if args.address or args.models_dir:
             raise UserError(f"--{service} runs the job on running services; --address and --models-dir are for "
                             "the Ray engine")
-        from aevae.client import DecoderClient, EncoderClient
+        from aevae.client import AevaeError, DecoderClient, EncoderClient
 
         cls = DecoderClient if service == "decoder" else EncoderClient
-        client = cls(targets, timeout=args.timeout)
-        ref = fleet_model(client, f"--{service}", args.model, args.version)
+        try:
+            client = cls(targets, timeout=args.timeout)
+        except AevaeError as exc:  # a target that is not host:port, a name that does not resolve
+            raise UserError(f"--{service} {targets}: {exc.details()}") from None
+        try:
+            ref = fleet_model(client, f"--{service}", args.model, args.version)
+            source = source_from_args(args, ref.latent_dim, ref.image_shape)
+        except BaseException:
+            client.close()
+            raise
     else:
         ref = models.resolve(args.models_dir, args.model, args.version)
-    source = source_from_args(args, ref.latent_dim, ref.image_shape)
+        source = source_from_args(args, ref.latent_dim, ref.image_shape)
     meta = {"op": args.op, "model": ref.describe()}
     sink = Sink(args.output, args.format, args.image_format, meta, id_digits=max(6, len(str(source.rows - 1))))
     return Job(args.op, ref, source, sink, shard_size=args.shard_size), client, service
