@@ -18,27 +18,34 @@ ENCODER, DECODER = "encoder.onnx", "decoder.onnx"  # as aevae.onnx_export writes
 
 
 class OnnxRuntime:
+    """Two sessions per graph: a single-threaded one for small batches (waking a thread pool costs more than
+    the arithmetic of a few rows) and one with `threads` intra-op threads for the rest."""
+
     name = "onnx"
+    SMALL = 64  # rows up to which the single-threaded session runs
 
     def __init__(self, version: Version, threads: int | None = None):
+        def session(graph: str, intra: int | None) -> Any:
+            options = ort.SessionOptions()
+            options.inter_op_num_threads = 1
+            if intra:
+                options.intra_op_num_threads = intra
+            # Idle pool threads sleep instead of spinning: the gRPC threads share these cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            return ort.InferenceSession(str(version.file(graph)), options, providers=["CPUExecutionProvider"])
+
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.inter_op_num_threads = 1
-        if threads:
-            options.intra_op_num_threads = threads
-        # Idle worker threads sleep instead of spinning: the gRPC threads share these cores.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.encoder = ort.InferenceSession(str(version.file(ENCODER)), options, providers=["CPUExecutionProvider"])
-        self.decoder = ort.InferenceSession(str(version.file(DECODER)), options, providers=["CPUExecutionProvider"])
-        self._variational = len(self.encoder.get_outputs()) == 2
+        self.encoders = (session(ENCODER, 1), session(ENCODER, threads))
+        self.decoders = (session(DECODER, 1), session(DECODER, threads))
+        self._variational = len(self.encoders[0].get_outputs()) == 2
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        outputs = self.encoder.run(None, {"images": images})
+        outputs = self.encoders[len(images) > self.SMALL].run(None, {"images": images})
         return outputs[0], outputs[1] if self._variational else None
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self.decoder.run(None, {"latents": latents})[0]
+        return self.decoders[len(latents) > self.SMALL].run(None, {"latents": latents})[0]
 
 
 class TorchRuntime:

@@ -73,25 +73,39 @@ class Batcher(Generic[Item, Result]):
         return batch
 
     def _flush(self, key: Hashable) -> None:
+        """Runs the waiting batches of a group: small ones right here on the event loop (no thread hop, no
+        task), a big one in the executor, after which the group is flushed again."""
         group = self._groups[key]
-        if group.busy:
-            return
-        batch = self._take(group)
-        if not batch:
-            self._groups.pop(key, None)
-            return
-        group.busy = True
-        asyncio.ensure_future(self._run(key, group, batch))
+        while not group.busy:
+            batch = self._take(group)
+            if not batch:
+                self._groups.pop(key, None)
+                return
+            items = [item for item, _ in batch]
+            rows = sum(map(self.rows, items))
+            if rows <= self.runner.inline_max:
+                try:
+                    results: list[Any] = self.run(items)
+                except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
+                    results = [exc] * len(batch)
+                self._deliver(batch, results)
+            else:
+                group.busy = True
+                asyncio.ensure_future(self._run_off_loop(key, group, batch, rows))
 
-    async def _run(self, key: Hashable, group: _Group[Item, Result],
-                   batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+    async def _run_off_loop(self, key: Hashable, group: _Group[Item, Result],
+                            batch: list[tuple[Item, asyncio.Future[Result]]], rows: int) -> None:
         items = [item for item, _ in batch]
         try:
-            results: list[Any] = await self.runner(lambda: self.run(items), sum(map(self.rows, items)), True)
+            results: list[Any] = await self.runner(lambda: self.run(items), rows, False)
         except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
             results = [exc] * len(batch)
         finally:
             group.busy = False
+        self._deliver(batch, results)
+        self._flush(key)
+
+    def _deliver(self, batch: list[tuple[Item, asyncio.Future[Result]]], results: list[Any]) -> None:
         self.batches += 1
         self.merged += len(batch) if len(batch) > 1 else 0
         for (_, future), result in zip(batch, results):
@@ -101,7 +115,3 @@ class Batcher(Generic[Item, Result]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-        if group.waiting:
-            self._flush(key)
-        else:
-            self._groups.pop(key, None)

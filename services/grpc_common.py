@@ -9,7 +9,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, NamedTuple, Protocol, TypeVar
 
 import grpc
 
@@ -68,9 +68,18 @@ def register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor,
         make = _HANDLERS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(getattr(servicer, method.name),
                                      request_deserializer=_parser(request_class, max_message_bytes),
-                                     response_serializer=response_class.SerializeToString)
+                                     response_serializer=_serializer(response_class))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _serializer(message_class: Any) -> Callable[[Any], bytes]:
+    """The message's own serializer, passing through responses a servicer has serialized already."""
+    serialize = message_class.SerializeToString
+
+    def serializer(response: Any) -> bytes:
+        return response if isinstance(response, bytes) else serialize(response)
+    return serializer
 
 
 def readable(request: R | Unreadable) -> R:
@@ -138,6 +147,9 @@ class Engine:
     batch_rows: int = 256
     batch_wait_s: float = 0.0
     stream_depth: int = 2
+    # Bulk responses leave as bytes serialized with one copy of their data (aevae.v1.tensors); off where
+    # another layer serializes the response itself (Ray Serve's proxy).
+    raw_responses: bool = True
 
 
 class Aborts(Protocol):
@@ -200,13 +212,21 @@ async def pipelined(
                 value.cancel()
 
 
+class Reply(NamedTuple):
+    """One answer of a servicer: which model version served it, and the response (a message, or its bytes)."""
+
+    model: str
+    version: int
+    response: Any
+
+
 async def served_stream(
     context: Aborts,
     admission: Admission,
     requests: AsyncIterator[Any],
-    submit: Callable[[int, Any], Awaitable[T]],
+    submit: Callable[[int, Any], Awaitable[Reply]],
     depth: int,
-) -> AsyncIterator[T]:
+) -> AsyncIterator[Any]:
     """A streaming RPC: each request answered by one response, in order, `depth` at once.
 
     A whole stream is served by one version: the first message resolves "newest", and later messages that
@@ -216,23 +236,23 @@ async def served_stream(
     pinned: dict[str, int] = {}
     first_done = asyncio.Event()
 
-    async def handle(index: int, message: Any) -> T:
+    async def handle(index: int, message: Any) -> Any:
         if index > 0:
             await first_done.wait()
         try:
             request = readable(message)
             if not request.version and request.model in pinned:
                 request.version = pinned[request.model]
-            response: Any = await submit(index, request)
+            reply = await submit(index, request)
         except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
             raise prefixed(exc, f"message {index}") from None
         finally:
             if index == 0:
                 first_done.set()
-        pinned.setdefault(response.model, response.version)
-        return response
+        pinned.setdefault(reply.model, reply.version)
+        return reply.response
 
-    async def admitted() -> AsyncIterator[T]:
+    async def admitted() -> AsyncIterator[Any]:
         with admission.call():
             async for response in pipelined(requests, handle, depth):
                 yield response

@@ -8,9 +8,9 @@ import grpc
 
 from aevae.services.batching import Batcher
 from aevae.services.decoder import DecodeJob, Decoded, DecoderLogic
-from aevae.services.grpc_common import Engine, guarded, models_response, readable, served_stream
+from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, served_stream
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
-from aevae.v1.tensors import from_tensor, to_tensor, version_from_wire
+from aevae.v1.tensors import from_tensor, serialize_with_data, tensor_head, to_tensor, version_from_wire
 
 
 class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
@@ -21,7 +21,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
             max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s)
 
-    async def _decode(self, request: decoder_pb2.DecodeRequest) -> decoder_pb2.DecodeResponse:
+    async def _decode(self, request: decoder_pb2.DecodeRequest) -> Reply:
         """One message: validated on its own, then decoded together with whatever else is waiting."""
         with self.engine.admission.hold(request.ByteSize()):
             version = version_from_wire(request.version)
@@ -29,17 +29,21 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, latents, request.dtype),
                                         len(latents), self.logic.ready(request.model, version))
             out = await self.batcher.submit(job)
-        return decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images))
+        if self.engine.raw_responses:  # the images' bytes copied once, straight into the wire message
+            head = decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=tensor_head(out.images))
+            return Reply(out.model, out.version, serialize_with_data(head, 3, out.images))
+        return Reply(out.model, out.version,
+                     decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images)))
 
-    async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> decoder_pb2.DecodeResponse:
-        async def call() -> decoder_pb2.DecodeResponse:
+    async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> decoder_pb2.DecodeResponse | bytes:
+        async def call() -> Any:
             with self.engine.admission.call():
-                return await self._decode(readable(request))
+                return (await self._decode(readable(request))).response
 
         return await guarded(context, call())
 
     async def DecodeStream(self, request_iterator: AsyncIterator[Any],
-                           context: grpc.aio.ServicerContext) -> AsyncIterator[decoder_pb2.DecodeResponse]:
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[decoder_pb2.DecodeResponse | bytes]:
         async for response in served_stream(context, self.engine.admission, request_iterator,
                                             lambda _, r: self._decode(r), self.engine.stream_depth):
             yield response

@@ -10,7 +10,7 @@ import numpy as np
 
 from aevae.services.batching import Batcher
 from aevae.services.encoder import Encoded, EncodeJob, EncoderLogic
-from aevae.services.grpc_common import Engine, guarded, models_response, readable, served_stream
+from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, served_stream
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor, version_from_wire
 
@@ -23,8 +23,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
             max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s)
 
-    async def _encode(self, request: encoder_pb2.EncodeRequest,
-                      noise: np.random.Generator | None) -> encoder_pb2.EncodeResponse:
+    async def _encode(self, request: encoder_pb2.EncodeRequest, noise: np.random.Generator | None) -> Reply:
         """One message: validated on its own, then encoded together with whatever else is waiting."""
         with self.engine.admission.hold(request.ByteSize()):
             version = version_from_wire(request.version)
@@ -37,13 +36,13 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             response.logvar.CopyFrom(to_tensor(out.logvar))
         if out.sample is not None:
             response.sample.CopyFrom(to_tensor(out.sample))
-        return response
+        return Reply(out.model, out.version, response)
 
     async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         async def call() -> encoder_pb2.EncodeResponse:
             with self.engine.admission.call():
                 message = readable(request)
-                return await self._encode(message, _noise(message))
+                return (await self._encode(message, _noise(message))).response
 
         return await guarded(context, call())
 
@@ -55,7 +54,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
         state: dict[str, np.random.Generator | None] = {}
         lock = asyncio.Lock()
 
-        async def submit(index: int, request: encoder_pb2.EncodeRequest) -> encoder_pb2.EncodeResponse:
+        async def submit(index: int, request: encoder_pb2.EncodeRequest) -> Reply:
             if not request.sample:
                 return await self._encode(request, None)
             if "noise" not in state:

@@ -84,6 +84,7 @@ class _Replica:
         self.store = open_store(self.settings)
         self.executor = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="aevae-serve")
         self.engine = engine(self.settings, self.executor)
+        self.engine.raw_responses = False  # Serve's proxy serializes the messages itself
 
     def __del__(self) -> None:
         self.executor.shutdown(wait=False)

@@ -1,7 +1,9 @@
-"""DecoderClient and AsyncDecoderClient: latents in, N x 32 x 32 images out, for any N.
+"""DecoderClient and AsyncDecoderClient: latents in, N x H x W images out (the model's shape), for any N.
 
 A batch that fits one message goes as one Decode call; a bigger one streams through DecodeStream in chunks,
-and the responses, which come back in order, are written into one preallocated array.
+and the responses, which come back in order, are written into one preallocated array. Responses are read
+without copying their images (TensorResponse.parse views the received bytes), so each image is copied once:
+into the output.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from aevae.client.base import AsyncClient, SyncClient
 from aevae.client.core import ServerLimits, output_dtype, prepare_latents, spans, wire_version
 from aevae.client.errors import AevaeError
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
-from aevae.v1.tensors import from_tensor, to_tensor
+from aevae.v1.tensors import TensorResponse, to_tensor
 
 
 class _Plan:
@@ -46,14 +48,14 @@ class _Plan:
         for start, stop in self.spans:
             yield self.request(start, stop)
 
-    def unary_result(self, response: decoder_pb2.DecodeResponse) -> np.ndarray:
-        return from_tensor(response.images, "images").copy()
+    def unary_result(self, response: TensorResponse) -> np.ndarray:
+        return response.array.copy()
 
-    def add(self, response: decoder_pb2.DecodeResponse) -> None:
+    def add(self, response: TensorResponse) -> None:
         if self.received >= len(self.spans):
             raise AevaeError(grpc.StatusCode.INTERNAL, f"the server sent more than {len(self.spans)} responses")
         start, stop = self.spans[self.received]
-        images = from_tensor(response.images, "images")
+        images = response.array
         if len(images) != stop - start:
             raise AevaeError(grpc.StatusCode.INTERNAL,
                              f"response {self.received} holds {len(images)} images, expected {stop - start}")
@@ -69,17 +71,28 @@ class _Plan:
         return self.out
 
 
+def _stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """The Decoder stub, its two decode methods reading responses with TensorResponse.parse."""
+    stub = decoder_pb2_grpc.DecoderStub(channel)  # type: ignore[arg-type]  # the sync and aio stubs alike
+    request = decoder_pb2.DecodeRequest.SerializeToString
+    stub.Decode = channel.unary_unary("/aevae.v1.Decoder/Decode", request_serializer=request,
+                                      response_deserializer=TensorResponse.parse)
+    stub.DecodeStream = channel.stream_stream("/aevae.v1.Decoder/DecodeStream", request_serializer=request,
+                                              response_deserializer=TensorResponse.parse)
+    return stub
+
+
 class DecoderClient(SyncClient):
     """`with DecoderClient("localhost:50052") as dec: images = dec.decode(z)`."""
 
     SERVICE = "Decoder"
 
     def _make_stub(self, channel: grpc.Channel) -> Any:
-        return decoder_pb2_grpc.DecoderStub(channel)
+        return _stub(channel)
 
     def decode(self, latents: object, model: str = "vae", version: int | None = None, dtype: str = "float32",
                *, timeout: float | None = None) -> np.ndarray:
-        """N x d latents (or one d-vector) -> N x 32 x 32 images, float32 in [0, 1] or uint8."""
+        """N x d latents (or one d-vector) -> N x H x W images, float32 in [0, 1] or uint8."""
         if self._fanout is not None:
             return fanout.decode(self._fanout, latents, model, version, dtype, timeout, self.stream_chunk)
         plan = _Plan(latents, model, version, dtype, self._server_limits(), self.stream_chunk)
@@ -102,7 +115,7 @@ class AsyncDecoderClient(AsyncClient):
     SERVICE = "Decoder"
 
     def _make_stub(self, channel: grpc.aio.Channel) -> Any:
-        return decoder_pb2_grpc.DecoderStub(channel)
+        return _stub(channel)
 
     async def decode(self, latents: object, model: str = "vae", version: int | None = None,
                      dtype: str = "float32", *, timeout: float | None = None) -> np.ndarray:

@@ -34,3 +34,20 @@ def test_shapes_numpy_cannot_hold_are_tensor_errors() -> None:
         from_tensor(tensor_pb2.Tensor(dtype="uint8", shape=[0, 2**62], data=b""), "x")
     with pytest.raises(TensorError, match=r"expected float32, got 'xxxx.*\.\.\."):
         from_tensor(tensor_pb2.Tensor(dtype="x" * 10_000, shape=[1], data=b"\0"), "x", dtypes=("float32",))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_a_response_written_with_one_copy_is_an_ordinary_message(dtype: str) -> None:
+    from aevae.v1 import decoder_pb2
+    from aevae.v1.tensors import TensorResponse, from_tensor, serialize_with_data, tensor_head
+
+    images = (np.random.default_rng(0).random((5, 6, 7)) * 200).astype(dtype)
+    head = decoder_pb2.DecodeResponse(model="vae", version=3, images=tensor_head(images))
+    data = serialize_with_data(head, 3, images)
+    message = decoder_pb2.DecodeResponse.FromString(data)  # protobuf's own reader merges the two parts
+    assert (message.model, message.version) == ("vae", 3)
+    assert np.array_equal(from_tensor(message.images, "images"), images)
+    fast = TensorResponse.parse(data)  # and ours reads it without copying the data
+    assert (fast.model, fast.version) == ("vae", 3) and np.array_equal(fast.array, images)
+    plain = TensorResponse.parse(message.SerializeToString())  # and reads protobuf's serialization too
+    assert np.array_equal(plain.array, images)

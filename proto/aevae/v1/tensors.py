@@ -8,7 +8,7 @@ get wrong, naming the field: the dtype, the shape, and the byte length against t
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -75,3 +75,116 @@ def from_tensor(tensor: tensor_pb2.Tensor, field: str, dtypes: Iterable[str] = t
             f"{field}.data: shape {list(shape)} of {tensor.dtype} needs {expected} bytes, got {len(tensor.data)}"
         )
     return np.frombuffer(tensor.data, dtype=DTYPES[tensor.dtype]).reshape(shape)
+
+
+# -- the bulk path: responses that carry a big Tensor, written and read with one copy of its bytes --------
+# A Tensor's data is most of a DecodeResponse. Building the message with protobuf copies those bytes three or
+# four times (array -> bytes -> Tensor -> response -> wire); here the response is serialized without its
+# data, and the data follows as a second occurrence of the same Tensor field, which protobuf merges into the
+# first (the wire format's rule for embedded messages), so any protobuf reader sees one ordinary message.
+_LEN = 2  # wire type: length-delimited
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def serialize_with_data(head: Any, field_number: int, array: np.ndarray) -> bytes:
+    """`head` (a message whose Tensor field `field_number` holds dtype and shape but no data) serialized, with
+    the array's bytes as that Tensor's data: one copy of the array."""
+    data = memoryview(np.ascontiguousarray(array, dtype=DTYPES.get(array.dtype.name, array.dtype))).cast("B")
+    inner = _varint(3 << 3 | _LEN) + _varint(len(data))
+    outer = _varint(field_number << 3 | _LEN) + _varint(len(inner) + len(data))
+    return b"".join((head.SerializeToString(), outer, inner, data))
+
+
+def tensor_head(array: np.ndarray) -> tensor_pb2.Tensor:
+    """A Tensor with the array's dtype and shape and no data (see serialize_with_data)."""
+    return tensor_pb2.Tensor(dtype=array.dtype.name, shape=array.shape)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise TensorError("a varint longer than 10 bytes")
+
+
+def _fields(buf: memoryview) -> Iterable[tuple[int, int, Any]]:
+    """(field number, wire type, value) of a message: ints for varints, memoryview slices for the rest."""
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _read_varint(buf, pos)
+            yield number, wire, value
+        elif wire == _LEN:
+            size, pos = _read_varint(buf, pos)
+            if pos + size > end:
+                raise TensorError("a field runs past the end of the message")
+            yield number, wire, buf[pos:pos + size]
+            pos += size
+        elif wire == 1:
+            yield number, wire, buf[pos:pos + 8]
+            pos += 8
+        elif wire == 5:
+            yield number, wire, buf[pos:pos + 4]
+            pos += 4
+        else:
+            raise TensorError(f"unsupported wire type {wire}")
+
+
+class TensorResponse:
+    """A response of the form {model = 1, version = 2, Tensor = 3} (DecodeResponse), read without copying
+    the Tensor's data: `array` is a read-only view on the received bytes."""
+
+    __slots__ = ("model", "version", "array")
+
+    def __init__(self, model: str, version: int, array: np.ndarray):
+        self.model, self.version, self.array = model, version, array
+
+    @classmethod
+    def parse(cls, data: bytes, field: str = "images") -> "TensorResponse":
+        buf = memoryview(data)
+        model, version, dtype, shape = "", 0, "", []
+        parts: list[memoryview] = []
+        for number, wire, value in _fields(buf):
+            if number == 1 and wire == _LEN:
+                model = bytes(value).decode()
+            elif number == 2 and wire == 0:
+                version = value
+            elif number == 3 and wire == _LEN:
+                for n, w, v in _fields(value):
+                    if n == 1 and w == _LEN:
+                        dtype = bytes(v).decode()
+                    elif n == 2 and w == _LEN:  # packed
+                        pos = 0
+                        while pos < len(v):
+                            dim, pos = _read_varint(v, pos)
+                            shape.append(dim)
+                    elif n == 2 and w == 0:
+                        shape.append(v)
+                    elif n == 3 and w == _LEN:
+                        parts.append(v)
+        if dtype not in DTYPES:
+            raise TensorError(f"{field}.dtype: expected {' or '.join(DTYPES)}, got {dtype!r}")
+        payload = parts[-1] if parts else memoryview(b"")  # a repeated scalar field: the last one wins
+        expected = math.prod(shape) * DTYPES[dtype].itemsize
+        if len(payload) != expected:
+            raise TensorError(f"{field}.data: shape {shape} of {dtype} needs {expected} bytes, got {len(payload)}")
+        return cls(model, version, np.frombuffer(payload, dtype=DTYPES[dtype]).reshape(shape))
