@@ -54,8 +54,9 @@ class EncoderLogic:
     def prepare(self, model: str, version: int | None, images: np.ndarray,
                 noise: np.random.Generator | None = None) -> EncodeJob:
         loaded = self.store.get(inputs.model_name(model), version)
-        self.limits.check_batch(len(images), "images")
-        return EncodeJob(loaded, inputs.images(images, loaded.image_shape), noise)
+        checked = inputs.images(images, loaded.image_shape)
+        self.limits.check_batch(len(checked), "images")
+        return EncodeJob(loaded, checked, noise)
 
     @staticmethod
     def run(jobs: Sequence[EncodeJob]) -> list[Encoded]:

@@ -82,6 +82,11 @@ def _serializer(message_class: Any) -> Callable[[Any], bytes]:
     return serializer
 
 
+def rows(array: Any) -> int:
+    """The rows of a request's array before it is validated (a 0-d array, which validation refuses, has 1)."""
+    return int(array.shape[0]) if array.ndim else 1
+
+
 def readable(request: R | Unreadable) -> R:
     """The request, or its parse error raised."""
     if isinstance(request, Unreadable):

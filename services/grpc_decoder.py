@@ -8,7 +8,7 @@ import grpc
 
 from aevae.services.batching import Batcher
 from aevae.services.decoder import DecodeJob, Decoded, DecoderLogic
-from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, served_stream
+from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, rows, served_stream
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, serialize_with_data, tensor_head, to_tensor, version_from_wire
 
@@ -27,7 +27,7 @@ class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
             version = version_from_wire(request.version)
             latents = from_tensor(request.latents, "latents", dtypes=("float32",))
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, latents, request.dtype),
-                                        len(latents), self.logic.ready(request.model, version))
+                                        rows(latents), self.logic.ready(request.model, version))
             out = await self.batcher.submit(job)
         if self.engine.raw_responses:  # the images' bytes copied once, straight into the wire message
             head = decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=tensor_head(out.images))

@@ -10,7 +10,7 @@ import numpy as np
 
 from aevae.services.batching import Batcher
 from aevae.services.encoder import Encoded, EncodeJob, EncoderLogic
-from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, served_stream
+from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, rows, served_stream
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor, version_from_wire
 
@@ -29,7 +29,7 @@ class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
             version = version_from_wire(request.version)
             images = from_tensor(request.images, "images")
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, images, noise),
-                                        len(images), self.logic.ready(request.model, version))
+                                        rows(images), self.logic.ready(request.model, version))
             out = await self.batcher.submit(job)
         response = encoder_pb2.EncodeResponse(model=out.model, version=out.version, mean=to_tensor(out.mean))
         if out.logvar is not None:

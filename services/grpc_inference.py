@@ -29,7 +29,7 @@ from aevae.inference import LoadedModel
 from aevae.services import inputs
 from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import Engine, guarded, pipelined, readable
+from aevae.services.grpc_common import Engine, guarded, pipelined, readable, rows
 
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
 CONFIG_TYPES = {"UINT8": model_config_pb2.TYPE_UINT8, "FP32": model_config_pb2.TYPE_FP32}
@@ -147,7 +147,7 @@ def encoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[
     noise = np.random.default_rng(seed) if wants_sample else None
     version = version_from_oip(request.model_version)
     logic: EncoderLogic = servicer.logic
-    return (lambda: logic.prepare(request.model_name, version, images, noise), len(images),
+    return (lambda: logic.prepare(request.model_name, version, images, noise), rows(images),
             logic.ready(request.model_name, version))
 
 
@@ -160,7 +160,7 @@ def decoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[
         raise InvalidArgument(f"parameters.dtype: expected FP32 or UINT8, got {shorten(dtype)}")
     version = version_from_oip(request.model_version)
     logic: DecoderLogic = servicer.logic
-    return (lambda: logic.prepare(request.model_name, version, latents, dtypes[dtype]), len(latents),
+    return (lambda: logic.prepare(request.model_name, version, latents, dtypes[dtype]), rows(latents),
             logic.ready(request.model_name, version))
 
 
