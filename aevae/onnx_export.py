@@ -54,7 +54,8 @@ def _graphs(model: Any) -> dict[str, bytes]:
         buffer = io.BytesIO()
         with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
             warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), (example,), buffer, input_names=[inputs], output_names=names,
+            torch.onnx.export(module.eval(), (example,), buffer,  # type: ignore[arg-type]  # a file object works
+                              input_names=[inputs], output_names=names,
                               dynamic_axes={n: {0: "n"} for n in (inputs, *names)}, opset_version=OPSET,
                               dynamo=False)
         graphs[name] = buffer.getvalue()

@@ -9,11 +9,13 @@ import grpc
 from aevae.services.batching import Batcher
 from aevae.services.decoder import DecodeJob, Decoded, DecoderLogic
 from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, rows, served_stream
-from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+from aevae.v1 import decoder_pb2, tensor_pb2
 from aevae.v1.tensors import from_tensor, serialize_with_data, tensor_head, to_tensor, version_from_wire
 
 
-class DecoderServicer(decoder_pb2_grpc.DecoderServicer):
+class DecoderServicer:
+    """Registered by grpc_common.register (its request parsing), so it needs no generated base class."""
+
     def __init__(self, logic: DecoderLogic, engine: Engine):
         self.logic = logic
         self.engine = engine

@@ -11,11 +11,13 @@ import numpy as np
 from aevae.services.batching import Batcher
 from aevae.services.encoder import Encoded, EncodeJob, EncoderLogic
 from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, rows, served_stream
-from aevae.v1 import encoder_pb2, encoder_pb2_grpc, tensor_pb2
+from aevae.v1 import encoder_pb2, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor, version_from_wire
 
 
-class EncoderServicer(encoder_pb2_grpc.EncoderServicer):
+class EncoderServicer:
+    """Registered by grpc_common.register (its request parsing), so it needs no generated base class."""
+
     def __init__(self, logic: EncoderLogic, engine: Engine):
         self.logic = logic
         self.engine = engine

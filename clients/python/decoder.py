@@ -71,14 +71,18 @@ class _Plan:
         return self.out
 
 
-def _stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
-    """The Decoder stub, its two decode methods reading responses with TensorResponse.parse."""
-    stub = decoder_pb2_grpc.DecoderStub(channel)  # type: ignore[arg-type]  # the sync and aio stubs alike
+def _parse(data: bytes) -> TensorResponse:
+    return TensorResponse.parse(data)
+
+
+def _stub(channel: Any) -> Any:
+    """The Decoder stub (sync or aio alike), its two decode methods reading responses with _parse."""
+    stub: Any = decoder_pb2_grpc.DecoderStub(channel)
     request = decoder_pb2.DecodeRequest.SerializeToString
     stub.Decode = channel.unary_unary("/aevae.v1.Decoder/Decode", request_serializer=request,
-                                      response_deserializer=TensorResponse.parse)
+                                      response_deserializer=_parse)
     stub.DecodeStream = channel.stream_stream("/aevae.v1.Decoder/DecodeStream", request_serializer=request,
-                                              response_deserializer=TensorResponse.parse)
+                                              response_deserializer=_parse)
     return stub
 
 
