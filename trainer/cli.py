@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from aevae.trainer.config import TrainConfig
+    from aevae.trainer.config import PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train the AE and the VAE with Ray Train and write model versions",
@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="Ray Train workers (DDP, gloo)")
     p.add_argument("--cpus-per-worker", type=int, default=None,
                    help="CPUs (and torch threads) per worker; default: this machine's CPUs / workers")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="training precision: bf16 runs the matrix products in bfloat16 (CPU autocast), the loss, "
+                        "weights and optimizer state stay float32")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
     p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
     p.add_argument("--storage-path", default=None, help="where Ray keeps its run checkpoints")
@@ -58,6 +61,7 @@ def config_from_args(args: argparse.Namespace):
         seed=args.seed, latent_dim=args.latent_dim, hidden=hidden, train_limit=args.train_limit,
         num_workers=args.num_workers, cpus_per_worker=cpus, data_root=args.data_root,
         models_dir=args.models_dir, storage_path=args.storage_path, address=args.address,
+        precision=args.precision,
     )
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 
+# Training precisions: "fp32", or "bf16" (CPU autocast: the matrix products in bfloat16; the loss, the master
+# weights and the optimizer state in float32). See README, Reduced precision.
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class TrainConfig:
@@ -25,6 +29,11 @@ class TrainConfig:
     models_dir: str | None = None
     storage_path: str | None = None
     address: str | None = None
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
 
     def to_json(self) -> dict:
         return asdict(self)

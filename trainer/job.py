@@ -83,7 +83,7 @@ def _fit(config: TrainConfig, archs: dict[str, Architecture], refs: dict[str, An
         train_loop_config={
             "models": {name: arch.to_json() for name, arch in archs.items()}, "epochs": config.epochs,
             "batch_size": config.batch_size, "lr": config.lr, "seed": config.seed,
-            "threads": config.cpus_per_worker, "progress": progress, **refs,
+            "threads": config.cpus_per_worker, "precision": config.precision, "progress": progress, **refs,
         },
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
@@ -189,7 +189,7 @@ def run(config: TrainConfig) -> list[Version]:
     refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
     archs = {config.target_name(kind): Architecture(kind=kind, latent_dim=config.latent_dim,
                                                     hidden=tuple(config.hidden)) for kind in config.models}
-    print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, "
+    print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, {config.precision}, "
           f"{config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
     started = time.perf_counter()
     states, metrics = _fit(config, archs, refs)
