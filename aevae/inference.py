@@ -132,20 +132,23 @@ def _check_finite(array: np.ndarray, what: str) -> None:
         raise NonFiniteOutput(f"the model produced non-finite {what}")
 
 
-def load(version: Version, prefer: str = "auto", threads: int | None = None) -> LoadedModel:
+def load(version: Version, prefer: str = "auto", threads: int | None = None, precision: str = "fp32") -> LoadedModel:
     """Verifies every file the manifest lists against its SHA-256, then loads the version safely (weights
     only, never a pickle) on a runtime: "auto" takes ONNX Runtime when the version has graphs and
-    onnxruntime is installed, torch otherwise. ValueError with the reason when the version is unusable."""
+    onnxruntime is installed, torch otherwise; `precision` of decoding, fp32, bf16 or int8 (see
+    `aevae.runtimes.open_runtime`). ValueError with the reason when the version is unusable."""
     from aevae.repository import sha256_file
     from aevae.runtimes import open_runtime
 
     for filename, expected in version.manifest.files.items():
         if sha256_file(version.file(filename)) != expected:
             raise ValueError(f"{filename} does not match the checksum in its manifest (truncated or altered)")
-    return LoadedModel(manifest=version.manifest, runtime=open_runtime(version, prefer, threads), version=version)
+    return LoadedModel(manifest=version.manifest, runtime=open_runtime(version, prefer, threads, precision),
+                       version=version)
 
 
 def describe(model: LoadedModel) -> dict[str, Any]:
     """The one-line facts benchmarks and reports print about a model."""
     return {"model": f"{model.name}/{model.number}", "kind": model.manifest.kind, "latent_dim": model.latent_dim,
-            "image_shape": list(model.image_shape), "runtime": model.runtime.name}
+            "image_shape": list(model.image_shape), "runtime": model.runtime.name,
+            "precision": getattr(model.runtime, "precision", "fp32")}

@@ -2,11 +2,14 @@
 its weights (`weights.pt`, loaded with weights_only=True).
 
 A runtime is chosen per version by `open_runtime`; each imports its framework only when it is opened, so a
-serving process that runs ONNX graphs never loads torch.
+serving process that runs ONNX graphs never loads torch. The decoding precision is chosen there too: "fp32",
+"int8" (ONNX Runtime over `decoder.int8.onnx`) or "bf16" (torch under bfloat16 autocast); encoding is always
+float32. See README, Reduced precision.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,7 +17,18 @@ import numpy as np
 from aevae.repository import WEIGHTS, Version
 
 RUNTIMES = ("auto", "onnx", "torch")
+PRECISIONS = ("fp32", "bf16", "int8")  # of decoding
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"  # as aevae.onnx_export writes them
+DECODER_INT8 = "decoder.int8.onnx"
+
+log = logging.getLogger(__name__)
+
+
+def label(runtime: Any) -> str:
+    """What ListModels reports: "onnx", "torch", or with a reduced decoding precision "onnx-int8",
+    "torch-bf16"."""
+    precision = getattr(runtime, "precision", "fp32")
+    return runtime.name if precision == "fp32" else f"{runtime.name}-{precision}"
 
 
 class OnnxRuntime:
@@ -24,7 +38,7 @@ class OnnxRuntime:
     name = "onnx"
     SMALL = 64  # rows up to which the single-threaded session runs
 
-    def __init__(self, version: Version, threads: int | None = None):
+    def __init__(self, version: Version, threads: int | None = None, precision: str = "fp32"):
         def session(graph: str, intra: int | None) -> Any:
             options = ort.SessionOptions()
             options.inter_op_num_threads = 1
@@ -37,7 +51,9 @@ class OnnxRuntime:
         import onnxruntime as ort
 
         self.encoders = (session(ENCODER, 1), session(ENCODER, threads))
-        self.decoders = (session(DECODER, 1), session(DECODER, threads))
+        self.precision = precision
+        decoder = DECODER_INT8 if precision == "int8" else DECODER
+        self.decoders = (session(decoder, 1), session(decoder, threads))
         self._variational = len(self.encoders[0].get_outputs()) == 2
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -52,15 +68,18 @@ class TorchRuntime:
     name = "torch"
     # torch's intra-op threads are per process: `threads` is applied when the runtime is opened.
 
-    def __init__(self, model: Any):
-        """`model`: an aevae.models.Autoencoder in eval mode."""
+    def __init__(self, model: Any, precision: str = "fp32"):
+        """`model`: an aevae.models.Autoencoder in eval mode; `precision` of decoding, "fp32" or "bf16"
+        (bfloat16 autocast: the linear layers in bfloat16, measured faster here than a bfloat16 copy of the
+        weights, whose LayerNorms are slow)."""
         import torch
 
         self._torch = torch
         self.model = model
+        self.precision = precision
 
     @classmethod
-    def open(cls, version: Version, threads: int | None = None) -> "TorchRuntime":
+    def open(cls, version: Version, threads: int | None = None, precision: str = "fp32") -> "TorchRuntime":
         import torch
 
         if threads:
@@ -72,7 +91,7 @@ class TorchRuntime:
         state = torch.load(version.file(WEIGHTS), map_location="cpu", weights_only=True)
         model = build(Architecture.from_json(version.manifest.architecture))
         model.load_state_dict(state)
-        return cls(model.eval())
+        return cls(model.eval(), precision)
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         with self._torch.inference_mode():
@@ -80,20 +99,42 @@ class TorchRuntime:
         return mu.numpy(), None if logvar is None else logvar.numpy()
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            return self.model.decode(self._torch.from_numpy(latents)).numpy()
+        bf16 = self.precision == "bf16"
+        with self._torch.inference_mode(), self._torch.autocast("cpu", dtype=self._torch.bfloat16, enabled=bf16):
+            return self.model.decode(self._torch.from_numpy(latents)).float().numpy()
 
 
-def open_runtime(version: Version, prefer: str = "auto", threads: int | None = None) -> OnnxRuntime | TorchRuntime:
-    """"auto": ONNX Runtime when the version has its graphs and onnxruntime is installed, else torch."""
+def open_runtime(version: Version, prefer: str = "auto", threads: int | None = None,
+                 precision: str = "fp32") -> OnnxRuntime | TorchRuntime:
+    """"auto": ONNX Runtime when the version has its graphs and onnxruntime is installed, else torch.
+    `precision` of decoding: "int8" needs ONNX Runtime and the version's `decoder.int8.onnx` (a version
+    without it decodes in fp32, with a warning: `aevae export-onnx` adds it); "bf16" runs on torch."""
     if prefer not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {prefer!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "bf16":
+        if prefer == "onnx":
+            raise ValueError("bf16 decoding runs on torch, not ONNX Runtime: use runtime torch or auto")
+        try:
+            return TorchRuntime.open(version, threads, precision)
+        except ImportError:
+            raise ValueError("bf16 decoding needs torch (pip install 'aevae[model]'); or use precision int8 "
+                             "or fp32") from None
+    if precision == "int8":
+        if prefer == "torch":
+            raise ValueError("int8 decoding runs on ONNX Runtime, not torch: use runtime onnx or auto")
+        if DECODER_INT8 not in version.manifest.files:
+            log.warning("%s has no %s: decoding in fp32 (add it with `aevae export-onnx`)", version, DECODER_INT8)
+            precision = "fp32"
+        else:
+            prefer = "onnx"
     has_graphs = ENCODER in version.manifest.files and DECODER in version.manifest.files
     if prefer == "onnx" and not has_graphs:
         raise ValueError("it has no ONNX graphs (add them with `aevae export-onnx`)")
     if prefer in ("auto", "onnx") and has_graphs:
         try:
-            return OnnxRuntime(version, threads)
+            return OnnxRuntime(version, threads, precision)
         except ImportError:
             if prefer == "onnx":
                 raise ValueError("onnxruntime is not installed: pip install 'aevae[serve]'") from None

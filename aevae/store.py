@@ -23,6 +23,7 @@ from pathlib import Path
 from aevae.errors import FailedPrecondition, NotFound, shorten
 from aevae.inference import LoadedModel, load
 from aevae.repository import ModelRepository, Scan, Version
+from aevae.runtimes import label
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +43,19 @@ class ModelSummary:
     image_shape: tuple[int, int]
     metrics: dict[str, float] = field(default_factory=dict)
     broken: dict[int, str] = field(default_factory=dict)  # number -> reason
-    runtime: str = ""
+    runtime: str = ""  # e.g. "onnx", or "onnx-int8" when decoding in reduced precision (aevae.runtimes.label)
 
 
 class ModelStore:
     def __init__(self, root: str | Path | None = None, refresh_seconds: float = 2.0, max_loaded: int = 32,
-                 runtime: str = "auto", threads: int | None = None, allow_symlinks: bool = False):
+                 runtime: str = "auto", threads: int | None = None, allow_symlinks: bool = False,
+                 precision: str = "fp32"):
         self.repository = ModelRepository(root, allow_symlinks=allow_symlinks)
         self.refresh_seconds = refresh_seconds
         self.max_loaded = max_loaded
         self.runtime = runtime
         self.threads = threads
+        self.precision = precision  # of decoding: fp32, bf16 or int8 (aevae.runtimes.open_runtime)
         self._scan = Scan()
         self._scanned_at = float("-inf")
         self._loaded: OrderedDict[Key, tuple[Fingerprint, LoadedModel]] = OrderedDict()
@@ -152,7 +155,7 @@ class ModelStore:
                     raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {self._broken[key][1]}")
                 try:
                     fingerprint = version.fingerprint()
-                    model = load(version, self.runtime, self.threads)
+                    model = load(version, self.runtime, self.threads, self.precision)
                 except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
                     reason = _reason(exc)
                     self._broken[key] = (_fingerprint(version), reason)
@@ -181,7 +184,7 @@ class ModelStore:
         for name in sorted(self.scan(force=True).versions):
             try:
                 model = self.get(name)
-                manifest, number, runtime = model.manifest, model.number, model.runtime.name
+                manifest, number, runtime = model.manifest, model.number, label(model.runtime)
             except FailedPrecondition:  # no version loads: described by its newest, with version 0
                 manifest, number, runtime = self._scan.versions[name][-1].manifest, 0, ""
             broken = {n: reason for (m, n), (_, reason) in self._broken.items() if m == name}

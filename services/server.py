@@ -69,7 +69,7 @@ def open_store(settings: ServiceSettings) -> ModelStore:
     # Request tensors are read-only views on the message bytes; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     return ModelStore(settings.models_dir, refresh_seconds=settings.refresh_seconds, runtime=settings.runtime,
-                      threads=settings.threads, allow_symlinks=settings.allow_symlinks)
+                      threads=settings.threads, allow_symlinks=settings.allow_symlinks, precision=settings.precision)
 
 
 def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: ThreadPoolExecutor,

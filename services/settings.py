@@ -72,6 +72,9 @@ class ServiceSettings:
     shutdown_delay: float = _opt(0.5, "seconds between NOT_SERVING and refusing new calls on SIGTERM")
     runtime: str = _opt("auto", "model runtime: auto (ONNX Runtime when the version has graphs and "
                                 "onnxruntime is installed, else torch), onnx or torch", minimum=None)
+    precision: str = _opt("fp32", "decoding precision: fp32, int8 (ONNX Runtime over the version's "
+                                  "decoder.int8.onnx; fp32 for versions without one) or bf16 (torch autocast); "
+                                  "encoding is always fp32. Measured cost: README, Reduced precision", minimum=None)
     allow_symlinks: bool = _opt(False, "serve version folders or files that are symlinks out of the "
                                        "repository root (refused by default)", minimum=None)
     # Dynamic batching of unary calls: requests that arrive while the model is busy (or within batch_wait_s)
@@ -103,6 +106,8 @@ class ServiceSettings:
                 raise ValueError(f"{f.name.replace('_', '-')} must be at least {minimum}, got {value}")
         if self.runtime not in ("auto", "onnx", "torch"):
             raise ValueError(f"runtime must be auto, onnx or torch, got {self.runtime!r}")
+        if self.precision not in ("fp32", "bf16", "int8"):
+            raise ValueError(f"precision must be fp32, bf16 or int8, got {self.precision!r}")
 
     @property
     def limits(self) -> Limits:

@@ -20,7 +20,8 @@ def test_writes_are_numbered_checksummed_and_leave_no_staging(tmp_path: Path) ->
     second = write_tiny(tmp_path, "ae", "ae", seed=1)
     assert (first.number, second.number) == (1, 2)
     assert second.manifest.number == 2 and second.manifest.name == "ae"
-    assert set(second.manifest.files) == {"weights.pt", "latent_stats.json", "encoder.onnx", "decoder.onnx"}
+    assert set(second.manifest.files) == {"weights.pt", "latent_stats.json", "encoder.onnx", "decoder.onnx",
+                                         "decoder.int8.onnx"}
     assert second.manifest.runtimes["onnx"]["max_abs_diff"] <= 1e-4
     assert sorted(p.name for p in (tmp_path / "ae").iterdir() if not p.name.startswith(".high")) == ["1", "2"]
     on_disk = Manifest.loads((tmp_path / "ae" / "2" / MANIFEST).read_text())
