@@ -64,6 +64,29 @@ def evaluate(model: Autoencoder, images: torch.Tensor, batch: int = 2000) -> dic
     return {"test_bce": bce_sum / n, "test_kl": kl_sum / n, "test_loss": (bce_sum + kl_sum) / n}
 
 
+def train_step(m: Member, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """One optimizer step of one model on the batch `x`; returns the mean loss per image (detached)."""
+    with autocast(precision):
+        logits, mu, logvar = m.wrapped(x)
+    # the loss in float32 (a no-op in fp32): sums over 1,024 pixels x 256 images need its mantissa
+    bce, kl = loss_terms(logits.float(), x, mu.float(), None if logvar is None else logvar.float())
+    loss = (bce + kl) / len(x)
+    m.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    m.optimizer.step()
+    m.scheduler.step()
+    return loss.detach()
+
+
+def member(name: str, model: Autoencoder, wrapped: torch.nn.Module, lr: float, total_steps: int) -> Member:
+    # fused Adam: one kernel over all parameters instead of a loop of small ops (its step measured several
+    # times faster here); the parameters and the moments stay float32 in either precision.
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=lr, fused=True)
+    # One-cycle: a warm-up then a cosine decay to ~0; measured ~4 nats better than a constant rate here.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.2)
+    return Member(name, model, wrapped, optimizer, scheduler)
+
+
 def _to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(images, dtype=np.float32)).div_(255.0)
 
@@ -110,13 +133,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(config["seed"])  # identical initial weights on every rank and every run
         model = build(Architecture.from_json(arch_json))
         wrapped = ray.train.torch.prepare_model(model) if world > 1 else model
-        # fused: one kernel over all parameters instead of a loop of small ops (measured ~4x faster steps of
-        # the optimizer here); the parameters and the moments stay float32 in either precision.
-        optimizer = torch.optim.Adam(wrapped.parameters(), lr=config["lr"], fused=True)
-        # One-cycle: a warm-up then a cosine decay to ~0; measured ~4 nats better than a constant rate here.
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=config["lr"], total_steps=config["epochs"] * steps_per_epoch, pct_start=0.2)
-        members.append(Member(name, model, wrapped, optimizer, scheduler))
+        members.append(member(name, model, wrapped, config["lr"], config["epochs"] * steps_per_epoch))
     start_epoch = _restore(members)
     if start_epoch and rank == 0 and progress is not None:
         progress.put(f"resumed from the checkpoint of epoch {start_epoch}")
@@ -132,16 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if len(x) == 0:  # a shard can be one batch shorter; DDP needs every rank to step
                 x = train_images[shard[:per_worker_batch]]
             for m in members:
-                with autocast(precision):
-                    logits, mu, logvar = m.wrapped(x)
-                # the loss in float32 (a no-op in fp32): sums over 1,024 pixels x 256 images need its mantissa
-                bce, kl = loss_terms(logits.float(), x, mu.float(), None if logvar is None else logvar.float())
-                loss = (bce + kl) / len(x)
-                m.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                m.optimizer.step()
-                m.scheduler.step()
-                loss_sums[m.name] += loss.detach() * len(x)
+                loss_sums[m.name] += train_step(m, x, precision) * len(x)
         seconds = time.perf_counter() - epoch_start
         metrics: dict[str, Any] = {"epoch": epoch + 1, "epoch_seconds": seconds,
                                    "images_per_second": len(train_images) / seconds}
