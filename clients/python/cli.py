@@ -17,8 +17,9 @@ _NUMBERS = re.compile(r"^-[0-9.]+([eE][-+]?\d+)?(,[-+]?[0-9.]+([eE][-+]?\d+)?)*$
 
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("encode", help="encode images (PNG, JPEG, ...) to latents through the encoder service")
-    e.add_argument("images", nargs="+", metavar="IMAGE", help="grey or colour images; 28x28 or 32x32 "
-                   "(other sizes are resized to 28x28); white digit on black, like MNIST")
+    e.add_argument("images", nargs="+", metavar="IMAGE", help="grey or colour images in the model's image shape "
+                   "or its shape before padding (28x28 or 32x32 for MNIST models; other sizes are resized to "
+                   "the latter); white digit on black, like MNIST")
     e.add_argument("--encoder", default=f"127.0.0.1:{PORTS['encoder']}", metavar="HOST:PORT")
     e.add_argument("--model", default="vae", help="model name in the repository (default vae)")
     e.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
@@ -67,7 +68,8 @@ def _pillow():
     return Image
 
 
-def _read_image(path: str, invert: bool):
+def _read_image(path: str, invert: bool, shapes: list[tuple[int, int]]):
+    """A grey uint8 image in one of the model's accepted (height, width) shapes; else resized to the last."""
     import numpy as np
 
     from aevae.errors import UserError
@@ -76,9 +78,10 @@ def _read_image(path: str, invert: bool):
     try:
         with Image.open(path) as img:
             grey = img.convert("L")
-            if grey.size not in ((28, 28), (32, 32)):
-                print(f"{path}: resized from {grey.size[0]}x{grey.size[1]} to 28x28", file=sys.stderr)
-                grey = grey.resize((28, 28), Image.Resampling.LANCZOS)
+            if (grey.size[1], grey.size[0]) not in shapes:
+                h, w = shapes[-1]
+                print(f"{path}: resized from {grey.size[0]}x{grey.size[1]} to {w}x{h}", file=sys.stderr)
+                grey = grey.resize((w, h), Image.Resampling.LANCZOS)
             array = np.asarray(grey, dtype=np.uint8)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read image {path}: {exc}") from None
@@ -91,10 +94,15 @@ def encode(args: argparse.Namespace) -> int:
     from aevae.errors import UserError
     from aevae.client import AevaeError, EncoderClient
 
-    images = [_read_image(path, args.invert) for path in args.images]
     try:
         with EncoderClient(args.encoder, timeout=args.timeout, **security_options(args)) as client:
-            # 28 and 32 pixel images travel in separate calls: one tensor has one shape.
+            served = {m.name: m for m in client.list_models()}
+            if args.model not in served:
+                raise UserError(f"{args.encoder} serves no model {args.model!r}; it serves {sorted(served)}")
+            h, w = served[args.model].image_shape[:2]
+            shapes = [(h, w), (h - 4, w - 4)] if h > 4 and w > 4 else [(h, w)]  # padded by 2 per side, or not
+            images = [_read_image(path, args.invert, shapes) for path in args.images]
+            # Images of the two shapes travel in separate calls: one tensor has one shape.
             rows = {}
             for size in sorted({img.shape for img in images}):
                 chosen = [i for i, img in enumerate(images) if img.shape == size]
