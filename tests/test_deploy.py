@@ -426,18 +426,6 @@ def test_the_serve_config_is_valid_and_names_what_serve_app_defines() -> None:
         assert overrides["autoscaling_config"] == serve_app.AUTOSCALING
 
 
-def test_serve_args_reject_what_they_do_not_know_with_what_is_accepted() -> None:
-    from aevae.services.serve_app import ServeArgs
-
-    assert ServeArgs.parse({"batch_size": "8", "models_dir": "/m"}) == ServeArgs(batch_size=8, models_dir="/m")
-    with pytest.raises(ValueError, match=r"unknown application args \['batchsize'\]; accepted: .*batch_size"):
-        ServeArgs.parse({"batchsize": 8})
-    with pytest.raises(ValueError, match=r"args.batch_wait_s: expected float, got 'soon'"):
-        ServeArgs.parse({"batch_wait_s": "soon"})
-    with pytest.raises(ValueError, match=r"args.batch_size: expected a positive number, got 0"):
-        ServeArgs.parse({"batch_size": 0})
-
-
 # ---- Ray Serve, for real ---------------------------------------------------------------------------------
 
 DECODER = (("application", "decoder"),)
@@ -498,10 +486,10 @@ def wait_for_applications(channel: grpc.Channel, process: subprocess.Popen, log:
 
 @pytest.fixture(scope="module")
 def models(trained_repo: Path):
-    from aevae.repository import ModelRepository
+    from aevae.store import ModelStore
 
-    repository = ModelRepository(trained_repo)
-    return {name: repository.load(name) for name in ("ae", "vae")}
+    store = ModelStore(trained_repo)
+    return {name: store.get(name) for name in ("ae", "vae")}
 
 
 def z(n: int, seed: int = 0) -> np.ndarray:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from aevae.client import AevaeError, DecoderClient, EncoderClient
-from conftest import ROOT
+from helpers import ROOT
 
 
 class Up:
