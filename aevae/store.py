@@ -198,6 +198,16 @@ class ModelStore:
             ))
         return result
 
+    def loaded(self) -> list[LoadedModel]:
+        """The model versions held in memory now (for metrics)."""
+        return [model for _, model in list(self._loaded.values())]
+
+    def broken(self) -> dict[tuple[str, int], str]:
+        """Every version known to be broken, with the reason: found so by the scan or by loading."""
+        out = {key: reason for key, (_, reason) in list(self._broken.items())}
+        out.update({(b.name, b.number): b.reason for b in self._scan.broken})
+        return out
+
     def _reasons(self, name: str) -> str:
         return "; ".join(f"version {n}: {reason}" for (m, n), (_, reason) in sorted(self._broken.items()) if m == name)
 

@@ -21,6 +21,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_creat
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from aevae.store import ModelStore
+
 disable_created_metrics()  # no *_created series: half the lines of a scrape, and nothing uses them here
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -78,6 +80,9 @@ def rows_of(request: Any) -> int | None:
 
 
 def size_of(message: Any) -> int:
+    """A message's size on the wire; a response the servicer serialized itself is its bytes."""
+    if isinstance(message, bytes):
+        return len(message)
     size = getattr(message, "ByteSize", None)
     return int(size()) if size is not None else 0
 
@@ -213,22 +218,19 @@ class ServiceCollector(Collector):
     """Read at scrape time: the model versions loaded and known broken (the store), and the forward passes
     of the dynamic batchers."""
 
-    def __init__(self, store: Any, batchers: Iterable[Any]):
+    def __init__(self, store: ModelStore, batchers: Iterable[Any]):
         self.store = store
         self.batchers = list(batchers)
 
     def collect(self) -> Iterator[Any]:
         loaded = GaugeMetricFamily("aevae_model_versions_loaded", "model versions held in memory, by runtime",
                                    labels=["model", "version", "runtime"])
-        for (name, number), (_, model) in list(getattr(self.store, "_loaded", {}).items()):
-            loaded.add_metric([name, str(number), model.runtime.name], 1)
+        for model in self.store.loaded():
+            loaded.add_metric([model.name, str(model.number), model.runtime.name], 1)
         yield loaded
         broken = GaugeMetricFamily("aevae_model_versions_broken", "model versions known to be broken (checksum, "
                                    "unsafe or unreadable weights, missing files); never served", labels=["model", "version"])
-        seen = {key for key in getattr(self.store, "_broken", {})}
-        scan = getattr(self.store, "_scan", None)
-        seen |= {(b.name, b.number) for b in getattr(scan, "broken", [])}
-        for name, number in sorted(seen):
+        for name, number in sorted(self.store.broken()):
             broken.add_metric([name, str(number)], 1)
         yield broken
         passes = CounterMetricFamily("aevae_batch_forward_passes", "forward passes run by the dynamic batcher")
