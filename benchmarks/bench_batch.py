@@ -142,13 +142,13 @@ def fanout(models: Path, model: str, rows: int, serve_args: list[str]) -> None:
         for s in started:
             s.wait_healthy()
         addresses = [s.address for s in started]
-        with DecoderClient(addresses[0]) as one:
+        with DecoderClient(addresses[0], timeout=600) as one:
             dim = next(m.latent_dim for m in one.list_models() if m.name == model)
         z = np.random.default_rng(1).standard_normal((rows, dim), dtype=np.float32)
         results = {}
         for label, targets in (("one decoder", addresses[:1]), ("two decoders", addresses),
                                ("one decoder again", addresses[1:])):
-            with DecoderClient(targets) as client:
+            with DecoderClient(targets, timeout=600) as client:
                 client.decode(z[:20_000], model=model, dtype="uint8")  # warm-up: limits, first model call
                 start = time.perf_counter()
                 images = client.decode(z, model=model, dtype="uint8")
@@ -174,7 +174,7 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="more decode-batch flags, e.g. '--workers 2'")
     parser.add_argument("--serve-args", action="append", default=None,
                         help="flags for both decoders in the fan-out part; repeat for several settings "
-                        "(default: the defaults, then --torch-threads 1)")
+                        "(default: the defaults, then --threads 1)")
     args = parser.parse_args()
     models = repository(args.models_dir)
     print(f"models: {models}; {os.cpu_count()} CPUs; {load()}")
@@ -198,7 +198,7 @@ def main() -> None:
         if not args.out:
             shutil.rmtree(scratch, ignore_errors=True)
     if "fanout" not in args.skip:
-        for serve_args in args.serve_args or ["", "--torch-threads 1"]:
+        for serve_args in args.serve_args or ["", "--threads 1"]:
             print(f"fan-out over decoder processes ({serve_args or 'default settings'}), {args.fanout_rows:,} "
                   "latents, uint8:")
             fanout(models, args.model, args.fanout_rows, serve_args.split())
