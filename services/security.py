@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from aevae.client.credentials import ENV_TOKEN, TokenFile
+from aevae.client.credentials import ENV_TOKEN, TokenFile, is_loopback
 from aevae.services.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -43,16 +43,6 @@ class SecurityError(ValueError):
 
 class InsecureBinding(SecurityError):
     """A public address without TLS or a token, and no --insecure."""
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _read(path: str, what: str) -> bytes:

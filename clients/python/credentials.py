@@ -44,22 +44,26 @@ def local_token_path() -> Path:
     return Path(base) / "aevae" / "token"
 
 
-def is_loopback_target(target: str | Sequence[str]) -> bool:
-    """Whether every host:port of `target` (a list or comma-separated) is on this machine."""
+def is_loopback(host: str) -> bool:
+    """Whether a host name or address (IPv6 in brackets or not) is this machine's loopback: the one rule for
+    the client, the services' binding policy and the UI's login."""
     import ipaddress
 
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_loopback_target(target: str | Sequence[str]) -> bool:
+    """Whether every host:port of `target` (a list or comma-separated) is on this machine."""
     items = [target] if isinstance(target, str) else list(target)
     parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
-    for part in parts:
-        host = part.removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0].strip("[]")
-        if host == "localhost":
-            continue
-        try:
-            if not ipaddress.ip_address(host).is_loopback:
-                return False
-        except ValueError:
-            return False
-    return bool(parts)
+    return bool(parts) and all(
+        is_loopback(part.removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0]) for part in parts)
 
 
 class TokenFile:

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from aevae.client.credentials import TokenFile
+from aevae.client.credentials import TokenFile, is_loopback
 
 COOKIE = "aevae_session"
 MAX_DECODES = 4  # per WebSocket: the page keeps at most one or two per channel, a handful of channels at once
@@ -60,16 +60,6 @@ def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
         return True
-    except ValueError:
-        return False
-
-
-def is_loopback(host: str) -> bool:
-    host = host.strip("[]").lower()
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
