@@ -23,27 +23,12 @@ from typing import Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import repository, timed  # this folder
 
 
-def repository(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import write_tiny  # the trainer's writer, random weights, the default architecture
-
-    root = Path(tempfile.mkdtemp(prefix="aevae-bench-oip-")) / "models"
-    write_tiny(root, "vae", "vae", hidden=(1024, 512, 256))
-    return root
 
 
-def timed(call: Callable[[], object], n: int) -> np.ndarray:
-    out = np.empty(n)
-    for i in range(n):
-        start = time.perf_counter()
-        call()
-        out[i] = time.perf_counter() - start
-    return out
+
 
 
 def main() -> None:
@@ -58,7 +43,7 @@ def main() -> None:
     from aevae.client import DecoderClient
     from aevae.services.process import ServiceProcess
 
-    root = repository(args.models_dir)
+    root = repository(args.models_dir, "aevae-bench-oip-")
     print(f"load average before: {os.getloadavg()}", flush=True)
     plain = ServiceProcess("decoder", root).start()
     metered = ServiceProcess("decoder", root, args=["--metrics-port", "0"]).start()

@@ -34,7 +34,8 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, repository, timed  # this folder
+
 MLSERVER_VENV = Path(tempfile.gettempdir()) / "aevae-mlserver-venv"
 
 
@@ -44,15 +45,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def repository(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import write_tiny
-
-    root = Path(tempfile.mkdtemp(prefix="aevae-peers-")) / "models"
-    write_tiny(root, "vae", "vae", hidden=(1024, 512, 256))
-    return root
 
 
 def wait_port(port: int, process: subprocess.Popen, what: str, timeout: float = 120) -> None:
@@ -239,11 +231,7 @@ def echo_target(address: str) -> Target:
 def latency(call: Callable[[], Any], n: int) -> tuple[float, float]:
     for _ in range(min(200, n)):
         call()
-    times = np.empty(n)
-    for i in range(n):
-        start = time.perf_counter()
-        call()
-        times[i] = time.perf_counter() - start
+    times = timed(call, n)
     return float(np.percentile(times, 50) * 1e3), float(np.percentile(times, 99) * 1e3)
 
 
@@ -288,7 +276,7 @@ def main() -> int:
     from aevae.services.process import ServiceProcess
     from aevae.store import ModelStore
 
-    models = repository(args.models_dir)
+    models = repository(args.models_dir, "aevae-peers-")
     model = ModelStore(models).get("vae")
     d = model.latent_dim
     print(f"model {model.name}/{model.number} on {model.runtime.name}; {os.cpu_count()} CPUs; "

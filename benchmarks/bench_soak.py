@@ -28,18 +28,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import repository  # this folder
 
 
-def repository(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import write_tiny
 
-    root = Path(tempfile.mkdtemp(prefix="aevae-soak-")) / "models"
-    write_tiny(root, "vae", "vae", hidden=(1024, 512, 256))
-    return root
 
 
 class PeakRss(threading.Thread):
@@ -94,7 +86,7 @@ async def main(args: argparse.Namespace) -> None:
     from aevae.services.process import ServiceProcess
     from aevae.v1 import decoder_pb2_grpc
 
-    models = repository(args.models_dir)
+    models = repository(args.models_dir, "aevae-soak-")
     options = [("grpc.max_receive_message_length", -1)]
     service = ServiceProcess("decoder", models, args=["--grace", str(args.grace)]).start()
     service.wait_healthy()

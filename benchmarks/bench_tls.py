@@ -24,27 +24,12 @@ from typing import Callable
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import repository, timed  # this folder
 
 
-def repository(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import write_tiny  # the trainer's writer, random weights, the default architecture
-
-    root = Path(tempfile.mkdtemp(prefix="aevae-bench-tls-")) / "models"
-    write_tiny(root, "vae", "vae", hidden=(1024, 512, 256))
-    return root
 
 
-def timed(call: Callable[[], object], n: int) -> np.ndarray:
-    out = np.empty(n)
-    for i in range(n):
-        start = time.perf_counter()
-        call()
-        out[i] = time.perf_counter() - start
-    return out
+
 
 
 def main() -> None:
@@ -60,7 +45,7 @@ def main() -> None:
     from aevae.services.security import make_certificates
 
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    models = repository(args.models_dir)
+    models = repository(args.models_dir, "aevae-bench-tls-")
     work = Path(tempfile.mkdtemp(prefix="aevae-bench-tls-keys-"))
     certs = make_certificates(work / "tls")
     token = "bench-" + os.urandom(16).hex()
