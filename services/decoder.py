@@ -43,6 +43,10 @@ class DecodeJob:
     def rows(self) -> int:
         return len(self.latents)
 
+    @property
+    def output_bytes(self) -> int:
+        return self.rows * self.model.manifest.pixels * np.dtype(self.dtype).itemsize
+
 
 def output_dtype(dtype: str) -> str:
     """"" means float32."""

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, NamedTuple, Protocol, TypeVar
@@ -95,15 +96,43 @@ def readable(request: R | Unreadable) -> R:
 
 
 # -- admission control ----------------------------------------------------------------------------------
+class Reservation:
+    """Output bytes reserved for one response: given back when released or when the response is dropped."""
+
+    __slots__ = ("__weakref__",)
+
+
 class Admission:
-    """Caps the model calls in flight and the request bytes they hold. Past a cap, RESOURCE_EXHAUSTED naming
-    it; health and ListModels are not counted, so they still answer."""
+    """Caps the model calls in flight and the request bytes they hold: past a cap, RESOURCE_EXHAUSTED naming
+    it; health and ListModels are not counted, so they still answer. Responses wait for room in the same byte
+    budget before they are computed (backpressure, not an error), so that many big streams at once hold at
+    most about `max_bytes` of answers between the model and the wire."""
 
     def __init__(self, max_calls: int, max_bytes: int):
         self.max_calls = max_calls
         self.max_bytes = max_bytes
         self.calls = 0
         self.bytes = 0
+        self.output = 0
+        self._waiting: list[asyncio.Future[None]] = []
+
+    async def reserve(self, nbytes: int) -> Reservation:
+        """Waits until `nbytes` of answers fit the budget (one answer bigger than it waits for an empty one)."""
+        while self.output and self.output + nbytes > self.max_bytes:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append(waiter)
+            await waiter
+        self.output += nbytes
+        reservation = Reservation()
+        weakref.finalize(reservation, self._give_back, nbytes)
+        return reservation
+
+    def _give_back(self, nbytes: int) -> None:
+        self.output -= nbytes
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
 
     @contextlib.contextmanager
     def call(self) -> Iterator[None]:
@@ -218,11 +247,13 @@ async def pipelined(
 
 
 class Reply(NamedTuple):
-    """One answer of a servicer: which model version served it, and the response (a message, or its bytes)."""
+    """One answer of a servicer: which model version served it, the response (a message, or its bytes), and
+    the output bytes it holds in the admission's budget until it is dropped."""
 
     model: str
     version: int
     response: Any
+    reservation: Reservation | None = None
 
 
 async def served_stream(
@@ -255,7 +286,7 @@ async def served_stream(
             if index == 0:
                 first_done.set()
         pinned.setdefault(reply.model, reply.version)
-        return reply.response
+        return reply
 
     async def admitted() -> AsyncIterator[Any]:
         with admission.call():
@@ -265,10 +296,11 @@ async def served_stream(
     results = admitted()
     while True:
         try:
-            response = await guarded(context, anext(results))
+            reply = await guarded(context, anext(results))
         except StopAsyncIteration:
             return
-        yield response
+        yield reply.response
+        del reply  # gRPC has taken the message: its output bytes go back to the budget
 
 
 _last_logged = [0.0]

@@ -30,12 +30,14 @@ class DecoderServicer:
             latents = from_tensor(request.latents, "latents", dtypes=("float32",))
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, latents, request.dtype),
                                         rows(latents), self.logic.ready(request.model, version))
+            reservation = await self.engine.admission.reserve(job.output_bytes)
             out = await self.batcher.submit(job)
         if self.engine.raw_responses:  # the images' bytes copied once, straight into the wire message
             head = decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=tensor_head(out.images))
-            return Reply(out.model, out.version, serialize_with_data(head, 3, out.images))
+            return Reply(out.model, out.version, serialize_with_data(head, 3, out.images), reservation)
         return Reply(out.model, out.version,
-                     decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images)))
+                     decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images)),
+                     reservation)
 
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> decoder_pb2.DecodeResponse | bytes:
         async def call() -> Any:

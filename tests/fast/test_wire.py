@@ -36,12 +36,12 @@ def test_shapes_numpy_cannot_hold_are_tensor_errors() -> None:
         from_tensor(tensor_pb2.Tensor(dtype="x" * 10_000, shape=[1], data=b"\0"), "x", dtypes=("float32",))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "uint8"])
-def test_a_response_written_with_one_copy_is_an_ordinary_message(dtype: str) -> None:
+@pytest.mark.parametrize("dtype, n", [("float32", 5), ("uint8", 5), ("float32", 0)])
+def test_a_response_written_with_one_copy_is_an_ordinary_message(dtype: str, n: int) -> None:
     from aevae.v1 import decoder_pb2
     from aevae.v1.tensors import TensorResponse, from_tensor, serialize_with_data, tensor_head
 
-    images = (np.random.default_rng(0).random((5, 6, 7)) * 200).astype(dtype)
+    images = (np.random.default_rng(0).random((n, 6, 7)) * 200).astype(dtype)
     head = decoder_pb2.DecodeResponse(model="vae", version=3, images=tensor_head(images))
     data = serialize_with_data(head, 3, images)
     message = decoder_pb2.DecodeResponse.FromString(data)  # protobuf's own reader merges the two parts
