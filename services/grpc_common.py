@@ -237,7 +237,10 @@ async def pipelined(
                 return
             if kind == "error":
                 raise value
-            yield await value
+            result = await value
+            del value  # the finished task, and with it the result, must not outlive the yield
+            yield result
+            del result
     finally:
         reader.cancel()
         while not ready.empty():
@@ -292,6 +295,7 @@ async def served_stream(
         with admission.call():
             async for response in pipelined(requests, handle, depth):
                 yield response
+                del response  # a reply holds output bytes of the budget until it is dropped
 
     results = admitted()
     while True:
