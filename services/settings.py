@@ -60,7 +60,8 @@ class ServiceSettings:
                           minimum=1)
     max_concurrent_rpcs: int = _opt(256, "most Encode/Decode calls and streams in flight; RESOURCE_EXHAUSTED "
                                          "beyond (health and ListModels always answer)", minimum=1)
-    max_inflight_bytes: int = _opt(512 * 1024 * 1024, "most request bytes held by calls in flight; "
+    max_inflight_bytes: int = _opt(256 * 1024 * 1024, "most request bytes held by calls in flight, and most answer "
+                                                      "bytes between the model and the wire (answers wait); "
                                                       "RESOURCE_EXHAUSTED beyond", minimum=1)
     workers: int = _opt(2, "threads running the model off the event loop", minimum=1)
     threads: int | None = _opt(None, "intra-op threads of the model runtime, ONNX Runtime or torch (default: "
