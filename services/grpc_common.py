@@ -104,9 +104,10 @@ class Reservation:
 
 class Admission:
     """Caps the model calls in flight and the request bytes they hold: past a cap, RESOURCE_EXHAUSTED naming
-    it; health and ListModels are not counted, so they still answer. Responses wait for room in the same byte
-    budget before they are computed (backpressure, not an error), so that many big streams at once hold at
-    most about `max_bytes` of answers between the model and the wire."""
+    it; health and ListModels are not counted, so they still answer. Answers wait for room in the same byte
+    budget before they are computed and hold it until they are built (backpressure, not an error), so that many
+    big calls at once compute at most about `max_bytes` of answers; a stream's answers waiting for a slow reader
+    are bounded by the stream's depth instead, so a reader that stops cannot starve the others."""
 
     def __init__(self, max_calls: int, max_bytes: int):
         self.max_calls = max_calls
@@ -250,13 +251,11 @@ async def pipelined(
 
 
 class Reply(NamedTuple):
-    """One answer of a servicer: which model version served it, the response (a message, or its bytes), and
-    the output bytes it holds in the admission's budget until it is dropped."""
+    """One answer of a servicer: which model version served it, and the response (a message, or its bytes)."""
 
     model: str
     version: int
     response: Any
-    reservation: Reservation | None = None
 
 
 async def served_stream(

@@ -34,10 +34,11 @@ class DecoderServicer:
             out = await self.batcher.submit(job)
         if self.engine.raw_responses:  # the images' bytes copied once, straight into the wire message
             head = decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=tensor_head(out.images))
-            return Reply(out.model, out.version, serialize_with_data(head, 3, out.images), reservation)
-        return Reply(out.model, out.version,
-                     decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images)),
-                     reservation)
+            response: object = serialize_with_data(head, 3, out.images)
+        else:
+            response = decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images))
+        del reservation  # built: the answer's bytes leave the budget (a reader's pace is the stream depth's job)
+        return Reply(out.model, out.version, response)
 
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> decoder_pb2.DecodeResponse | bytes:
         async def call() -> Any:
