@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SMALL_TRAINING, data_root, run_aevae, write_tiny
+from helpers import SMALL_TRAINING, data_root, run_aevae, write_tiny_set
 
 
 @pytest.fixture(scope="session")
@@ -31,11 +31,7 @@ def trained_repo(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> 
 
 @pytest.fixture(scope="session")
 def _tiny_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("tiny") / "models"
-    write_tiny(root, "ae", "ae")
-    write_tiny(root, "vae", "vae")
-    write_tiny(root, "vae8", "vae", latent_dim=8, image_shape=(24, 20))
-    return root
+    return write_tiny_set(tmp_path_factory.mktemp("tiny") / "models")
 
 
 @pytest.fixture

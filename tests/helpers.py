@@ -3,11 +3,12 @@ repository's own writer (the fast tier's models: real files, real checksums, no 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -53,3 +54,27 @@ def write_tiny(root: Path, name: str = "vae", kind: str = "vae", latent_dim: int
     latents = rng.normal(size=(200, latent_dim)).astype(np.float32)
     stats = compute(latents, rng.integers(0, 10, 200), seed=seed)
     return write_version(ModelRepository(root), name, manifest, model, stats)
+
+
+def write_tiny_set(root: Path) -> Path:
+    """ae/1 and vae/1 (4-d latent, 32 x 32) and vae8/1 (8-d latent, 24 x 20): nothing may assume one shape."""
+    write_tiny(root, "ae", "ae")
+    write_tiny(root, "vae", "vae")
+    write_tiny(root, "vae8", "vae", latent_dim=8, image_shape=(24, 20))
+    return root
+
+
+@contextlib.contextmanager
+def running(repo: Path, args: Sequence[str] = (), kinds: Sequence[str] = ("encoder", "decoder")) -> Iterator[Any]:
+    """Real `aevae serve` processes over `repo`, started together, healthy, stopped with SIGTERM at the end:
+    {kind: ServiceProcess}."""
+    from aevae.services.process import ServiceProcess
+
+    started = {kind: ServiceProcess(kind, repo, args=list(args)).start() for kind in kinds}
+    try:
+        for service in started.values():
+            service.wait_healthy()
+        yield started
+    finally:
+        for service in started.values():
+            service.stop()

@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from aevae.client import DecoderClient, EncoderClient
 from aevae.services.process import ServiceProcess
-from helpers import write_tiny
+from helpers import running, write_tiny_set
 
 MAX_BATCH = 500
 ARGS = ["--max-batch", str(MAX_BATCH), "--shutdown-delay", "0"]
@@ -29,23 +29,13 @@ ARGS = ["--max-batch", str(MAX_BATCH), "--shutdown-delay", "0"]
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ae/1, vae/1 (32 x 32, 4-d) and vae8/1 (24 x 20, 8-d): shapes must come from the manifest."""
-    root = tmp_path_factory.mktemp("oip") / "models"
-    write_tiny(root, "ae", "ae")
-    write_tiny(root, "vae", "vae")
-    write_tiny(root, "vae8", "vae", latent_dim=8, image_shape=(24, 20))
-    return root
+    return write_tiny_set(tmp_path_factory.mktemp("oip") / "models")
 
 
 @pytest.fixture(scope="module")
 def servers(repo: Path) -> Iterator[dict[str, ServiceProcess]]:
-    started = {kind: ServiceProcess(kind, repo, args=ARGS).start() for kind in ("encoder", "decoder")}
-    try:
-        for service in started.values():
-            service.wait_healthy()
+    with running(repo, ARGS) as started:
         yield started
-    finally:
-        for service in started.values():
-            service.stop()
 
 
 @pytest.fixture(scope="module")

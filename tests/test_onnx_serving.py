@@ -13,7 +13,7 @@ import pytest
 from aevae.client import DecoderClient, EncoderClient
 from aevae.services.process import ServiceProcess
 from aevae.store import ModelStore
-from helpers import write_tiny
+from helpers import running, write_tiny
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +26,8 @@ def repo(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def services(repo: Path) -> Iterator[dict[str, ServiceProcess]]:
-    started = {kind: ServiceProcess(kind, repo).start() for kind in ("encoder", "decoder")}
-    try:
-        for service in started.values():
-            service.wait_healthy()
+    with running(repo) as started:
         yield started
-    finally:
-        for service in started.values():
-            service.stop()
 
 
 def _libraries(pid: int) -> str:

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aevae.services.process import ServiceProcess
+from helpers import running
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor
 
@@ -33,14 +34,8 @@ def repo(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(repo: Path) -> Iterator[dict[str, ServiceProcess]]:
-    started = {kind: ServiceProcess(kind, repo, args=LIMITS).start() for kind in ("encoder", "decoder")}
-    try:
-        for service in started.values():
-            service.wait_healthy()
+    with running(repo, LIMITS) as started:
         yield started
-    finally:
-        for service in started.values():
-            service.stop()
 
 
 @pytest.fixture(scope="module")
