@@ -51,18 +51,22 @@ class EncoderServicer:
     async def EncodeStream(self, request_iterator: AsyncIterator[Any],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[encoder_pb2.EncodeResponse]:
         # One generator for the whole stream, seeded by the first message that asks for a sample, drawn from
-        # in message order (handlers start in order, the lock is FIFO, and a batch runs its jobs in order), so
-        # that the sample does not depend on how the client split the batch.
+        # in message order (a message samples only after the one before it has finished, and a batch runs its
+        # jobs in order), so that the sample does not depend on how the client split the batch.
         state: dict[str, np.random.Generator | None] = {}
-        lock = asyncio.Lock()
+        order = InOrder()
 
         async def submit(index: int, request: encoder_pb2.EncodeRequest) -> Reply:
             if not request.sample:
+                order.pass_on(index)
                 return await self._encode(request, None)
-            if "noise" not in state:
-                state["noise"] = _noise(request)
-            async with lock:
+            await order.turn(index)
+            try:
+                if "noise" not in state:
+                    state["noise"] = _noise(request)
                 return await self._encode(request, state["noise"])
+            finally:
+                order.done(index)
 
         async for response in served_stream(context, self.engine.admission, request_iterator, submit,
                                             self.engine.stream_depth):
@@ -80,6 +84,38 @@ class EncoderServicer:
 
         name, number, stats = await guarded(context, work())
         return latent_stats_message(name, number, stats)
+
+
+class InOrder:
+    """Turns taken in message order, whatever order the messages' handlers happen to run in (a handler that
+    finds its predecessor already done does not yield to it, so a lock alone does not keep the order).
+
+    Message i takes its turn once message i-1 is `done`; a message that needs no turn `pass_on`s, which
+    counts as done as soon as its predecessor is."""
+
+    def __init__(self) -> None:
+        self._done: dict[int, asyncio.Future[None]] = {}
+
+    def _future(self, index: int) -> asyncio.Future[None]:
+        if index not in self._done:
+            self._done[index] = asyncio.get_running_loop().create_future()
+        return self._done[index]
+
+    async def turn(self, index: int) -> None:
+        if index > 0:
+            await asyncio.shield(self._future(index - 1))
+
+    def done(self, index: int) -> None:
+        future = self._future(index)
+        if not future.done():
+            future.set_result(None)
+        self._done.pop(index - 1, None)  # nobody else waits for the one before
+
+    def pass_on(self, index: int) -> None:
+        if index == 0:
+            self.done(0)
+        else:
+            self._future(index - 1).add_done_callback(lambda _: self.done(index))
 
 
 def _noise(request: encoder_pb2.EncodeRequest) -> np.random.Generator | None:

@@ -105,3 +105,31 @@ def test_a_broken_default_is_skipped_and_an_explicit_request_names_the_reason(ti
         dec.decode("vae", 2, np.zeros((1, 4), np.float32))
     (summary,) = [s for s in dec.list_models() if s.name == "vae"]
     assert summary.number == 1 and list(summary.broken) == [2]
+
+
+def test_a_stream_s_samples_are_drawn_in_message_order_whatever_order_handlers_run() -> None:
+    """The handler of message 2 may run before that of message 1 (it found message 0 done without yielding);
+    the draws of the stream's one generator must still follow the messages."""
+    import asyncio
+
+    from aevae.services.grpc_encoder import InOrder
+
+    async def main() -> list[int]:
+        order, drawn = InOrder(), []
+
+        async def message(index: int, samples: bool) -> None:
+            if not samples:
+                order.pass_on(index)
+                return
+            await order.turn(index)
+            try:
+                await asyncio.sleep(0.001 * (5 - index))  # the earlier message takes longer
+                drawn.append(index)
+            finally:
+                order.done(index)
+
+        plan = {0: True, 1: True, 2: False, 3: True, 4: True}
+        await asyncio.gather(*(message(i, plan[i]) for i in (4, 3, 1, 2, 0)))  # started out of order
+        return drawn
+
+    assert asyncio.run(main()) == [0, 1, 3, 4]
