@@ -217,6 +217,17 @@ def test_the_images_pin_the_versions_tested_here() -> None:
 
 # ---- the healthcheck script, against real servers ------------------------------------------------------
 
+def load_healthcheck() -> Any:
+    """deploy/docker/healthcheck.py as a module (it is installed in the images as a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("aevae_healthcheck", HEALTHCHECK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def healthcheck(target: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(HEALTHCHECK), target, "5"], capture_output=True, text=True,
                           timeout=60)
@@ -330,6 +341,9 @@ def check_claims(pod_spec: dict[str, Any], claims: set[str]) -> None:
             volume = volumes[mount["name"]]
             if "emptyDir" in volume:  # scratch space (/tmp under a read-only root filesystem)
                 continue
+            if "secret" in volume:  # TLS material: test_kubernetes_services_use_tls_and_token_from_the_secrets...
+                assert mount.get("readOnly") is True, f"{mount} mounts a Secret writable"
+                continue
             assert volume["persistentVolumeClaim"]["claimName"] in claims
 
 
@@ -361,7 +375,8 @@ def test_kubernetes_manifests_are_consistent_with_the_images_ports_and_cli() -> 
         assert image == name and image in stages
         args = parse_aevae(container["args"])  # the image's entrypoint is `aevae`
         assert (args.host, args.port) == ("0.0.0.0", port)
-        assert [p["containerPort"] for p in container["ports"]] == [port, 9090]  # and Prometheus /metrics
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert list(named.values())[:2] == [port, 9090]  # and Prometheus /metrics
         assert deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9090"
         service = docs[("Service", f"aevae-{name}")]
         assert service["spec"]["selector"].items() <= labels.items()
@@ -370,10 +385,15 @@ def test_kubernetes_manifests_are_consistent_with_the_images_ports_and_cli() -> 
         if name == "ui":
             assert (args.encoder, args.decoder) == ("aevae-encoder:50051", "aevae-decoder:50052")
             assert container["readinessProbe"]["httpGet"] == {"path": "/api/status", "port": port}
+            assert len(named) == 2
             continue
         assert args.kind == name and args.models_dir == "/models"
+        # the service port serves TLS, which Kubernetes' grpc probes do not speak: every probe asks the plaintext
+        # health-only port (--health-port), declared as the container port `health` (a grpc probe takes a number)
+        assert args.health_port is not None and args.health_port not in (port, 9090)
+        assert named == {"grpc": port, "metrics": 9090, "health": args.health_port}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port}, f"{name} {probe}"
+            assert container[probe]["grpc"] == {"port": named["health"]}, f"{name} {probe}"
         assert args.shutdown_delay < deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         check_claims(spec, claims)
 
@@ -403,6 +423,176 @@ def test_kubernetes_manifests_are_consistent_with_the_images_ports_and_cli() -> 
 def test_the_rayservice_runs_the_serve_config() -> None:
     serve_v2 = yaml.safe_load(k8s_documents()[("RayService", "aevae-serve")]["spec"]["serveConfigV2"])
     assert serve_v2 == yaml.safe_load(SERVE_CONFIG.read_text())
+
+
+# ---- Kubernetes: TLS and the token from Secrets, for real -----------------------------------------------------
+
+K8S_SERVICES = DEPLOY / "k8s" / "services.yaml"
+
+
+def header_commands(path: Path) -> list[str]:
+    """The shell commands of a file's header comment: the lines indented `#   `, continuations joined."""
+    commands: list[str] = []
+    continued = False
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line[1:]
+        if continued:
+            commands[-1] += " " + text.strip()
+        elif text.startswith("   ") and not text.startswith("    "):
+            commands.append(text.strip())
+        else:
+            continue
+        continued = commands[-1].endswith("\\")
+        if continued:
+            commands[-1] = commands[-1][:-1].rstrip()
+    return commands
+
+
+@pytest.fixture(scope="module")
+def k8s_secrets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """The commands at the top of services.yaml, run as written (openssl for real, kubectl recorded): the folder
+    they leave the files in, and the Secrets they create {name: {"type": ..., "keys": {key: file or None}}}."""
+    if shutil.which("openssl") is None:
+        pytest.fail("openssl not found: the header's commands need it (apt-get install openssl)")
+    folder = tmp_path_factory.mktemp("k8s-secrets")
+    commands = header_commands(K8S_SERVICES)
+    commands = commands[commands.index("NS=default"):]  # the Secrets' block, to the end of the header
+    assert len(commands) >= 6 and all(c.split()[0] in ("NS=default", "kubectl", "openssl", "echo") for c in commands)
+    script = "set -eu\nkubectl() { n=$((n + 1)); printf '%s\\n' \"$@\" > \"kubectl.$n\"; }\nn=0\n" + "\n".join(commands)
+    done = subprocess.run(["bash", "-c", script], cwd=folder, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"the header's commands failed:\n{script}\n{done.stdout}{done.stderr}"
+    secrets: dict[str, dict[str, Any]] = {}
+    for call in sorted(folder.glob("kubectl.*"), key=lambda f: int(f.suffix[1:])):
+        argv = call.read_text().splitlines()
+        if "-n" in argv:
+            del argv[argv.index("-n"):argv.index("-n") + 2]
+        assert argv[:3] == ["create", "secret", "generic"], argv
+        secret: dict[str, Any] = {"type": "Opaque", "keys": {}}
+        for arg in argv[4:]:
+            option, _, value = arg.partition("=")
+            if option == "--type":
+                secret["type"] = value
+            elif option == "--from-literal":
+                key, _, literal = value.partition("=")
+                assert literal.strip(), f"{argv[3]}: an empty {key}"
+                secret["keys"][key] = None
+            elif option == "--from-file":
+                key, _, source = value.rpartition("=")
+                source_path = folder / source
+                assert source_path.is_file(), f"{argv[3]}: {source} was not made by the commands before"
+                secret["keys"][key or source_path.name] = source_path
+            else:
+                pytest.fail(f"unexpected kubectl argument {arg}")
+        secrets[argv[3]] = secret
+    return folder, secrets
+
+
+def test_kubernetes_services_use_tls_and_token_from_the_secrets_the_header_creates(k8s_secrets) -> None:
+    """No --insecure; every TLS file the args name lies in a read-only Secret volume holding that key, every
+    secretKeyRef names a key the header's commands create; the UI trusts the Secret's CA."""
+    _, secrets = k8s_secrets
+    assert secrets["aevae-tls"]["type"] == "kubernetes.io/tls"
+    assert set(secrets["aevae-tls"]["keys"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert set(secrets["aevae-token"]["keys"]) == {"token"}
+    docs = k8s_documents()
+    for name in PORTS:
+        spec = docs[("Deployment", f"aevae-{name}")]["spec"]["template"]["spec"]
+        (container,) = containers(spec)
+        assert "--insecure" not in container["args"], f"{name}: --insecure in Kubernetes"
+        args = parse_aevae(container["args"])
+        for variable in container.get("env", []):
+            ref = variable["valueFrom"]["secretKeyRef"]
+            assert ref["key"] in secrets[ref["name"]]["keys"], f"{name}: {variable['name']} from a missing key"
+        assert {v["name"] for v in container["env"]} == {"AEVAE_TOKEN"}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        files = {option: getattr(args, option, None) for option in ("tls_cert", "tls_key", "tls_ca", "tls_client_ca",
+                                                                    "token_file", "login_token_file")}
+        files = {option: path for option, path in files.items() if path is not None}
+        if name == "ui":
+            assert set(files) == {"tls_ca"} and not args.insecure
+        else:
+            assert set(files) == {"tls_cert", "tls_key"} and not args.insecure
+        for option, path in files.items():
+            mounts = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+            assert len(mounts) == 1, f"{name}: --{option.replace('_', '-')} {path} is in no mounted volume"
+            (mount,) = mounts
+            secret = volumes[mount["name"]]["secret"]
+            key = path[len(mount["mountPath"].rstrip("/")) + 1:]
+            assert mount["readOnly"] is True and secret["secretName"] in secrets
+            items = {item["path"]: item["key"] for item in secret.get("items", [])} or {k: k for k in
+                                                                                     secrets[secret["secretName"]]["keys"]}
+            assert items.get(key) in secrets[secret["secretName"]]["keys"], f"{name}: {path}: no such key"
+        if name == "ui":  # the CA only: the server's key stays out of the UI's pod
+            (tls,) = [v["secret"] for v in spec["volumes"] if "secret" in v]
+            assert [item["key"] for item in tls["items"]] == ["ca.crt"]
+
+
+def test_the_kubernetes_decoder_serves_tls_and_token_with_its_probes_on_the_health_port(
+        k8s_secrets, tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoder's Kubernetes args for real (the Secret's mount path replaced by the files the header's
+    commands made, ports by free ones, the models by a tiny repository): it starts on 0.0.0.0 without
+    --insecure; the health port answers SERVING in plaintext without a token, and so does the image's
+    healthcheck given AEVAE_HEALTH_PORT; the service port refuses plaintext and calls without the token, and
+    answers TLS + token for the names the UI dials."""
+    import secrets
+
+    from aevae.client.health import check
+    from aevae.services.process import ServiceProcess
+
+    folder, _ = k8s_secrets
+    (container,) = containers(k8s_documents()[("Deployment", "aevae-decoder")]["spec"]["template"]["spec"])
+    args = container["args"]
+    assert args[:2] == ["serve", "decoder"]
+    replaced = {"/models": str(tiny_repo), "50052": "0", "9090": "0", "8081": "0"}
+    argv = [replaced.get(a, a.replace("/etc/aevae/tls", str(folder))) for a in args[2:]]
+    token = secrets.token_hex(32)
+    env = {"AEVAE_TOKEN": token, "AEVAE_TOKEN_FILE": "", "XDG_CONFIG_HOME": str(folder / "config")}
+    with ServiceProcess("decoder", None, args=argv, env=env) as decoder:  # started: it printed its address
+        output = "".join(decoder.output)
+        assert "TLS, token from $AEVAE_TOKEN" in output and "WARNING" not in output
+        health_port = re.search(r"health \(grpc.health.v1 only, plaintext\) on \S+:(\d+)", output).group(1)
+        port = decoder.address.rpartition(":")[2]
+        deadline = time.monotonic() + 30
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:  # what kubelet's grpc probe does
+            while (status := check(channel, 5)) != "SERVING":
+                assert time.monotonic() < deadline, status
+                time.sleep(0.1)
+        # the image's HEALTHCHECK line (127.0.0.1:50052, here the service port) with AEVAE_HEALTH_PORT
+        healthcheck_main = load_healthcheck().main
+        monkeypatch.setenv("AEVAE_HEALTH_PORT", health_port)
+        assert healthcheck_main([f"127.0.0.1:{port}", "5"]) == 0
+        monkeypatch.setenv("AEVAE_HEALTH_PORT", "http")
+        assert healthcheck_main([f"127.0.0.1:{port}", "5"]) == 1
+        monkeypatch.delenv("AEVAE_HEALTH_PORT")
+        assert healthcheck_main([f"127.0.0.1:{port}", "5"]) == 1  # plaintext against the TLS port
+
+        request = decode_request(z(2))
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as plain:
+            with pytest.raises(grpc.RpcError) as refused:
+                decoder_pb2_grpc.DecoderStub(plain).Decode(request, metadata=[("authorization", f"Bearer {token}")],
+                                                           timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as health_only:  # health, and nothing else
+            with pytest.raises(grpc.RpcError) as unimplemented:
+                decoder_pb2_grpc.DecoderStub(health_only).Decode(request, timeout=10)
+            assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        credentials = grpc.ssl_channel_credentials((folder / "ca.crt").read_bytes())  # the UI's --tls-ca
+        for name in ("aevae-decoder", "aevae-decoder.default.svc", "localhost"):
+            options = [("grpc.ssl_target_name_override", name)]
+            with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as channel:
+                stub = decoder_pb2_grpc.DecoderStub(channel)
+                if name == "localhost":  # not a name of the certificate: the handshake fails
+                    with pytest.raises(grpc.RpcError) as wrong_name:
+                        stub.Decode(request, metadata=[("authorization", f"Bearer {token}")], timeout=10)
+                    assert wrong_name.value.code() == grpc.StatusCode.UNAVAILABLE
+                    continue
+                with pytest.raises(grpc.RpcError) as anonymous:
+                    stub.Decode(request, timeout=10)
+                assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                out = stub.Decode(request, metadata=[("authorization", f"Bearer {token}")], timeout=10)
+                assert from_tensor(out.images, "images").shape == (2, 32, 32)
 
 
 # ---- Ray Serve config ------------------------------------------------------------------------------------
