@@ -270,6 +270,34 @@ def seconds(duration: str) -> float:
     return float(match.group(1))
 
 
+def test_compose_requires_a_generated_token_and_says_what_protects_its_plaintext() -> None:
+    """Every service takes AEVAE_TOKEN as `${AEVAE_TOKEN:?...}`: unset or empty, compose (podman-compose's own
+    interpolation here) stops with a message saying how to make one; set, every service gets it. `--insecure`
+    only on the services, each with a comment naming what protects the traffic instead."""
+    import podman_compose
+
+    text = (DEPLOY / "compose.yaml").read_text()
+    (compose,) = load_yaml(DEPLOY / "compose.yaml")
+    make_one = 'export AEVAE_TOKEN="$(openssl rand -hex 32)"'
+    for name, service in compose["services"].items():
+        required = service["environment"]["AEVAE_TOKEN"]
+        assert re.fullmatch(r"\$\{AEVAE_TOKEN:\?[^}]+\}", required), f"{name}: AEVAE_TOKEN is not required"
+        assert make_one.replace("$(", "$$(") in required
+        block = re.search(rf"^  {name}:\n(.*?)(?=^  \w|^\S)", text, re.MULTILINE | re.DOTALL).group(1)
+        if name == "ui":
+            assert "--insecure" not in service["command"]
+            continue
+        assert service["command"][-1] == "--insecure"
+        comment = " ".join(line.strip().lstrip("# ") for line in block.splitlines() if line.strip().startswith("#"))
+        assert "--insecure" in comment and "private network" in comment and "loopback" in comment, comment
+    for env in ({}, {"AEVAE_TOKEN": ""}):
+        with pytest.raises(Exception) as refused:
+            podman_compose.rec_subs(compose, env)
+        assert "AEVAE_TOKEN" in str(refused.value) and make_one in str(refused.value)
+    resolved = podman_compose.rec_subs(compose, {"AEVAE_TOKEN": "t0ken"})
+    assert {s["environment"]["AEVAE_TOKEN"] for s in resolved["services"].values()} == {"t0ken"}
+
+
 def test_compose_serves_a_repository_and_the_train_file_trains_it_first() -> None:
     (compose,) = load_yaml(DEPLOY / "compose.yaml")
     (train,) = load_yaml(DEPLOY / "compose.train.yaml")
@@ -304,6 +332,7 @@ def test_compose_serves_a_repository_and_the_train_file_trains_it_first() -> Non
                                 "decoder": {"condition": "service_healthy"}}
     args = parse_aevae(ui["command"])
     assert (args.encoder, args.decoder) == ("encoder:50051", "decoder:50052")
+    assert not args.insecure, "the UI logs in with the token: no --insecure"
     assert "volumes" not in ui
     assert "models" in compose["volumes"]
     # compose.train.yaml: the one-shot trainer, guarded so that `up` does not train every time; the services

@@ -3,12 +3,17 @@
 1. builds the encoder, decoder and ui images (deploy/scripts/images.sh; --no-build uses the ones there are)
    and checks that none of them carries torch, that they run as uid 10001 and carry HEALTHCHECK and labels;
 2. trains a small model repository on the host (--models DIR serves an existing one instead);
-3. `podman-compose -f deploy/compose.yaml up -d` with that repository mounted read-only, on free ports;
+3. checks that `podman-compose up` without AEVAE_TOKEN refuses to start, saying how to make one; then
+   `podman-compose -f deploy/compose.yaml up -d` with a random AEVAE_TOKEN and that repository mounted
+   read-only, on free ports;
 4. waits for each service to answer SERVING (grpc.health.v1, polled from the host through aevae.client)
    and then for each container's own HEALTHCHECK to pass;
-5. round-trips MNIST test digits through both services with aevae.client (encode, then decode), for the
-   VAE and the AE, and checks the answers against the same repository loaded in-process on the host;
-6. checks that the UI answers (its page and /api/status, both services up);
+5. round-trips MNIST test digits through both services with aevae.client and the token (encode, then
+   decode), for the VAE and the AE, and checks the answers against the same repository loaded in-process on
+   the host; a call without the token, or with a wrong one, must get UNAUTHENTICATED;
+6. checks the UI as a browser uses it: the page sends an anonymous visitor to /login, the form logs in with
+   the token (a session cookie), then the page, /api/status (both services up) and /api/models (the UI's
+   own calls to the services, with the token) answer;
 7. SIGTERM to the three containers: each must exit 0 within its stop grace period;
 8. prints the image sizes, build times, the time from `compose up` to SERVING and the round trip.
 
@@ -19,15 +24,19 @@ and the project's venv for the host side. Exits non-zero on the first failure, w
 from __future__ import annotations
 
 import argparse
+import http.cookiejar
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -170,6 +179,23 @@ class Stack:
         return "\n".join(out)
 
 
+def refused_without_token(stack: Stack) -> str:
+    """`compose up` without AEVAE_TOKEN (unset, then empty) must fail before starting anything, saying how to
+    make one."""
+    for unset in (True, False):
+        env = {k: v for k, v in stack.env.items() if k != "AEVAE_TOKEN"} if unset else {**stack.env, "AEVAE_TOKEN": ""}
+        done = run([*stack.compose, "up", "-d"], check=False, env=env, cwd=ROOT, timeout=120)
+        if done.returncode == 0 or 'export AEVAE_TOKEN="$(openssl rand -hex 32)"' not in done.stderr:
+            raise SmokeFailure(f"`compose up` with AEVAE_TOKEN {'unset' if unset else 'empty'} did not refuse "
+                               f"clearly (exit {done.returncode}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        left = run(["podman", "ps", "-aq", "--filter", f"label=io.podman.compose.project={stack.project}"],
+                   env=stack.env).stdout.split()
+        if left:
+            raise SmokeFailure(f"`compose up` without AEVAE_TOKEN created containers: {left}")
+    message = done.stderr.strip().splitlines()[-1]
+    return f"compose up without AEVAE_TOKEN (unset or empty) refuses to start: {message!r}"
+
+
 def wait_serving(service: str, target: str, t0: float, timeout: float = 120) -> float:
     from aevae.client import DecoderClient, EncoderClient
 
@@ -206,14 +232,14 @@ def in_process(models: Path):
     return ModelStore(models).get
 
 
-def round_trip(encoder: str, decoder: str, models: Path) -> list[str]:
+def round_trip(encoder: str, decoder: str, models: Path, token: str) -> list[str]:
     from aevae.client import DecoderClient, EncoderClient
 
     digits, _ = test_digits(data_root())
     x = np.pad(digits.astype(np.float32) / 255, ((0, 0), (2, 2), (2, 2)))  # the models' 32 x 32
     load = in_process(models)
     results = []
-    with EncoderClient(encoder, timeout=30) as enc, DecoderClient(decoder, timeout=30) as dec:
+    with EncoderClient(encoder, timeout=30, token=token) as enc, DecoderClient(decoder, timeout=30, token=token) as dec:
         for model in ("vae", "ae"):
             z = enc.encode(digits, model=model).mean
             images = dec.decode(z, model=model)
@@ -236,21 +262,71 @@ def round_trip(encoder: str, decoder: str, models: Path) -> list[str]:
     return results
 
 
-def check_ui(url: str) -> str:
-    with urllib.request.urlopen(url + "/", timeout=10) as response:
+def refusals(encoder: str, decoder: str) -> str:
+    """Calls without the token, and with a wrong one: UNAUTHENTICATED from both services."""
+    import grpc
+
+    from aevae.client import AevaeError, DecoderClient, EncoderClient
+
+    seen = []
+    for name, client_class, target, call in (
+            ("encoder", EncoderClient, encoder, lambda c: c.encode(np.zeros((1, 28, 28), np.uint8), model="vae")),
+            ("decoder", DecoderClient, decoder, lambda c: c.decode(np.zeros((1, 4), np.float32), model="vae"))):
+        for what, token in (("no token", ""), ("a wrong token", secrets.token_hex(32))):
+            # token="" sends none (not even ~/.config/aevae/token, which a loopback client would otherwise send)
+            with client_class(target, timeout=30, retries=0, token=token) as client:
+                try:
+                    call(client)
+                except AevaeError as exc:
+                    if exc.code() != grpc.StatusCode.UNAUTHENTICATED:
+                        raise SmokeFailure(f"{name} with {what}: {exc.code().name}, not UNAUTHENTICATED: {exc}")
+                    seen.append(f"{name} {what}")
+                    continue
+            raise SmokeFailure(f"{name} answered a call with {what}: compose must require AEVAE_TOKEN")
+    return "UNAUTHENTICATED without the token and with a wrong one: " + ", ".join(seen)
+
+
+def check_ui(url: str, token: str) -> str:
+    """The UI as a browser uses it: anonymous -> /login; the form logs in (a session cookie); then the page and
+    the API answer, /api/models through the UI's own (token-carrying) calls to the services."""
+    anonymous = urllib.request.build_opener()  # follows redirects, keeps no cookies
+    with anonymous.open(url + "/", timeout=10) as response:
+        if urllib.parse.urlsplit(response.url).path != "/login" or 'action="/login"' not in response.read().decode():
+            raise SmokeFailure(f"the UI's page without a login: {response.url}, not the login form")
+    try:
+        anonymous.open(url + "/api/models", timeout=10)
+        raise SmokeFailure("the UI answered /api/models without a login")
+    except urllib.error.HTTPError as exc:
+        if exc.code != 401:
+            raise SmokeFailure(f"the UI's /api/models without a login: HTTP {exc.code}, not 401") from None
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    form = urllib.parse.urlencode({"token": token}).encode()
+    login = urllib.request.Request(url + "/login", data=form, headers={"Origin": url})  # as a browser posts it
+    with browser.open(login, timeout=10) as response:  # 302 to / with the session cookie, then the page
         page = response.read().decode()
-        if response.status != 200 or "<html" not in page.lower():
-            raise SmokeFailure(f"the UI's page: HTTP {response.status}, {page[:200]!r}")
+        if response.status != 200 or "<html" not in page.lower() or 'action="/login"' in page:
+            raise SmokeFailure(f"the UI's page after logging in: HTTP {response.status}, {page[:200]!r}")
+    if not any(cookie.name == "aevae_session" for cookie in jar):
+        raise SmokeFailure("logging in to the UI set no session cookie")
     deadline = time.monotonic() + 30
     while True:  # the UI polls the services on its own: wait until it has seen both up
-        with urllib.request.urlopen(url + "/api/status", timeout=10) as response:
+        with browser.open(url + "/api/status", timeout=10) as response:
             status = json.loads(response.read())
         states = {name: s.get("state", s.get("up")) for name, s in status.get("services", {}).items()}
         if set(states) == {"encoder", "decoder"} and all(s in (True, "up", "SERVING") for s in states.values()):
-            return f"UI: page {len(page)} bytes, /api/status {json.dumps(states)}"
+            break
         if time.monotonic() > deadline:
             raise SmokeFailure(f"the UI does not see both services up: {status}")
         time.sleep(0.5)
+    with browser.open(url + "/api/models", timeout=10) as response:
+        listed = json.loads(response.read())
+    names = {service: sorted(m["name"] for m in listed.get(service, {}).get("models", []))
+             for service in ("encoder", "decoder")}
+    if not all({"ae", "vae"} <= set(found) for found in names.values()):
+        raise SmokeFailure(f"the UI's /api/models (its calls to the services, with the token): {listed}")
+    return (f"UI: anonymous -> /login; logged in with the token (session cookie): page {len(page)} bytes, "
+            f"/api/status {json.dumps(states)}, /api/models {json.dumps(names)}")
 
 
 def finished_at(value: str) -> float:
@@ -315,11 +391,13 @@ def main(argv: list[str] | None = None) -> int:
             models = train_small(folder)
         readable_by_all(folder)
         ports = {name: free_port() for name in SERVICES}
-        env.update(AEVAE_MODELS=str(models), AEVAE_TOKEN="")
+        token = secrets.token_hex(32)  # what `export AEVAE_TOKEN="$(openssl rand -hex 32)"` makes
+        env.update(AEVAE_MODELS=str(models), AEVAE_TOKEN=token)
         for name in SERVICES:  # the published ports: free ones, so that nothing here clashes
             env[f"AEVAE_{name.upper()}_PORT"] = str(ports[name])
             env[f"AEVAE_{name.upper()}_METRICS_PORT"] = str(free_port())
         stack = Stack(f"aevae-smoke-{os.getpid()}", env)
+        summary.append(refused_without_token(stack))
         t0 = time.monotonic()
         stack("up", "-d", timeout=300)
         up_seconds = time.monotonic() - t0
@@ -337,8 +415,10 @@ def main(argv: list[str] | None = None) -> int:
             if not info["HostConfig"].get("ReadonlyRootfs"):
                 raise SmokeFailure(f"{name} does not run with a read-only root filesystem")
         summary.append("HEALTHCHECK passes in all three containers (read-only root filesystems, uid 10001)")
-        summary += round_trip(f"127.0.0.1:{ports['encoder']}", f"127.0.0.1:{ports['decoder']}", models)
-        summary.append(check_ui(f"http://127.0.0.1:{ports['ui']}"))
+        encoder, decoder = f"127.0.0.1:{ports['encoder']}", f"127.0.0.1:{ports['decoder']}"
+        summary += round_trip(encoder, decoder, models, token)
+        summary.append(refusals(encoder, decoder))
+        summary.append(check_ui(f"http://127.0.0.1:{ports['ui']}", token))
         if args.keep:
             summary.append(f"left running: project {stack.project}, ports {ports}")
         else:
