@@ -1,10 +1,12 @@
 """Dynamic batching: concurrent requests for the same model, version and layout run as one forward pass.
 
-No request waits for company when the model is idle: a request is queued, and the queue is flushed at the
-next turn of the event loop (after every request that arrived in the same turn has joined it), or after
-`window_s` when that is set. While a batch of one group runs in the executor, new requests of that group
-queue up and go together as the next batch. Each request was validated on its own before it joined (one bad
-request never fails its neighbours), and each caller gets exactly its own rows back.
+No request waits for company when the model is idle: a small request of a caller alone on the server runs at
+once, on the event loop (no future, no thread hop). Otherwise a request is queued, and the queue is flushed at
+the next turn of the event loop (after every request that arrived in the same turn has joined it), or after
+`window_s` when that is set. With other calls in flight a batch runs in the executor, so that the event loop
+keeps accepting requests meanwhile: they queue up and go together as the next batch (a batch run on the loop
+would block their arrival, and each would then run alone). Each request was validated on its own before it
+joined (one bad request never fails its neighbours), and each caller gets exactly its own rows back.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class Batcher(Generic[Item, Result]):
 
     def __init__(self, run: Callable[[Sequence[Item]], list[Result]], key: Callable[[Item], Hashable],
                  rows: Callable[[Item], int], runner: Runner, max_requests: int, max_rows: int,
-                 window_s: float = 0.0):
+                 window_s: float = 0.0, calls: Callable[[], int] = lambda: 1):
+        """`calls()`: the calls in flight on the server, the caller's included (1: it is alone)."""
         self.run = run
         self.key = key
         self.rows = rows
@@ -39,14 +42,18 @@ class Batcher(Generic[Item, Result]):
         self.max_requests = max_requests
         self.max_rows = max_rows
         self.window_s = window_s
+        self.calls = calls
         self._groups: defaultdict[Hashable, _Group[Item, Result]] = defaultdict(_Group)
         self.batches = 0  # forward passes run, for metrics and tests
         self.merged = 0  # requests answered by a forward pass shared with others
 
     async def submit(self, item: Item) -> Result:
+        key = self.key(item)
+        if key not in self._groups and not self.window_s and self._inline(self.rows(item)):
+            self.batches += 1  # alone and small: nobody to merge with, so no queue and no wait
+            return self.run([item])[0]
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Result] = loop.create_future()
-        key = self.key(item)
         group = self._groups[key]
         group.waiting.append((item, future))
         if not group.busy and len(group.waiting) == 1:
@@ -55,6 +62,10 @@ class Batcher(Generic[Item, Result]):
             else:
                 loop.call_soon(self._flush, key)
         return await future
+
+    def _inline(self, rows: int) -> bool:
+        """Run on the event loop: small, and no other call in flight whose request it would hold up."""
+        return rows <= self.runner.inline_max and self.calls() <= 1
 
     def _take(self, group: _Group[Item, Result]) -> list[tuple[Item, asyncio.Future[Result]]]:
         """The next batch: waiting requests in arrival order up to the caps (a big request goes alone)."""
@@ -83,7 +94,7 @@ class Batcher(Generic[Item, Result]):
                 return
             items = [item for item, _ in batch]
             rows = sum(map(self.rows, items))
-            if rows <= self.runner.inline_max:
+            if self._inline(rows):
                 try:
                     results: list[Any] = self.run(items)
                 except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error

@@ -67,7 +67,7 @@ class DecoderLogic:
 
     def prepare(self, model: str, version: int | None, latents: np.ndarray, dtype: str = "float32") -> DecodeJob:
         dtype = output_dtype(dtype)
-        loaded = self.store.get(inputs.model_name(model), version)
+        loaded = self.store.peek(model, version) or self.store.get(inputs.model_name(model), version)
         z = inputs.latents(latents, loaded.latent_dim, loaded.name)
         self.limits.check_batch(len(z), "latents")
         self.limits.check_response(len(z), loaded.manifest.pixels * np.dtype(dtype).itemsize, "latents")

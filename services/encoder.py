@@ -53,7 +53,7 @@ class EncoderLogic:
 
     def prepare(self, model: str, version: int | None, images: np.ndarray,
                 noise: np.random.Generator | None = None) -> EncodeJob:
-        loaded = self.store.get(inputs.model_name(model), version)
+        loaded = self.store.peek(model, version) or self.store.get(inputs.model_name(model), version)
         checked = inputs.images(images, loaded.image_shape)
         self.limits.check_batch(len(checked), "images")
         return EncodeJob(loaded, checked, noise)

@@ -21,7 +21,8 @@ class DecoderServicer:
         self.engine = engine
         self.batcher: Batcher[DecodeJob, Decoded] = Batcher(
             logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
-            max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s)
+            max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s,
+            calls=lambda: engine.admission.calls)
 
     async def _decode(self, request: decoder_pb2.DecodeRequest) -> Reply:
         """One message: validated on its own, then decoded together with whatever else is waiting."""

@@ -23,7 +23,8 @@ class EncoderServicer:
         self.engine = engine
         self.batcher: Batcher[EncodeJob, Encoded] = Batcher(
             logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
-            max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s)
+            max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s,
+            calls=lambda: engine.admission.calls)
 
     async def _encode(self, request: encoder_pb2.EncodeRequest, noise: np.random.Generator | None) -> Reply:
         """One message: validated on its own, then encoded together with whatever else is waiting."""

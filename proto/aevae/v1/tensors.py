@@ -47,12 +47,24 @@ def version_to_wire(version: int | None, field: str = "version") -> int:
     return int(version)
 
 
+_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """`dtype.name`, remembered: numpy computes it anew on every access, which shows on the one-latent path."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = dtype.name
+    return name
+
+
 def to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     """Any numpy array; its dtype name travels as is, so the receiver can say what it got."""
     array = np.asarray(array)
-    wire: np.dtype = DTYPES.get(array.dtype.name, array.dtype.newbyteorder("<"))
+    name = dtype_name(array.dtype)
+    wire: np.dtype = DTYPES.get(name, array.dtype.newbyteorder("<"))
     data = np.ascontiguousarray(array, dtype=wire).tobytes()
-    return tensor_pb2.Tensor(dtype=array.dtype.name, shape=array.shape, data=data)
+    return tensor_pb2.Tensor(dtype=name, shape=array.shape, data=data)
 
 
 def from_tensor(tensor: tensor_pb2.Tensor, field: str, dtypes: Iterable[str] = tuple(DTYPES)) -> np.ndarray:
@@ -100,7 +112,7 @@ def _varint(value: int) -> bytes:
 def serialize_with_data(head: Any, field_number: int, array: np.ndarray) -> bytes:
     """`head` (a message whose Tensor field `field_number` holds dtype and shape but no data) serialized, with
     the array's bytes as that Tensor's data: one copy of the array."""
-    data = np.ascontiguousarray(array, dtype=DTYPES.get(array.dtype.name, array.dtype)).reshape(-1).view(np.uint8).data
+    data = np.ascontiguousarray(array, dtype=DTYPES.get(dtype_name(array.dtype), array.dtype)).reshape(-1).view(np.uint8).data
     inner = _varint(3 << 3 | _LEN) + _varint(len(data))
     outer = _varint(field_number << 3 | _LEN) + _varint(len(inner) + len(data))
     return b"".join((head.SerializeToString(), outer, inner, data))
@@ -108,7 +120,7 @@ def serialize_with_data(head: Any, field_number: int, array: np.ndarray) -> byte
 
 def tensor_head(array: np.ndarray) -> tensor_pb2.Tensor:
     """A Tensor with the array's dtype and shape and no data (see serialize_with_data)."""
-    return tensor_pb2.Tensor(dtype=array.dtype.name, shape=array.shape)
+    return tensor_pb2.Tensor(dtype=dtype_name(array.dtype), shape=array.shape)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
