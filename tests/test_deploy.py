@@ -522,6 +522,11 @@ def test_kubernetes_services_use_tls_and_token_from_the_secrets_the_header_creat
     """No --insecure; every TLS file the args name lies in a read-only Secret volume holding that key, every
     secretKeyRef names a key the header's commands create; the UI trusts the Secret's CA."""
     _, secrets = k8s_secrets
+    header = header_commands(K8S_SERVICES)
+    docs_block = re.search(r"```sh\n(NS=default\n.*?)```", (ROOT / "docs" / "deploy.md").read_text(), re.DOTALL)
+    assert docs_block, "docs/deploy.md (Security) shows the Secrets' commands"
+    shown = re.sub(r"\s*\\\n\s*", " ", docs_block.group(1)).strip().split("\n")
+    assert shown == header[header.index("NS=default"):], "docs/deploy.md and services.yaml differ"
     assert secrets["aevae-tls"]["type"] == "kubernetes.io/tls"
     assert set(secrets["aevae-tls"]["keys"]) == {"tls.crt", "tls.key", "ca.crt"}
     assert set(secrets["aevae-token"]["keys"]) == {"token"}
