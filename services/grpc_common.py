@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, NamedTuple, Protocol, TypeVar
 
 import grpc
-
+import numpy as np
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
@@ -23,7 +23,7 @@ from aevae.inference import NonFiniteOutput
 from aevae.services.settings import Limits
 from aevae.store import ModelSummary
 from aevae.v1 import tensor_pb2
-from aevae.v1.tensors import WireError
+from aevae.v1.tensors import DTYPES, WireError, from_tensor, split_payload
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,13 +39,59 @@ class Unreadable:
     error: Exception
 
 
+class Bulk:
+    """A request whose Tensor data was split off its bytes at parsing (`split_payload`): it reads and writes
+    as the message, and `request_array` gives the Tensor as an array viewing the received bytes. Without it
+    a request's tensor exists three times over (the received bytes, protobuf's copy, and a copy per read)."""
+
+    __slots__ = ("message", "field", "payload", "size")
+
+    def __init__(self, message: Any, field: str, payload: memoryview, size: int):
+        object.__setattr__(self, "message", message)
+        object.__setattr__(self, "field", field)
+        object.__setattr__(self, "payload", payload)
+        object.__setattr__(self, "size", size)  # of the bytes received
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.message, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.message, name, value)
+
+    def ByteSize(self) -> int:  # noqa: N802 - protobuf's name
+        return self.size
+
+
+BULK_MIN_BYTES = 256 * 1024  # smaller requests parse whole: their copies cost less than splitting them
+
+
+def request_array(request: Any, field: str, dtypes: tuple[str, ...] = tuple(DTYPES)) -> np.ndarray:
+    """The request's Tensor `field` as a read-only array (validated: see from_tensor)."""
+    if isinstance(request, Bulk) and request.field == field:
+        return from_tensor(getattr(request.message, field), field, dtypes, data=request.payload)
+    return from_tensor(getattr(request, field), field, dtypes)
+
+
+def _bulk_field(message_class: Any) -> tuple[str, int] | None:
+    """The request's one aevae.v1.Tensor field (name, number), if it has exactly one."""
+    tensors = [(f.name, f.number) for f in message_class.DESCRIPTOR.fields
+               if f.message_type is not None and f.message_type.full_name == tensor_pb2.Tensor.DESCRIPTOR.full_name]
+    return tensors[0] if len(tensors) == 1 else None
+
+
 def _parser(message_class: Any, max_bytes: int) -> Callable[[bytes], Any]:
+    bulk = _bulk_field(message_class)
+
     def parse(data: bytes) -> Any:
         if len(data) > max_bytes:
             return Unreadable(ResourceExhausted(
                 f"a request message of {len(data)} bytes is over the max message size of {max_bytes} bytes; "
                 "split the batch into smaller messages"))
         try:
+            if bulk is not None and len(data) >= BULK_MIN_BYTES:
+                split = split_payload(data, bulk[1])
+                if split is not None:
+                    return Bulk(message_class.FromString(split[0]), bulk[0], split[1], len(data))
             return message_class.FromString(data)
         except (DecodeError, RuntimeError, ValueError) as exc:
             return Unreadable(WireError(f"the request bytes are not a valid {message_class.DESCRIPTOR.full_name} "

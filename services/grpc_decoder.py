@@ -8,9 +8,10 @@ import grpc
 
 from aevae.services.batching import Batcher
 from aevae.services.decoder import DecodeJob, Decoded, DecoderLogic
-from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, rows, served_stream
+from aevae.services.grpc_common import (Engine, Reply, guarded, models_response, readable, request_array, rows,
+                                        served_stream)
 from aevae.v1 import decoder_pb2, tensor_pb2
-from aevae.v1.tensors import from_tensor, serialize_with_data, tensor_head, to_tensor, version_from_wire
+from aevae.v1.tensors import serialize_with_data, tensor_head, to_tensor, version_from_wire
 
 
 class DecoderServicer:
@@ -28,7 +29,7 @@ class DecoderServicer:
         """One message: validated on its own, then decoded together with whatever else is waiting."""
         with self.engine.admission.hold(request.ByteSize()):
             version = version_from_wire(request.version)
-            latents = from_tensor(request.latents, "latents", dtypes=("float32",))
+            latents = request_array(request, "latents", dtypes=("float32",))
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, latents, request.dtype),
                                         rows(latents), self.logic.ready(request.model, version))
             reservation = await self.engine.admission.reserve(job.output_bytes)

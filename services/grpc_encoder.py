@@ -10,9 +10,10 @@ import numpy as np
 
 from aevae.services.batching import Batcher
 from aevae.services.encoder import Encoded, EncodeJob, EncoderLogic
-from aevae.services.grpc_common import Engine, Reply, guarded, models_response, readable, rows, served_stream
+from aevae.services.grpc_common import (Engine, Reply, guarded, models_response, readable, request_array, rows,
+                                        served_stream)
 from aevae.v1 import encoder_pb2, tensor_pb2
-from aevae.v1.tensors import from_tensor, to_tensor, version_from_wire
+from aevae.v1.tensors import to_tensor, version_from_wire
 
 
 class EncoderServicer:
@@ -30,7 +31,7 @@ class EncoderServicer:
         """One message: validated on its own, then encoded together with whatever else is waiting."""
         with self.engine.admission.hold(request.ByteSize()):
             version = version_from_wire(request.version)
-            images = from_tensor(request.images, "images")
+            images = request_array(request, "images")
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, images, noise),
                                         rows(images), self.logic.ready(request.model, version))
             out = await self.batcher.submit(job)

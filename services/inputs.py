@@ -7,6 +7,8 @@ request costs little more memory than its own bytes.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from aevae.errors import InvalidArgument, shorten
@@ -24,7 +26,9 @@ def model_name(name: str) -> str:
 
 
 def _finite(array: np.ndarray, field: str) -> None:
-    if array.size and not np.isfinite(array).all():
+    # The sum first: one pass and no temporary (a boolean mask of a big batch is a copy of it); a NaN or an
+    # infinity makes it non-finite, and finite float32 values cannot overflow a float64 sum.
+    if array.size and not math.isfinite(np.add.reduce(array, axis=None, dtype=np.float64)):
         bad = np.argwhere(~np.isfinite(array))[0].tolist()
         raise InvalidArgument(f"{field}: expected finite values, got {array[tuple(bad)]} at index {bad}")
 

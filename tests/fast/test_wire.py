@@ -51,3 +51,34 @@ def test_a_response_written_with_one_copy_is_an_ordinary_message(dtype: str, n: 
     assert (fast.model, fast.version) == ("vae", 3) and np.array_equal(fast.array, images)
     plain = TensorResponse.parse(message.SerializeToString())  # and reads protobuf's serialization too
     assert np.array_equal(plain.array, images)
+
+
+def test_a_big_request_parses_to_the_same_message_with_its_data_split_off_uncopied() -> None:
+    """The bulk path (split_payload, grpc_common.Bulk): what the handler sees equals protobuf's whole parse,
+    also when the Tensor field occurs twice (protobuf merges the occurrences; the last data wins)."""
+    from aevae.services.grpc_common import BULK_MIN_BYTES, Bulk, _parser, request_array
+    from aevae.v1 import decoder_pb2, encoder_pb2
+    from aevae.v1.tensors import split_payload, to_tensor
+
+    images = np.random.default_rng(0).random((80, 32, 32), dtype=np.float32)
+    request = encoder_pb2.EncodeRequest(model="vae", version=3, images=to_tensor(images), sample=True, seed=7)
+    data = request.SerializeToString()
+    assert len(data) >= BULK_MIN_BYTES
+    parsed = _parser(encoder_pb2.EncodeRequest, 1 << 30)(data)
+    assert isinstance(parsed, Bulk) and parsed.ByteSize() == request.ByteSize()
+    assert (parsed.model, parsed.version, parsed.sample, parsed.seed) == ("vae", 3, True, 7)
+    array = request_array(parsed, "images")
+    np.testing.assert_array_equal(array, images)
+    assert not array.flags.writeable and array.base is not None  # a view on the received bytes
+    parsed.version = 5  # writes go to the message (a stream pins its version so)
+    assert parsed.message.version == 5
+
+    first = decoder_pb2.DecodeRequest(latents=to_tensor(np.zeros((2, 4), np.float32))).SerializeToString()
+    second = decoder_pb2.DecodeRequest(model="m", latents=to_tensor(np.ones((2, 4), np.float32))).SerializeToString()
+    head, payload = split_payload(first + second, 3)  # type: ignore[misc]
+    whole = decoder_pb2.DecodeRequest.FromString(first + second)
+    merged = decoder_pb2.DecodeRequest.FromString(head)
+    merged.latents.data = bytes(payload)
+    assert merged == whole
+    assert split_payload(data[:-5], 3) is None  # truncated: left to protobuf, which names the problem
+    assert split_payload(decoder_pb2.DecodeRequest(model="m").SerializeToString(), 3) is None

@@ -67,8 +67,10 @@ def to_tensor(array: np.ndarray) -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=name, shape=array.shape, data=data)
 
 
-def from_tensor(tensor: tensor_pb2.Tensor, field: str, dtypes: Iterable[str] = tuple(DTYPES)) -> np.ndarray:
-    """A read-only array viewing the message's bytes; TensorError when dtype, shape or length are wrong."""
+def from_tensor(tensor: tensor_pb2.Tensor, field: str, dtypes: Iterable[str] = tuple(DTYPES),
+                data: bytes | memoryview | None = None) -> np.ndarray:
+    """A read-only array viewing the message's bytes (or `data`, the Tensor's data when it was split off the
+    message by `split_payload`); TensorError when dtype, shape or length are wrong."""
     accepted = tuple(dtypes)
     if tensor.dtype not in accepted:
         got = repr(tensor.dtype[:40]) + ("..." if len(tensor.dtype) > 40 else "") if tensor.dtype else "no dtype"
@@ -82,11 +84,13 @@ def from_tensor(tensor: tensor_pb2.Tensor, field: str, dtypes: Iterable[str] = t
         raise TensorError(f"{field}.shape: each dimension must be below 2**40, got {list(shape)}")
     itemsize = DTYPES[tensor.dtype].itemsize
     expected = math.prod(shape) * itemsize
-    if len(tensor.data) != expected:
+    if data is None:
+        data = tensor.data  # each read of a bytes field makes a new copy of it: read it once
+    if len(data) != expected:
         raise TensorError(
-            f"{field}.data: shape {list(shape)} of {tensor.dtype} needs {expected} bytes, got {len(tensor.data)}"
+            f"{field}.data: shape {list(shape)} of {tensor.dtype} needs {expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(tensor.data, dtype=DTYPES[tensor.dtype]).reshape(shape)
+    return np.frombuffer(data, dtype=DTYPES[tensor.dtype]).reshape(shape)
 
 
 # -- the bulk path: responses that carry a big Tensor, written and read with one copy of its bytes --------
@@ -136,29 +140,63 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise TensorError("a varint longer than 10 bytes")
 
 
-def _fields(buf: memoryview) -> Iterable[tuple[int, int, Any]]:
-    """(field number, wire type, value) of a message: ints for varints, memoryview slices for the rest."""
+def _entries(buf: memoryview) -> Iterable[tuple[int, int, Any, int, int]]:
+    """(field number, wire type, value, start, end) of each field of a message: ints for varints, memoryview
+    slices for the rest; buf[start:end] is the whole field, key included."""
     pos, end = 0, len(buf)
     while pos < end:
+        start = pos
         key, pos = _read_varint(buf, pos)
         number, wire = key >> 3, key & 7
+        value: Any
         if wire == 0:
             value, pos = _read_varint(buf, pos)
-            yield number, wire, value
         elif wire == _LEN:
             size, pos = _read_varint(buf, pos)
             if pos + size > end:
                 raise TensorError("a field runs past the end of the message")
-            yield number, wire, buf[pos:pos + size]
-            pos += size
-        elif wire == 1:
-            yield number, wire, buf[pos:pos + 8]
-            pos += 8
-        elif wire == 5:
-            yield number, wire, buf[pos:pos + 4]
-            pos += 4
+            value, pos = buf[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if pos + size > end:
+                raise TensorError("a field runs past the end of the message")
+            value, pos = buf[pos:pos + size], pos + size
         else:
             raise TensorError(f"unsupported wire type {wire}")
+        yield number, wire, value, start, pos
+
+
+def _fields(buf: memoryview) -> Iterable[tuple[int, int, Any]]:
+    """(field number, wire type, value) of a message: ints for varints, memoryview slices for the rest."""
+    for number, wire, value, _, _ in _entries(buf):
+        yield number, wire, value
+
+
+def split_payload(data: bytes, field_number: int) -> tuple[bytes, memoryview] | None:
+    """The bulk path of requests: a message's bytes without the data of its Tensor field `field_number`, and
+    that data, a view on `data` (no copy). Parsing the rest with protobuf then gives the same message as
+    parsing it all, minus the one big bytes field that protobuf would copy twice (into the message, and again
+    on each read). None when there is no such data or the bytes do not read as protobuf: the caller parses
+    them whole, and protobuf says what is wrong."""
+    buf = memoryview(data)
+    head: list[bytes | memoryview] = []
+    payload: memoryview | None = None
+    try:
+        for number, wire, value, start, end in _entries(buf):
+            if number != field_number or wire != _LEN:
+                head.append(buf[start:end])
+                continue
+            inner: list[memoryview] = []
+            for n, w, v, s, e in _entries(value):
+                if n == 3 and w == _LEN:
+                    payload = v  # a repeated scalar field: the last one wins, as in protobuf
+                else:
+                    inner.append(value[s:e])
+            rest = b"".join(inner)
+            head.append(_varint(field_number << 3 | _LEN) + _varint(len(rest)) + rest)
+    except (TensorError, IndexError):
+        return None
+    return None if payload is None else (b"".join(head), payload)
 
 
 class TensorResponse:
