@@ -110,6 +110,10 @@ class LoadedModel:
         """N x latent_dim float32 -> N x H x W images, float32 in [0, 1] or uint8 0..255 (rounded), written
         into `out` when given."""
         n = len(latents)
+        if out is None and n <= chunk and np.dtype(dtype) == np.float32:
+            images = self.runtime.decode(np.ascontiguousarray(latents, dtype=np.float32))
+            _check_finite(images, "images")
+            return images  # one pass: the runtime's own output, not a copy of it
         if out is None:
             out = np.empty((n, *self.image_shape), dtype=dtype)
         for start in range(0, n, chunk):
