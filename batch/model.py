@@ -28,11 +28,12 @@ class ModelRef:
                 "image_shape": list(self.image_shape)}
 
 
-def _get(models_dir: str, name: str, number: int | None):
-    """The loaded model (the newest loadable one for None). LookupError/ValueError-like errors propagate."""
+def _get(models_dir: str, name: str, number: int | None, threads: int | None = None):
+    """The loaded model (the newest loadable one for None), its runtime on `threads` threads (default: the
+    runtime's). LookupError/ValueError-like errors propagate."""
     from aevae.store import ModelStore
 
-    return ModelStore(models_dir).get(name, number)
+    return ModelStore(models_dir, threads=threads).get(name, number)
 
 
 def resolve(models_dir: str | None, name: str, number: int | None) -> ModelRef:
@@ -53,12 +54,10 @@ class Loaded:
     """What a worker runs: uint8 images from latents, (mean, log-variance) from images, chunked."""
 
     def __init__(self, ref: ModelRef, threads: int | None = None):
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        """`threads`: the runtime's threads (ONNX Runtime's intra-op pool, or torch's), one worker's CPUs, so
+        that the workers of a machine do not oversubscribe its cores."""
         self.ref = ref
-        self.model = _get(ref.models_dir, ref.name, ref.number)
+        self.model = _get(ref.models_dir, ref.name, ref.number, threads)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """N x latent_dim float32 -> N x H x W uint8, rounded as the decoder service rounds."""
