@@ -45,7 +45,8 @@ def _common(p: argparse.ArgumentParser, service: str, port: int) -> None:
                      help="an existing Ray cluster (auto, or ray://head:10001); default: a local Ray")
     ray.add_argument("--workers", type=int, default=None,
                      help="actors holding the model (default: the cluster's CPUs / --cpus-per-worker)")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per actor")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0,
+                     help="CPUs (and the model runtime's threads) per actor")
     fleet = p.add_argument_group(f"engine: running {service} services")
     fleet.add_argument(f"--{service}", default=None, metavar="HOST:PORT[,HOST:PORT...]",
                        help=f"use these {service} replicas (a list, or dns:///NAME:{port} for every address of "

@@ -25,8 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-worker", type=int, default=None,
                    help="CPUs (and torch threads) per worker; default: this machine's CPUs / workers")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="training precision: bf16 runs the matrix products in bfloat16 (CPU autocast), the loss, "
-                        "weights and optimizer state stay float32")
+                   help=f"training precision (default {d.precision}): bf16 runs the matrix products in bfloat16 "
+                        "(CPU autocast), the loss, weights and optimizer state stay float32")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
     p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
     p.add_argument("--storage-path", default=None, help="where Ray keeps its run checkpoints")

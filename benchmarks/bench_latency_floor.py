@@ -1,0 +1,128 @@
+"""Where a one-latent Decode's time goes: aevae's decoder against servers that do less, in one run, taking turns.
+Run by hand; prints a table; asserts nothing.
+
+    .venv/bin/python benchmarks/bench_latency_floor.py [--models-dir DIR] [--calls 2000] [--rounds 3]
+
+Servers, all grpc.aio on loopback, called by the same clients as in bench_peers.py:
+- echo: the bare echo floor (benchmarks/echo_server.py), 16 bytes back;
+- "aevae.v1, no work": the Decoder service registered as `aevae serve` registers it (services/grpc_common.py),
+  answering every Decode with the same prepared DecodeResponse bytes (one 32 x 32 float32 image): what the
+  protocol, the response's size and the clients cost;
+- "+ the model call": the same, plus the version's ONNX Runtime decode of one latent on the event loop, as
+  `aevae serve` runs it: what the model costs when it runs between network calls (its weights no longer in
+  the cache), against its cost in a tight loop (printed too);
+- aevae.v1: `aevae serve decoder`.
+Each row: median of the rounds' p50, and calls/s with 16 in flight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+from bench_peers import aevae_targets, echo_target, free_port, in_flight, latency, wait_port
+from common import ROOT, repository, timed
+
+# A stand-in decoder: `python -c STAND_IN PORT MODELS MODE`, MODE "none" or "model".
+STAND_IN = textwrap.dedent("""
+    import asyncio, sys
+    import grpc, numpy as np
+    from aevae.services.grpc_common import register
+    from aevae.store import ModelStore
+    from aevae.v1 import decoder_pb2
+    from aevae.v1.tensors import to_tensor
+
+    port, models, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    model = ModelStore(models).get("vae")
+    z = np.zeros((1, model.latent_dim), np.float32)
+    answer = decoder_pb2.DecodeResponse(model="vae", version=1, images=to_tensor(model.decode(z))).SerializeToString()
+
+    class StandIn:
+        async def Decode(self, request, context):
+            if mode == "model":
+                model.runtime.decode(z)
+            return answer
+
+        async def DecodeStream(self, requests, context):
+            async for _ in requests:
+                yield answer
+
+        async def ListModels(self, request, context):
+            return b""
+
+    async def main():
+        server = grpc.aio.server()
+        register(StandIn(), server, decoder_pb2.DESCRIPTOR.services_by_name["Decoder"], 4 << 20)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+""")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", default=None)
+    parser.add_argument("--calls", type=int, default=2000, help="sequential calls per latency block")
+    parser.add_argument("--seconds", type=float, default=2.0, help="seconds per 16-in-flight block")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    from aevae.store import ModelStore
+
+    models = repository(args.models_dir, "aevae-floor-")
+    model = ModelStore(models).get("vae")
+    z = np.zeros((1, model.latent_dim), np.float32)
+    for _ in range(200):
+        model.runtime.decode(z)
+    hot = float(np.median(timed(lambda: model.runtime.decode(z), 2000)) * 1e3)
+    print(f"model {model.name}/{model.number} on {model.runtime.name}; one-latent decode in a tight loop "
+          f"{hot:.3f} ms; load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    ports = {name: free_port() for name in ("echo", "none", "model", "aevae")}
+    commands = {
+        "echo": [sys.executable, str(ROOT / "benchmarks" / "echo_server.py"), str(ports["echo"])],
+        "none": [sys.executable, "-c", STAND_IN, str(ports["none"]), str(models), "none"],
+        "model": [sys.executable, "-c", STAND_IN, str(ports["model"]), str(models), "model"],
+        "aevae": [sys.executable, "-m", "aevae.cli", "serve", "decoder", "--port", str(ports["aevae"]),
+                  "--models-dir", str(models)],
+    }
+    names = {"echo": "echo floor", "none": "aevae.v1, no work", "model": "+ the model call", "aevae": "aevae.v1"}
+    children = {k: subprocess.Popen(c, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                for k, c in commands.items()}
+    try:
+        for key, child in children.items():
+            wait_port(ports[key], child, key)
+        time.sleep(1.0)  # the decoder loads its model once listening
+        targets = {k: echo_target(f"127.0.0.1:{p}") if k == "echo" else
+                   aevae_targets(f"127.0.0.1:{p}", model.latent_dim, 1)[0] for k, p in ports.items()}
+        p50s: dict[str, list[float]] = {k: [] for k in targets}
+        rates: dict[str, list[float]] = {k: [] for k in targets}
+        for _ in range(args.rounds):
+            for key, target in targets.items():
+                p50s[key].append(latency(target.sync_call, args.calls)[0])
+                rates[key].append(asyncio.run(in_flight(target.async_call, 16, args.seconds)))
+        floor_p50, floor_rate = np.median(p50s["echo"]), np.median(rates["echo"])
+        print(f"\n{'server':<20} {'p50 ms':>8} {'x echo':>7} {'16 in flight/s':>15} {'x echo':>7}")
+        for key in targets:
+            p50, rate = np.median(p50s[key]), np.median(rates[key])
+            print(f"{names[key]:<20} {p50:>8.3f} {p50 / floor_p50:>7.2f} {rate:>15,.0f} {rate / floor_rate:>7.2f}")
+        served = np.median(p50s["model"]) - np.median(p50s["none"])
+        print(f"\nthe model call adds {served:.3f} ms to the p50 when served ({hot:.3f} ms in a tight loop); "
+              f"load average {os.getloadavg()[0]:.1f}")
+    finally:
+        for child in children.values():
+            child.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
