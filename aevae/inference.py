@@ -135,10 +135,15 @@ def sample(mean: np.ndarray, logvar: np.ndarray | None, rng: np.random.Generator
     return z
 
 
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN and no infinity, in one pass and without a temporary the size of the array (a boolean mask is a
+    copy of a big batch): a NaN or an infinity makes the sum non-finite, and finite float32 values cannot
+    overflow a float64 sum."""
+    return math.isfinite(np.add.reduce(array, axis=None, dtype=np.float64))
+
+
 def _check_finite(array: np.ndarray, what: str) -> None:
-    # One pass and no temporary: a NaN or an infinity makes the sum non-finite (float64: finite values
-    # cannot overflow it).
-    if not math.isfinite(np.add.reduce(array, axis=None, dtype=np.float64)):
+    if not all_finite(array):
         raise NonFiniteOutput(f"the model produced non-finite {what}")
 
 

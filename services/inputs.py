@@ -7,12 +7,10 @@ request costs little more memory than its own bytes.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from aevae.errors import InvalidArgument, shorten
-from aevae.inference import PAD, accepted_image_shapes
+from aevae.inference import PAD, accepted_image_shapes, all_finite
 
 # Latents beyond this magnitude are refused: far outside any trained latent space (|z| < 100 here), and past
 # about 1e19 float32 arithmetic overflows into NaN images.
@@ -26,9 +24,7 @@ def model_name(name: str) -> str:
 
 
 def _finite(array: np.ndarray, field: str) -> None:
-    # The sum first: one pass and no temporary (a boolean mask of a big batch is a copy of it); a NaN or an
-    # infinity makes it non-finite, and finite float32 values cannot overflow a float64 sum.
-    if array.size and not math.isfinite(np.add.reduce(array, axis=None, dtype=np.float64)):
+    if not all_finite(array):  # the mask that names the position is made only for a bad request
         bad = np.argwhere(~np.isfinite(array))[0].tolist()
         raise InvalidArgument(f"{field}: expected finite values, got {array[tuple(bad)]} at index {bad}")
 

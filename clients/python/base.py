@@ -17,11 +17,17 @@ from aevae.v1 import tensor_pb2
 
 class _Common:
     SERVICE = ""  # the aevae.v1 service name, "Encoder" or "Decoder"
+    AIO = False  # the twin: grpc.aio channels and AsyncFanOut
+    FANOUT: Any = SyncFanOut
 
-    def __init__(self, target: str | Sequence[str], timeout: float | None, retries: int, backoff: float,
-                 stream_chunk: int, security: ChannelSecurity):
+    def __init__(self, target: str | Sequence[str], timeout: float | None = 30.0, retries: int = 3,
+                 backoff: float = 0.1, stream_chunk: int = 4096, metadata: Metadata = (), *,
+                 token: str | None = None, token_file: str | None = None, tls: bool | None = None,
+                 tls_ca: str | bytes | None = None, tls_cert: str | bytes | None = None,
+                 tls_key: str | bytes | None = None, security: ChannelSecurity | None = None):
         """`timeout` (seconds) is one total deadline per call, a streamed one included, retries included
         (None: no deadline). `retries`: gRPC retries a call that fails with UNAVAILABLE (core.service_config).
+        `metadata` goes with every call, e.g. [("application", "decoder")] for Ray Serve's gRPC proxy.
 
         `target`: host:port; several (a list, a comma-separated string, or dns:///name:port for every address
         of a name) make a fan-out client whose big batches run as parallel streams over them (fanout.py).
@@ -30,7 +36,8 @@ class _Common:
         the AEVAE_TOKEN, AEVAE_TOKEN_FILE, AEVAE_TLS_CA, AEVAE_TLS_CERT, AEVAE_TLS_KEY variables; or a ready
         `security=ChannelSecurity(...)`. Every replica of a fan-out client gets the same.
         """
-        self.security = security
+        self.security = security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert,
+                                                                       tls_key, target=target)
         self.targets = parse_targets(target)
         self.target = ",".join(self.targets)
         self._fanout: Any = None
@@ -39,6 +46,17 @@ class _Common:
         self._retry = Retry(retries, backoff)
         self._retry.explain = security.explain(self.target)
         self._limits: ServerLimits | None = None
+        if len(self.targets) > 1:  # each replica: this constructor, one target, these options
+            options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
+                                           metadata=metadata, security=security)
+            self._fanout = self.FANOUT(lambda t: type(self)(t, **options), self.targets, self._retry)
+            return
+        self._raw_channel, self._channel = open_channel(self.target, channel_options(retries, backoff), security,
+                                                        metadata, aio=self.AIO)
+        self._stub: Any = self._make_stub(self._channel)
+
+    def _make_stub(self, channel: Any) -> Any:
+        raise NotImplementedError
 
     def _deadline(self, timeout: float | None, messages: int = 1) -> float | None:
         """One total deadline for the call, however many messages it streams."""
@@ -49,27 +67,6 @@ class _Common:
 
 
 class SyncClient(_Common):
-    def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
-                 stream_chunk: int = 4096, metadata: Metadata = (), *, token: str | None = None,
-                 token_file: str | None = None, tls: bool | None = None, tls_ca: str | bytes | None = None,
-                 tls_cert: str | bytes | None = None, tls_key: str | bytes | None = None,
-                 security: ChannelSecurity | None = None):
-        """`metadata` goes with every call, e.g. [("application", "decoder")] for Ray Serve's gRPC proxy."""
-        security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert, tls_key,
-                                                       target=target)
-        super().__init__(target, timeout, retries, backoff, stream_chunk, security)
-        if len(self.targets) > 1:  # each replica: this constructor, one target, these options
-            options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
-                                           metadata=metadata, security=security)
-            self._fanout = SyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
-            return
-        self._raw_channel, self._channel = open_channel(self.target, channel_options(retries, backoff), security,
-                                                        metadata)
-        self._stub: Any = self._make_stub(self._channel)
-
-    def _make_stub(self, channel: grpc.Channel) -> Any:
-        raise NotImplementedError
-
     def _list_models_response(self, timeout: float | None) -> tensor_pb2.ListModelsResponse:
         response = self._retry(lambda: self._stub.ListModels(tensor_pb2.ListModelsRequest(),
                                                              timeout=self._deadline(timeout)))
@@ -108,24 +105,8 @@ class SyncClient(_Common):
 
 
 class AsyncClient(_Common):
-    def __init__(self, target: str, timeout: float | None = 30.0, retries: int = 3, backoff: float = 0.1,
-                 stream_chunk: int = 4096, metadata: Metadata = (), *, token: str | None = None,
-                 token_file: str | None = None, tls: bool | None = None, tls_ca: str | bytes | None = None,
-                 tls_cert: str | bytes | None = None, tls_key: str | bytes | None = None,
-                 security: ChannelSecurity | None = None):
-        security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert, tls_key,
-                                                       target=target)
-        super().__init__(target, timeout, retries, backoff, stream_chunk, security)
-        if len(self.targets) > 1:
-            options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
-                                           metadata=metadata, security=security)
-            self._fanout = AsyncFanOut(lambda t: type(self)(t, **options), self.targets, self._retry)
-            return
-        _, self._channel = open_channel(self.target, channel_options(retries, backoff), security, metadata, aio=True)
-        self._stub: Any = self._make_stub(self._channel)
-
-    def _make_stub(self, channel: grpc.aio.Channel) -> Any:
-        raise NotImplementedError
+    AIO = True
+    FANOUT = AsyncFanOut
 
     async def _list_models_response(self, timeout: float | None) -> tensor_pb2.ListModelsResponse:
         response = await self._retry.run_async(
