@@ -161,4 +161,8 @@ def test_killed_worker_resumes_from_last_checkpoint(mnist_root: Path, tmp_path: 
     assert killed
     assert "resumed from the checkpoint of epoch" in output
     assert "epoch 3/3" in output
+    # progress lines of earlier epochs evaluate a subset of the test set, the last epoch all of it
+    [first] = [line for line in lines if "epoch 1/3" in line]
+    [last] = [line for line in lines if "epoch 3/3" in line]
+    assert "test(2,000) bce" in first and "test(10,000) bce" in last
     assert [v.number for v in ModelRepository(models).versions()["vae"]] == [1]

@@ -26,6 +26,10 @@ from aevae.models import Architecture, Autoencoder, build, loss_terms, reparamet
 
 CHECKPOINT_FILE = "state.pt"
 EVAL_SEED = 1234
+# Test images evaluated after each epoch but the last, for the progress line: a trend, at a fifth of the
+# cost of the whole test set (about 1 s per epoch in float32 on 2 cores). The last epoch, whose figures go
+# into the manifest, is evaluated on all of them.
+PROGRESS_TEST_IMAGES = 2000
 
 
 @dataclass
@@ -156,9 +160,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if test_images is not None:  # rank 0 evaluates and checkpoints
+                last = epoch + 1 == config["epochs"]
+                evaluated = test_images if last else test_images[:PROGRESS_TEST_IMAGES]
+                metrics["test_images"] = len(evaluated)
                 for m in members:
                     metrics[m.name] = {"train_loss": loss_sums[m.name].item() / len(shard),
-                                       **evaluate(m.model, test_images)}
+                                       **evaluate(m.model, evaluated)}
                 checkpoint = _save(members, epoch, folder)
                 eta = (time.perf_counter() - started) / (epoch + 1 - start_epoch) * (config["epochs"] - epoch - 1)
                 metrics["eta_seconds"] = eta
