@@ -11,8 +11,11 @@ Servers, all grpc.aio on loopback, called by the same clients as in bench_peers.
 - "+ the model call": the same, plus the version's ONNX Runtime decode of one latent on the event loop, as
   `aevae serve` runs it: what the model costs when it runs between network calls (its weights no longer in
   the cache), against its cost in a tight loop (printed too);
-- aevae.v1: `aevae serve decoder`.
-Each row: median of the rounds' p50, and calls/s with 16 in flight.
+- aevae.v1: `aevae serve decoder`, and the same with `--precision int8` (the int8 decoder: weights a quarter the
+  size, so they stay in the cache between calls).
+Each row: median of the rounds' p50, calls/s with 16 in flight, and the server process's CPU time per call
+with 16 in flight (all its threads; on 2 cores the client and the server share the machine, so a server that
+spends more CPU per call leaves the client less and answers fewer calls).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import textwrap
 import time
 
 import numpy as np
+import psutil
 
 from bench_peers import aevae_targets, echo_target, free_port, in_flight, latency, wait_port
 from common import ROOT, repository, timed
@@ -87,15 +91,17 @@ def main() -> int:
     print(f"model {model.name}/{model.number} on {model.runtime.name}; one-latent decode in a tight loop "
           f"{hot:.3f} ms; load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    ports = {name: free_port() for name in ("echo", "none", "model", "aevae")}
+    ports = {name: free_port() for name in ("echo", "none", "model", "aevae", "int8")}
     commands = {
         "echo": [sys.executable, str(ROOT / "benchmarks" / "echo_server.py"), str(ports["echo"])],
         "none": [sys.executable, "-c", STAND_IN, str(ports["none"]), str(models), "none"],
         "model": [sys.executable, "-c", STAND_IN, str(ports["model"]), str(models), "model"],
-        "aevae": [sys.executable, "-m", "aevae.cli", "serve", "decoder", "--port", str(ports["aevae"]),
-                  "--models-dir", str(models)],
+        **{key: [sys.executable, "-m", "aevae.cli", "serve", "decoder", "--port", str(ports[key]),
+                 "--models-dir", str(models), "--precision", precision]
+           for key, precision in (("aevae", "fp32"), ("int8", "int8"))},
     }
-    names = {"echo": "echo floor", "none": "aevae.v1, no work", "model": "+ the model call", "aevae": "aevae.v1"}
+    names = {"echo": "echo floor", "none": "aevae.v1, no work", "model": "+ the model call", "aevae": "aevae.v1",
+             "int8": "aevae.v1, int8"}
     children = {k: subprocess.Popen(c, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for k, c in commands.items()}
     try:
@@ -106,15 +112,24 @@ def main() -> int:
                    aevae_targets(f"127.0.0.1:{p}", model.latent_dim, 1)[0] for k, p in ports.items()}
         p50s: dict[str, list[float]] = {k: [] for k in targets}
         rates: dict[str, list[float]] = {k: [] for k in targets}
+        cpu: dict[str, list[float]] = {k: [] for k in targets}  # server CPU seconds per call, 16 in flight
         for _ in range(args.rounds):
             for key, target in targets.items():
                 p50s[key].append(latency(target.sync_call, args.calls)[0])
-                rates[key].append(asyncio.run(in_flight(target.async_call, 16, args.seconds)))
-        floor_p50, floor_rate = np.median(p50s["echo"]), np.median(rates["echo"])
-        print(f"\n{'server':<20} {'p50 ms':>8} {'x echo':>7} {'16 in flight/s':>15} {'x echo':>7}")
+                server = psutil.Process(children[key].pid)
+                before = sum(server.cpu_times()[:2])
+                started = time.perf_counter()
+                rate = asyncio.run(in_flight(target.async_call, 16, args.seconds))
+                used = sum(server.cpu_times()[:2]) - before
+                rates[key].append(rate)
+                cpu[key].append(used / (rate * (time.perf_counter() - started)))
+        floor_p50, floor_rate, floor_cpu = (np.median(x["echo"]) for x in (p50s, rates, cpu))
+        print(f"\n{'server':<20} {'p50 ms':>8} {'x echo':>7} {'16 in flight/s':>15} {'x echo':>7} "
+              f"{'CPU us/call':>12} {'x echo':>7}")
         for key in targets:
-            p50, rate = np.median(p50s[key]), np.median(rates[key])
-            print(f"{names[key]:<20} {p50:>8.3f} {p50 / floor_p50:>7.2f} {rate:>15,.0f} {rate / floor_rate:>7.2f}")
+            p50, rate, used = np.median(p50s[key]), np.median(rates[key]), np.median(cpu[key])
+            print(f"{names[key]:<20} {p50:>8.3f} {p50 / floor_p50:>7.2f} {rate:>15,.0f} {rate / floor_rate:>7.2f} "
+                  f"{used * 1e6:>12.0f} {used / floor_cpu:>7.2f}")
         served = np.median(p50s["model"]) - np.median(p50s["none"])
         print(f"\nthe model call adds {served:.3f} ms to the p50 when served ({hot:.3f} ms in a tight loop); "
               f"load average {os.getloadavg()[0]:.1f}")
