@@ -86,8 +86,10 @@ def member(name: str, model: Autoencoder, wrapped: torch.nn.Module, lr: float, t
     # fused Adam: one kernel over all parameters instead of a loop of small ops (its step measured several
     # times faster here); the parameters and the moments stay float32 in either precision.
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=lr, fused=True)
-    # One-cycle: a warm-up then a cosine decay to ~0; measured ~4 nats better than a constant rate here.
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.2)
+    # One-cycle: a warm-up then a cosine decay to ~0; measured ~4 nats better than a constant rate here. The
+    # warm-up takes 30 % of the steps: over the default bf16 run, AE 102.90 and VAE 116.67 nats against 103.00
+    # and 116.73 with 20 %.
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=total_steps, pct_start=0.3)
     return Member(name, model, wrapped, optimizer, scheduler)
 
 
