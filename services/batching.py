@@ -7,6 +7,10 @@ the next turn of the event loop (after every request that arrived in the same tu
 keeps accepting requests meanwhile: they queue up and go together as the next batch (a batch run on the loop
 would block their arrival, and each would then run alone). Each request was validated on its own before it
 joined (one bad request never fails its neighbours), and each caller gets exactly its own rows back.
+
+Measured on grpc.aio (README, Measured): many concurrent one-latent calls reach the handler one at a time, so
+each finds itself alone and runs inline. Requests over `--inline-max` rows run in the executor, and those
+arriving meanwhile merge; for one-latent calls a window (or `--inline-max 0`) costs more than it saves.
 """
 
 from __future__ import annotations

@@ -555,9 +555,9 @@ def test_kubernetes_services_use_tls_and_token_from_the_secrets_the_header_creat
             secret = volumes[mount["name"]]["secret"]
             key = path[len(mount["mountPath"].rstrip("/")) + 1:]
             assert mount["readOnly"] is True and secret["secretName"] in secrets
-            items = {item["path"]: item["key"] for item in secret.get("items", [])} or {k: k for k in
-                                                                                     secrets[secret["secretName"]]["keys"]}
-            assert items.get(key) in secrets[secret["secretName"]]["keys"], f"{name}: {path}: no such key"
+            keys = secrets[secret["secretName"]]["keys"]
+            items = {item["path"]: item["key"] for item in secret.get("items", [])} or {k: k for k in keys}
+            assert items.get(key) in keys, f"{name}: {path}: no such key"
         if name == "ui":  # the CA only: the server's key stays out of the UI's pod
             (tls,) = [v["secret"] for v in spec["volumes"] if "secret" in v]
             assert [item["key"] for item in tls["items"]] == ["ca.crt"]

@@ -218,5 +218,6 @@ def run(config: TrainConfig) -> list[Version]:
         print(f"[{name}] wrote {version.path}  test bce {m['test_bce']:.2f}  total {m['test_loss']:.2f} "
               f"nats/img", flush=True)
         written.append(version)
-    print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch on average)", flush=True)
+    print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch on average)",
+          flush=True)
     return written

@@ -128,8 +128,8 @@ class AsyncClient(_Common):
     async def health(self, *, timeout: float | None = None) -> str:
         if self._fanout is not None:
             return await self._fanout.health(lambda client: client.health(timeout=timeout))
-        return await self._retry.run_async(lambda: health.check_async(self._channel, self._deadline(timeout), self.SERVICE),
-                                           retries=0)
+        return await self._retry.run_async(
+            lambda: health.check_async(self._channel, self._deadline(timeout), self.SERVICE), retries=0)
 
     async def close(self) -> None:
         if self._fanout is not None:

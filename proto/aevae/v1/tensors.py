@@ -116,7 +116,8 @@ def _varint(value: int) -> bytes:
 def serialize_with_data(head: Any, field_number: int, array: np.ndarray) -> bytes:
     """`head` (a message whose Tensor field `field_number` holds dtype and shape but no data) serialized, with
     the array's bytes as that Tensor's data: one copy of the array."""
-    data = np.ascontiguousarray(array, dtype=DTYPES.get(dtype_name(array.dtype), array.dtype)).reshape(-1).view(np.uint8).data
+    wire = DTYPES.get(dtype_name(array.dtype), array.dtype)
+    data = np.ascontiguousarray(array, dtype=wire).reshape(-1).view(np.uint8).data
     inner = _varint(3 << 3 | _LEN) + _varint(len(data))
     outer = _varint(field_number << 3 | _LEN) + _varint(len(inner) + len(data))
     return b"".join((head.SerializeToString(), outer, inner, data))
