@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 KINDS = ("ae", "vae")
 
@@ -98,11 +97,34 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Gene
     return mu + torch.exp(0.5 * logvar) * eps
 
 
+class BceWithLogitsSum(torch.autograd.Function):
+    """sum(softplus(l) - l * x), the BCE of sigmoid(l) against x, summed: what
+    F.binary_cross_entropy_with_logits(reduction="sum") returns, at half its cost on CPU.
+
+    torch computes softplus through log1p, which runs element by element here (1.2 ms for one batch of 256
+    images, against 0.15 ms for exp or log: they are vectorized); that was a tenth of a bf16 training step's
+    time outside the matrix products. softplus(l) = max(l, 0) + log(1 + exp(-|l|)) uses only vectorized
+    operations; where exp(-|l|) < 6e-8, 1 + exp(-|l|) rounds to 1 and a pixel's term is short by at most
+    6e-8 nats (1e-4 per image at worst). The gradient is exact: sigmoid(l) - x, computed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, x)
+        terms = torch.exp(-logits.abs()).add_(1).log_()
+        return terms.add_(logits.clamp_min(0)).sub_(logits * x).sum()
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, x = ctx.saved_tensors  # type: ignore[attr-defined]
+        return torch.sigmoid(logits).sub_(x).mul_(grad), None
+
+
 def loss_terms(
     logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-batch sums, in nats: BCE over the pixels, and the KL to N(0, I) (zero for the AE)."""
-    bce = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    bce = BceWithLogitsSum.apply(logits, x.reshape(logits.shape))
     if logvar is None:
         return bce, torch.zeros((), dtype=bce.dtype)
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
