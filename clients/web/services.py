@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 5.0
 PROBE_TIMEOUT = 1.0
+# Closing a channel can wait on gRPC's completion-queue poller; if that is stuck (grpc/grpc#40989: a race when
+# an event loop shuts down), an unbounded close would hang the UI's shutdown. Past this, the channel is left.
+CLOSE_TIMEOUT = 2.0
 # Status codes that mean the service is not reachable, rather than that the request was wrong.
 UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
@@ -79,7 +82,9 @@ class ServiceLink(Generic[Client]):
 
     async def _close(self, client: Client) -> None:
         try:
-            await client.close()
+            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("closing the %s client took over %.0f s: left to gRPC", self.service, CLOSE_TIMEOUT)
         except (grpc.RpcError, RuntimeError, OSError):  # a dead channel may fail to close; nothing to do
             log.debug("closing %s client failed", self.service, exc_info=True)
 
