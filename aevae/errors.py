@@ -6,9 +6,19 @@ the service logic raise; each is named after the gRPC status code it maps to, so
 its own statuses.
 """
 
+import math
+
 
 class UserError(Exception):
     """An error caused by the input or the environment; the message says what was wrong and what is accepted."""
+
+
+def require_positive(flag: str, value: float | None) -> None:
+    """A numeric flag's check: positive and finite. argparse's float() accepts "nan" and "inf", and nan passes
+    `value <= 0`; left through, they fail late and obscurely (a learning rate of nan trains to nothing, a
+    timeout of nan reads as an expired deadline)."""
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise UserError(f"{flag} must be positive and finite, got {value}")
 
 
 class ServiceError(Exception):

@@ -97,19 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run, op="encode", image_format="raw")
 
 
-def _positive(name: str, value: float | None) -> None:
-    from aevae.errors import UserError
-
-    if value is not None and value <= 0:
-        raise UserError(f"--{name} must be positive, got {value}")
-
-
 def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tuple[int, int]):
     """The input the flags describe, checked against the model's shapes (UserError before any work)."""
     from pathlib import Path
 
     from aevae.batch import sources
-    from aevae.errors import UserError
+    from aevae.errors import UserError, require_positive
 
     def file_source(field: str):
         path = args.input
@@ -131,7 +124,7 @@ def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tup
         if args.traverse is not None and ("grid" in chosen or len(chosen) > 1):
             raise UserError("--traverse sweeps around the origin, --prior N samples or --input latents (one of "
                             "them), not a --grid")
-        _positive("prior", args.prior)
+        require_positive("--prior", args.prior)
         if args.grid is not None:
             ranges = [sources.parse_range(r, "--grid") for r in args.grid.split(",")]
             if len(ranges) == 1:
@@ -159,10 +152,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from aevae.batch import model as models
     from aevae.batch.job import Job, fleet_model
     from aevae.batch.sinks import Sink
-    from aevae.errors import UserError
+    from aevae.errors import UserError, require_positive
 
-    for name in ("shard_size", "limit", "workers", "cpus_per_worker", "concurrency", "timeout", "version"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    for name in ("shard_size", "limit", "workers", "cpus_per_worker", "concurrency", "timeout", "version", "scale"):
+        require_positive("--" + name.replace("_", "-"), getattr(args, name, None))
     service = "decoder" if args.op == "decode" else "encoder"
     targets = getattr(args, service)
     client = None

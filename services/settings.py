@@ -8,6 +8,7 @@ ports from here.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
@@ -103,6 +104,8 @@ class ServiceSettings:
     def __post_init__(self) -> None:
         for f in fields(self):
             value, minimum = getattr(self, f.name), f.metadata["minimum"]
+            if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
+                raise ValueError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
             if minimum is not None and value is not None and value < minimum:
                 raise ValueError(f"{f.name.replace('_', '-')} must be at least {minimum}, got {value}")
         if self.runtime not in ("auto", "onnx", "torch"):

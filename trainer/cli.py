@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+# The widest layer --hidden and --latent-dim accept: past it a model outgrows this kind of machine (a 65,536 x
+# 1,024 float32 layer alone is 256 MB, and Adam keeps three copies) and fails late, in the worker.
+MAX_WIDTH = 65_536
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from aevae.trainer.config import PRECISIONS, TrainConfig
@@ -37,15 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def config_from_args(args: argparse.Namespace):
     import os
 
-    from aevae.errors import UserError
+    from aevae.errors import UserError, require_positive
     from aevae.trainer.config import TrainConfig
 
-    def positive(name: str, value: int | float | None) -> None:
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive, got {value}")
-
     for name in ("epochs", "batch_size", "lr", "latent_dim", "train_limit", "num_workers", "cpus_per_worker"):
-        positive(name.replace("_", "-"), getattr(args, name))
+        require_positive("--" + name.replace("_", "-"), getattr(args, name))
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     if not models or any(m not in ("ae", "vae") for m in models):
         raise UserError(f"--models accepts a comma-separated list of ae and vae, got {args.models!r}")
@@ -54,7 +54,12 @@ def config_from_args(args: argparse.Namespace):
     try:
         hidden = tuple(int(h) for h in args.hidden.split(","))
     except ValueError:
-        raise UserError(f"--hidden takes comma-separated integers, got {args.hidden!r}") from None
+        hidden = ()
+    if not hidden or not all(1 <= h <= MAX_WIDTH for h in hidden):
+        raise UserError(f"--hidden takes comma-separated layer widths from 1 to {MAX_WIDTH:,}, e.g. 1024,512,256; "
+                        f"got {args.hidden!r}")
+    if args.latent_dim > MAX_WIDTH:
+        raise UserError(f"--latent-dim must be at most {MAX_WIDTH:,}, got {args.latent_dim}")
     cpus = args.cpus_per_worker or max(1, (os.cpu_count() or 1) // args.num_workers)
     return TrainConfig(
         models=models, name=args.name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

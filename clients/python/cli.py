@@ -91,9 +91,10 @@ def _read_image(path: str, invert: bool, shapes: list[tuple[int, int]]):
 def encode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from aevae.errors import UserError
+    from aevae.errors import UserError, require_positive
     from aevae.client import AevaeError, EncoderClient
 
+    require_positive("--timeout", args.timeout)
     try:
         with EncoderClient(args.encoder, timeout=args.timeout, **security_options(args)) as client:
             served = {m.name: m for m in client.list_models()}
@@ -121,9 +122,10 @@ def encode(args: argparse.Namespace) -> int:
 def decode(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from aevae.errors import UserError
+    from aevae.errors import UserError, require_positive
     from aevae.client import AevaeError, DecoderClient
 
+    require_positive("--timeout", args.timeout)
     try:
         latents = np.array([[float(v) for v in z.split(",")] for z in args.latents], dtype=np.float32)
     except ValueError:

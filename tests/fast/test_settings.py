@@ -42,6 +42,11 @@ def test_a_mapping_is_checked_key_by_key() -> None:
         ServiceSettings.from_mapping({"batch_size": 0})
     with pytest.raises(ValueError, match=r"runtime must be auto, onnx or torch"):
         ServiceSettings(runtime="tvm")
+    # nan passes every comparison with a minimum, inf would wait forever: both refused, from a flag or a file
+    with pytest.raises(ValueError, match=r"batch-wait-s must be a finite number, got nan"):
+        ServiceSettings.from_mapping({"batch_wait_s": "nan"})
+    with pytest.raises(ValueError, match=r"grace must be a finite number, got inf"):
+        ServiceSettings(grace=float("inf"))
 
 
 def test_each_setting_has_help_and_each_default_port_is_written_once() -> None:

@@ -1,0 +1,59 @@
+"""The commands' numeric flags: every bad value is refused before anything starts, with what is accepted."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from aevae import cli
+from aevae.errors import UserError
+from aevae.trainer.cli import MAX_WIDTH, config_from_args, register
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    return parser.parse_args(["train", *argv])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--lr", "nan"), "--lr must be positive and finite, got nan"),
+    (("--lr", "inf"), "--lr must be positive and finite, got inf"),
+    (("--lr", "-1"), "--lr must be positive and finite"),
+    (("--epochs", "0"), "--epochs must be positive"),
+    (("--hidden", "0"), "--hidden takes comma-separated layer widths from 1 to 65,536"),
+    (("--hidden", "1024,,256"), "got '1024,,256'"),
+    (("--hidden", "1024,x"), "e.g. 1024,512,256"),
+    (("--hidden", str(MAX_WIDTH + 1)), "--hidden takes"),
+    (("--latent-dim", str(MAX_WIDTH + 1)), "--latent-dim must be at most 65,536"),
+])
+def test_bad_flags_are_refused_with_what_is_accepted(argv: tuple[str, ...], message: str) -> None:
+    with pytest.raises(UserError) as error:
+        config_from_args(parse(*argv))
+    assert message in str(error.value)
+
+
+def test_good_flags_make_the_config() -> None:
+    config = config_from_args(parse("--lr", "1e-3", "--hidden", "64,32", "--latent-dim", "8", "--epochs", "2"))
+    assert (config.lr, config.hidden, config.latent_dim, config.epochs) == (1e-3, (64, 32), 8, 2)
+    assert config_from_args(parse()).epochs == 14  # the default recipe (trainer/config.py)
+
+
+@pytest.mark.parametrize("argv", [
+    ["decode", "--timeout", "nan", "0,0,0,0", "-o", "x.png"],
+    ["encode", "--timeout", "inf", "x.png"],
+    ["decode-batch", "--prior", "10", "--scale", "nan", "-o", "out"],
+    ["decode-batch", "--prior", "10", "--cpus-per-worker", "nan", "-o", "out"],
+    ["decode-batch", "--prior", "10", "--timeout", "-1", "--decoder", "127.0.0.1:1", "-o", "out"],
+    ["train", "--lr", "inf"],
+])
+def test_every_command_refuses_a_non_finite_or_negative_number(argv: list[str], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    flag = argv[argv.index(next(a for a in argv if a in ("nan", "inf", "-1"))) - 1]
+    assert f"{flag} must be positive and finite" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any work
