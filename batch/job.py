@@ -29,7 +29,8 @@ from aevae.batch.model import ModelRef
 from aevae.batch.progress import Progress
 from aevae.batch.sinks import Sink
 from aevae.batch.sources import Source
-from aevae.errors import UserError
+from aevae.errors import InvalidArgument, UserError
+from aevae.services import inputs
 
 JOB_FILE = "_aevae_batch.json"
 log = logging.getLogger(__name__)
@@ -83,6 +84,11 @@ def run_shard(job: Job, model: Any, shard: int) -> dict[str, Any]:
     ids = np.arange(start, stop, dtype=np.int64)
     if job.op == "decode":
         z = data["latent"]
+        try:  # the services' own check: the engines accept the same latents (finite, within LATENT_BOUND)
+            inputs.latents(z, job.model.latent_dim, job.model.name, field="latent")
+        except InvalidArgument as exc:
+            raise UserError(f"shard {shard} (rows {start:,} to {stop - 1:,}): {exc}; row numbers count from the "
+                            "shard's first row") from None
         columns = {"id": ids, "latent": z, "image": model.decode(z)}
     else:
         mean, logvar = model.encode(data["image"])
@@ -206,6 +212,8 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
         )
         for row in done.iter_rows():
             stats = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+            if "error" in stats:  # bad data in a shard (ShardWorker): its message, not a remote traceback
+                raise UserError(str(stats["error"]))
             progress.update(stats)
             if on_shard is not None:
                 on_shard(stats)

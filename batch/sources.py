@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from aevae.errors import UserError
+from aevae.services.inputs import LATENT_BOUND
 
 SCAN_ROWS = 1 << 20  # rows per step of the driver's scan for NaN, shape and range
 PRIOR_BLOCK = 4096  # prior samples come in blocks seeded by (seed, block): independent of the shard size
@@ -372,8 +373,9 @@ def parse_range(text: str, what: str) -> tuple[float, float, int]:
         result = float(lo), float(hi), int(steps)
     except ValueError:
         raise UserError(f"{what}: expected LO:HI:STEPS such as -3:3:11, got {text!r}") from None
-    if not all(math.isfinite(v) for v in result[:2]) or result[2] < 1:
-        raise UserError(f"{what}: LO and HI must be finite and STEPS at least 1, got {text!r}")
+    if not all(abs(v) <= LATENT_BOUND for v in result[:2]) or result[2] < 1:  # nan fails abs(v) <= bound
+        raise UserError(f"{what}: LO and HI must lie in [-{LATENT_BOUND:g}, {LATENT_BOUND:g}] (the services' bound on "
+                        f"latents) and STEPS must be at least 1, got {text!r}")
     return result
 
 

@@ -24,6 +24,12 @@ class ShardWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from aevae.batch.job import run_shard
+        from aevae.errors import UserError
 
-        stats = [dict(run_shard(self.job, self.model, int(shard)), node=self.node) for shard in batch["shard"]]
+        try:
+            stats = [dict(run_shard(self.job, self.model, int(shard)), node=self.node) for shard in batch["shard"]]
+        except UserError as exc:
+            # Bad data, not a broken worker: returned as a row, because an exception reaches the driver as
+            # Ray Data's "UDF failed" around a remote traceback; run_ray raises it there with this message.
+            return {"error": np.array([str(exc)])}
         return {key: np.array([s[key] for s in stats]) for key in stats[0]}

@@ -140,6 +140,9 @@ def test_the_cli_refuses_bad_input_before_anything_runs(tiny_repo: Path, tmp_pat
         (["--prior", "10", "--model", "vae", "--version", "7"], "has no version 7"),
         (["--grid=-1:1:3,-1:1:3", "--model", "vae"], "4 latent dimensions"),
         (["--grid=-1:1"], "expected LO:HI:STEPS"),
+        (["--grid=-1e39:1:3"], "LO and HI must lie in [-10000, 10000]"),  # -inf once float32
+        (["--traverse", "nan:1:3"], "LO and HI must lie in"),
+        (["--prior", "10", "--scale", "nan"], "--scale must be positive and finite"),
         (["--prior", "10", "--grid=-1:1:3"], "needs one input"),
     ]
     for flags, message in cases:
@@ -168,6 +171,30 @@ def test_an_output_folder_of_another_job_is_refused_unless_overwritten(tiny_repo
 
 
 # -- shards -----------------------------------------------------------------------------------------------------
+
+def test_a_shard_with_a_latent_out_of_range_fails_with_its_rows_and_keeps_the_others(tiny_repo: Path,
+                                                                                    tmp_path: Path) -> None:
+    """A file can hold latents the up-front scan passes (finite) but the services refuse (beyond LATENT_BOUND):
+    the shard holding one fails with a message naming it, in-process and through the Ray Data worker."""
+    from aevae.batch.worker import ShardWorker
+
+    z = np.zeros((100, 4), np.float32)
+    z[70, 1] = 1e5
+    np.save(tmp_path / "big.npy", z)
+    ref = resolve(str(tiny_repo), "vae", None)
+    job = Job("decode", ref, sources.ArrayFile(tmp_path / "big.npy"), Sink(tmp_path / "out", "npz"), shard_size=40)
+    prepare(job)
+    model = Loaded(ref)
+    assert run_shard(job, model, 0)["rows"] == 40
+    with pytest.raises(UserError, match=r"shard 1 \(rows 40 to 79\): latent: values must lie in \[-10000, 10000\]; "
+                                        r"row 30 holds \[0.0, 100000.0, 0.0, 0.0\]"):
+        run_shard(job, model, 1)
+    assert not (tmp_path / "out" / "part-000001.npz").exists()
+    worker = ShardWorker(job)
+    assert "shard 1 (rows 40 to 79)" in str(worker({"shard": np.array([1])})["error"][0])
+    assert worker({"shard": np.array([2])})["rows"].tolist() == [20]
+
+
 
 def test_shards_resume_and_keep_the_input_order(tiny_repo: Path, tmp_path: Path) -> None:
     ref = resolve(str(tiny_repo), "vae8", None)  # 8-d latents, 24 x 20 images
