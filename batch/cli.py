@@ -147,19 +147,6 @@ def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tup
     return source
 
 
-def root_cause(exc: BaseException) -> BaseException:
-    """The worker's own error under Ray's wrappers (Ray Data's UserCodeException, RayTaskError's `cause`), whose
-    text is a remote traceback; the error itself says what was wrong, e.g. a latent out of range."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    return exc
-
-
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(job, the engine's client or None, flag of the fleet) from the flags; every check before any work."""
     from aevae.batch import model as models
@@ -227,9 +214,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:  # noqa: BLE001 - a worker's failure: say what is kept and how to go on
         progress.close()
-        cause = root_cause(exc)
         raise UserError(f"the job failed after {progress.shards + plan.skipped_shards} of {job.shards} shards "
-                        f"({type(cause).__name__}: {cause}). Finished shards are kept; run the same command again "
+                        f"({type(exc).__name__}: {exc}). Finished shards are kept; run the same command again "
                         "to resume.") from exc
     progress.close()
     summary = progress.summary()
