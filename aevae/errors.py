@@ -21,6 +21,14 @@ def require_positive(flag: str, value: float | None) -> None:
         raise UserError(f"{flag} must be positive and finite, got {value}")
 
 
+def port_problem(flag: str, value: int | None) -> str | None:
+    """What is wrong with a port flag, or None: 0..65535, 0 for a free port. A message rather than an exception,
+    for callers that raise UserError (the CLIs) and ValueError (ServiceSettings, also read from files)."""
+    if value is not None and not 0 <= value <= 65535:
+        return f"{flag} must be 0..65535 (0 picks a free port), got {value}"
+    return None
+
+
 class ServiceError(Exception):
     code = "INTERNAL"
 

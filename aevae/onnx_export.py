@@ -238,9 +238,17 @@ def run(args: Any) -> int:
         except mnist.MnistError as exc:
             raise UserError(str(exc)) from None
     repository = ModelRepository(args.models_dir)
+    available = repository.versions()
+    if not available:
+        raise UserError(f"no model versions under {repository.root.resolve()}: `aevae train` writes them")
     wanted = [m.split("/", 1) for m in args.models]
+    unknown = [m for m, w in zip(args.models, wanted) if not any(
+        name == w[0] and (len(w) == 1 or any(str(v.number) == w[1] for v in versions))
+        for name, versions in available.items())]
+    if unknown:
+        raise UserError(f"no such model or version: {', '.join(unknown)}; available: {repository.describe()}")
     done = 0
-    for name, versions in repository.versions().items():
+    for name, versions in available.items():
         for version in versions:
             if wanted and not any(w[0] == name and (len(w) == 1 or w[1] == str(version.number)) for w in wanted):
                 continue

@@ -13,7 +13,7 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from aevae.errors import ResourceExhausted
+from aevae.errors import ResourceExhausted, port_problem
 
 # The default ports, written once.
 PORTS = {"encoder": 50051, "decoder": 50052, "ui": 8080}
@@ -106,6 +106,9 @@ class ServiceSettings:
             value, minimum = getattr(self, f.name), f.metadata["minimum"]
             if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison below
                 raise ValueError(f"{f.name.replace('_', '-')} must be a finite number, got {value}")
+            problem = port_problem(f.name.replace("_", "-"), value) if f.name.endswith("port") else None
+            if problem:
+                raise ValueError(problem)
             if minimum is not None and value is not None and value < minimum:
                 raise ValueError(f"{f.name.replace('_', '-')} must be at least {minimum}, got {value}")
         if self.runtime not in ("auto", "onnx", "torch"):

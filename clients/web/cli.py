@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aevae.errors import UserError
+from aevae.errors import UserError, port_problem
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,8 +52,9 @@ def _check_target(option: str, value: str) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_target("--encoder", args.encoder)
     _check_target("--decoder", args.decoder)
-    if not 0 <= args.port < 65536:
-        raise UserError(f"--port must be 0..65535, got {args.port}")
+    problem = port_problem("--port", args.port) or port_problem("--metrics-port", args.metrics_port)
+    if problem:
+        raise UserError(problem)
     if args.classifier is not None and not args.classifier.is_file():
         raise UserError(f"--classifier: no such file {args.classifier}")
     try:

@@ -57,3 +57,18 @@ def test_every_command_refuses_a_non_finite_or_negative_number(argv: list[str], 
     flag = argv[argv.index(next(a for a in argv if a in ("nan", "inf", "-1"))) - 1]
     assert f"{flag} must be positive and finite" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["serve", "decoder", "--port", "70000"], "--port"),
+    (["serve", "encoder", "--health-port", "-2"], "--health-port"),
+    (["ui", "--metrics-port", "65536"], "--metrics-port"),
+    (["up", "--decoder-port", "70000"], "--decoder-port"),
+])
+def test_every_command_refuses_a_port_out_of_range(argv: list[str], flag: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # `up` would train into ./models if the port passed
+    assert cli.main([*argv, "--models-dir", str(tmp_path)] if argv[0] != "ui" else argv) == 2
+    assert f"{flag} must be 0..65535 (0 picks a free port)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything started

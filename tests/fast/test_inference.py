@@ -95,3 +95,9 @@ def test_export_onnx_adds_graphs_to_a_version_written_without_them(tiny_repo: Pa
     assert {"encoder.onnx", "decoder.onnx"} <= set(version.manifest.files)
     assert version.manifest.runtimes["onnx"]["max_abs_diff"] <= 1e-4
     assert ModelStore(tiny_repo).get("ae").runtime.name == "onnx"
+    from aevae.errors import UserError
+
+    with pytest.raises(UserError, match=r"no such model or version: ae/7, gan; available: .*ae: 1"):
+        run(argparse.Namespace(models=["ae/7", "gan"], models_dir=str(tiny_repo)))
+    with pytest.raises(UserError, match=r"no model versions under .*empty: `aevae train` writes them"):
+        run(argparse.Namespace(models=[], models_dir=str(tiny_repo.parent / "empty")))
