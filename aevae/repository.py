@@ -119,6 +119,20 @@ class ModelRepository:
         self.root = models_dir(root)
         self.allow_symlinks = allow_symlinks
 
+    def ensure_writable(self) -> None:
+        """Raises UserError now when versions could not be written here (a file in the way, no permission),
+        rather than after the minutes of training that would produce them."""
+        from aevae.errors import UserError
+
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as exc:
+            why = "it is a file, not a folder" if self.root.is_file() else exc.strerror or str(exc)
+            raise UserError(f"cannot write model versions under {self.root}: {why}; pass "
+                            "--models-dir (or set AEVAE_MODELS_DIR) to a folder you can write") from None
+
     def scan(self) -> Scan:
         scan = Scan()
         if not self.root.is_dir():

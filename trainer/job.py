@@ -188,6 +188,7 @@ def run(config: TrainConfig) -> list[Version]:
     if config.name and len(config.models) != 1:
         raise ValueError("--name needs exactly one model in --models")
     repository = ModelRepository(config.models_dir)
+    repository.ensure_writable()
     data = mnist.load(config.data_root)
     train = data.train
     if config.train_limit:
