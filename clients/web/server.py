@@ -28,7 +28,7 @@ from aiohttp import WSMsgType, web
 
 from aevae.client import AsyncDecoderClient, AsyncEncoderClient, ModelInfo
 from aevae.ui.guard import MAX_DECODES, TRANSPORT_MAX_BYTES, BadMessage, Guard, parse_json
-from aevae.ui.services import RequestRejected, ServiceDown, ServiceLink
+from aevae.ui.services import CLOSE_TIMEOUT, PROBE_TIMEOUT, RequestRejected, ServiceDown, ServiceLink
 from aevae.ui.validity import DEFAULT_PATH as CLASSIFIER_PATH, Judge
 
 log = logging.getLogger(__name__)
@@ -344,9 +344,16 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
         app[TASKS].extend(asyncio.create_task(link.watch(poll_interval)) for link in app[LINKS])
 
     async def stop(app: web.Application) -> None:
+        for link in app[LINKS]:
+            link.stop_watching()
         for task in app[TASKS]:
             task.cancel()
-        await asyncio.gather(*app[TASKS], return_exceptions=True)
+        watchers: list[asyncio.Task[None]] = app[TASKS]
+        if watchers:
+            # Bounded: a watcher whose cancellation was lost ends on its flag within a probe and an interval.
+            _, pending = await asyncio.wait(watchers, timeout=PROBE_TIMEOUT + CLOSE_TIMEOUT + poll_interval + 2)
+            if pending:
+                log.warning("%d service watcher(s) did not stop; shutting down without them", len(pending))
         sockets = app[SOCKETS]
         for ws in list(sockets):
             await ws.close()

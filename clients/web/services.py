@@ -75,6 +75,7 @@ class ServiceLink(Generic[Client]):
         self._on_change = on_change
         self._client: Client | None = None
         self._retired: list[tuple[Client, float]] = []  # replaced clients, closed once their calls are done
+        self._stopping = False
 
     def _new_client(self, timeout: float) -> Client:
         # one quick retry: the page would rather hear "down" now than after a long backoff
@@ -82,7 +83,8 @@ class ServiceLink(Generic[Client]):
 
     async def _close(self, client: Client) -> None:
         try:
-            await asyncio.wait_for(client.close(), CLOSE_TIMEOUT)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await client.close()
         except asyncio.TimeoutError:
             log.warning("closing the %s client took over %.0f s: left to gRPC", self.service, CLOSE_TIMEOUT)
         except (grpc.RpcError, RuntimeError, OSError):  # a dead channel may fail to close; nothing to do
@@ -120,7 +122,8 @@ class ServiceLink(Generic[Client]):
         client = self._new_client(PROBE_TIMEOUT) if fresh else self._client
         assert client is not None
         try:
-            serving = await asyncio.wait_for(client.health(timeout=PROBE_TIMEOUT), PROBE_TIMEOUT + 1.0)
+            async with asyncio.timeout(PROBE_TIMEOUT + 1.0):  # not wait_for: it can swallow a cancellation
+                serving = await client.health(timeout=PROBE_TIMEOUT)
             healthy, message = serving == "SERVING", ("" if serving == "SERVING" else f"health: {serving}")
         except AevaeError as exc:
             healthy, message = False, short_message(exc)
@@ -139,9 +142,14 @@ class ServiceLink(Generic[Client]):
         self._retired = [r for r in self._retired if r[1] > now]
 
     async def watch(self, interval: float) -> None:
-        while True:
+        """Probes until `stop_watching`: the flag ends the loop even when a cancellation is lost (Python 3.11's
+        wait_for, which gRPC or aiohttp code below may use, can swallow one; a UI's shutdown once hung on it)."""
+        while not self._stopping:
             await self.probe()
             await asyncio.sleep(interval)
+
+    def stop_watching(self) -> None:
+        self._stopping = True
 
     async def aclose(self) -> None:
         for old, _ in self._retired:

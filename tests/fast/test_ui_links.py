@@ -35,3 +35,39 @@ def test_a_client_whose_close_hangs_does_not_hang_aclose(monkeypatch: pytest.Mon
     assert time.monotonic() - started < 5
     assert stuck.closed and link._client is None
     assert "closing the decoder client took over" in caplog.text
+
+
+class _SwallowingClient:
+    """Answers health checks and swallows the cancellation that arrives during one: a lost cancellation, as
+    Python 3.11's wait_for can produce when a call ends just as it is cancelled."""
+
+    swallowed = 0
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    async def health(self, timeout: float) -> str:
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            if _SwallowingClient.swallowed:  # only the first: asyncio.run's own cleanup must still end the task
+                raise
+            _SwallowingClient.swallowed += 1
+        return "SERVING"
+
+    async def close(self) -> None:
+        pass
+
+
+def test_a_watcher_whose_cancellation_is_lost_still_stops() -> None:
+    async def scenario() -> bool:
+        link = ServiceLink("decoder", "127.0.0.1:1", _SwallowingClient)  # type: ignore[type-var]
+        watcher = asyncio.create_task(link.watch(0.01))
+        await asyncio.sleep(0.02)  # inside a probe: the cancellation lands in health() and is swallowed
+        link.stop_watching()
+        watcher.cancel()
+        done, _ = await asyncio.wait({watcher}, timeout=5)
+        return watcher in done
+
+    assert asyncio.run(scenario())
+    assert _SwallowingClient.swallowed == 1  # the cancellation was lost, and the flag ended the loop
