@@ -121,17 +121,21 @@ class ModelRepository:
 
     def ensure_writable(self) -> None:
         """Raises UserError now when versions could not be written here (a file in the way, no permission),
-        rather than after the minutes of training that would produce them."""
+        rather than after the minutes of training that would produce them. Creates nothing: a run that fails
+        later leaves no empty repository behind."""
         from aevae.errors import UserError
 
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=self.root):
-                pass
-        except OSError as exc:
-            why = "it is a file, not a folder" if self.root.is_file() else exc.strerror or str(exc)
-            raise UserError(f"cannot write model versions under {self.root}: {why}; pass "
-                            "--models-dir (or set AEVAE_MODELS_DIR) to a folder you can write") from None
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        why = None
+        if not existing.is_dir():
+            why = f"{existing} is a file, not a folder"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            why = f"{existing} is not writable"
+        if why:
+            raise UserError(f"cannot write model versions under {self.root}: {why}; pass --models-dir (or set "
+                            "AEVAE_MODELS_DIR) to a folder you can write")
 
     def scan(self) -> Scan:
         scan = Scan()
