@@ -24,14 +24,31 @@ log = logging.getLogger(__name__)
 
 CALL_TIMEOUT = 5.0
 PROBE_TIMEOUT = 1.0
-# Closing a channel can wait on gRPC's completion-queue poller; if that is stuck (grpc/grpc#40989: a race when
-# an event loop shuts down), an unbounded close would hang the UI's shutdown. Past this, the channel is left.
+# Closing a channel waits on gRPC; bounded, so that the UI's shutdown never hangs on one. Past it, the channel
+# is left to gRPC.
 CLOSE_TIMEOUT = 2.0
 # Status codes that mean the service is not reachable, rather than that the request was wrong.
 UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
 Client = TypeVar("Client", AsyncEncoderClient, AsyncDecoderClient)
 T = TypeVar("T")
+
+
+async def bounded(awaitable: Awaitable[T], seconds: float) -> T:
+    """`awaitable`'s result, or asyncio.TimeoutError after `seconds`. Not asyncio.wait_for, which before Python
+    3.12 can swallow a cancellation that arrives as the awaited call ends (a UI's shutdown once hung on it), and
+    which waits for the cancelled call to finish: here a cancellation always propagates, and a call past its
+    time is cancelled and left, not waited for."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise asyncio.TimeoutError
+    return task.result()
 
 
 class ServiceDown(Exception):
@@ -83,8 +100,7 @@ class ServiceLink(Generic[Client]):
 
     async def _close(self, client: Client) -> None:
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await client.close()
+            await bounded(client.close(), CLOSE_TIMEOUT)
         except asyncio.TimeoutError:
             log.warning("closing the %s client took over %.0f s: left to gRPC", self.service, CLOSE_TIMEOUT)
         except (grpc.RpcError, RuntimeError, OSError):  # a dead channel may fail to close; nothing to do
@@ -122,8 +138,7 @@ class ServiceLink(Generic[Client]):
         client = self._new_client(PROBE_TIMEOUT) if fresh else self._client
         assert client is not None
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT + 1.0):  # not wait_for: it can swallow a cancellation
-                serving = await client.health(timeout=PROBE_TIMEOUT)
+            serving = await bounded(client.health(timeout=PROBE_TIMEOUT), PROBE_TIMEOUT + 1.0)
             healthy, message = serving == "SERVING", ("" if serving == "SERVING" else f"health: {serving}")
         except AevaeError as exc:
             healthy, message = False, short_message(exc)
@@ -142,8 +157,8 @@ class ServiceLink(Generic[Client]):
         self._retired = [r for r in self._retired if r[1] > now]
 
     async def watch(self, interval: float) -> None:
-        """Probes until `stop_watching`: the flag ends the loop even when a cancellation is lost (Python 3.11's
-        wait_for, which gRPC or aiohttp code below may use, can swallow one; a UI's shutdown once hung on it)."""
+        """Probes until `stop_watching`: the flag ends the loop even if a cancellation is lost below (see
+        `bounded`; gRPC's own code may await with wait_for too)."""
         while not self._stopping:
             await self.probe()
             await asyncio.sleep(interval)

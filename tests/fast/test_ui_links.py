@@ -71,3 +71,28 @@ def test_a_watcher_whose_cancellation_is_lost_still_stops() -> None:
 
     assert asyncio.run(scenario())
     assert _SwallowingClient.swallowed == 1  # the cancellation was lost, and the flag ended the loop
+
+
+def test_bounded_times_out_without_waiting_and_always_passes_a_cancellation_on() -> None:
+    from aevae.ui.services import bounded
+
+    async def stubborn() -> str:  # ignores the first cancellation: wait_for would wait for it to end
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(10)
+        return "late"
+
+    async def scenario() -> None:
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await bounded(stubborn(), 0.05)
+        assert time.monotonic() - started < 1  # not waited for
+        assert await bounded(asyncio.sleep(0, "now"), 1) == "now"
+        outer = asyncio.create_task(bounded(stubborn(), 5))
+        await asyncio.sleep(0.01)
+        outer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outer
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
