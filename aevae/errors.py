@@ -29,6 +29,12 @@ def port_problem(flag: str, value: int | None) -> str | None:
     return None
 
 
+def require_port(flag: str, value: int | None) -> None:
+    problem = port_problem(flag, value)
+    if problem:
+        raise UserError(problem)
+
+
 class ServiceError(Exception):
     code = "INTERNAL"
 

@@ -242,15 +242,18 @@ def run(args: Any) -> int:
     if not available:
         raise UserError(f"no model versions under {repository.root.resolve()}: `aevae train` writes them")
     wanted = [m.split("/", 1) for m in args.models]
-    unknown = [m for m, w in zip(args.models, wanted) if not any(
-        name == w[0] and (len(w) == 1 or any(str(v.number) == w[1] for v in versions))
-        for name, versions in available.items())]
+
+    def chosen(w: list[str], version: Any) -> bool:  # "name" or "name/number"
+        return w[0] == version.name and (len(w) == 1 or w[1] == str(version.number))
+
+    unknown = [m for m, w in zip(args.models, wanted)
+               if not any(chosen(w, v) for versions in available.values() for v in versions)]
     if unknown:
         raise UserError(f"no such model or version: {', '.join(unknown)}; available: {repository.describe()}")
     done = 0
     for name, versions in available.items():
         for version in versions:
-            if wanted and not any(w[0] == name and (len(w) == 1 or w[1] == str(version.number)) for w in wanted):
+            if wanted and not any(chosen(w, version) for w in wanted):
                 continue
             if {ENCODER, DECODER, DECODER_INT8} <= set(version.manifest.files):
                 print(f"{version}: has its ONNX graphs")

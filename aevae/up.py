@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from aevae.errors import UserError, port_problem
+from aevae.errors import UserError, require_port
 from aevae.services.settings import PORTS
 
 
@@ -45,9 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from aevae.repository import ModelRepository
 
     for flag in ("encoder_port", "decoder_port", "ui_port"):
-        problem = port_problem("--" + flag.replace("_", "-"), getattr(args, flag))
-        if problem:
-            raise UserError(problem)
+        require_port("--" + flag.replace("_", "-"), getattr(args, flag))
     repository = ModelRepository(args.models_dir)
     _require("serve", ("torch", "grpc_health", "grpc_reflection", "tritonclient", "prometheus_client"))
     stack = Stack(repository.root, args.host, serve_args=shlex.split(args.serve_args), metrics=not args.no_metrics)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from aevae.errors import UserError, port_problem
+from aevae.errors import UserError, require_port
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,9 +52,8 @@ def _check_target(option: str, value: str) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_target("--encoder", args.encoder)
     _check_target("--decoder", args.decoder)
-    problem = port_problem("--port", args.port) or port_problem("--metrics-port", args.metrics_port)
-    if problem:
-        raise UserError(problem)
+    require_port("--port", args.port)
+    require_port("--metrics-port", args.metrics_port)
     if args.classifier is not None and not args.classifier.is_file():
         raise UserError(f"--classifier: no such file {args.classifier}")
     try:
