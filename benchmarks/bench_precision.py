@@ -6,9 +6,9 @@ alternating: training in blocks of steps (fp32 block, bf16 block, ...), decoding
 
     .venv/bin/python benchmarks/bench_precision.py --data-root ../shared/datasets --models-dir models
 
-Training uses the trainer's own step (`aevae.trainer.loop.train_step`: both models, the default architecture,
-batch and one-cycle Adam) on the full training set, in process (no Ray: the same arithmetic, without the
-start-up); each precision trains its own models from the same initial weights on the same batches, and
+Training uses the trainer's own steps (`aevae.trainer.loop.train_steps`: both models side by side as the
+trainer runs them, `Lanes`; the default architecture, batch and one-cycle Adam) on the full training set, in
+process (no Ray: the same arithmetic, without the start-up); each precision trains its own models from the same initial weights on the same batches, and
 their test metrics after the short run are printed too. Decoding uses `LoadedModel.decode` (what the
 services and the batch jobs run) on the newest version of `--model` in `--models-dir`.
 """
@@ -34,10 +34,10 @@ def bench_training(data: Any, args: argparse.Namespace) -> None:
 
     from aevae.models import Architecture, build
     from aevae.trainer.config import TrainConfig
-    from aevae.trainer.loop import EVAL_SEED, Member, evaluate, member, train_step  # noqa: F401
+    from aevae.trainer.loop import Lanes, Member, evaluate, member, train_steps
 
     defaults = TrainConfig()
-    torch.set_num_threads(args.threads)
+    lanes = Lanes(len(defaults.models), args.threads)
     train = torch.from_numpy(data.train.images[:args.train_images].astype(np.float32) / np.float32(255))
     test = torch.from_numpy(data.test.floats())
     steps = -(-len(train) // defaults.batch_size)
@@ -51,17 +51,16 @@ def bench_training(data: Any, args: argparse.Namespace) -> None:
     seconds = {"fp32": 0.0, "bf16": 0.0}
     blocks: dict[str, list[float]] = {"fp32": [], "bf16": []}
     print(f"training: {len(train):,} images x {args.epochs} epoch(s), batch {defaults.batch_size}, "
-          f"{args.threads} threads, AE + VAE per step, fp32 and bf16 alternating in blocks of {args.block} steps",
-          flush=True)
+          f"{args.threads} threads, AE and VAE {'side by side' if lanes.side_by_side else 'one after the other'}, "
+          f"fp32 and bf16 alternating in blocks of {args.block} steps", flush=True)
     for epoch in range(args.epochs):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(defaults.seed + epoch))
         for first in range(0, steps, args.block):
             for precision in (("fp32", "bf16") if first // args.block % 2 == 0 else ("bf16", "fp32")):
+                block = range(first, min(first + args.block, steps))
                 started = time.perf_counter()
-                for step in range(first, min(first + args.block, steps)):
-                    x = train[order[step * defaults.batch_size:(step + 1) * defaults.batch_size]]
-                    for m in members[precision]:
-                        train_step(m, x, precision)
+                lanes.map(lambda m: train_steps(m, train, order, defaults.batch_size, block, precision),
+                          members[precision])
                 elapsed = time.perf_counter() - started
                 seconds[precision] += elapsed
                 blocks[precision].append(elapsed)
@@ -73,7 +72,7 @@ def bench_training(data: Any, args: argparse.Namespace) -> None:
     print(f"{'precision':10s} {'s/epoch':>9s} {'x fp32':>7s}   " + "   ".join(
         f"{m.name} test bce / total" for m in members["fp32"]))
     for precision in ("fp32", "bf16"):
-        metrics = [evaluate(m.model, test) for m in members[precision]]
+        metrics = lanes.map(lambda m: evaluate(m.model, test), members[precision])
         print(f"{precision:10s} {seconds[precision] / args.epochs:9.1f} {seconds[precision] / seconds['fp32']:7.2f}   "
               + "   ".join(f"{r['test_bce']:7.2f} / {r['test_loss']:7.2f}" for r in metrics), flush=True)
     print(f"bf16/fp32 per block: median {statistics.median(ratios):.2f}, "
