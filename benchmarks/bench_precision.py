@@ -30,6 +30,9 @@ def load_average() -> str:
 
 
 def bench_training(data: Any, args: argparse.Namespace) -> None:
+    """Three contenders, each its own models from the same initial weights, alternating in blocks of steps:
+    fp32 and bf16 as the trainer runs them (the AE and the VAE side by side), and bf16 with the two models in
+    turn on all the threads (how the trainer ran them before `Lanes`)."""
     import torch
 
     from aevae.models import Architecture, build
@@ -37,46 +40,50 @@ def bench_training(data: Any, args: argparse.Namespace) -> None:
     from aevae.trainer.loop import Lanes, Member, evaluate, member, train_steps
 
     defaults = TrainConfig()
-    lanes = Lanes(len(defaults.models), args.threads)
+    side_by_side = Lanes(len(defaults.models), args.threads)
+    contenders = {"fp32": ("fp32", side_by_side), "bf16": ("bf16", side_by_side),
+                  "bf16 in turn": ("bf16", Lanes(len(defaults.models), args.threads, side_by_side=False))}
     train = torch.from_numpy(data.train.images[:args.train_images].astype(np.float32) / np.float32(255))
     test = torch.from_numpy(data.test.floats())
     steps = -(-len(train) // defaults.batch_size)
     members: dict[str, list[Member]] = {}
-    for precision in ("fp32", "bf16"):
-        members[precision] = []
+    for name in contenders:
+        members[name] = []
         for kind in defaults.models:
             torch.manual_seed(defaults.seed)
             model = build(Architecture(kind=kind, latent_dim=defaults.latent_dim, hidden=defaults.hidden))
-            members[precision].append(member(kind, model, model, defaults.lr, args.epochs * steps))
-    seconds = {"fp32": 0.0, "bf16": 0.0}
-    blocks: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    print(f"training: {len(train):,} images x {args.epochs} epoch(s), batch {defaults.batch_size}, "
-          f"{args.threads} threads, AE and VAE {'side by side' if lanes.side_by_side else 'one after the other'}, "
-          f"fp32 and bf16 alternating in blocks of {args.block} steps", flush=True)
+            members[name].append(member(kind, model, model, defaults.lr, args.epochs * steps))
+    seconds = {name: 0.0 for name in contenders}
+    blocks: dict[str, list[float]] = {name: [] for name in contenders}
+    print(f"training: {len(train):,} images x {args.epochs} epoch(s), batch {defaults.batch_size}, {args.threads} "
+          f"threads, {', '.join(contenders)} alternating in blocks of {args.block} steps", flush=True)
     for epoch in range(args.epochs):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(defaults.seed + epoch))
         for first in range(0, steps, args.block):
-            for precision in (("fp32", "bf16") if first // args.block % 2 == 0 else ("bf16", "fp32")):
-                block = range(first, min(first + args.block, steps))
+            block = range(first, min(first + args.block, steps))
+            names = list(contenders)
+            for name in names if first // args.block % 2 == 0 else reversed(names):
+                precision, lanes = contenders[name]
                 started = time.perf_counter()
-                lanes.map(lambda m: train_steps(m, train, order, defaults.batch_size, block, precision),
-                          members[precision])
+                lanes.map(lambda m: train_steps(m, train, order, defaults.batch_size, block, precision), members[name])
                 elapsed = time.perf_counter() - started
-                seconds[precision] += elapsed
-                blocks[precision].append(elapsed)
-            done = min(first + args.block, steps)
-            print(f"  epoch {epoch + 1} step {done}/{steps}: fp32 {seconds['fp32']:.1f}s bf16 {seconds['bf16']:.1f}s "
-                  f"(load {load_average()})", flush=True)
-    ratios = [b / f for f, b in zip(blocks["fp32"], blocks["bf16"])]
+                seconds[name] += elapsed
+                blocks[name].append(elapsed)
+            print(f"  epoch {epoch + 1} step {block.stop}/{steps}: "
+                  + " ".join(f"{name} {t:.1f}s" for name, t in seconds.items()) + f" (load {load_average()})",
+                  flush=True)
     print(f"\nTRAINING  (load average {load_average()})")
-    print(f"{'precision':10s} {'s/epoch':>9s} {'x fp32':>7s}   " + "   ".join(
+    print(f"{'contender':13s} {'s/epoch':>9s} {'x fp32':>7s}   " + "   ".join(
         f"{m.name} test bce / total" for m in members["fp32"]))
-    for precision in ("fp32", "bf16"):
-        metrics = lanes.map(lambda m: evaluate(m.model, test), members[precision])
-        print(f"{precision:10s} {seconds[precision] / args.epochs:9.1f} {seconds[precision] / seconds['fp32']:7.2f}   "
+    for name, (_, lanes) in contenders.items():
+        metrics = lanes.map(lambda m: evaluate(m.model, test), members[name])
+        print(f"{name:13s} {seconds[name] / args.epochs:9.1f} {seconds[name] / seconds['fp32']:7.2f}   "
               + "   ".join(f"{r['test_bce']:7.2f} / {r['test_loss']:7.2f}" for r in metrics), flush=True)
-    print(f"bf16/fp32 per block: median {statistics.median(ratios):.2f}, "
-          f"quartiles {np.percentile(ratios, 25):.2f}-{np.percentile(ratios, 75):.2f} over {len(ratios)} blocks")
+    for label, a, b in (("bf16/fp32", "bf16", "fp32"), ("side by side/in turn, bf16", "bf16", "bf16 in turn")):
+        ratios = [x / y for x, y in zip(blocks[a], blocks[b])]
+        print(f"{label} per block: median {statistics.median(ratios):.2f}, quartiles "
+              f"{np.percentile(ratios, 25):.2f}-{np.percentile(ratios, 75):.2f} over {len(ratios)} blocks")
+    side_by_side.close()
 
 
 def bench_decoding(data: Any, args: argparse.Namespace) -> None:

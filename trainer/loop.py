@@ -124,6 +124,9 @@ class Lanes:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
 
