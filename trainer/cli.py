@@ -46,7 +46,7 @@ def config_from_args(args: argparse.Namespace):
 
     for name in ("epochs", "batch_size", "lr", "latent_dim", "train_limit", "num_workers", "cpus_per_worker"):
         require_positive("--" + name.replace("_", "-"), getattr(args, name))
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    models = tuple(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))  # once each, in order
     if not models or any(m not in ("ae", "vae") for m in models):
         raise UserError(f"--models accepts a comma-separated list of ae and vae, got {args.models!r}")
     if args.name and len(models) != 1:

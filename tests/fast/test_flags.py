@@ -39,6 +39,7 @@ def test_good_flags_make_the_config() -> None:
     config = config_from_args(parse("--lr", "1e-3", "--hidden", "64,32", "--latent-dim", "8", "--epochs", "2"))
     assert (config.lr, config.hidden, config.latent_dim, config.epochs) == (1e-3, (64, 32), 8, 2)
     assert config_from_args(parse()).epochs == 15  # the default recipe (trainer/config.py)
+    assert config_from_args(parse("--models", "vae, ae,vae")).models == ("vae", "ae")  # each model once
 
 
 @pytest.mark.parametrize("argv", [
