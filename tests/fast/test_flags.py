@@ -73,3 +73,25 @@ def test_every_command_refuses_a_port_out_of_range(argv: list[str], flag: str, t
     assert cli.main([*argv, "--models-dir", str(tmp_path)] if argv[0] != "ui" else argv) == 2
     assert f"{flag} must be 0..65535 (0 picks a free port)" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # refused before anything started
+
+
+def test_a_run_needing_more_cpus_than_the_machine_has_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """Ray Train would wait for the workers' CPUs forever, without a word."""
+    import os
+
+    import ray
+
+    from aevae.trainer import job
+    from aevae.trainer.config import TrainConfig
+
+    cpus = os.cpu_count() or 1
+    for workers, per_worker in ((1, cpus + 1), (cpus + 1, 1)):
+        config = TrainConfig(num_workers=workers, cpus_per_worker=per_worker, models_dir=str(tmp_path / "models"),
+                             data_root=str(tmp_path))
+        with pytest.raises(UserError) as error:
+            job.run(config)
+        assert f"needs {workers * per_worker} CPUs, and the Ray cluster has {cpus} (this machine's CPUs)" \
+            in str(error.value) and "--address" in str(error.value)
+    assert not ray.is_initialized() and not (tmp_path / "models").exists()
+    fits = TrainConfig(num_workers=2, cpus_per_worker=2)
+    assert job._cpus_needed(fits, 4) is None and job._cpus_needed(fits, 3) is not None
