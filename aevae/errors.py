@@ -35,6 +35,27 @@ def require_port(flag: str, value: int | None) -> None:
         raise UserError(problem)
 
 
+def cpus_problem(workers_flag: str, workers: float, cpus_per_worker: float, cluster_cpus: float) -> str | None:
+    """Why `workers` Ray workers of `cpus_per_worker` CPUs each cannot all start on a cluster of `cluster_cpus`
+    (None: they can). Ray waits for resources without a word, so such a job would hang; the callers refuse it
+    on a local cluster, which cannot grow, and say that they wait on a named one, which may."""
+    needed = workers * cpus_per_worker
+    if needed <= cluster_cpus:
+        return None
+    return (f"{workers_flag} {workers:g} x --cpus-per-worker {cpus_per_worker:g} needs {needed:g} CPUs, and the Ray "
+            f"cluster has {cluster_cpus:g}")
+
+
+def check_cpus(problem: str | None, address: str | None, workers_flag: str) -> None:
+    """`cpus_problem`'s answer acted on: UserError without `address` (the local cluster has what it has), a
+    line saying it waits with one (an autoscaler may add nodes)."""
+    if problem and not address:
+        raise UserError(f"{problem} (this machine's CPUs): lower {workers_flag} or --cpus-per-worker, or pass "
+                        "--address of a bigger cluster")
+    if problem:
+        print(f"{problem} now: waiting for it to grow (an autoscaler adds nodes; Ctrl-C stops)", flush=True)
+
+
 class ServiceError(Exception):
     code = "INTERNAL"
 

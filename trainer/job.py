@@ -23,7 +23,7 @@ import numpy as np
 
 import aevae
 from aevae import mnist, onnx_export
-from aevae.errors import UserError
+from aevae.errors import check_cpus, cpus_problem
 from aevae.inference import LoadedModel
 from aevae.latent_stats import compute as compute_stats
 from aevae.manifest import Manifest, now
@@ -54,16 +54,6 @@ def _start_ray(address: str | None) -> None:
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR, runtime_env=runtime_env)
-
-
-def _cpus_needed(config: TrainConfig, cluster_cpus: float | None) -> str | None:
-    """Why the run could never start on `cluster_cpus` CPUs (None: it can). Ray Train waits for its workers'
-    resources without a word, so a run asking for more than the cluster has would hang."""
-    needed = config.num_workers * config.cpus_per_worker
-    if cluster_cpus is None or needed <= cluster_cpus:
-        return None
-    return (f"--num-workers {config.num_workers} x --cpus-per-worker {config.cpus_per_worker} needs {needed} CPUs, "
-            f"and the Ray cluster has {cluster_cpus:g}")
 
 
 def _format_progress(message: dict[str, Any] | str, epochs: int) -> list[str]:
@@ -198,9 +188,9 @@ def run(config: TrainConfig) -> list[Version]:
             raise ValueError(f"--models accepts ae and vae, got {kind!r}")
     if config.name and len(config.models) != 1:
         raise ValueError("--name needs exactly one model in --models")
-    if not config.address and (problem := _cpus_needed(config, os.cpu_count())):  # the local Ray gets them all
-        raise UserError(f"{problem} (this machine's CPUs): lower --num-workers or --cpus-per-worker, or pass "
-                        "--address of a bigger cluster")
+    if not config.address:  # before anything starts: the local Ray gets this machine's CPUs
+        check_cpus(cpus_problem("--num-workers", config.num_workers, config.cpus_per_worker, os.cpu_count() or 1),
+                   None, "--num-workers")
     repository = ModelRepository(config.models_dir)
     repository.ensure_writable()
     data = mnist.load(config.data_root)
@@ -211,8 +201,9 @@ def run(config: TrainConfig) -> list[Version]:
           flush=True)
 
     _start_ray(config.address)
-    if config.address and (problem := _cpus_needed(config, ray.cluster_resources().get("CPU", 0))):
-        print(f"{problem} now: waiting for it to grow (an autoscaler adds nodes; Ctrl-C stops)", flush=True)
+    if config.address:
+        check_cpus(cpus_problem("--num-workers", config.num_workers, config.cpus_per_worker,
+                                ray.cluster_resources().get("CPU", 0)), config.address, "--num-workers")
     refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
     archs = {config.target_name(kind): Architecture(kind=kind, latent_dim=config.latent_dim,
                                                     hidden=tuple(config.hidden)) for kind in config.models}

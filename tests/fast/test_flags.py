@@ -93,5 +93,15 @@ def test_a_run_needing_more_cpus_than_the_machine_has_is_refused_before_anything
         assert f"needs {workers * per_worker} CPUs, and the Ray cluster has {cpus} (this machine's CPUs)" \
             in str(error.value) and "--address" in str(error.value)
     assert not ray.is_initialized() and not (tmp_path / "models").exists()
-    fits = TrainConfig(num_workers=2, cpus_per_worker=2)
-    assert job._cpus_needed(fits, 4) is None and job._cpus_needed(fits, 3) is not None
+
+
+def test_cpus_beyond_a_named_cluster_are_waited_for_with_a_word(capsys: pytest.CaptureFixture[str]) -> None:
+    from aevae.errors import check_cpus, cpus_problem
+
+    assert cpus_problem("--workers", 2, 2, 4) is None
+    problem = cpus_problem("--workers", 3, 1.5, 4)
+    assert problem == "--workers 3 x --cpus-per-worker 1.5 needs 4.5 CPUs, and the Ray cluster has 4"
+    check_cpus(problem, "10.0.0.1:6379", "--workers")  # a named cluster may grow: said, not refused
+    assert "waiting for it to grow" in capsys.readouterr().out
+    with pytest.raises(UserError, match="lower --workers or --cpus-per-worker"):
+        check_cpus(problem, None, "--workers")
