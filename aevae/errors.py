@@ -46,9 +46,11 @@ def cpus_problem(workers_flag: str, workers: float, cpus_per_worker: float, clus
             f"cluster has {cluster_cpus:g}")
 
 
-def check_cpus(problem: str | None, address: str | None, workers_flag: str) -> None:
-    """`cpus_problem`'s answer acted on: UserError without `address` (the local cluster has what it has), a
-    line saying it waits with one (an autoscaler may add nodes)."""
+def check_cpus(workers_flag: str, workers: float, cpus_per_worker: float, cluster_cpus: float,
+               address: str | None) -> None:
+    """`cpus_problem` acted on: UserError without `address` (the local cluster has what it has), a line saying
+    it waits with one (an autoscaler may add nodes)."""
+    problem = cpus_problem(workers_flag, workers, cpus_per_worker, cluster_cpus)
     if problem and not address:
         raise UserError(f"{problem} (this machine's CPUs): lower {workers_flag} or --cpus-per-worker, or pass "
                         "--address of a bigger cluster")

@@ -29,7 +29,7 @@ from aevae.batch.model import ModelRef
 from aevae.batch.progress import Progress
 from aevae.batch.sinks import Sink
 from aevae.batch.sources import Source
-from aevae.errors import InvalidArgument, UserError, check_cpus, cpus_problem
+from aevae.errors import InvalidArgument, UserError, check_cpus
 from aevae.services import inputs
 
 JOB_FILE = "_aevae_batch.json"
@@ -202,7 +202,7 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
         cpus = float(ray.cluster_resources().get("CPU", 1))
         size = workers or max(1, int(cpus // cpus_per_worker))
         size = min(size, len(plan.todo))
-        check_cpus(cpus_problem("--workers", size, cpus_per_worker, cpus), address, "--workers")
+        check_cpus("--workers", size, cpus_per_worker, cpus, address)
         shards = ray.data.from_items([{"shard": s} for s in plan.todo], override_num_blocks=len(plan.todo))
         done = shards.map_batches(
             ShardWorker, fn_constructor_kwargs={"job": job, "threads": max(1, int(cpus_per_worker))},

@@ -23,7 +23,7 @@ import numpy as np
 
 import aevae
 from aevae import mnist, onnx_export
-from aevae.errors import check_cpus, cpus_problem
+from aevae.errors import check_cpus
 from aevae.inference import LoadedModel
 from aevae.latent_stats import compute as compute_stats
 from aevae.manifest import Manifest, now
@@ -189,8 +189,7 @@ def run(config: TrainConfig) -> list[Version]:
     if config.name and len(config.models) != 1:
         raise ValueError("--name needs exactly one model in --models")
     if not config.address:  # before anything starts: the local Ray gets this machine's CPUs
-        check_cpus(cpus_problem("--num-workers", config.num_workers, config.cpus_per_worker, os.cpu_count() or 1),
-                   None, "--num-workers")
+        check_cpus("--num-workers", config.num_workers, config.cpus_per_worker, os.cpu_count() or 1, None)
     repository = ModelRepository(config.models_dir)
     repository.ensure_writable()
     data = mnist.load(config.data_root)
@@ -202,8 +201,8 @@ def run(config: TrainConfig) -> list[Version]:
 
     _start_ray(config.address)
     if config.address:
-        check_cpus(cpus_problem("--num-workers", config.num_workers, config.cpus_per_worker,
-                                ray.cluster_resources().get("CPU", 0)), config.address, "--num-workers")
+        check_cpus("--num-workers", config.num_workers, config.cpus_per_worker, ray.cluster_resources().get("CPU", 0),
+                   config.address)
     refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
     archs = {config.target_name(kind): Architecture(kind=kind, latent_dim=config.latent_dim,
                                                     hidden=tuple(config.hidden)) for kind in config.models}

@@ -101,7 +101,9 @@ def test_cpus_beyond_a_named_cluster_are_waited_for_with_a_word(capsys: pytest.C
     assert cpus_problem("--workers", 2, 2, 4) is None
     problem = cpus_problem("--workers", 3, 1.5, 4)
     assert problem == "--workers 3 x --cpus-per-worker 1.5 needs 4.5 CPUs, and the Ray cluster has 4"
-    check_cpus(problem, "10.0.0.1:6379", "--workers")  # a named cluster may grow: said, not refused
-    assert "waiting for it to grow" in capsys.readouterr().out
+    check_cpus("--workers", 3, 1.5, 4, "10.0.0.1:6379")  # a named cluster may grow: said, not refused
+    assert f"{problem} now: waiting for it to grow" in capsys.readouterr().out
     with pytest.raises(UserError, match="lower --workers or --cpus-per-worker"):
-        check_cpus(problem, None, "--workers")
+        check_cpus("--workers", 3, 1.5, 4, None)
+    check_cpus("--workers", 2, 2, 4, None)  # fits: nothing said
+    assert capsys.readouterr().out == ""
