@@ -9,8 +9,9 @@ alternating: training in blocks of steps (fp32 block, bf16 block, ...), decoding
 Training uses the trainer's own steps (`aevae.trainer.loop.train_steps`: both models side by side as the
 trainer runs them, `Lanes`; the default architecture, batch and one-cycle Adam) on the full training set, in
 process (no Ray: the same arithmetic, without the start-up); each contender trains its own models from the
-same initial weights on the same batches, and their test metrics after the short run are printed too. Decoding uses `LoadedModel.decode` (what the
-services and the batch jobs run) on the newest version of `--model` in `--models-dir`.
+same initial weights on the same batches, and their test metrics after the short run are printed too.
+Decoding uses `LoadedModel.decode` (what the services and the batch jobs run) on the newest version of
+`--model` in `--models-dir`.
 """
 
 from __future__ import annotations
