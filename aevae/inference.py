@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from aevae import allocation
 from aevae.manifest import Manifest
 from aevae.repository import Version
 
@@ -115,7 +116,7 @@ class LoadedModel:
             _check_finite(images, "images")
             return images  # one pass: the runtime's own output, not a copy of it
         if out is None:
-            out = np.empty((n, *self.image_shape), dtype=dtype)
+            out = allocation.empty((n, *self.image_shape), dtype)
         for start in range(0, n, chunk):
             images = self.runtime.decode(np.ascontiguousarray(latents[start:start + chunk], dtype=np.float32))
             _check_finite(images, "images")

@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import grpc
 import numpy as np
 
+from aevae import allocation
 from aevae.client.core import Retry, prepare_images, prepare_latents
 from aevae.client.errors import AevaeError, invalid
 from aevae.client.results import EncodeResult
@@ -96,7 +97,7 @@ class Assembler:
         with self._lock:
             for name, part in parts.items():
                 if name not in self.out:
-                    self.out[name] = None if part is None else np.empty((self.n, *part.shape[1:]), part.dtype)
+                    self.out[name] = None if part is None else allocation.empty((self.n, *part.shape[1:]), part.dtype)
             target = {name: self.out[name] for name in parts}
         for name, part in parts.items():
             array = target[name]
