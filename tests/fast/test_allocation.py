@@ -31,7 +31,7 @@ def _mapping_flags(array: np.ndarray) -> list[str] | None:
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
 def test_a_big_array_is_an_ordinary_writable_array(dtype: str) -> None:
-    shape = (2000, 32, 32)
+    shape = (allocation.MAPPED_FROM_BYTES // 1024 + 3, 32, 32)
     out = allocation.empty(shape, dtype)
     assert out.shape == shape and out.dtype == np.dtype(dtype)
     assert out.flags.c_contiguous and out.flags.writeable
@@ -48,7 +48,7 @@ def test_a_small_array_is_numpy_s_own() -> None:
 
 @linux
 def test_a_big_array_has_no_huge_page_advice_and_is_released() -> None:
-    out = allocation.empty((allocation.HUGE_PAGE_ADVICE_BYTES // 4096 * 4, 32, 32), np.float32)
+    out = allocation.empty((allocation.MAPPED_FROM_BYTES // 4096, 32, 32), np.float32)
     out[len(out) // 2] = 1.0
     flags = _mapping_flags(out)
     assert flags is not None and "hg" not in flags  # "hg": madvise(MADV_HUGEPAGE)
@@ -67,7 +67,7 @@ def test_numpy_advises_huge_pages_where_it_is_replaced() -> None:
     """The reason for the module: if NumPy stops advising huge pages for big arrays, it can go."""
     if not np._core.multiarray._get_madvise_hugepage():  # type: ignore[attr-defined]
         pytest.skip("NumPy's huge-page advice is off here (NUMPY_MADVISE_HUGEPAGE=0 or an old kernel)")
-    plain = np.empty((allocation.HUGE_PAGE_ADVICE_BYTES // 4096 * 4, 32, 32), np.float32)
+    plain = np.empty((allocation.MAPPED_FROM_BYTES // 4096, 32, 32), np.float32)
     plain[len(plain) // 2] = 1.0
     flags = _mapping_flags(plain)
     assert flags is not None and "hg" in flags
