@@ -35,5 +35,9 @@ def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     nbytes = math.prod(shape) * dtype.itemsize
     if not _MAPPABLE or nbytes < MAPPED_FROM_BYTES:
         return np.empty(shape, dtype)
-    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as exc:  # the same error np.empty raises, so that callers see one kind
+        raise MemoryError(f"unable to allocate {nbytes / 2**30:.2f} GiB for an array with shape {tuple(shape)} "
+                          f"and data type {dtype}: {exc.strerror}") from None
     return np.frombuffer(pages, dtype).reshape(shape)

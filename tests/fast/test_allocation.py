@@ -41,6 +41,11 @@ def test_a_big_array_is_an_ordinary_writable_array(dtype: str) -> None:
     np.testing.assert_array_equal(out[1000:1010], values[1000:1010])
 
 
+def test_an_impossible_size_raises_memory_error_as_numpy_does() -> None:
+    with pytest.raises(MemoryError, match=r"unable to allocate .* GiB .*shape \(1000000000000, 32, 32\)"):
+        allocation.empty((10**12, 32, 32), np.float32)
+
+
 def test_a_small_array_is_numpy_s_own() -> None:
     out = allocation.empty((3, 4), np.float32)
     assert out.base is None and out.shape == (3, 4)
