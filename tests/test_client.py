@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
+from aevae import allocation
 from aevae.client import (AevaeError, AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncodeResult,
                           EncoderClient, ModelInfo)
 from aevae.services.process import ServiceProcess
@@ -87,12 +88,13 @@ def test_28x28_float_images_are_padded_like_training(enc, digits) -> None:
 
 
 def test_a_batch_larger_than_one_message_comes_back_whole_and_in_order(dec, models) -> None:
-    z = np.random.default_rng(0).normal(size=(3000, 4)).astype(np.float32)  # ~12 MB of float32 images
+    # 36 MiB of float32 images: over aevae.allocation's threshold, so the output is a mapping of its own
+    z = np.random.default_rng(0).normal(size=(9000, 4)).astype(np.float32)
     images = dec.decode(z)
-    assert images.shape == (3000, 32, 32)
+    assert images.shape == (9000, 32, 32) and images.nbytes >= allocation.MAPPED_FROM_BYTES
     np.testing.assert_allclose(images, models["vae"].decode(z), atol=1e-5)
     as_bytes = dec.decode(z, dtype="uint8")
-    assert as_bytes.dtype == np.uint8 and as_bytes.shape == (3000, 32, 32)
+    assert as_bytes.dtype == np.uint8 and as_bytes.shape == (9000, 32, 32)
     assert np.abs(as_bytes.astype(int) - np.rint(images * 255)).max() <= 1
 
 
