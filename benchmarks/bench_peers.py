@@ -227,6 +227,16 @@ def echo_target(address: str) -> Target:
     return Target("echo floor", lambda: sync(payload), call_async, None)
 
 
+def _stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
 # -- the measurements ----------------------------------------------------------------------------------------
 def latency(call: Callable[[], Any], n: int) -> tuple[float, float]:
     for _ in range(min(200, n)):
@@ -322,18 +332,14 @@ def main() -> int:
                 print(f"round {rnd + 1}: {target.name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in measured.items()),
                       flush=True)
 
+        _stop(children)  # the peers are done: the stream and its baseline get the machine to themselves
         z = np.random.default_rng(1).normal(size=(args.stream, d)).astype(np.float32)
         in_process = {dt: rate(lambda dt=dt: model.decode(z[:65536], dt), 65536, args.seconds) for dt in ("float32", "uint8")}
         with DecoderClient(decoder.address, timeout=600) as client:
             streamed = {dt: rate(lambda dt=dt: client.decode(z, dtype=dt), args.stream, 1.0) for dt in ("float32", "uint8")}
         decoder.stop()
     finally:
-        for child in children:
-            child.terminate()
-            try:
-                child.wait(20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        _stop(children)
 
     floor = targets[0].results
     print(f"\nload average {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")
