@@ -13,7 +13,8 @@ Servers, all on loopback, all holding the same decoder (the default architecture
   processes crash with the installed uvloop).
 Measured per server in blocks, the servers taking turns: sequential one-latent p50 and p99; one-latent calls/s
 with 16 and 64 in flight (asyncio clients); images/s of 4,096-latent calls; and for aevae.v1, a 1M-latent
-stream against the in-process rate of the same model. Prints the load average; asserts nothing.
+stream against the in-process rate of the same model, once the peers have stopped (their idle processes would
+take CPU from both). Prints the load average; asserts nothing.
 """
 
 from __future__ import annotations
