@@ -31,11 +31,11 @@ def _mapping_flags(array: np.ndarray) -> list[str] | None:
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])
 def test_a_big_array_is_an_ordinary_writable_array(dtype: str) -> None:
-    shape = (allocation.MAPPED_FROM_BYTES // 1024 + 3, 32, 32)
+    shape = (allocation.MAPPED_FROM_BYTES // (1024 * np.dtype(dtype).itemsize) + 3, 32, 32)  # just over
     out = allocation.empty(shape, dtype)
     assert out.shape == shape and out.dtype == np.dtype(dtype)
     assert out.flags.c_contiguous and out.flags.writeable
-    values = np.arange(out.size, dtype=np.int64).astype(dtype).reshape(shape)
+    values = (np.arange(out.size, dtype=np.uint32) % 251).astype(dtype).reshape(shape)
     out[...] = values
     np.testing.assert_array_equal(out, values)
     np.testing.assert_array_equal(out[1000:1010], values[1000:1010])
