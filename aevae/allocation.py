@@ -20,24 +20,24 @@ from __future__ import annotations
 import math
 import mmap
 import sys
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 MAPPED_FROM_BYTES = 32 << 20  # glibc's largest mmap threshold on 64-bit: every bigger block is mapped afresh
 _MAPPABLE = sys.platform.startswith("linux") and hasattr(mmap, "MAP_ANONYMOUS")
 
 
-def empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+def empty(shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
     """An uninitialized C-contiguous array, like np.empty; from 32 MiB on Linux, on an anonymous mapping of its
     own (no huge-page advice: see the module's docstring). Writable, and an ordinary ndarray to its users."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
+    kind = np.dtype(dtype)
+    nbytes = math.prod(shape) * kind.itemsize
     if not _MAPPABLE or nbytes < MAPPED_FROM_BYTES:
-        return np.empty(shape, dtype)
+        return np.empty(shape, kind)
     try:
         pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError as exc:  # the same error np.empty raises, so that callers see one kind
         raise MemoryError(f"unable to allocate {nbytes / 2**30:.2f} GiB for an array with shape {tuple(shape)} "
-                          f"and data type {dtype}: {exc.strerror}") from None
-    return np.frombuffer(pages, dtype).reshape(shape)
+                          f"and data type {kind}: {exc.strerror}") from None
+    return np.frombuffer(pages, kind).reshape(shape)
