@@ -41,6 +41,12 @@ class EncodeJob:
     def rows(self) -> int:
         return len(self.images)
 
+    @property
+    def output_bytes(self) -> int:
+        """The mean, and the log-variance and the sample when there are any: float32, latent_dim each."""
+        outputs = 1 + int(self.model.variational) + int(self.noise is not None)
+        return self.rows * self.model.latent_dim * 4 * outputs
+
 
 class EncoderLogic:
     def __init__(self, store: ModelStore, limits: Limits):

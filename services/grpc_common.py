@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, NamedTuple, Protocol, TypeVar
@@ -142,12 +141,6 @@ def readable(request: R | Unreadable) -> R:
 
 
 # -- admission control ----------------------------------------------------------------------------------
-class Reservation:
-    """Output bytes reserved for one response: given back when released or when the response is dropped."""
-
-    __slots__ = ("__weakref__",)
-
-
 class Admission:
     """Caps the model calls in flight and the request bytes they hold: past a cap, RESOURCE_EXHAUSTED naming
     it; health and ListModels are not counted, so they still answer. Answers wait for room in the same byte
@@ -163,16 +156,21 @@ class Admission:
         self.output = 0
         self._waiting: list[asyncio.Future[None]] = []
 
-    async def reserve(self, nbytes: int) -> Reservation:
-        """Waits until `nbytes` of answers fit the budget (one answer bigger than it waits for an empty one)."""
+    @contextlib.asynccontextmanager
+    async def reserved(self, nbytes: int) -> AsyncIterator[None]:
+        """Waits until `nbytes` of answers fit the budget (one answer bigger than it waits for an empty one),
+        and holds them for the block. Given back when the block ends, however it ends: a call cancelled or
+        timed out while its batch runs must not keep its share until the garbage collector finds its frame
+        (the budget would stay full and the next big answer would wait for ever)."""
         while self.output and self.output + nbytes > self.max_bytes:
             waiter = asyncio.get_running_loop().create_future()
             self._waiting.append(waiter)
             await waiter
         self.output += nbytes
-        reservation = Reservation()
-        weakref.finalize(reservation, self._give_back, nbytes)
-        return reservation
+        try:
+            yield
+        finally:
+            self._give_back(nbytes)
 
     def _give_back(self, nbytes: int) -> None:
         self.output -= nbytes

@@ -27,20 +27,24 @@ class DecoderServicer:
 
     async def _decode(self, request: decoder_pb2.DecodeRequest) -> Reply:
         """One message: validated on its own, then decoded together with whatever else is waiting."""
-        with self.engine.admission.hold(request.ByteSize()):
+        admission = self.engine.admission
+        with admission.hold(request.ByteSize()):
             version = version_from_wire(request.version)
             latents = request_array(request, "latents", dtypes=("float32",))
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, latents, request.dtype),
                                         rows(latents), self.logic.ready(request.model, version))
-            reservation = await self.engine.admission.reserve(job.output_bytes)
-            out = await self.batcher.submit(job)
+            # the answer's bytes are in the budget from before it is computed until it is built (then a
+            # reader's pace is the stream depth's job)
+            async with admission.reserved(job.output_bytes):
+                out = await self.batcher.submit(job)
+                response = self._response(out)
+        return Reply(out.model, out.version, response)
+
+    def _response(self, out: Decoded) -> object:
         if self.engine.raw_responses:  # the images' bytes copied once, straight into the wire message
             head = decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=tensor_head(out.images))
-            response: object = serialize_with_data(head, 3, out.images)
-        else:
-            response = decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images))
-        del reservation  # built: the answer's bytes leave the budget (a reader's pace is the stream depth's job)
-        return Reply(out.model, out.version, response)
+            return serialize_with_data(head, 3, out.images)
+        return decoder_pb2.DecodeResponse(model=out.model, version=out.version, images=to_tensor(out.images))
 
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> decoder_pb2.DecodeResponse | bytes:
         async def call() -> Any:

@@ -34,12 +34,13 @@ class EncoderServicer:
             images = request_array(request, "images")
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, images, noise),
                                         rows(images), self.logic.ready(request.model, version))
-            out = await self.batcher.submit(job)
-        response = encoder_pb2.EncodeResponse(model=out.model, version=out.version, mean=to_tensor(out.mean))
-        if out.logvar is not None:
-            response.logvar.CopyFrom(to_tensor(out.logvar))
-        if out.sample is not None:
-            response.sample.CopyFrom(to_tensor(out.sample))
+            async with self.engine.admission.reserved(job.output_bytes):  # as the decoder's answers
+                out = await self.batcher.submit(job)
+                response = encoder_pb2.EncodeResponse(model=out.model, version=out.version, mean=to_tensor(out.mean))
+                if out.logvar is not None:
+                    response.logvar.CopyFrom(to_tensor(out.logvar))
+                if out.sample is not None:
+                    response.sample.CopyFrom(to_tensor(out.sample))
         return Reply(out.model, out.version, response)
 
     async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:

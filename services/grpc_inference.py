@@ -208,9 +208,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         with self.engine.admission.hold(request.ByteSize()):
             prepare, rows, ready = self._job(self._servicer, request)
             job = await self.engine.run(prepare, rows, ready)
-            out = await self.batcher.submit(job)
-        raw = bool(request.raw_input_contents)
-        return infer_response(request, out.model, out.version, outputs_of(out), raw)
+            async with self.engine.admission.reserved(job.output_bytes):  # as aevae.v1's answers
+                out = await self.batcher.submit(job)
+                return infer_response(request, out.model, out.version, outputs_of(out), bool(request.raw_input_contents))
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
         async def call() -> service_pb2.ModelInferResponse:

@@ -178,21 +178,21 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if streaming_out and inspect.isasyncgenfunction(behavior):
             async def generator(request: Any, context: Any) -> AsyncIterator[Any]:
                 call = Call(self, service, method)
-                error: BaseException | None = None
+                failed: str | None = None  # the code, not the exception: kept, it would tie this frame into a cycle
                 try:
                     async for response in behavior(inbound(request, call), context):
                         call.response(response)
                         yield response
                 except BaseException as exc:
-                    error = exc
+                    failed = code_of(context, exc)
                     raise
                 finally:
-                    call.finish(code_of(context, error))
+                    call.finish(failed or code_of(context, None))
             return generator
 
         async def coroutine(request: Any, context: Any) -> Any:
             call = Call(self, service, method)
-            error: BaseException | None = None
+            failed: str | None = None  # as in `generator`: a frame that kept its exception would wait for the GC
             try:
                 result = behavior(inbound(request, call), context)
                 if inspect.isawaitable(result):
@@ -201,10 +201,10 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                     call.response(result)
                 return result
             except BaseException as exc:
-                error = exc
+                failed = code_of(context, exc)
                 raise
             finally:
-                call.finish(code_of(context, error))
+                call.finish(failed or code_of(context, None))
         return coroutine
 
 

@@ -171,3 +171,23 @@ def test_sigterm_under_a_backlog_exits_within_the_grace(repo: Path) -> None:
         assert elapsed < grace + 0.1 + 2.0 + 3.0, f"exited {elapsed:.1f} s after SIGTERM (grace {grace} s)"
     finally:
         service.stop()
+
+
+def test_calls_cancelled_while_computing_give_their_answer_budget_back(repo: Path) -> None:
+    """Clients that give up on big decodes leave the answer budget as they found it: the next big answer is
+    computed at once. (Before, a cancelled call's share came back only when the server's garbage collector
+    freed its frame, which the metrics interceptor's traceback kept in a cycle: on a server with nothing else
+    to do, never, and this stream waited out its deadline.)"""
+    big = _request(4000)  # 64 KB of latents, 16 MB of images: more than the budget, so each waits for an empty one
+    args = ["--max-inflight-bytes", str(4 << 20), "--metrics-port", "0"]
+    with ServiceProcess("decoder", repo, args=args) as service:
+        service.wait_healthy()
+        with grpc.insecure_channel(service.address, options=[("grpc.max_receive_message_length", -1)]) as channel:
+            stub = decoder_pb2_grpc.DecoderStub(channel)
+            futures = [stub.Decode.future(big) for _ in range(10)]
+            time.sleep(0.05)  # some wait for the budget, one computes
+            for future in futures:
+                future.cancel()
+            time.sleep(0.5)
+            stream = list(stub.DecodeStream(iter([big, _request(3)]), timeout=20))
+            assert [from_tensor(r.images, "images").shape[0] for r in stream] == [4000, 3]

@@ -1,0 +1,109 @@
+"""Admission control on its own (services/grpc_common.Admission): the caps refuse with the flag to change, and
+the answer budget is given back the moment a call ends, however it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Iterator
+
+import pytest
+
+from aevae.errors import ResourceExhausted
+from aevae.services.grpc_common import Admission
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """The garbage collector off: what is given back must not depend on it finding a dead call's frame."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_a_cancelled_call_gives_its_answer_bytes_back_at_once(no_gc: None) -> None:
+    admission = Admission(max_calls=8, max_bytes=100)
+
+    async def main() -> None:
+        computing = asyncio.Event()
+
+        async def call() -> None:
+            async with admission.reserved(80):
+                computing.set()
+                await asyncio.sleep(3600)  # a batch that outlives its caller's patience
+
+        task = asyncio.create_task(call())
+        await computing.wait()
+        assert admission.output == 80
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert admission.output == 0
+        # the next answer as big gets the room at once instead of waiting for the dead call's share
+        await asyncio.wait_for(_reserve_and_leave(admission, 80), timeout=1)
+
+    asyncio.run(main())
+
+
+async def _reserve_and_leave(admission: Admission, nbytes: int) -> None:
+    async with admission.reserved(nbytes):
+        pass
+
+
+def test_an_answer_waits_for_room_and_one_bigger_than_the_budget_waits_for_an_empty_one() -> None:
+    admission = Admission(max_calls=8, max_bytes=100)
+    order: list[str] = []
+
+    async def holder(leave: asyncio.Event) -> None:
+        async with admission.reserved(60):
+            order.append("holder in")
+            await leave.wait()
+        order.append("holder out")
+
+    async def waiter(name: str, nbytes: int) -> None:
+        async with admission.reserved(nbytes):
+            order.append(f"{name} in")
+
+    async def main() -> None:
+        leave = asyncio.Event()
+        held = asyncio.create_task(holder(leave))
+        await asyncio.sleep(0)
+        waiting = [asyncio.create_task(waiter("fits", 40)), asyncio.create_task(waiter("too big", 50)),
+                   asyncio.create_task(waiter("huge", 500))]
+        await asyncio.sleep(0.01)
+        assert order == ["holder in", "fits in"]  # 60 + 40 fit; 60 + 50 do not; 500 never fits beside others
+        leave.set()
+        await asyncio.gather(held, *waiting)
+        assert set(order[2:]) == {"holder out", "too big in", "huge in"}
+        assert admission.output == 0
+
+    asyncio.run(main())
+
+
+def test_an_error_in_the_block_gives_the_bytes_back() -> None:
+    admission = Admission(max_calls=8, max_bytes=100)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match="the model failed"):
+            async with admission.reserved(70):
+                raise ValueError("the model failed")
+        assert admission.output == 0
+
+    asyncio.run(main())
+
+
+def test_the_call_and_byte_caps_name_the_flag_to_change() -> None:
+    admission = Admission(max_calls=1, max_bytes=100)
+    with admission.call():
+        with pytest.raises(ResourceExhausted, match="--max-concurrent-rpcs 1"):
+            with admission.call():
+                pass
+    with admission.call():  # the slot is free again
+        assert admission.calls == 1
+    with admission.hold(100):  # one request as big as the budget is admitted alone
+        with pytest.raises(ResourceExhausted, match="--max-inflight-bytes 100"):
+            with admission.hold(1):
+                pass
+    assert (admission.calls, admission.bytes) == (0, 0)
