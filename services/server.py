@@ -36,6 +36,32 @@ from aevae.v1 import decoder_pb2, encoder_pb2
 log = logging.getLogger(__name__)
 
 
+class _EndedCallWrites(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback when a response cannot be written because its call has
+    already ended: the client cancelled, its deadline passed or its connection closed while the server was
+    answering (grpc/grpc#32551 turned the exception into that log line). That is the client's doing and
+    routine for a streaming service, so it becomes one INFO line naming the method."""
+
+    PREFIX = "ExecuteBatchError raised in core by servicer method"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.PREFIX):
+            method = message[len(self.PREFIX):].strip(" []")
+            record.msg, record.args = "an answer of %s was not sent: the call had ended (cancelled by the " \
+                                      "client, past its deadline or disconnected)", (method,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_ended_call_writes() -> None:
+    """Installs _EndedCallWrites on grpc's Cython logger, once."""
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _EndedCallWrites) for f in logger.filters):
+        logger.addFilter(_EndedCallWrites())
+
+
 @dataclass(frozen=True)
 class Service:
     """One of the two services: its logic, its aevae.v1 servicer and service, where it listens."""
@@ -106,6 +132,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     store = open_store(settings)
     state = ServingState()
     server, service = build(kind, settings, store, executor, state)
+    quiet_ended_call_writes()
     loop = asyncio.get_running_loop()
 
     health_servicer = health.aio.HealthServicer()

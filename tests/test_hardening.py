@@ -191,3 +191,21 @@ def test_calls_cancelled_while_computing_give_their_answer_budget_back(repo: Pat
             time.sleep(0.5)
             stream = list(stub.DecodeStream(iter([big, _request(3)]), timeout=20))
             assert [from_tensor(r.images, "images").shape[0] for r in stream] == [4000, 3]
+
+
+def test_streams_cancelled_while_answers_are_written_log_one_line_each_and_no_traceback(repo: Path) -> None:
+    big = _request(4000)
+    with ServiceProcess("decoder", repo) as service:
+        service.wait_healthy()
+        with grpc.insecure_channel(service.address, options=[("grpc.max_receive_message_length", -1)]) as channel:
+            stub = decoder_pb2_grpc.DecoderStub(channel)
+            streams = [stub.DecodeStream(iter([big] * 50)) for _ in range(4)]
+            next(streams[0])
+            time.sleep(1.0)  # the server is writing answers nobody reads
+            for stream in streams:
+                stream.cancel()
+            time.sleep(0.5)
+            assert stub.Decode(_request(3)).version == 1
+        output = "".join(service.output)
+    assert "Traceback" not in output and "ExecuteBatchError" not in output, output[-2000:]
+    assert "was not sent: the call had ended" in output
