@@ -258,21 +258,32 @@ async def guarded(context: Aborts, work: Awaitable[T]) -> T:
 async def pipelined(
     requests: AsyncIterator[R], handle: Callable[[int, R], Awaitable[T]], depth: int = 2
 ) -> AsyncIterator[T]:
-    """Handles each request as it arrives, at most `depth` at once, and yields the results in request order
-    as soon as each is ready: the next message is computed while the previous one is on the wire, a client
-    that waits for an answer before sending more is answered, and one that stops reading stops the reading
-    of its requests once `depth` answers wait."""
-    ready: asyncio.Queue[tuple[str, Any]] = asyncio.Queue(maxsize=max(1, depth - 1))
+    """Handles each request as it arrives and yields the results in request order as soon as each is ready.
+
+    At most `depth` answers exist at once, counting the one on the wire (the consumer's yield returns once
+    gRPC has taken it): with 2, the next message is computed while the previous one is sent. A request is
+    read only when a slot is free, so a client that stops reading stops the reading of its requests, and
+    holds at most `depth` answers of the server's memory (before, two more: one waiting in the queue and one
+    whose task was made before the queue had room, each up to a whole message). A client that waits for an
+    answer before sending more is answered."""
+    slots = asyncio.Semaphore(max(1, depth))
+    ready: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()  # bounded by the slots
 
     async def read() -> None:
         try:
-            index = 0
-            async for request in requests:
-                await ready.put(("task", asyncio.ensure_future(handle(index, request))))
+            iterator, index = aiter(requests), 0
+            while True:
+                await slots.acquire()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    break
+                ready.put_nowait(("task", asyncio.ensure_future(handle(index, request))))
+                del request
                 index += 1
-            await ready.put(("end", None))
+            ready.put_nowait(("end", None))
         except Exception as exc:  # noqa: BLE001 - the stream's reading failed: end it with that error
-            await ready.put(("error", exc))
+            ready.put_nowait(("error", exc))
 
     reader = asyncio.ensure_future(read())
     try:
@@ -286,6 +297,7 @@ async def pipelined(
             del value  # the finished task, and with it the result, must not outlive the yield
             yield result
             del result
+            slots.release()  # sent: the next request may be read
     finally:
         reader.cancel()
         while not ready.empty():

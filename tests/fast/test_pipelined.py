@@ -1,0 +1,105 @@
+"""A stream's pipeline on its own (services/grpc_common.pipelined): answers in request order, at most `depth`
+of them alive at once, the one being sent included, and nothing read ahead for a client that stops reading."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import AsyncIterator
+
+import pytest
+
+from aevae.services.grpc_common import pipelined
+
+
+class Source:
+    """An async request stream of `n` integers that counts how many have been pulled."""
+
+    def __init__(self, n: int, fail_at: int | None = None):
+        self.n, self.fail_at, self.pulled = n, fail_at, 0
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        for i in range(self.n):
+            if i == self.fail_at:
+                raise ConnectionError("the client's stream broke")
+            self.pulled += 1
+            yield i
+            await asyncio.sleep(0)
+
+
+def test_answers_come_in_request_order_with_at_most_depth_being_computed() -> None:
+    alive, most = 0, 0
+    rng = random.Random(0)
+
+    async def handle(index: int, request: int) -> int:
+        nonlocal alive, most
+        alive += 1
+        most = max(most, alive)
+        await asyncio.sleep(rng.uniform(0, 0.003))
+        alive -= 1
+        return request * 10
+
+    async def main() -> list[int]:
+        return [answer async for answer in pipelined(Source(40).__aiter__(), handle, depth=3)]
+
+    assert asyncio.run(main()) == [i * 10 for i in range(40)]
+    assert 1 < most <= 3  # concurrent, within the depth
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_a_reader_that_stops_holds_at_most_depth_answers_and_stops_the_reading(depth: int) -> None:
+    source = Source(100)
+    made: list[int] = []
+
+    async def handle(index: int, request: int) -> int:
+        made.append(index)
+        return request
+
+    async def main() -> None:
+        answers = pipelined(source.__aiter__(), handle, depth=depth)
+        assert await anext(answers) == 0  # now "on the wire": the consumer does not come back for a while
+        await asyncio.sleep(0.05)
+        # the answer being sent and depth - 1 more, computed; no request read beyond them
+        assert made == list(range(depth)) and source.pulled == depth
+        assert [await anext(answers) for _ in range(3)] == [1, 2, 3]
+        await answers.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_broken_request_stream_ends_with_its_error_after_the_earlier_answers() -> None:
+    async def handle(index: int, request: int) -> int:
+        return request
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        with pytest.raises(ConnectionError, match="broke"):
+            async for answer in pipelined(Source(10, fail_at=4).__aiter__(), handle, depth=2):
+                got.append(answer)
+        return got
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
+
+
+def test_closing_the_stream_cancels_the_answers_still_being_computed() -> None:
+    started: list[int] = []
+    cancelled: list[int] = []
+
+    async def handle(index: int, request: int) -> int:
+        started.append(index)
+        try:
+            await asyncio.sleep(0 if index == 0 else 3600)
+        except asyncio.CancelledError:
+            cancelled.append(index)
+            raise
+        return request
+
+    async def main() -> None:
+        answers = pipelined(Source(10).__aiter__(), handle, depth=2)
+        assert await anext(answers) == 0
+        await asyncio.sleep(0.01)
+        await answers.aclose()  # the client went away
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert started == [0, 1] and cancelled == [1]
