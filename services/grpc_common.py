@@ -9,12 +9,12 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, NamedTuple, Protocol, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, NamedTuple, NoReturn, Protocol, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import message_factory
-from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 
 from aevae.errors import ResourceExhausted, ServiceError
@@ -108,15 +108,36 @@ def register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor,
     """Adds `servicer`'s methods for `service` to `server`, like the generated add_*_to_server, but with
     request parsing that turns bad bytes and over-limit messages into `Unreadable` for the handler."""
     handlers = {}
+    implemented = [method.name for method in service.methods if hasattr(servicer, method.name)]
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         make = _HANDLERS[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(getattr(servicer, method.name),
-                                     request_deserializer=_parser(request_class, max_message_bytes),
+        behavior = getattr(servicer, method.name, None) or _unimplemented(service.full_name, method, implemented)
+        handlers[method.name] = make(behavior, request_deserializer=_parser(request_class, max_message_bytes),
                                      response_serializer=_serializer(response_class))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _unimplemented(service: str, method: MethodDescriptor, implemented: list[str]) -> Callable[..., Any]:
+    """A method of the service that the servicer leaves out (the Open Inference Protocol's statistics,
+    repository control, shared memory, trace and log settings): UNIMPLEMENTED saying what is there, and no
+    traceback in the server's log."""
+    details = (f"{service}/{method.name} is not implemented by this server; it implements "
+               f"{', '.join(implemented)}")
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, details)
+
+    if not method.server_streaming:
+        return refuse
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await refuse(request, context)
+        yield  # pragma: no cover - makes this an async generator, as the handler kind requires
+
+    return refuse_stream
 
 
 def _serializer(message_class: Any) -> Callable[[Any], bytes]:

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Callable, NoReturn
 
 import grpc
 import numpy as np
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+from tritonclient.grpc import model_config_pb2, service_pb2
 
 import aevae
 from aevae.errors import InvalidArgument, ServiceError, shorten
@@ -70,7 +70,8 @@ def parameter(params: Any, name: str, kinds: tuple[str, ...]) -> Any:
 def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tuple[str, ...]) -> tuple[np.ndarray, bool]:
     """The request's one input tensor, named `name`, as a read-only array; and whether it came raw."""
     if len(request.inputs) != 1 or request.inputs[0].name != name:
-        raise InvalidArgument(f"inputs: expected one input named {name!r}, got {[shorten(i.name) for i in request.inputs]}")
+        got = ", ".join(shorten(i.name) for i in request.inputs)
+        raise InvalidArgument(f"inputs: expected one input named {name!r}, got [{got}]")
     tensor = request.inputs[0]
     if tensor.datatype not in datatypes:
         raise InvalidArgument(f"{name}.datatype: expected {' or '.join(datatypes)}, got {shorten(tensor.datatype)}")
@@ -107,7 +108,7 @@ def infer_response(request: service_pb2.ModelInferRequest, model: str, version: 
     unknown = [n for n in names if n not in outputs]
     if unknown:
         raise InvalidArgument(f"outputs: model {model!r} gives {list(outputs)} for this request, not "
-                              f"{[shorten(n) for n in unknown]}")
+                              f"[{', '.join(shorten(n) for n in unknown)}]")
     response = service_pb2.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
     for name in names:
         array = outputs[name]
@@ -189,9 +190,11 @@ class _Capture:
         raise _Captured(code, details)
 
 
-class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     """The protocol for one service over its aevae.v1 servicer's logic and engine: the same admission
-    control, runner and dynamic batcher, so OIP and aevae.v1 requests share forward passes."""
+    control, runner and dynamic batcher, so OIP and aevae.v1 requests share forward passes. Registered by
+    grpc_common.register, which answers the protocol's methods left out here (statistics, repository
+    control, shared memory, trace and log settings) with UNIMPLEMENTED naming those that are here."""
 
     def __init__(self, kind: str, servicer: Any, state: ServingState | None = None):
         self.kind = kind

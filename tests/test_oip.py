@@ -200,6 +200,21 @@ def test_bad_inputs_get_clear_statuses(servers: dict[str, ServiceProcess], enc: 
     assert dec.infer("vae", [tensor("latents", z, "FP32")]).as_numpy("images").shape == (2, 32, 32)  # still serving
 
 
+def test_methods_left_out_are_unimplemented_naming_those_served(servers: dict[str, ServiceProcess],
+                                                                 dec: triton.InferenceServerClient) -> None:
+    with grpc.insecure_channel(servers["decoder"].address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for call, request in ((stub.ModelStatistics, service_pb2.ModelStatisticsRequest(name="vae")),
+                              (stub.RepositoryModelLoad, service_pb2.RepositoryModelLoadRequest(model_name="vae")),
+                              (stub.LogSettings, service_pb2.LogSettingsRequest())):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request)
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, err.value
+            assert "is not implemented by this server" in err.value.details() and "ModelInfer" in err.value.details()
+    assert dec.is_server_live()
+    assert "Traceback" not in "".join(servers["decoder"].output)
+
+
 def test_stream_in_order_with_errors(dec: triton.InferenceServerClient) -> None:
     """Triton's streaming extension: answers in request order; a bad request answers with its error and the
     stream goes on."""
