@@ -153,13 +153,15 @@ class ParquetFile(Source):
         if not self.files:
             raise UserError(f"--input {path}: the folder holds no .parquet files")
         groups = []
-        try:
-            schema = pq.read_schema(self.files[0])
-            for i, name in enumerate(self.files):
+        for i, name in enumerate(self.files):
+            try:
+                if i == 0:
+                    schema = pq.read_schema(name)
                 meta = pq.ParquetFile(name).metadata
-                groups += [(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
-            raise UserError(f"--input {path}: not readable as Parquet: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
+                where = path if name == str(self.path) else f"{path}: {Path(name).name}"
+                raise UserError(f"--input {where}: not readable as Parquet: {exc}") from None
+            groups += [(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
         names = schema.names
         default = "latent" if field == "latent" else "image"
         self.columns = [c.strip() for c in (column or default).split(",") if c.strip()]

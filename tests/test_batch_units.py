@@ -129,6 +129,17 @@ def test_bad_latents_are_refused_naming_the_problem(tmp_path: Path) -> None:
         sources.ArrayFile(tmp_path / "odd.npy", field="image").check(4, (32, 32))
 
 
+def test_a_folder_with_one_file_that_is_not_parquet_is_refused_naming_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"latent": list(np.zeros((3, 4), np.float32))}), folder / f"part{i}.parquet")
+    assert sources.ParquetFile(folder).rows == 6
+    (folder / "part2.parquet").write_bytes(b"PAR1 cut short")
+    with pytest.raises(UserError, match=r"--input .*in: part2.parquet: not readable as Parquet"):
+        sources.ParquetFile(folder)
+
+
 def test_the_cli_refuses_bad_input_before_anything_runs(tiny_repo: Path, tmp_path: Path, capsys) -> None:
     np.save(tmp_path / "z.npy", np.zeros((10, 4), np.float32))
     np.save(tmp_path / "nan.npy", np.full((10, 8), np.nan, np.float32))
