@@ -28,6 +28,11 @@ def _int(data: Mapping[str, Any], key: str, minimum: int = 1) -> int:
     return value
 
 
+def _plain(value: Any) -> Any:
+    """A JSON value as loaded: an in-memory tuple compares as the list it is written as."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _mapping(data: Mapping[str, Any], key: str, required: bool = False) -> dict[str, Any]:
     if key not in data and not required:
         return {}
@@ -77,6 +82,13 @@ class Manifest:
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
             raise ManifestError(f"{FILE_NAME}: 'image_shape' must be [height, width] of positive integers, "
                                 f"got {shape!r}")
+        latent_dim = _int(data, "latent_dim")
+        architecture = _mapping(data, "architecture", required=True)
+        # the architecture builds the model: a top level that says otherwise describes another model
+        for key, value in (("kind", kind), ("latent_dim", latent_dim), ("image_shape", shape)):
+            if key in architecture and _plain(architecture[key]) != _plain(value):
+                raise ManifestError(f"{FILE_NAME}: {key!r} is {value!r} but 'architecture'.{key!r} is "
+                                    f"{architecture[key]!r}; they must agree")
         files = _mapping(data, "files", required=True)
         for name, digest in files.items():
             if not isinstance(digest, str) or len(digest) != 64:
@@ -85,9 +97,9 @@ class Manifest:
         known = {f.name for f in fields(cls)} | {"version"}
         return cls(
             kind=kind,
-            latent_dim=_int(data, "latent_dim"),
+            latent_dim=latent_dim,
             image_shape=(shape[0], shape[1]),
-            architecture=_mapping(data, "architecture", required=True),
+            architecture=architecture,
             files=files,
             name=str(data.get("name", "")),
             number=_int(data, "version", minimum=0) if number else 0,

@@ -32,6 +32,7 @@ MODELS_DIR_ENV = "AEVAE_MODELS_DIR"
 WEIGHTS = "weights.pt"
 STATS = "latent_stats.json"
 HIGH_WATER = ".high-water"
+MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB (its latent statistics live in their own file)
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 NUMBER_PATTERN = re.compile(r"^[1-9][0-9]{0,18}$")
 MAX_NUMBER = 2**63 - 1  # what the wire's int64 holds
@@ -167,14 +168,22 @@ class ModelRepository:
         if not manifest_path.is_file():
             raise ValueError(f"no {MANIFEST}")
         try:
-            manifest = Manifest.loads(manifest_path.read_text())
+            with manifest_path.open("rb") as f:
+                text = f.read(MANIFEST_MAX_BYTES + 1)
+            if len(text) > MANIFEST_MAX_BYTES:
+                raise ValueError(f"{MANIFEST} is over {MANIFEST_MAX_BYTES} bytes; a manifest is a few KiB")
+            manifest = Manifest.loads(text.decode("utf-8"))
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"unreadable {MANIFEST}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
         except ManifestError as exc:
             raise ValueError(str(exc)) from None
         for filename in (MANIFEST, *manifest.files):
             file = path / filename
-            if not self.allow_symlinks and not file.resolve().is_relative_to(root):
+            try:
+                target = file.resolve()
+            except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before Python 3.13
+                raise ValueError(f"{filename} cannot be resolved: {exc}") from None
+            if not self.allow_symlinks and not target.is_relative_to(root):
                 raise ValueError(f"{filename} resolves outside the repository root (a symlink); "
                                  "open the repository with allow_symlinks to serve it")
             if not file.is_file():

@@ -55,6 +55,10 @@ class OnnxRuntime:
         decoder = DECODER_INT8 if precision == "int8" else DECODER
         self.decoders = (session(decoder, 1), session(decoder, threads))
         self._variational = len(self.encoders[0].get_outputs()) == 2
+        manifest = version.manifest
+        _check_signature(ENCODER, self.encoders[0].get_inputs()[0].shape, manifest.image_shape, "images")
+        _check_signature(decoder, self.decoders[0].get_inputs()[0].shape, (manifest.latent_dim,), "latents")
+        _check_signature(decoder, self.decoders[0].get_outputs()[0].shape, manifest.image_shape, "images")
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self.encoders[len(images) > self.SMALL].run(None, {"images": images})
@@ -62,6 +66,15 @@ class OnnxRuntime:
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         return self.decoders[len(latents) > self.SMALL].run(None, {"latents": latents})[0]
+
+
+def _check_signature(graph: str, shape: list[Any], expected: tuple[int, ...], name: str) -> None:
+    """A graph whose tensor `name` is not N x `expected` cannot serve what the manifest describes: the version
+    is broken (ValueError), rather than every request failing inside ONNX Runtime."""
+    if list(shape[1:]) != list(expected):
+        dims = " x ".join(str(d) for d in shape[1:])
+        raise ValueError(f"{graph} takes or gives {name} of N x {dims}, but the manifest says N x "
+                         f"{' x '.join(map(str, expected))}")
 
 
 class TorchRuntime:

@@ -46,6 +46,10 @@ def test_a_missing_required_key_is_named(key: str) -> None:
     ("files", {"weights.pt": "short"}, r"'files'.'weights.pt' must be a SHA-256"),
     ("architecture", [], r"'architecture' must be an object, got a list"),
     ("version", -2, r"'version' must be an integer >= 0"),
+    ("architecture", {"image_shape": [28, 28]}, r"'image_shape' is \[32, 32\] but 'architecture'.'image_shape' is "
+                                                r"\[28, 28\]; they must agree"),
+    ("architecture", {"latent_dim": 8}, r"'latent_dim' is 4 but 'architecture'.'latent_dim' is 8"),
+    ("architecture", {"kind": "ae"}, r"'kind' is 'vae' but 'architecture'.'kind' is 'ae'"),
 ])
 def test_a_malformed_key_is_named(key: str, value: object, message: str) -> None:
     with pytest.raises(ManifestError, match=message):
@@ -57,3 +61,10 @@ def test_not_json_and_not_an_object_are_errors() -> None:
         Manifest.loads("{")
     with pytest.raises(ManifestError, match="expected a JSON object"):
         Manifest.loads("[1]")
+
+
+def test_an_architecture_that_agrees_is_accepted_as_written_or_in_memory() -> None:
+    agreeing = {"kind": "vae", "latent_dim": 4, "image_shape": [32, 32], "hidden": [8]}
+    assert Manifest.from_json({**GOOD, "architecture": agreeing}).architecture == agreeing
+    in_memory = {**agreeing, "image_shape": (32, 32)}  # Architecture.to_json() before a JSON round trip
+    assert Manifest.from_json({**GOOD, "architecture": in_memory}).image_shape == (32, 32)

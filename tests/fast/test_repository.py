@@ -84,6 +84,21 @@ def test_a_symlink_out_of_the_root_is_broken_unless_allowed(tmp_path: Path) -> N
     assert [v.number for v in ModelRepository(root, allow_symlinks=True).versions()["vae"]] == [1, 2]
 
 
+def test_a_symlink_loop_or_an_oversized_manifest_breaks_only_its_version(tmp_path: Path) -> None:
+    write_tiny(tmp_path, "vae")
+    for number in (2, 3):
+        shutil.copytree(tmp_path / "vae" / "1", tmp_path / "vae" / str(number))
+    (tmp_path / "vae" / "2" / "weights.pt").unlink()
+    (tmp_path / "vae" / "2" / "weights.pt").symlink_to("weights.pt")  # points at itself
+    manifest = tmp_path / "vae" / "3" / MANIFEST
+    manifest.write_text(" " * (2 << 20) + manifest.read_text())
+    scan = ModelRepository(tmp_path).scan()
+    assert [v.number for v in scan.versions["vae"]] == [1]
+    reasons = {b.number: b.reason for b in scan.broken}
+    assert reasons[2].startswith("weights.pt cannot be resolved")
+    assert reasons[3] == "manifest.json is over 1048576 bytes; a manifest is a few KiB"
+
+
 def test_the_repository_imports_neither_torch_nor_the_runtime() -> None:
     tree = ast.parse((ROOT / "aevae" / "repository.py").read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

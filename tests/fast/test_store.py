@@ -3,6 +3,7 @@ reported, an explicit request for it fails with the reason, and changed files ar
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -47,6 +48,21 @@ def test_no_loadable_version_is_a_failed_precondition_with_every_reason(tiny_rep
         store.get("ae")
     (summary,) = [s for s in store.summaries() if s.name == "ae"]
     assert summary.number == 0 and summary.numbers == [] and 1 in summary.broken
+
+
+def test_graphs_that_do_not_take_what_the_manifest_says_break_the_version(tiny_repo: Path) -> None:
+    """A manifest edited to describe another model (its architecture edited to agree) over the old graphs:
+    broken with the reason at load, instead of every request failing inside ONNX Runtime."""
+    write_tiny(tiny_repo, "vae", seed=1)
+    path = tiny_repo / "vae" / "2" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["latent_dim"] = data["architecture"]["latent_dim"] = 8
+    path.write_text(json.dumps(data))
+    store = ModelStore(tiny_repo, refresh_seconds=0, runtime="onnx")
+    assert store.get("vae").number == 1
+    with pytest.raises(FailedPrecondition, match=r"version 2 is broken: decoder.onnx takes or gives latents of "
+                                                 r"N x 4, but the manifest says N x 8"):
+        store.get("vae", 2)
 
 
 class _Payload:
