@@ -145,13 +145,20 @@ def to_base64(images: Iterable[np.ndarray]) -> list[str]:
     return [base64.b64encode(np.ascontiguousarray(im).tobytes()).decode("ascii") for im in images]
 
 
+# A service's refusal as an HTTP status: the request's fault (4xx, as gRPC's own HTTP mapping has it), a
+# limit to retry after (429); anything else (UNAUTHENTICATED: the UI's token; INTERNAL) failed the UI, not the
+# page's request: 502.
+REJECTED_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "NOT_FOUND": 404,
+                   "RESOURCE_EXHAUSTED": 429}
+
+
 def error_body(exc: Exception) -> tuple[int, dict[str, Any]]:
     if isinstance(exc, BadRequest):
         return 400, {"error": str(exc)}
     if isinstance(exc, ServiceDown):
         return 503, {"error": str(exc), "service": exc.service}
     if isinstance(exc, RequestRejected):
-        status = 404 if exc.code.name == "NOT_FOUND" else 400
+        status = REJECTED_STATUS.get(exc.code.name, 502)
         return status, {"error": exc.message, "service": exc.service, "code": exc.code.name}
     raise exc
 

@@ -1,13 +1,16 @@
-"""The UI's service links without a network: closing never hangs the UI's shutdown."""
+"""The UI's service links without a network: closing never hangs the UI's shutdown, and a service's refusal
+becomes the HTTP status of whose fault it is."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
+import grpc
 import pytest
 
 from aevae.ui import services
+from aevae.ui.server import error_body
 from aevae.ui.services import ServiceLink
 
 
@@ -96,3 +99,12 @@ def test_bounded_times_out_without_waiting_and_always_passes_a_cancellation_on()
             await outer
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+@pytest.mark.parametrize("code, status", [
+    ("INVALID_ARGUMENT", 400), ("FAILED_PRECONDITION", 400), ("NOT_FOUND", 404), ("RESOURCE_EXHAUSTED", 429),
+    ("UNAUTHENTICATED", 502), ("INTERNAL", 502),
+])
+def test_a_service_refusal_maps_to_the_http_status_of_whose_fault_it_is(code: str, status: int) -> None:
+    got, body = error_body(services.RequestRejected("decoder", grpc.StatusCode[code], "why"))
+    assert got == status and body == {"error": "why", "service": "decoder", "code": code}
