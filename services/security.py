@@ -128,15 +128,15 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
-        header = None
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode("latin-1")
-                break
-        if header is None:
+        headers = [value if isinstance(value, str) else value.decode("latin-1")
+                   for key, value in handler_call_details.invocation_metadata or () if key == "authorization"]
+        if not headers:
             return _refusal(handler, f"missing token: {method} needs one; {EXPECTED}")
-        if not self.tokens.accepts(header):
-            return _refusal(handler, f"the token sent is not accepted ({'not a Bearer token' if not header.lower().startswith('bearer ') else 'wrong or rotated'}); {EXPECTED}")
+        if len(headers) > 1:  # which one counts would be a guess: one of them may have been added on the way
+            return _refusal(handler, f"{len(headers)} authorization headers sent, one accepted; {EXPECTED}")
+        if not self.tokens.accepts(headers[0]):
+            why = "not a Bearer token" if not headers[0].lower().startswith("bearer ") else "wrong or rotated"
+            return _refusal(handler, f"the token sent is not accepted ({why}); {EXPECTED}")
         return handler
 
 

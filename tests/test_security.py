@@ -110,6 +110,19 @@ def test_tokens_missing_wrong_and_rotated_while_health_and_reflection_answer(env
             dec.decode(z)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED and wrong not in refused.value.details()
     assert TOKEN not in refused.value.details()
+    # two authorization headers, the right one among them: ambiguous, refused whatever their order
+    from aevae.v1 import decoder_pb2, decoder_pb2_grpc
+    from aevae.v1.tensors import to_tensor
+
+    request = decoder_pb2.DecodeRequest(model="vae", latents=to_tensor(z))
+    with grpc.secure_channel(address, grpc.ssl_channel_credentials(Path(ca).read_bytes())) as channel:
+        stub = decoder_pb2_grpc.DecoderStub(channel)
+        assert stub.Decode(request, metadata=[("authorization", f"Bearer {TOKEN}")]).version >= 1
+        for pair in ([f"Bearer {TOKEN}", f"Bearer {wrong}"], [f"Bearer {wrong}", f"Bearer {TOKEN}"]):
+            with pytest.raises(grpc.RpcError) as doubled:
+                stub.Decode(request, metadata=[("authorization", value) for value in pair])
+            assert doubled.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "2 authorization headers sent, one accepted" in doubled.value.details()
     # reflection (the public schema) answers without a token
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
