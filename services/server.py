@@ -115,6 +115,12 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
         ("grpc.max_receive_message_length", 2 * size),
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
+        # A peer that vanished without closing its connection (a crash of its host, a network partition) is
+        # found by pings: without them its streams would hold their slots until TCP gives up, hours later.
+        ("grpc.keepalive_time_ms", round(settings.keepalive_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", round(min(settings.keepalive_seconds, 20.0) * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(min(settings.keepalive_seconds, 20.0) * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),  # a stream silent both ways is pinged all the same
     ])
     logic = service.logic(store, settings.limits)
     servicer = service.servicer(logic, engine(settings, executor))

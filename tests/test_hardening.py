@@ -4,6 +4,8 @@ agrees with the disk, wire errors with their own statuses, admission control, an
 from __future__ import annotations
 
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -209,3 +211,81 @@ def test_streams_cancelled_while_answers_are_written_log_one_line_each_and_no_tr
         output = "".join(service.output)
     assert "Traceback" not in output and "ExecuteBatchError" not in output, output[-2000:]
     assert "was not sent: the call had ended" in output
+
+
+class _SilentRelay:
+    """A TCP relay to `target` that can fall silent: after `silence()` it relays nothing more but keeps both
+    connections open, as a client whose host crashed or whose network vanished (no FIN, no RST)."""
+
+    def __init__(self, target: str):
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.silent = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def silence(self) -> None:
+        self.silent.set()
+
+    def close(self) -> None:
+        for s in [self.listener, *self.sockets]:
+            s.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, a: socket.socket, b: socket.socket) -> None:
+        while True:
+            try:
+                data = a.recv(65536)
+                if not data or self.silent.is_set():
+                    return  # silent: nothing is forwarded, nothing closed (the sockets stay open until close())
+                b.sendall(data)
+            except OSError:
+                return
+
+
+def test_a_client_gone_without_closing_its_connection_loses_its_stream_to_keepalive(repo: Path) -> None:
+    """A stream whose client vanished holds its admission slot only until the server's pings go unanswered
+    (--keepalive-seconds); without them, until TCP gives up, hours later."""
+    args = ["--max-concurrent-rpcs", "1", "--keepalive-seconds", "1"]
+    with ServiceProcess("decoder", repo, args=args) as service:
+        service.wait_healthy()
+        relay = _SilentRelay(service.address)
+        held = threading.Event()
+
+        def requests() -> Iterator[decoder_pb2.DecodeRequest]:
+            yield _request(2)
+            held.wait(60)  # an open stream: more may come
+
+        try:
+            with grpc.insecure_channel(relay.address) as far, grpc.insecure_channel(service.address) as near:
+                stream = decoder_pb2_grpc.DecoderStub(far).DecodeStream(requests())
+                assert len(from_tensor(next(stream).images, "images")) == 2
+                direct = decoder_pb2_grpc.DecoderStub(near)
+                code, details = _status(lambda: direct.Decode(_request(1)))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # the stream holds the one slot
+                relay.silence()
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        assert direct.Decode(_request(1)).version == 1  # the slot came back
+                        break
+                    except grpc.RpcError as error:
+                        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                        time.sleep(0.2)
+                held.set()
+                stream.cancel()
+        finally:
+            held.set()
+            relay.close()
