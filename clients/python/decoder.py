@@ -17,7 +17,7 @@ from aevae import allocation
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
 from aevae.client.core import ServerLimits, output_dtype, prepare_latents, spans, wire_version
-from aevae.client.errors import AevaeError
+from aevae.client.errors import AevaeError, bad_answer
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
 from aevae.v1.tensors import TensorResponse, to_tensor
 
@@ -49,20 +49,28 @@ class _Plan:
         for start, stop in self.spans:
             yield self.request(start, stop)
 
-    def unary_result(self, response: TensorResponse) -> np.ndarray:
+    def _images(self, response: TensorResponse | AevaeError, rows: int, which: str) -> np.ndarray:
+        """The response's images, checked: `rows` of them, of the dtype asked for, all of one shape."""
+        if isinstance(response, AevaeError):
+            raise response
         images = response.array
+        shape = images.shape[1:] if self.out is None else self.out.shape[1:]
+        if images.dtype != self.dtype or images.ndim != 3 or len(images) != rows or images.shape[1:] != shape:
+            raise bad_answer(f"{which} holds {images.dtype} images of shape {list(images.shape)}; asked for {rows} "
+                             f"of {self.dtype}" + (f", each {list(shape)} as before" if self.out is not None else ""))
+        return images
+
+    def unary_result(self, response: TensorResponse | AevaeError) -> np.ndarray:
+        images = self._images(response, len(self.z), "the response")
         out = allocation.empty(images.shape, images.dtype)
         out[...] = images
         return out
 
-    def add(self, response: TensorResponse) -> None:
+    def add(self, response: TensorResponse | AevaeError) -> None:
         if self.received >= len(self.spans):
-            raise AevaeError(grpc.StatusCode.INTERNAL, f"the server sent more than {len(self.spans)} responses")
+            raise bad_answer(f"the server sent more than {len(self.spans)} responses")
         start, stop = self.spans[self.received]
-        images = response.array
-        if len(images) != stop - start:
-            raise AevaeError(grpc.StatusCode.INTERNAL,
-                             f"response {self.received} holds {len(images)} images, expected {stop - start}")
+        images = self._images(response, stop - start, f"response {self.received}")
         if self.out is None:
             self.out = allocation.empty((len(self.z), *images.shape[1:]), images.dtype)
         self.out[start:stop] = images
@@ -75,8 +83,13 @@ class _Plan:
         return self.out
 
 
-def _parse(data: bytes) -> TensorResponse:
-    return TensorResponse.parse(data)
+def _parse(data: bytes) -> TensorResponse | AevaeError:
+    """A response, or why it cannot be read, for the plan to raise: raised here, gRPC would report only
+    "Exception deserializing response!"."""
+    try:
+        return TensorResponse.parse(data)
+    except Exception as exc:  # noqa: BLE001 - any malformed bytes: the reason goes to the caller
+        return bad_answer(f"unreadable: {exc}")
 
 
 def _stub(channel: Any) -> Any:

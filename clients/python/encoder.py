@@ -13,10 +13,10 @@ import numpy as np
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
 from aevae.client.core import ServerLimits, prepare_images, spans, wire_version
-from aevae.client.errors import AevaeError, invalid
+from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.client.results import EncodeResult, latent_stats
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc
-from aevae.v1.tensors import from_tensor, to_tensor
+from aevae.v1.tensors import WireError, from_tensor, to_tensor
 
 FIELDS: tuple[Literal["mean", "logvar", "sample"], ...] = ("mean", "logvar", "sample")
 RESPONSE_ROW = 3 * 64 * 4  # mean, log-variance and sample of up to 64 float32 dimensions
@@ -37,6 +37,7 @@ class _Plan:
         self.unary = self.x.ndim != 3 or n <= limits.rows(row)
         self.spans = [(0, n)] if self.unary else list(spans(n, limits.rows(row, stream_chunk)))
         self.parts: list[encoder_pb2.EncodeResponse] = []
+        self._width: tuple[int, ...] | None = None  # the latent width of the first response read
 
     def request(self, start: int, stop: int, first: bool = True) -> encoder_pb2.EncodeRequest:
         request = encoder_pb2.EncodeRequest(
@@ -52,16 +53,31 @@ class _Plan:
         for i, (start, stop) in enumerate(self.spans):
             yield self.request(start, stop, first=i == 0)
 
+    def _part(self, response: encoder_pb2.EncodeResponse, name: str, index: int) -> np.ndarray:
+        """One response's `name`, checked: float32, one row per image of its span, as wide as the first read
+        (the mean, the log-variance and the sample all have the model's latent width)."""
+        try:
+            array = from_tensor(getattr(response, name), name)
+        except WireError as exc:
+            raise bad_answer(f"response {index}: {exc}") from None
+        start, stop = self.spans[index]
+        width = self._width or array.shape[1:]
+        if array.dtype != np.float32 or array.ndim != 2 or len(array) != stop - start or array.shape[1:] != width:
+            raise bad_answer(f"response {index}: {name} is {array.dtype} of shape {list(array.shape)}; expected "
+                             f"{stop - start} rows of float32, each {list(width)}")
+        self._width = width
+        return array
+
     def result(self, parts: list[encoder_pb2.EncodeResponse]) -> EncodeResult:
         if len(parts) != len(self.spans):
             raise AevaeError(grpc.StatusCode.INTERNAL,
                              f"the stream ended after {len(parts)} of {len(self.spans)} responses")
         arrays: dict[str, np.ndarray | None] = {}
         for name in FIELDS:
-            present = [from_tensor(getattr(p, name), name) for p in parts if p.HasField(name)]
+            present = [self._part(p, name, i) for i, p in enumerate(parts) if p.HasField(name)]
             arrays[name] = np.concatenate(present) if len(present) == len(parts) else None
         if arrays["mean"] is None:
-            raise AevaeError(grpc.StatusCode.INTERNAL, "a response carried no mean")
+            raise bad_answer("a response carried no mean")
         return EncodeResult(mean=arrays["mean"], logvar=arrays["logvar"], sample=arrays["sample"],
                             model=parts[0].model, version=int(parts[0].version))
 

@@ -29,3 +29,9 @@ class AevaeError(Exception):
 def invalid(details: str) -> AevaeError:
     """An argument the client can reject before sending anything."""
     return AevaeError(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+def bad_answer(details: str) -> AevaeError:
+    """An answer the server should not have given (unreadable, or not what was asked): never returned as data,
+    because the caller must get exactly its own rows."""
+    return AevaeError(grpc.StatusCode.INTERNAL, f"the server's answer is not usable: {details}")

@@ -28,7 +28,7 @@ import numpy as np
 
 from aevae import allocation
 from aevae.client.core import Retry, prepare_images, prepare_latents
-from aevae.client.errors import AevaeError, invalid
+from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.client.results import EncodeResult
 
 DNS_SCHEME = "dns:///"
@@ -104,6 +104,9 @@ class Assembler:
             if (part is None) != (array is None):
                 raise AevaeError(grpc.StatusCode.INTERNAL, f"replicas disagree on whether {name} is present")
             if array is not None and part is not None:
+                if part.shape[1:] != array.shape[1:] or part.dtype != array.dtype:
+                    raise bad_answer(f"replicas disagree on {name}: {part.dtype} rows of {list(part.shape[1:])} "
+                                     f"at row {start}, {array.dtype} rows of {list(array.shape[1:])} before")
                 array[start:start + len(part)] = part
 
 
