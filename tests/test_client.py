@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -18,8 +20,10 @@ import pytest
 from aevae import allocation
 from aevae.client import (AevaeError, AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncodeResult,
                           EncoderClient, ModelInfo)
+from aevae.client import decoder as decoder_module
 from aevae.services.process import ServiceProcess
-from helpers import run_aevae
+from aevae.store import ModelStore
+from helpers import run_aevae, write_tiny
 
 # Small messages, so that a few hundred images already need the streaming RPCs.
 MAX_MESSAGE = 256 * 1024
@@ -174,6 +178,48 @@ def test_an_unreachable_server_is_unavailable_after_the_retries() -> None:
         with pytest.raises(AevaeError) as info:
             client.health()
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_decode_whose_server_is_killed_and_restarted_midway_comes_back_whole(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL mid-stream, a new server on the same port: the client resumes after its last answer (waiting
+    for the server to be back, within its deadline) and returns every image, as the in-process model has them."""
+    root = tmp_path / "models"
+    write_tiny(root, "vae", hidden=(256, 256))
+    z = np.random.default_rng(0).normal(size=(300_000, 4)).astype(np.float32)  # 74 messages of 4,096
+    port = int(_closed_port().rsplit(":", 1)[1])
+    answered, midway = [0], threading.Event()
+    add = decoder_module._Plan.add
+
+    def counted(plan: decoder_module._Plan, response: object) -> None:  # observes the client's progress
+        add(plan, response)  # type: ignore[arg-type]
+        answered[0] += 1
+        if answered[0] == 10:
+            midway.set()
+
+    monkeypatch.setattr(decoder_module._Plan, "add", counted)
+    got: dict[str, object] = {}
+
+    def decode() -> None:
+        try:
+            with DecoderClient(f"127.0.0.1:{port}", timeout=120) as client:
+                got["images"] = client.decode(z, dtype="uint8")
+        except AevaeError as error:
+            got["error"] = error
+
+    with ServiceProcess("decoder", root, port=port) as first:
+        first.wait_healthy()
+        caller = threading.Thread(target=decode)
+        caller.start()
+        assert midway.wait(60)
+        first.process.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        first.process.wait()  # type: ignore[union-attr]
+    with ServiceProcess("decoder", root, port=port) as second:
+        second.wait_healthy()
+        caller.join(120)
+    assert "error" not in got, got.get("error")
+    np.testing.assert_array_equal(got["images"], ModelStore(root).get("vae").decode(z, "uint8"))
+    assert answered[0] == 74  # the ten answered before the kill were not asked for again
 
 
 def test_health(enc, dec) -> None:

@@ -6,8 +6,10 @@ any size travels as messages that each fit, in order.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterator, TypeVar
 
@@ -143,3 +145,42 @@ class Retry:
             return await call()
         except grpc.RpcError as error:
             raise self.explain(AevaeError.from_rpc(error)) from None
+
+    # A stream that breaks after some answers (the server restarted, a connection dropped) is resumed from the
+    # first message not answered: gRPC's own retries stop at a stream's first response, and starting over
+    # would throw away the answers already received. Each resumption must have made progress (so the loop
+    # ends), within the call's one deadline, and not with retries=0 (a fan-out's replicas: it fails over).
+    def _resume(self, error: grpc.RpcError, progressed: bool, answered: bool) -> AevaeError | None:
+        """None to resume, or the error to raise (explained as a TLS or token mismatch only if nothing was
+        ever answered: a server that answered has the right credentials)."""
+        failed = AevaeError.from_rpc(error)
+        if failed.code() == grpc.StatusCode.UNAVAILABLE and progressed and self.retries > 0:
+            return None
+        return failed if answered else self.explain(failed)
+
+    def resumable(self, attempt: Callable[[float | None], T], progress: Callable[[], int],
+                  timeout: float | None) -> T:
+        """`attempt(timeout)` streams the messages not yet answered; `progress()` counts those answered."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            before = progress()
+            try:
+                return attempt(None if end is None else max(0.0, end - time.monotonic()))
+            except grpc.RpcError as error:
+                failed = self._resume(error, progress() > before, progress() > 0)
+                if failed is not None:
+                    raise failed from None
+            time.sleep(self.backoff)
+
+    async def resumable_async(self, attempt: Callable[[float | None], Awaitable[T]], progress: Callable[[], int],
+                              timeout: float | None) -> T:
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            before = progress()
+            try:
+                return await attempt(None if end is None else max(0.0, end - time.monotonic()))
+            except grpc.RpcError as error:
+                failed = self._resume(error, progress() > before, progress() > 0)
+                if failed is not None:
+                    raise failed from None
+            await asyncio.sleep(self.backoff)

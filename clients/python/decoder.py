@@ -45,12 +45,12 @@ class _Plan:
                                          dtype=self.dtype.name)
 
     def requests(self) -> Iterator[decoder_pb2.DecodeRequest]:
-        self.out, self.received = None, 0  # a retry starts over
-        for start, stop in self.spans:
+        """The messages not yet answered: all of them, or after a broken stream those after its last answer."""
+        for start, stop in self.spans[self.received:]:
             yield self.request(start, stop)
 
-    def _images(self, response: TensorResponse | AevaeError, rows: int, which: str) -> np.ndarray:
-        """The response's images, checked: `rows` of them, of the dtype asked for, all of one shape."""
+    def _checked(self, response: TensorResponse | AevaeError, rows: int, which: str) -> TensorResponse:
+        """The response, its images checked: `rows` of them, of the dtype asked for, all of one shape."""
         if isinstance(response, AevaeError):
             raise response
         images = response.array
@@ -58,10 +58,10 @@ class _Plan:
         if images.dtype != self.dtype or images.ndim != 3 or len(images) != rows or images.shape[1:] != shape:
             raise bad_answer(f"{which} holds {images.dtype} images of shape {list(images.shape)}; asked for {rows} "
                              f"of {self.dtype}" + (f", each {list(shape)} as before" if self.out is not None else ""))
-        return images
+        return response
 
     def unary_result(self, response: TensorResponse | AevaeError) -> np.ndarray:
-        images = self._images(response, len(self.z), "the response")
+        images = self._checked(response, len(self.z), "the response").array
         out = allocation.empty(images.shape, images.dtype)
         out[...] = images
         return out
@@ -70,11 +70,13 @@ class _Plan:
         if self.received >= len(self.spans):
             raise bad_answer(f"the server sent more than {len(self.spans)} responses")
         start, stop = self.spans[self.received]
-        images = self._images(response, stop - start, f"response {self.received}")
+        checked = self._checked(response, stop - start, f"response {self.received}")
+        images = checked.array
         if self.out is None:
             self.out = allocation.empty((len(self.z), *images.shape[1:]), images.dtype)
         self.out[start:stop] = images
         self.received += 1
+        self.version = self.version or checked.version  # pinned: a resumed stream gets the same version
 
     def result(self) -> np.ndarray:
         if self.received != len(self.spans) or self.out is None:
@@ -122,12 +124,13 @@ class DecoderClient(SyncClient):
             response = self._retry(lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))
             return plan.unary_result(response)
 
-        def stream() -> np.ndarray:
-            for response in self._stub.DecodeStream(plan.requests(), timeout=deadline):
+        def stream(remaining: float | None) -> np.ndarray:
+            resumed = plan.received > 0  # then wait for the server to be back rather than fail at once
+            for response in self._stub.DecodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
                 plan.add(response)
             return plan.result()
 
-        return self._retry(stream)
+        return self._retry.resumable(stream, lambda: plan.received, deadline)
 
 
 class AsyncDecoderClient(AsyncClient):
@@ -149,9 +152,10 @@ class AsyncDecoderClient(AsyncClient):
                 lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))
             return plan.unary_result(response)
 
-        async def stream() -> np.ndarray:
-            async for response in self._stub.DecodeStream(plan.requests(), timeout=deadline):
+        async def stream(remaining: float | None) -> np.ndarray:
+            resumed = plan.received > 0
+            async for response in self._stub.DecodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
                 plan.add(response)
             return plan.result()
 
-        return await self._retry.run_async(stream)
+        return await self._retry.resumable_async(stream, lambda: plan.received, deadline)

@@ -48,9 +48,23 @@ class _Plan:
             request.seed = self.seed
         return request
 
+    @property
+    def resumable(self) -> bool:
+        """A seeded sample is not: one generator draws the whole stream's noise, so a part cannot be redone."""
+        return not (self.sample and self.seed is not None)
+
+    def progress(self) -> int:
+        """The answers a resumption would keep (none for a seeded sample: its error surfaces)."""
+        return len(self.parts) if self.resumable else 0
+
     def requests(self) -> Iterator[encoder_pb2.EncodeRequest]:
-        self.parts = []  # a retry starts over
-        for i, (start, stop) in enumerate(self.spans):
+        """The messages not yet answered: all of them, or after a broken stream those after its last answer,
+        for the version that answered."""
+        if not self.resumable:
+            self.parts = []
+        if self.parts:
+            self.version = self.version or int(self.parts[0].version)
+        for i, (start, stop) in enumerate(self.spans[len(self.parts):], start=len(self.parts)):
             yield self.request(start, stop, first=i == 0)
 
     def _part(self, response: encoder_pb2.EncodeResponse, name: str, index: int) -> np.ndarray:
@@ -100,7 +114,14 @@ class EncoderClient(SyncClient):
         if plan.unary:
             response = self._retry(lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline))
             return plan.result([response])
-        return self._retry(lambda: plan.result(list(self._stub.EncodeStream(plan.requests(), timeout=deadline))))
+
+        def stream(remaining: float | None) -> EncodeResult:
+            resumed = plan.progress() > 0  # then wait for the server to be back rather than fail at once
+            for response in self._stub.EncodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
+                plan.parts.append(response)  # kept if the stream breaks: a resumption starts after it
+            return plan.result(plan.parts)
+
+        return self._retry.resumable(stream, plan.progress, deadline)
 
     def latent_stats(self, model: str = "vae", version: int | None = None, *,
                      timeout: float | None = None) -> dict[str, Any]:
@@ -131,10 +152,13 @@ class AsyncEncoderClient(AsyncClient):
                 lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline))
             return plan.result([response])
 
-        async def stream() -> EncodeResult:
-            return plan.result([r async for r in self._stub.EncodeStream(plan.requests(), timeout=deadline)])
+        async def stream(remaining: float | None) -> EncodeResult:
+            resumed = plan.progress() > 0
+            async for response in self._stub.EncodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
+                plan.parts.append(response)
+            return plan.result(plan.parts)
 
-        return await self._retry.run_async(stream)
+        return await self._retry.resumable_async(stream, plan.progress, deadline)
 
     async def latent_stats(self, model: str = "vae", version: int | None = None, *,
                            timeout: float | None = None) -> dict[str, Any]:
