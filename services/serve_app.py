@@ -46,6 +46,23 @@ AUTOSCALING = {
 MAX_ONGOING_REQUESTS = 64  # >= the Decode batch size, so that a full batch can gather on one replica
 
 
+# Settings of `aevae serve`'s own gRPC server. Under Ray Serve its proxy owns the port, the connections,
+# TLS, tokens, metrics and shutdown (docs/deploy.md), so one of these in `args:` would be silently ignored:
+# it is refused instead, naming what to use.
+SERVER_ONLY = ("host", "port", "grace", "shutdown_delay", "keepalive_seconds", "metrics_port", "tls_cert",
+               "tls_key", "tls_client_ca", "token_file", "insecure", "health_port")
+
+
+def settings(args: dict[str, Any] | None) -> ServiceSettings:
+    """The deployments' settings from their `args:`: those of ServiceSettings that apply behind Serve's proxy."""
+    given = sorted(set(args or {}) & set(SERVER_ONLY))
+    if given:
+        raise ValueError(f"{given} configure `aevae serve`'s own server and do not apply under Ray Serve, whose "
+                         "proxy owns ports, connections, TLS and shutdown (grpc_options and http_options in the "
+                         "Serve config); remove them from args")
+    return ServiceSettings.from_mapping(args)
+
+
 class _Aborted(Exception):
     """The call failed; its status is already set on Serve's context.
 
@@ -80,7 +97,7 @@ class _Replica:
     servicer: Any  # each deployment's own aevae.v1 servicer
 
     def __init__(self, args: dict[str, Any] | None):
-        self.settings = ServiceSettings.from_mapping(args)
+        self.settings = settings(args)
         self.store = open_store(self.settings)
         self.executor = ThreadPoolExecutor(max_workers=self.settings.workers, thread_name_prefix="aevae-serve")
         self.engine = engine(self.settings, self.executor)
@@ -137,11 +154,11 @@ class DecoderDeployment(_Replica):
 
 def encoder(args: dict[str, Any] | None = None) -> Application:
     """Application builder (`import_path: aevae.services.serve_app:encoder` in the Serve config)."""
-    ServiceSettings.from_mapping(args)  # fail the deploy early, in the builder, on bad args
+    settings(args)  # fail the deploy early, in the builder, on bad args
     return EncoderDeployment.bind(args)  # type: ignore[attr-defined]  # serve.deployment makes it a Deployment
 
 
 def decoder(args: dict[str, Any] | None = None) -> Application:
     """Application builder (`import_path: aevae.services.serve_app:decoder` in the Serve config)."""
-    ServiceSettings.from_mapping(args)
+    settings(args)
     return DecoderDeployment.bind(args)  # type: ignore[attr-defined]  # serve.deployment makes it a Deployment

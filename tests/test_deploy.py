@@ -650,6 +650,16 @@ def test_the_serve_config_is_valid_and_names_what_serve_app_defines() -> None:
         assert overrides["autoscaling_config"] == serve_app.AUTOSCALING
 
 
+def test_serve_refuses_args_of_the_standalone_server_instead_of_ignoring_them() -> None:
+    from aevae.services import serve_app
+
+    with pytest.raises(ValueError, match=r"\['keepalive_seconds', 'port'\] configure `aevae serve`'s own server"):
+        serve_app.decoder({"port": 50052, "keepalive_seconds": 5, "batch_size": 8})
+    with pytest.raises(ValueError, match="unknown settings"):
+        serve_app.encoder({"batch_sise": 8})
+    assert serve_app.settings({"batch_size": 8, "max_concurrent_rpcs": 9}).max_concurrent_rpcs == 9
+
+
 # ---- Ray Serve, for real ---------------------------------------------------------------------------------
 
 DECODER = (("application", "decoder"),)
