@@ -213,7 +213,8 @@ class InferenceServicer:
             job = await self.engine.run(prepare, rows, ready)
             async with self.engine.admission.reserved(job.output_bytes):  # as aevae.v1's answers
                 out = await self.batcher.submit(job)
-                return infer_response(request, out.model, out.version, outputs_of(out), bool(request.raw_input_contents))
+                raw = bool(request.raw_input_contents)
+                return infer_response(request, out.model, out.version, outputs_of(out), raw)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
         async def call() -> service_pb2.ModelInferResponse:

@@ -180,8 +180,8 @@ def test_an_unreachable_server_is_unavailable_after_the_retries() -> None:
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_a_decode_whose_server_is_killed_and_restarted_midway_comes_back_whole(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_decode_whose_server_is_killed_and_restarted_midway_comes_back_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL mid-stream, a new server on the same port: the client resumes after its last answer (waiting
     for the server to be back, within its deadline) and returns every image, as the in-process model has them."""
     root = tmp_path / "models"

@@ -125,7 +125,8 @@ class DecoderClient(SyncClient):
             return plan.unary_result(response)
 
         def stream(remaining: float | None) -> np.ndarray:
-            resumed = plan.received > 0  # then wait for the server to be back rather than fail at once
+            # resumed: wait for the server to be back (within the deadline; with none, fail at once)
+            resumed = plan.received > 0 and remaining is not None
             for response in self._stub.DecodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
                 plan.add(response)
             return plan.result()
@@ -153,7 +154,7 @@ class AsyncDecoderClient(AsyncClient):
             return plan.unary_result(response)
 
         async def stream(remaining: float | None) -> np.ndarray:
-            resumed = plan.received > 0
+            resumed = plan.received > 0 and remaining is not None
             async for response in self._stub.DecodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
                 plan.add(response)
             return plan.result()

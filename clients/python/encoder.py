@@ -116,7 +116,8 @@ class EncoderClient(SyncClient):
             return plan.result([response])
 
         def stream(remaining: float | None) -> EncodeResult:
-            resumed = plan.progress() > 0  # then wait for the server to be back rather than fail at once
+            # resumed: wait for the server to be back (within the deadline; with none, fail at once)
+            resumed = plan.progress() > 0 and remaining is not None
             for response in self._stub.EncodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
                 plan.parts.append(response)  # kept if the stream breaks: a resumption starts after it
             return plan.result(plan.parts)
@@ -153,7 +154,7 @@ class AsyncEncoderClient(AsyncClient):
             return plan.result([response])
 
         async def stream(remaining: float | None) -> EncodeResult:
-            resumed = plan.progress() > 0
+            resumed = plan.progress() > 0 and remaining is not None
             async for response in self._stub.EncodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
                 plan.parts.append(response)
             return plan.result(plan.parts)
