@@ -208,7 +208,7 @@ def test_streams_cancelled_while_answers_are_written_log_one_line_each_and_no_tr
                 stream.cancel()
             time.sleep(0.5)
             assert stub.Decode(_request(3)).version == 1
-        output = "".join(service.output)
+    output = "".join(service.output)  # all of it: the process has exited
     assert "Traceback" not in output and "ExecuteBatchError" not in output, output[-2000:]
     assert "was not sent: the call had ended" in output
 

@@ -100,8 +100,8 @@ def service_config(retries: int, backoff: float, max_backoff: float = 2.0) -> st
     `retries` times (gRPC caps the attempts at 5), waiting a random time up to backoff x 2^n (at most
     `max_backoff`) before retry n: exponential backoff with full jitter. Health checks are not retried.
 
-    A stream is retried only while gRPC still holds every message it sent (its per-call retry buffer); a
-    long stream that fails after that surfaces UNAVAILABLE."""
+    gRPC retries a stream only until its first answer (and while it still holds every message it sent, its
+    per-call retry buffer); one that breaks later is resumed by `Retry.resumable`."""
     method: dict[str, object] = {"name": [{"service": "aevae.v1.Encoder"}, {"service": "aevae.v1.Decoder"}]}
     if retries > 0:
         method["retryPolicy"] = {
