@@ -55,17 +55,58 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
+class TlsFiles:
+    """The server's certificate, key and client CA, re-read when they change, as the token file is: cert-manager
+    and Kubernetes Secret volumes rotate them in place, and a restart must not be the only way to pick them up.
+    gRPC asks `fetch` at every new connection (a stat of each file; connections already open keep their
+    session). Files that changed but do not read as PEM keep the certificate in use, with one warning."""
+
+    def __init__(self, cert: str, key: str, client_ca: str | None):
+        self.files = {"tls-cert": cert, "tls-key": key, **({"tls-client-ca": client_ca} if client_ca else {})}
+        self.initial = self._configuration()  # first: SecurityError naming the option when a file does not read
+        self.stamp = self._stamp()
+        self.refused: tuple[tuple[int, int, int], ...] | None = None  # the change last warned about
+
+    def _stamp(self) -> tuple[tuple[int, int, int], ...]:
+        stats = [os.stat(path) for path in self.files.values()]  # through symlinks: a Secret volume swaps them
+        return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
+
+    def _configuration(self) -> Any:
+        pair = (_read(self.files["tls-key"], "tls-key"), _read(self.files["tls-cert"], "tls-cert"))
+        ca = _read(self.files["tls-client-ca"], "tls-client-ca") if "tls-client-ca" in self.files else None
+        return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
+
+    def fetch(self) -> Any:
+        """A new configuration when the files changed and read, else None (gRPC keeps the one in use)."""
+        try:
+            stamp = self._stamp()
+        except OSError:
+            return None  # mid-rotation: a file is missing for a moment
+        if stamp == self.stamp or stamp == self.refused:
+            return None
+        try:
+            configuration = self._configuration()
+        except SecurityError as exc:
+            self.refused = stamp
+            log.warning("the TLS files changed but do not load (%s); the certificate in use stays", exc)
+            return None
+        self.stamp = stamp
+        log.info("TLS certificate reloaded from %s", self.files["tls-cert"])
+        return configuration
+
+
 def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the settings (None: plaintext); ValueError naming the option when incomplete."""
+    """TLS credentials from the settings (None: plaintext), reloaded when their files change (TlsFiles);
+    ValueError naming the option when incomplete."""
     if not settings.tls_cert and not settings.tls_key:
         if settings.tls_client_ca:
             raise SecurityError("tls-client-ca (mutual TLS) needs TLS: --tls-cert and --tls-key")
         return None
     if not (settings.tls_cert and settings.tls_key):
         raise SecurityError("tls-cert and tls-key go together: the certificate and its private key")
-    pair = (_read(settings.tls_key, "tls-key"), _read(settings.tls_cert, "tls-cert"))
-    ca = _read(settings.tls_client_ca, "tls-client-ca") if settings.tls_client_ca else None
-    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+    files = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch,
+                                               require_client_authentication=settings.tls_client_ca is not None)
 
 
 class Tokens:

