@@ -30,6 +30,7 @@ from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
 from aevae.services import security
 from aevae.services.settings import PORTS, ServiceSettings
+from aevae.repository import models_dir
 from aevae.store import ModelStore
 from aevae.v1 import decoder_pb2, encoder_pb2
 
@@ -96,6 +97,11 @@ def open_store(settings: ServiceSettings) -> ModelStore:
     """The model store both front ends (aevae serve, Ray Serve) build from the settings."""
     # Request tensors are read-only views on the message bytes; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    root = models_dir(settings.models_dir)
+    if root.exists() and not root.is_dir():
+        # a folder that does not exist yet may be filled later (a volume, a first `aevae train`); a file never
+        raise NotADirectoryError(f"the model repository {root} (--models-dir or AEVAE_MODELS_DIR) is a file, "
+                                 "not a folder")
     return ModelStore(settings.models_dir, refresh_seconds=settings.refresh_seconds, runtime=settings.runtime,
                       threads=settings.threads, allow_symlinks=settings.allow_symlinks, precision=settings.precision)
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aevae.services.process import ServiceProcess
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor
-from helpers import write_tiny
+from helpers import run_aevae, write_tiny
 
 MAX_MESSAGE = 65536
 ARGS = ["--max-message-bytes", str(MAX_MESSAGE), "--refresh-seconds", "0.1"]
@@ -288,3 +288,9 @@ def test_a_client_gone_without_closing_its_connection_loses_its_stream_to_keepal
         finally:
             held.set()
             relay.close()
+
+
+def test_a_models_dir_that_is_a_file_is_refused_at_start(tmp_path: Path) -> None:
+    (tmp_path / "models").write_text("not a folder")
+    done = run_aevae("serve", "decoder", "--port", "0", "--models-dir", str(tmp_path / "models"), timeout=60)
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr, done.stderr
