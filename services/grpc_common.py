@@ -283,10 +283,9 @@ async def pipelined(
 
     At most `depth` answers exist at once, counting the one on the wire (the consumer's yield returns once
     gRPC has taken it): with 2, the next message is computed while the previous one is sent. A request is
-    read only when a slot is free, so a client that stops reading stops the reading of its requests, and
-    holds at most `depth` answers of the server's memory (before, two more: one waiting in the queue and one
-    whose task was made before the queue had room, each up to a whole message). A client that waits for an
-    answer before sending more is answered."""
+    read only when a slot is free (its task is made then, not before), so a client that stops reading stops
+    the reading of its requests and holds at most `depth` answers of the server's memory, each up to a whole
+    message. A client that waits for an answer before sending more is answered."""
     slots = asyncio.Semaphore(max(1, depth))
     ready: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()  # bounded by the slots
 
