@@ -215,12 +215,13 @@ async def _counted(requests: AsyncIterator[Any], call: Call) -> AsyncIterator[An
 
 
 class ServiceCollector(Collector):
-    """Read at scrape time: the model versions loaded and known broken (the store), and the forward passes
-    of the dynamic batchers."""
+    """Read at scrape time: the model versions loaded and known broken (the store), the forward passes of the
+    dynamic batchers, and what the admission control holds (calls, request and answer bytes)."""
 
-    def __init__(self, store: ModelStore, batchers: Iterable[Any]):
+    def __init__(self, store: ModelStore, batchers: Iterable[Any], admission: Any = None):
         self.store = store
         self.batchers = list(batchers)
+        self.admission = admission  # grpc_common.Admission: what the limits hold right now
 
     def collect(self) -> Iterator[Any]:
         loaded = GaugeMetricFamily("aevae_model_versions_loaded", "model versions held in memory, by runtime",
@@ -240,6 +241,17 @@ class ServiceCollector(Collector):
         merged.add_metric([], sum(getattr(b, "merged", 0) for b in self.batchers))
         yield passes
         yield merged
+        if self.admission is not None:
+            for name, help, now in (
+                    ("calls", "Encode/Decode calls and streams in flight (limit: --max-concurrent-rpcs)",
+                     self.admission.calls),
+                    ("request_bytes", "request bytes held by calls in flight (limit: --max-inflight-bytes)",
+                     self.admission.bytes),
+                    ("answer_bytes", "answer bytes reserved by answers being computed (limit: --max-inflight-bytes)",
+                     self.admission.output)):
+                gauge = GaugeMetricFamily(f"aevae_admission_{name}", help)
+                gauge.add_metric([], now)
+                yield gauge
 
 
 def interceptors(port: int | None) -> list[grpc.aio.ServerInterceptor]:
@@ -255,8 +267,8 @@ def serve_metrics(port: int, host: str, what: str) -> int:
     return bound
 
 
-def watch(store: Any, batchers: Iterable[Any]) -> None:
-    REGISTRY.register(ServiceCollector(store, batchers))
+def watch(store: Any, batchers: Iterable[Any], admission: Any = None) -> None:
+    REGISTRY.register(ServiceCollector(store, batchers, admission))
 
 
 def _connectable(host: str) -> str:

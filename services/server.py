@@ -135,7 +135,7 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
     register(servicer, server, service.descriptor, size)
     register(InferenceServicer(kind, servicer, state), server, OIP, size)
     if settings.metrics_port is not None:
-        metrics.watch(store, [servicer.batcher])
+        metrics.watch(store, [servicer.batcher], servicer.engine.admission)
     return server, service
 
 

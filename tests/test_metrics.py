@@ -8,11 +8,13 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -20,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aevae.client import AevaeError, DecoderClient
 from aevae.services.process import ServiceProcess
+from aevae.v1 import decoder_pb2, decoder_pb2_grpc
+from aevae.v1.tensors import to_tensor
 from helpers import write_tiny
 
 URL = re.compile(r"metrics on (http://\S+/metrics)")
@@ -94,6 +98,27 @@ def test_service_counters_move_with_traffic(decoder: ServiceProcess) -> None:
     assert value(after, "aevae_model_versions_loaded", model="vae", version="1") == 1
     assert delta("aevae_batch_forward_passes_total") >= 4
     assert ("process_cpu_seconds_total", frozenset()) in after  # the default collectors
+    for name in ("aevae_admission_calls", "aevae_admission_request_bytes", "aevae_admission_answer_bytes"):
+        assert after[(name, frozenset())] == 0, name  # there, and all given back once the calls are over
+
+
+def test_admission_gauges_show_what_a_held_stream_holds(decoder: ServiceProcess) -> None:
+    url = metrics_url(decoder.output)
+    release = threading.Event()
+    request = decoder_pb2.DecodeRequest(model="vae", latents=to_tensor(np.zeros((3, 4), np.float32)))
+
+    def requests() -> Iterator[decoder_pb2.DecodeRequest]:
+        yield request
+        release.wait(30)  # the stream stays open: its call slot is held
+
+    with grpc.insecure_channel(decoder.address) as channel:
+        stream = decoder_pb2_grpc.DecoderStub(channel).DecodeStream(requests())
+        next(stream)
+        held = scrape(url)
+        release.set()
+        assert list(stream) == []
+    assert value(held, "aevae_admission_calls") == 1
+    assert value(scrape(url), "aevae_admission_calls") == 0
 
 
 def _free_port() -> int:
