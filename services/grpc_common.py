@@ -251,6 +251,14 @@ class Engine:
     # another layer serializes the response itself (Ray Serve's proxy).
     raw_responses: bool = True
 
+    @contextlib.asynccontextmanager
+    async def answered(self, batcher: Any, job: Any) -> AsyncIterator[Any]:
+        """The job's result from its batcher, with the answer's bytes (`job.output_bytes`) held in the budget
+        from before it is computed to the end of the block, where the servicer builds its response; after
+        that, a reader's pace is the stream depth's job. Every servicer's one way to compute an answer."""
+        async with self.admission.reserved(job.output_bytes):
+            yield await batcher.submit(job)
+
 
 class Aborts(Protocol):
     """What `guarded` needs of a call's context: grpc.aio's, or the Ray Serve adapter's."""

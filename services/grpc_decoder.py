@@ -27,16 +27,12 @@ class DecoderServicer:
 
     async def _decode(self, request: decoder_pb2.DecodeRequest) -> Reply:
         """One message: validated on its own, then decoded together with whatever else is waiting."""
-        admission = self.engine.admission
-        with admission.hold(request.ByteSize()):
+        with self.engine.admission.hold(request.ByteSize()):
             version = version_from_wire(request.version)
             latents = request_array(request, "latents", dtypes=("float32",))
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, latents, request.dtype),
                                         rows(latents), self.logic.ready(request.model, version))
-            # the answer's bytes are in the budget from before it is computed until it is built (then a
-            # reader's pace is the stream depth's job)
-            async with admission.reserved(job.output_bytes):
-                out = await self.batcher.submit(job)
+            async with self.engine.answered(self.batcher, job) as out:
                 response = self._response(out)
         return Reply(out.model, out.version, response)
 

@@ -34,8 +34,7 @@ class EncoderServicer:
             images = request_array(request, "images")
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, images, noise),
                                         rows(images), self.logic.ready(request.model, version))
-            async with self.engine.admission.reserved(job.output_bytes):  # as the decoder's answers
-                out = await self.batcher.submit(job)
+            async with self.engine.answered(self.batcher, job) as out:
                 response = encoder_pb2.EncodeResponse(model=out.model, version=out.version, mean=to_tensor(out.mean))
                 if out.logvar is not None:
                     response.logvar.CopyFrom(to_tensor(out.logvar))

@@ -211,8 +211,7 @@ class InferenceServicer:
         with self.engine.admission.hold(request.ByteSize()):
             prepare, rows, ready = self._job(self._servicer, request)
             job = await self.engine.run(prepare, rows, ready)
-            async with self.engine.admission.reserved(job.output_bytes):  # as aevae.v1's answers
-                out = await self.batcher.submit(job)
+            async with self.engine.answered(self.batcher, job) as out:
                 raw = bool(request.raw_input_contents)
                 return infer_response(request, out.model, out.version, outputs_of(out), raw)
 

@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.request
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -36,6 +37,7 @@ import pytest
 import yaml
 
 from aevae.cli import parser as aevae_parser
+from aevae.services.settings import ServiceSettings
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc, encoder_pb2, encoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor
 
@@ -658,6 +660,7 @@ def test_serve_refuses_args_of_the_standalone_server_instead_of_ignoring_them() 
     with pytest.raises(ValueError, match="unknown settings"):
         serve_app.encoder({"batch_sise": 8})
     assert serve_app.settings({"batch_size": 8, "max_concurrent_rpcs": 9}).max_concurrent_rpcs == 9
+    assert set(serve_app.SERVER_ONLY) <= {f.name for f in fields(ServiceSettings)}  # no name that never matches
 
 
 # ---- Ray Serve, for real ---------------------------------------------------------------------------------
