@@ -246,18 +246,20 @@ class Engine:
     batch_size: int = 32
     batch_rows: int = 256
     batch_wait_s: float = 0.0
+    batch_gather_s: float = 0.0
     stream_depth: int = 2
     # Bulk responses leave as bytes serialized with one copy of their data (aevae.v1.tensors); off where
     # another layer serializes the response itself (Ray Serve's proxy).
     raw_responses: bool = True
 
     @contextlib.asynccontextmanager
-    async def answered(self, batcher: Any, job: Any) -> AsyncIterator[Any]:
+    async def answered(self, batcher: Any, job: Any, company: bool = False) -> AsyncIterator[Any]:
         """The job's result from its batcher, with the answer's bytes (`job.output_bytes`) held in the budget
         from before it is computed to the end of the block, where the servicer builds its response; after
-        that, a reader's pace is the stream depth's job. Every servicer's one way to compute an answer."""
+        that, a reader's pace is the stream depth's job. Every servicer's one way to compute an answer.
+        `company`: a unary call's job, which may wait for others on a busy server (Batcher.submit)."""
         async with self.admission.reserved(job.output_bytes):
-            yield await batcher.submit(job)
+            yield await batcher.submit(job, company)
 
 
 class Aborts(Protocol):

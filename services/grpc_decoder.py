@@ -23,16 +23,17 @@ class DecoderServicer:
         self.batcher: Batcher[DecodeJob, Decoded] = Batcher(
             logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
             max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s,
-            calls=lambda: engine.admission.calls)
+            calls=lambda: engine.admission.calls, gather_s=engine.batch_gather_s)
 
-    async def _decode(self, request: decoder_pb2.DecodeRequest) -> Reply:
-        """One message: validated on its own, then decoded together with whatever else is waiting."""
+    async def _decode(self, request: decoder_pb2.DecodeRequest, unary: bool = False) -> Reply:
+        """One message: validated on its own, then decoded together with whatever else is waiting (a unary
+        call's, on a busy server, waiting a moment for others: Batcher.submit)."""
         with self.engine.admission.hold(request.ByteSize()):
             version = version_from_wire(request.version)
             latents = request_array(request, "latents", dtypes=("float32",))
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, latents, request.dtype),
                                         rows(latents), self.logic.ready(request.model, version))
-            async with self.engine.answered(self.batcher, job) as out:
+            async with self.engine.answered(self.batcher, job, unary) as out:
                 response = self._response(out)
         return Reply(out.model, out.version, response)
 
@@ -45,7 +46,7 @@ class DecoderServicer:
     async def Decode(self, request: Any, context: grpc.aio.ServicerContext) -> decoder_pb2.DecodeResponse | bytes:
         async def call() -> Any:
             with self.engine.admission.call():
-                return (await self._decode(readable(request))).response
+                return (await self._decode(readable(request), unary=True)).response
 
         return await guarded(context, call())
 

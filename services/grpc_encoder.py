@@ -25,16 +25,18 @@ class EncoderServicer:
         self.batcher: Batcher[EncodeJob, Encoded] = Batcher(
             logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
             max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s,
-            calls=lambda: engine.admission.calls)
+            calls=lambda: engine.admission.calls, gather_s=engine.batch_gather_s)
 
-    async def _encode(self, request: encoder_pb2.EncodeRequest, noise: np.random.Generator | None) -> Reply:
-        """One message: validated on its own, then encoded together with whatever else is waiting."""
+    async def _encode(self, request: encoder_pb2.EncodeRequest, noise: np.random.Generator | None,
+                      unary: bool = False) -> Reply:
+        """One message: validated on its own, then encoded together with whatever else is waiting (a unary
+        call's, on a busy server, waiting a moment for others: Batcher.submit)."""
         with self.engine.admission.hold(request.ByteSize()):
             version = version_from_wire(request.version)
             images = request_array(request, "images")
             job = await self.engine.run(lambda: self.logic.prepare(request.model, version, images, noise),
                                         rows(images), self.logic.ready(request.model, version))
-            async with self.engine.answered(self.batcher, job) as out:
+            async with self.engine.answered(self.batcher, job, unary) as out:
                 response = encoder_pb2.EncodeResponse(model=out.model, version=out.version, mean=to_tensor(out.mean))
                 if out.logvar is not None:
                     response.logvar.CopyFrom(to_tensor(out.logvar))
@@ -46,7 +48,7 @@ class EncoderServicer:
         async def call() -> encoder_pb2.EncodeResponse:
             with self.engine.admission.call():
                 message = readable(request)
-                return (await self._encode(message, _noise(message))).response
+                return (await self._encode(message, _noise(message), unary=True)).response
 
         return await guarded(context, call())
 

@@ -206,19 +206,21 @@ class InferenceServicer:
         self._servicer = servicer
 
     # -- inference ----------------------------------------------------------------------------------------
-    async def _infer(self, request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
-        """One request: validated on its own, then computed together with whatever else is waiting."""
+    async def _infer(self, request: service_pb2.ModelInferRequest,
+                     unary: bool = False) -> service_pb2.ModelInferResponse:
+        """One request: validated on its own, then computed together with whatever else is waiting (a unary
+        call's, on a busy server, waiting a moment for others: Batcher.submit)."""
         with self.engine.admission.hold(request.ByteSize()):
             prepare, rows, ready = self._job(self._servicer, request)
             job = await self.engine.run(prepare, rows, ready)
-            async with self.engine.answered(self.batcher, job) as out:
+            async with self.engine.answered(self.batcher, job, unary) as out:
                 raw = bool(request.raw_input_contents)
                 return infer_response(request, out.model, out.version, outputs_of(out), raw)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
         async def call() -> service_pb2.ModelInferResponse:
             with self.engine.admission.call():
-                return await self._infer(readable(request))
+                return await self._infer(readable(request), unary=True)
 
         return await guarded(context, call())
 

@@ -83,11 +83,14 @@ class ServiceSettings:
                                   "encoding is always fp32. Measured cost: README, Reduced precision", minimum=None)
     allow_symlinks: bool = _opt(False, "serve version folders or files that are symlinks out of the "
                                        "repository root (refused by default)", minimum=None)
-    # Dynamic batching of unary calls: requests that arrive while the model is busy (or within batch_wait_s)
-    # are merged into one forward pass.
+    # Dynamic batching of unary calls: requests that arrive while the model is busy, or while the server is busy
+    # (within batch_gather_s), or within batch_wait_s are merged into one forward pass.
     batch_size: int = _opt(32, "most unary requests merged into one forward pass; 1: no batching", minimum=1)
     batch_wait_s: float = _opt(0.0, "how long the first request of a batch waits for company when the model "
                                     "is idle (0: never waits)")
+    batch_gather_s: float = _opt(0.002, "how long a small unary call waits for others to join it when it finds "
+                                        "the server busy with other work (a caller alone never waits; 0: never; "
+                                        "--batch-wait-s, when set, applies instead)")
     batch_rows: int = _opt(256, "requests with more rows than this run alone, unbatched", minimum=1)
     metrics_port: int | None = _opt(None, "serve Prometheus metrics at http://HOST:PORT/metrics (off when unset; "
                                           "0 picks a free port, printed on start)")

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from aevae.services.batching import Batcher
+from aevae.services.batching import Batcher, Gathering, loop_busy
 from aevae.services.grpc_common import Runner
 
 
@@ -39,9 +39,10 @@ class Model:
         return out
 
 
-def batcher(model: Model, calls: int, executor: ThreadPoolExecutor, max_rows: int = 256) -> Batcher:
+def batcher(model: Model, calls: int, executor: ThreadPoolExecutor, max_rows: int = 256,
+            gather_s: float = 0.0) -> Batcher:
     return Batcher(model.run, key=lambda item: item.dtype.str, rows=len, runner=Runner(executor, inline_max=64),
-                   max_requests=32, max_rows=max_rows, calls=lambda: calls)
+                   max_requests=32, max_rows=max_rows, calls=lambda: calls, gather_s=gather_s)
 
 
 @pytest.fixture
@@ -123,3 +124,116 @@ def test_a_failed_pass_fails_its_own_callers_only(executor) -> None:
 
     failed, ok = asyncio.run(main())
     assert isinstance(failed, ValueError) and isinstance(ok, np.ndarray) and len(ok) == 3
+
+
+# -- gathering: small unary calls on a busy server wait a moment for company --------------------------------
+def busy_loop() -> None:
+    """Leaves a callback ready on the running loop, as other calls' work would."""
+    asyncio.get_running_loop().call_soon(lambda: None)
+
+
+def test_loop_busy_reads_the_default_event_loops_ready_queue() -> None:
+    """The signal gathering rests on (a private attribute of asyncio's loop): if a Python release renames it,
+    this fails rather than gathering silently turning itself off."""
+
+    async def main() -> tuple[bool, bool]:
+        idle = loop_busy(asyncio.get_running_loop())
+        busy_loop()
+        return idle, loop_busy(asyncio.get_running_loop())
+
+    assert asyncio.run(main()) == (False, True)
+
+
+def test_unary_calls_on_a_busy_loop_gather_and_run_together_on_the_loop_without_waiting_out_the_window(
+        executor) -> None:
+    model = Model()
+    sent = items(1, 5)
+
+    async def main() -> tuple[list[np.ndarray], float, int, Batcher]:
+        b = batcher(model, calls=2, executor=executor, gather_s=30.0)
+        busy_loop()
+        start = time.perf_counter()
+        got = await asyncio.gather(*(b.submit(x, company=True) for x in sent))
+        return list(got), time.perf_counter() - start, threading.get_ident(), b
+
+    got, seconds, loop_thread, b = asyncio.run(main())
+    assert model.batches == [[1, 5]] and model.threads == [loop_thread]
+    assert seconds < 5  # the second call completed the batch: no waiting out the 30 s window
+    for x, y in zip(sent, got):
+        np.testing.assert_array_equal(y, x * 2)
+    assert (b.batches, b.merged, b.gathering.target) == (1, 2, 2)
+
+
+def test_a_call_alone_on_an_idle_loop_and_a_streams_message_never_gather(executor) -> None:
+    model = Model()
+
+    async def main() -> tuple[float, float]:
+        b = batcher(model, calls=1, executor=executor, gather_s=30.0)
+        start = time.perf_counter()
+        await b.submit(np.ones(2, np.float32), company=True)  # nothing else ready: runs at once
+        alone = time.perf_counter() - start
+        busy_loop()
+        start = time.perf_counter()
+        await b.submit(np.ones(3, np.float32))  # a stream's message: never waits for company
+        stream = time.perf_counter() - start
+        return alone, stream
+
+    alone, stream = asyncio.run(main())
+    assert model.batches == [[2], [3]]
+    assert alone < 5 and stream < 5
+
+
+def test_a_lonely_window_runs_the_call_alone_and_the_next_busy_calls_skip_gathering(executor) -> None:
+    model = Model()
+
+    async def main() -> tuple[float, float, int]:
+        b = batcher(model, calls=1, executor=executor, gather_s=0.05)
+        busy_loop()
+        start = time.perf_counter()
+        await b.submit(np.ones(2, np.float32), company=True)  # nobody comes
+        lonely = time.perf_counter() - start
+        busy_loop()
+        start = time.perf_counter()
+        await b.submit(np.ones(3, np.float32), company=True)  # skipped: runs at once
+        return lonely, time.perf_counter() - start, b.gathering.skip
+
+    lonely, next_call, skip = asyncio.run(main())
+    assert model.batches == [[2], [3]]
+    assert lonely >= 0.05 and next_call < 0.05 and skip == 1
+
+
+def test_gathering_learns_its_target_probes_higher_and_backs_off_probes_that_fail() -> None:
+    g = Gathering(most=32)
+    g.timed_out(5)  # five came within the window: wait for five next time
+    assert g.target == 5
+    for _ in range(g.probe_every):
+        g.reached()
+    assert g.target == 6  # every probe_every-th batch tries one more
+    g.timed_out(5)  # the probe failed: five is what comes; probe half as often
+    assert (g.target, g.probe_every) == (5, 8)
+    for _ in range(8):
+        g.reached()
+    assert g.target == 6
+    g.reached()  # the probe succeeded: probe again soon
+    assert g.probe_every == 4
+    big = Gathering(most=3)
+    big.timed_out(10)
+    assert big.target == 3  # never more than a batch holds
+    for _ in range(10):
+        big.reached()
+    assert big.target == 3
+
+
+def test_lonely_windows_double_the_skip_and_company_clears_it() -> None:
+    g = Gathering(most=32)
+    skips = []
+    for _ in range(8):
+        g.timed_out(1)
+        skipped = 0
+        while not g.wanted():
+            skipped += 1
+        skips.append(skipped)
+    assert skips == [1, 2, 4, 8, 16, 32, 64, 64]
+    g.timed_out(3)
+    assert g.skip == 0 and g.wanted() and g.target == 3
+    assert not Gathering(most=1).wanted()  # batching off: never gathers
