@@ -19,10 +19,11 @@ from aevae.errors import ResourceExhausted, port_problem
 PORTS = {"encoder": 50051, "decoder": 50052, "ui": 8080}
 
 
-def _opt(default: Any, help: str, *, flag: bool = True, minimum: float | None = 0) -> Any:
-    """A setting: its default, its help text, whether `aevae serve` has a flag for it, and its least value
-    (None: no bound)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "minimum": minimum})
+def _opt(default: Any, help: str, *, flag: bool = True, minimum: float | None = 0,
+         maximum: float | None = None) -> Any:
+    """A setting: its default, its help text, whether `aevae serve` has a flag for it, and its least and
+    greatest values (None: no bound)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "minimum": minimum, "maximum": maximum})
 
 
 @dataclass(frozen=True)
@@ -86,11 +87,12 @@ class ServiceSettings:
     # Dynamic batching of unary calls: requests that arrive while the model is busy, or while the server is busy
     # (within batch_gather_s), or within batch_wait_s are merged into one forward pass.
     batch_size: int = _opt(32, "most unary requests merged into one forward pass; 1: no batching", minimum=1)
+    # A batching window is milliseconds; one of seconds would hold every call for that long.
     batch_wait_s: float = _opt(0.0, "how long the first request of a batch waits for company when the model "
-                                    "is idle (0: never waits)")
+                                    "is idle (0: never waits)", maximum=1.0)
     batch_gather_s: float = _opt(0.002, "how long a small unary call waits for others to join it when it finds "
                                         "the server busy with other work (a caller alone never waits; 0: never; "
-                                        "--batch-wait-s, when set, applies instead)")
+                                        "--batch-wait-s, when set, applies instead)", maximum=1.0)
     batch_rows: int = _opt(256, "requests with more rows than this run alone, unbatched", minimum=1)
     metrics_port: int | None = _opt(None, "serve Prometheus metrics at http://HOST:PORT/metrics (off when unset; "
                                           "0 picks a free port, printed on start)")
@@ -118,6 +120,9 @@ class ServiceSettings:
                 raise ValueError(problem)
             if minimum is not None and value is not None and value < minimum:
                 raise ValueError(f"{f.name.replace('_', '-')} must be at least {minimum}, got {value}")
+            maximum = f.metadata["maximum"]
+            if maximum is not None and value is not None and value > maximum:
+                raise ValueError(f"{f.name.replace('_', '-')} must be at most {maximum}, got {value}")
         if self.runtime not in ("auto", "onnx", "torch"):
             raise ValueError(f"runtime must be auto, onnx or torch, got {self.runtime!r}")
         if self.precision not in ("fp32", "bf16", "int8"):

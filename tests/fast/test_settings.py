@@ -38,6 +38,10 @@ def test_a_mapping_is_checked_key_by_key() -> None:
         ServiceSettings.from_mapping({"batchsize": 8})
     with pytest.raises(ValueError, match=r"batch_wait_s: expected float, got 'soon'"):
         ServiceSettings.from_mapping({"batch_wait_s": "soon"})
+    with pytest.raises(ValueError, match=r"batch-gather-s must be at most 1.0, got 5.0"):
+        ServiceSettings.from_mapping({"batch_gather_s": 5})
+    with pytest.raises(ValueError, match=r"batch-wait-s must be at most 1.0, got 2.0"):
+        ServiceSettings(batch_wait_s=2.0)
     with pytest.raises(ValueError, match=r"batch-size must be at least 1, got 0"):
         ServiceSettings.from_mapping({"batch_size": 0})
     with pytest.raises(ValueError, match=r"runtime must be auto, onnx or torch"):
