@@ -66,6 +66,9 @@ class Gathering:
         self._probing = False
         self.skip = 0
         self._skipping = 0
+        # how gathering batches ended, for metrics: on reaching the target, at the window's end with company,
+        # at the window's end alone
+        self.ended = {"target": 0, "window": 0, "alone": 0}
 
     def wanted(self) -> bool:
         """Whether the next small call on a busy server should gather (not during a skip after lonely windows)."""
@@ -75,6 +78,7 @@ class Gathering:
         return self.most > 1
 
     def reached(self) -> None:
+        self.ended["target"] += 1
         self.skip = 0
         if self._probing:  # more company came: probe again soon
             self.probe_every = 4
@@ -91,9 +95,11 @@ class Gathering:
             self.probe_every = min(2 * self.probe_every, self.MAX_PROBE_EVERY)
         self._probing = False
         if gathered <= 1:
+            self.ended["alone"] += 1
             self.skip = min(max(1, 2 * self.skip), self.MAX_SKIP)
             self._skipping = self.skip
             return
+        self.ended["window"] += 1
         self.skip = 0
         self.target = max(2, min(gathered, self.most))
 

@@ -241,6 +241,18 @@ class ServiceCollector(Collector):
         merged.add_metric([], sum(getattr(b, "merged", 0) for b in self.batchers))
         yield passes
         yield merged
+        gatherings = [b.gathering for b in self.batchers if hasattr(b, "gathering")]
+        windows = CounterMetricFamily("aevae_batch_gather_windows", "batches of small unary calls that gathered "
+                                      "company on a busy server (--batch-gather-s), by how they ended: on reaching "
+                                      "their target, at the window's end with company, at the window's end alone",
+                                      labels=["ended"])
+        for how in ("target", "window", "alone"):
+            windows.add_metric([how], sum(g.ended[how] for g in gatherings))
+        yield windows
+        target = GaugeMetricFamily("aevae_batch_gather_target", "calls a gathering batch now waits for (learnt "
+                                   "from the load), the largest over the services' batchers")
+        target.add_metric([], max((g.target for g in gatherings), default=0))
+        yield target
         if self.admission is not None:
             for name, help, now in (
                     ("calls", "Encode/Decode calls and streams in flight (limit: --max-concurrent-rpcs)",

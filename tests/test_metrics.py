@@ -125,6 +125,9 @@ def test_concurrent_one_latent_calls_share_forward_passes_and_each_gets_its_own_
     merged = value(after, "aevae_batch_merged_requests_total") - value(before, "aevae_batch_merged_requests_total")
     passes = value(after, "aevae_batch_forward_passes_total") - value(before, "aevae_batch_forward_passes_total")
     assert merged >= 32 and passes < len(z), (merged, passes)
+    on_target = value(after, "aevae_batch_gather_windows_total", ended="target") - \
+        value(before, "aevae_batch_gather_windows_total", ended="target")
+    assert on_target >= 1 and value(after, "aevae_batch_gather_target") >= 2
     for i, image in enumerate(got):
         assert image is not None and image.shape == (1, 32, 32)
         np.testing.assert_allclose(image[0], alone[i], atol=1e-5, err_msg=f"call {i}")

@@ -162,6 +162,7 @@ def test_unary_calls_on_a_busy_loop_gather_and_run_together_on_the_loop_without_
     for x, y in zip(sent, got):
         np.testing.assert_array_equal(y, x * 2)
     assert (b.batches, b.merged, b.gathering.target) == (1, 2, 2)
+    assert b.gathering.ended == {"target": 1, "window": 0, "alone": 0}
 
 
 def test_a_call_alone_on_an_idle_loop_and_a_streams_message_never_gather(executor) -> None:
@@ -186,7 +187,7 @@ def test_a_call_alone_on_an_idle_loop_and_a_streams_message_never_gather(executo
 def test_a_lonely_window_runs_the_call_alone_and_the_next_busy_calls_skip_gathering(executor) -> None:
     model = Model()
 
-    async def main() -> tuple[float, float, int]:
+    async def main() -> tuple[float, float, int, dict[str, int]]:
         b = batcher(model, calls=1, executor=executor, gather_s=0.05)
         busy_loop()
         start = time.perf_counter()
@@ -195,11 +196,12 @@ def test_a_lonely_window_runs_the_call_alone_and_the_next_busy_calls_skip_gather
         busy_loop()
         start = time.perf_counter()
         await b.submit(np.ones(3, np.float32), company=True)  # skipped: runs at once
-        return lonely, time.perf_counter() - start, b.gathering.skip
+        return lonely, time.perf_counter() - start, b.gathering.skip, dict(b.gathering.ended)
 
-    lonely, next_call, skip = asyncio.run(main())
+    lonely, next_call, skip, ended = asyncio.run(main())
     assert model.batches == [[2], [3]]
     assert lonely >= 0.05 and next_call < 0.05 and skip == 1
+    assert ended == {"target": 0, "window": 0, "alone": 1}
 
 
 def test_gathering_learns_its_target_probes_higher_and_backs_off_probes_that_fail() -> None:
