@@ -9,7 +9,7 @@ before it joined (one bad request never fails its neighbours), and each caller g
 
 Small unary calls on a busy server gather (`gather_s`). On grpc.aio concurrent calls reach the handler one at a
 time, each after the previous one's handler has returned (measured: with 16 one-latent calls in flight the
-next call reaches the batcher 200-500 us after the last one left it), so a small call that ran at once would
+next call reaches the batcher 200-530 us after the last one left it), so a small call that ran at once would
 always run alone, paying a whole forward pass per latent. When the event loop has other work ready at the
 moment such a call arrives (the sign that other calls are on their way: a caller alone finds it empty), the
 call waits up to `gather_s` for others to join it and the batch then runs on the event loop. How many it waits
