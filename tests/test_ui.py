@@ -221,7 +221,12 @@ def input_latents(page, index: int, kind: str = "vae") -> list[float]:
 
 
 def drag_handle(page, dim: int, dy: float, kind: str = "vae", steps: int = 12) -> None:
-    box = handles(page, kind).nth(dim).bounding_box()
+    # The plot redraws its handles (new elements, same places) whenever an answer arrives: one found just before
+    # a redraw has no box any more, so look again (seen once in CI: bounding_box() gave None).
+    deadline = time.monotonic() + 10
+    while (box := handles(page, kind).nth(dim).bounding_box()) is None:
+        assert time.monotonic() < deadline, f"no visible handle {dim} of {kind} within 10 s"
+        page.wait_for_timeout(50)
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x, y)
     page.mouse.down()
