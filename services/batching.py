@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
 
-from aevae.services.grpc_common import Runner
+from aevae.services.grpc_common import Engine, Runner
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -125,6 +125,15 @@ class Batcher(Generic[Item, Result]):
         self._groups: defaultdict[Hashable, _Group[Item, Result]] = defaultdict(_Group)
         self.batches = 0  # forward passes run, for metrics and tests
         self.merged = 0  # requests answered by a forward pass shared with others
+
+    @classmethod
+    def of_jobs(cls, run: Callable[[Sequence[Item]], list[Result]], engine: Engine) -> "Batcher[Item, Result]":
+        """A servicer's batcher: jobs grouped by their `key` and counted by their `rows`, with the engine's
+        runner, admission and batching settings."""
+        return cls(run, key=lambda job: job.key, rows=lambda job: job.rows,  # type: ignore[attr-defined]
+                   runner=engine.run, max_requests=engine.batch_size, max_rows=engine.batch_rows,
+                   window_s=engine.batch_wait_s, calls=lambda: engine.admission.calls,
+                   gather_s=engine.batch_gather_s)
 
     async def submit(self, item: Item, company: bool = False) -> Result:
         """The item's result. `company`: the item is a unary call's, which may wait for others on a busy server

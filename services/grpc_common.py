@@ -303,28 +303,25 @@ class Engine:
         return _Answered(self.admission, batcher, job, company)
 
 
-class _Answered:
-    """Engine.answered's context manager (a class, as _Reserved): the bytes are given back when the block
-    ends, or at once if the batch fails or the call is cancelled while it waits."""
+class _Answered(_Reserved):
+    """Engine.answered's context manager: the job's bytes reserved, then its result; the bytes are given back
+    when the block ends, or at once if the batch fails or the call is cancelled while it waits."""
 
-    __slots__ = ("admission", "batcher", "job", "company")
+    __slots__ = ("batcher", "job", "company")
 
     def __init__(self, admission: Admission, batcher: Any, job: Any, company: bool):
-        self.admission = admission
+        super().__init__(admission, job.output_bytes)
         self.batcher = batcher
         self.job = job
         self.company = company
 
     async def __aenter__(self) -> Any:
-        await self.admission._take(self.job.output_bytes)
+        await super().__aenter__()
         try:
             return await self.batcher.submit(self.job, self.company)
         except BaseException:
-            self.admission._give_back(self.job.output_bytes)
+            await super().__aexit__()
             raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.admission._give_back(self.job.output_bytes)
 
 
 class Aborts(Protocol):

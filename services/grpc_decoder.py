@@ -20,10 +20,7 @@ class DecoderServicer:
     def __init__(self, logic: DecoderLogic, engine: Engine):
         self.logic = logic
         self.engine = engine
-        self.batcher: Batcher[DecodeJob, Decoded] = Batcher(
-            logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
-            max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s,
-            calls=lambda: engine.admission.calls, gather_s=engine.batch_gather_s)
+        self.batcher: Batcher[DecodeJob, Decoded] = Batcher.of_jobs(logic.run, engine)
 
     async def _decode(self, request: decoder_pb2.DecodeRequest, unary: bool = False) -> Reply:
         """One message: validated on its own, then decoded together with whatever else is waiting (a unary

@@ -22,10 +22,7 @@ class EncoderServicer:
     def __init__(self, logic: EncoderLogic, engine: Engine):
         self.logic = logic
         self.engine = engine
-        self.batcher: Batcher[EncodeJob, Encoded] = Batcher(
-            logic.run, key=lambda job: job.key, rows=lambda job: job.rows, runner=engine.run,
-            max_requests=engine.batch_size, max_rows=engine.batch_rows, window_s=engine.batch_wait_s,
-            calls=lambda: engine.admission.calls, gather_s=engine.batch_gather_s)
+        self.batcher: Batcher[EncodeJob, Encoded] = Batcher.of_jobs(logic.run, engine)
 
     async def _encode(self, request: encoder_pb2.EncodeRequest, noise: np.random.Generator | None,
                       unary: bool = False) -> Reply:
