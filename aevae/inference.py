@@ -9,7 +9,7 @@ the arithmetic (`aevae.runtimes`): torch over the weights, or ONNX Runtime over 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -65,6 +65,7 @@ class LoadedModel:
     manifest: Manifest
     runtime: Runtime
     version: Version | None = None
+    _stats: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -75,9 +76,13 @@ class LoadedModel:
         return self.manifest.number
 
     def latent_stats(self) -> dict[str, Any]:
-        if self.version is None:
-            raise ValueError("a model in memory has no latent statistics on disk")
-        return self.version.latent_stats()
+        """The version's latent_stats.json, read once: a version never changes on disk (the store drops a
+        loaded model whose files changed). ValueError when there is none or it is not JSON."""
+        if self._stats is None:
+            if self.version is None:
+                raise ValueError("a model in memory has no latent statistics on disk")
+            self._stats = self.version.latent_stats()
+        return self._stats
 
     @property
     def latent_dim(self) -> int:

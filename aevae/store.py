@@ -58,6 +58,7 @@ class ModelStore:
         self.precision = precision  # of decoding: fp32, bf16 or int8 (aevae.runtimes.open_runtime)
         self._scan = Scan()
         self._scanned_at = float("-inf")
+        self._scan_began = float("-inf")  # when the scan in _scan began
         self._loaded: OrderedDict[Key, tuple[Fingerprint, LoadedModel]] = OrderedDict()
         self._broken: dict[Key, tuple[Fingerprint | None, str]] = {}
         self._defaults: dict[str, LoadedModel] = {}
@@ -66,13 +67,22 @@ class ModelStore:
 
     # -- the snapshot ---------------------------------------------------------------------------------------
     def scan(self, force: bool = False) -> Scan:
-        if force or time.monotonic() - self._scanned_at > self.refresh_seconds:
+        """The repository as last seen, looked at anew when older than `refresh_seconds` or when `force`d
+        (a name or version not found might have just been written). Calls that wait for the lock while
+        another scans take the scan that began after they asked instead of each scanning again: a flood of
+        requests for unknown models costs one scan at a time, not one each."""
+        asked = time.monotonic()
+        if force or asked - self._scanned_at > self.refresh_seconds:
             with self._lock:
+                if self._scan_began >= asked:
+                    return self._scan
+                began = time.monotonic()
                 scan = self.repository.scan()
                 for b in scan.broken:
                     self._warn_once(str(b.path), f"skipping broken model version {b.name}/{b.number}: {b.reason}")
                 self._revalidate(scan)
                 self._scan = scan
+                self._scan_began = began
                 self._scanned_at = time.monotonic()
         return self._scan
 
@@ -91,12 +101,20 @@ class ModelStore:
     def describe(self) -> str:
         return self.scan().describe(self.repository.root)
 
+    def holds(self, name: str) -> bool:
+        """Whether the last scan found a model of this name (no disk access: safe on an event loop)."""
+        return name in self._scan.versions or any(b.name == name for b in self._scan.broken)
+
     # -- resolving ------------------------------------------------------------------------------------------
     def _candidates(self, name: str) -> list[Version]:
         versions = self.scan().versions.get(name)
         if not versions:
             versions = self.scan(force=True).versions.get(name)
         if not versions:
+            unreadable = [b for b in self._scan.broken if b.name == name]
+            if unreadable:  # the model is there, but not one of its versions has a usable manifest
+                reasons = "; ".join(f"version {b.number}: {b.reason}" for b in unreadable)
+                raise FailedPrecondition(f"no loadable version of model {name!r}: {reasons}")
             raise NotFound(f"unknown model {shorten(name)}; available: {self.describe()}")
         return versions
 

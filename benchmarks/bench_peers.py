@@ -11,7 +11,9 @@ Servers, all on loopback, all holding the same decoder (the default architecture
   Runtime, spoken to over OIP gRPC. MLServer lives in its own virtualenv, made here on the first run
   (/tmp/aevae-mlserver-venv), never in the project's dependencies; `"parallel_workers": 0` (its worker
   processes crash with the installed uvloop).
-Measured per server in blocks, the servers taking turns: sequential one-latent p50 and p99; one-latent calls/s
+Measured per server in blocks, the servers taking turns, each with the machine to itself (the others are
+frozen with SIGSTOP, their child processes too, and thawed for their turn: idle peers are not idle, Ray's
+raylet, GCS and Serve controller take about a tenth of a core between calls): sequential one-latent p50 and p99; one-latent calls/s
 with 16 and 64 in flight (asyncio clients); images/s of 4,096-latent calls; and for aevae.v1, a 1M-latent
 stream against the in-process rate of the same model, once the peers have stopped (their idle processes would
 take CPU from both). Prints the load average; asserts nothing.
@@ -24,6 +26,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -144,6 +147,31 @@ class Target:
                  big_call: Callable[[], Any] | None):
         self.name, self.sync_call, self.async_call, self.big_call = name, sync_call, async_call, big_call
         self.results: dict[str, float] = {}
+        self.pid: int | None = None  # the server's process, frozen while other servers take their turn
+
+
+def take_turn(targets: list[Target], current: Target) -> None:
+    """Thaws the current target's server and freezes every other one, with all processes under it."""
+    for pid in {t.pid for t in targets if t.pid is not None and t.pid != current.pid}:
+        _signal_tree(pid, signal.SIGSTOP)
+    if current.pid is not None:
+        _signal_tree(current.pid, signal.SIGCONT)
+        time.sleep(0.2)  # let its timers that fell due while frozen run before the clock starts
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def aevae_targets(address: str, latent_dim: int, big: int) -> list[Target]:
@@ -231,6 +259,7 @@ def echo_target(address: str) -> Target:
 def _stop(children: list[subprocess.Popen]) -> None:
     for child in children:
         if child.poll() is None:
+            _signal_tree(child.pid, signal.SIGCONT)  # a frozen process would not act on SIGTERM
             child.terminate()
             try:
                 child.wait(20)
@@ -293,6 +322,8 @@ def main() -> int:
     print(f"model {model.name}/{model.number} on {model.runtime.name}; {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     children: list[subprocess.Popen] = []
+    targets: list[Target] = []
+    decoder: ServiceProcess | None = None
     try:
         echo = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "echo_server.py"), "0"],
                                 stdout=subprocess.PIPE, text=True)
@@ -301,6 +332,9 @@ def main() -> int:
         decoder = ServiceProcess("decoder", models).start()
         decoder.wait_healthy()
         targets = [echo_target(echo_address), *aevae_targets(decoder.address, d, args.big)]
+        targets[0].pid = echo.pid
+        for target in targets[1:]:
+            target.pid = decoder.process.pid
         if "ray-serve" not in skip:
             port = free_port()
             ray = subprocess.Popen([sys.executable, "-c", RAY_SERVE_CHILD, str(port), str(free_port()), str(models),
@@ -309,17 +343,22 @@ def main() -> int:
             children.append(ray)
             if ray.stdout is not None and "ready" in ray.stdout.readline():
                 targets.append(ray_serve_target(port, d, args.big))
+                targets[-1].pid = ray.pid
         if "mlserver" not in skip:
             import tritonclient.grpc as tc
             import tritonclient.grpc.aio as tca
 
             process, port = start_mlserver(model.version.file("decoder.onnx"))  # type: ignore[union-attr]
             children.append(process)
-            targets += oip_targets("MLServer, batching", f"127.0.0.1:{port}", "decoder-batched", d, args.big, tc, tca)
-            targets += oip_targets("MLServer", f"127.0.0.1:{port}", "decoder", d, args.big, tc, tca)
+            mlserver = [*oip_targets("MLServer, batching", f"127.0.0.1:{port}", "decoder-batched", d, args.big, tc, tca),
+                        *oip_targets("MLServer", f"127.0.0.1:{port}", "decoder", d, args.big, tc, tca)]
+            for target in mlserver:
+                target.pid = process.pid
+            targets += mlserver
 
         for rnd in range(args.rounds):  # the servers take turns, so drift hits all alike
             for target in targets:
+                take_turn(targets, target)
                 p50, p99 = latency(target.sync_call, args.calls)
                 measured = {"p50": p50, "p99": p99}
                 if target.async_call is not None:
@@ -333,6 +372,7 @@ def main() -> int:
                 print(f"round {rnd + 1}: {target.name}: " + ", ".join(f"{k} {v:,.2f}" for k, v in measured.items()),
                       flush=True)
 
+        take_turn(targets, targets[1])
         _stop(children)  # the peers are done: the stream and its baseline get the machine to themselves
         z = np.random.default_rng(1).normal(size=(args.stream, d)).astype(np.float32)
         in_process = {dt: rate(lambda dt=dt: model.decode(z[:65536], dt), 65536, args.seconds) for dt in ("float32", "uint8")}
@@ -340,7 +380,12 @@ def main() -> int:
             streamed = {dt: rate(lambda dt=dt: client.decode(z, dtype=dt), args.stream, 1.0) for dt in ("float32", "uint8")}
         decoder.stop()
     finally:
+        for target in targets:  # none left frozen, whatever went wrong
+            if target.pid is not None:
+                _signal_tree(target.pid, signal.SIGCONT)
         _stop(children)
+        if decoder is not None and decoder.poll() is None:
+            decoder.stop()
 
     floor = targets[0].results
     print(f"\nload average {os.getloadavg()[0]:.1f} (1 min), {os.getloadavg()[1]:.1f} (5 min)")

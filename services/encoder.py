@@ -12,6 +12,7 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
+from aevae.errors import FailedPrecondition, shorten
 from aevae.inference import LoadedModel, sample
 from aevae.services import inputs
 from aevae.services.settings import Limits
@@ -89,4 +90,8 @@ class EncoderLogic:
 
     def latent_stats(self, model: str, version: int | None) -> tuple[str, int, dict[str, Any]]:
         loaded = self.store.get(inputs.model_name(model), version)  # the statistics of a loadable version
-        return loaded.name, loaded.number, loaded.latent_stats()
+        try:
+            return loaded.name, loaded.number, loaded.latent_stats()
+        except (OSError, ValueError) as exc:  # replaced on disk since it was loaded and checked
+            raise FailedPrecondition(f"the latent statistics of {loaded.name}/{loaded.number} cannot be read: "
+                                     f"{shorten(str(exc))}") from None

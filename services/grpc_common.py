@@ -4,6 +4,7 @@ control, running logic off the event loop, mapping typed errors onto status code
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from concurrent.futures import Executor
@@ -117,6 +118,54 @@ def register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor,
                                      response_serializer=_serializer(response_class))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)
+
+
+class Parsing:
+    """One of grpc's own servicers (health, reflection), which expect parsed messages, made fit for
+    `register`: a request whose bytes do not parse is answered INVALID_ARGUMENT naming the message, where
+    grpc's generated registration answers UNKNOWN and logs a traceback for each (these services take calls
+    without a token, so that would be a log flood open to anyone). Everything else is the servicer's own."""
+
+    def __init__(self, servicer: Any, service: ServiceDescriptor):
+        for method in service.methods:
+            behavior = getattr(servicer, method.name, None)
+            if behavior is not None:
+                setattr(self, method.name, _parsing(behavior, method))
+
+
+async def _refuse(context: Aborts, error: Exception) -> NoReturn:
+    async def failing() -> NoReturn:
+        raise error
+    await guarded(context, failing())
+    raise AssertionError("unreachable: guarded aborts")
+
+
+def _parsing(behavior: Callable[..., Any], method: MethodDescriptor) -> Callable[..., Any]:
+    if method.client_streaming:
+        async def checked(requests: AsyncIterator[Any], context: Aborts) -> AsyncIterator[Any]:
+            async for message in requests:
+                if isinstance(message, Unreadable):
+                    await _refuse(context, message.error)
+                yield message
+
+        async def streaming_in(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+            async for response in behavior(checked(requests, context), context):
+                yield response
+        return streaming_in
+
+    if inspect.isasyncgenfunction(behavior):
+        async def generator(request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, Unreadable):
+                await _refuse(context, request.error)
+            async for response in behavior(request, context):
+                yield response
+        return generator
+
+    async def coroutine(request: Any, context: Any) -> Any:  # unary, or a stream written with context.write
+        if isinstance(request, Unreadable):
+            await _refuse(context, request.error)
+        return await behavior(request, context)
+    return coroutine
 
 
 def _unimplemented(service: str, method: MethodDescriptor, implemented: list[str]) -> Callable[..., Any]:
@@ -406,6 +455,31 @@ class Reply(NamedTuple):
     response: Any
 
 
+class Pinned:
+    """The versions of one stream: the first message resolves "newest", and later messages that name the same
+    model without a version are served by the version it got, so that a version written mid-stream cannot
+    mix in. The messages after the first wait their `turn` until the first has taken its version."""
+
+    def __init__(self) -> None:
+        self._versions: dict[str, int] = {}
+        self._first = asyncio.Event()
+
+    async def turn(self, index: int) -> None:
+        if index > 0:
+            await self._first.wait()
+
+    def taken(self, index: int) -> None:
+        """Message `index` is resolved (or failed): after the first, the others may go."""
+        if index == 0:
+            self._first.set()
+
+    def version(self, model: str) -> int | None:
+        return self._versions.get(model)
+
+    def served(self, model: str, version: int) -> None:
+        self._versions.setdefault(model, version)
+
+
 async def served_stream(
     context: Aborts,
     admission: Admission,
@@ -415,27 +489,23 @@ async def served_stream(
 ) -> AsyncIterator[Any]:
     """A streaming RPC: each request answered by one response, in order, `depth` at once.
 
-    A whole stream is served by one version: the first message resolves "newest", and later messages that
-    name the same model with version 0 are pinned to it, so a version written mid-stream cannot mix in.
-    An error ends the stream with its status and the failing message's position.
+    A whole stream is served by one version (Pinned). An error ends the stream with its status and the
+    failing message's position.
     """
-    pinned: dict[str, int] = {}
-    first_done = asyncio.Event()
+    pinned = Pinned()
 
     async def handle(index: int, message: Any) -> Any:
-        if index > 0:
-            await first_done.wait()
+        await pinned.turn(index)
         try:
             request = readable(message)
-            if not request.version and request.model in pinned:
-                request.version = pinned[request.model]
+            if not request.version:
+                request.version = pinned.version(request.model) or 0
             reply = await submit(index, request)
         except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
             raise prefixed(exc, f"message {index}") from None
         finally:
-            if index == 0:
-                first_done.set()
-        pinned.setdefault(reply.model, reply.version)
+            pinned.taken(index)
+        pinned.served(reply.model, reply.version)
         return reply
 
     async def admitted() -> AsyncIterator[Any]:

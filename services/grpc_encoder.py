@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator
 import grpc
 import numpy as np
 
+from aevae.errors import FailedPrecondition, shorten
 from aevae.services.batching import Batcher
 from aevae.services.encoder import Encoded, EncodeJob, EncoderLogic
 from aevae.services.grpc_common import (Engine, Reply, guarded, models_response, readable, request_array, rows,
@@ -78,13 +79,18 @@ class EncoderServicer:
         return models_response(summaries, self.logic.limits)
 
     async def GetLatentStats(self, request: Any, context: grpc.aio.ServicerContext) -> encoder_pb2.LatentStats:
-        async def work() -> tuple[str, int, dict[str, Any]]:
+        async def work() -> encoder_pb2.LatentStats:
             message = readable(request)
             version = version_from_wire(message.version)
-            return await self.engine.run(lambda: self.logic.latent_stats(message.model, version), 0, False)
+            name, number, stats = await self.engine.run(lambda: self.logic.latent_stats(message.model, version),
+                                                        0, False)
+            try:
+                return latent_stats_message(name, number, stats)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:  # checksummed, but not ours
+                raise FailedPrecondition(f"the latent statistics of {name}/{number} are malformed "
+                                         f"({type(exc).__name__}: {shorten(str(exc))})") from None
 
-        name, number, stats = await guarded(context, work())
-        return latent_stats_message(name, number, stats)
+        return await guarded(context, work())
 
 
 class InOrder:

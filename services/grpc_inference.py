@@ -29,7 +29,8 @@ from aevae.inference import LoadedModel
 from aevae.services import inputs
 from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import Engine, guarded, pipelined, readable, rows
+from aevae.repository import NUMBER_PATTERN
+from aevae.services.grpc_common import Engine, Pinned, guarded, pipelined, readable, rows
 
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
 CONFIG_TYPES = {"UINT8": model_config_pb2.TYPE_UINT8, "FP32": model_config_pb2.TYPE_FP32}
@@ -48,11 +49,13 @@ class ServingState:
 
 # -- the protocol's fields <-> numpy and the logic's arguments ----------------------------------------------
 def version_from_oip(text: str) -> int | None:
-    """"" or "0": the newest (None); otherwise a positive integer."""
+    """"" or "0": the newest (None); otherwise a version number as the repository names its folders (ASCII
+    digits, no leading zero, at most 19: "²" or "٣" are digits to Python, not versions)."""
     if text in ("", "0"):
         return None
-    if not text.isdigit():
-        raise InvalidArgument(f"model_version: expected a positive integer or empty for the newest, got {shorten(text)}")
+    if not NUMBER_PATTERN.match(text):
+        raise InvalidArgument(f"model_version: expected a version number such as \"3\" (ASCII digits, no leading "
+                              f"zero, at most 19), or \"\" or \"0\" for the newest; got {shorten(text)}")
     return int(text)
 
 
@@ -67,8 +70,13 @@ def parameter(params: Any, name: str, kinds: tuple[str, ...]) -> Any:
     return getattr(params[name], which)
 
 
-def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tuple[str, ...]) -> tuple[np.ndarray, bool]:
-    """The request's one input tensor, named `name`, as a read-only array; and whether it came raw."""
+MAX_DIMENSION = 2**31 - 1  # no real batch comes near it; past it numpy cannot even describe an empty array
+
+
+def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tuple[str, ...],
+               dims: str) -> tuple[np.ndarray, bool]:
+    """The request's one input tensor, named `name`, as a read-only array; and whether it came raw. `dims`
+    names the accepted shape's dimensions ("N, d": two), for the error that a shape of another rank gets."""
     if len(request.inputs) != 1 or request.inputs[0].name != name:
         got = ", ".join(shorten(i.name) for i in request.inputs)
         raise InvalidArgument(f"inputs: expected one input named {name!r}, got [{got}]")
@@ -76,9 +84,14 @@ def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tup
     if tensor.datatype not in datatypes:
         raise InvalidArgument(f"{name}.datatype: expected {' or '.join(datatypes)}, got {shorten(tensor.datatype)}")
     shape = tuple(int(s) for s in tensor.shape)
-    if any(s < 0 for s in shape):
-        raise InvalidArgument(f"{name}.shape: dimensions must be >= 0, got {list(shape)}")
+    rank = dims.count(",") + 1
+    if len(shape) != rank:
+        raise InvalidArgument(f"{name}.shape: expected {rank} dimensions [{dims}], got {shorten(str(list(shape)))}")
+    if any(not 0 <= s <= MAX_DIMENSION for s in shape):
+        raise InvalidArgument(f"{name}.shape: dimensions must lie in 0..{MAX_DIMENSION}, got {list(shape)}")
     dtype, count = DATATYPES[tensor.datatype], math.prod(shape)
+    if request.raw_input_contents and tensor.HasField("contents"):
+        raise InvalidArgument(f"{name}: send the tensor in raw_input_contents or in contents, not both")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise InvalidArgument(f"raw_input_contents: expected one entry (for {name!r}), "
@@ -101,14 +114,25 @@ def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tup
     return np.asarray(typed, np.float32).reshape(shape), False
 
 
+def requested_outputs(request: service_pb2.ModelInferRequest, model: str, gives: list[str]) -> list[str]:
+    """The outputs a request names (all the model gives when it names none), each at most once: a name
+    repeated would repeat its tensor in the answer, past the answer's size as admission counted it."""
+    names = [o.name for o in request.outputs] or gives
+    unknown = [n for n in names if n not in gives]
+    if unknown:
+        raise InvalidArgument(f"outputs: model {model!r} gives {gives} for this request, not "
+                              f"[{', '.join(shorten(n) for n in unknown)}]")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidArgument(f"outputs: each output may be named once; {', '.join(map(repr, repeated))} is named "
+                              "more than once")
+    return names
+
+
 def infer_response(request: service_pb2.ModelInferRequest, model: str, version: int, outputs: Outputs,
                    raw: bool) -> service_pb2.ModelInferResponse:
-    """The requested outputs (all when none is named), raw or typed, in the order asked."""
-    names = [o.name for o in request.outputs] or list(outputs)
-    unknown = [n for n in names if n not in outputs]
-    if unknown:
-        raise InvalidArgument(f"outputs: model {model!r} gives {list(outputs)} for this request, not "
-                              f"[{', '.join(shorten(n) for n in unknown)}]")
+    """The requested outputs, raw or typed, in the order asked."""
+    names = requested_outputs(request, model, list(outputs))
     response = service_pb2.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
     for name in names:
         array = outputs[name]
@@ -116,11 +140,36 @@ def infer_response(request: service_pb2.ModelInferRequest, model: str, version: 
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if raw:
             response.raw_output_contents.append(np.ascontiguousarray(array, DATATYPES[datatype]).tobytes())
-        elif datatype == "UINT8":
-            tensor.contents.uint_contents.extend(array.ravel().tolist())
         else:
-            tensor.contents.fp32_contents.extend(array.ravel().tolist())
+            tensor.contents.MergeFromString(typed_contents(array))
     return response
+
+
+def typed_contents(array: np.ndarray) -> bytes:
+    """An InferTensorContents message holding `array` in `fp32_contents` (FP32) or `uint_contents` (UINT8),
+    as bytes: written from the array's bytes with numpy, where extending the repeated field from a list
+    made a Python object of every value (8x the answer's size, built on the event loop)."""
+    flat = np.ascontiguousarray(array).ravel()
+    if array.dtype == np.uint8:  # packed uint32 varints: 0..127 one byte, 128..255 two (v | 0x80, 1)
+        wide = flat >= 128
+        first = np.arange(flat.size) + np.cumsum(wide) - wide  # where each value's bytes start
+        data = np.empty(flat.size + int(wide.sum()), np.uint8)
+        data[first] = np.where(wide, flat | 0x80, flat)
+        data[first[wide] + 1] = 1
+        field = 4  # uint_contents
+    else:  # packed little-endian floats
+        data = flat.astype("<f4", copy=False).view(np.uint8)
+        field = 6  # fp32_contents
+    return bytes([field << 3 | 2]) + _varint(data.size) + data.tobytes()
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 # -- the two models' signatures ------------------------------------------------------------------------------
@@ -139,7 +188,7 @@ def signature(kind: str, model: LoadedModel) -> tuple[list[Tensor], list[Tensor]
 
 def encoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[Callable[[], Any], int, bool]:
     """The encoder's inputs, parameters and the logic's `prepare` call for one request."""
-    images, _ = read_input(request, "images", ("UINT8", "FP32"))
+    images, _ = read_input(request, "images", ("UINT8", "FP32"), "N, H, W")
     wants_sample = parameter(request.parameters, "sample", ("bool_param",))
     seed = parameter(request.parameters, "seed", ("int64_param", "uint64_param"))
     if seed is not None and seed < 0:
@@ -154,7 +203,7 @@ def encoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[
 
 def decoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[Callable[[], Any], int, bool]:
     """The decoder's input, its output dtype parameter and the logic's `prepare` call for one request."""
-    latents, _ = read_input(request, "latents", ("FP32",))
+    latents, _ = read_input(request, "latents", ("FP32",), "N, d")
     dtype = parameter(request.parameters, "dtype", ("string_param",)) or "FP32"
     dtypes = {"FP32": "float32", "UINT8": "uint8", "float32": "float32", "uint8": "uint8"}
     if dtype not in dtypes:
@@ -206,37 +255,51 @@ class InferenceServicer:
         self._servicer = servicer
 
     # -- inference ----------------------------------------------------------------------------------------
-    async def _infer(self, request: service_pb2.ModelInferRequest,
-                     unary: bool = False) -> service_pb2.ModelInferResponse:
-        """One request: validated on its own, then computed together with whatever else is waiting (a unary
-        call's, on a busy server, waiting a moment for others: Batcher.submit)."""
+    async def _infer(self, message: Any, unary: bool = False,
+                     pinned: Pinned | None = None) -> service_pb2.ModelInferResponse:
+        """One request (its bytes parsed here, so that a message that does not parse fails alone): validated
+        on its own, then computed together with whatever else is waiting (a unary call's, on a busy server,
+        waiting a moment for others: Batcher.submit). In a stream, `pinned` holds its versions."""
+        request: service_pb2.ModelInferRequest = readable(message)
+        if pinned is not None and request.model_version in ("", "0"):
+            version = pinned.version(request.model_name)
+            if version is not None:
+                request.model_version = str(version)
         with self.engine.admission.hold(request.ByteSize()):
             prepare, rows, ready = self._job(self._servicer, request)
             job = await self.engine.run(prepare, rows, ready)
             async with self.engine.answered(self.batcher, job, unary) as out:
+                if pinned is not None:
+                    pinned.served(out.model, out.version)
                 raw = bool(request.raw_input_contents)
                 return infer_response(request, out.model, out.version, outputs_of(out), raw)
 
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
         async def call() -> service_pb2.ModelInferResponse:
             with self.engine.admission.call():
-                return await self._infer(readable(request), unary=True)
+                return await self._infer(request, unary=True)
 
         return await guarded(context, call())
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
-        """One response per request, in order, `stream_depth` computed at once; a failed request answers
-        with its error_message (the status name first) and the stream goes on, as in Triton."""
+        """One response per request, in order, `stream_depth` computed at once; a failed request (one that
+        does not even parse included) answers with its error_message (the status name first) and the stream
+        goes on, as in Triton. One version serves the stream, as in aevae.v1's streams (Pinned)."""
+        pinned = Pinned()
+
         async def handle(index: int, message: Any) -> service_pb2.ModelStreamInferResponse:
+            await pinned.turn(index)
             try:
-                response = await guarded(_Capture(), self._infer(readable(message)))
+                response = await guarded(_Capture(), self._infer(message, pinned=pinned))
             except _Captured as exc:
                 request = message if isinstance(message, service_pb2.ModelInferRequest) else \
                     service_pb2.ModelInferRequest()
                 return service_pb2.ModelStreamInferResponse(
                     error_message=f"message {index}: {exc}", infer_response=service_pb2.ModelInferResponse(
                         model_name=request.model_name, model_version=request.model_version, id=request.id))
+            finally:
+                pinned.taken(index)
             return service_pb2.ModelStreamInferResponse(infer_response=response)
 
         async def admitted() -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
@@ -265,11 +328,11 @@ class InferenceServicer:
 
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelReadyResponse:
         """Ready while serving and the version loads (an unknown or broken one is not ready)."""
-        message = await guarded(context, _parsed(request))
+        name, version = await guarded(context, _named(request))  # a malformed name or version: INVALID_ARGUMENT
         if not self.state.serving:
             return service_pb2.ModelReadyResponse(ready=False)
         try:
-            await self._load(message)
+            await self._load(name, version)
         except ServiceError:
             return service_pb2.ModelReadyResponse(ready=False)
         return service_pb2.ModelReadyResponse(ready=self.state.serving)
@@ -279,15 +342,16 @@ class InferenceServicer:
         return service_pb2.ServerMetadataResponse(name=f"aevae-{self.kind}", version=aevae.__version__,
                                                   extensions=["parameters"])
 
-    async def _load(self, request: Any) -> LoadedModel:
-        """The model a ModelReady/ModelMetadata/ModelConfig request names (name, version)."""
-        message = readable(request)
-        version = version_from_oip(message.version)
-        return await self.engine.run(lambda: self.logic.store.get(inputs.model_name(message.name), version), 0, False)
+    async def _load(self, name: str, version: int | None) -> LoadedModel:
+        return await self.engine.run(lambda: self.logic.store.get(name, version), 0, False)
+
+    async def _named_model(self, request: Any) -> LoadedModel:
+        """The model a ModelMetadata/ModelConfig request names."""
+        return await self._load(*await _named(request))
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelMetadataResponse:
         """The real shapes and datatypes, from the version's manifest; -1 is the batch dimension."""
-        model = await guarded(context, self._load(request))
+        model = await guarded(context, self._named_model(request))
         ins, outs = signature(self.kind, model)
         versions = [str(v.number) for v in self.logic.store.scan().versions.get(model.name, [])]
 
@@ -301,7 +365,7 @@ class InferenceServicer:
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelConfigResponse:
         """A minimal Triton model configuration (for tools such as perf_analyzer): the batch is the first
         dimension of every tensor (max_batch_size 0)."""
-        model = await guarded(context, self._load(request))
+        model = await guarded(context, self._named_model(request))
         ins, outs = signature(self.kind, model)
         return service_pb2.ModelConfigResponse(config=model_config_pb2.ModelConfig(
             name=model.name, platform=f"aevae_{model.runtime.name}", max_batch_size=0,
@@ -327,6 +391,12 @@ class InferenceServicer:
 
 async def _parsed(request: Any) -> Any:
     return readable(request)
+
+
+async def _named(request: Any) -> tuple[str, int | None]:
+    """The model (name, version) a ModelReady/ModelMetadata/ModelConfig request names, checked."""
+    message = readable(request)
+    return inputs.model_name(message.name), version_from_oip(message.version)
 
 
 DESCRIPTOR = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]

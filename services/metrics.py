@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 import sys
+import threading
 import time
+from socketserver import ThreadingMixIn
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -41,16 +45,19 @@ MODEL_FIELDS = ("model", "model_name", "name")  # aevae.v1 requests; OIP inferen
 
 
 class Models:
-    """The model names allowed as label values: those a call succeeded with, bounded."""
+    """The model names allowed as label values: those a call succeeded with and the repository holds
+    (`exists`), bounded. A call can succeed without the name being a model (ModelReady answers "not ready"
+    with OK), so success alone would let any caller fill the labels with names of its own."""
 
-    def __init__(self, limit: int = 200):
+    def __init__(self, limit: int = 200, exists: Callable[[str], bool] | None = None):
         self.known: set[str] = set()
         self.limit = limit
+        self.exists = exists
 
     def label(self, name: str, ok: bool) -> str:
         if name in self.known or not name:
             return name
-        if ok and len(self.known) < self.limit:
+        if ok and len(self.known) < self.limit and (self.exists is None or self.exists(name)):
             self.known.add(name)
             return name
         return "other"
@@ -148,8 +155,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every method handler to count calls, codes, latency, rows and bytes; the handler itself is
     called unchanged."""
 
-    def __init__(self) -> None:
-        self.models = Models()
+    def __init__(self, exists: Callable[[str], bool] | None = None) -> None:
+        self.models = Models(exists=exists)
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
@@ -266,14 +273,64 @@ class ServiceCollector(Collector):
                 yield gauge
 
 
-def interceptors(port: int | None) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors a server gets for its metrics: none when metrics are off."""
-    return [] if port is None else [MetricsInterceptor()]
+def interceptors(port: int | None, store: ModelStore | None = None) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors a server gets for its metrics: none when metrics are off. With the store, a model
+    label is only ever a name its repository holds."""
+    return [] if port is None else [MetricsInterceptor(None if store is None else store.holds)]
+
+
+class _Handler(WSGIRequestHandler):
+    """One scrape connection. `timeout`: a connection that sends nothing for this long is closed, so that
+    idle or half-sent requests cannot hold threads and descriptors for ever."""
+
+    timeout = 10.0
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Silent, as prometheus_client's own handler: a scrape every few seconds is not news."""
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    """The /metrics endpoint: a thread per connection, at most MAX_CONNECTIONS at once; a connection past
+    them is closed at once, never queued. Without a bound, slow or idle clients could take every file
+    descriptor of the process and starve its gRPC port (the server's accept loop fails with "too many open
+    files"). A Prometheus scraper holds one connection."""
+
+    daemon_threads = True
+    MAX_CONNECTIONS = 16
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went silent (the timeout) or away is routine: no traceback on stderr."""
+        if isinstance(sys.exc_info()[1], (TimeoutError, ConnectionError)):
+            return
+        super().handle_error(request, client_address)
 
 
 def serve_metrics(port: int, host: str, what: str) -> int:
-    """Starts the /metrics endpoint (a thread) and prints where it is; returns the bound port."""
-    server, _ = start_http_server(port, addr=host)
+    """Starts the /metrics endpoint (a daemon thread) and prints where it is; returns the bound port."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (_Server,), {"address_family": family})
+    server: WSGIServer = make_server(host, port, make_wsgi_app(REGISTRY), server_class, handler_class=_Handler)
+    threading.Thread(target=server.serve_forever, name="aevae-metrics", daemon=True).start()
     bound = int(server.server_address[1])
     print(f"aevae {what} metrics on http://{_connectable(host)}:{bound}/metrics", file=sys.stdout, flush=True)
     return bound

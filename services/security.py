@@ -209,16 +209,14 @@ def check_binding(settings: ServiceSettings, kind: str, env: dict[str, str] | No
     return summary
 
 
-async def serve_health(settings: ServiceSettings, servicer: Any) -> grpc.aio.Server | None:
-    """With --health-port: grpc.health.v1 alone (the same servicer, so the same status, NOT_SERVING on
-    SIGTERM included) on a plaintext port without a token, for probes that speak neither (Kubernetes' grpc
-    probes). Nothing else is served there."""
+async def serve_health(settings: ServiceSettings, add_health: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server | None:
+    """With --health-port: grpc.health.v1 alone (`add_health` registers the main port's servicer, so the
+    same status, NOT_SERVING on SIGTERM included) on a plaintext port without a token, for probes that
+    speak neither (Kubernetes' grpc probes). Nothing else is served there."""
     if settings.health_port is None:
         return None
-    from grpc_health.v1 import health_pb2_grpc
-
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    add_health(server)
     address = f"{settings.host}:{settings.health_port}"
     try:
         bound = server.add_insecure_port(address)

@@ -19,12 +19,12 @@ from typing import Any, Callable
 from google.protobuf.descriptor import ServiceDescriptor
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from aevae.services.decoder import DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import Admission, Engine, Runner, register
+from aevae.services.grpc_common import Admission, Engine, Parsing, Runner, register
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
@@ -116,7 +116,7 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
     if settings.metrics_port is not None:
         from aevae.services import metrics
 
-        interceptors = metrics.interceptors(settings.metrics_port)
+        interceptors = metrics.interceptors(settings.metrics_port, store)
     # after the metrics, so that refused calls are counted as UNAUTHENTICATED
     server = grpc.aio.server(interceptors=[*interceptors, *security.interceptors(settings)], options=[
         # The transport's own cap is a backstop at twice the limit: messages up to it reach the handler,
@@ -151,9 +151,16 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     loop = asyncio.get_running_loop()
 
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((service.full_name, OIP.full_name, health.SERVICE_NAME,
-                                         reflection.SERVICE_NAME), server)
+    size = settings.max_message_bytes
+    health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
+
+    def add_health(on: grpc.aio.Server) -> None:
+        register(Parsing(health_servicer, health_service), on, health_service, size)
+
+    add_health(server)
+    names = (service.full_name, OIP.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection_service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+    register(Parsing(reflection.aio.ReflectionServicer(names), reflection_service), server, reflection_service, size)
     if settings.metrics_port is not None:
         from aevae.services.metrics import serve_metrics
 
@@ -165,7 +172,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
                  else server.add_secure_port(address, credentials))
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address} (in use?): {exc}") from None
-    probes = await security.serve_health(settings, health_servicer)
+    probes = await security.serve_health(settings, add_health)
     await server.start()
     for name in ("", service.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -67,6 +67,30 @@ def test_unparsable_request_bytes_are_invalid_argument(channel: grpc.Channel) ->
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid aevae.v1.DecodeRequest" in details
 
 
+def test_health_and_reflection_requests_that_do_not_parse_are_invalid_argument(decoder: ServiceProcess,
+                                                                                channel: grpc.Channel) -> None:
+    """grpc's own health and reflection services take calls without a token: bytes that do not parse get
+    INVALID_ARGUMENT naming the message (not UNKNOWN), and no traceback in the log for anyone to flood."""
+    check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=lambda b: b)
+    code, details = _status(lambda: check(b"\xff\xff\xff", timeout=10))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "grpc.health.v1.HealthCheckRequest" in details
+    reflect = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                    request_serializer=lambda b: b)
+    code, details = _status(lambda: list(reflect(iter([b"\xff\xff\xff"]), timeout=10)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "ServerReflectionRequest" in details
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as unknown:
+        health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND  # the servicer's own answers pass through
+    watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # a stream written with context.write
+    watch.cancel()
+    assert "Traceback" not in "".join(decoder.output)
+
+
 def test_in_a_stream_earlier_answers_arrive_before_the_error_naming_its_position(channel: grpc.Channel) -> None:
     good = _request(3).SerializeToString()
     too_big = decoder_pb2.DecodeRequest(model="vae", latents=tensor_pb2.Tensor(

@@ -152,6 +152,68 @@ def test_admission_gauges_show_what_a_held_stream_holds(decoder: ServiceProcess)
     assert value(scrape(url), "aevae_admission_calls") == 0
 
 
+def test_only_models_the_repository_holds_become_labels(decoder: ServiceProcess) -> None:
+    """ModelReady answers OK ("not ready") for any name; those names must not become label values, or any
+    caller could fill the series (and the label cap) with names of its own."""
+    url = metrics_url(decoder.output)
+    with grpc.insecure_channel(decoder.address) as channel:
+        ready = channel.unary_unary("/inference.GRPCInferenceService/ModelReady")
+        from tritonclient.grpc import service_pb2
+
+        for i in range(20):
+            answer = service_pb2.ModelReadyResponse.FromString(
+                ready(service_pb2.ModelReadyRequest(name=f"made-up-{i}").SerializeToString(), timeout=10))
+            assert not answer.ready
+        assert service_pb2.ModelReadyResponse.FromString(
+            ready(service_pb2.ModelReadyRequest(name="vae").SerializeToString(), timeout=10)).ready
+    samples = scrape(url)
+    models = {dict(labels).get("model") for (name, labels) in samples if name == "aevae_grpc_requests_total"}
+    assert not any(m and m.startswith("made-up") for m in models), models
+    assert value(samples, "aevae_grpc_requests_total", method="ModelReady", model="other") >= 20
+    assert value(samples, "aevae_grpc_requests_total", method="ModelReady", model="vae") >= 1
+
+
+def test_idle_scrape_connections_are_bounded_and_time_out(decoder: ServiceProcess) -> None:
+    """Connections to /metrics that never finish their request are capped (one past the cap is closed at
+    once) and closed after the handler's timeout, so they cannot take the process's file descriptors; a
+    scrape and gRPC calls go on meanwhile."""
+    from aevae.services.metrics import _Handler, _Server
+
+    host, port = metrics_url(decoder.output).split("//")[1].split("/")[0].rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(_Server.MAX_CONNECTIONS)]
+    try:
+        for conn in idle:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+        time.sleep(0.5)
+        extra = socket.create_connection((host, int(port)), timeout=5)
+        try:
+            extra.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert extra.recv(100) == b"", "a connection past the cap was served, not closed"
+        except ConnectionResetError:  # closed with the request unread: a reset, not an answer
+            pass
+        finally:
+            extra.close()
+        with DecoderClient(decoder.address) as client:
+            assert client.decode(np.zeros((1, 4), np.float32), model="vae").shape == (1, 32, 32)
+        started = time.monotonic()
+        assert idle[0].recv(100) == b""  # closed by the server when the timeout passed
+        assert time.monotonic() - started < _Handler.timeout + 5
+    finally:
+        for conn in idle:
+            conn.close()
+    deadline = time.monotonic() + 10
+    while True:  # the slots come back
+        try:
+            assert "aevae_grpc_requests_total" in urllib.request.urlopen(metrics_url(decoder.output),
+                                                                         timeout=5).read().decode()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert "Traceback" not in "".join(decoder.output)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

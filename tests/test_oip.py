@@ -200,6 +200,63 @@ def test_bad_inputs_get_clear_statuses(servers: dict[str, ServiceProcess], enc: 
     assert dec.infer("vae", [tensor("latents", z, "FP32")]).as_numpy("images").shape == (2, 32, 32)  # still serving
 
 
+def raw_request(z: np.ndarray, **fields: Any) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="vae", raw_input_contents=[z.tobytes()], **fields)
+    request.inputs.add(name="latents", datatype="FP32", shape=list(z.shape))
+    return request
+
+
+def test_malformed_fields_are_invalid_argument(servers: dict[str, ServiceProcess]) -> None:
+    """Fields a fuzzer sends: versions that are digits to Python but not version numbers, shapes numpy cannot
+    describe, an output named twice (an answer past its admitted size), raw and typed contents together.
+    Each gets INVALID_ARGUMENT naming the field, never INTERNAL or UNKNOWN, and nothing in the log."""
+    z = latents(2, 4)
+    with grpc.insecure_channel(servers["decoder"].address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        cases: list[tuple[Any, Any, str]] = []
+        for version in ("²", "١", "01", "00", "9" * 5000, "-1"):
+            cases += [(stub.ModelInfer, raw_request(z, model_version=version), "model_version"),
+                      (stub.ModelMetadata, service_pb2.ModelMetadataRequest(name="vae", version=version),
+                       "model_version"),
+                      (stub.ModelReady, service_pb2.ModelReadyRequest(name="vae", version=version), "model_version")]
+        for shape in ([0, 2**62, 2**62], [2**40, 0], [2, 4, 1], [2] * 70):
+            request = raw_request(np.zeros(0, np.float32))
+            request.inputs[0].shape[:] = shape
+            cases.append((stub.ModelInfer, request, "latents.shape"))
+        twice = raw_request(z)
+        twice.outputs.add(name="images")
+        twice.outputs.add(name="images")
+        cases.append((stub.ModelInfer, twice, "named more than once"))
+        both = raw_request(z)
+        both.inputs[0].contents.fp32_contents.extend(z.ravel().tolist())
+        cases.append((stub.ModelInfer, both, "not both"))
+        for call, request, words in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                call(request)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, err.value)
+            assert words in (err.value.details() or ""), (request, err.value.details())
+        assert stub.ModelReady(service_pb2.ModelReadyRequest(name="vae", version="1")).ready
+        assert not stub.ModelReady(service_pb2.ModelReadyRequest(name="vae", version="7")).ready
+        assert stub.ModelInfer(raw_request(z, model_version="1")).model_version == "1"
+    assert "Traceback" not in "".join(servers["decoder"].output)
+
+
+def test_typed_contents_are_written_as_protobuf_would() -> None:
+    """typed_contents writes the packed fields from the array's bytes: the same message as extending the
+    repeated fields value by value, for every UINT8 value (one-byte and two-byte varints) and for floats."""
+    from aevae.services.grpc_inference import typed_contents
+
+    for array in (np.arange(256, dtype=np.uint8).reshape(2, 8, 16), np.zeros((0, 3), np.uint8),
+                  np.random.default_rng(0).random((3, 5, 7), dtype=np.float32), np.zeros((0, 4), np.float32)):
+        expected = service_pb2.InferTensorContents()
+        if array.dtype == np.uint8:
+            expected.uint_contents.extend(array.ravel().tolist())
+        else:
+            expected.fp32_contents.extend(array.ravel().tolist())
+        got = service_pb2.InferTensorContents.FromString(typed_contents(array))
+        assert got == expected, array.dtype
+
+
 def test_methods_left_out_are_unimplemented_naming_those_served(servers: dict[str, ServiceProcess],
                                                                  dec: triton.InferenceServerClient) -> None:
     with grpc.insecure_channel(servers["decoder"].address) as channel:
@@ -230,6 +287,24 @@ def test_stream_in_order_with_errors(dec: triton.InferenceServerClient) -> None:
     assert [r.get_response().id if r else None for r, _ in results] == ["0", None, "2", "3"]
     assert [r.as_numpy("images").shape[0] for r, _ in results if r] == [3, 5, 2]
     assert results[1][1] is not None and "INVALID_ARGUMENT" in str(results[1][1]) and "N x 4" in str(results[1][1])
+
+
+def test_stream_answers_a_message_that_does_not_parse_and_goes_on(servers: dict[str, ServiceProcess]) -> None:
+    """Bytes that are no ModelInferRequest, and a message over the size limit, fail alone: their answer is
+    an error_message naming the position, and the messages after them are answered."""
+    z = latents(2, 4)
+    good = raw_request(z).SerializeToString()
+    messages = [good, b"\xff\xff\xff", good]
+    with grpc.insecure_channel(servers["decoder"].address) as channel:
+        call = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                     request_serializer=lambda b: b,
+                                     response_deserializer=service_pb2.ModelStreamInferResponse.FromString)
+        answers = list(call(iter(messages), timeout=30))
+    assert len(answers) == 3
+    assert [bool(a.error_message) for a in answers] == [False, True, False]
+    assert answers[1].error_message.startswith("message 1: INVALID_ARGUMENT")
+    assert "not a valid inference.ModelInferRequest" in answers[1].error_message
+    assert np.frombuffer(answers[2].infer_response.raw_output_contents[0], np.float32).size == 2 * 32 * 32
 
 
 def test_asyncio_client(servers: dict[str, ServiceProcess]) -> None:

@@ -89,6 +89,55 @@ def test_a_pickle_payload_is_refused_and_never_run(tiny_repo: Path, tmp_path: Pa
     assert not marker.exists()
 
 
+def test_a_model_whose_only_manifest_is_unreadable_is_broken_not_unknown(tiny_repo: Path) -> None:
+    """A corrupt manifest.json leaves nothing that describes the version, but the model is there: asking
+    for it says why it cannot be served (FAILED_PRECONDITION with the reason), not that it does not exist."""
+    (tiny_repo / "ae" / "1" / "manifest.json").write_text("{not json")
+    store = ModelStore(tiny_repo)
+    for version in (None, 1):
+        with pytest.raises(FailedPrecondition, match=r"no loadable version of model 'ae': version 1: .*manifest"):
+            store.get("ae", version)
+    assert store.holds("ae") and store.holds("vae") and not store.holds("nope")
+    with pytest.raises(NotFound):
+        store.get("nope")
+
+
+def test_requests_for_unknown_models_share_rescans(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each miss rescans (a model may have just been written), but misses that wait while a scan runs take
+    the next scan's result instead of queueing one scan each: a flood of unknown names costs one scan at a
+    time. A model written before the miss is still found."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = ModelStore(tiny_repo, refresh_seconds=60)
+    store.scan()
+    scans = 0
+    real_scan = store.repository.scan
+
+    def slow_scan():  # type: ignore[no-untyped-def]
+        nonlocal scans
+        scans += 1
+        time.sleep(0.05)
+        return real_scan()
+
+    monkeypatch.setattr(store.repository, "scan", slow_scan)
+    barrier = threading.Barrier(16)
+
+    def miss(i: int) -> str:
+        barrier.wait()
+        with pytest.raises(NotFound) as error:
+            store.get(f"nope{i}")
+        return str(error.value)
+
+    with ThreadPoolExecutor(16) as pool:
+        errors = list(pool.map(miss, range(16)))
+    assert all("unknown model" in e for e in errors)
+    assert scans <= 4, scans  # one scan each would be 16
+    write_tiny(tiny_repo, "late", "ae")
+    assert store.get("late").name == "late"
+
+
 def test_unknown_model_and_version_list_what_exists(tiny_repo: Path) -> None:
     store = ModelStore(tiny_repo)
     with pytest.raises(NotFound, match=r"unknown model 'nope'; available: ae: 1; vae: 1; vae8: 1"):
