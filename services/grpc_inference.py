@@ -31,6 +31,7 @@ from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
 from aevae.repository import NUMBER_PATTERN
 from aevae.services.grpc_common import Engine, Pinned, guarded, pipelined, readable, rows
+from aevae.v1.tensors import length_delimited
 
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
 CONFIG_TYPES = {"UINT8": model_config_pb2.TYPE_UINT8, "FP32": model_config_pb2.TYPE_FP32}
@@ -129,20 +130,43 @@ def requested_outputs(request: service_pb2.ModelInferRequest, model: str, gives:
     return names
 
 
+RAW_OUTPUT_CONTENTS = service_pb2.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+INFER_RESPONSE = service_pb2.ModelStreamInferResponse.DESCRIPTOR.fields_by_name["infer_response"].number
+
+
 def infer_response(request: service_pb2.ModelInferRequest, model: str, version: int, outputs: Outputs,
-                   raw: bool) -> service_pb2.ModelInferResponse:
-    """The requested outputs, raw or typed, in the order asked."""
+                   raw: bool, serialized: bool = True) -> service_pb2.ModelInferResponse | bytes:
+    """The requested outputs, raw or typed, in the order asked. Raw answers are the response's bytes
+    (`serialized`, the Engine's raw_responses), serialized here with one copy of each output (the message's
+    fields, then the outputs' bytes appended as its raw_output_contents), where appending them to the
+    message and serializing it made three."""
     names = requested_outputs(request, model, list(outputs))
     response = service_pb2.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
+    data: list[np.ndarray] = []
     for name in names:
         array = outputs[name]
         datatype = "UINT8" if array.dtype == np.uint8 else "FP32"
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if raw:
-            response.raw_output_contents.append(np.ascontiguousarray(array, DATATYPES[datatype]).tobytes())
+            data.append(np.ascontiguousarray(array, DATATYPES[datatype]).reshape(-1).view(np.uint8))
         else:
             tensor.contents.MergeFromString(typed_contents(array))
-    return response
+    if not raw:
+        return response
+    if not serialized:
+        response.raw_output_contents.extend(bytes_.tobytes() for bytes_ in data)
+        return response
+    parts: list[Any] = [response.SerializeToString()]
+    for bytes_ in data:
+        parts += [length_delimited(RAW_OUTPUT_CONTENTS, bytes_.size), bytes_.data]
+    return b"".join(parts)
+
+
+def stream_response(response: service_pb2.ModelInferResponse | bytes) -> service_pb2.ModelStreamInferResponse | bytes:
+    """A ModelStreamInferResponse holding `response` (its bytes wrapped without parsing them again)."""
+    if isinstance(response, bytes):
+        return length_delimited(INFER_RESPONSE, len(response)) + response
+    return service_pb2.ModelStreamInferResponse(infer_response=response)
 
 
 def typed_contents(array: np.ndarray) -> bytes:
@@ -160,16 +184,7 @@ def typed_contents(array: np.ndarray) -> bytes:
     else:  # packed little-endian floats
         data = flat.astype("<f4", copy=False).view(np.uint8)
         field = 6  # fp32_contents
-    return bytes([field << 3 | 2]) + _varint(data.size) + data.tobytes()
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return length_delimited(field, data.size) + data.tobytes()
 
 
 # -- the two models' signatures ------------------------------------------------------------------------------
@@ -256,7 +271,7 @@ class InferenceServicer:
 
     # -- inference ----------------------------------------------------------------------------------------
     async def _infer(self, message: Any, unary: bool = False,
-                     pinned: Pinned | None = None) -> service_pb2.ModelInferResponse:
+                     pinned: Pinned | None = None) -> service_pb2.ModelInferResponse | bytes:
         """One request (its bytes parsed here, so that a message that does not parse fails alone): validated
         on its own, then computed together with whatever else is waiting (a unary call's, on a busy server,
         waiting a moment for others: Batcher.submit). In a stream, `pinned` holds its versions."""
@@ -272,23 +287,25 @@ class InferenceServicer:
                 if pinned is not None:
                     pinned.served(out.model, out.version)
                 raw = bool(request.raw_input_contents)
-                return infer_response(request, out.model, out.version, outputs_of(out), raw)
+                return infer_response(request, out.model, out.version, outputs_of(out), raw,
+                                      self.engine.raw_responses)
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse:
-        async def call() -> service_pb2.ModelInferResponse:
+    async def ModelInfer(self, request: Any,
+                         context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse | bytes:
+        async def call() -> service_pb2.ModelInferResponse | bytes:
             with self.engine.admission.call():
                 return await self._infer(request, unary=True)
 
         return await guarded(context, call())
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[Any],
-                               context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse | bytes]:
         """One response per request, in order, `stream_depth` computed at once; a failed request (one that
         does not even parse included) answers with its error_message (the status name first) and the stream
         goes on, as in Triton. One version serves the stream, as in aevae.v1's streams (Pinned)."""
         pinned = Pinned()
 
-        async def handle(index: int, message: Any) -> service_pb2.ModelStreamInferResponse:
+        async def handle(index: int, message: Any) -> service_pb2.ModelStreamInferResponse | bytes:
             await pinned.turn(index)
             try:
                 response = await guarded(_Capture(), self._infer(message, pinned=pinned))
@@ -300,9 +317,9 @@ class InferenceServicer:
                         model_name=request.model_name, model_version=request.model_version, id=request.id))
             finally:
                 pinned.taken(index)
-            return service_pb2.ModelStreamInferResponse(infer_response=response)
+            return stream_response(response)
 
-        async def admitted() -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        async def admitted() -> AsyncIterator[service_pb2.ModelStreamInferResponse | bytes]:
             with self.engine.admission.call():
                 async for response in pipelined(request_iterator, handle, self.engine.stream_depth):
                     yield response

@@ -289,6 +289,28 @@ def test_stream_in_order_with_errors(dec: triton.InferenceServerClient) -> None:
     assert results[1][1] is not None and "INVALID_ARGUMENT" in str(results[1][1]) and "N x 4" in str(results[1][1])
 
 
+def test_raw_answers_serialized_with_one_copy_are_the_message() -> None:
+    """infer_response's bytes (outputs appended after the message's fields) parse to the very message the
+    protobuf way builds, for several outputs in the order asked, and wrap into a stream response."""
+    from aevae.services.grpc_inference import infer_response, stream_response
+
+    rng = np.random.default_rng(0)
+    outputs = {"mean": rng.random((3, 4), dtype=np.float32), "logvar": rng.random((3, 4), dtype=np.float32),
+               "sample": rng.random((3, 4), dtype=np.float32)}
+    request = service_pb2.ModelInferRequest(model_name="vae", id="x", raw_input_contents=[b""])
+    request.outputs.add(name="sample")
+    request.outputs.add(name="mean")
+    data = infer_response(request, "vae", 3, outputs, raw=True)
+    message = infer_response(request, "vae", 3, outputs, raw=True, serialized=False)
+    assert isinstance(data, bytes) and isinstance(message, service_pb2.ModelInferResponse)
+    assert service_pb2.ModelInferResponse.FromString(data) == message
+    assert [o.name for o in message.outputs] == ["sample", "mean"]
+    np.testing.assert_array_equal(np.frombuffer(message.raw_output_contents[1], np.float32).reshape(3, 4),
+                                  outputs["mean"])
+    wrapped = service_pb2.ModelStreamInferResponse.FromString(stream_response(data))  # type: ignore[arg-type]
+    assert wrapped.infer_response == message and not wrapped.error_message
+
+
 def test_stream_answers_a_message_that_does_not_parse_and_goes_on(servers: dict[str, ServiceProcess]) -> None:
     """Bytes that are no ModelInferRequest, and a message over the size limit, fail alone: their answer is
     an error_message naming the position, and the messages after them are answered."""

@@ -113,13 +113,19 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def length_delimited(field_number: int, size: int) -> bytes:
+    """The key and length that come before `size` bytes of field `field_number` on the wire: an embedded
+    message, a bytes field or a packed repeated scalar field."""
+    return _varint(field_number << 3 | _LEN) + _varint(size)
+
+
 def serialize_with_data(head: Any, field_number: int, array: np.ndarray) -> bytes:
     """`head` (a message whose Tensor field `field_number` holds dtype and shape but no data) serialized, with
     the array's bytes as that Tensor's data: one copy of the array."""
     wire = DTYPES.get(dtype_name(array.dtype), array.dtype)
     data = np.ascontiguousarray(array, dtype=wire).reshape(-1).view(np.uint8).data
-    inner = _varint(3 << 3 | _LEN) + _varint(len(data))
-    outer = _varint(field_number << 3 | _LEN) + _varint(len(inner) + len(data))
+    inner = length_delimited(3, len(data))
+    outer = length_delimited(field_number, len(inner) + len(data))
     return b"".join((head.SerializeToString(), outer, inner, data))
 
 
@@ -194,7 +200,7 @@ def split_payload(data: bytes, field_number: int) -> tuple[bytes, memoryview] | 
                 else:
                     inner.append(value[s:e])
             rest = b"".join(inner)
-            head.append(_varint(field_number << 3 | _LEN) + _varint(len(rest)) + rest)
+            head.append(length_delimited(field_number, len(rest)) + rest)
     except (TensorError, IndexError):
         return None
     return None if payload is None else (b"".join(head), payload)
