@@ -57,7 +57,8 @@ class ServiceSettings:
     port: int | None = _opt(None, "port (default: 50051 for the encoder, 50052 for the decoder); 0 picks a free "
                                   "one, printed on start")
     max_message_bytes: int = _opt(64 * 1024 * 1024, "largest request or response message; RESOURCE_EXHAUSTED "
-                                                     "beyond", minimum=1)
+                                                     "beyond; at least 64 KiB, or the metadata answers (ListModels, "
+                                                     "GetLatentStats) could not be sent", minimum=64 * 1024)
     max_batch: int = _opt(65536, "most images or latents per request message; RESOURCE_EXHAUSTED beyond",
                           minimum=1)
     max_concurrent_rpcs: int = _opt(256, "most Encode/Decode calls and streams in flight; RESOURCE_EXHAUSTED "

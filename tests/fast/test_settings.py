@@ -46,6 +46,9 @@ def test_a_mapping_is_checked_key_by_key() -> None:
         ServiceSettings.from_mapping({"batch_size": 0})
     with pytest.raises(ValueError, match=r"runtime must be auto, onnx or torch"):
         ServiceSettings(runtime="tvm")
+    # a message limit under the metadata answers' size would refuse every call, ListModels included
+    with pytest.raises(ValueError, match=r"max-message-bytes must be at least 65536, got 10"):
+        ServiceSettings(max_message_bytes=10)
     # nan passes every comparison with a minimum, inf would wait forever: both refused, from a flag or a file
     with pytest.raises(ValueError, match=r"batch-wait-s must be a finite number, got nan"):
         ServiceSettings.from_mapping({"batch_wait_s": "nan"})
