@@ -105,10 +105,13 @@ class Scan:
 
     versions: dict[str, list[Version]] = field(default_factory=dict)
     broken: list[BrokenVersion] = field(default_factory=list)
+    ignored: list[tuple[Path, str]] = field(default_factory=list)  # folders in a model that are no version: why
 
     def describe(self, root: Path) -> str:
         """`ae: 1, 2; vae: 1` - what exists, for error messages."""
         if not self.versions:
+            if not root.exists():
+                return f"no models: {root} does not exist (yet; train some with `aevae train`)"
             return f"no models in {root.name or root} (train some with `aevae train`)"
         return "; ".join(f"{n}: {', '.join(str(v.number) for v in vs)}" for n, vs in self.versions.items())
 
@@ -147,10 +150,10 @@ class ModelRepository:
             found = []
             for entry in model_dir.iterdir():
                 number = version_number(entry.name)
-                if number is None:
-                    if entry.name[:1].isdigit():
-                        log.warning("ignoring %s: a version folder is named by a decimal number from 1 to "
-                                    "2**63-1 with no leading zeros", entry)
+                if number is None:  # hidden entries are the writer's own (staging, the high-water mark)
+                    if not entry.name.startswith(".") and (entry.name[:1].isdigit() or entry.is_dir()):
+                        scan.ignored.append((entry, "a version folder is named by a decimal number from 1 to "
+                                                    "2**63-1 with no leading zeros"))
                     continue
                 if not entry.is_dir():
                     continue

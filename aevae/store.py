@@ -80,6 +80,8 @@ class ModelStore:
                 scan = self.repository.scan()
                 for b in scan.broken:
                     self._warn_once(str(b.path), f"skipping broken model version {b.name}/{b.number}: {b.reason}")
+                for path, why in scan.ignored:
+                    self._warn_once(str(path), f"ignoring {path}: {why}")
                 self._revalidate(scan)
                 self._scan = scan
                 self._scan_began = began

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from aevae.manifest import Manifest
 from aevae.repository import MANIFEST, ModelRepository, version_number
+from aevae.store import ModelStore
 from helpers import ROOT, write_tiny
 
 
@@ -49,13 +51,21 @@ def test_only_canonical_decimal_names_are_versions(name: str, number: int | None
 
 
 def test_non_canonical_folders_are_ignored_not_listed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each folder that looks meant as a version but is none is named, once per store (not at every
+    refresh); the writer's hidden entries are not."""
     write_tiny(tmp_path, "vae")
     write_tiny(tmp_path, "vae")
-    shutil.copytree(tmp_path / "vae" / "2", tmp_path / "vae" / "002")
-    shutil.copytree(tmp_path / "vae" / "2", tmp_path / "vae" / "99999999999999999999")
+    for name in ("002", "99999999999999999999", "v1"):
+        shutil.copytree(tmp_path / "vae" / "2", tmp_path / "vae" / name)
+    (tmp_path / "vae" / ".incoming-x").mkdir()
     scan = ModelRepository(tmp_path).scan()
     assert [v.number for v in scan.versions["vae"]] == [1, 2]
-    assert "002" in caplog.text and "leading zeros" in caplog.text
+    assert sorted(p.name for p, why in scan.ignored if "leading zeros" in why) == ["002", "99999999999999999999", "v1"]
+    store = ModelStore(tmp_path, refresh_seconds=0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            store.scan()
+    assert caplog.text.count("ignoring") == 3 and "v1" in caplog.text and ".incoming" not in caplog.text
 
 
 def test_an_incomplete_version_is_broken_with_its_reason(tmp_path: Path) -> None:
