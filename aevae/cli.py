@@ -25,9 +25,15 @@ COMMANDS = (
 )
 
 
+# The logging levels --log-level accepts, any case. Checked by argparse: logging.basicConfig would raise a
+# ValueError (a traceback) for any other name, after the command was chosen.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="aevae", description="Serve and explore autoencoder latent spaces.")
-    root.add_argument("--log-level", default="WARNING", help="Python logging level (default: WARNING)")
+    root.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                      help=f"Python logging level: {', '.join(LOG_LEVELS)} (default: WARNING)")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
@@ -36,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

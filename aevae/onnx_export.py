@@ -219,6 +219,7 @@ def register(sub: Any) -> None:
 
 def run(args: Any) -> int:
     import os
+    import sys
 
     from aevae.errors import UserError
     from aevae.repository import ModelRepository
@@ -250,7 +251,7 @@ def run(args: Any) -> int:
                if not any(chosen(w, v) for versions in available.values() for v in versions)]
     if unknown:
         raise UserError(f"no such model or version: {', '.join(unknown)}; available: {repository.describe()}")
-    done = 0
+    done, broken = 0, []
     for name, versions in available.items():
         for version in versions:
             if wanted and not any(chosen(w, version) for w in wanted):
@@ -258,18 +259,39 @@ def run(args: Any) -> int:
             if {ENCODER, DECODER, DECODER_INT8} <= set(version.manifest.files):
                 print(f"{version}: has its ONNX graphs")
                 continue
-            add_graphs(repository, version, test_images)
+            try:
+                add_graphs(repository, version, test_images)
+            except BrokenVersionError as exc:  # the others are still converted; the exit status says it
+                print(f"{version}: {exc}", file=sys.stderr)
+                broken.append(str(version))
+                continue
             done += 1
     print(f"added ONNX graphs to {done} version(s)")
+    if broken:
+        raise UserError(f"{len(broken)} version(s) broken, left as they are: {', '.join(broken)}")
     return 0
+
+
+class BrokenVersionError(ValueError):
+    """The version's files fail their checksums or its weights do not load: it gets no graphs."""
 
 
 def add_graphs(repository: Any, version: Any, test_images: np.ndarray | None = None) -> Any:
     """Exports and checks the graphs one version lacks, the fp32 ones and the int8 decoder, and adds them to
-    it (the weights and the graphs it has stay as they are)."""
-    from aevae.runtimes import TorchRuntime
+    it (the weights and the graphs it has stay as they are).
 
-    model = TorchRuntime.open(version).model
+    The weights come through the one load path (aevae.inference.load), which verifies every file against the
+    manifest's checksums first: opened directly, a truncated weights.pt surfaced as torch's own error (a
+    traceback), and an altered one would have been exported into graphs that pass as the version's own.
+    BrokenVersionError, with the reason, when the version cannot be loaded."""
+    from aevae.inference import load
+    from aevae.runtimes import torch_module
+    from aevae.store import broken_reason
+
+    try:
+        model = torch_module(load(version, prefer="torch"))
+    except Exception as exc:  # noqa: BLE001 - as the store: a version that cannot load is broken, with why
+        raise BrokenVersionError(f"broken: {broken_reason(exc)}") from None
     files = version.manifest.files
     runtimes: dict[str, Any] = {}
     if ENCODER in files and DECODER in files:

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from aevae.manifest import FILE_NAME as MANIFEST
 from aevae.manifest import Manifest, ManifestError, json_default
@@ -123,23 +123,39 @@ class ModelRepository:
         self.root = models_dir(root)
         self.allow_symlinks = allow_symlinks
 
-    def ensure_writable(self) -> None:
-        """Raises UserError now when versions could not be written here (a file in the way, no permission),
-        rather than after the minutes of training that would produce them. Creates nothing: a run that fails
-        later leaves no empty repository behind."""
+    def ensure_writable(self, names: Iterable[str] = ()) -> None:
+        """Raises UserError now when versions of the models `names` could not be written here (a file in the
+        way, no permission, a read-only mount, /proc), rather than after the minutes of training that would
+        produce them. Permission bits say nothing for root or a read-only mount, so this writes: it makes the
+        missing folders down to each model's folder (the root's, with no names) and a temporary file there,
+        then removes what it made, so that a run that fails later leaves no empty repository behind."""
         from aevae.errors import UserError
 
-        existing = self.root
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        why = None
-        if not existing.is_dir():
-            why = f"{existing} is a file, not a folder"
-        elif not os.access(existing, os.W_OK | os.X_OK):
-            why = f"{existing} is not writable"
-        if why:
-            raise UserError(f"cannot write model versions under {self.root}: {why}; pass --models-dir (or set "
-                            "AEVAE_MODELS_DIR) to a folder you can write")
+        for folder in [self.root / name for name in names] or [self.root]:
+            existing = folder
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not existing.is_dir():
+                raise UserError(f"cannot write model versions under {self.root}: {existing} is a file, not a "
+                                "folder; pass --models-dir (or set AEVAE_MODELS_DIR) to a folder you can write")
+            made: list[Path] = []
+            try:
+                for parent in reversed([folder, *folder.parents]):
+                    if not parent.exists():
+                        parent.mkdir()
+                        made.append(parent)
+                with tempfile.TemporaryFile(dir=folder):
+                    pass
+            except OSError as exc:
+                where = f"{exc.filename}: " if exc.filename else ""
+                raise UserError(f"cannot write model versions under {self.root}: {where}{exc.strerror or exc}; "
+                                "pass --models-dir (or set AEVAE_MODELS_DIR) to a folder you can write") from None
+            finally:
+                for path in reversed(made):
+                    try:
+                        path.rmdir()
+                    except OSError:
+                        pass
 
     def scan(self) -> Scan:
         scan = Scan()

@@ -177,7 +177,7 @@ class ModelStore:
                     fingerprint = version.fingerprint()
                     model = load(version, self.runtime, self.threads, self.precision)
                 except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
-                    reason = _reason(exc)
+                    reason = broken_reason(exc)
                     self._broken[key] = (_fingerprint(version), reason)
                     self._warn_once(str(version.path), f"model version {version} is broken: {reason}")
                     raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {reason}") from None
@@ -246,7 +246,7 @@ def _fingerprint(version: Version | None) -> Fingerprint | None:
         return None
 
 
-def _reason(exc: Exception) -> str:
+def broken_reason(exc: Exception) -> str:
     """Why a version failed to load, without absolute server paths."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, OSError) and exc.strerror:

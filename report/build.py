@@ -18,7 +18,7 @@ import numpy as np
 from aevae import mnist
 from aevae.inference import LoadedModel
 from aevae.report import ae2d, claims, classifier as digit_classifier, figures, information, page, samples
-from aevae.report.config import SEED_RANGES, ReportConfig
+from aevae.report.config import SEED_RANGES, ReportConfig, ReportError
 from aevae.report.quantize import BITS, TOLERANCE_NATS, bce_per_image, rate_distortion
 from aevae.inference import sample
 from aevae.store import ModelStore
@@ -91,11 +91,29 @@ def _model_info(model: LoadedModel) -> dict[str, Any]:
             "manifest_test_bce": m.metric("test_bce")}
 
 
+def prepare_out(out: Path) -> Path:
+    """Creates `out`/figures and proves a file can be written there, before any of the minutes of work: an
+    --out that is a file, or a folder that cannot be created or written (/proc/...), raises ReportError naming
+    it instead of a traceback from mkdir, or an OSError at the very end that loses the run."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out} is a file; the report is a folder (index.html, figures/, numbers.json): "
+                          "pass a new or existing folder")
+    try:
+        (out / FIGURES).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out / FIGURES):
+            pass
+    except OSError as exc:
+        raise ReportError(f"--out {out}: cannot write the report there ({exc.strerror or exc}); pass a folder "
+                          "you can write") from None
+    return out
+
+
 def run(config: ReportConfig) -> dict[str, Any]:
     """Writes index.html, figures/*.png and numbers.json into `config.out`; returns the numbers."""
     progress = Progress()
-    out = Path(config.out)
-    (out / FIGURES).mkdir(parents=True, exist_ok=True)
+    out = prepare_out(Path(config.out))
     rng = np.random.default_rng(config.seed)
 
     store = ModelStore(config.models_dir, runtime="torch")  # BCE from the logits needs the torch module

@@ -9,31 +9,45 @@ import argparse
 MAX_WIDTH = 65_536
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, which register() takes from TrainConfig, the one place the defaults are
+    defined, so --help cannot drift from them. A default of None is left out: it stands for something the
+    flag's help names (an environment variable, a value computed at run time), never for "None"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from aevae.trainer.config import PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train the AE and the VAE with Ray Train and write model versions",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsFormatter)
     p.add_argument("--models", default=",".join(d.models), help="comma-separated kinds to train: ae, vae")
     p.add_argument("--name", default=None,
                    help="repository name to write under instead of the kind, e.g. ae-2d (one model only)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch, split over workers")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--latent-dim", type=int, default=d.latent_dim)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the initial weights, the batch order and the latent statistics' sample")
+    p.add_argument("--latent-dim", type=int, default=d.latent_dim, help="dimensions of the latent space")
     p.add_argument("--hidden", default=",".join(map(str, d.hidden)), help="hidden layer widths, encoder side")
     p.add_argument("--train-limit", type=int, default=None, metavar="N", help="train on the first N images only")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="Ray Train workers (DDP, gloo)")
     p.add_argument("--cpus-per-worker", type=int, default=None,
                    help="CPUs (and torch threads) per worker; default: this machine's CPUs / workers")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help=f"training precision (default {d.precision}): bf16 runs the matrix products in bfloat16 "
-                        "(CPU autocast), the loss, weights and optimizer state stay float32")
+                   help="training precision: bf16 runs the matrix products in bfloat16 (CPU autocast), the loss, "
+                        "weights and optimizer state stay float32")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
     p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
-    p.add_argument("--storage-path", default=None, help="where Ray keeps its run checkpoints")
+    p.add_argument("--storage-path", default=d.storage_path,
+                   help="where Ray keeps its run checkpoints, a folder or a storage URI (default: %(default)s, "
+                        "that is $TMPDIR/aevae-ray)")
     p.add_argument("--address", default=None, help="an existing Ray cluster, e.g. ray://head:10001 or auto")
     p.set_defaults(func=run)
 
@@ -61,13 +75,16 @@ def config_from_args(args: argparse.Namespace):
     if args.latent_dim > MAX_WIDTH:
         raise UserError(f"--latent-dim must be at most {MAX_WIDTH:,}, got {args.latent_dim}")
     cpus = args.cpus_per_worker or max(1, (os.cpu_count() or 1) // args.num_workers)
-    return TrainConfig(
-        models=models, name=args.name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, latent_dim=args.latent_dim, hidden=hidden, train_limit=args.train_limit,
-        num_workers=args.num_workers, cpus_per_worker=cpus, data_root=args.data_root,
-        models_dir=args.models_dir, storage_path=args.storage_path, address=args.address,
-        precision=args.precision,
-    )
+    try:
+        return TrainConfig(
+            models=models, name=args.name, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            seed=args.seed, latent_dim=args.latent_dim, hidden=hidden, train_limit=args.train_limit,
+            num_workers=args.num_workers, cpus_per_worker=cpus, data_root=args.data_root,
+            models_dir=args.models_dir, storage_path=args.storage_path, address=args.address,
+            precision=args.precision,
+        )
+    except ValueError as exc:  # TrainConfig's own checks (e.g. --name), worded for the command line
+        raise UserError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aevae.repository import NAME_PATTERN
 
 # Training precisions: "fp32", or "bf16" (CPU autocast: the matrix products in bfloat16; the loss, the master
 # weights and the optimizer state in float32). bf16 is the default: over the full default run it reached
@@ -31,13 +35,22 @@ class TrainConfig:
     name: str | None = None
     data_root: str | None = None
     models_dir: str | None = None
+    # Where Ray keeps its run checkpoints; None (also when passed) is $TMPDIR/aevae-ray, filled in by
+    # __post_init__ so that this is the one place the default is defined and `aevae train --help` shows it.
     storage_path: str | None = None
     address: str | None = None
     precision: str = "bf16"
 
     def __post_init__(self) -> None:
+        """Refuses what could only fail after training (a name the repository would not write), so a run is
+        never lost at its end; fills in the storage path's default."""
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.name is not None and not NAME_PATTERN.match(self.name):
+            raise ValueError(f"--name {self.name!r} is not a model name: 1 to 64 lowercase letters, digits, '.', "
+                             f"'_' or '-', starting with a letter or digit, e.g. ae-2d ({NAME_PATTERN.pattern})")
+        if self.storage_path is None:
+            self.storage_path = str(Path(tempfile.gettempdir()) / "aevae-ray")
 
     def to_json(self) -> dict:
         return asdict(self)

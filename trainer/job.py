@@ -12,9 +12,7 @@ import functools
 import logging
 import os
 import platform
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,7 +81,8 @@ def _fit(config: TrainConfig, archs: dict[str, Architecture], refs: dict[str, An
     from aevae.trainer.loop import CHECKPOINT_FILE, train_loop_per_worker
 
     progress = Queue()
-    storage = config.storage_path or str(Path(tempfile.gettempdir()) / "aevae-ray")
+    storage = config.storage_path
+    assert storage is not None  # TrainConfig fills in its default
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -191,7 +190,7 @@ def run(config: TrainConfig) -> list[Version]:
     if not config.address:  # before anything starts: the local Ray gets this machine's CPUs
         check_cpus("--num-workers", config.num_workers, config.cpus_per_worker, os.cpu_count() or 1, None)
     repository = ModelRepository(config.models_dir)
-    repository.ensure_writable()
+    repository.ensure_writable(config.target_name(kind) for kind in config.models)
     data = mnist.load(config.data_root)
     train = data.train
     if config.train_limit:

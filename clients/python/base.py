@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import grpc
 
 from aevae.client import health
-from aevae.client.core import Retry, ServerLimits, channel_options
+from aevae.client.core import Retry, ServerLimits, channel_options, grpc_timeout, unimplemented_hint
 from aevae.client.credentials import ChannelSecurity, open_channel
 from aevae.client.fanout import AsyncFanOut, SyncFanOut, parse_targets
 from aevae.client.metadata import Metadata
@@ -26,7 +26,8 @@ class _Common:
                  tls_ca: str | bytes | None = None, tls_cert: str | bytes | None = None,
                  tls_key: str | bytes | None = None, security: ChannelSecurity | None = None):
         """`timeout` (seconds) is one total deadline per call, a streamed one included, retries included
-        (None: no deadline). `retries`: gRPC retries a call that fails with UNAVAILABLE (core.service_config).
+        (None, or over core.MAX_TIMEOUT, about 31 years: no deadline). `retries`: gRPC retries a call that
+        fails with UNAVAILABLE (core.service_config).
         `metadata` goes with every call, e.g. [("application", "decoder")] for Ray Serve's gRPC proxy.
 
         `target`: host:port; several (a list, a comma-separated string, or dns:///name:port for every address
@@ -44,7 +45,8 @@ class _Common:
         self.timeout = timeout
         self.stream_chunk = stream_chunk
         self._retry = Retry(retries, backoff)
-        self._retry.explain = security.explain(self.target)
+        transport, unimplemented = security.explain(self.target), unimplemented_hint(self.SERVICE, self.target)
+        self._retry.explain = lambda error: unimplemented(transport(error))
         self._limits: ServerLimits | None = None
         if len(self.targets) > 1:  # each replica: this constructor, one target, these options
             options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
@@ -59,8 +61,9 @@ class _Common:
         raise NotImplementedError
 
     def _deadline(self, timeout: float | None, messages: int = 1) -> float | None:
-        """One total deadline for the call, however many messages it streams."""
-        return self.timeout if timeout is None else timeout
+        """One total deadline for the call, however many messages it streams; longer than core.MAX_TIMEOUT is
+        none (gRPC's deadline would overflow and expire at once)."""
+        return grpc_timeout(self.timeout if timeout is None else timeout)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"

@@ -13,6 +13,26 @@ from aevae.services.settings import PORTS  # stdlib only
 
 # Latents such as -1.5,0.2 start with "-": without this, argparse would take them for options.
 _NUMBERS = re.compile(r"^-[0-9.]+([eE][-+]?\d+)?(,[-+]?[0-9.]+([eE][-+]?\d+)?)*$")
+# The most pixels `aevae decode` writes into one PNG (64 Mi; 8192 x 8192): the row of images, upscaled by
+# --scale, is built in memory first, and without a bound a large --scale ended in numpy's MemoryError.
+MAX_PNG_PIXELS = 1 << 26
+
+
+def version_arg(text: str) -> int | None:
+    """--version as argparse reads it: a version number from 1 to 2**63 - 1, or 0 for the newest, as in the
+    API (a request's version 0 is the newest). 0 becomes None, the client's "newest": passed on as 0, the client
+    refused it in Python's words ("expected None"). Anything else is refused naming the accepted range (the
+    wire's, imported here: registering the commands imports no protobuf)."""
+    from aevae.v1.tensors import MAX_VERSION
+
+    try:
+        number = int(text)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"expected a version number from 1 to {MAX_VERSION:,} or 0 for the "
+                                         f"newest, got {text!r}")
+    return number or None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,9 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "the latter); white digit on black, like MNIST")
     e.add_argument("--encoder", default=f"127.0.0.1:{PORTS['encoder']}", metavar="HOST:PORT")
     e.add_argument("--model", default="vae", help="model name in the repository (default vae)")
-    e.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
+    e.add_argument("--version", type=version_arg, default=None, help="model version, 0 for the newest (default)")
     e.add_argument("--invert", action="store_true", help="invert the images first (dark digit on light paper)")
-    e.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    e.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30; over 1e9: no deadline)")
     add_security_arguments(e)
     e.set_defaults(func=encode)
 
@@ -34,9 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("-o", "--output", required=True, help="PNG to write (several latents: one row of images)")
     d.add_argument("--decoder", default=f"127.0.0.1:{PORTS['decoder']}", metavar="HOST:PORT")
     d.add_argument("--model", default="vae", help="model name in the repository (default vae)")
-    d.add_argument("--version", type=int, default=None, help="model version (default: the newest)")
-    d.add_argument("--scale", type=int, default=1, help="upscale the PNG by this integer factor (default 1)")
-    d.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    d.add_argument("--version", type=version_arg, default=None, help="model version, 0 for the newest (default)")
+    d.add_argument("--scale", type=int, default=1, help="upscale the PNG by this integer factor (default 1; the PNG "
+                                                        f"may have at most {MAX_PNG_PIXELS:,} pixels)")
+    d.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30; over 1e9: no deadline)")
     add_security_arguments(d)
     d._negative_number_matcher = _NUMBERS
     d.set_defaults(func=decode)
@@ -119,6 +140,23 @@ def encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_png_size(count: int, height: int, width: int, scale: int) -> None:
+    """UserError when `count` images of height x width side by side, upscaled by `scale`, would make a PNG of
+    more than MAX_PNG_PIXELS: checked before the row is built, so the answer is a sentence, not a MemoryError."""
+    import math
+
+    from aevae.errors import UserError
+
+    pixels = count * height * width * scale * scale
+    if pixels <= MAX_PNG_PIXELS:
+        return
+    largest = math.isqrt(MAX_PNG_PIXELS // max(1, count * height * width))
+    images = f"{count} image{'s' if count > 1 else ''} of {width}x{height}"
+    fix = f"--scale at most {largest}" if largest >= 1 else "fewer latents per PNG"
+    raise UserError(f"--scale {scale} would make a PNG of {width * count * scale:,} x {height * scale:,} = {pixels:,} "
+                    f"pixels; at most {MAX_PNG_PIXELS:,} are written ({images}: {fix})")
+
+
 def decode(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -138,6 +176,7 @@ def decode(args: argparse.Namespace) -> int:
             images = client.decode(latents, model=args.model, version=args.version, dtype="uint8")
     except AevaeError as exc:
         raise UserError(f"{args.decoder}: {exc}") from None
+    check_png_size(len(images), images.shape[1], images.shape[2], args.scale)
     row = np.concatenate(list(images), axis=1)
     if args.scale > 1:
         row = row.repeat(args.scale, axis=0).repeat(args.scale, axis=1)

@@ -25,6 +25,10 @@ T = TypeVar("T")
 # The server enforces its own limits; the client accepts whatever the server sends.
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 HEADROOM = 4096  # bytes per message kept for the fields around the tensor
+# Timeouts longer than this (about 31.7 years) are no deadline at all. gRPC holds a deadline as int64
+# nanoseconds since the epoch: a timeout of about 9e9 s or more overflows it and the call failed at once with
+# DEADLINE_EXCEEDED, so `timeout=1e300` ("wait as long as it takes") did the opposite of what it says.
+MAX_TIMEOUT = 1e9
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,26 @@ def output_dtype(dtype: str) -> np.dtype:
     if dtype not in ("float32", "uint8"):
         raise invalid(f"dtype: expected 'float32' or 'uint8', got {dtype!r}")
     return np.dtype(dtype)
+
+
+def grpc_timeout(timeout: float | None) -> float | None:
+    """A call's timeout as gRPC can take it: None (no deadline) for None and for anything over MAX_TIMEOUT."""
+    return None if timeout is None or timeout > MAX_TIMEOUT else timeout
+
+
+def unimplemented_hint(service: str, target: str) -> Callable[[AevaeError], AevaeError]:
+    """Explains UNIMPLEMENTED in the user's terms: gRPC's own "Method not found!" does not say that the address
+    serves something else, most often the other aevae service (the encoder on the decoder's port, or the other
+    way round)."""
+    other = {"Encoder": "decoder", "Decoder": "encoder"}.get(service)
+
+    def explain(error: AevaeError) -> AevaeError:
+        if error.code() != grpc.StatusCode.UNIMPLEMENTED or not service:
+            return error
+        guess = f" (perhaps it is the {other}?)" if other else ""
+        return AevaeError(error.code(), f"the server at {target} does not serve aevae.v1.{service}{guess}: "
+                                        f"{error.details()}")
+    return explain
 
 
 def spans(n: int, rows: int) -> Iterator[tuple[int, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from aevae.errors import UserError, require_port
 
@@ -61,8 +62,15 @@ def run(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise UserError("the UI needs aiohttp: pip install 'aevae[ui]'") from exc
     from aevae.ui.server import serve
-    from aevae.ui.validity import DEFAULT_PATH
+    from aevae.ui.validity import DEFAULT_PATH, Judge
 
+    if args.classifier is not None:
+        # A file named on purpose that cannot be used is an error: the server alone would only warn and serve
+        # the samples unjudged, which the user would take for the classifier they asked for. (The shipped
+        # default may be missing from an unusual install; then the samples are unjudged, with the reason.)
+        judge = Judge(args.classifier)
+        if judge.classifier is None:
+            raise UserError(f"--classifier: {judge.reason}")
     guard, security, ssl_context = _protection(args)
     try:
         serve(args.encoder, args.decoder, host=args.host, port=args.port, classifier=args.classifier or DEFAULT_PATH,
@@ -109,10 +117,42 @@ def _protection(args: argparse.Namespace):
     if args.https_cert or args.https_key:
         if not (args.https_cert and args.https_key):
             raise UserError("--https-cert and --https-key go together")
+        # Each file is read here first: ssl's load_cert_chain reports a missing or unreadable file as a bare
+        # "[Errno 2] No such file or directory", naming neither the file nor the option.
+        for flag, path in (("--https-cert", args.https_cert), ("--https-key", args.https_key)):
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise UserError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
             ssl_context.load_cert_chain(args.https_cert, args.https_key)
         except (OSError, ssl.SSLError) as exc:
-            raise UserError(f"--https-cert/--https-key: {exc}") from None
+            raise UserError(f"--https-cert {args.https_cert} and --https-key {args.https_key} are not a PEM "
+                            f"certificate and its private key: {exc}") from None
+    if login is not None:
+        print(f"aevae ui: the page needs a login: {_login_source(args, security)}", file=sys.stderr, flush=True)
     guard = Guard.create(args.host, args.allow_host, args.allow_origin, login)
     return guard, security, ssl_context
+
+
+def _login_source(args: argparse.Namespace, security: Any) -> str:
+    """Where the login token comes from, in words, for the start-up output (never the token itself). By default
+    it is the services' token, which the client may have found by itself in ~/.config/aevae/token (left by
+    `aevae up`): without this line a user who never gave a token would not know which one the page wants."""
+    import os
+
+    from aevae.client.credentials import ENV_TOKEN_FILE, local_token_path
+
+    if args.login_token_file:
+        return f"a token from --login-token-file {args.login_token_file}"
+    if security.token:
+        return "the services' token, from AEVAE_TOKEN"
+    if args.token_file:
+        return f"the services' token, from --token-file {args.token_file}"
+    if os.environ.get(ENV_TOKEN_FILE):
+        return f"the services' token, from AEVAE_TOKEN_FILE ({security.token_file})"
+    if security.token_file and Path(security.token_file) == local_token_path():
+        return f"the services' token, from {security.token_file} (written by `aevae up`)"
+    return f"the services' token, from {security.token_file}"

@@ -16,6 +16,7 @@ import base64
 import dataclasses
 import logging
 import math
+import socket
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -389,8 +390,18 @@ def serve(encoder: str, decoder: str, host: str = "127.0.0.1", port: int = 8080,
                      guard=guard or Guard.create(host), security=security)
     if metrics_port is not None:
         app[ROUND_TRIP] = metrics.observe_ui_decode
-    listening = (f"aevae ui: {'https' if ssl_context else 'http'}://{host}:{port}/  (encoder {encoder}, "
+    where: dict[str, Any] = {"host": host, "port": port}
+    if port == 0:
+        # The system picks the port: bind it here to know which, so the line below names the port listened on
+        # (aiohttp would be given, and some of its versions print, the 0 that was asked for). An IPv6 literal
+        # such as ::1 needs an IPv6 socket; a name binds its first address.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, 0), family=family)
+        port = sock.getsockname()[1]
+        where = {"sock": sock}
+    shown = f"[{host}]" if ":" in host else host
+    listening = (f"aevae ui: {'https' if ssl_context else 'http'}://{shown}:{port}/  (encoder {encoder}, "
                  f"decoder {decoder})")
     # aiohttp calls `print` once the socket is bound, so the line never announces a port that failed
-    web.run_app(app, host=host, port=port, print=lambda _: print(listening, flush=True), handle_signals=True,
+    web.run_app(app, **where, print=lambda _: print(listening, flush=True), handle_signals=True,
                 ssl_context=ssl_context)

@@ -8,6 +8,7 @@ report: the classifier puts probability >= 0.9 on one digit.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ class Judge:
             return
         try:
             self.classifier = DigitClassifier.load(path)
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # a truncated .npz: BadZipFile
             self.reason = f"digit classifier not loaded from {path}: {exc} (tools/export_classifier.py writes it)"
 
     @property

@@ -1,0 +1,304 @@
+"""The commands' errors: a one-line message naming what was wrong and what is accepted, a non-zero exit, and
+nothing started or lost, never a traceback; and what the commands print and document matches what they do.
+
+In-process calls of the CLI's main() (no subprocess); services are small in-process gRPC servers."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from aevae import cli
+from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
+from aevae.v1.tensors import to_tensor
+from helpers import write_tiny
+
+
+class _Decoder(decoder_pb2_grpc.DecoderServicer):
+    """A decoder that serves `vae` (4-d latent, 32 x 32) and answers black images."""
+
+    def ListModels(self, request: Any, context: Any) -> tensor_pb2.ListModelsResponse:
+        model = tensor_pb2.ModelInfo(name="vae", version=1, versions=[1], kind="vae", latent_dim=4,
+                                     image_shape=[32, 32])
+        return tensor_pb2.ListModelsResponse(models=[model], limits=tensor_pb2.Limits(max_message_bytes=1 << 22,
+                                                                                      max_batch=1000))
+
+    def Decode(self, request: Any, context: Any) -> decoder_pb2.DecodeResponse:
+        rows = int(request.latents.shape[0])
+        dtype = np.uint8 if request.dtype == "uint8" else np.float32
+        return decoder_pb2.DecodeResponse(model="vae", version=1, images=to_tensor(np.zeros((rows, 32, 32), dtype)))
+
+
+def _server(*servicers: Any) -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    for servicer in servicers:
+        decoder_pb2_grpc.add_DecoderServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture
+def decoder() -> Iterator[str]:
+    yield from _server(_Decoder())
+
+
+@pytest.fixture
+def no_decoder() -> Iterator[str]:
+    """A gRPC server without the aevae.v1 Decoder, as the encoder's port is to a decoder client."""
+    yield from _server()
+
+
+@pytest.fixture(autouse=True)
+def _no_local_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No token from this machine's ~/.config/aevae or the environment leaks into the tests."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    for name in ("AEVAE_TOKEN", "AEVAE_TOKEN_FILE", "AEVAE_TLS_CA", "AEVAE_TLS_CERT", "AEVAE_TLS_KEY", "AEVAE_TLS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Runs the command, which must fail with exit status 2 (from the command or from argparse); its stderr."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# -- 1. tracebacks --------------------------------------------------------------------------------------
+def test_an_unknown_log_level_is_refused_naming_the_levels(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _refused(["--log-level", "bogus", "encode", "x.png"], capsys)
+    assert "--log-level" in err and "DEBUG" in err and "CRITICAL" in err
+    assert cli.parser().parse_args(["--log-level", "debug", "encode", "x.png"]).log_level == "DEBUG"
+
+
+def test_decode_refuses_a_png_too_large_for_memory_before_building_it(decoder: str, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "big.png"
+    err = _refused(["decode", "0,0,0,0", "-o", str(out), "--decoder", decoder, "--scale", "100000"], capsys)
+    assert "--scale 100000" in err and "at most 67,108,864" in err and "--scale at most 256" in err
+    assert not out.exists()
+    assert cli.main(["decode", "0,0,0,0", "-o", str(out), "--decoder", decoder, "--scale", "2"]) == 0
+    assert out.is_file()
+
+
+def test_report_refuses_an_out_that_is_a_file_or_cannot_be_written(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    a_file = tmp_path / "report.html"
+    a_file.write_text("not a folder")
+    err = _refused(["report", "--models-dir", str(tmp_path / "none"), "--out", str(a_file)], capsys)
+    assert f"--out {a_file} is a file" in err
+    unwritable = "/proc/rep" if os.path.isdir("/proc") else str(a_file / "inside")
+    err = _refused(["report", "--models-dir", str(tmp_path / "none"), "--out", unwritable], capsys)
+    assert f"--out {unwritable}: cannot write the report there" in err
+
+
+def _without_graphs(root: Path) -> Any:
+    """A version written before the trainer wrote ONNX graphs (weights and statistics only): vae-old/1."""
+    import torch
+
+    from aevae.repository import STATS, WEIGHTS, ModelRepository, json_writer
+
+    made = write_tiny(root / "scratch")
+    state = torch.load(made.file(WEIGHTS), weights_only=True)
+    return ModelRepository(root / "models").write(
+        "vae-old", made.manifest.with_(runtimes={}),
+        {WEIGHTS: functools.partial(torch.save, state), STATS: json_writer(made.latent_stats())})
+
+
+def test_export_onnx_reports_a_version_with_truncated_weights_as_broken(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("onnxruntime")
+    version = _without_graphs(tmp_path)
+    weights = version.file("weights.pt")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    err = _refused(["export-onnx", "--models-dir", str(tmp_path / "models")], capsys)
+    assert "vae-old/1: broken: weights.pt does not match the checksum in its manifest" in err
+    assert "1 version(s) broken, left as they are: vae-old/1" in err
+    assert sorted(p.name for p in version.path.iterdir()) == ["latent_stats.json", "manifest.json", "weights.pt"]
+
+
+def _nothing_may_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training that gets past its checks fails the test at once, before reading MNIST or starting Ray."""
+    from aevae import mnist
+    from aevae.trainer import job
+
+    def started(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the run started: it should have been refused before anything started")
+
+    monkeypatch.setattr(mnist, "load", started)
+    monkeypatch.setattr(job, "_start_ray", started)
+
+
+def test_train_refuses_a_bad_name_before_anything_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("ray")
+    _nothing_may_start(monkeypatch)
+    err = _refused(["train", "--models", "vae", "--name", "Bad Name", "--models-dir", str(tmp_path / "m")], capsys)
+    assert "--name 'Bad Name' is not a model name" in err and "lowercase letters, digits" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_train_refuses_a_models_dir_it_cannot_create_before_anything_starts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Permission bits pass for root, and say nothing of /proc or a read-only mount: only a real write tells."""
+    pytest.importorskip("ray")
+    _nothing_may_start(monkeypatch)
+    blocked = "/proc/aevae" if os.path.isdir("/proc") else str(tmp_path)
+    if blocked == str(tmp_path):
+        tmp_path.chmod(0o500)
+    err = _refused(["train", "--models-dir", blocked], capsys)
+    assert f"cannot write model versions under {blocked}" in err and "--models-dir" in err
+    from aevae import mnist
+
+    def load(*args: object) -> None:
+        raise RuntimeError("got past the check")
+
+    monkeypatch.setattr(mnist, "load", load)
+    with pytest.raises(RuntimeError, match="got past the check"):  # a folder that can be made passes ...
+        cli.main(["train", "--models-dir", str(tmp_path / "new" / "models")])
+    assert not (tmp_path / "new").exists()  # ... and the check leaves nothing behind
+
+
+# -- 2. the UI's bound port -----------------------------------------------------------------------------
+def test_ui_on_port_0_prints_the_port_it_listens_on(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("aiohttp")
+    from aevae.ui import server
+
+    seen: dict[str, Any] = {}
+
+    def run_app(app: Any, **kwargs: Any) -> None:  # aiohttp's, once bound: calls print, then returns
+        seen["port"] = kwargs["sock"].getsockname()[1] if "sock" in kwargs else kwargs.get("port")
+        kwargs["print"]("======== Running on ... ========")
+        if "sock" in kwargs:
+            kwargs["sock"].close()
+
+    monkeypatch.setattr(server.web, "run_app", run_app)
+    assert cli.main(["ui", "--port", "0"]) == 0
+    out = capsys.readouterr().out
+    assert seen["port"] != 0 and f"http://127.0.0.1:{seen['port']}/" in out
+
+
+# -- 3. clear messages ----------------------------------------------------------------------------------
+def test_decode_at_a_server_without_the_decoder_says_so(no_decoder: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    err = _refused(["decode", "0,0,0,0", "-o", str(tmp_path / "x.png"), "--decoder", no_decoder], capsys)
+    assert f"the server at {no_decoder} does not serve aevae.v1.Decoder (perhaps it is the encoder?)" in err
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_version_0_is_the_newest_and_a_number_out_of_range_names_the_range(
+        command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    def parse(version: str) -> argparse.Namespace:
+        rest = ["x.png"] if command == "encode" else ["0,0,0,0", "-o", "x.png"]
+        return cli.parser().parse_args([command, "--version", version, *rest])
+
+    assert parse("0").version is None and parse("7").version == 7
+    for bad in ("99999999999999999999", "-1", "newest"):
+        with pytest.raises(SystemExit):
+            parse(bad)
+        assert "from 1 to 9,223,372,036,854,775,807 or 0 for the newest" in capsys.readouterr().err
+
+
+def test_decode_with_version_0_gets_the_newest(decoder: str, tmp_path: Path) -> None:
+    assert cli.main(["decode", "0,0,0,0", "-o", str(tmp_path / "x.png"), "--decoder", decoder,
+                     "--version", "0"]) == 0
+
+
+def test_a_huge_timeout_is_no_deadline_rather_than_an_expired_one(decoder: str, tmp_path: Path) -> None:
+    from aevae.client import DecoderClient
+
+    with DecoderClient(decoder, timeout=1e300) as client:
+        assert client.decode(np.zeros((1, 4)), timeout=1e12).shape == (1, 32, 32)
+        assert client.decode(np.zeros((1, 4))).shape == (1, 32, 32)
+    assert cli.main(["decode", "0,0,0,0", "-o", str(tmp_path / "x.png"), "--decoder", decoder,
+                     "--timeout", "1e300"]) == 0
+
+
+@pytest.fixture
+def ui_not_served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """`aevae ui` gets as far as serving, and records what it would serve with, instead of serving."""
+    pytest.importorskip("aiohttp")
+    from aevae.ui import server
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(server, "serve", lambda *args, **kwargs: calls.append(kwargs))
+    return calls
+
+
+def test_ui_refuses_a_classifier_file_it_cannot_use(ui_not_served: list[dict[str, Any]], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "classifier.npz"
+    for content in (b"not an npz", b"PK\x03\x04 truncated"):
+        bad.write_bytes(content)
+        err = _refused(["ui", "--classifier", str(bad)], capsys)
+        assert f"--classifier: digit classifier not loaded from {bad}" in err
+    assert not ui_not_served
+
+
+def test_ui_names_an_https_file_it_cannot_read(ui_not_served: list[dict[str, Any]], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("not a key")
+    err = _refused(["ui", "--https-cert", "/nope", "--https-key", str(key)], capsys)
+    assert "--https-cert: cannot read /nope: No such file or directory" in err
+    err = _refused(["ui", "--https-cert", str(key), "--https-key", str(key)], capsys)
+    assert f"--https-cert {key} and --https-key {key} are not a PEM certificate and its private key" in err
+
+
+def test_ui_says_where_the_login_token_comes_from_never_the_token(
+        ui_not_served: list[dict[str, Any]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aevae.client.credentials import local_token_path
+
+    token = local_token_path()
+    assert str(token).startswith(str(tmp_path))
+    token.parent.mkdir(parents=True)
+    token.write_text("s3cret-token-value\n")
+    assert cli.main(["ui", "--host", "0.0.0.0"]) == 0 and ui_not_served
+    err = capsys.readouterr().err
+    assert f"the page needs a login: the services' token, from {token} (written by `aevae up`)" in err
+    assert "s3cret" not in err
+
+
+# -- 4. documentation ---------------------------------------------------------------------------------
+def test_train_help_shows_the_defaults_of_train_config(capsys: pytest.CaptureFixture[str]) -> None:
+    from aevae.trainer.config import TrainConfig
+
+    defaults = TrainConfig()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in (f"(default: {defaults.epochs})", f"(default: {defaults.seed})", f"(default: {defaults.latent_dim})",
+                  f"(default: {defaults.storage_path}, that is $TMPDIR/aevae-ray)"):
+        assert shown in text
+    assert (defaults.epochs, defaults.seed, defaults.latent_dim) == (15, 0, 4)  # README, Training
+    assert "(default: None)" not in text
+
+
+def test_serving_docs_cite_test_files_that_exist() -> None:
+    import re
+
+    from helpers import ROOT
+
+    text = (ROOT / "docs" / "serving.md").read_text()
+    cited = set(re.findall(r"`(tests/[\w/]+\.py)`", text))
+    assert "tests/fast/test_proto.py" in cited
+    assert [path for path in sorted(cited) if not (ROOT / path).is_file()] == []
