@@ -4,6 +4,7 @@ command runs."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Any
@@ -52,7 +53,9 @@ def _common(p: argparse.ArgumentParser, service: str, port: int) -> None:
                        help=f"use these {service} replicas (a list, or dns:///NAME:{port} for every address of "
                        "a name) instead of Ray; the client spreads each shard over all of them")
     fleet.add_argument("--concurrency", type=int, default=2, help="shards in flight at once (default 2)")
-    fleet.add_argument("--timeout", type=float, default=60.0, help="seconds per request message (default 60)")
+    fleet.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="deadline per request message of up to 4,096 rows: a call streaming N rows may take "
+                       "ceil(N / 4096) x SECONDS, whatever --shard-size is (default 60)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -67,8 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--prior", type=int, default=None, metavar="N", help="N samples from N(0, I)")
     src.add_argument("--traverse", default=None, metavar="LO:HI:STEPS",
                      help="sweep each dimension over the range, around the origin, --prior N samples or --input")
-    src.add_argument("--seed", type=int, default=0, help="seed of --prior (default 0)")
-    src.add_argument("--scale", type=float, default=1.0, help="standard deviation of --prior (default 1)")
+    src.add_argument("--seed", type=int, default=0, help="seed of --prior: a whole number from 0 up (default 0)")
+    src.add_argument("--scale", type=float, default=1.0,
+                     help="standard deviation of --prior, at most 1000 (default 1)")
     src.add_argument("--key", default=None, help="the array of a .npz input")
     src.add_argument("--column", default=None, help="the Parquet column (default latent; or z0,z1,... scalars)")
     out = d.add_argument_group("output")
@@ -102,6 +106,7 @@ def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tup
     from pathlib import Path
 
     from aevae.batch import sources
+    from aevae.batch.job import check_size
     from aevae.errors import UserError, require_positive
 
     def file_source(field: str):
@@ -143,8 +148,27 @@ def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tup
         source.rows = min(source.rows, args.limit)
     if source.rows == 0:
         raise UserError("the input holds no rows")
+    check_size(source.rows, args.shard_size, image_shape)  # before scanning a file that big
     source.check(latent_dim, image_shape)
     return source
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag, before anything runs (no model loaded, no service asked, no Ray, no file written):
+    a value no shard could use fails here in one line, not in a worker's traceback after the job started."""
+    from aevae.batch.sources import check_prior
+    from aevae.errors import check_cpus, require_positive
+
+    for name in ("shard_size", "limit", "workers", "cpus_per_worker", "concurrency", "timeout", "version", "scale",
+                 "prior"):
+        require_positive("--" + name.replace("_", "-"), getattr(args, name, None))
+    if args.op == "decode":
+        check_prior(args.seed, args.scale)
+    service = "decoder" if args.op == "decode" else "encoder"
+    if not getattr(args, service) and not args.address and not os.environ.get("RAY_ADDRESS"):
+        # A local Ray has this machine's CPUs at most; Ray would otherwise wait for them without a word
+        # (run_ray checks again against what Ray reports).
+        check_cpus("--workers", args.workers or 1, args.cpus_per_worker, float(os.cpu_count() or 1), None)
 
 
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
@@ -152,10 +176,9 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from aevae.batch import model as models
     from aevae.batch.job import Job, fleet_model
     from aevae.batch.sinks import Sink
-    from aevae.errors import UserError, require_positive
+    from aevae.errors import UserError
 
-    for name in ("shard_size", "limit", "workers", "cpus_per_worker", "concurrency", "timeout", "version", "scale"):
-        require_positive("--" + name.replace("_", "-"), getattr(args, name, None))
+    check_flags(args)
     service = "decoder" if args.op == "decode" else "encoder"
     targets = getattr(args, service)
     client = None
@@ -185,43 +208,55 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from aevae.batch.job import finish, prepare, run_fleet, run_ray
+    from aevae.batch.job import finish, on_disk, prepare, run_fleet, run_ray
     from aevae.batch.progress import Progress, duration
     from aevae.errors import UserError
 
-    job, client, service = build(args)
-    plan = prepare(job, overwrite=args.overwrite)
     label = f"{args.op}-batch"
+
+    def say(line: str) -> None:
+        if not args.quiet:
+            print(f"{label}: {line}", file=sys.stderr, flush=True)
+
+    job, client, service = build(args)
+    try:
+        plan = prepare(job, overwrite=args.overwrite, note=say)
+    except BaseException:
+        if client is not None:
+            client.close()
+        raise
     where = f"{len(client.targets)} {service} replica(s)" if client else "Ray Data"
-    if not args.quiet:
-        print(f"{label}: {job.rows:,} rows of {job.model.name}/{job.model.number} in {job.shards} shards of "
-              f"{job.shard_size:,} -> {job.sink.root} ({job.sink.format}); {plan.skipped_shards} shards done "
-              f"before; on {where}", file=sys.stderr)
+    redone = f" ({plan.redone} made again: their input rows changed)" if plan.redone else ""
+    say(f"{job.rows:,} rows of {job.model.name}/{job.model.number} in {job.shards:,} shards of {job.shard_size:,} -> "
+        f"{job.sink.root} ({job.sink.format}); {plan.skipped_shards:,} shards done before{redone}; on {where}")
     progress = Progress(label, job.rows, job.shards, plan.skipped_rows, plan.skipped_shards, quiet=args.quiet)
+    # The engines return only once the shards they were running have ended or been cancelled (a cluster named
+    # by --address aside), so the shards counted on disk after a stop are what the next run will find.
+    still = (" so far (workers on the cluster may still finish the shards they hold)"
+             if client is None and (args.address or os.environ.get("RAY_ADDRESS")) else "")
     try:
         if client is not None:
             with client:
-                run_fleet(job, plan, progress, client, concurrency=args.concurrency)
+                run_fleet(job, plan, progress, client, concurrency=args.concurrency, timeout=args.timeout)
         else:
             run_ray(job, plan, progress, address=args.address, workers=args.workers,
                     cpus_per_worker=args.cpus_per_worker)
     except KeyboardInterrupt:
         progress.close()
-        print(f"{label}: interrupted; {progress.shards + plan.skipped_shards} of {job.shards} shards are on disk. "
-              "Run the same command again to resume.", file=sys.stderr)
+        print(f"{label}: interrupted; {on_disk(job):,} of {job.shards:,} shards are on disk{still}. Run the same "
+              "command again to resume.", file=sys.stderr)
         raise
-    except UserError:
-        raise
+    except UserError as exc:  # bad data in a shard, a missed deadline: the message says what to change
+        progress.close()
+        raise UserError(f"{exc} ({on_disk(job):,} of {job.shards:,} shards are on disk{still} and kept)") from None
     except Exception as exc:  # noqa: BLE001 - a worker's failure: say what is kept and how to go on
         progress.close()
-        raise UserError(f"the job failed after {progress.shards + plan.skipped_shards} of {job.shards} shards "
+        raise UserError(f"the job failed with {on_disk(job):,} of {job.shards:,} shards on disk{still} "
                         f"({type(exc).__name__}: {exc}). Finished shards are kept; run the same command again "
                         "to resume.") from exc
     progress.close()
     summary = progress.summary()
     finish(plan, summary, "fleet" if client else "ray")
-    if not args.quiet:
-        print(f"{label}: wrote {summary['rows']:,} rows ({plan.skipped_rows:,} done before) in "
-              f"{duration(summary['seconds'])}: {summary['items_per_s']:,.0f} items/s, "
-              f"{summary['bytes'] / 1e6:,.1f} MB -> {job.sink.root}", file=sys.stderr)
+    say(f"wrote {summary['rows']:,} rows ({plan.skipped_rows:,} done before) in {duration(summary['seconds'])}: "
+        f"{summary['items_per_s']:,.0f} items/s, {summary['bytes'] / 1e6:,.1f} MB -> {job.sink.root}")
     return 0

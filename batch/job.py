@@ -9,10 +9,17 @@ shard indices and a few numbers travel through Ray), of memory (a worker holds o
 whose worker dies is run again and rewritten under the same name) and of resumption (a rerun skips the shards
 on disk). Shard k holds rows [k * shard_size, (k + 1) * shard_size) of the input, so the output's file order
 is the input's order.
+
+Resuming trusts a finished shard only while it is known to come from the input as it is now: the job file names
+the input (path, rows: what must match for a rerun to be the same job) and records its files' size and
+modification time; when those changed since (a bad row fixed in place), each finished shard's recorded input
+digest is compared with the rows the input holds now, and only the shards whose rows changed are made again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +28,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -33,7 +40,45 @@ from aevae.errors import InvalidArgument, UserError, check_cpus
 from aevae.services import inputs
 
 JOB_FILE = "_aevae_batch.json"
+# The most shards one job may have: each is a file in one folder, a Ray Data block and an entry of the plan, so
+# setup and scheduling grow with the count. Far beyond it a job cannot end in any useful time (a --grid of 1,000
+# steps in 4 dimensions is 1e12 images, over a petabyte); refused at once instead of hanging in setup.
+MAX_SHARDS = 100_000
+# The most pixels of images one shard may hold: a worker holds its shard in memory (2 GiB of uint8 pixels here,
+# more while the model runs). A bigger --shard-size would fail in the first worker, after the job started.
+MAX_SHARD_PIXELS = 1 << 31
 log = logging.getLogger(__name__)
+
+
+def check_size(rows: int, shard_size: int, image_shape: tuple[int, int]) -> None:
+    """UserError, naming the limit and what to change, for a job too big to run (MAX_SHARDS, MAX_SHARD_PIXELS).
+    Called before the input is scanned and before anything is written or started."""
+    pixels = image_shape[0] * image_shape[1]
+    biggest = max(1, MAX_SHARD_PIXELS // pixels)  # rows per shard
+    shape = "x".join(map(str, image_shape))
+    if shard_size > biggest:
+        raise UserError(f"--shard-size {shard_size:,}: a worker holds one shard in memory, at most "
+                        f"{MAX_SHARD_PIXELS:,} pixels ({biggest:,} images of {shape}); choose a smaller --shard-size")
+    shards = -(-rows // shard_size)
+    if shards > MAX_SHARDS:
+        needed = -(-rows // MAX_SHARDS)
+        way = (f"pass --shard-size {needed:,} or more" if needed <= biggest else
+               f"a job of {shape} images holds at most {MAX_SHARDS * biggest:,} rows ({MAX_SHARDS:,} shards of "
+               f"{biggest:,}): take fewer (--limit, a smaller --grid, --prior or --input) or split the work into "
+               "several jobs")
+        raise UserError(f"the input's {rows:,} rows make {shards:,} shards of {shard_size:,}, and a job holds at "
+                        f"most {MAX_SHARDS:,} shards (files in one folder): {way}")
+
+
+def input_digest(data: dict[str, np.ndarray]) -> str:
+    """A digest of a shard's input rows as read (every array: name, dtype, shape, bytes), written with the
+    shard: a rerun after the input file changed compares it with the rows the file holds then."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(data):
+        array = np.ascontiguousarray(data[name])
+        h.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+        h.update(array.reshape(-1).view(np.uint8).data)  # the bytes, not copied
+    return h.hexdigest()
 
 
 @dataclass
@@ -73,6 +118,7 @@ class Plan:
     skipped_rows: int
     job_file: Path
     record: dict[str, Any] = field(default_factory=dict)
+    redone: int = 0  # finished shards removed because the input changed under them (their rows differ now)
 
 
 def run_shard(job: Job, model: Any, shard: int) -> dict[str, Any]:
@@ -80,25 +126,30 @@ def run_shard(job: Job, model: Any, shard: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     start, stop = job.span(shard)
     data = job.source.read(start, stop)
+    digest = input_digest(data)
     t1 = time.perf_counter()
     ids = np.arange(start, stop, dtype=np.int64)
+    where = f"shard {shard} (rows {start:,} to {stop - 1:,})"
     if job.op == "decode":
         z = data["latent"]
         try:  # the services' own check: the engines accept the same latents (finite, within LATENT_BOUND)
             inputs.latents(z, job.model.latent_dim, job.model.name, field="latent")
         except InvalidArgument as exc:
-            raise UserError(f"shard {shard} (rows {start:,} to {stop - 1:,}): {exc}; row numbers count from the "
-                            "shard's first row") from None
-        columns = {"id": ids, "latent": z, "image": model.decode(z)}
-    else:
-        mean, logvar = model.encode(data["image"])
-        columns = {"id": ids, "latent": mean}
-        if logvar is not None:
-            columns["logvar"] = logvar
-        if "label" in data:
-            columns["label"] = data["label"]
+            raise UserError(f"{where}: {exc}; row numbers count from the shard's first row") from None
+    try:
+        if job.op == "decode":
+            columns = {"id": ids, "latent": z, "image": model.decode(z)}
+        else:
+            mean, logvar = model.encode(data["image"])
+            columns = {"id": ids, "latent": mean}
+            if logvar is not None:
+                columns["logvar"] = logvar
+            if "label" in data:
+                columns["label"] = data["label"]
+    except UserError as exc:  # e.g. the fleet's deadline (FleetModel): which shard, and what to change
+        raise UserError(f"{where}: {exc}") from None
     t2 = time.perf_counter()
-    size = job.sink.write(shard, columns)
+    size = job.sink.write(shard, columns, digest)
     t3 = time.perf_counter()
     if job.fault and job.fault.get("shard") == shard:
         marker = Path(job.fault["marker"])
@@ -114,42 +165,77 @@ def run_shard(job: Job, model: Any, shard: int) -> dict[str, Any]:
             "bytes": size}
 
 
-def prepare(job: Job, overwrite: bool = False) -> Plan:
-    """Creates the output folder or checks that it holds this same job; lists the shards still to do."""
+def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | None = None) -> Plan:
+    """Creates the output folder or checks that it holds this same job; lists the shards still to do.
+
+    "The same job" is `Job.describe()`: the op, the model, the input as named (path and rows, not size or
+    modification time), rows, shard size and formats. A folder holding another job is refused when it holds
+    shards (what --overwrite would delete); a job file with no shard beside it (a job that failed before its
+    first shard) protects nothing and is replaced. When the input's files changed since the job file was
+    written, each finished shard is kept only if the digest of the rows it was made from (written with it)
+    matches the rows the input holds now: a bad row fixed in place costs the shards around it, no other. Shards
+    whose rows changed are removed before the job file records the input as it is now, so that no later run
+    can take them for current. Finding the finished shards costs one listing of the folder, not a probe per
+    shard, so a job starts at once whatever its size. `note` hears what takes a while (that check)."""
     root = job.sink.root
     job_file = root / JOB_FILE
     described = job.describe()
-    if job_file.exists():
-        try:
-            previous = json.loads(job_file.read_text())["job"]
-        except (OSError, ValueError, KeyError, TypeError):
-            previous = None
-        if previous != described:
-            if not overwrite:
-                raise UserError(f"--output {root} holds another job ({_difference(previous, described)}); "
-                                f"choose another --output, or pass --overwrite to replace it")
-            _remove_parts(root)
-    elif root.exists():
-        if not root.is_dir():
+    stats = _input_stats(job.source)
+    with _output_errors(root):
+        if root.exists() and not root.is_dir():
             raise UserError(f"--output {root} is a file; it must be a folder (new or from this same job)")
-        parts = list(root.glob("part-*"))
-        if parts and not overwrite:
-            raise UserError(f"--output {root} holds {len(parts)} part files of an unknown job; choose another "
-                            f"--output, or pass --overwrite to replace them")
-        _remove_parts(root)
-    root.mkdir(parents=True, exist_ok=True)
-    job.sink.clean()
-    todo, skipped_rows = [], 0
-    for shard in range(job.shards):
-        start, stop = job.span(shard)
-        if job.sink.done(shard, stop - start):
-            skipped_rows += stop - start
+        record = _read_record(job_file)
+        parts = job.sink.parts() if root.is_dir() else {}
+        if record is not None and record.get("job") != described:
+            if parts and not overwrite:
+                raise UserError(f"--output {root} holds another job ({_difference(record.get('job'), described)}) "
+                                f"with {len(parts)} shards on disk; choose another --output, or pass --overwrite "
+                                "to replace it")
+            _remove_parts(root)
+            record, parts = None, {}
+        elif record is None and parts:
+            if not overwrite:
+                raise UserError(f"--output {root} holds {len(parts)} part files of an unknown job; choose another "
+                                f"--output, or pass --overwrite to replace them")
+            _remove_parts(root)
+            parts = {}
+        root.mkdir(parents=True, exist_ok=True)
+        job.sink.clean()
+    changed = record is not None and record.get("inputs") != stats
+    if changed and parts and note is not None:
+        note(f"the input changed since the last run: checking the {len(parts)} shards on disk against it")
+    done, stale = set(), []
+    for shard in sorted(s for s in parts if s < job.shards):
+        if not job.sink.done(shard, _rows(job, shard)):
+            continue  # damaged: written again
+        if changed and job.sink.digest(shard) != input_digest(job.source.read(*job.span(shard))):
+            stale.append(shard)
         else:
-            todo.append(shard)
-    record = {"job": described, "status": "running", "shards": job.shards}
-    _write_json(job_file, record)
-    return Plan(todo=todo, skipped_shards=job.shards - len(todo), skipped_rows=skipped_rows, job_file=job_file,
-                record=record)
+            done.add(shard)
+    new_record = {"job": described, "inputs": stats, "status": "running", "shards": job.shards}
+    with _output_errors(root):
+        for shard in stale:
+            job.sink.remove(shard)
+        _write_json(job_file, new_record)
+    todo = [shard for shard in range(job.shards) if shard not in done]
+    skipped_rows = sum(_rows(job, shard) for shard in done)
+    return Plan(todo=todo, skipped_shards=len(done), skipped_rows=skipped_rows, job_file=job_file,
+                record=new_record, redone=len(stale))
+
+
+def on_disk(job: Job) -> int:
+    """How many of the job's shards are on disk whole now: what a stopped or failed run leaves for the next one
+    (counted, because shards that were running when it stopped may have landed after the last one reported)."""
+    try:
+        parts = job.sink.parts()
+    except OSError:
+        return 0
+    return sum(1 for shard in parts if shard < job.shards and job.sink.done(shard, _rows(job, shard)))
+
+
+def _rows(job: Job, shard: int) -> int:
+    start, stop = job.span(shard)
+    return stop - start
 
 
 def finish(plan: Plan, summary: dict[str, Any], engine: str) -> None:
@@ -161,6 +247,45 @@ def _difference(previous: Any, current: dict[str, Any]) -> str:
         return f"its {JOB_FILE} is unreadable"
     keys = [k for k in current if previous.get(k) != current[k]]
     return "it differs in " + ", ".join(keys) if keys else "it differs"
+
+
+def _input_stats(source: Source) -> list[dict[str, Any]]:
+    """Size and modification time of each input file: not what identifies the job (a file fixed in place is
+    still its input) but what says that the finished shards must be checked against the input again."""
+    out = []
+    for path in source.input_files():
+        try:
+            st = path.stat()
+        except OSError as exc:
+            raise UserError(f"--input {path}: {exc.strerror or exc}") from None
+        out.append({"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _read_record(job_file: Path) -> dict[str, Any] | None:
+    """The job file's content; None when there is none, {} when it is unreadable (another job's, or damaged)."""
+    try:
+        text = job_file.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+@contextlib.contextmanager
+def _output_errors(root: Path) -> Iterator[None]:
+    """OSError on the output folder (not writable, under a file, a read-only file system) as one UserError
+    naming the folder, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        reason = "a part of the path is a file" if isinstance(exc, NotADirectoryError) else exc.strerror or str(exc)
+        inside = exc.filename is None or Path(exc.filename) == root or root in Path(exc.filename).parents
+        raise UserError(f"--output {root}: cannot create or write it: {reason}"
+                        f"{'' if inside else f' ({exc.filename})'}") from None
 
 
 def _remove_parts(root: Path) -> None:
@@ -187,7 +312,7 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
 
     from aevae.batch.worker import ShardWorker
 
-    started = False
+    started = stopped = False
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False, configure_logging=True)
@@ -218,23 +343,74 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
             progress.update(stats)
             if on_shard is not None:
                 on_shard(stats)
+    except BaseException:
+        stopped = True
+        raise
     finally:
         if started:
-            ray.shutdown()
+            # Stopped early: wait until this Ray's processes have exited, so that no worker of ours still
+            # finishes a shard after the caller counts those on disk (on_disk). A cluster named by --address
+            # is not ours to stop: its workers end the shards they hold on their own time.
+            ray.shutdown(wait_for_processes=stopped)
 
 
 class FleetModel:
-    """The model behind running services, through the (fan-out) client, pinned to the job's version."""
+    """The model behind running services, through the (fan-out) client, pinned to the job's version.
 
-    def __init__(self, client: Any, ref: ModelRef):
-        self.client, self.ref = client, ref
+    `timeout` is a deadline per request message (the client's `stream_chunk` rows, 4,096 by default), as the
+    --timeout flag says: each call gets TIMEOUT x its messages, so the deadline follows the rows a call carries
+    and never depends on --shard-size. The client takes one total deadline per call, and a fan-out client gives
+    that one value to each span it sends to a replica (`fanout.span_rows` rows), so the deadline is computed
+    for the rows of one such call. A deadline missed fails the shard with a message saying what to change."""
+
+    def __init__(self, client: Any, ref: ModelRef, timeout: float | None = None):
+        self.client, self.ref, self.timeout = client, ref, timeout
+
+    def deadline(self, rows: int) -> float | None:
+        """Seconds for one call carrying `rows` of a batch of `rows` (a span of it, on a fan-out client)."""
+        if self.timeout is None:
+            return None
+        from aevae.client.fanout import span_rows
+
+        chunk = max(1, int(self.client.stream_chunk))
+        replicas = len(self.client.targets)
+        per_call = span_rows(rows, replicas, chunk) if replicas > 1 and rows > chunk else rows
+        return self.timeout * max(1, -(-min(rows, per_call) // chunk))
+
+    def _call(self, call: Callable[[float | None], Any], rows: int) -> Any:
+        from aevae.client import AevaeError
+
+        deadline = self.deadline(rows)
+        try:
+            return call(deadline)
+        except AevaeError as exc:
+            if not deadline_missed(exc):
+                raise
+            raise UserError(f"no answer within the deadline (--timeout {self.timeout:g} s per request message "
+                            f"of up to {self.client.stream_chunk:,} rows: {deadline:g} s for this call; {exc}). "
+                            "Pass a bigger --timeout, or a smaller --concurrency so that each replica has fewer "
+                            "requests at once; a rerun resumes") from None
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self.client.decode(latents, model=self.ref.name, version=self.ref.number, dtype="uint8")
+        return self._call(lambda t: self.client.decode(latents, model=self.ref.name, version=self.ref.number,
+                                                       dtype="uint8", timeout=t), len(latents))
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        result = self.client.encode(images, model=self.ref.name, version=self.ref.number)
+        result = self._call(lambda t: self.client.encode(images, model=self.ref.name, version=self.ref.number,
+                                                         timeout=t), len(images))
         return result.mean, result.logvar
+
+    def cancel(self) -> None:
+        """Ends the calls in flight (closing the client's channels cancels them): a stopped job does not wait
+        for the shards it was running, and none of them lands after the job said what is on disk."""
+        self.client.close()
+
+
+def deadline_missed(exc: Any) -> bool:
+    """DEADLINE_EXCEEDED, or a fan-out that gave up on replicas that missed it (UNAVAILABLE naming each)."""
+    import grpc
+
+    return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or "deadline exceeded" in exc.details().lower()
 
 
 def fleet_model(client: Any, flag: str, name: str, number: int | None) -> ModelRef:
@@ -244,7 +420,8 @@ def fleet_model(client: Any, flag: str, name: str, number: int | None) -> ModelR
     try:
         infos = {m.name: m for m in client.list_models()}
     except AevaeError as exc:
-        raise UserError(f"{flag} {client.target}: {exc}") from None
+        hint = " (pass a bigger --timeout: seconds per request message)" if deadline_missed(exc) else ""
+        raise UserError(f"{flag} {client.target}: {exc}{hint}") from None
     info = infos.get(name)
     if info is None:
         listed = "; ".join(f"{m.name}: {', '.join(map(str, m.versions))}" for m in infos.values()) or "none"
@@ -257,10 +434,15 @@ def fleet_model(client: Any, flag: str, name: str, number: int | None) -> ModelR
 
 
 def run_fleet(job: Job, plan: Plan, progress: Progress, client: Any, concurrency: int = 2,
-              on_shard: Callable[[dict[str, Any]], None] | None = None) -> None:
+              on_shard: Callable[[dict[str, Any]], None] | None = None, timeout: float | None = 60.0) -> None:
     """Running services: `concurrency` shards at a time in this process, each decoded (or encoded) through
-    the client, which spreads a shard's rows over every replica it was given."""
-    model = FleetModel(client, job.model)
+    the client, which spreads a shard's rows over every replica it was given; `timeout`: seconds per request
+    message (FleetModel).
+
+    When it stops early (Ctrl-C, a failed shard), the shards not started are dropped and the calls in flight
+    are cancelled by closing the client; it returns only after every shard thread has ended, so what is on disk
+    then (on_disk) is final."""
+    model = FleetModel(client, job.model, timeout)
     pending = iter(plan.todo)
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="aevae-batch") as pool:
         running: set[Future] = set()
@@ -282,4 +464,5 @@ def run_fleet(job: Job, plan: Plan, progress: Progress, client: Any, concurrency
         except BaseException:
             for future in running:
                 future.cancel()
+            model.cancel()
             raise

@@ -11,6 +11,12 @@ order gives the rows in input order; every row also carries its id (its index in
 - npz: `part-000000.npz` with arrays ids, latents, images (N x H x W uint8); encode jobs: ids, latents, logvar,
   labels.
 - png: `part-000000/` folders of `<id>.png`, grey 8-bit (decode jobs only).
+
+Every shard also carries the digest of the input rows it was made from (`input_digest`: Parquet schema metadata
+`aevae.input_digest`, an npz array `input_digest`, a `.input-digest` file in a PNG folder). It is written with
+the shard, inside the same atomic rename, so a shard on disk always says which rows it was computed from, however
+the run that wrote it ended (a killed worker, Ctrl-C): a rerun after the input file changed keeps exactly the
+shards whose rows are unchanged (job.prepare).
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ FORMATS = ("parquet", "npz", "png")
 IMAGE_FORMATS = ("raw", "png")
 SUFFIX = {"parquet": ".parquet", "npz": ".npz", "png": ""}
 TMP_MARK = ".tmp-"
+DIGEST_KEY = "aevae.input_digest"  # Parquet schema metadata
+DIGEST_FILE = ".input-digest"  # in a PNG shard's folder (hidden: not one of its images)
 
 
 class Sink:
@@ -48,6 +56,18 @@ class Sink:
     def path(self, shard: int) -> Path:
         return self.root / self.name(shard)
 
+    def parts(self) -> dict[int, Path]:
+        """The shards that have an entry in the folder, by index: one listing of the folder, so that finding what
+        a rerun can skip costs what is on disk, not one probe per shard of the job."""
+        found: dict[int, Path] = {}
+        suffix = SUFFIX[self.format]
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                digits = entry.name[5:len(entry.name) - len(suffix)] if entry.name.startswith("part-") else ""
+                if digits.isdigit() and entry.name == self.name(int(digits)):
+                    found[int(digits)] = Path(entry.path)
+        return found
+
     def done(self, shard: int, rows: int) -> bool:
         """True when the shard is on disk whole (a damaged file counts as not done, and is rewritten)."""
         path = self.path(shard)
@@ -59,9 +79,30 @@ class Sink:
             if self.format == "npz":
                 with zipfile.ZipFile(path) as z:
                     return "ids.npy" in z.namelist()
-            return path.is_dir() and sum(1 for _ in os.scandir(path)) == rows
+            return path.is_dir() and sum(1 for e in os.scandir(path) if e.name.endswith(".png")) == rows
         except Exception:  # noqa: BLE001 - missing or unreadable: not done
             return False
+
+    def digest(self, shard: int) -> str | None:
+        """The digest of the input rows the shard was made from, as written with it; None when it has none (or
+        cannot be read), which a caller checking the shard must take as "not the same rows"."""
+        path = self.path(shard)
+        try:
+            if self.format == "parquet":
+                import pyarrow.parquet as pq
+
+                value = (pq.ParquetFile(path).schema_arrow.metadata or {}).get(DIGEST_KEY.encode())
+                return None if value is None else value.decode()
+            if self.format == "npz":
+                with np.load(path, allow_pickle=False) as data:
+                    return str(data["input_digest"]) if "input_digest" in data.files else None
+            return (path / DIGEST_FILE).read_text().strip()
+        except Exception:  # noqa: BLE001 - missing or unreadable: unknown
+            return None
+
+    def remove(self, shard: int) -> None:
+        path = self.path(shard)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
     def clean(self) -> int:
         """Removes temporary files of interrupted writers; returns how many."""
@@ -71,19 +112,24 @@ class Sink:
             removed += 1
         return removed
 
-    def write(self, shard: int, columns: dict[str, np.ndarray]) -> int:
-        """Writes one shard atomically; returns its size in bytes."""
+    def write(self, shard: int, columns: dict[str, np.ndarray], digest: str | None = None) -> int:
+        """Writes one shard atomically, with `digest` (of the input rows it was made from, job.input_digest);
+        returns its size in bytes."""
         final = self.path(shard)
         tmp = self.root / f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}"
         try:
             if self.format == "parquet":
-                self._parquet(tmp, columns)
+                self._parquet(tmp, columns, digest)
             elif self.format == "npz":
                 arrays: dict[str, Any] = {_NPZ_NAMES.get(k, k): v for k, v in columns.items()}
+                if digest is not None:
+                    arrays["input_digest"] = np.array(digest)
                 with open(tmp, "wb") as f:
                     np.savez(f, **arrays)
             else:
                 self._pngs(tmp, columns)
+                if digest is not None:
+                    (tmp / DIGEST_FILE).write_text(digest + "\n")
             size = _size(tmp)
             if tmp.is_dir():
                 try:
@@ -99,10 +145,12 @@ class Sink:
             shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             raise
 
-    def _parquet(self, path: Path, columns: dict[str, np.ndarray]) -> None:
+    def _parquet(self, path: Path, columns: dict[str, np.ndarray], digest: str | None) -> None:
         import pyarrow.parquet as pq
 
         table = arrow_table(columns, self.image_format, self.meta)
+        if digest is not None:
+            table = table.replace_schema_metadata({**table.schema.metadata, DIGEST_KEY.encode(): digest.encode()})
         # zstd level 1: 30 % smaller than snappy on decoded digits and no slower (measured); dictionaries
         # do not pay for unique images
         pq.write_table(table, path, compression="zstd", compression_level=1, use_dictionary=False,

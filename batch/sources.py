@@ -36,8 +36,16 @@ class Source:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
-        """What identifies the input: a rerun into the same output must describe the same input."""
+        """What identifies the input: a rerun into the same output must describe the same input. For files this
+        is where they are and how many rows they hold, not their size or modification time: a file fixed in
+        place (a bad row corrected) is still this job's input, and the job resumes after checking each finished
+        shard against it (`input_files`, and job.prepare)."""
         raise NotImplementedError
+
+    def input_files(self) -> list[Path]:
+        """The files the rows come from (none for generated rows, whose parameters fix them): when one of them
+        changes between two runs, the rerun checks the finished shards' input rows before keeping them."""
+        return []
 
     def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
         """UserError when some row could not be processed. Generated sources are right by construction."""
@@ -47,11 +55,6 @@ class Source:
 
 
 # -- files ------------------------------------------------------------------------------------------------------
-
-def _stat(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-
 
 def _npz_member(path: Path, key: str | None, field: str) -> str:
     with zipfile.ZipFile(path) as z:
@@ -121,7 +124,10 @@ class ArrayFile(Source):
         return {"image": np.ascontiguousarray(rows)}
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "npz" if self.npz else "npy", "key": self.key, "rows": self.rows, **_stat(self.path)}
+        return {"kind": "npz" if self.npz else "npy", "path": str(self.path), "key": self.key, "rows": self.rows}
+
+    def input_files(self) -> list[Path]:
+        return [self.path]
 
     def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
         array = self._array()[:self.rows]
@@ -210,8 +216,10 @@ class ParquetFile(Source):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "parquet", "columns": self.columns, "rows": self.rows,
-                "files": [_stat(Path(f)) for f in self.files]}
+        return {"kind": "parquet", "columns": self.columns, "rows": self.rows, "files": list(self.files)}
+
+    def input_files(self) -> list[Path]:
+        return [Path(f) for f in self.files]
 
     def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
         where = f"--input {self.path.name} column {','.join(self.columns)}"
@@ -393,7 +401,7 @@ class Grid(Source):
 
     def __init__(self, ranges: list[tuple[float, float, int]]):
         self.ranges = [(float(lo), float(hi), int(steps)) for lo, hi, steps in ranges]
-        self.rows = int(np.prod([r[2] for r in ranges], dtype=np.int64))
+        self.rows = math.prod(r[2] for r in ranges)  # Python ints: numpy's int64 would wrap a huge grid around
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
         index = np.unravel_index(np.arange(start, stop), [r[2] for r in self.ranges])
@@ -404,10 +412,26 @@ class Grid(Source):
         return {"kind": "grid", "ranges": [list(r) for r in self.ranges]}
 
 
+MAX_SCALE = LATENT_BOUND / 10  # ten standard deviations stay within the services' bound on latents
+
+
+def check_prior(seed: int, scale: float) -> None:
+    """UserError unless the prior's parameters can make every row: numpy seeds only with whole numbers from 0
+    up, and samples must stay within the services' bound on latents (+-LATENT_BOUND), which a scale above
+    MAX_SCALE would break in some row (beyond ten standard deviations: about once in 1e23 values) or, as
+    float32, everywhere. Checked here, before a job starts, not by the first worker that draws a block."""
+    if seed < 0:
+        raise UserError(f"--seed must be a whole number from 0 up, got {seed}")
+    if not (0 < scale <= MAX_SCALE) or not np.float32(scale) > 0:  # nan fails both; 1e-50 is 0 as float32
+        raise UserError(f"--scale must be positive and at most {MAX_SCALE:g} (ten standard deviations within the "
+                        f"services' bound on latents, +-{LATENT_BOUND:g}), got {scale:g}")
+
+
 class Prior(Source):
     """N samples from the prior N(0, scale^2 I), seeded: row i is the same for any shard size or engine."""
 
     def __init__(self, count: int, seed: int, latent_dim: int, scale: float = 1.0):
+        check_prior(int(seed), float(scale))
         self.rows, self.seed, self.latent_dim, self.scale = int(count), int(seed), int(latent_dim), float(scale)
 
     def read(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -453,6 +477,9 @@ class Traversal(Source):
     def describe(self) -> dict[str, Any]:
         return {"kind": "traversal", "sweep": list(self.sweep),
                 "bases": None if self.bases is None else self.bases.describe()}
+
+    def input_files(self) -> list[Path]:
+        return [] if self.bases is None else self.bases.input_files()
 
     def check(self, latent_dim: int, image_shape: tuple[int, int]) -> None:
         if self.bases is not None:

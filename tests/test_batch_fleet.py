@@ -158,7 +158,7 @@ def test_a_dns_name_with_several_addresses_is_several_replicas(fleet, monkeypatc
 def test_decode_batch_on_the_fleet_resumes_after_ctrl_c(fleet, repo: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     command = [*AEVAE, "decode-batch", "--prior", "40000", "--seed", "1", "--model", "vae8", "--output", str(out),
-               "--shard-size", "1000", "--decoder", ",".join(fleet["decoder"]), "--concurrency", "1"]
+               "--shard-size", "1000", "--decoder", ",".join(fleet["decoder"]), "--concurrency", "3"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline and process.poll() is None:
@@ -168,6 +168,10 @@ def test_decode_batch_on_the_fleet_resumes_after_ctrl_c(fleet, repo: Path, tmp_p
     assert process.returncode == 130 and "Run the same command again to resume" in err, err
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert 1 <= len(done) < 40
+    # the count is taken once the shards in flight were cancelled or had ended: what is on disk, and stays
+    assert f"interrupted; {len(done)} of 40 shards are on disk." in err, (err, sorted(done))
+    time.sleep(0.5)
+    assert {p.name for p in out.glob("part-*.parquet")} == set(done)
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"{len(done)} shards done before" in rerun.stderr
@@ -184,3 +188,29 @@ def test_decode_batch_on_the_fleet_resumes_after_ctrl_c(fleet, repo: Path, tmp_p
     got = np.frombuffer(raw.buffers()[1], np.uint8, count=2000 * 480, offset=raw.offset * 480).reshape(-1, 24, 20)
     np.testing.assert_array_equal(got, expected)
     assert os.path.exists(out / "_aevae_batch.json")
+
+
+def test_decode_batch_on_the_fleet_resumes_after_the_input_file_is_fixed(fleet, tmp_path: Path) -> None:
+    """One latent beyond the services' bound fails its shard (exit 2, the rows named, the shards before kept);
+    the same command after the file is fixed in place resumes: the kept shards are not written again."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(5000, 8)).astype(np.float32)
+    z[3500, 1] = 1e5  # shard 3
+    np.save(tmp_path / "z.npy", z)
+    out = tmp_path / "out"
+    command = [*AEVAE, "decode-batch", "--input", str(tmp_path / "z.npy"), "--model", "vae8", "--output", str(out),
+               "--shard-size", "1000", "--decoder", ",".join(fleet["decoder"]), "--concurrency", "1"]
+    failed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 2, failed.stderr
+    assert "shard 3 (rows 3,000 to 3,999)" in failed.stderr and "3 of 5 shards are on disk and kept" in failed.stderr
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert len(kept) == 3
+    z[3500, 1] = 0.0
+    np.save(tmp_path / "z.npy", z)
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "checking the 3 shards on disk" in rerun.stderr and "3 shards done before;" in rerun.stderr
+    assert {n: (out / n).stat().st_mtime_ns for n in kept} == kept
+    table = pq.read_table(out)
+    np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(5000))
+    np.testing.assert_array_equal(np.stack(table.column("latent").to_numpy(zero_copy_only=False)), z)

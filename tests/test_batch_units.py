@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,280 @@ def test_encode_shards_carry_latents_logvar_and_labels(tiny_repo: Path, tmp_path
     np.testing.assert_allclose(np.concatenate([p["latents"] for p in parts]), mean, atol=1e-6)
     np.testing.assert_allclose(np.concatenate([p["logvar"] for p in parts]), logvar, atol=1e-6)
     np.testing.assert_array_equal(np.concatenate([p["labels"] for p in parts]), source.read(0, 500)["label"])
+
+
+# -- resuming after the input file was fixed --------------------------------------------------------------------
+
+def test_a_fixed_input_file_resumes_and_makes_again_only_the_shards_whose_rows_changed(tiny_repo: Path,
+                                                                                       tmp_path: Path) -> None:
+    """A bad row stops the job at its shard; the file fixed in place (new modification time, same size) is the
+    same job: the shards on disk whose rows are unchanged are kept untouched, one whose rows changed too is
+    made again, and nothing needs --overwrite."""
+    rng = np.random.default_rng(5)
+    z = rng.normal(size=(200, 4)).astype(np.float32)
+    z[130, 2] = 1e5  # shard 3 of 40 rows: beyond the services' bound, found only when the shard runs
+    path = tmp_path / "z.npy"
+    np.save(path, z)
+    ref = resolve(str(tiny_repo), "vae", None)
+    out = tmp_path / "out"
+
+    def job() -> Job:  # what each run of the same command builds afresh
+        return Job("decode", ref, sources.ArrayFile(path), Sink(out, "parquet"), shard_size=40)
+
+    model = Loaded(ref)
+    first = job()
+    assert prepare(first).todo == [0, 1, 2, 3, 4]
+    for shard in range(3):
+        run_shard(first, model, shard)
+    with pytest.raises(UserError, match=r"shard 3 \(rows 120 to 159\)"):
+        run_shard(first, model, 3)
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
+    assert len(kept) == 3
+
+    z[130, 2] = 0.5  # the bad row fixed ...
+    z[45, 0] += 1.0  # ... and one row of the finished shard 1 changed as well
+    np.save(path, z)
+    notes: list[str] = []
+    plan = prepare(job(), note=notes.append)  # refused before the fix: "holds another job (it differs in input)"
+    assert plan.todo == [1, 3, 4] and plan.skipped_shards == 2 and plan.redone == 1
+    assert notes and "the input changed since the last run" in notes[0]
+    assert not (out / "part-000001.parquet").exists()  # removed before the job file records the new input
+    again = job()
+    for shard in plan.todo:
+        run_shard(again, model, shard)
+    assert {n: (out / n).stat().st_mtime_ns for n in ("part-000000.parquet", "part-000002.parquet")} == \
+        {n: kept[n] for n in ("part-000000.parquet", "part-000002.parquet")}  # untouched
+    table = read_parquet(out)
+    np.testing.assert_array_equal(np.stack(table.column("latent").to_numpy(zero_copy_only=False)), z)
+    assert prepare(job()).todo == []  # unchanged since: nothing to check, nothing to do
+
+
+def test_a_finished_shard_that_records_no_input_digest_is_not_trusted_after_the_input_changed(
+        tiny_repo: Path, tmp_path: Path) -> None:
+    path = tmp_path / "z.npy"
+    np.save(path, np.zeros((80, 4), np.float32))
+    ref = resolve(str(tiny_repo), "vae", None)
+    job = Job("decode", ref, sources.ArrayFile(path), Sink(tmp_path / "out", "npz"), shard_size=40)
+    prepare(job)
+    run_shard(job, Loaded(ref), 0)
+    with np.load(job.sink.path(0)) as data:  # rewritten as an older writer did: no digest
+        np.savez(job.sink.path(0), **{k: data[k] for k in data.files if k != "input_digest"})
+    assert job.sink.done(0, 40) and job.sink.digest(0) is None
+    assert prepare(job).todo == [1]  # the input is unchanged: the shard on disk stands
+    np.save(path, np.zeros((80, 4), np.float32))  # the same rows, a new modification time
+    assert prepare(job).todo == [0, 1]  # cannot be shown to match: made again
+
+
+@pytest.mark.parametrize("fmt, image_format", [("parquet", "raw"), ("npz", "raw"), ("png", "raw")])
+def test_every_format_carries_the_digest_of_its_input_rows(tiny_repo: Path, tmp_path: Path, fmt: str,
+                                                           image_format: str) -> None:
+    from aevae.batch.job import input_digest
+
+    ref = resolve(str(tiny_repo), "vae", None)
+    source = sources.Prior(50, 2, ref.latent_dim)
+    job = Job("decode", ref, source, Sink(tmp_path / "out", fmt, image_format), shard_size=30)
+    prepare(job)
+    run_shard(job, Loaded(ref), 1)
+    assert job.sink.done(1, 20) and not job.sink.done(0, 30)
+    assert job.sink.digest(1) == input_digest(source.read(30, 50)) != input_digest(source.read(0, 30))
+    assert job.sink.digest(0) is None
+
+
+def test_a_job_file_without_shards_protects_nothing_and_is_replaced(tiny_repo: Path, tmp_path: Path) -> None:
+    """A job that failed before its first shard leaves only its job file: a corrected command (another input,
+    another shard size) starts there without --overwrite. With shards on disk the folder is still refused."""
+    ref = resolve(str(tiny_repo), "vae", None)
+    out = tmp_path / "out"
+
+    def job(seed: int, shard_size: int) -> Job:
+        return Job("decode", ref, sources.Prior(100, seed, ref.latent_dim), Sink(out, "parquet"),
+                   shard_size=shard_size)
+
+    prepare(job(0, 40))
+    plan = prepare(job(1, 50))
+    assert plan.todo == [0, 1] and json.loads((out / JOB_FILE).read_text())["job"]["shard_size"] == 50
+    run_shard(job(1, 50), Loaded(ref), 0)
+    with pytest.raises(UserError, match=r"holds another job \(it differs in input\) with 1 shards on disk"):
+        prepare(job(2, 50))
+    assert (out / "part-000000.parquet").exists()
+
+
+# -- flags and sizes refused before the job starts --------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prior", "10", "--seed", "-1"], "--seed must be a whole number from 0 up, got -1"),
+    (["--prior", "10", "--scale", "1e300"], "--scale must be positive and at most 1000"),
+    (["--prior", "10", "--scale", "1e-50"], "--scale must be positive and at most 1000"),  # 0 as float32
+    (["--traverse=-1:1:3", "--prior", "2", "--seed", "-5"], "--seed must be a whole number from 0 up"),
+    (["--prior", "10", "--cpus-per-worker", "1e300"], "needs 1e+300 CPUs"),
+    (["--prior", "10", "--workers", "100000"], "--workers 100000 x --cpus-per-worker 1 needs 100000 CPUs"),
+    (["--grid=-3:3:1000"], "make 15,258,790 shards of 65,536, and a job holds at most 100,000 shards"),
+    (["--prior", "100000000000000"], "a job of 32x32 images holds at most 209,715,200,000 rows"),
+    (["--prior", "10000000000", "--shard-size", "1000"], "pass --shard-size 100,000 or more"),
+    (["--prior", "10", "--shard-size", "100000000"], "at most 2,147,483,648 pixels (2,097,152 images of 32x32)"),
+    (["--prior", "10", "--seed", "-1", "--decoder", "127.0.0.1:9"], "--seed must be a whole number"),  # no fleet asked
+])
+def test_bad_numbers_and_absurd_sizes_are_refused_at_once_in_one_line(tiny_repo: Path, tmp_path: Path, capsys,
+                                                                      flags: list[str], message: str) -> None:
+    import time
+
+    out = tmp_path / "out"
+    models = [] if "--decoder" in flags else ["--models-dir", str(tiny_repo)]
+    started = time.monotonic()
+    code = main(["decode-batch", *flags, *models, "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert time.monotonic() - started < 10  # no setup over every shard of a huge job
+    assert not out.exists()  # refused before anything was written (and before Ray started)
+
+
+def test_a_grid_counts_its_rows_without_wrapping_around() -> None:
+    assert sources.Grid([(-1.0, 1.0, 100_000)] * 8).rows == 10 ** 40  # numpy's int64 product would wrap
+
+
+def test_the_size_limits_are_inclusive() -> None:
+    from aevae.batch.job import MAX_SHARD_PIXELS, MAX_SHARDS, check_size
+
+    check_size(MAX_SHARDS * 10, 10, (32, 32))
+    with pytest.raises(UserError, match="at most 100,000 shards"):
+        check_size(MAX_SHARDS * 10 + 1, 10, (32, 32))
+    check_size(5, MAX_SHARD_PIXELS // 1024, (32, 32))
+    with pytest.raises(UserError, match="a worker holds one shard in memory"):
+        check_size(5, MAX_SHARD_PIXELS // 1024 + 1, (32, 32))
+
+
+def test_finding_the_finished_shards_lists_the_folder_once(tiny_repo: Path, tmp_path: Path, monkeypatch) -> None:
+    """Setup costs what is on disk, not a probe per shard: a job of the most shards starts at once."""
+    from aevae.batch.job import MAX_SHARDS
+
+    ref = resolve(str(tiny_repo), "vae", None)
+    job = Job("decode", ref, sources.Prior(MAX_SHARDS, 0, ref.latent_dim), Sink(tmp_path / "out", "parquet"),
+              shard_size=1)
+    probed: list[int] = []
+    real = Sink.done
+    monkeypatch.setattr(Sink, "done", lambda self, shard, rows: probed.append(shard) or real(self, shard, rows))
+    plan = prepare(job)
+    assert len(plan.todo) == MAX_SHARDS and probed == []
+    run_shard(job, Loaded(ref), 7)
+    assert prepare(job).skipped_shards == 1 and probed == [7]
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "sysfs"])
+def test_an_output_that_cannot_be_written_is_one_line_naming_it(tiny_repo: Path, tmp_path: Path, capsys,
+                                                                where: str) -> None:
+    if where == "under-a-file":
+        (tmp_path / "somefile").write_text("x")
+        out, reason = tmp_path / "somefile" / "sub", "a part of the path is a file"
+    else:
+        out, reason = Path("/sys/aevae-batch-test-out"), "cannot create or write it"
+        try:
+            os.mkdir(out)
+        except OSError:
+            pass  # as expected: sysfs takes no folders
+        else:
+            os.rmdir(out)
+            pytest.skip("/sys takes folders here")
+    code = main(["decode-batch", "--prior", "10", "--models-dir", str(tiny_repo), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"--output {out}: " in err and reason in err and err.count("\n") == 1, err
+    assert "Traceback" not in err
+
+
+# -- the fleet engine, with a stand-in client -------------------------------------------------------------------
+
+class StandInClient:
+    """What FleetModel and run_fleet use of a (fan-out) client: decode and encode with a deadline, targets,
+    stream_chunk, close. `hold` calls wait until the client is closed (as a cancelled gRPC call does), then fail."""
+
+    def __init__(self, model: Loaded, targets: int = 1, stream_chunk: int = 4096, hold: bool = False,
+                 error: Exception | None = None):
+        import threading
+
+        self.model, self.targets, self.stream_chunk = model, [f"replica{i}:1" for i in range(targets)], stream_chunk
+        self.hold, self.error = hold, error
+        self.deadlines: list[float | None] = []
+        self.closed = threading.Event()
+        self.lock = threading.Lock()
+
+    def decode(self, latents, model, version, dtype, timeout=None):
+        import grpc
+
+        from aevae.client import AevaeError
+
+        with self.lock:
+            self.deadlines.append(timeout)
+            first = len(self.deadlines) == 1
+        if self.error is not None:
+            raise self.error
+        if self.hold and not first:  # the first call answers, the others are still running when stopped
+            if self.closed.wait(30):
+                raise AevaeError(grpc.StatusCode.CANCELLED, "Channel closed!")
+        return self.model.decode(latents)
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+def test_the_fleet_deadline_is_per_request_message_whatever_the_shard_size(tiny_repo: Path) -> None:
+    """--timeout 1 on a shard of 300,000 rows: 74 messages of 4,096 rows, 74 s for the call (one replica), or
+    10 chunks, 10 s, for each span a fan-out client sends to a replica; one message: 1 s."""
+    from aevae.batch.job import FleetModel
+
+    ref = resolve(str(tiny_repo), "vae", None)
+    one = FleetModel(StandInClient(Loaded(ref)), ref, timeout=1.0)
+    assert (one.deadline(300_000), one.deadline(4096), one.deadline(4097), one.deadline(1)) == (74, 1, 2, 1)
+    two = FleetModel(StandInClient(Loaded(ref), targets=2), ref, timeout=1.0)
+    assert (two.deadline(300_000), two.deadline(4096), two.deadline(10_000)) == (10, 1, 1)  # spans of 4,096
+    client = StandInClient(Loaded(ref), targets=2)
+    FleetModel(client, ref, timeout=2.5).decode(np.zeros((9000, 4), np.float32))
+    assert client.deadlines == [2.5]  # 9,000 rows over two replicas: spans of one chunk each
+    assert FleetModel(StandInClient(Loaded(ref)), ref, timeout=None).deadline(10 ** 6) is None
+
+
+def test_a_missed_deadline_names_the_shard_and_what_to_change(tiny_repo: Path, tmp_path: Path) -> None:
+    import grpc
+
+    from aevae.batch.job import FleetModel
+    from aevae.client import AevaeError
+
+    ref = resolve(str(tiny_repo), "vae", None)
+    job = Job("decode", ref, sources.Prior(100, 0, 4), Sink(tmp_path / "out", "parquet"), shard_size=40)
+    prepare(job)
+    for error in (AevaeError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"),  # one replica
+                  AevaeError(grpc.StatusCode.UNAVAILABLE, "all 2 replicas failed with 3 spans left (a:1: Deadline "
+                             "Exceeded; b:1: Deadline Exceeded)")):  # a fan-out that gave up
+        model = FleetModel(StandInClient(Loaded(ref), error=error), ref, timeout=0.5)
+        with pytest.raises(UserError, match=r"^shard 1 \(rows 40 to 79\): no answer within the deadline "
+                                            r"\(--timeout 0.5 s per request message.*Pass a bigger --timeout"):
+            run_shard(job, model, 1)
+    other = AevaeError(grpc.StatusCode.NOT_FOUND, "no model")
+    with pytest.raises(AevaeError):
+        run_shard(job, FleetModel(StandInClient(Loaded(ref), error=other), ref, timeout=0.5), 1)
+
+
+def test_a_stopped_fleet_job_cancels_the_shards_in_flight_before_it_returns(tiny_repo: Path, tmp_path: Path) -> None:
+    """Ctrl-C while shards run: run_fleet cancels the calls in flight and returns once every shard thread has
+    ended, so the shards counted on disk then are all there will be (it used to count only those reported,
+    while the others went on and landed after the message)."""
+    import time
+
+    from aevae.batch.job import on_disk, run_fleet
+    from aevae.batch.progress import Progress
+
+    ref = resolve(str(tiny_repo), "vae", None)
+    job = Job("decode", ref, sources.Prior(400, 0, 4), Sink(tmp_path / "out", "parquet"), shard_size=40)
+    plan = prepare(job)
+    client = StandInClient(Loaded(ref), hold=True)
+    progress = Progress("test", job.rows, job.shards, 0, 0, quiet=True)
+
+    def interrupt(stats: dict) -> None:
+        raise KeyboardInterrupt
+
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_fleet(job, plan, progress, client, concurrency=3, on_shard=interrupt, timeout=60)
+    assert time.monotonic() - started < 20  # not the held calls' 30 s
+    assert client.closed.is_set()
+    assert on_disk(job) == len(list(job.sink.root.glob("part-*"))) == 1 == progress.shards
+    time.sleep(0.3)
+    assert len(list(job.sink.root.glob("part-*"))) == 1  # nothing lands afterwards
