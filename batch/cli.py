@@ -7,6 +7,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from aevae.services.settings import PORTS  # stdlib only
@@ -174,11 +175,16 @@ def check_flags(args: argparse.Namespace) -> None:
 def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(job, the engine's client or None, flag of the fleet) from the flags; every check before any work."""
     from aevae.batch import model as models
-    from aevae.batch.job import Job, fleet_model
+    from aevae.batch.job import Job, fleet_model, started_version
     from aevae.batch.sinks import Sink
     from aevae.errors import UserError
 
     check_flags(args)
+    if args.version is None and not args.overwrite:
+        args.version = started_version(Path(args.output), args.op, args.model)
+        if args.version is not None and not args.quiet:
+            print(f"{args.op}-batch: resuming on {args.model}/{args.version}, the version this job started with "
+                  "(--version to choose another, with --overwrite to start over)", file=sys.stderr, flush=True)
     service = "decoder" if args.op == "decode" else "encoder"
     targets = getattr(args, service)
     client = None

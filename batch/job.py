@@ -262,6 +262,22 @@ def _input_stats(source: Source) -> list[dict[str, Any]]:
     return out
 
 
+def started_version(root: Path, op: str, model: str) -> int | None:
+    """The version of `model` the job in `root` started with, when its job file names one for this op: a
+    rerun without --version resumes on it. "The newest" is pinned for the whole job, so a version written
+    since must not make the same command a different job (refused, with "it differs in model")."""
+    try:
+        record = _read_record(root / JOB_FILE)
+    except OSError:  # an output under a file, unreadable: prepare() says so, naming it
+        return None
+    job = record.get("job") if record else None
+    described = job.get("model") if isinstance(job, dict) and job.get("op") == op else None
+    if isinstance(described, dict) and described.get("name") == model:
+        version = described.get("version")
+        return version if isinstance(version, int) and not isinstance(version, bool) and version > 0 else None
+    return None
+
+
 def _read_record(job_file: Path) -> dict[str, Any] | None:
     """The job file's content; None when there is none, {} when it is unreadable (another job's, or damaged)."""
     try:

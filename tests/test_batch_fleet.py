@@ -214,3 +214,24 @@ def test_decode_batch_on_the_fleet_resumes_after_the_input_file_is_fixed(fleet, 
     table = pq.read_table(out)
     np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(5000))
     np.testing.assert_array_equal(np.stack(table.column("latent").to_numpy(zero_copy_only=False)), z)
+
+
+def test_a_rerun_resumes_on_the_version_the_job_started_with(fleet, repo: Path, tmp_path: Path) -> None:
+    """Without --version a job is pinned to the newest version at its start; a newer version written before a
+    rerun does not make the same command another job: it resumes on the version it started with."""
+    write_tiny(repo, "pinned", "vae")
+    out = tmp_path / "out"
+    command = [*AEVAE, "decode-batch", "--prior", "3000", "--seed", "1", "--model", "pinned", "--output", str(out),
+               "--shard-size", "1000", "--decoder", fleet["decoder"][0]]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    write_tiny(repo, "pinned", "vae", seed=5)
+    deadline = time.monotonic() + 30
+    with DecoderClient(fleet["decoder"][0]) as client:  # the service sees version 2 as the newest
+        while {m.name: m.version for m in client.list_models()}.get("pinned") != 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming on pinned/1, the version this job started with" in rerun.stderr
+    assert "3,000 rows of pinned/1" in rerun.stderr and "3 shards done before;" in rerun.stderr

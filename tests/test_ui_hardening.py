@@ -100,6 +100,9 @@ def test_login_is_required_when_a_login_token_is_set(decoder: ServiceProcess) ->
         async with session.get(f"{base}/?token=ui-secret-token", allow_redirects=False) as login:
             assert login.status == 302 and "aevae_session" in login.cookies
             assert "httponly" in login.headers["Set-Cookie"].lower()
+        # a path of two slashes would send the browser to another host after the login
+        async with session.get(f"{base}//evil.example/?token=ui-secret-token&x=1", allow_redirects=False) as away:
+            assert away.status == 302 and away.headers["Location"] == "/evil.example/?x=1"
         async with session.get(f"{base}/api/models") as api:  # the cookie now
             assert api.status == 200
         async with session.ws_connect(f"{base}/ws") as ws:
@@ -168,6 +171,38 @@ def test_websocket_bounds_a_flood_an_oversized_message_and_deep_json(decoder: Se
             assert deep_post.status == 400 and "nested deeper" in (await deep_post.json())["error"]
 
     run(decoder, scenario)
+
+
+def test_numbers_encodings_and_frames_a_fuzzer_sends_get_clear_errors(decoder: ServiceProcess,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Integers past Python's 4,300 digits (a ValueError, not a JSONDecodeError), a 400-digit latent (an
+    OverflowError in float32's conversion), latents as strings or booleans, a body that claims a
+    Content-Encoding it does not have, and binary frames: each gets a 4xx or an error message, never a 500,
+    a silent socket or a traceback."""
+    async def scenario(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        json_headers = {"Origin": base, "Content-Type": "application/json"}
+        for body in ("1" * 5000, '{"model": "vae", "count": 2, "seed": ' + "9" * 5000 + "}"):
+            async with session.post(f"{base}/api/samples", data=body, headers=json_headers) as answer:
+                assert answer.status == 400 and "JSON" in (await answer.json())["error"]
+        async with session.post(f"{base}/api/samples", data=b"not gzip",
+                                headers={**json_headers, "Content-Encoding": "gzip"}) as compressed:
+            assert compressed.status == 415 and "Content-Encoding" in (await compressed.json())["error"]
+        async with session.ws_connect(f"{base}/ws", headers={"Origin": base}) as ws:
+            assert (await ws.receive_json(timeout=10))["op"] == "status"
+            for i, latents in enumerate(["[[" + "1" * 400 + ", 0, 0, 0]]", '[["1.5", 0, 0, 0]]', "[[true, 0, 0, 0]]"]):
+                await ws.send_str('{"op": "decode", "id": %d, "model": "vae", "latents": %s}' % (i, latents))
+                reply = await ws.receive_json(timeout=10)
+                assert reply["op"] == "error" and reply["id"] == i and "latents" in reply["error"], reply
+            await ws.send_str('{"op": "decode", "id": 9, "model": "vae", "latents": [' + "1" * 5000 + "]}")
+            assert "4,300 digits" in (await ws.receive_json(timeout=10))["error"]
+            await ws.send_bytes(b"\x00\x01")
+            assert "text" in (await ws.receive_json(timeout=10))["error"]
+            await ws.send_str('{"op": "decode", "id": 10, "model": "vae", "latents": [[0, 0, 0, 0]]}')
+            assert (await ws.receive_json(timeout=10))["op"] == "decoded"  # the socket goes on
+
+    with caplog.at_level("INFO"):
+        run(decoder, scenario)
+    assert "Traceback" not in caplog.text and "Unhandled exception" not in caplog.text
 
 
 def test_ui_on_a_public_address_needs_a_login_unless_insecure(tmp_path: Path) -> None:

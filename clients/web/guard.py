@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from yarl import URL
 
 from aevae.client.credentials import TokenFile, is_loopback
 
@@ -142,13 +143,22 @@ class Guard:
                     and request.content_type != "application/json"):
                 return web.json_response({"error": "POST bodies must be JSON (Content-Type: application/json)"},
                                          status=415)
+            if request.method == "POST" and request.headers.get("Content-Encoding", "identity").lower() != "identity":
+                # small JSON needs no compression; a body that claims one it does not have fails in aiohttp's
+                # parser, which logs a traceback when it drains the body after the answer: so, not read at all,
+                # and the connection closed with the answer
+                response = web.json_response({"error": "POST bodies must not be compressed (no Content-Encoding)"},
+                                             status=415)
+                response.force_close()
+                return response
             if self.login is not None:
                 token = request.query.get("token")
                 if token is not None and request.method == "GET" and not websocket:
                     if not self.token_ok(token):
                         return web.Response(text=LOGIN_PAGE.format(error="<p role=alert>Wrong token.</p>"),
                                             content_type="text/html", status=401)
-                    response = redirect(str(request.rel_url.with_query({k: v for k, v in request.query.items() if k != "token"})))
+                    rest = {k: v for k, v in request.query.items() if k != "token"}
+                    response = redirect(local_location(request.path, rest))
                     self.set_session(response, request)
                     return response
                 if not request.path.startswith(OPEN_PATHS) and not self.logged_in(request):
@@ -181,6 +191,12 @@ def redirect(location: str) -> web.Response:
     return web.Response(status=302, headers={"Location": location})
 
 
+def local_location(path: str, query: dict[str, str]) -> str:
+    """A redirect to `path` on this server: "//evil.com/" (a path that begins with two slashes) would be
+    taken by a browser for another host, so the path keeps one leading slash."""
+    return str(URL.build(path="/" + path.lstrip("/\\"), query=query))
+
+
 # -- parsing what a client sends ----------------------------------------------------------------------------
 def depth(value: Any, limit: int = MAX_DEPTH) -> int:
     """Nesting depth of parsed JSON, counted without recursion and stopping past `limit`."""
@@ -203,8 +219,8 @@ def parse_json(text: str | bytes, max_bytes: int = MAX_MESSAGE_BYTES, max_depth:
         value = json.loads(text)
     except RecursionError:
         raise BadMessage(f"JSON nested deeper than {max_depth} levels") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BadMessage("messages must be JSON") from None
+    except ValueError:  # not JSON, not UTF-8, or an integer past Python's 4,300 digits
+        raise BadMessage("messages must be JSON (numbers of at most 4,300 digits)") from None
     if depth(value, max_depth) > max_depth:
         raise BadMessage(f"JSON nested deeper than {max_depth} levels")
     return value

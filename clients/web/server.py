@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from aiohttp import WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from aevae.client import AsyncDecoderClient, AsyncEncoderClient, ModelInfo
 from aevae.ui.guard import MAX_DECODES, TRANSPORT_MAX_BYTES, BadMessage, Guard, parse_json
@@ -111,10 +113,16 @@ def decode_images(payload: dict[str, Any]) -> np.ndarray:
 
 
 def parse_latents(value: Any) -> np.ndarray:
+    """N x d numbers, JSON numbers only: numpy would also take "1.5" or true, and an integer of 400 digits
+    overflows float32's conversion (OverflowError) rather than failing as a value."""
+    wanted = "'latents' must be a list of equal-length lists of numbers"
+    if not isinstance(value, list) or not all(
+            isinstance(row, list) and all(type(v) in (int, float) for v in row) for row in value):
+        raise BadRequest(wanted)
     try:
         latents = np.asarray(value, dtype=np.float32)
-    except (ValueError, TypeError) as exc:
-        raise BadRequest("'latents' must be a list of equal-length lists of numbers") from exc
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"{wanted}, each finite and of float32's range") from exc
     if latents.ndim != 2 or not 1 <= latents.shape[0] <= MAX_LATENTS or latents.shape[1] < 1:
         raise BadRequest(f"'latents' must be N x d with 1 <= N <= {MAX_LATENTS}, got shape {list(latents.shape)}")
     if not np.isfinite(latents).all():
@@ -169,6 +177,8 @@ async def json_body(request: web.Request, expected: str) -> dict[str, Any]:
         payload = parse_json(await request.read(), max_bytes=MAX_BODY)
     except BadMessage as exc:
         raise BadRequest(f"body: {exc}: {expected}") from exc
+    except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a Content-Encoding the body does not have
+        raise BadRequest(f"body: unreadable ({exc}): {expected}") from None
     if not isinstance(payload, dict):
         raise BadRequest(f"body must be a JSON object: {expected}")
     return payload
@@ -276,12 +286,20 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     await ws.send_json(status_message(request.app))
 
     async def handle(message: dict[str, Any]) -> None:
-        reply = await decode_reply(request.app, message)
+        try:
+            reply = await decode_reply(request.app, message)
+        except Exception as exc:  # noqa: BLE001 - a bug answers this message; the socket and the others go on
+            log.exception("decode message failed")
+            reply = {"op": "error", "id": message.get("id"), "channel": message.get("channel"),
+                     "error": f"internal error: {type(exc).__name__}"}
         if not ws.closed:
             await ws.send_json(reply)
 
     pending: set[asyncio.Task[None]] = set()
     async for msg in ws:
+        if msg.type == WSMsgType.BINARY:
+            await ws.send_json({"op": "error", "error": "messages must be JSON text frames, not binary"})
+            continue
         if msg.type != WSMsgType.TEXT:
             continue
         try:
@@ -329,12 +347,36 @@ def add_routes(app: web.Application) -> None:
     app.router.add_static("/static", STATIC, append_version=False)
 
 
+class _UnreadableBodies(logging.Filter):
+    """aiohttp drains a request body the handler did not read once the answer has gone, and logs an ERROR
+    with three chained tracebacks when the body cannot be read (a Content-Encoding it does not have, a
+    truncated chunk): the client's fault, already answered (415 or 400), and a log flood open to any
+    client. It becomes one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, RequestPayloadError):
+            record.msg, record.args = "a request body could not be read (the client's): %s", (str(error).splitlines()[-1].strip(),)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+        return True
+
+
+def quiet_unreadable_bodies() -> None:
+    """Installs _UnreadableBodies on aiohttp's server logger, once."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _UnreadableBodies) for f in logger.filters):
+        logger.addFilter(_UnreadableBodies())
+
+
 def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
                classifier: Path | None = CLASSIFIER_PATH, middlewares: Iterable[Any] = (),
                guard: Guard | None = None, security: Any = None) -> web.Application:
     """`guard`: the Host, Origin and login checks (guard.py; default: those of a server bound to loopback);
     `security`: the aevae.client ChannelSecurity for the services (default: from the environment)."""
     guard = guard or Guard.create("127.0.0.1")
+    quiet_unreadable_bodies()
     app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware(), *middlewares])
 
     async def changed() -> None:
