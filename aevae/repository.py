@@ -78,13 +78,14 @@ class Version:
     def latent_stats(self) -> dict[str, Any]:
         return json.loads(self.file(STATS).read_text())
 
-    def fingerprint(self) -> tuple[tuple[str, int, int, int], ...]:
-        """(file, size, mtime, inode) of the manifest and every listed file: changes when any is replaced,
-        rewritten or deleted. OSError when a file is gone."""
+    def fingerprint(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """(file, size, mtime, ctime, inode) of the manifest and every listed file: changes when any is
+        replaced, rewritten or deleted, even by a writer that restores its size and modification time (the
+        change time cannot be set back). OSError when a file is gone."""
         out = []
         for name in (MANIFEST, *sorted(self.manifest.files)):
             st = os.stat(self.file(name))
-            out.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
+            out.append((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         return tuple(out)
 
     def __str__(self) -> str:

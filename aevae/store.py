@@ -28,7 +28,7 @@ from aevae.runtimes import label
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
-Fingerprint = tuple[tuple[str, int, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def images(array: np.ndarray, image_shape: tuple[int, int], field: str = "images
         if array.size and (array.min() < 0 or array.max() > 1):
             raise InvalidArgument(
                 f"{field}: float32 pixels must lie in [0, 1] (send uint8 for 0..255), "
-                f"got values in [{array.min():g}, {array.max():g}]"
+                f"got values in [{array.min():.9g}, {array.max():.9g}]"  # 1.0000001 is not "1" here
             )
     return array
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +168,20 @@ def test_a_version_replaced_in_place_is_reloaded_not_served_stale(tiny_repo: Pat
     after = _decode_one(store)
     expected = ModelStore(tiny_repo / "other").get("vae").decode(np.ones((1, 4), np.float32))
     assert not np.array_equal(before, after) and np.array_equal(after, expected)
+
+
+def test_a_file_altered_in_place_with_its_size_and_mtime_restored_is_still_noticed(tiny_repo: Path) -> None:
+    """The change time gives it away: the loaded model is dropped, and the altered file fails its checksum."""
+    store = ModelStore(tiny_repo, refresh_seconds=0)
+    _decode_one(store)
+    graph = tiny_repo / "vae" / "1" / "decoder.onnx"
+    st = graph.stat()
+    time.sleep(0.01)
+    _flip(graph, offset=st.st_size // 2)
+    os.utime(graph, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert graph.stat().st_size == st.st_size and graph.stat().st_mtime_ns == st.st_mtime_ns
+    with pytest.raises(FailedPrecondition, match="checksum"):
+        store.get("vae", 1)
 
 
 def test_a_deleted_version_is_dropped_and_a_recreated_one_reloaded(tiny_repo: Path) -> None:
