@@ -497,6 +497,32 @@ def test_sample_verdicts_are_the_report_classifiers(stack):
     np.testing.assert_array_equal(shown, np.rint(images[0] * 255).astype(np.uint8))
 
 
+def test_the_page_keeps_its_decodes_in_flight_under_the_socket_s_bound(page):
+    """The server answers a decode past its bound per socket (max_decodes, sent in the status message) with
+    RESOURCE_EXHAUSTED, which left the image stale. A burst of slider moves sends the main and interpolation
+    channels of both models at once (six requests without a shared bound): the page keeps at most the
+    server's bound in flight, and every image still arrives."""
+    select_only(page, [0, 14])
+    page.evaluate("""() => {
+        const link = window.__aevae.link, send = link.ws.send.bind(link.ws);
+        window.__maxInflight = 0;
+        link.ws.send = (data) => { send(data); window.__maxInflight = Math.max(window.__maxInflight, link.inflight()); };
+    }""")
+    before = output_pixels(page, "ae")
+    page.evaluate("""() => {
+        const slider = document.querySelector('[data-testid=interpolate]');
+        for (const value of [100, 300, 500, 700, 900, 600]) {
+            slider.value = String(value);
+            slider.dispatchEvent(new Event('input', { bubbles: true }));
+        }
+    }""")
+    wait_output_changes(page, before, "ae")
+    assert page.evaluate("window.__aevae.link.socketLimit") == 4  # the server's MAX_DECODES
+    assert 2 <= page.evaluate("window.__maxInflight") <= 4
+    page.wait_for_function("() => window.__aevae.link.inflight() === 0", timeout=10000)
+    assert not page.locator("#note-ae").inner_text().endswith("showing the last image")
+
+
 def test_interpolation_moves_both_models_between_the_same_two_inputs(page):
     select_only(page, [0, 14])
     slider = page.get_by_test_id("interpolate")

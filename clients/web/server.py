@@ -190,8 +190,9 @@ async def index(request: web.Request) -> web.FileResponse:
 
 
 def status_message(app: web.Application) -> dict[str, Any]:
+    """The services' state, and the decodes a socket may have in flight (the page keeps under it)."""
     return {"op": "status", "services": {link.service: {"target": link.target, **link.status.as_dict()}
-                                         for link in app[LINKS]}}
+                                         for link in app[LINKS]}, "max_decodes": MAX_DECODES}
 
 
 async def get_status(request: web.Request) -> web.Response:

@@ -38,6 +38,9 @@ export class Link {
     this.onStatus = onStatus;
     this.onConnection = onConnection;
     this.channels = new Map(); // name -> {inflight: Map id -> request, waiting, last, shown, limit}
+    // Decodes in flight on the socket, all channels together: the server answers one past its bound with
+    // RESOURCE_EXHAUSTED, so the page keeps under it (the bound comes in the status message, max_decodes).
+    this.socketLimit = 4;
     this.nextId = 1;
     this.ws = null;
     this.connect();
@@ -64,14 +67,24 @@ export class Link {
   }
 
   receive(message) {
-    if (message.op === "status") { this.onStatus(message.services); return; }
+    if (message.op === "status") {
+      if (message.max_decodes > 0) this.socketLimit = message.max_decodes;
+      this.onStatus(message.services);
+      return;
+    }
     const channel = this.channels.get(message.channel);
     if (!channel) return;
     const request = channel.inflight.get(message.id);
     if (!request) return;
     channel.inflight.delete(message.id);
     request.roundTrip = performance.now() - request.sentAt;
-    this.pump(message.channel);       // send the waiting request before painting: overlap the round trip
+    if (message.op === "error" && message.code === "RESOURCE_EXHAUSTED") {
+      // refused for the socket's bound, not for what it asked: ask again, unless something newer waits
+      if (!channel.waiting) channel.waiting = request;
+      setTimeout(() => this.pumpAll(message.channel), 100);
+      return;
+    }
+    this.pumpAll(message.channel);    // send the waiting requests before painting: overlap the round trip
     if (message.id < channel.shown) return; // a newer reply was already shown
     channel.shown = message.id;
     request.callback(message, request);
@@ -90,9 +103,22 @@ export class Link {
     this.pump(channelName);
   }
 
+  // A slot came free: this channel's waiting request first, then the others'.
+  pumpAll(first) {
+    this.pump(first);
+    for (const name of this.channels.keys()) if (name !== first) this.pump(name);
+  }
+
+  inflight() {
+    let n = 0;
+    for (const channel of this.channels.values()) n += channel.inflight.size;
+    return n;
+  }
+
   pump(channelName) {
     const channel = this.channels.get(channelName);
     if (!channel || channel.inflight.size >= channel.limit || !channel.waiting) return;
+    if (this.inflight() >= this.socketLimit) return;
     if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return;
     const request = channel.waiting;
     const id = this.nextId++;

@@ -44,9 +44,8 @@ const state = {
 
 // In-page timing of the drag loop: pointer move -> decoded image for that move (or a later one) painted.
 const timing = { seq: 0, moves: new Map(), latencies: [], roundTrips: [] };
-window.__aevae = { state, timing };
-
 const link = new Link({ onStatus: statusChanged, onConnection: connectionChanged });
+window.__aevae = { state, timing, link };
 const plots = {};
 for (const kind of KINDS) {
   plots[kind] = new ParCoords($(`parcoords-${kind}`), $(`top-${kind}`), NAMES[kind], {
