@@ -134,10 +134,8 @@ class Parsing:
 
 
 async def _refuse(context: Aborts, error: Exception) -> NoReturn:
-    async def failing() -> NoReturn:
-        raise error
-    await guarded(context, failing())
-    raise AssertionError("unreachable: guarded aborts")
+    await context.abort(*status_of(error))
+    raise AssertionError("unreachable: context.abort raises")
 
 
 def _parsing(behavior: Callable[..., Any], method: MethodDescriptor) -> Callable[..., Any]:
@@ -385,16 +383,21 @@ async def guarded(context: Aborts, work: Awaitable[T]) -> T:
         return await work
     except StopAsyncIteration:
         raise
-    except WireError as exc:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    except ServiceError as exc:
-        await context.abort(grpc.StatusCode[exc.code], str(exc))
-    except NonFiniteOutput as exc:
-        await context.abort(grpc.StatusCode.INTERNAL, f"{exc}; the result was withheld")
     except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-        _log_internal(exc)
-        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+        await context.abort(*status_of(exc))
     raise AssertionError("unreachable: context.abort raises")
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """An error's status and details: typed errors their own, anything else INTERNAL (and logged)."""
+    if isinstance(exc, WireError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ServiceError):
+        return grpc.StatusCode[exc.code], str(exc)
+    if isinstance(exc, NonFiniteOutput):
+        return grpc.StatusCode.INTERNAL, f"{exc}; the result was withheld"
+    _log_internal(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
 async def pipelined(

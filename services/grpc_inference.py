@@ -132,6 +132,8 @@ def requested_outputs(request: service_pb2.ModelInferRequest, model: str, gives:
 
 RAW_OUTPUT_CONTENTS = service_pb2.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
 INFER_RESPONSE = service_pb2.ModelStreamInferResponse.DESCRIPTOR.fields_by_name["infer_response"].number
+_CONTENTS = service_pb2.InferTensorContents.DESCRIPTOR.fields_by_name
+UINT_CONTENTS, FP32_CONTENTS = _CONTENTS["uint_contents"].number, _CONTENTS["fp32_contents"].number
 
 
 def infer_response(request: service_pb2.ModelInferRequest, model: str, version: int, outputs: Outputs,
@@ -180,10 +182,10 @@ def typed_contents(array: np.ndarray) -> bytes:
         data = np.empty(flat.size + int(wide.sum()), np.uint8)
         data[first] = np.where(wide, flat | 0x80, flat)
         data[first[wide] + 1] = 1
-        field = 4  # uint_contents
+        field = UINT_CONTENTS
     else:  # packed little-endian floats
         data = flat.astype("<f4", copy=False).view(np.uint8)
-        field = 6  # fp32_contents
+        field = FP32_CONTENTS
     return length_delimited(field, data.size) + data.tobytes()
 
 
