@@ -31,6 +31,12 @@ def label(runtime: Any) -> str:
     return runtime.name if precision == "fp32" else f"{runtime.name}-{precision}"
 
 
+def precision_of(runtime_label: str) -> str:
+    """The decoding precision a `label` names: "onnx-int8" -> "int8", "onnx" or "torch" -> "fp32"."""
+    name, _, precision = runtime_label.partition("-")
+    return precision or "fp32"
+
+
 class OnnxRuntime:
     """Two sessions per graph: a single-threaded one for small batches (waking a thread pool costs more than
     the arithmetic of a few rows) and one with `threads` intra-op threads for the rest."""

@@ -81,6 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="parquet (default), npz shards, or folders of PNG files")
     out.add_argument("--image-format", choices=("raw", "png"), default="raw",
                      help="Parquet image column: raw uint8 pixels (default, fastest) or PNG bytes")
+    d.add_argument("--precision", choices=("fp32", "bf16", "int8"), default=None,
+                   help="decoding precision: fp32 (default), int8 (ONNX Runtime over the version's "
+                   "decoder.int8.onnx, the fastest) or bf16 (torch); each one's measured test-set cost is in the "
+                   "version's manifest. With --decoder, the services' own --precision decides (checked if given)")
     _common(d, "decoder", PORTS["decoder"])
     d._negative_number_matcher = _VALUES
     d.set_defaults(func=run, op="decode")
@@ -99,7 +103,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     out = e.add_argument_group("output")
     out.add_argument("--format", choices=("parquet", "npz"), default="parquet", help="parquet (default) or npz")
     _common(e, "encoder", PORTS["encoder"])
-    e.set_defaults(func=run, op="encode", image_format="raw")
+    e.set_defaults(func=run, op="encode", image_format="raw", precision=None)  # encoding is always float32
 
 
 def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tuple[int, int]):
@@ -200,13 +204,13 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         except AevaeError as exc:  # a target that is not host:port, a name that does not resolve
             raise UserError(f"--{service} {targets}: {exc.details()}") from None
         try:
-            ref = fleet_model(client, f"--{service}", args.model, args.version)
+            ref = fleet_model(client, f"--{service}", args.model, args.version, args.precision)
             source = source_from_args(args, ref.latent_dim, ref.image_shape)
         except BaseException:
             client.close()
             raise
     else:
-        ref = models.resolve(args.models_dir, args.model, args.version)
+        ref = models.resolve(args.models_dir, args.model, args.version, args.precision or "fp32")
         source = source_from_args(args, ref.latent_dim, ref.image_shape)
     meta = {"op": args.op, "model": ref.describe()}
     sink = Sink(args.output, args.format, args.image_format, meta, id_digits=max(6, len(str(source.rows - 1))))
@@ -233,7 +237,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     where = f"{len(client.targets)} {service} replica(s)" if client else "Ray Data"
     redone = f" ({plan.redone} made again: their input rows changed)" if plan.redone else ""
-    say(f"{job.rows:,} rows of {job.model.name}/{job.model.number} in {job.shards:,} shards of {job.shard_size:,} -> "
+    precision = f" in {job.model.precision}" if job.model.precision != "fp32" else ""
+    say(f"{job.rows:,} rows of {job.model.name}/{job.model.number}{precision} in {job.shards:,} shards of {job.shard_size:,} -> "
         f"{job.sink.root} ({job.sink.format}); {plan.skipped_shards:,} shards done before{redone}; on {where}")
     progress = Progress(label, job.rows, job.shards, plan.skipped_rows, plan.skipped_shards, quiet=args.quiet)
     # The engines return only once the shards they were running have ended or been cancelled (a cluster named

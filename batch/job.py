@@ -429,9 +429,12 @@ def deadline_missed(exc: Any) -> bool:
     return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED or "deadline exceeded" in exc.details().lower()
 
 
-def fleet_model(client: Any, flag: str, name: str, number: int | None) -> ModelRef:
-    """The model as the fleet serves it (ListModels): shapes and the version to pin; UserError when absent."""
+def fleet_model(client: Any, flag: str, name: str, number: int | None, precision: str | None = None) -> ModelRef:
+    """The model as the fleet serves it (ListModels): shapes, the version to pin and the decoding precision
+    its services run; UserError when absent, or when `precision` is given and is not the one served (a
+    client cannot choose it: `aevae serve --precision` does)."""
     from aevae.client import AevaeError
+    from aevae.runtimes import precision_of
 
     try:
         infos = {m.name: m for m in client.list_models()}
@@ -445,8 +448,13 @@ def fleet_model(client: Any, flag: str, name: str, number: int | None) -> ModelR
     if number and number not in info.versions:
         raise UserError(f"{flag} {client.target}: model {name!r} has no version {number}; available: "
                         f"{', '.join(map(str, info.versions))}")
+    served = precision_of(info.runtime) if flag == "--decoder" else "fp32"  # encoding is always float32
+    if precision is not None and precision != served:
+        raise UserError(f"{flag} {client.target} decodes {name!r} in {served} ({info.runtime}), not {precision}: "
+                        f"the services' own --precision chooses it; drop --precision, or run them with "
+                        f"--precision {precision}")
     return ModelRef(name=name, number=number or info.version, kind=info.kind, latent_dim=info.latent_dim,
-                    image_shape=tuple(info.image_shape))
+                    image_shape=tuple(info.image_shape), precision=served)
 
 
 def run_fleet(job: Job, plan: Plan, progress: Progress, client: Any, concurrency: int = 2,

@@ -3,12 +3,15 @@ sizes, and the client's fan-out over two decoders against one. Run by hand; prin
 
     .venv/bin/python benchmarks/bench_batch.py [--models-dir DIR] [--rows 10000000] [--small-rows 1000000]
                                                [--fanout-rows 1000000] [--skip ray|fanout]
+                                               [--precisions fp32,int8]
 
 1. In-process: `Loaded.decode` (latents -> uint8 images: exactly what every batch worker runs per shard) at its
    best chunk and calling thread, over the whole machine.
-2. decode-batch --prior N to Parquet (raw images) through the real console script, at --small-rows and --rows:
-   items/s (whole run, Ray start-up included, and steady: after the first shard), and the peak resident memory
-   of the driver and of each worker process, sampled every 0.25 s over the process tree.
+2. decode-batch --prior N to Parquet (raw images) through the real console script, at --small-rows and --rows
+   (0 skips a size): items/s (whole run, Ray start-up included, and steady: after the first shard), and the
+   peak resident memory of the driver and of each worker process, sampled every 0.25 s over the process tree.
+   1 and 2 run for each of --precisions (decode-batch --precision; default fp32 only), each rate also given
+   against fp32's in-process rate when fp32 is among them.
 3. The fan-out client: decode of --fanout-rows latents (uint8) through one decoder process and through two.
 """
 
@@ -50,10 +53,10 @@ def load() -> str:
     return "load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def in_process(models: Path, model: str) -> float:
+def in_process(models: Path, model: str, precision: str = "fp32") -> float:
     from aevae.batch.model import Loaded, resolve
 
-    loaded = Loaded(resolve(str(models), model, None))
+    loaded = Loaded(resolve(str(models), model, None, precision))
     z = np.random.default_rng(0).standard_normal((200_000, loaded.ref.latent_dim), dtype=np.float32)
     worker = ThreadPoolExecutor(1)
     rates = {}
@@ -68,7 +71,7 @@ def in_process(models: Path, model: str) -> float:
             rates[(chunk, where)] = len(z) / (time.perf_counter() - start)
     worker.shutdown()
     shown = "  ".join(f"{c}/{w} {r:,.0f}" for (c, w), r in rates.items())
-    print(f"in-process Loaded.decode -> uint8 (chunk/thread: images/s): {shown}")
+    print(f"in-process Loaded.decode -> uint8, {precision} (chunk/thread: images/s): {shown}")
     return max(rates.values())
 
 
@@ -172,6 +175,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="scratch folder for the Parquet output (deleted after)")
     parser.add_argument("--skip", action="append", default=[], choices=("ray", "fanout"))
     parser.add_argument("--extra", default="", help="more decode-batch flags, e.g. '--workers 2'")
+    parser.add_argument("--precisions", default="fp32", help="decoding precisions to run, e.g. fp32,int8")
     parser.add_argument("--serve-args", action="append", default=None,
                         help="flags for both decoders in the fan-out part; repeat for several settings "
                         "(default: the defaults, then --threads 1)")
@@ -179,22 +183,29 @@ def main() -> None:
     models = repository(args.models_dir)
     print(f"models: {models}; {os.cpu_count()} CPUs; {load()}")
     if "ray" not in args.skip:
-        base = in_process(models, args.model)
-        print(f"in-process best: {base:,.0f} images/s  ({load()})")
         scratch = Path(args.out or tempfile.mkdtemp(prefix="aevae-bench-batch-"))
-        for rows in (args.small_rows, args.rows):
-            record, memory = decode_batch(models, args.model, rows, scratch / "out", args.extra.split())
-            steady = record["steady_items_per_s"] or 0
-            print(f"decode-batch {rows:,} -> Parquet: {record['seconds']:.0f} s, {record['items_per_s']:,.0f} "
-                  f"items/s whole run ({record['items_per_s'] / base:.2f}x in-process), steady "
-                  f"{steady:,.0f} ({steady / base:.2f}x); {record['gb_on_disk']:.2f} GB on disk; worker time "
-                  f"{record['time_share']}  ({load()})")
-            print(f"  peak RSS: driver {memory['driver_mb']:,.0f} MB, worker max {memory['worker_max_mb']:,.0f} MB "
-                  f"({memory['workers']} workers), whole tree {memory['tree_total_mb']:,.0f} MB; largest other: "
-                  f"{memory['largest_other']}")
-            shutil.rmtree(scratch / "out", ignore_errors=True)
-        base_after = in_process(models, args.model)
-        print(f"in-process best, after: {base_after:,.0f} images/s  ({load()})")
+        fp32_base = None
+        for precision in args.precisions.split(","):
+            base = in_process(models, args.model, precision)
+            fp32_base = base if precision == "fp32" else fp32_base
+            versus = f", {base / fp32_base:.2f}x fp32's" if fp32_base and precision != "fp32" else ""
+            print(f"in-process best, {precision}: {base:,.0f} images/s{versus}  ({load()})")
+            for rows in (r for r in (args.small_rows, args.rows) if r > 0):
+                record, memory = decode_batch(models, args.model, rows, scratch / "out",
+                                              ["--precision", precision, *args.extra.split()])
+                steady = record["steady_items_per_s"] or 0
+                versus = (f", {record['items_per_s'] / fp32_base:.2f}x fp32 in-process"
+                          if fp32_base and precision != "fp32" else "")
+                print(f"decode-batch {rows:,} -> Parquet, {precision}: {record['seconds']:.0f} s, "
+                      f"{record['items_per_s']:,.0f} items/s whole run ({record['items_per_s'] / base:.2f}x "
+                      f"in-process{versus}), steady {steady:,.0f} ({steady / base:.2f}x); "
+                      f"{record['gb_on_disk']:.2f} GB on disk; worker time {record['time_share']}  ({load()})")
+                print(f"  peak RSS: driver {memory['driver_mb']:,.0f} MB, worker max "
+                      f"{memory['worker_max_mb']:,.0f} MB ({memory['workers']} workers), whole tree "
+                      f"{memory['tree_total_mb']:,.0f} MB; largest other: {memory['largest_other']}")
+                shutil.rmtree(scratch / "out", ignore_errors=True)
+            base_after = in_process(models, args.model, precision)
+            print(f"in-process best, {precision}, after: {base_after:,.0f} images/s  ({load()})")
         if not args.out:
             shutil.rmtree(scratch, ignore_errors=True)
     if "fanout" not in args.skip:

@@ -182,6 +182,38 @@ def test_an_output_folder_of_another_job_is_refused_unless_overwritten(tiny_repo
     assert replaced.todo == [0, 1, 2] and not (out / "part-000000.npz").exists()
 
 
+def test_a_job_decodes_in_the_precision_asked_records_it_and_refuses_a_version_without_its_graph(
+        tiny_repo: Path, tmp_path: Path) -> None:
+    from aevae.store import ModelStore
+
+    ref = resolve(str(tiny_repo), "vae", None, "int8")
+    assert ref.precision == "int8" and ref.describe()["precision"] == "int8"
+    assert "precision" not in resolve(str(tiny_repo), "vae", None).describe()  # fp32 jobs: named as before
+    out = tmp_path / "out"
+    source = sources.Prior(300, 0, ref.latent_dim)
+    job = Job("decode", ref, source, Sink(out, "npz", meta={"op": "decode", "model": ref.describe()}), shard_size=300)
+    prepare(job)
+    run_shard(job, Loaded(ref), 0)
+    part = np.load(out / "part-000000.npz")
+    z = source.read(0, 300)["latent"]
+    int8 = ModelStore(tiny_repo, precision="int8").get("vae").decode(z, dtype="uint8")
+    fp32 = ModelStore(tiny_repo).get("vae").decode(z, dtype="uint8")
+    np.testing.assert_array_equal(part["images"], int8)  # the int8 graph ran, not the fp32 one
+    assert (part["images"] != fp32).any()
+    assert json.loads((out / JOB_FILE).read_text())["job"]["model"]["precision"] == "int8"
+    fp32_job = Job("decode", resolve(str(tiny_repo), "vae", None), source, Sink(out, "npz"), shard_size=300)
+    with pytest.raises(UserError, match="holds another job .*differs in model"):
+        prepare(fp32_job)  # images of another precision are not mixed into this output
+
+    folder = tiny_repo / "ae" / "1"  # a version written before the int8 graphs
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]["decoder.int8.onnx"]
+    (folder / "decoder.int8.onnx").unlink()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="cannot decode in int8 .*aevae export-onnx.*--precision fp32"):
+        resolve(str(tiny_repo), "ae", None, "int8")
+
+
 # -- shards -----------------------------------------------------------------------------------------------------
 
 def test_a_shard_with_a_latent_out_of_range_fails_with_its_rows_and_keeps_the_others(tiny_repo: Path,

@@ -72,3 +72,21 @@ def test_the_decoder_service_serves_int8_when_asked(int8_decoder: ServiceProcess
     expected = ModelStore(bf16_repo).get("vae").decode(z)
     assert 0 < np.abs(images - expected).max() <= INT8_TOLERANCE
     assert np.abs(images - expected).mean() <= 0.01
+
+
+def test_a_batch_job_on_an_int8_fleet_records_its_precision_and_refuses_another(int8_decoder: ServiceProcess,
+                                                                                 tmp_path: Path) -> None:
+    """A client cannot choose the fleet's precision: decode-batch --decoder takes the one served, checks a
+    --precision given against it, and records it in the job (so a rerun on an fp32 fleet is another job)."""
+    from aevae.batch.job import fleet_model
+    from aevae.errors import UserError
+
+    with DecoderClient(int8_decoder.address) as client:
+        ref = fleet_model(client, "--decoder", "vae", None)
+        assert ref.precision == "int8" and ref.describe()["precision"] == "int8"
+        assert fleet_model(client, "--decoder", "vae", None, "int8").precision == "int8"
+        with pytest.raises(UserError, match=r"decodes 'vae' in int8 \(onnx-int8\), not fp32.*--precision fp32"):
+            fleet_model(client, "--decoder", "vae", None, "fp32")
+    done = run_aevae("decode-batch", "--prior", "200", "--model", "vae", "--output", str(tmp_path / "out"),
+                     "--format", "npz", "--decoder", int8_decoder.address, "--precision", "bf16")
+    assert done.returncode == 2 and "not bf16" in done.stderr and not (tmp_path / "out").exists()
