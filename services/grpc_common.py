@@ -8,6 +8,7 @@ import inspect
 import logging
 import time
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, NoReturn, Protocol, TypeVar
 
@@ -212,15 +213,22 @@ class Admission:
     """Caps the model calls in flight and the request bytes they hold: past a cap, RESOURCE_EXHAUSTED naming
     it; health and ListModels are not counted, so they still answer. Answers wait for room in the same byte
     budget before they are computed and hold it until they are built (backpressure, not an error), so that many
-    big calls at once compute at most about `max_bytes` of answers; a stream's answers waiting for a slow reader
-    are bounded by the stream's depth instead, so a reader that stops cannot starve the others."""
+    big calls at once compute at most about `max_bytes` of answers.
 
-    def __init__(self, max_calls: int, max_bytes: int):
+    A stream's answers are also counted from before they are computed until gRPC has sent them (`unsent`, at
+    most `max_unsent`; see `Unsent`): a reader slower than the server keeps its answers waiting in the
+    server's memory, and a flood of streams whose clients stop reading would otherwise hold a stream depth of
+    answers each, without bound. Past the cap, streams wait before computing their next answer; unary calls
+    never wait for it, so readers that stop can hold up other streams, not the other calls."""
+
+    def __init__(self, max_calls: int, max_bytes: int, max_unsent: int | None = None):
         self.max_calls = max_calls
         self.max_bytes = max_bytes
+        self.max_unsent = 2 * max_bytes if max_unsent is None else max_unsent
         self.calls = 0
         self.bytes = 0
         self.output = 0
+        self.unsent = 0
         self._waiting: list[asyncio.Future[None]] = []
 
     def reserved(self, nbytes: int) -> "_Reserved":
@@ -232,13 +240,23 @@ class Admission:
 
     async def _take(self, nbytes: int) -> None:
         while self.output and self.output + nbytes > self.max_bytes:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiting.append(waiter)
-            await waiter
+            await self._room()
         self.output += nbytes
 
-    def _give_back(self, nbytes: int) -> None:
+    async def _take_unsent(self, nbytes: int) -> None:
+        while self.unsent and self.unsent + nbytes > self.max_unsent:
+            await self._room()
+        self.unsent += nbytes
+
+    async def _room(self) -> None:
+        """Until some bytes are given back (of either count: each waiter checks its own again)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        await waiter
+
+    def _give_back(self, nbytes: int, unsent: int = 0) -> None:
         self.output -= nbytes
+        self.unsent -= unsent
         waiting, self._waiting = self._waiting, []
         for waiter in waiting:
             if not waiter.done():
@@ -363,12 +381,73 @@ class _Answered(_Reserved):
         self.company = company
 
     async def __aenter__(self) -> Any:
+        slot = _SLOT.get()
+        if slot is not None:  # a stream's answer: counted until sent (Unsent), room for it first
+            await slot.owner.take(slot, self.nbytes)
         await super().__aenter__()
         try:
             return await self.batcher.submit(self.job, self.company)
         except BaseException:
             await super().__aexit__()
             raise
+
+
+class AnswerSlot:
+    """The unsent bytes of one stream message's answer, and the stream's Unsent that counts them."""
+
+    __slots__ = ("owner", "nbytes")
+
+    def __init__(self, owner: "Unsent"):
+        self.owner = owner
+        self.nbytes = 0
+
+
+# The slot of the stream message the running task answers; Engine.answered counts the answer's bytes in it.
+# A context variable, as the task of each message is made by `pipelined`, between the stream and the servicer.
+_SLOT: ContextVar[AnswerSlot | None] = ContextVar("aevae_unsent_slot", default=None)
+
+
+class Unsent:
+    """A stream's answers from before each is computed until gRPC has sent it (Admission.unsent).
+
+    gRPC asks a response stream for its next message only once it has written the one before, and writes
+    only as far as the client reads (HTTP/2 flow control): an answer's bytes stay in the server, in our reply
+    and in gRPC's copy, until the client has read about that far. The stream opens a slot for each message in
+    the task that answers it (`open`); `sent` gives a slot's bytes back when the yield of its answer returns
+    (gRPC has written it), and `close`, where the stream ends however it ends, gives back every slot still
+    open (answers computed and never sent, a message that failed)."""
+
+    __slots__ = ("admission", "_open", "_closed")
+
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self._open: set[AnswerSlot] = set()
+        self._closed = False
+
+    def open(self) -> AnswerSlot:
+        slot = AnswerSlot(self)
+        self._open.add(slot)
+        _SLOT.set(slot)
+        return slot
+
+    async def take(self, slot: AnswerSlot, nbytes: int) -> None:
+        """Waits for room for an answer of `nbytes` and counts it in the slot. A message whose stream has
+        ended while it waited (its task is being cancelled) gives the room back at once: `close` has passed."""
+        await self.admission._take_unsent(nbytes)
+        if self._closed or slot not in self._open:
+            self.admission._give_back(0, nbytes)
+        else:
+            slot.nbytes += nbytes
+
+    def sent(self, slot: AnswerSlot) -> None:
+        if slot in self._open:
+            self._open.discard(slot)
+            self.admission._give_back(0, slot.nbytes)
+
+    def close(self) -> None:
+        self._closed = True
+        for slot in list(self._open):
+            self.sent(slot)
 
 
 class Aborts(Protocol):
@@ -496,8 +575,10 @@ async def served_stream(
     failing message's position.
     """
     pinned = Pinned()
+    unsent = Unsent(admission)
 
-    async def handle(index: int, message: Any) -> Any:
+    async def handle(index: int, message: Any) -> tuple[Reply, AnswerSlot]:
+        slot = unsent.open()
         await pinned.turn(index)
         try:
             request = readable(message)
@@ -509,22 +590,26 @@ async def served_stream(
         finally:
             pinned.taken(index)
         pinned.served(reply.model, reply.version)
-        return reply
+        return reply, slot
 
-    async def admitted() -> AsyncIterator[Any]:
+    async def admitted() -> AsyncIterator[tuple[Reply, AnswerSlot]]:
         with admission.call():
             async for response in pipelined(requests, handle, depth):
                 yield response
-                del response  # a reply holds output bytes of the budget until it is dropped
+                del response  # the reply's bytes must not outlive the yield
 
     results = admitted()
-    while True:
-        try:
-            reply = await guarded(context, anext(results))
-        except StopAsyncIteration:
-            return
-        yield reply.response
-        del reply  # gRPC has taken the message: its output bytes go back to the budget
+    try:
+        while True:
+            try:
+                reply, slot = await guarded(context, anext(results))
+            except StopAsyncIteration:
+                return
+            yield reply.response
+            del reply  # gRPC has written it and asks for the next
+            unsent.sent(slot)
+    finally:
+        unsent.close()
 
 
 _last_logged = [0.0]

@@ -30,7 +30,7 @@ from aevae.services import inputs
 from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
 from aevae.repository import NUMBER_PATTERN
-from aevae.services.grpc_common import Engine, Pinned, guarded, pipelined, readable, rows
+from aevae.services.grpc_common import AnswerSlot, Engine, Pinned, Unsent, guarded, pipelined, readable, rows
 from aevae.v1.tensors import length_delimited
 
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
@@ -306,8 +306,13 @@ class InferenceServicer:
         does not even parse included) answers with its error_message (the status name first) and the stream
         goes on, as in Triton. One version serves the stream, as in aevae.v1's streams (Pinned)."""
         pinned = Pinned()
+        unsent = Unsent(self.engine.admission)
 
-        async def handle(index: int, message: Any) -> service_pb2.ModelStreamInferResponse | bytes:
+        async def handle(index: int, message: Any) -> tuple[service_pb2.ModelStreamInferResponse | bytes, AnswerSlot]:
+            slot = unsent.open()
+            return await answer(index, message), slot
+
+        async def answer(index: int, message: Any) -> service_pb2.ModelStreamInferResponse | bytes:
             await pinned.turn(index)
             try:
                 response = await guarded(_Capture(), self._infer(message, pinned=pinned))
@@ -321,18 +326,23 @@ class InferenceServicer:
                 pinned.taken(index)
             return stream_response(response)
 
-        async def admitted() -> AsyncIterator[service_pb2.ModelStreamInferResponse | bytes]:
+        async def admitted() -> AsyncIterator[tuple[service_pb2.ModelStreamInferResponse | bytes, AnswerSlot]]:
             with self.engine.admission.call():
                 async for response in pipelined(request_iterator, handle, self.engine.stream_depth):
                     yield response
 
         results = admitted()
-        while True:
-            try:
-                response = await guarded(context, anext(results))
-            except StopAsyncIteration:
-                return
-            yield response
+        try:
+            while True:
+                try:
+                    response, slot = await guarded(context, anext(results))
+                except StopAsyncIteration:
+                    return
+                yield response
+                del response  # gRPC has written it and asks for the next
+                unsent.sent(slot)
+        finally:
+            unsent.close()
 
     # -- health and metadata ------------------------------------------------------------------------------
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ServerLiveResponse:

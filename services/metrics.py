@@ -267,7 +267,9 @@ class ServiceCollector(Collector):
                     ("request_bytes", "request bytes held by calls in flight (limit: --max-inflight-bytes)",
                      self.admission.bytes),
                     ("answer_bytes", "answer bytes reserved by answers being computed (limit: --max-inflight-bytes)",
-                     self.admission.output)):
+                     self.admission.output),
+                    ("unsent_bytes", "answer bytes of streams computed and not yet sent (limit: --max-unsent-bytes)",
+                     self.admission.unsent)):
                 gauge = GaugeMetricFamily(f"aevae_admission_{name}", help)
                 gauge.add_metric([], now)
                 yield gauge

@@ -66,6 +66,10 @@ class ServiceSettings:
     max_inflight_bytes: int = _opt(256 * 1024 * 1024, "most request bytes held by calls in flight, and most answer "
                                                       "bytes between the model and the wire (answers wait); "
                                                       "RESOURCE_EXHAUSTED beyond", minimum=1)
+    max_unsent_bytes: int = _opt(512 * 1024 * 1024, "most answer bytes of streams computed and not yet sent "
+                                                     "(their clients read slower than the server answers, or not "
+                                                     "at all); beyond, streams wait before computing their next "
+                                                     "answer (unary calls do not)", minimum=1)
     workers: int = _opt(2, "threads running the model off the event loop", minimum=1)
     threads: int | None = _opt(None, "intra-op threads of the model runtime, ONNX Runtime or torch (default: "
                                      "the runtime's own)", minimum=1)

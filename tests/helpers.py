@@ -1,12 +1,15 @@
-"""What the tests share: paths, running the real console script, and tiny model versions written with the
-repository's own writer (the fast tier's models: real files, real checksums, no Ray)."""
+"""What the tests share: paths, running the real console script, tiny model versions written with the
+repository's own writer (the fast tier's models: real files, real checksums, no Ray), and reading a service's
+Prometheus metrics."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -78,3 +81,26 @@ def running(repo: Path, args: Sequence[str] = (), kinds: Sequence[str] = ("encod
     finally:
         for service in started.values():
             service.stop()
+
+
+URL = re.compile(r"metrics on (http://\S+/metrics)")
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics_url(output: list[str]) -> str:
+    """The /metrics URL a service printed when it started (--metrics-port)."""
+    for line in output:
+        match = URL.search(line)
+        if match:
+            return match.group(1)
+    raise AssertionError("no metrics URL printed:\n" + "".join(output))
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a Prometheus endpoint: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from aevae.services.process import ServiceProcess
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor
-from helpers import run_aevae, write_tiny
+from helpers import Samples, metrics_url, run_aevae, scrape, write_tiny
 
 MAX_MESSAGE = 65536
 ARGS = ["--max-message-bytes", str(MAX_MESSAGE), "--refresh-seconds", "0.1"]
@@ -234,6 +234,56 @@ def test_streams_cancelled_while_answers_are_written_log_no_traceback(repo: Path
             assert stub.Decode(_request(3)).version == 1
     output = "".join(service.output)  # all of it: the process has exited
     assert "Traceback" not in output and "ExecuteBatchError" not in output, output[-2000:]
+
+
+def test_streams_whose_clients_stop_reading_hold_at_most_the_unsent_budget(repo: Path) -> None:
+    """A flood of streams whose clients never read: each holds its answers in the server until they are sent,
+    so without a cap memory grows with the number of streams (uncapped, this flood grew the server by 413 MiB;
+    16 streams of 64 MB answers by 3 GiB). With --max-unsent-bytes the answers computed and not sent stay under
+    it, the other streams wait before computing theirs, unary calls are answered meanwhile, and the budget
+    comes back when the clients go."""
+    import psutil
+
+    big = _request(4000)  # 16 MB of float32 images per answer
+    cap = 24 << 20  # one answer fits, two do not
+    args = ["--max-unsent-bytes", str(cap), "--metrics-port", "0"]
+    with ServiceProcess("decoder", repo, args=args) as service:
+        service.wait_healthy()
+        url = metrics_url(service.output)
+        assert service.process is not None
+        server = psutil.Process(service.process.pid)
+        options = [("grpc.max_receive_message_length", -1)]
+        channels = [grpc.insecure_channel(service.address, options=options) for _ in range(9)]
+        try:
+            stub = decoder_pb2_grpc.DecoderStub(channels[0])
+            assert stub.Decode(_request(3)).version == 1  # warm: the model is loaded
+            before = server.memory_info().rss
+            stalled = [decoder_pb2_grpc.DecoderStub(c).DecodeStream(iter([big] * 3)) for c in channels[1:]]  # unread
+            deadline = time.monotonic() + 20
+            while value_of(scrape(url), "aevae_admission_unsent_bytes") == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            time.sleep(1.0)  # what more the streams would take, they take now
+            unsent = value_of(scrape(url), "aevae_admission_unsent_bytes")
+            assert 0 < unsent <= cap
+            grown = server.memory_info().rss - before
+            assert grown < 150 << 20, f"the server grew by {grown >> 20} MiB"  # capped: about 70; uncapped: 413
+            assert len(from_tensor(stub.Decode(_request(3), timeout=10).images, "images")) == 3  # unary answers
+            for stream in stalled:
+                stream.cancel()
+            deadline = time.monotonic() + 20
+            while value_of(scrape(url), "aevae_admission_unsent_bytes") != 0:
+                assert time.monotonic() < deadline, "the stalled streams' bytes did not come back"
+                time.sleep(0.1)
+            answers = list(stub.DecodeStream(iter([big, big, _request(3)]), timeout=30))
+            assert [from_tensor(r.images, "images").shape[0] for r in answers] == [4000, 4000, 3]
+        finally:
+            for channel in channels:
+                channel.close()
+
+
+def value_of(samples: Samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
 
 
 class _SilentRelay:

@@ -4,7 +4,6 @@ histograms and gauges move with traffic (aevae.v1, the OIP, errors, WebSocket de
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import subprocess
 import sys
@@ -18,37 +17,18 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
-from prometheus_client.parser import text_string_to_metric_families
 
 from aevae.client import AevaeError, AsyncDecoderClient, DecoderClient
 from aevae.services.process import ServiceProcess
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
 from aevae.v1.tensors import to_tensor
-from helpers import write_tiny
-
-URL = re.compile(r"metrics on (http://\S+/metrics)")
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(url: str) -> Samples:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+from helpers import Samples, metrics_url, scrape, write_tiny
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     """The sum over the samples of `name` whose labels include `labels` (0 when none)."""
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
-
-
-def metrics_url(output: list[str]) -> str:
-    for line in output:
-        match = URL.search(line)
-        if match:
-            return match.group(1)
-    raise AssertionError("no metrics URL printed:\n" + "".join(output))
 
 
 @pytest.fixture(scope="module")

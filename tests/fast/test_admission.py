@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from aevae.errors import ResourceExhausted
-from aevae.services.grpc_common import Admission
+from aevae.services.grpc_common import Admission, AnswerSlot, Engine, Runner, Unsent
 
 
 @pytest.fixture
@@ -107,3 +107,78 @@ def test_the_call_and_byte_caps_name_the_flag_to_change() -> None:
             with admission.hold(1):
                 pass
     assert (admission.calls, admission.bytes) == (0, 0)
+
+
+def test_stream_answers_count_until_sent_and_past_the_cap_streams_wait_but_unary_calls_do_not() -> None:
+    admission = Admission(max_calls=8, max_bytes=1000, max_unsent=100)
+    first, second = Unsent(admission), Unsent(admission)
+
+    async def stream_answer(unsent: Unsent, nbytes: int) -> AnswerSlot:
+        slot = unsent.open()  # as a stream's task for one message does
+        await unsent.take(slot, nbytes)
+        return slot
+
+    async def main() -> None:
+        held = await stream_answer(first, 60)
+        assert admission.unsent == 60
+        waiting = asyncio.create_task(stream_answer(second, 60))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # 60 + 60 would pass the cap of 100
+        await asyncio.wait_for(_reserve_and_leave(admission, 900), timeout=1)  # a unary answer: its own budget
+        first.sent(held)  # gRPC has written the first stream's answer
+        await asyncio.wait_for(waiting, timeout=1)
+        assert admission.unsent == 60
+        second.close()  # the stream ends: what it still holds comes back
+        assert admission.unsent == 0
+
+    asyncio.run(main())
+
+
+def test_a_message_that_gets_room_after_its_stream_ended_gives_it_back(no_gc: None) -> None:
+    """The stream ends (its close runs) while one of its messages waits for room; the room that frees later
+    must not be counted for a stream that will never send it."""
+    admission = Admission(max_calls=8, max_bytes=1000, max_unsent=100)
+    first, second = Unsent(admission), Unsent(admission)
+
+    async def main() -> None:
+        held = first.open()
+        await first.take(held, 80)
+        late = second.open()
+        waiting = asyncio.create_task(second.take(late, 80))
+        await asyncio.sleep(0.01)
+        second.close()  # its stream has ended; the message's task has not run again yet
+        first.sent(held)
+        await asyncio.wait_for(waiting, timeout=1)
+        assert admission.unsent == 0
+
+    asyncio.run(main())
+
+
+def test_an_answer_computed_for_a_stream_is_counted_in_its_slot_and_a_unary_one_is_not() -> None:
+    admission = Admission(max_calls=8, max_bytes=1000, max_unsent=1000)
+
+    class Job:
+        output_bytes = 70
+
+    class Batcher:
+        async def submit(self, job: Job, company: bool) -> str:
+            return "images"
+
+    engine = Engine(Runner(None, 0), admission)  # type: ignore[arg-type]  # no executor: nothing runs off the loop
+    unsent = Unsent(admission)
+
+    async def answer(stream: bool) -> None:
+        if stream:
+            unsent.open()
+        async with engine.answered(Batcher(), Job()) as out:
+            assert out == "images" and admission.output == 70
+
+    async def main() -> None:
+        await asyncio.create_task(answer(stream=False))
+        assert (admission.output, admission.unsent) == (0, 0)
+        await asyncio.create_task(answer(stream=True))  # each task has its own context, as pipelined's
+        assert (admission.output, admission.unsent) == (0, 70)
+        unsent.close()
+        assert admission.unsent == 0
+
+    asyncio.run(main())
