@@ -187,3 +187,48 @@ def test_an_encode_stream_resumes_too_unless_its_sample_is_seeded(flaky: tuple[F
         client.encode(x, sample=True, seed=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     fake.break_after = []
+
+
+@pytest.fixture(scope="module")
+def stalled() -> Iterator[list[str]]:
+    """Two replicas that take every call and never answer it (until the module ends)."""
+    release = threading.Event()
+
+    def never(request: Any, context: grpc.ServicerContext) -> Any:
+        release.wait(60)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "released")
+
+    servers, addresses = [], []
+    for _ in range(2):
+        server = grpc.server(futures.ThreadPoolExecutor(16))
+        handlers = {name: grpc.unary_unary_rpc_method_handler(never) for name in ("ListModels", "Decode")}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("aevae.v1.Decoder", handlers),))
+        addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+        server.start()
+        servers.append(server)
+    yield addresses
+    release.set()
+    for server in servers:
+        server.stop(0)
+
+
+def test_a_fan_out_call_has_one_total_deadline_whatever_its_failovers(stalled: list[str]) -> None:
+    """Before, each replica attempt got the whole timeout again, round after round, with backoffs between:
+    timeout=1 took 9.5 s over two stalled replicas."""
+    z = np.zeros((3, 4), np.float32)
+    with DecoderClient(stalled, timeout=1.0, retries=3) as client:
+        for call in (client.list_models, lambda: client.decode(z)):
+            started = time.monotonic()
+            with pytest.raises(AevaeError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.monotonic() - started < 2.5
+
+    async def async_call() -> float:
+        async with AsyncDecoderClient(stalled, timeout=1.0, retries=3) as aclient:
+            started = time.monotonic()
+            with pytest.raises(AevaeError, match="DEADLINE_EXCEEDED"):
+                await aclient.decode(z)
+            return time.monotonic() - started
+
+    assert asyncio.run(async_call()) < 2.5

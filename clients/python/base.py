@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import grpc
 
 from aevae.client import health
-from aevae.client.core import Retry, ServerLimits, channel_options, grpc_timeout, unimplemented_hint
+from aevae.client.core import (Retry, ServerLimits, channel_options, check_timeout, grpc_timeout,
+                               unimplemented_hint)
+from aevae.client.errors import AevaeError
 from aevae.client.credentials import ChannelSecurity, open_channel
-from aevae.client.fanout import AsyncFanOut, SyncFanOut, parse_targets
+from aevae.client.fanout import AsyncFanOut, Deadline, SyncFanOut, parse_targets
 from aevae.client.metadata import Metadata
 from aevae.client.results import ModelInfo, model_infos
 from aevae.v1 import tensor_pb2
+
+
+LIMITS_SECONDS = 2.0  # as `aevae serve --refresh-seconds`' default
 
 
 class _Common:
@@ -37,6 +43,8 @@ class _Common:
         the AEVAE_TOKEN, AEVAE_TOKEN_FILE, AEVAE_TLS_CA, AEVAE_TLS_CERT, AEVAE_TLS_KEY variables; or a ready
         `security=ChannelSecurity(...)`. Every replica of a fan-out client gets the same.
         """
+        check_timeout(timeout)
+        self._closed = False
         self.security = security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert,
                                                                        tls_key, target=target)
         self.targets = parse_targets(target)
@@ -48,6 +56,7 @@ class _Common:
         transport, unimplemented = security.explain(self.target), unimplemented_hint(self.SERVICE, self.target)
         self._retry.explain = lambda error: unimplemented(transport(error))
         self._limits: ServerLimits | None = None
+        self._limits_at = 0.0  # time.monotonic() of the ListModels response they came from
         if len(self.targets) > 1:  # each replica: this constructor, one target, these options
             options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
                                            metadata=metadata, security=security)
@@ -61,9 +70,30 @@ class _Common:
         raise NotImplementedError
 
     def _deadline(self, timeout: float | None, messages: int = 1) -> float | None:
-        """One total deadline for the call, however many messages it streams; longer than core.MAX_TIMEOUT is
-        none (gRPC's deadline would overflow and expire at once)."""
+        """One total deadline for the call, however many messages it streams: `timeout`, or the client's for
+        None; longer than core.MAX_TIMEOUT is none (gRPC's deadline would overflow and expire at once). Every
+        call asks for it before it touches the channel, so it is where a closed client is refused."""
+        self._check_open()
+        check_timeout(timeout)
         return grpc_timeout(self.timeout if timeout is None else timeout)
+
+    def _fanned(self, timeout: float | None) -> Deadline:
+        """The one deadline of a fan-out call (its replicas' calls get what is left of it)."""
+        self._check_open()
+        check_timeout(timeout)
+        return Deadline(grpc_timeout(self.timeout if timeout is None else timeout))
+
+    def _stale(self) -> bool:
+        """The server's limits and shapes are asked for again after LIMITS_SECONDS: a new version (the
+        newest, with shapes of its own) is seen within about the server's own refresh."""
+        return self._limits is None or time.monotonic() - self._limits_at > LIMITS_SECONDS
+
+    def _check_open(self) -> None:
+        """A call on a closed client is an error of its own: gRPC would raise ValueError, or with a token (an
+        intercepted channel) crash the process."""
+        if self._closed:
+            raise AevaeError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"this {type(self).__name__} for {self.target} is closed; make a new one")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.target!r})"
@@ -73,18 +103,18 @@ class SyncClient(_Common):
     def _list_models_response(self, timeout: float | None) -> tensor_pb2.ListModelsResponse:
         response = self._retry(lambda: self._stub.ListModels(tensor_pb2.ListModelsRequest(),
                                                              timeout=self._deadline(timeout)))
-        self._limits = ServerLimits.from_response(response)
+        self._limits, self._limits_at = ServerLimits.from_response(response), time.monotonic()
         return response
 
-    def _server_limits(self) -> ServerLimits:
-        if self._limits is None:
+    def _server_limits(self, fresh: bool = False) -> ServerLimits:
+        if fresh or self._stale():
             self._list_models_response(None)
         assert self._limits is not None
         return self._limits
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         if self._fanout is not None:
-            return self._fanout.first(lambda client: client.list_models(timeout=timeout))
+            return self._fanout.first(lambda client, t: client.list_models(timeout=t), self._fanned(timeout))
         return model_infos(self._list_models_response(timeout))
 
     def health(self, *, timeout: float | None = None) -> str:
@@ -92,10 +122,12 @@ class SyncClient(_Common):
 
         Over several replicas: "SERVING" when any replica serves."""
         if self._fanout is not None:
-            return self._fanout.health(lambda client: client.health(timeout=timeout))
+            return self._fanout.health(lambda client, t: client.health(timeout=t), self._fanned(timeout))
         return self._retry(lambda: health.check(self._channel, self._deadline(timeout), self.SERVICE), retries=0)
 
     def close(self) -> None:
+        """Closes the channel(s); later calls raise AevaeError (FAILED_PRECONDITION). Closing twice is fine."""
+        self._closed = True
         if self._fanout is not None:
             return self._fanout.close()
         self._raw_channel.close()
@@ -114,27 +146,29 @@ class AsyncClient(_Common):
     async def _list_models_response(self, timeout: float | None) -> tensor_pb2.ListModelsResponse:
         response = await self._retry.run_async(
             lambda: self._stub.ListModels(tensor_pb2.ListModelsRequest(), timeout=self._deadline(timeout)))
-        self._limits = ServerLimits.from_response(response)
+        self._limits, self._limits_at = ServerLimits.from_response(response), time.monotonic()
         return response
 
-    async def _server_limits(self) -> ServerLimits:
-        if self._limits is None:
+    async def _server_limits(self, fresh: bool = False) -> ServerLimits:
+        if fresh or self._stale():
             await self._list_models_response(None)
         assert self._limits is not None
         return self._limits
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         if self._fanout is not None:
-            return await self._fanout.first(lambda client: client.list_models(timeout=timeout))
+            return await self._fanout.first(lambda client, t: client.list_models(timeout=t), self._fanned(timeout))
         return model_infos(await self._list_models_response(timeout))
 
     async def health(self, *, timeout: float | None = None) -> str:
         if self._fanout is not None:
-            return await self._fanout.health(lambda client: client.health(timeout=timeout))
+            return await self._fanout.health(lambda client, t: client.health(timeout=t), self._fanned(timeout))
         return await self._retry.run_async(
             lambda: health.check_async(self._channel, self._deadline(timeout), self.SERVICE), retries=0)
 
     async def close(self) -> None:
+        """Closes the channel(s); later calls raise AevaeError (FAILED_PRECONDITION). Closing twice is fine."""
+        self._closed = True
         if self._fanout is not None:
             return await self._fanout.close()
         await self._channel.close()

@@ -10,7 +10,7 @@ import asyncio
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterator, TypeVar
 
 import grpc
@@ -39,12 +39,28 @@ class ServerLimits:
     max_message_bytes: int
     max_batch: int
     image_shapes: dict[str, tuple[int, ...]]
+    latent_dims: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)  # the version whose shapes are listed: the default
 
     @classmethod
     def from_response(cls, response: tensor_pb2.ListModelsResponse) -> "ServerLimits":
         limits = response.limits
         return cls(int(limits.max_message_bytes) or 4 * 1024 * 1024, int(limits.max_batch) or 1 << 30,
-                   {m.name: tuple(int(s) for s in m.image_shape) for m in response.models})
+                   {m.name: tuple(int(s) for s in m.image_shape) for m in response.models},
+                   {m.name: int(m.latent_dim) for m in response.models},
+                   {m.name: int(m.version) for m in response.models})
+
+    def listed(self, model: str, version: int | None) -> tuple[int, tuple[int, ...]] | None:
+        """(latent_dim, image_shape) when ListModels lists them for this version of `model` (the newest, or
+        the number it names); None for another version, whose shapes may differ."""
+        listed = self.versions.get(model)
+        if not listed or (version and version != listed) or not self.latent_dims.get(model):
+            return None
+        return self.latent_dims[model], self.image_shapes.get(model, ())
+
+    def latent_dim(self, model: str) -> int:
+        """Latent dimensions of `model`; for a model the server does not list, the most it serves."""
+        return self.latent_dims.get(model) or max(self.latent_dims.values(), default=1)
 
     def pixels(self, model: str) -> int:
         """Pixels per image of `model`; for a model the server does not list, the largest it serves (the
@@ -60,24 +76,47 @@ class ServerLimits:
         return fit if cap is None else max(1, min(fit, cap))
 
 
+def _array(values: object, name: str, shape: str) -> np.ndarray:
+    """An array of the caller's values; a ragged list or an object that is not numbers is INVALID_ARGUMENT."""
+    try:
+        return np.asarray(values)
+    except (ValueError, TypeError) as exc:
+        raise invalid(f"{name}: expected {shape} numbers, got what numpy cannot make an array of ({exc})") from None
+
+
 def prepare_images(images: object) -> np.ndarray:
-    """N x H x W (or one H x W image), uint8 or float32; float64 is narrowed. The server checks the rest."""
-    array = np.asarray(images)
+    """N x H x W (or one H x W image), uint8 or float32; other floats (float64, float16, big-endian) become
+    native float32. The server checks the rest."""
+    array = _array(images, "images", "an N x H x W array of")
     if array.ndim == 2:
         array = array[None]
-    if array.dtype == np.float64:
+    if array.dtype.kind == "f" and array.dtype != np.float32:
         array = array.astype(np.float32)
     return np.ascontiguousarray(array)
 
 
 def prepare_latents(latents: object) -> np.ndarray:
     """N x d float32 (or one d-vector); other real numbers are converted. The server checks the rest."""
-    array = np.asarray(latents)
+    array = _array(latents, "latents", "an N x d array of")
     if array.ndim == 1:
         array = array[None]
     if array.dtype != np.float32 and (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         array = array.astype(np.float32)
     return np.ascontiguousarray(array)
+
+
+def model_name(model: object) -> str:
+    """The model argument, checked: a name (a string), as ListModels lists them."""
+    if not isinstance(model, str):
+        raise invalid(f"model: expected a model name (a string such as 'vae'), got {model!r}")
+    return model
+
+
+def check_timeout(timeout: object) -> None:
+    """A timeout argument: seconds (a number from 0 up) or None."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float, np.number))
+                                or not timeout >= 0):
+        raise invalid(f"timeout: expected seconds (a number from 0 up) or None, got {timeout!r}")
 
 
 def output_dtype(dtype: str) -> np.dtype:
@@ -142,6 +181,19 @@ def channel_options(retries: int, backoff: float) -> list[tuple[str, object]]:
     return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", service_config(retries, backoff))]
 
 
+class Unlisted(AevaeError):
+    """Latents of another width than ListModels lists for the model version asked for: refused, after the
+    client has looked again (a new version may have changed the shapes since it last asked)."""
+
+
+def broken(error: AevaeError) -> bool:
+    """A stream cut by the connection or the server going away: UNAVAILABLE, or the INTERNAL "Internal error
+    from Core" that grpc.aio sometimes reports for the same event (a server's own INTERNAL says more)."""
+    code, details = error.code(), error.details() or ""
+    return code == grpc.StatusCode.UNAVAILABLE or (code == grpc.StatusCode.INTERNAL
+                                                   and details.startswith("Internal error from Core"))
+
+
 class Retry:
     """The retry settings of a client. gRPC retries the calls itself (`channel_options`, the channel's service
     config); calling this runs a call once and surfaces every failure as AevaeError. `retries` and `_delay`
@@ -178,7 +230,7 @@ class Retry:
         """None to resume, or the error to raise (explained as a TLS or token mismatch only if nothing was
         ever answered: a server that answered has the right credentials)."""
         failed = AevaeError.from_rpc(error)
-        if failed.code() == grpc.StatusCode.UNAVAILABLE and progressed and self.retries > 0:
+        if broken(failed) and progressed and self.retries > 0:
             return None
         return failed if answered else self.explain(failed)
 

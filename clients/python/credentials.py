@@ -115,6 +115,18 @@ def _read(value: str | bytes | os.PathLike[str] | None, what: str) -> bytes | No
         raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: cannot read {value}: {exc.strerror}") from None
 
 
+def _checked_token(token: object) -> str:
+    """A token as given, its surrounding whitespace dropped (as a token file's is: `open(f).read()` keeps the
+    newline); one that cannot travel in a gRPC header is refused here, not as INTERNAL on every call."""
+    if not isinstance(token, str):
+        raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"token: expected a string, got {type(token).__name__}")
+    token = token.strip()
+    if any(not " " <= ch <= "~" for ch in token):
+        raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                         "token: only printable ASCII characters can travel in the authorization header")
+    return token
+
+
 @dataclass(frozen=True)
 class ChannelSecurity:
     """How a client reaches a service. `tls`: None turns TLS on when a CA or a client certificate is given
@@ -148,6 +160,8 @@ class ChannelSecurity:
         if (tls_cert is None) != (tls_key is None):
             raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT,
                              "tls_cert and tls_key: a client certificate needs its key, and the other way round")
+        if token is not None:
+            token = _checked_token(token)
         tokens = None
         if token_file and not token:
             try:

@@ -16,7 +16,8 @@ import numpy as np
 from aevae import allocation
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
-from aevae.client.core import ServerLimits, output_dtype, prepare_latents, spans, wire_version
+from aevae.client.core import (ServerLimits, Unlisted, model_name, output_dtype, prepare_latents, spans,
+                               wire_version)
 from aevae.client.errors import AevaeError, bad_answer
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
 from aevae.v1.tensors import TensorResponse, to_tensor
@@ -31,6 +32,16 @@ class _Plan:
         self.model = model
         self.version = wire_version(version)
         self.dtype = output_dtype(dtype)
+        # What the server lists for this version of the model: a row of another width cannot be right, and
+        # would only fail there (or, one row over the message size, with advice to split that cannot be
+        # followed). Another version's shapes are not listed: the server checks those.
+        listed = limits.listed(model, self.version)
+        self.listed_version = limits.versions.get(model) if listed else None
+        self.image_shape = listed[1] if listed and listed[1] else None
+        if listed and self.z.ndim == 2 and self.z.shape[1] != listed[0]:
+            raise Unlisted(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"latents: model {model!r} takes {listed[0]} values per row (N x {listed[0]}), got "
+                           f"rows of {self.z.shape[1]}")
         width = self.z.shape[1] * 4 if self.z.ndim == 2 else 0
         row = max(width, limits.pixels(model) * self.dtype.itemsize)
         n = len(self.z) if self.z.ndim else 0
@@ -50,14 +61,21 @@ class _Plan:
             yield self.request(start, stop)
 
     def _checked(self, response: TensorResponse | AevaeError, rows: int, which: str) -> TensorResponse:
-        """The response, its images checked: `rows` of them, of the dtype asked for, all of one shape."""
+        """The response, checked: `rows` images of the dtype asked for, of the model's shape (as ListModels
+        lists it, else all of one shape), for the model and version asked for (or pinned by the first answer)."""
         if isinstance(response, AevaeError):
             raise response
         images = response.array
         shape = images.shape[1:] if self.out is None else self.out.shape[1:]
+        if self.image_shape and response.version == self.listed_version:
+            shape = self.image_shape
         if images.dtype != self.dtype or images.ndim != 3 or len(images) != rows or images.shape[1:] != shape:
             raise bad_answer(f"{which} holds {images.dtype} images of shape {list(images.shape)}; asked for {rows} "
-                             f"of {self.dtype}" + (f", each {list(shape)} as before" if self.out is not None else ""))
+                             f"of {self.dtype}, each {list(shape)}")
+        if response.model != self.model or (self.version and response.version != self.version):
+            asked = f"{self.model!r} version {self.version}" if self.version else repr(self.model)
+            raise bad_answer(f"{which} is from model {response.model!r} version {response.version}; asked for "
+                             f"{asked}")
         return response
 
     def unary_result(self, response: TensorResponse | AevaeError) -> np.ndarray:
@@ -116,9 +134,13 @@ class DecoderClient(SyncClient):
     def decode(self, latents: object, model: str = "vae", version: int | None = None, dtype: str = "float32",
                *, timeout: float | None = None) -> np.ndarray:
         """N x d latents (or one d-vector) -> N x H x W images, float32 in [0, 1] or uint8."""
+        model, latents = model_name(model), prepare_latents(latents)  # refused before any call
         if self._fanout is not None:
-            return fanout.decode(self._fanout, latents, model, version, dtype, timeout, self.stream_chunk)
-        plan = _Plan(latents, model, version, dtype, self._server_limits(), self.stream_chunk)
+            return fanout.decode(self._fanout, latents, model, version, dtype, self._fanned(timeout), self.stream_chunk)
+        try:
+            plan = _Plan(latents, model, version, dtype, self._server_limits(), self.stream_chunk)
+        except Unlisted:  # asked again: a version written since may take these latents
+            plan = _Plan(latents, model, version, dtype, self._server_limits(fresh=True), self.stream_chunk)
         deadline = self._deadline(timeout, len(plan.spans))
         if plan.unary:
             response = self._retry(lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))
@@ -144,9 +166,14 @@ class AsyncDecoderClient(AsyncClient):
 
     async def decode(self, latents: object, model: str = "vae", version: int | None = None,
                      dtype: str = "float32", *, timeout: float | None = None) -> np.ndarray:
+        model, latents = model_name(model), prepare_latents(latents)
         if self._fanout is not None:
-            return await fanout.decode_async(self._fanout, latents, model, version, dtype, timeout, self.stream_chunk)
-        plan = _Plan(latents, model, version, dtype, await self._server_limits(), self.stream_chunk)
+            return await fanout.decode_async(self._fanout, latents, model, version, dtype, self._fanned(timeout),
+                                             self.stream_chunk)
+        try:
+            plan = _Plan(latents, model, version, dtype, await self._server_limits(), self.stream_chunk)
+        except Unlisted:
+            plan = _Plan(latents, model, version, dtype, await self._server_limits(fresh=True), self.stream_chunk)
         deadline = self._deadline(timeout, len(plan.spans))
         if plan.unary:
             response = await self._retry.run_async(

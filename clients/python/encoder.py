@@ -12,28 +12,30 @@ import numpy as np
 
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
-from aevae.client.core import ServerLimits, prepare_images, spans, wire_version
+from aevae.client.core import ServerLimits, model_name, prepare_images, spans, wire_version
 from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.client.results import EncodeResult, latent_stats
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc
 from aevae.v1.tensors import WireError, from_tensor, to_tensor
 
 FIELDS: tuple[Literal["mean", "logvar", "sample"], ...] = ("mean", "logvar", "sample")
-RESPONSE_ROW = 3 * 64 * 4  # mean, log-variance and sample of up to 64 float32 dimensions
+MAX_SEED = 2 ** 64 - 1  # the request's seed is a uint64
 
 
 class _Plan:
     def __init__(self, images: object, model: str, version: int | None, sample: bool, seed: int | None,
                  limits: ServerLimits, stream_chunk: int):
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise invalid(f"seed: expected None or a non-negative integer, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                                 or not 0 <= seed <= MAX_SEED):
+            raise invalid(f"seed: expected None or a whole number from 0 to 2**64 - 1, got {seed!r}")
         self.x = prepare_images(images)
         self.model = model
         self.version = wire_version(version)
         self.sample = bool(sample)
         self.seed = None if seed is None else int(seed)
         n = len(self.x) if self.x.ndim else 0
-        row = max(RESPONSE_ROW, self.x[:1].nbytes)
+        # an answer's row: the mean, the log-variance and the sample, float32, of the model's latent width
+        row = max(3 * 4 * limits.latent_dim(model), self.x[:1].nbytes)
         self.unary = self.x.ndim != 3 or n <= limits.rows(row)
         self.spans = [(0, n)] if self.unary else list(spans(n, limits.rows(row, stream_chunk)))
         self.parts: list[encoder_pb2.EncodeResponse] = []
@@ -82,18 +84,57 @@ class _Plan:
         self._width = width
         return array
 
+    def add(self, response: "encoder_pb2.EncodeResponse | AevaeError") -> None:
+        """A response received: kept if it is for the model and version asked for (or the version the first
+        answer pinned); the reason it cannot be read, or why it is not what was asked, is raised."""
+        if isinstance(response, AevaeError):
+            raise response
+        index = len(self.parts)
+        version = self.version or (int(self.parts[0].version) if self.parts else 0)
+        if response.model != self.model or (version and int(response.version) != version):
+            asked = f"{self.model!r} version {version}" if version else repr(self.model)
+            raise bad_answer(f"response {index} is from model {response.model!r} version {response.version}; "
+                             f"asked for {asked}")
+        self.parts.append(response)
+
     def result(self, parts: list[encoder_pb2.EncodeResponse]) -> EncodeResult:
+        """The parts put together: each answer carries a mean, a sample when one was asked for, and either
+        all or none carry a log-variance (a VAE's, or an AE's that has none)."""
         if len(parts) != len(self.spans):
             raise AevaeError(grpc.StatusCode.INTERNAL,
                              f"the stream ended after {len(parts)} of {len(self.spans)} responses")
         arrays: dict[str, np.ndarray | None] = {}
         for name in FIELDS:
             present = [self._part(p, name, i) for i, p in enumerate(parts) if p.HasField(name)]
-            arrays[name] = np.concatenate(present) if len(present) == len(parts) else None
-        if arrays["mean"] is None:
-            raise bad_answer("a response carried no mean")
+            required = name == "mean" or (name == "sample" and self.sample)
+            if (required or present) and len(present) != len(parts):
+                missing = next(i for i, p in enumerate(parts) if not p.HasField(name))
+                raise bad_answer(f"response {missing} carries no {name}"
+                                 + ("" if required else f", which {len(present)} of {len(parts)} carry"))
+            arrays[name] = np.concatenate(present) if present else None
+        assert arrays["mean"] is not None
         return EncodeResult(mean=arrays["mean"], logvar=arrays["logvar"], sample=arrays["sample"],
                             model=parts[0].model, version=int(parts[0].version))
+
+
+def _parse(data: bytes) -> encoder_pb2.EncodeResponse | AevaeError:
+    """A response, or why it cannot be read, for the plan to raise: raised here, gRPC would report only
+    "Exception deserializing response!"."""
+    try:
+        return encoder_pb2.EncodeResponse.FromString(data)
+    except Exception as exc:  # noqa: BLE001 - any malformed bytes: the reason goes to the caller
+        return bad_answer(f"unreadable: {exc}")
+
+
+def _stub(channel: Any) -> Any:
+    """The Encoder stub (sync or aio alike), its two encode methods reading responses with _parse."""
+    stub: Any = encoder_pb2_grpc.EncoderStub(channel)
+    request = encoder_pb2.EncodeRequest.SerializeToString
+    stub.Encode = channel.unary_unary("/aevae.v1.Encoder/Encode", request_serializer=request,
+                                      response_deserializer=_parse)
+    stub.EncodeStream = channel.stream_stream("/aevae.v1.Encoder/EncodeStream", request_serializer=request,
+                                              response_deserializer=_parse)
+    return stub
 
 
 class EncoderClient(SyncClient):
@@ -102,24 +143,26 @@ class EncoderClient(SyncClient):
     SERVICE = "Encoder"
 
     def _make_stub(self, channel: grpc.Channel) -> Any:
-        return encoder_pb2_grpc.EncoderStub(channel)
+        return _stub(channel)
 
     def encode(self, images: object, model: str = "vae", version: int | None = None, sample: bool = False,
                seed: int | None = None, *, timeout: float | None = None) -> EncodeResult:
         """N x 32 x 32 or N x 28 x 28 images (or one 2-D image), uint8 0..255 or float32 in [0, 1]."""
+        model, images = model_name(model), prepare_images(images)  # refused before any call
         if self._fanout is not None:
-            return fanout.encode(self._fanout, images, model, version, sample, seed, timeout, self.stream_chunk)
+            return fanout.encode(self._fanout, images, model, version, sample, seed, self._fanned(timeout),
+                                 self.stream_chunk)
         plan = _Plan(images, model, version, sample, seed, self._server_limits(), self.stream_chunk)
         deadline = self._deadline(timeout, len(plan.spans))
         if plan.unary:
-            response = self._retry(lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline))
-            return plan.result([response])
+            plan.add(self._retry(lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline)))
+            return plan.result(plan.parts)
 
         def stream(remaining: float | None) -> EncodeResult:
             # resumed: wait for the server to be back (within the deadline; with none, fail at once)
             resumed = plan.progress() > 0 and remaining is not None
             for response in self._stub.EncodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
-                plan.parts.append(response)  # kept if the stream breaks: a resumption starts after it
+                plan.add(response)  # kept if the stream breaks: a resumption starts after it
             return plan.result(plan.parts)
 
         return self._retry.resumable(stream, plan.progress, deadline)
@@ -127,8 +170,10 @@ class EncoderClient(SyncClient):
     def latent_stats(self, model: str = "vae", version: int | None = None, *,
                      timeout: float | None = None) -> dict[str, Any]:
         """latent_stats.json of the model version (violins, quantiles, ranges, PCA), plus "model", "version"."""
+        model = model_name(model)
         if self._fanout is not None:
-            return self._fanout.first(lambda client: client.latent_stats(model, version, timeout=timeout))
+            return self._fanout.first(lambda client, t: client.latent_stats(model, version, timeout=t),
+                                      self._fanned(timeout))
         request = encoder_pb2.GetLatentStatsRequest(model=model, version=wire_version(version))
         return latent_stats(self._retry(lambda: self._stub.GetLatentStats(request, timeout=self._deadline(timeout))))
 
@@ -139,32 +184,35 @@ class AsyncEncoderClient(AsyncClient):
     SERVICE = "Encoder"
 
     def _make_stub(self, channel: grpc.aio.Channel) -> Any:
-        return encoder_pb2_grpc.EncoderStub(channel)
+        return _stub(channel)
 
     async def encode(self, images: object, model: str = "vae", version: int | None = None, sample: bool = False,
                      seed: int | None = None, *, timeout: float | None = None) -> EncodeResult:
+        model, images = model_name(model), prepare_images(images)
         if self._fanout is not None:
-            return await fanout.encode_async(self._fanout, images, model, version, sample, seed, timeout,
-                                             self.stream_chunk)
+            return await fanout.encode_async(self._fanout, images, model, version, sample, seed,
+                                             self._fanned(timeout), self.stream_chunk)
         plan = _Plan(images, model, version, sample, seed, await self._server_limits(), self.stream_chunk)
         deadline = self._deadline(timeout, len(plan.spans))
         if plan.unary:
-            response = await self._retry.run_async(
-                lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline))
-            return plan.result([response])
+            plan.add(await self._retry.run_async(
+                lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline)))
+            return plan.result(plan.parts)
 
         async def stream(remaining: float | None) -> EncodeResult:
             resumed = plan.progress() > 0 and remaining is not None
             async for response in self._stub.EncodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
-                plan.parts.append(response)
+                plan.add(response)
             return plan.result(plan.parts)
 
         return await self._retry.resumable_async(stream, plan.progress, deadline)
 
     async def latent_stats(self, model: str = "vae", version: int | None = None, *,
                            timeout: float | None = None) -> dict[str, Any]:
+        model = model_name(model)
         if self._fanout is not None:
-            return await self._fanout.first(lambda client: client.latent_stats(model, version, timeout=timeout))
+            return await self._fanout.first(lambda client, t: client.latent_stats(model, version, timeout=t),
+                                            self._fanned(timeout))
         request = encoder_pb2.GetLatentStatsRequest(model=model, version=wire_version(version))
         return latent_stats(await self._retry.run_async(
             lambda: self._stub.GetLatentStats(request, timeout=self._deadline(timeout))))

@@ -13,6 +13,11 @@ class AevaeError(Exception):
         self._code = code
         self._details = details
 
+    def __reduce__(self) -> tuple[type["AevaeError"], tuple[grpc.StatusCode, str]]:
+        """Copied and pickled from its code and details (gRPC copies a failed call's response, which for an
+        unreadable one is this error: rebuilt from its one message argument, the copy raised TypeError)."""
+        return type(self), (self._code, self._details)
+
     def code(self) -> grpc.StatusCode:
         return self._code
 

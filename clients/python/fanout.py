@@ -7,7 +7,10 @@ takes the next span when it finishes one, so a faster replica takes more. Result
 so the order is the input's. When a replica fails (unreachable, reset, deadline), its unfinished span goes
 back to the queue for the others; it retries after a backoff and is given up after the client's `retries`
 failures in a row. A batch fails only when every replica has been given up, or at once on an error that
-another replica would repeat (a bad argument, an unknown model).
+another replica would repeat (a bad argument, an unknown model). The call's timeout is one total deadline
+(`Deadline`): each replica attempt gets what is left of it, and past it the call ends with DEADLINE_EXCEEDED.
+Without a deadline, a replica that stalls (accepts a span and never answers) holds the call up: give big
+batches over untrusted networks a timeout.
 
 Each replica is a single-target client built by the same constructor with the same options, so whatever that
 constructor does per target (the channel, its credentials) is done for each replica in one place.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import socket
 import threading
 import time
@@ -146,6 +150,33 @@ class _Work:
         return self.fatal is not None or (not self.todo and self.running == 0)
 
 
+class Deadline:
+    """One total deadline for a fan-out call, its failovers and backoffs included: each replica attempt gets
+    what is left. `seconds` None: none."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def timeout(self) -> float:
+        """What a replica's call gets: the time left (0 once passed), or no deadline (inf: core.grpc_timeout
+        reads anything over MAX_TIMEOUT as none)."""
+        return math.inf if self.end is None else max(0.0, self.end - time.monotonic())
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def cap(self, delay: float) -> float:
+        """A backoff, cut to the time left."""
+        return delay if self.end is None else max(0.0, min(delay, self.end - time.monotonic()))
+
+    def error(self, last: AevaeError | None) -> AevaeError:
+        reason = f" (the last failure: {last.details() or last.code().name})" if last is not None else ""
+        limit = "" if self.seconds is None else f" of {self.seconds:g} s"
+        return AevaeError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"the call's deadline{limit} passed before a replica answered{reason}")
+
+
 def _failover(error: AevaeError) -> bool:
     return error.code() in FAILOVER_CODES
 
@@ -173,39 +204,45 @@ class SyncFanOut:
         k = next(self._next) % len(self.replicas)
         return self.replicas[k:] + self.replicas[:k]
 
-    def first(self, call: Callable[[Any], Any]) -> Any:
-        """One whole call on one replica, the next in turn; on a replica failure, the next replica."""
+    def first(self, call: Callable[[Any, float], Any], deadline: Deadline) -> Any:
+        """One whole call, `call(replica, timeout)`, on one replica, the next in turn; on a replica failure,
+        the next replica, within the deadline."""
         last: AevaeError | None = None
         for attempt in range(self.retry.retries + 1):
             for client in self.rotation():
+                if deadline.expired():
+                    raise deadline.error(last)
                 try:
-                    return call(client)
+                    return call(client, deadline.timeout())
                 except AevaeError as error:
                     if not _failover(error):
                         raise
                     last = error
-            time.sleep(self.retry._delay(attempt))
+            if attempt < self.retry.retries:
+                time.sleep(deadline.cap(self.retry._delay(attempt)))
         assert last is not None
         raise last
 
-    def health(self, check: Callable[[Any], str]) -> str:
+    def health(self, check: Callable[[Any, float], str], deadline: Deadline) -> str:
         """"SERVING" when any replica serves; else the first status heard; else the last error."""
         statuses: list[str] = []
         last: AevaeError | None = None
         for client in self.replicas:
+            if deadline.expired():
+                break
             try:
-                statuses.append(check(client))
+                statuses.append(check(client, deadline.timeout()))
             except AevaeError as error:
                 last = error
             if statuses and statuses[-1] == "SERVING":
                 return "SERVING"
         if statuses:
             return statuses[0]
-        assert last is not None
-        raise last
+        raise last or deadline.error(None)
 
-    def spans(self, n: int, rows: int, run: Callable[[Any, int, int], None]) -> None:
-        """Runs run(client, start, stop) over all spans of `rows` rows, spread over the replicas."""
+    def spans(self, n: int, rows: int, run: Callable[[Any, int, int, float], None], deadline: Deadline) -> None:
+        """Runs run(client, start, stop, timeout) over all spans of `rows` rows, spread over the replicas,
+        within the deadline."""
         work = _Work(todo=[(s, min(n, s + rows)) for s in range(0, n, rows)])
         replicas = [_Replica(c) for c in self.rotation()]
         cond = threading.Condition()
@@ -217,9 +254,13 @@ class SyncFanOut:
                         cond.wait()
                     if work.over() or not work.todo:
                         return
+                    if deadline.expired():
+                        work.fatal = work.fatal or deadline.error(replica.error)
+                        cond.notify_all()
+                        return
                     span = work.take()
                 try:
-                    run(replica.client, *span)
+                    run(replica.client, *span, deadline.timeout())
                 except AevaeError as error:
                     with cond:
                         work.finish(span, ok=False)
@@ -230,7 +271,7 @@ class SyncFanOut:
                         cond.notify_all()
                         if work.fatal is not None or replica.failures > self.retry.retries:
                             return
-                    time.sleep(self.retry._delay(replica.failures - 1))
+                    time.sleep(deadline.cap(self.retry._delay(replica.failures - 1)))
                     continue
                 except BaseException as error:  # noqa: BLE001 - a bug or an interrupt: stop everything
                     with cond:
@@ -270,36 +311,41 @@ class AsyncFanOut:
         k = next(self._next) % len(self.replicas)
         return self.replicas[k:] + self.replicas[:k]
 
-    async def first(self, call: Callable[[Any], Awaitable[Any]]) -> Any:
+    async def first(self, call: Callable[[Any, float], Awaitable[Any]], deadline: Deadline) -> Any:
         last: AevaeError | None = None
         for attempt in range(self.retry.retries + 1):
             for client in self.rotation():
+                if deadline.expired():
+                    raise deadline.error(last)
                 try:
-                    return await call(client)
+                    return await call(client, deadline.timeout())
                 except AevaeError as error:
                     if not _failover(error):
                         raise
                     last = error
-            await asyncio.sleep(self.retry._delay(attempt))
+            if attempt < self.retry.retries:
+                await asyncio.sleep(deadline.cap(self.retry._delay(attempt)))
         assert last is not None
         raise last
 
-    async def health(self, check: Callable[[Any], Awaitable[str]]) -> str:
+    async def health(self, check: Callable[[Any, float], Awaitable[str]], deadline: Deadline) -> str:
         statuses: list[str] = []
         last: AevaeError | None = None
         for client in self.replicas:
+            if deadline.expired():
+                break
             try:
-                statuses.append(await check(client))
+                statuses.append(await check(client, deadline.timeout()))
             except AevaeError as error:
                 last = error
             if statuses and statuses[-1] == "SERVING":
                 return "SERVING"
         if statuses:
             return statuses[0]
-        assert last is not None
-        raise last
+        raise last or deadline.error(None)
 
-    async def spans(self, n: int, rows: int, run: Callable[[Any, int, int], Awaitable[None]]) -> None:
+    async def spans(self, n: int, rows: int, run: Callable[[Any, int, int, float], Awaitable[None]],
+                    deadline: Deadline) -> None:
         work = _Work(todo=[(s, min(n, s + rows)) for s in range(0, n, rows)])
         replicas = [_Replica(c) for c in self.rotation()]
         cond = asyncio.Condition()
@@ -310,9 +356,13 @@ class AsyncFanOut:
                     await cond.wait_for(lambda: not work.idle())
                     if work.over() or not work.todo:
                         return
+                    if deadline.expired():
+                        work.fatal = work.fatal or deadline.error(replica.error)
+                        cond.notify_all()
+                        return
                     span = work.take()
                 try:
-                    await run(replica.client, *span)
+                    await run(replica.client, *span, deadline.timeout())
                 except AevaeError as error:
                     async with cond:
                         work.finish(span, ok=False)
@@ -323,7 +373,7 @@ class AsyncFanOut:
                         cond.notify_all()
                         if work.fatal is not None or replica.failures > self.retry.retries:
                             return
-                    await asyncio.sleep(self.retry._delay(replica.failures - 1))
+                    await asyncio.sleep(deadline.cap(self.retry._delay(replica.failures - 1)))
                     continue
                 except BaseException as error:
                     async with cond:
@@ -347,41 +397,42 @@ class AsyncFanOut:
 
 # The batch operations over a fan-out: small batches go whole to one replica (the next in turn), big ones are
 # split into spans. A call that names no version is pinned first to the newest version a replica lists, so
-# that every span of one batch is served by the same version.
+# that every span of one batch is served by the same version (none when no version loads: each span then gets
+# the server's reason). Every replica call gets what is left of the call's one deadline.
 
 def _newest(infos: list[Any], model: str) -> int | None:
-    return next((info.version for info in infos if info.name == model), None)
+    return next((info.version or None for info in infos if info.name == model), None)
 
 
 def decode(fan: SyncFanOut, latents: object, model: str, version: int | None, dtype: str,
-           timeout: float | None, chunk: int) -> np.ndarray:
+           deadline: Deadline, chunk: int) -> np.ndarray:
     z = prepare_latents(latents)
     if z.ndim != 2 or len(z) <= chunk:
-        return fan.first(lambda c: c.decode(z, model, version, dtype, timeout=timeout))
+        return fan.first(lambda c, t: c.decode(z, model, version, dtype, timeout=t), deadline)
     if not version:
-        version = fan.first(lambda c: _newest(c.list_models(timeout=timeout), model))
+        version = fan.first(lambda c, t: _newest(c.list_models(timeout=t), model), deadline)
     out = Assembler(len(z))
 
-    def run(client: Any, start: int, stop: int) -> None:
+    def run(client: Any, start: int, stop: int, timeout: float) -> None:
         out.put(start, {"images": client.decode(z[start:stop], model, version, dtype, timeout=timeout)})
 
-    fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run)
+    fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run, deadline)
     return out.array("images")
 
 
 async def decode_async(fan: AsyncFanOut, latents: object, model: str, version: int | None, dtype: str,
-                       timeout: float | None, chunk: int) -> np.ndarray:
+                       deadline: Deadline, chunk: int) -> np.ndarray:
     z = prepare_latents(latents)
     if z.ndim != 2 or len(z) <= chunk:
-        return await fan.first(lambda c: c.decode(z, model, version, dtype, timeout=timeout))
+        return await fan.first(lambda c, t: c.decode(z, model, version, dtype, timeout=t), deadline)
     if not version:
-        version = _newest(await fan.first(lambda c: c.list_models(timeout=timeout)), model)
+        version = _newest(await fan.first(lambda c, t: c.list_models(timeout=t), deadline), model)
     out = Assembler(len(z))
 
-    async def run(client: Any, start: int, stop: int) -> None:
+    async def run(client: Any, start: int, stop: int, timeout: float) -> None:
         out.put(start, {"images": await client.decode(z[start:stop], model, version, dtype, timeout=timeout)})
 
-    await fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run)
+    await fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run, deadline)
     return out.array("images")
 
 
@@ -400,38 +451,38 @@ def _whole(images: np.ndarray, sample: bool, seed: int | None, chunk: int) -> bo
 
 
 def encode(fan: SyncFanOut, images: object, model: str, version: int | None, sample: bool, seed: int | None,
-           timeout: float | None, chunk: int) -> EncodeResult:
+           deadline: Deadline, chunk: int) -> EncodeResult:
     x = prepare_images(images)
     if _whole(x, sample, seed, chunk):
-        return fan.first(lambda c: c.encode(x, model, version, sample, seed, timeout=timeout))
+        return fan.first(lambda c, t: c.encode(x, model, version, sample, seed, timeout=t), deadline)
     if not version:
-        version = fan.first(lambda c: _newest(c.list_models(timeout=timeout), model))
+        version = fan.first(lambda c, t: _newest(c.list_models(timeout=t), model), deadline)
     out = Assembler(len(x))
     served: list[EncodeResult] = []
 
-    def run(client: Any, start: int, stop: int) -> None:
+    def run(client: Any, start: int, stop: int, timeout: float) -> None:
         result = client.encode(x[start:stop], model, version, sample, None, timeout=timeout)
         out.put(start, _parts(result))
         served.append(result)
 
-    fan.spans(len(x), span_rows(len(x), len(fan.replicas), chunk), run)
+    fan.spans(len(x), span_rows(len(x), len(fan.replicas), chunk), run, deadline)
     return _encoded(out, served[0].model, served[0].version)
 
 
 async def encode_async(fan: AsyncFanOut, images: object, model: str, version: int | None, sample: bool,
-                       seed: int | None, timeout: float | None, chunk: int) -> EncodeResult:
+                       seed: int | None, deadline: Deadline, chunk: int) -> EncodeResult:
     x = prepare_images(images)
     if _whole(x, sample, seed, chunk):
-        return await fan.first(lambda c: c.encode(x, model, version, sample, seed, timeout=timeout))
+        return await fan.first(lambda c, t: c.encode(x, model, version, sample, seed, timeout=t), deadline)
     if not version:
-        version = _newest(await fan.first(lambda c: c.list_models(timeout=timeout)), model)
+        version = _newest(await fan.first(lambda c, t: c.list_models(timeout=t), deadline), model)
     out = Assembler(len(x))
     served: list[EncodeResult] = []
 
-    async def run(client: Any, start: int, stop: int) -> None:
+    async def run(client: Any, start: int, stop: int, timeout: float) -> None:
         result = await client.encode(x[start:stop], model, version, sample, None, timeout=timeout)
         out.put(start, _parts(result))
         served.append(result)
 
-    await fan.spans(len(x), span_rows(len(x), len(fan.replicas), chunk), run)
+    await fan.spans(len(x), span_rows(len(x), len(fan.replicas), chunk), run, deadline)
     return _encoded(out, served[0].model, served[0].version)

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from aevae.v1 import encoder_pb2, tensor_pb2
-from aevae.v1.tensors import from_tensor
+from aevae.client.errors import bad_answer
+from aevae.v1.tensors import TensorError, from_tensor
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,15 @@ def model_infos(response: tensor_pb2.ListModelsResponse) -> list[ModelInfo]:
 
 
 def latent_stats(message: encoder_pb2.LatentStats) -> dict[str, Any]:
+    """The message as latent_stats.json's structure; a message whose PCA tensors cannot be read is the
+    server's fault, AevaeError (INTERNAL) saying which."""
+    try:
+        return _latent_stats(message)
+    except (TensorError, ValueError) as exc:
+        raise bad_answer(f"the latent statistics: {exc}") from None
+
+
+def _latent_stats(message: encoder_pb2.LatentStats) -> dict[str, Any]:
     """The structure of the repository's latent_stats.json, plus "model" and "version"."""
     pca = message.pca
     return {

@@ -3,13 +3,14 @@ answers checked before they become the caller's data."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import numpy as np
 import pytest
 
 from aevae.client import AevaeError
-from aevae.client.core import HEADROOM, ServerLimits
+from aevae.client.core import HEADROOM, ServerLimits, Unlisted, broken, prepare_images
 from aevae.client.decoder import _Plan, _parse
 from aevae.client.encoder import _Plan as EncodePlan
 from aevae.client.fanout import Assembler
@@ -65,7 +66,7 @@ def test_an_answer_that_is_not_what_was_asked_is_an_error_never_data() -> None:
     streamed = _Plan(np.zeros((25, 4)), "vae", None, "float32", LIMITS, 4096)
     streamed.add(_parse(_answer(np.zeros((10, 32, 32), np.float32))))
     with pytest.raises(AevaeError, match=r"response 1 holds .* \[10, 16, 64\]; asked for 10 of float32, each "
-                                          r"\[32, 32\] as before"):
+                                          r"\[32, 32\]"):
         streamed.add(_parse(_answer(np.zeros((10, 16, 64), np.float32))))
 
 
@@ -88,3 +89,131 @@ def test_replicas_that_disagree_on_the_image_shape_are_an_error() -> None:
     out.put(0, {"images": np.zeros((10, 32, 32), np.float32)})
     with pytest.raises(AevaeError, match=r"replicas disagree on images: float32 rows of \[16, 64\] at row 10"):
         out.put(10, {"images": np.zeros((10, 16, 64), np.float32)})
+
+
+# -- arguments refused before any call, answers refused before they become data (issue: an outside audit) ------
+
+LISTED = ServerLimits(max_message_bytes=HEADROOM + 10 * 32 * 32 * 4, max_batch=1000, image_shapes={"vae": (32, 32)},
+                      latent_dims={"vae": 4}, versions={"vae": 1})
+
+
+def test_latents_of_another_width_than_the_listed_version_takes_are_refused_and_other_versions_left_to_the_server(
+        ) -> None:
+    with pytest.raises(Unlisted, match=r"model 'vae' takes 4 values per row \(N x 4\), got rows of 20000"):
+        _Plan(np.zeros((1, 20000)), "vae", None, "float32", LISTED, 4096)
+    with pytest.raises(Unlisted):
+        _Plan(np.zeros((1, 3)), "vae", 1, "float32", LISTED, 4096)
+    assert _Plan(np.zeros((2, 8)), "vae", 2, "float32", LISTED, 4096).image_shape is None  # version 2: not listed
+
+
+def test_an_answer_from_another_model_or_version_or_of_another_shape_than_listed_is_refused() -> None:
+    plan = _Plan(np.zeros((2, 4)), "vae", None, "float32", LISTED, 4096)
+
+    def answer(model: str, version: int, shape: tuple[int, ...]) -> bytes:
+        images = np.zeros((2, *shape), np.float32)
+        return decoder_pb2.DecodeResponse(model=model, version=version, images=to_tensor(images)).SerializeToString()
+
+    with pytest.raises(AevaeError, match=r"each \[32, 32\]"):
+        plan.unary_result(_parse(answer("vae", 1, (1, 1))))
+    with pytest.raises(AevaeError, match=r"from model 'ae' version 1; asked for 'vae'"):
+        plan.unary_result(_parse(answer("ae", 1, (32, 32))))
+    pinned = _Plan(np.zeros((2, 4)), "vae", 3, "float32", LISTED, 4096)
+    with pytest.raises(AevaeError, match=r"from model 'vae' version 7; asked for 'vae' version 3"):
+        pinned.unary_result(_parse(answer("vae", 7, (32, 32))))
+    other = _Plan(np.zeros((2, 8)), "vae", 2, "float32", LISTED, 4096)  # another version: its own shape
+    assert other.unary_result(_parse(answer("vae", 2, (16, 16)))).shape == (2, 16, 16)
+
+
+def test_encoder_messages_are_sized_by_the_model_s_latent_width() -> None:
+    wide = ServerLimits(max_message_bytes=65536, max_batch=1000, image_shapes={"wide": (32, 32)},
+                        latent_dims={"wide": 256}, versions={"wide": 1})
+    plan = EncodePlan(np.zeros((100, 32, 32), np.uint8), "wide", None, False, None, wide, 4096)
+    rows = (65536 - HEADROOM) // (3 * 4 * 256)  # mean, log-variance and sample of 256 float32 each
+    assert plan.spans[0] == (0, rows) and len(plan.spans) == -(-100 // rows)
+
+
+def test_an_incomplete_encoder_answer_is_an_error() -> None:
+    def part(rows: int, version: int = 1, logvar: bool = True, sample: bool = True) -> encoder_pb2.EncodeResponse:
+        ones = to_tensor(np.ones((rows, 4), np.float32))
+        response = encoder_pb2.EncodeResponse(model="vae", version=version, mean=ones)
+        if logvar:
+            response.logvar.CopyFrom(ones)
+        if sample:
+            response.sample.CopyFrom(ones)
+        return response
+
+    asked = EncodePlan(np.zeros((2, 32, 32), np.uint8), "vae", None, True, 0, LISTED, 4096)
+    with pytest.raises(AevaeError, match="response 0 carries no sample"):
+        asked.result([part(2, sample=False)])
+    streamed = EncodePlan(np.zeros((100, 32, 32), np.uint8), "vae", None, False, None, LISTED, 50)
+    assert [stop - start for start, stop in streamed.spans] == [40, 40, 20]  # 40 images of 1 KiB a message
+    for rows, logvar in ((40, True), (40, False), (20, False)):
+        streamed.add(part(rows, logvar=logvar, sample=False))
+    with pytest.raises(AevaeError, match="response 1 carries no logvar, which 1 of 3 carry"):
+        streamed.result(streamed.parts)
+    mixed = EncodePlan(np.zeros((100, 32, 32), np.uint8), "vae", None, False, None, LISTED, 50)
+    mixed.add(part(40, version=1))
+    with pytest.raises(AevaeError, match="response 1 is from model 'vae' version 2; asked for 'vae' version 1"):
+        mixed.add(part(40, version=2))
+
+
+def test_arguments_that_are_not_what_is_accepted_fail_before_any_call() -> None:
+    from aevae.client import DecoderClient, EncoderClient
+
+    with DecoderClient("127.0.0.1:1", retries=0) as dec, EncoderClient("127.0.0.1:1", retries=0) as enc:
+        with pytest.raises(AevaeError, match="model: expected a model name"):
+            dec.decode(np.zeros((1, 4)), 3)  # type: ignore[arg-type]
+        with pytest.raises(AevaeError, match="model: expected a model name"):
+            enc.latent_stats(None)  # type: ignore[arg-type]
+        with pytest.raises(AevaeError, match="timeout: expected seconds"):
+            dec.list_models(timeout="5")  # type: ignore[arg-type]
+        with pytest.raises(AevaeError, match="latents: expected an N x d array of numbers"):
+            dec.decode([[1.0, 2.0], [3.0]])
+    with pytest.raises(AevaeError, match=r"seed: expected None or a whole number from 0 to 2\*\*64 - 1"):
+        EncodePlan(np.zeros((1, 32, 32), np.uint8), "vae", None, True, 2 ** 64, LISTED, 4096)
+    assert prepare_images(np.zeros((2, 32, 32), ">f8")).dtype == np.float32  # big-endian float64: narrowed
+
+
+def test_a_closed_client_refuses_calls_with_an_aevae_error_and_closes_twice() -> None:
+    from aevae.client import AsyncDecoderClient, DecoderClient
+
+    client = DecoderClient("127.0.0.1:1", token="t", retries=0)  # a token: the intercepted channel
+    client.close()
+    for call in (lambda: client.decode(np.zeros((1, 4))), client.health, client.list_models):
+        with pytest.raises(AevaeError, match="is closed; make a new one") as error:
+            call()
+        assert error.value.code().name == "FAILED_PRECONDITION"
+    client.close()
+
+    async def closed_async() -> None:
+        aclient = AsyncDecoderClient("127.0.0.1:1", retries=0)
+        await aclient.close()
+        with pytest.raises(AevaeError, match="is closed"):
+            await aclient.decode(np.zeros((1, 4)))
+        await aclient.close()
+
+    asyncio.run(closed_async())
+
+
+def test_small_pieces_of_the_client_contract() -> None:
+    import copy
+    import pickle
+
+    import grpc
+
+    from aevae.client.credentials import ChannelSecurity
+    from aevae.client.fanout import _newest
+    from aevae.client.results import ModelInfo, latent_stats
+
+    error = AevaeError(grpc.StatusCode.NOT_FOUND, "no model 'x'")  # gRPC copies a failed call's response
+    for twin in (copy.copy(error), pickle.loads(pickle.dumps(error))):
+        assert (twin.code(), twin.details(), str(twin)) == (error.code(), error.details(), str(error))
+    assert ChannelSecurity.resolve(token="secret\n", env={}).token == "secret"  # open(f).read() keeps the newline
+    with pytest.raises(AevaeError, match="printable ASCII"):
+        ChannelSecurity.resolve(token="se\x01cret", env={})
+    assert broken(AevaeError(grpc.StatusCode.INTERNAL, "Internal error from Core"))  # grpc.aio's cut stream
+    assert not broken(AevaeError(grpc.StatusCode.INTERNAL, "the model produced NaN"))
+    assert _newest([ModelInfo(name="vae", version=0, versions=[], kind="vae", latent_dim=4, image_shape=(32, 32),
+                              metrics={}, runtime="", broken={1: "checksum"})], "vae") is None  # none loads
+    with pytest.raises(AevaeError, match="the latent statistics: pca.components"):
+        latent_stats(encoder_pb2.LatentStats(model="vae", version=1))
