@@ -33,6 +33,9 @@ WEIGHTS = "weights.pt"
 STATS = "latent_stats.json"
 HIGH_WATER = ".high-water"
 MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB (its latent statistics live in their own file)
+# latent_stats.json: about 0.2 MiB for a 4-d latent, growing by ~3 KiB per dimension; read whole and kept in
+# memory per loaded version, so a bigger one (a damaged or hostile file, checksummed or not) is refused.
+STATS_MAX_BYTES = 16 << 20
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 NUMBER_PATTERN = re.compile(r"^[1-9][0-9]{0,18}$")
 MAX_NUMBER = 2**63 - 1  # what the wire's int64 holds
@@ -76,7 +79,12 @@ class Version:
         return self.path / name
 
     def latent_stats(self) -> dict[str, Any]:
-        return json.loads(self.file(STATS).read_text())
+        """The parsed file; ValueError when it is over STATS_MAX_BYTES (before reading it) or not JSON."""
+        with self.file(STATS).open("rb") as f:
+            data = f.read(STATS_MAX_BYTES + 1)
+        if len(data) > STATS_MAX_BYTES:
+            raise ValueError(f"{STATS} is over {STATS_MAX_BYTES >> 20} MiB; latent statistics are a few hundred KiB")
+        return json.loads(data)
 
     def fingerprint(self) -> tuple[tuple[str, int, int, int, int], ...]:
         """(file, size, mtime, ctime, inode) of the manifest and every listed file: changes when any is
@@ -90,6 +98,21 @@ class Version:
 
     def __str__(self) -> str:
         return f"{self.name}/{self.number}"
+
+
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir, with any error (a folder removed meanwhile, no permission to look) as "not a folder"."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _why(exc: OSError) -> str:
+    """An OSError in words for a reason clients see: what went wrong and on which file of the version, not
+    the server's absolute paths."""
+    name = Path(exc.filename).name if exc.filename else ""
+    return f"{exc.strerror or type(exc).__name__}" + (f" ({name})" if name else "")
 
 
 @dataclass(frozen=True)
@@ -159,25 +182,43 @@ class ModelRepository:
                         pass
 
     def scan(self) -> Scan:
+        """What the repository holds now. A folder that cannot be read (its permissions, or removed while
+        this looks) costs only itself: an unreadable version is broken with the reason, an unreadable model
+        folder (or root) is ignored with it, and every other model is found as usual."""
         scan = Scan()
-        if not self.root.is_dir():
+        try:
+            if not self.root.is_dir():
+                return scan
+            root = self.root.resolve()
+            model_dirs = sorted(p for p in self.root.iterdir() if NAME_PATTERN.match(p.name) and _is_dir(p))
+        except OSError as exc:
+            scan.ignored.append((self.root, f"the repository cannot be read: {_why(exc)}"))
             return scan
-        root = self.root.resolve()
-        for model_dir in sorted(p for p in self.root.iterdir() if NAME_PATTERN.match(p.name) and p.is_dir()):
+        for model_dir in model_dirs:
+            try:
+                entries = list(model_dir.iterdir())
+            except FileNotFoundError:
+                continue  # removed since the root was listed
+            except OSError as exc:
+                scan.ignored.append((model_dir, f"the model folder cannot be read: {_why(exc)}"))
+                continue
             found = []
-            for entry in model_dir.iterdir():
+            for entry in entries:
                 number = version_number(entry.name)
                 if number is None:  # hidden entries are the writer's own (staging, the high-water mark)
-                    if not entry.name.startswith(".") and (entry.name[:1].isdigit() or entry.is_dir()):
+                    if not entry.name.startswith(".") and (entry.name[:1].isdigit() or _is_dir(entry)):
                         scan.ignored.append((entry, "a version folder is named by a decimal number from 1 to "
                                                     "2**63-1 with no leading zeros"))
                     continue
-                if not entry.is_dir():
+                if not _is_dir(entry):
                     continue
                 try:
                     found.append(self._check(model_dir.name, number, entry, root))
-                except ValueError as reason:
-                    scan.broken.append(BrokenVersion(model_dir.name, number, entry, str(reason)))
+                except FileNotFoundError:
+                    continue  # removed while this looked: gone, not broken
+                except (ValueError, OSError) as reason:
+                    why = _why(reason) if isinstance(reason, OSError) else str(reason)
+                    scan.broken.append(BrokenVersion(model_dir.name, number, entry, why))
             if found:
                 scan.versions[model_dir.name] = sorted(found, key=lambda v: v.number)
         return scan

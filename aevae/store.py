@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
 Fingerprint = tuple[tuple[str, int, int, int, int], ...]
+# What a broken mark was made for: the files' fingerprint and the checksums the manifest listed then. A version
+# rewritten in place between a scan and its load was checked against the old manifest: its new manifest lists
+# other checksums, so the mark goes at the next scan even when the files' stat figures look alike.
+Identity = tuple[Fingerprint | None, tuple[tuple[str, str], ...]]
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,7 @@ class ModelStore:
         self._scanned_at = float("-inf")
         self._scan_began = float("-inf")  # when the scan in _scan began
         self._loaded: OrderedDict[Key, tuple[Fingerprint, LoadedModel]] = OrderedDict()
-        self._broken: dict[Key, tuple[Fingerprint | None, str]] = {}
+        self._broken: dict[Key, tuple[Identity, str]] = {}
         self._defaults: dict[str, LoadedModel] = {}
         self._logged: set[tuple[str, str]] = set()
         self._lock = threading.RLock()
@@ -95,8 +99,9 @@ class ModelStore:
             if _fingerprint(current.get(key)) != loaded_at:
                 log.warning("model version %s/%s changed on disk; dropped, reloaded on its next use", *key)
                 del self._loaded[key]
-        for key, (marked_at, _) in list(self._broken.items()):
-            if _fingerprint(current.get(key)) != marked_at:
+        for key, (marked_for, _) in list(self._broken.items()):
+            version = current.get(key)
+            if version is None or _identity(version) != marked_for:  # gone, or changed since
                 del self._broken[key]
         self._defaults.clear()
 
@@ -160,6 +165,8 @@ class ModelStore:
                 model = self._load(version)
             except FailedPrecondition:
                 continue  # marked broken: the next older one
+            except NotFound:
+                continue  # removed since the scan: the next scan no longer lists it
             self._defaults[name] = model
             return model
 
@@ -177,8 +184,12 @@ class ModelStore:
                     fingerprint = version.fingerprint()
                     model = load(version, self.runtime, self.threads, self.precision)
                 except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
+                    if isinstance(exc, FileNotFoundError) and not version.path.exists():
+                        # removed since the scan: not broken, gone (a default resolution looks again)
+                        self._scanned_at = float("-inf")
+                        raise NotFound(f"model {key[0]!r} version {key[1]} was removed") from None
                     reason = broken_reason(exc)
-                    self._broken[key] = (_fingerprint(version), reason)
+                    self._broken[key] = (_identity(version), reason)
                     self._warn_once(str(version.path), f"model version {version} is broken: {reason}")
                     raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {reason}") from None
                 log.info("loaded %s on %s", version, model.runtime.name)
@@ -235,6 +246,10 @@ class ModelStore:
         if (where, message) not in self._logged:
             self._logged.add((where, message))
             log.warning("%s", message)
+
+
+def _identity(version: Version) -> Identity:
+    return _fingerprint(version), tuple(sorted(version.manifest.files.items()))
 
 
 def _fingerprint(version: Version | None) -> Fingerprint | None:

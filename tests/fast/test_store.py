@@ -214,3 +214,80 @@ def test_peek_is_none_until_loaded_then_the_model(tiny_repo: Path) -> None:
     assert store.peek("vae", None) is None
     model = store.get("vae")
     assert store.peek("vae", None) is model and store.peek("vae", 1) is model
+
+
+# -- the disk changing between a scan and a load, and folders that cannot be read -------------------------------
+
+def test_a_version_rewritten_between_a_scan_and_its_load_is_loaded_at_the_next_scan(tiny_repo: Path) -> None:
+    """The load checks the new files against the manifest of the scan before: a mismatch, marked broken.
+    The next scan sees a manifest with other checksums and lifts the mark (it stayed for good before)."""
+    store = ModelStore(tiny_repo, refresh_seconds=3600)
+    store.scan(force=True)
+    other = write_tiny(tiny_repo / "other", "vae", seed=7)
+    for name in (*other.manifest.files, "manifest.json"):
+        shutil.copy(other.file(name), tiny_repo / "vae" / "1" / name)
+    with pytest.raises(FailedPrecondition, match="checksum"):
+        store.get("vae", 1)
+    store.scan(force=True)
+    expected = ModelStore(tiny_repo / "other").get("vae").decode(np.ones((1, 4), np.float32))
+    assert np.array_equal(_decode_one(store, 1), expected)
+
+
+def test_a_version_removed_between_a_scan_and_its_load_is_not_found_not_broken(tiny_repo: Path) -> None:
+    write_tiny(tiny_repo, "vae", seed=3)
+    store = ModelStore(tiny_repo, refresh_seconds=3600)
+    store.scan(force=True)
+    shutil.rmtree(tiny_repo / "vae" / "2")
+    assert store.get("vae").number == 1  # the default looks again
+    store.scan(force=True)
+    with pytest.raises(NotFound):
+        store.get("vae", 2)
+    (summary,) = [s for s in store.summaries() if s.name == "vae"]
+    assert summary.broken == {} and summary.numbers == [1]  # not reported broken for ever
+
+
+def test_folders_that_cannot_be_read_cost_only_themselves(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """chmod 000 on one version or model folder made every model's calls INTERNAL (the scan raised), and a
+    service over such a repository would not start. (Root ignores permissions, so the error is injected.)"""
+    from aevae.repository import ModelRepository
+
+    check, iterdir = ModelRepository._check, Path.iterdir
+
+    def unreadable_version(self, name, number, path, root):  # type: ignore[no-untyped-def]
+        if name == "vae":
+            raise PermissionError(13, "Permission denied", str(path / "manifest.json"))
+        return check(self, name, number, path, root)
+
+    monkeypatch.setattr(ModelRepository, "_check", unreadable_version)
+    scan = ModelRepository(tiny_repo).scan()
+    assert sorted(scan.versions) == ["ae", "vae8"]
+    assert [(b.name, b.reason) for b in scan.broken] == [("vae", "Permission denied (manifest.json)")]
+    with pytest.raises(FailedPrecondition, match="Permission denied"):
+        ModelStore(tiny_repo).get("vae")
+    monkeypatch.setattr(ModelRepository, "_check", check)
+
+    def unreadable(folder: str):  # type: ignore[no-untyped-def]
+        def listing(self: Path):  # type: ignore[no-untyped-def]
+            if self.name == folder:
+                raise PermissionError(13, "Permission denied", str(self))
+            return iterdir(self)
+        return listing
+
+    monkeypatch.setattr(Path, "iterdir", unreadable("vae"))
+    scan = ModelRepository(tiny_repo).scan()
+    assert sorted(scan.versions) == ["ae", "vae8"] and "cannot be read" in scan.ignored[0][1]
+    assert ModelStore(tiny_repo).get("ae").number == 1
+    monkeypatch.setattr(Path, "iterdir", unreadable(tiny_repo.name))
+    scan = ModelRepository(tiny_repo).scan()
+    assert scan.versions == {} and "the repository cannot be read: Permission denied" in scan.ignored[0][1]
+
+
+def test_latent_statistics_over_the_cap_are_refused_before_they_are_read(tiny_repo: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import aevae.repository
+
+    version = ModelStore(tiny_repo).get("vae").version
+    assert version is not None and version.latent_stats()["latent_dim"] == 4
+    monkeypatch.setattr(aevae.repository, "STATS_MAX_BYTES", 1000)
+    with pytest.raises(ValueError, match="latent_stats.json is over"):
+        version.latent_stats()
