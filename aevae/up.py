@@ -170,9 +170,12 @@ class Stack:
             lines.append("  metrics  " + "  ".join(
                 f"http://{_connectable(self.host)}:{self.metrics_ports[n]}/metrics ({n})" for n in shown))
         tls = "-cacert " + str(self.certificates["ca"]) if self.certificates else "-plaintext"
+        oip_tls = f", ssl=True, root_certificates=\"{self.certificates['ca']}\"" if self.certificates else ""
         auth = f"-H \"authorization: Bearer $(cat {self.token_file})\" " if self.token_file else ""
         lines += [
-            f"  OIP v2   tritonclient.grpc.InferenceServerClient(\"{enc}\") (or \"{dec}\"): models by name",
+            f"  OIP v2   tritonclient.grpc.InferenceServerClient(\"{enc}\"{oip_tls}) (or \"{dec}\"): models by "
+            "name" + (", each call with headers={\"authorization\": \"Bearer \" + <the token below>}"
+                      if self.token_file else ""),
             f"  token    {self.token_file} (every call but health and reflection sends it; clients on this "
             "machine find it there)" if self.token_file else "  token    none",
         ]
@@ -246,8 +249,9 @@ def _require(extra: str, modules: tuple[str, ...]) -> None:
 
 
 def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((_connectable(host), 0))
+    address = _connectable(host).strip("[]")
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.bind((address, 0))
         return int(s.getsockname()[1])
 
 

@@ -328,13 +328,22 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 def serve_metrics(port: int, host: str, what: str) -> int:
-    """Starts the /metrics endpoint (a daemon thread) and prints where it is; returns the bound port."""
-    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server_class = type("MetricsServer", (_Server,), {"address_family": family})
-    server: WSGIServer = make_server(host, port, make_wsgi_app(REGISTRY), server_class, handler_class=_Handler)
+    """Starts the /metrics endpoint (a daemon thread) and prints where it is; returns the bound port. OSError
+    naming the address and the flag when it cannot listen."""
+    from aevae.services.settings import host_port
+
+    bare = host.strip("[]")  # "[::1]", as gRPC takes it, is "::1" to a socket
+    try:
+        family = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsServer", (_Server,), {"address_family": family})
+        server: WSGIServer = make_server(bare, port, make_wsgi_app(REGISTRY), server_class, handler_class=_Handler)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {host_port(bare, port)} (--metrics-port): "
+                      f"{exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="aevae-metrics", daemon=True).start()
     bound = int(server.server_address[1])
-    print(f"aevae {what} metrics on http://{_connectable(host)}:{bound}/metrics", file=sys.stdout, flush=True)
+    print(f"aevae {what} metrics on http://{host_port(_connectable(bare), bound)}/metrics", file=sys.stdout,
+          flush=True)
     return bound
 
 

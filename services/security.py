@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from aevae.client.credentials import ENV_TOKEN, TokenFile, is_loopback
-from aevae.services.settings import ServiceSettings
+from aevae.services.settings import ServiceSettings, host_port
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +217,13 @@ async def serve_health(settings: ServiceSettings, add_health: Callable[[grpc.aio
         return None
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     add_health(server)
-    address = f"{settings.host}:{settings.health_port}"
+    address = host_port(settings.host, settings.health_port)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address} for health (in use?): {exc}") from None
     await server.start()
-    print(f"health (grpc.health.v1 only, plaintext) on {settings.host}:{bound}", flush=True)
+    print(f"health (grpc.health.v1 only, plaintext) on {host_port(settings.host, bound)}", flush=True)
     return server
 
 

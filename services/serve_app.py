@@ -60,7 +60,7 @@ def settings(args: dict[str, Any] | None) -> ServiceSettings:
         raise ValueError(f"{given} configure `aevae serve`'s own server and do not apply under Ray Serve, whose "
                          "proxy owns ports, connections, TLS and shutdown (grpc_options and http_options in the "
                          "Serve config); remove them from args")
-    return ServiceSettings.from_mapping(args)
+    return ServiceSettings.from_mapping(args, refused=SERVER_ONLY)
 
 
 class _Aborted(Exception):

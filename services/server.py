@@ -29,7 +29,7 @@ from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
 from aevae.services import security
-from aevae.services.settings import PORTS, ServiceSettings
+from aevae.services.settings import PORTS, ServiceSettings, host_port
 from aevae.repository import models_dir
 from aevae.store import ModelStore
 from aevae.v1 import decoder_pb2, encoder_pb2
@@ -45,9 +45,17 @@ class _EndedCallWrites(logging.Filter):
     INFO)."""
 
     PREFIX = "ExecuteBatchError raised in core by servicer method"
+    CUT = "Exception not handled by _handle_exceptions in servicer method"  # with a CancelledError
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
+        if message.startswith(self.CUT) and record.exc_info and record.exc_info[0] is asyncio.CancelledError:
+            # a call still running when the shutdown's --grace ended, cancelled by server.stop as intended
+            method = message[len(self.CUT):].strip(" []")
+            record.msg, record.args = "a call of %s still running at the end of the grace was cut", (method,)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+            return logging.getLogger(record.name).isEnabledFor(logging.INFO)
         if message.startswith(self.PREFIX):
             method = message[len(self.PREFIX):].strip(" []")
             record.msg, record.args = "an answer of %s was not sent: the call had ended (cancelled by the " \
@@ -166,7 +174,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
 
         serve_metrics(settings.metrics_port, settings.host, kind)
 
-    address = f"{settings.host}:{settings.port_for(kind)}"
+    address = host_port(settings.host, settings.port_for(kind))
     try:
         bound = (server.add_insecure_port(address) if credentials is None
                  else server.add_secure_port(address, credentials))
@@ -176,7 +184,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     await server.start()
     for name in ("", service.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"aevae {kind} serving {service.full_name} on {settings.host}:{bound} "
+    print(f"aevae {kind} serving {service.full_name} on {host_port(settings.host, bound)} "
           f"(models in {store.repository.root.resolve()}: {store.describe()}; {protection})", flush=True)
     preloading = loop.run_in_executor(executor, store.preload)
 

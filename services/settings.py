@@ -11,12 +11,17 @@ import argparse
 import math
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from aevae.errors import ResourceExhausted, port_problem
 
 # The default ports, written once.
 PORTS = {"encoder": 50051, "decoder": 50052, "ui": 8080}
+
+
+def host_port(host: str, port: int | str) -> str:
+    """host:port as gRPC and URLs write it: an IPv6 literal in brackets ("::1" -> "[::1]:50052")."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def _opt(default: Any, help: str, *, flag: bool = True, minimum: float | None = 0,
@@ -170,14 +175,14 @@ class ServiceSettings:
         return cls(**{**values, **overrides})
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "ServiceSettings":
+    def from_mapping(cls, values: Mapping[str, Any] | None, refused: Iterable[str] = ()) -> "ServiceSettings":
         """From a config's mapping (Ray Serve's `args:`): unknown keys and wrong types fail with a message
-        naming the key and what is accepted."""
+        naming the key and what is accepted (the `refused` ones not among them: the caller refuses those)."""
         values = dict(values or {})
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"unknown settings {unknown}; accepted: {sorted(known)}")
+            raise ValueError(f"unknown settings {unknown}; accepted: {sorted(set(known) - set(refused))}")
         parsed: dict[str, Any] = {}
         for name, value in values.items():
             kind = _scalar_type(known[name])
