@@ -12,7 +12,10 @@ Servers, all grpc.aio on loopback, called by the same clients as in bench_peers.
   `aevae serve` runs it: what the model costs when it runs between network calls (its weights no longer in
   the cache), against its cost in a tight loop (printed too);
 - aevae.v1: `aevae serve decoder`, and the same with `--precision int8` (the int8 decoder: weights a quarter the
-  size, so they stay in the cache between calls).
+  size, so they stay in the cache between calls);
+- "request made per call": the same aevae.v1 server, its client making the request anew for every call
+  (numpy to tensor to message, as an application does) where the others send one made once, as the echo
+  floor's client sends one payload: what making it costs the client, which shares the two cores.
 Each row: median of the rounds' p50, calls/s with 16 in flight, and the server process's CPU time per call
 with 16 in flight (all its threads; on 2 cores the client and the server share the machine, so a server that
 spends more CPU per call leaves the client less and answers fewer calls).
@@ -101,7 +104,7 @@ def main() -> int:
            for key, precision in (("aevae", "fp32"), ("int8", "int8"))},
     }
     names = {"echo": "echo floor", "none": "aevae.v1, no work", "model": "+ the model call", "aevae": "aevae.v1",
-             "int8": "aevae.v1, int8"}
+             "int8": "aevae.v1, int8", "made": "aevae.v1, request made per call"}
     children = {k: subprocess.Popen(c, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 for k, c in commands.items()}
     try:
@@ -110,13 +113,16 @@ def main() -> int:
         time.sleep(1.0)  # the decoder loads its model once listening
         targets = {k: echo_target(f"127.0.0.1:{p}") if k == "echo" else
                    aevae_targets(f"127.0.0.1:{p}", model.latent_dim, 1)[0] for k, p in ports.items()}
+        # the same aevae server, its request made anew for every call, as an application would
+        targets["made"] = aevae_targets(f"127.0.0.1:{ports['aevae']}", model.latent_dim, 1, prebuilt=False)[0]
+        served_by = {**{k: k for k in ports}, "made": "aevae"}
         p50s: dict[str, list[float]] = {k: [] for k in targets}
         rates: dict[str, list[float]] = {k: [] for k in targets}
         cpu: dict[str, list[float]] = {k: [] for k in targets}  # server CPU seconds per call, 16 in flight
         for _ in range(args.rounds):
             for key, target in targets.items():
                 p50s[key].append(latency(target.sync_call, args.calls)[0])
-                server = psutil.Process(children[key].pid)
+                server = psutil.Process(children[served_by[key]].pid)
                 before = sum(server.cpu_times()[:2])
                 started = time.perf_counter()
                 rate = asyncio.run(in_flight(target.async_call, 16, args.seconds))
