@@ -10,7 +10,7 @@ import time
 from concurrent.futures import Executor
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, NamedTuple, NoReturn, Protocol, TypeVar
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, NamedTuple, NoReturn, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -562,23 +562,21 @@ class Pinned:
         self._versions.setdefault(model, version)
 
 
-async def served_stream(
+def served_stream(
     context: Aborts,
     admission: Admission,
     requests: AsyncIterator[Any],
     submit: Callable[[int, Any], Awaitable[Reply]],
     depth: int,
-) -> AsyncIterator[Any]:
-    """A streaming RPC: each request answered by one response, in order, `depth` at once.
+) -> AsyncGenerator[Any, None]:
+    """An aevae.v1 streaming RPC: each request answered by one response, in order, `depth` at once.
 
     A whole stream is served by one version (Pinned). An error ends the stream with its status and the
     failing message's position.
     """
     pinned = Pinned()
-    unsent = Unsent(admission)
 
-    async def handle(index: int, message: Any) -> tuple[Reply, AnswerSlot]:
-        slot = unsent.open()
+    async def handle(index: int, message: Any) -> Any:
         await pinned.turn(index)
         try:
             request = readable(message)
@@ -590,23 +588,43 @@ async def served_stream(
         finally:
             pinned.taken(index)
         pinned.served(reply.model, reply.version)
-        return reply, slot
+        return reply.response
 
-    async def admitted() -> AsyncIterator[tuple[Reply, AnswerSlot]]:
+    return answered_stream(context, admission, requests, handle, depth)
+
+
+async def answered_stream(
+    context: Aborts,
+    admission: Admission,
+    requests: AsyncIterator[Any],
+    handle: Callable[[int, Any], Awaitable[Any]],
+    depth: int,
+) -> AsyncGenerator[Any, None]:
+    """What every streaming RPC shares (aevae.v1's and the OIP's): one admission slot for the stream, each
+    message answered by `handle(index, message)` in a task of its own, `depth` at once (pipelined), the
+    responses yielded in order, each one's unsent bytes given back once gRPC has written it (Unsent), and
+    an error ending the stream with its status (guarded)."""
+    unsent = Unsent(admission)
+
+    async def counted(index: int, message: Any) -> tuple[Any, AnswerSlot]:
+        slot = unsent.open()  # in this message's task: its answer's bytes are counted in the slot
+        return await handle(index, message), slot
+
+    async def admitted() -> AsyncIterator[tuple[Any, AnswerSlot]]:
         with admission.call():
-            async for response in pipelined(requests, handle, depth):
-                yield response
-                del response  # the reply's bytes must not outlive the yield
+            async for result in pipelined(requests, counted, depth):
+                yield result
+                del result  # the response's bytes must not outlive the yield
 
     results = admitted()
     try:
         while True:
             try:
-                reply, slot = await guarded(context, anext(results))
+                response, slot = await guarded(context, anext(results))
             except StopAsyncIteration:
                 return
-            yield reply.response
-            del reply  # gRPC has written it and asks for the next
+            yield response
+            del response  # gRPC has written it and asks for the next
             unsent.sent(slot)
     finally:
         unsent.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import grpc
@@ -49,9 +50,10 @@ class DecoderServicer:
 
     async def DecodeStream(self, request_iterator: AsyncIterator[Any],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[decoder_pb2.DecodeResponse | bytes]:
-        async for response in served_stream(context, self.engine.admission, request_iterator,
-                                            lambda _, r: self._decode(r), self.engine.stream_depth):
-            yield response
+        async with aclosing(served_stream(context, self.engine.admission, request_iterator,
+                                          lambda _, r: self._decode(r), self.engine.stream_depth)) as responses:
+            async for response in responses:  # closed with this one: its budget is given back at once
+                yield response
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> tensor_pb2.ListModelsResponse:
         summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 from typing import Any, AsyncIterator
 
 import grpc
@@ -70,9 +71,10 @@ class EncoderServicer:
             finally:
                 order.done(index)
 
-        async for response in served_stream(context, self.engine.admission, request_iterator, submit,
-                                            self.engine.stream_depth):
-            yield response
+        async with aclosing(served_stream(context, self.engine.admission, request_iterator, submit,
+                                          self.engine.stream_depth)) as responses:
+            async for response in responses:  # closed with this one: its budget is given back at once
+                yield response
 
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> tensor_pb2.ListModelsResponse:
         summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))

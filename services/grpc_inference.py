@@ -17,6 +17,7 @@ Models by their repository names; versions as `model_version` strings ("" or "0"
 from __future__ import annotations
 
 import math
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable, NoReturn
 
 import grpc
@@ -30,7 +31,7 @@ from aevae.services import inputs
 from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
 from aevae.repository import NUMBER_PATTERN
-from aevae.services.grpc_common import AnswerSlot, Engine, Pinned, Unsent, guarded, pipelined, readable, rows
+from aevae.services.grpc_common import Engine, Pinned, answered_stream, guarded, readable, rows
 from aevae.v1.tensors import length_delimited
 
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
@@ -306,11 +307,6 @@ class InferenceServicer:
         does not even parse included) answers with its error_message (the status name first) and the stream
         goes on, as in Triton. One version serves the stream, as in aevae.v1's streams (Pinned)."""
         pinned = Pinned()
-        unsent = Unsent(self.engine.admission)
-
-        async def handle(index: int, message: Any) -> tuple[service_pb2.ModelStreamInferResponse | bytes, AnswerSlot]:
-            slot = unsent.open()
-            return await answer(index, message), slot
 
         async def answer(index: int, message: Any) -> service_pb2.ModelStreamInferResponse | bytes:
             await pinned.turn(index)
@@ -326,23 +322,10 @@ class InferenceServicer:
                 pinned.taken(index)
             return stream_response(response)
 
-        async def admitted() -> AsyncIterator[tuple[service_pb2.ModelStreamInferResponse | bytes, AnswerSlot]]:
-            with self.engine.admission.call():
-                async for response in pipelined(request_iterator, handle, self.engine.stream_depth):
-                    yield response
-
-        results = admitted()
-        try:
-            while True:
-                try:
-                    response, slot = await guarded(context, anext(results))
-                except StopAsyncIteration:
-                    return
+        async with aclosing(answered_stream(context, self.engine.admission, request_iterator, answer,
+                                            self.engine.stream_depth)) as responses:
+            async for response in responses:  # closed with this one: its budget is given back at once
                 yield response
-                del response  # gRPC has written it and asks for the next
-                unsent.sent(slot)
-        finally:
-            unsent.close()
 
     # -- health and metadata ------------------------------------------------------------------------------
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ServerLiveResponse:

@@ -11,12 +11,12 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import grpc
 import numpy as np
 
-from aevae.client.errors import AevaeError, invalid
+from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.v1 import tensor_pb2
 from aevae.v1.tensors import WireError, version_to_wire
 
@@ -143,6 +143,28 @@ def unimplemented_hint(service: str, target: str) -> Callable[[AevaeError], Aeva
         return AevaeError(error.code(), f"the server at {target} does not serve aevae.v1.{service}{guess}: "
                                         f"{error.details()}")
     return explain
+
+
+def reading(parse: Callable[[bytes], T]) -> Callable[[bytes], T | AevaeError]:
+    """A response deserializer that returns why the bytes cannot be read, for the plan to raise: raised in
+    the deserializer, gRPC would report only "Exception deserializing response!"."""
+    def read(data: bytes) -> T | AevaeError:
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - any malformed bytes: the reason goes to the caller
+            return bad_answer(f"unreadable: {exc}")
+    return read
+
+
+def bulk_stub(channel: Any, stub: Any, service: str, request: Any, parse: Callable[[bytes], Any]) -> Any:
+    """`stub` (sync or aio alike) with its two bulk methods, `service` ("Decode" or "Encode") and its
+    stream, sending `request` messages and reading responses with `reading(parse)`."""
+    read, serialize = reading(parse), request.SerializeToString
+    path = f"/aevae.v1.{service}r/{service}"
+    setattr(stub, service, channel.unary_unary(path, request_serializer=serialize, response_deserializer=read))
+    setattr(stub, f"{service}Stream", channel.stream_stream(f"{path}Stream", request_serializer=serialize,
+                                                            response_deserializer=read))
+    return stub
 
 
 def spans(n: int, rows: int) -> Iterator[tuple[int, int]]:

@@ -16,8 +16,8 @@ import numpy as np
 from aevae import allocation
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
-from aevae.client.core import (ServerLimits, Unlisted, model_name, output_dtype, prepare_latents, spans,
-                               wire_version)
+from aevae.client.core import (ServerLimits, Unlisted, bulk_stub, model_name, output_dtype, prepare_latents,
+                               reading, spans, wire_version)
 from aevae.client.errors import AevaeError, bad_answer
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
 from aevae.v1.tensors import TensorResponse, to_tensor
@@ -103,24 +103,12 @@ class _Plan:
         return self.out
 
 
-def _parse(data: bytes) -> TensorResponse | AevaeError:
-    """A response, or why it cannot be read, for the plan to raise: raised here, gRPC would report only
-    "Exception deserializing response!"."""
-    try:
-        return TensorResponse.parse(data)
-    except Exception as exc:  # noqa: BLE001 - any malformed bytes: the reason goes to the caller
-        return bad_answer(f"unreadable: {exc}")
+_parse = reading(TensorResponse.parse)  # the images read without copying them
 
 
 def _stub(channel: Any) -> Any:
-    """The Decoder stub (sync or aio alike), its two decode methods reading responses with _parse."""
-    stub: Any = decoder_pb2_grpc.DecoderStub(channel)
-    request = decoder_pb2.DecodeRequest.SerializeToString
-    stub.Decode = channel.unary_unary("/aevae.v1.Decoder/Decode", request_serializer=request,
-                                      response_deserializer=_parse)
-    stub.DecodeStream = channel.stream_stream("/aevae.v1.Decoder/DecodeStream", request_serializer=request,
-                                              response_deserializer=_parse)
-    return stub
+    return bulk_stub(channel, decoder_pb2_grpc.DecoderStub(channel), "Decode", decoder_pb2.DecodeRequest,
+                     TensorResponse.parse)
 
 
 class DecoderClient(SyncClient):

@@ -12,7 +12,7 @@ import numpy as np
 
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
-from aevae.client.core import ServerLimits, model_name, prepare_images, spans, wire_version
+from aevae.client.core import ServerLimits, bulk_stub, model_name, prepare_images, spans, wire_version
 from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.client.results import EncodeResult, latent_stats
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc
@@ -117,24 +117,9 @@ class _Plan:
                             model=parts[0].model, version=int(parts[0].version))
 
 
-def _parse(data: bytes) -> encoder_pb2.EncodeResponse | AevaeError:
-    """A response, or why it cannot be read, for the plan to raise: raised here, gRPC would report only
-    "Exception deserializing response!"."""
-    try:
-        return encoder_pb2.EncodeResponse.FromString(data)
-    except Exception as exc:  # noqa: BLE001 - any malformed bytes: the reason goes to the caller
-        return bad_answer(f"unreadable: {exc}")
-
-
 def _stub(channel: Any) -> Any:
-    """The Encoder stub (sync or aio alike), its two encode methods reading responses with _parse."""
-    stub: Any = encoder_pb2_grpc.EncoderStub(channel)
-    request = encoder_pb2.EncodeRequest.SerializeToString
-    stub.Encode = channel.unary_unary("/aevae.v1.Encoder/Encode", request_serializer=request,
-                                      response_deserializer=_parse)
-    stub.EncodeStream = channel.stream_stream("/aevae.v1.Encoder/EncodeStream", request_serializer=request,
-                                              response_deserializer=_parse)
-    return stub
+    return bulk_stub(channel, encoder_pb2_grpc.EncoderStub(channel), "Encode", encoder_pb2.EncodeRequest,
+                     encoder_pb2.EncodeResponse.FromString)
 
 
 class EncoderClient(SyncClient):
