@@ -5,11 +5,13 @@ nested JSON (issue 9). The UI runs in-process (aiohttp's test server), the decod
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -20,9 +22,14 @@ from helpers import run_aevae, write_tiny
 
 
 @pytest.fixture(scope="module")
-def decoder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    models = tmp_path_factory.mktemp("ui-hardening") / "models"
-    write_tiny(models, "vae", "vae")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ui-hardening") / "models"
+    write_tiny(root, "vae", "vae")
+    return root
+
+
+@pytest.fixture(scope="module")
+def decoder(models: Path) -> Iterator[ServiceProcess]:
     isolated = {"AEVAE_TOKEN": "", "AEVAE_TOKEN_FILE": "", "XDG_CONFIG_HOME": str(models.parent / "config")}
     with ServiceProcess("decoder", models, env=isolated) as service:
         service.wait_healthy()
@@ -214,3 +221,34 @@ def test_ui_on_a_public_address_needs_a_login_unless_insecure(tmp_path: Path) ->
     isolated = {"AEVAE_TOKEN": "", "AEVAE_TOKEN_FILE": "", "XDG_CONFIG_HOME": str(tmp_path)}
     refused = run_aevae("ui", "--host", "0.0.0.0", "--port", "0", env=isolated, timeout=60)
     assert refused.returncode != 0 and "without a login" in refused.stderr and "--insecure" in refused.stderr
+
+
+def test_a_decode_pins_the_version_the_page_shows(decoder: ServiceProcess, models: Path) -> None:
+    """The page shows one version (labels, statistics, encodings); its decodes name it, so that a newer
+    version written meanwhile does not paint images of other weights under the old labels. (Last in this
+    module: it writes version 2.)"""
+    from aevae.store import ModelStore
+
+    write_tiny(models, "vae", "vae", seed=11)  # version 2, other weights: the decoder's newest within 0.1-2 s
+    z = [[0.5, -1.0, 0.25, 2.0]]
+    old = ModelStore(models).get("vae", 1).decode(np.asarray(z, np.float32), dtype="uint8")
+
+    async def scenario(session: aiohttp.ClientSession, base: str, app: Any) -> list[dict[str, Any]]:
+        async with session.ws_connect(f"{base}/ws") as ws:
+            replies = []
+            for message in ({"op": "decode", "id": 1, "model": "vae", "version": 1, "latents": z},
+                            {"op": "decode", "id": 2, "model": "vae", "version": True, "latents": z},
+                            {"op": "decode", "id": 3, "model": "vae", "version": 99, "latents": z}):
+                await ws.send_json(message)
+                reply = await ws.receive_json(timeout=20)
+                while reply["op"] == "status":  # broadcasts when a service's state changes
+                    reply = await ws.receive_json(timeout=20)
+                replies.append(reply)
+            return replies
+
+    pinned, boolean, unknown = run(decoder, scenario)
+    assert pinned["op"] == "decoded" and pinned["version"] == 1
+    images = np.frombuffer(base64.b64decode(pinned["images"][0]), np.uint8).reshape(1, *pinned["shape"])
+    np.testing.assert_array_equal(images, old)  # version 1's weights, whatever the newest is
+    assert boolean["op"] == "error" and "'version' must be a model version" in boolean["error"]
+    assert unknown["op"] == "error" and "version 99" in unknown["error"]

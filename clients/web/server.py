@@ -137,6 +137,22 @@ def model_name(payload: dict[str, Any]) -> str:
     return name
 
 
+def model_version(payload: dict[str, Any]) -> int | None:
+    """The version a message pins (the one the page shows), or None (absent, null or 0) for the newest."""
+    value = payload.get("version")
+    if value is None or type(value) is int and value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2 ** 63 - 1:
+        raise BadRequest(f"'version' must be a model version (a whole number from 1), or null for the newest, "
+                         f"got {value!r}")
+    return value
+
+
+def _query_int(text: str | None) -> Any:
+    """A query parameter as the integer it spells, else as given (for model_version's message)."""
+    return int(text) if text is not None and text.isascii() and text.isdigit() and len(text) <= 19 else text
+
+
 def bounded_int(payload: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
     value = payload.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
@@ -213,10 +229,12 @@ async def get_models(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
+    """`?version=N` pins the version (the page's); without it, the newest."""
     name = request.match_info["model"]
     try:
-        stats = await request.app[LINKS].encoder.call(lambda client: client.latent_stats(model=name))
-    except (ServiceDown, RequestRejected) as exc:
+        version = model_version({"version": _query_int(request.query.get("version"))})
+        stats = await request.app[LINKS].encoder.call(lambda client: client.latent_stats(model=name, version=version))
+    except (BadRequest, ServiceDown, RequestRejected) as exc:
         status, body = error_body(exc)
         return web.json_response(body, status=status)
     return web.json_response(slim_stats(stats))
@@ -224,9 +242,10 @@ async def get_stats(request: web.Request) -> web.Response:
 
 async def post_encode(request: web.Request) -> web.Response:
     try:
-        payload = await json_body(request, "{model, shape: [height, width], images: [base64 uint8 pixels]}")
-        images, name = decode_images(payload), model_name(payload)
-        result = await request.app[LINKS].encoder.call(lambda client: client.encode(images, model=name))
+        payload = await json_body(request, "{model, version?, shape: [height, width], images: [base64 uint8 pixels]}")
+        images, name, version = decode_images(payload), model_name(payload), model_version(payload)
+        result = await request.app[LINKS].encoder.call(lambda client: client.encode(images, model=name,
+                                                                                      version=version))
     except (BadRequest, ServiceDown, RequestRejected) as exc:
         status, body = error_body(exc)
         return web.json_response(body, status=status)
@@ -240,8 +259,8 @@ async def post_samples(request: web.Request) -> web.Response:
     The latent dimension comes from the served model's metadata; the same seed gives the same samples.
     """
     try:
-        payload = await json_body(request, "{model, count: 1..64, seed: integer}")
-        name = model_name(payload)
+        payload = await json_body(request, "{model, version?, count: 1..64, seed: integer}")
+        name, version = model_name(payload), model_version(payload)
         count = bounded_int(payload, "count", 16, 1, MAX_SAMPLES)
         seed = bounded_int(payload, "seed", 0, 0, 2 ** 32 - 1)
         decoder = request.app[LINKS].decoder
@@ -250,7 +269,8 @@ async def post_samples(request: web.Request) -> web.Response:
         if info is None:
             raise BadRequest(f"the decoder serves no model {name!r}; it serves {sorted(m.name for m in infos)}")
         latents = np.random.default_rng(seed).standard_normal((count, info.latent_dim)).astype(np.float32)
-        images = await decoder.call(lambda client: client.decode(latents, model=name, dtype="float32"))
+        images = await decoder.call(lambda client: client.decode(latents, model=name, version=version,
+                                                                 dtype="float32"))
     except (BadRequest, ServiceDown, RequestRejected) as exc:
         status, body = error_body(exc)
         return web.json_response(body, status=status)
@@ -258,7 +278,7 @@ async def post_samples(request: web.Request) -> web.Response:
     why_not = judge.unavailable_for(images.shape[1:])
     pixels = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)  # for display; judged as floats
     return web.json_response({
-        "model": name, "version": info.version, "seed": seed, "shape": list(images.shape[1:]),
+        "model": name, "version": version or info.version, "seed": seed, "shape": list(images.shape[1:]),
         "latents": rows(latents), "images": to_base64(pixels),
         "verdicts": None if why_not else judge.judge(images).as_dict(), "unjudged": why_not,
     })
@@ -269,9 +289,11 @@ async def decode_reply(app: web.Application, message: dict[str, Any]) -> dict[st
     base = {"id": message.get("id"), "channel": message.get("channel")}
     started = time.perf_counter()
     try:
-        latents, name = parse_latents(message.get("latents")), model_name(message)
-        images = await app[LINKS].decoder.call(lambda client: client.decode(latents, model=name, dtype="uint8"))
-        reply = {"op": "decoded", **base, "model": name, "shape": list(images.shape[1:]), "images": to_base64(images)}
+        latents, name, version = parse_latents(message.get("latents")), model_name(message), model_version(message)
+        images = await app[LINKS].decoder.call(
+            lambda client: client.decode(latents, model=name, version=version, dtype="uint8"))
+        reply = {"op": "decoded", **base, "model": name, "version": version, "shape": list(images.shape[1:]),
+                 "images": to_base64(images)}
     except (BadRequest, ServiceDown, RequestRejected) as exc:
         reply = {"op": "error", **base, **error_body(exc)[1]}
     if ROUND_TRIP in app:

@@ -90,7 +90,8 @@ export class Link {
     request.callback(message, request);
   }
 
-  // Ask for `latents` (array of arrays) decoded by `model`; `callback(reply, request)` gets the images.
+  // Ask for `latents` (array of arrays) decoded by `model` ({name, version}: the version the page shows, so
+  // that images and labels agree while a newer one appears); `callback(reply, request)` gets the images.
   // `inflight` > 1 lets a new request go out before the previous reply is back (replies older than one
   // already shown are dropped), which trims the wait behind a slow reply while dragging.
   decode(channelName, model, latents, callback, meta = {}, inflight = 1) {
@@ -127,7 +128,8 @@ export class Link {
     channel.inflight.set(id, request);
     request.sentAt = performance.now();
     this.ws.send(JSON.stringify({
-      op: "decode", id, channel: channelName, model: request.model, latents: request.latents,
+      op: "decode", id, channel: channelName, model: request.model.name, version: request.model.version,
+      latents: request.latents,
     }));
   }
 }

@@ -19,6 +19,7 @@ const TRAVERSAL_STEPS = 11;
 const INTERPOLATION_STEPS = 9;
 const SAMPLES = 16;
 const SECONDARY_MS = 150;
+const VERSION_CHECK_MS = 5000; // how often the page looks for a newer model version
 const MAIN_INFLIGHT = 2;
 const LINE_WAIT_MS = 100;
 const KINDS = ["vae", "ae"];
@@ -37,7 +38,7 @@ const state = {
   z: { vae: null, ae: null },       // the black line per model
   selectedDim: { vae: 0, ae: 0 },
   traverse: { kind: "vae", dim: 0 },
-  samples: { seed: 0, shown: { vae: null, ae: null }, tally: { vae: [0, 0], ae: [0, 0] } },
+  samples: { seed: 0, shown: { vae: null, ae: null }, failed: { vae: false, ae: false }, tally: { vae: [0, 0], ae: [0, 0] } },
   decoderError: { vae: "", ae: "" },
   shown: { vae: null, ae: null },   // the last decoded main image per model
 };
@@ -106,7 +107,8 @@ async function load() {
     const model = state.models[kind];
     if (!model) return;
     if (!model.stats) {
-      try { model.stats = await getJSON(`/api/stats/${encodeURIComponent(model.info.name)}`); } catch (error) { /* status shows it */ }
+      const pinned = model.info.version ? `?version=${model.info.version}` : "";
+      try { model.stats = await getJSON(`/api/stats/${encodeURIComponent(model.info.name)}${pinned}`); } catch (error) { /* status shows it */ }
     }
     await encodeMissing(kind);
   }));
@@ -142,7 +144,8 @@ async function encodeMissing(kind) {
   for (const group of groups.values()) {
     try {
       const reply = await postJSON("/api/encode", {
-        model: model.info.name, shape: group[0].shape, images: group.map((item) => bytesToBase64(item.pixels)),
+        model: model.info.name, version: model.info.version || null, shape: group[0].shape,
+        images: group.map((item) => bytesToBase64(item.pixels)),
       });
       group.forEach((item, j) => { item.latents[kind] = reply.mean[j]; });
     } catch (error) { /* the encoder is down: the status says so, and its return triggers refresh */ }
@@ -402,7 +405,7 @@ function renderInterpolation() {
     if (!pair || !state.models[kind]) { strip.replaceChildren(); continue; }
     const [a, b] = pair.map((i) => state.inputs[i].latents[kind]);
     const latents = Array.from({ length: INTERPOLATION_STEPS }, (_, k) => lerp(a, b, k / (INTERPOLATION_STEPS - 1)));
-    link.decode(`interp-${kind}`, modelName(kind), latents, (reply) => {
+    link.decode(`interp-${kind}`, modelRef(kind), latents, (reply) => {
       if (reply.op !== "decoded") { interpolationKey = ""; return; }
       if (strip.children.length !== latents.length) {
         strip.replaceChildren(...latents.map((_, k) => {
@@ -424,12 +427,15 @@ async function drawSamples() {
   await Promise.all(KINDS.filter((k) => state.models[k]).map(async (kind) => {
     let reply;
     try {
-      reply = await postJSON("/api/samples", { model: modelName(kind), count: SAMPLES, seed });
+      const ref = modelRef(kind);
+      reply = await postJSON("/api/samples", { model: ref.name, version: ref.version, count: SAMPLES, seed });
     } catch (error) {
       $(`share-${kind}`).textContent = `(${error.message})`;
+      state.samples.failed[kind] = true; // drawn again when the decoder is back
       return;
     }
     if (seed !== state.samples.seed) return; // a newer draw was asked for
+    state.samples.failed[kind] = false;
     state.samples.shown[kind] = reply;
     renderSamples(kind, reply);
   }));
@@ -521,12 +527,17 @@ function renderStatus() {
 
 // -- decoding -------------------------------------------------------------------------------------------
 function modelName(kind) { return state.models[kind]?.info.name; }
+// What a decode names: the model and the version the page shows (its labels, statistics and encodings).
+function modelRef(kind) {
+  const info = state.models[kind]?.info;
+  return info ? { name: info.name, version: info.version || null } : null;
+}
 
 // Every request carries the newest pointer move it reflects: its painted image resolves that move and all
 // earlier ones that were coalesced away.
 function requestMain(kind) {
   if (!modelName(kind) || !state.z[kind]) return;
-  link.decode(`main-${kind}`, modelName(kind), [state.z[kind].slice()], paintMain, { seq: timing.seq, kind }, MAIN_INFLIGHT);
+  link.decode(`main-${kind}`, modelRef(kind), [state.z[kind].slice()], paintMain, { seq: timing.seq, kind }, MAIN_INFLIGHT);
 }
 
 function paintMain(reply, request) {
@@ -586,7 +597,7 @@ function requestSecondary() {
     const z = state.z[kind];
     const target = $(`cross-${kind}-${otherKind}`);
     if (z && modelName(otherKind) && state.models[otherKind].info.latent_dim === z.length) {
-      link.decode(`cross-${kind}`, modelName(otherKind), [z.slice()], (reply) => {
+      link.decode(`cross-${kind}`, modelRef(otherKind), [z.slice()], (reply) => {
         if (reply.op === "decoded") toImage(target, base64ToBytes(reply.images[0]), reply.shape[1], reply.shape[0]);
       });
     } else {
@@ -602,7 +613,7 @@ function requestTraversal() {
   if (!z || !axes || !axes[dim]) return;
   const values = Array.from({ length: TRAVERSAL_STEPS }, (_, i) => axes[dim].lo + (i / (TRAVERSAL_STEPS - 1)) * (axes[dim].hi - axes[dim].lo));
   const latents = values.map((v) => { const row = z.slice(); row[dim] = v; return row; });
-  link.decode("traverse", modelName(kind), latents, (reply) => paintTraversal(reply, kind, values, dim));
+  link.decode("traverse", modelRef(kind), latents, (reply) => paintTraversal(reply, kind, values, dim));
 }
 
 function paintTraversal(reply, kind, values, dim) {
@@ -755,9 +766,24 @@ function statusChanged(services) {
     interpolationKey = "";
     renderInterpolation();
     KINDS.forEach(requestMain);
-    if (KINDS.some((k) => state.models[k] && !state.samples.shown[k])) drawSamples();
+    if (KINDS.some((k) => state.models[k] && (!state.samples.shown[k] || state.samples.failed[k]))) drawSamples();
   }
 }
+
+// A new version written while the page is open: the page shows (and decodes with) the version it loaded
+// until it sees the newer one here, then loads that one's statistics and encodings (refresh).
+async function checkVersions() {
+  if (!state.connected || loading) return;
+  let listing;
+  try { listing = await getJSON("/api/models"); } catch (error) { return; }
+  const served = listing.encoder?.models?.length ? listing.encoder.models : (listing.decoder?.models || []);
+  const changed = KINDS.some((kind) => {
+    const info = chooseModel(served, kind), known = state.models[kind]?.info;
+    return info && (!known || known.name !== info.name || known.version !== info.version);
+  });
+  if (changed) refresh();
+}
+setInterval(checkVersions, VERSION_CHECK_MS);
 
 function connectionChanged(connected) {
   state.connected = connected;

@@ -216,8 +216,8 @@ export class ParCoords {
       case "ArrowDown": next = value - span * (event.shiftKey ? 0.05 : 0.01); break;
       case "PageUp": next = value + span * 0.1; break;
       case "PageDown": next = value - span * 0.1; break;
-      case "Home": next = hi; break;
-      case "End": next = lo; break;
+      case "Home": next = lo; break; // the slider pattern: Home the minimum, End the maximum
+      case "End": next = hi; break;
       case "ArrowLeft": case "ArrowRight": {
         const to = this.handles[(dim + (event.key === "ArrowRight" ? 1 : this.handles.length - 1)) % this.handles.length];
         to.focus();
