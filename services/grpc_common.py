@@ -393,12 +393,13 @@ class _Answered(_Reserved):
 
 
 class AnswerSlot:
-    """The unsent bytes of one stream message's answer, and the stream's Unsent that counts them."""
+    """The unsent bytes of one stream message's answer, its position, and the stream's Unsent that counts them."""
 
-    __slots__ = ("owner", "nbytes")
+    __slots__ = ("owner", "index", "nbytes")
 
-    def __init__(self, owner: "Unsent"):
+    def __init__(self, owner: "Unsent", index: int):
         self.owner = owner
+        self.index = index
         self.nbytes = 0
 
 
@@ -417,27 +418,52 @@ class Unsent:
     (gRPC has written it), and `close`, where the stream ends however it ends, gives back every slot still
     open (answers computed and never sent, a message that failed)."""
 
-    __slots__ = ("admission", "_open", "_closed")
+    __slots__ = ("admission", "_open", "_closed", "_next", "_past", "_turn")
 
     def __init__(self, admission: Admission):
         self.admission = admission
         self._open: set[AnswerSlot] = set()
         self._closed = False
+        # Room is taken in message order: a later answer holding room while an earlier one of its stream
+        # waits for it would never be sent (answers go out in order), and streams that all read would
+        # deadlock on the budget. `_next`: the message whose turn it is; `_past`: later ones done with theirs.
+        self._next = 0
+        self._past: set[int] = set()
+        self._turn: asyncio.Event | None = None
 
-    def open(self) -> AnswerSlot:
-        slot = AnswerSlot(self)
+    def open(self, index: int) -> AnswerSlot:
+        slot = AnswerSlot(self, index)
         self._open.add(slot)
         _SLOT.set(slot)
         return slot
 
     async def take(self, slot: AnswerSlot, nbytes: int) -> None:
-        """Waits for room for an answer of `nbytes` and counts it in the slot. A message whose stream has
-        ended while it waited (its task is being cancelled) gives the room back at once: `close` has passed."""
-        await self.admission._take_unsent(nbytes)
+        """Waits for the message's turn (every earlier message of the stream has taken its room or ended),
+        then for room for an answer of `nbytes`, and counts it in the slot. A message whose stream has ended
+        while it waited (its task is being cancelled) gives the room back at once: `close` has passed."""
+        try:
+            while self._next < slot.index:
+                if self._turn is None:
+                    self._turn = asyncio.Event()
+                await self._turn.wait()
+            await self.admission._take_unsent(nbytes)
+        finally:
+            self.passed(slot)
         if self._closed or slot not in self._open:
             self.admission._give_back(0, nbytes)
         else:
             slot.nbytes += nbytes
+
+    def passed(self, slot: AnswerSlot) -> None:
+        """The message is done taking room (it took it, or it ends without): the next one's turn may come."""
+        if slot.index >= self._next:
+            self._past.add(slot.index)
+        while self._next in self._past:
+            self._past.discard(self._next)
+            self._next += 1
+        if self._turn is not None:
+            self._turn.set()
+            self._turn = None
 
     def sent(self, slot: AnswerSlot) -> None:
         if slot in self._open:
@@ -607,8 +633,11 @@ async def answered_stream(
     unsent = Unsent(admission)
 
     async def counted(index: int, message: Any) -> tuple[Any, AnswerSlot]:
-        slot = unsent.open()  # in this message's task: its answer's bytes are counted in the slot
-        return await handle(index, message), slot
+        slot = unsent.open(index)  # in this message's task: its answer's bytes are counted in the slot
+        try:
+            return await handle(index, message), slot
+        finally:
+            unsent.passed(slot)  # whether or not it took room: the next message's turn
 
     async def admitted() -> AsyncIterator[tuple[Any, AnswerSlot]]:
         with admission.call():

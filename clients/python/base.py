@@ -83,6 +83,11 @@ class _Common:
         check_timeout(timeout)
         return Deadline(grpc_timeout(self.timeout if timeout is None else timeout))
 
+    def _left(self, timeout: float | None, started: float) -> float | None:
+        """The call's deadline (`_deadline`) less what it spent since `started` (asking for the limits)."""
+        deadline = self._deadline(timeout)
+        return None if deadline is None else max(0.0, deadline - (time.monotonic() - started))
+
     def _stale(self) -> bool:
         """The server's limits and shapes are asked for again after LIMITS_SECONDS: a new version (the
         newest, with shapes of its own) is seen within about the server's own refresh."""
@@ -106,9 +111,10 @@ class SyncClient(_Common):
         self._limits, self._limits_at = ServerLimits.from_response(response), time.monotonic()
         return response
 
-    def _server_limits(self, fresh: bool = False) -> ServerLimits:
+    def _server_limits(self, fresh: bool = False, timeout: float | None = None) -> ServerLimits:
+        """The server's limits and shapes, asked for again when stale, within the call's `timeout`."""
         if fresh or self._stale():
-            self._list_models_response(None)
+            self._list_models_response(timeout)
         assert self._limits is not None
         return self._limits
 
@@ -149,9 +155,9 @@ class AsyncClient(_Common):
         self._limits, self._limits_at = ServerLimits.from_response(response), time.monotonic()
         return response
 
-    async def _server_limits(self, fresh: bool = False) -> ServerLimits:
+    async def _server_limits(self, fresh: bool = False, timeout: float | None = None) -> ServerLimits:
         if fresh or self._stale():
-            await self._list_models_response(None)
+            await self._list_models_response(timeout)
         assert self._limits is not None
         return self._limits
 

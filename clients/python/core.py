@@ -127,7 +127,7 @@ def output_dtype(dtype: str) -> np.dtype:
 
 def grpc_timeout(timeout: float | None) -> float | None:
     """A call's timeout as gRPC can take it: None (no deadline) for None and for anything over MAX_TIMEOUT."""
-    return None if timeout is None or timeout > MAX_TIMEOUT else timeout
+    return None if timeout is None or timeout > MAX_TIMEOUT else float(timeout)  # numpy's float16 overflows
 
 
 def unimplemented_hint(service: str, target: str) -> Callable[[AevaeError], AevaeError]:

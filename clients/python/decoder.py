@@ -8,6 +8,7 @@ into the output.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator
 
 import grpc
@@ -125,11 +126,12 @@ class DecoderClient(SyncClient):
         model, latents = model_name(model), prepare_latents(latents)  # refused before any call
         if self._fanout is not None:
             return fanout.decode(self._fanout, latents, model, version, dtype, self._fanned(timeout), self.stream_chunk)
+        started = time.monotonic()
         try:
-            plan = _Plan(latents, model, version, dtype, self._server_limits(), self.stream_chunk)
+            plan = _Plan(latents, model, version, dtype, self._server_limits(timeout=timeout), self.stream_chunk)
         except Unlisted:  # asked again: a version written since may take these latents
-            plan = _Plan(latents, model, version, dtype, self._server_limits(fresh=True), self.stream_chunk)
-        deadline = self._deadline(timeout, len(plan.spans))
+            plan = _Plan(latents, model, version, dtype, self._server_limits(True, timeout), self.stream_chunk)
+        deadline = self._left(timeout, started)
         if plan.unary:
             response = self._retry(lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))
             return plan.unary_result(response)
@@ -158,11 +160,12 @@ class AsyncDecoderClient(AsyncClient):
         if self._fanout is not None:
             return await fanout.decode_async(self._fanout, latents, model, version, dtype, self._fanned(timeout),
                                              self.stream_chunk)
+        started = time.monotonic()
         try:
-            plan = _Plan(latents, model, version, dtype, await self._server_limits(), self.stream_chunk)
+            plan = _Plan(latents, model, version, dtype, await self._server_limits(timeout=timeout), self.stream_chunk)
         except Unlisted:
-            plan = _Plan(latents, model, version, dtype, await self._server_limits(fresh=True), self.stream_chunk)
-        deadline = self._deadline(timeout, len(plan.spans))
+            plan = _Plan(latents, model, version, dtype, await self._server_limits(True, timeout), self.stream_chunk)
+        deadline = self._left(timeout, started)
         if plan.unary:
             response = await self._retry.run_async(
                 lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))

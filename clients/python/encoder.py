@@ -5,6 +5,7 @@ A batch that fits one message goes as one Encode call; a bigger one streams thro
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, Literal
 
 import grpc
@@ -137,8 +138,9 @@ class EncoderClient(SyncClient):
         if self._fanout is not None:
             return fanout.encode(self._fanout, images, model, version, sample, seed, self._fanned(timeout),
                                  self.stream_chunk)
-        plan = _Plan(images, model, version, sample, seed, self._server_limits(), self.stream_chunk)
-        deadline = self._deadline(timeout, len(plan.spans))
+        started = time.monotonic()
+        plan = _Plan(images, model, version, sample, seed, self._server_limits(timeout=timeout), self.stream_chunk)
+        deadline = self._left(timeout, started)
         if plan.unary:
             plan.add(self._retry(lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline)))
             return plan.result(plan.parts)
@@ -177,8 +179,10 @@ class AsyncEncoderClient(AsyncClient):
         if self._fanout is not None:
             return await fanout.encode_async(self._fanout, images, model, version, sample, seed,
                                              self._fanned(timeout), self.stream_chunk)
-        plan = _Plan(images, model, version, sample, seed, await self._server_limits(), self.stream_chunk)
-        deadline = self._deadline(timeout, len(plan.spans))
+        started = time.monotonic()
+        plan = _Plan(images, model, version, sample, seed, await self._server_limits(timeout=timeout),
+                     self.stream_chunk)
+        deadline = self._left(timeout, started)
         if plan.unary:
             plan.add(await self._retry.run_async(
                 lambda: self._stub.Encode(plan.request(*plan.spans[0]), timeout=deadline)))

@@ -268,6 +268,8 @@ class SyncFanOut:
                             work.fatal = work.fatal or error
                         replica.failures += 1
                         replica.error = error
+                        if deadline.expired():  # not this replica's failure: the call's time is up
+                            work.fatal = work.fatal or deadline.error(error)
                         cond.notify_all()
                         if work.fatal is not None or replica.failures > self.retry.retries:
                             return
@@ -370,6 +372,8 @@ class AsyncFanOut:
                             work.fatal = work.fatal or error
                         replica.failures += 1
                         replica.error = error
+                        if deadline.expired():
+                            work.fatal = work.fatal or deadline.error(error)
                         cond.notify_all()
                         if work.fatal is not None or replica.failures > self.retry.retries:
                             return

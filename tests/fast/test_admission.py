@@ -114,7 +114,7 @@ def test_stream_answers_count_until_sent_and_past_the_cap_streams_wait_but_unary
     first, second = Unsent(admission), Unsent(admission)
 
     async def stream_answer(unsent: Unsent, nbytes: int) -> AnswerSlot:
-        slot = unsent.open()  # as a stream's task for one message does
+        slot = unsent.open(0)  # as a stream's task for its first message does
         await unsent.take(slot, nbytes)
         return slot
 
@@ -141,9 +141,9 @@ def test_a_message_that_gets_room_after_its_stream_ended_gives_it_back(no_gc: No
     first, second = Unsent(admission), Unsent(admission)
 
     async def main() -> None:
-        held = first.open()
+        held = first.open(0)
         await first.take(held, 80)
-        late = second.open()
+        late = second.open(0)
         waiting = asyncio.create_task(second.take(late, 80))
         await asyncio.sleep(0.01)
         second.close()  # its stream has ended; the message's task has not run again yet
@@ -169,7 +169,7 @@ def test_an_answer_computed_for_a_stream_is_counted_in_its_slot_and_a_unary_one_
 
     async def answer(stream: bool) -> None:
         if stream:
-            unsent.open()
+            unsent.open(0)
         async with engine.answered(Batcher(), Job()) as out:
             assert out == "images" and admission.output == 70
 
@@ -178,6 +178,37 @@ def test_an_answer_computed_for_a_stream_is_counted_in_its_slot_and_a_unary_one_
         assert (admission.output, admission.unsent) == (0, 0)
         await asyncio.create_task(answer(stream=True))  # each task has its own context, as pipelined's
         assert (admission.output, admission.unsent) == (0, 70)
+        unsent.close()
+        assert admission.unsent == 0
+
+    asyncio.run(main())
+
+
+def test_a_stream_takes_room_in_message_order_so_streams_that_read_never_deadlock() -> None:
+    """Message 1 asking first must not take room before message 0: answers go out in order, so message 1's
+    answer could never be sent while message 0 waited for its room (reading streams deadlocked on the budget).
+    A message that ends without taking room passes its turn on."""
+    admission = Admission(max_calls=8, max_bytes=1000, max_unsent=100)
+    unsent = Unsent(admission)
+
+    async def main() -> None:
+        first, second, third = unsent.open(0), unsent.open(1), unsent.open(2)
+        later = asyncio.create_task(unsent.take(second, 60))
+        await asyncio.sleep(0.01)
+        assert not later.done() and admission.unsent == 0  # message 0 has not taken its room yet
+        await unsent.take(first, 60)
+        await asyncio.sleep(0.01)
+        assert not later.done() and admission.unsent == 60  # its turn, but no room beside message 0
+        unsent.sent(first)  # message 0 written: its room comes back, message 1 takes it
+        await asyncio.wait_for(later, timeout=1)
+        assert admission.unsent == 60
+        unsent.sent(second)
+        fourth = unsent.open(3)
+        last = asyncio.create_task(unsent.take(fourth, 10))
+        await asyncio.sleep(0.01)
+        assert not last.done()  # message 2 has neither taken room nor ended
+        unsent.passed(third)  # message 2 failed before it needed room
+        await asyncio.wait_for(last, timeout=1)
         unsent.close()
         assert admission.unsent == 0
 
