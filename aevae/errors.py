@@ -82,6 +82,11 @@ class Unavailable(ServiceError):
     code = "UNAVAILABLE"
 
 
+class Aborted(ServiceError):
+    """The call cannot go on as it began (a stream's version changed on disk under it): retry it anew."""
+    code = "ABORTED"
+
+
 def shorten(text: object, limit: int = 80) -> str:
     """A caller's string as it may be echoed into an error: repr'd and cut to `limit` characters."""
     value = repr(text)

@@ -66,6 +66,7 @@ class LoadedModel:
     runtime: Runtime
     version: Version | None = None
     _stats: dict[str, Any] | None = field(default=None, repr=False, compare=False)
+    _content: int | None = field(default=None, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -74,6 +75,14 @@ class LoadedModel:
     @property
     def number(self) -> int:
         return self.manifest.number
+
+    @property
+    def content(self) -> int:
+        """What the version's files are (a hash of the checksums its manifest lists): two loads of one version
+        number whose files were replaced in between differ here, not in their number."""
+        if self._content is None:
+            self._content = hash(tuple(sorted(self.manifest.files.items())))
+        return self._content
 
     def latent_stats(self) -> dict[str, Any]:
         """The version's latent_stats.json, read once: a version never changes on disk (the store drops a

@@ -26,6 +26,7 @@ class Decoded:
     model: str
     version: int
     images: np.ndarray
+    content: int = 0  # LoadedModel.content of what decoded them
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class DecoderLogic:
         images = model.decode(z, dtype)
         out, start = [], 0
         for job in jobs:
-            out.append(Decoded(model.name, model.number, images[start:start + job.rows]))
+            out.append(Decoded(model.name, model.number, images[start:start + job.rows], model.content))
             start += job.rows
         return out
 

@@ -26,6 +26,7 @@ class Encoded:
     mean: np.ndarray
     logvar: np.ndarray | None
     sample: np.ndarray | None
+    content: int = 0  # LoadedModel.content of what encoded them
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class EncoderLogic:
             rows = slice(start, start + job.rows)
             lv = None if logvar is None else logvar[rows]
             z = None if job.noise is None else sample(mean[rows], lv, job.noise)
-            out.append(Encoded(model.name, model.number, mean[rows], lv, z))
+            out.append(Encoded(model.name, model.number, mean[rows], lv, z, model.content))
             start += job.rows
         return out
 

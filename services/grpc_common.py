@@ -18,7 +18,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from aevae.errors import ResourceExhausted, ServiceError
+from aevae.errors import Aborted, ResourceExhausted, ServiceError
 from aevae.inference import NonFiniteOutput
 from aevae.services.settings import Limits
 from aevae.store import ModelSummary
@@ -561,15 +561,19 @@ class Reply(NamedTuple):
     model: str
     version: int
     response: Any
+    content: int = 0  # LoadedModel.content of the model version that answered
 
 
 class Pinned:
     """The versions of one stream: the first message resolves "newest", and later messages that name the same
     model without a version are served by the version it got, so that a version written mid-stream cannot
-    mix in. The messages after the first wait their `turn` until the first has taken its version."""
+    mix in. The messages after the first wait their `turn` until the first has taken its version. A version
+    whose files are replaced mid-stream under the same number (a repository deleted and trained anew) ends
+    the stream (ABORTED) rather than mix two sets of weights under one label."""
 
     def __init__(self) -> None:
         self._versions: dict[str, int] = {}
+        self._contents: dict[tuple[str, int], int] = {}
         self._first = asyncio.Event()
 
     async def turn(self, index: int) -> None:
@@ -584,8 +588,13 @@ class Pinned:
     def version(self, model: str) -> int | None:
         return self._versions.get(model)
 
-    def served(self, model: str, version: int) -> None:
+    def served(self, model: str, version: int, content: int = 0) -> None:
         self._versions.setdefault(model, version)
+        first = self._contents.setdefault((model, version), content)
+        if content and first and content != first:
+            raise Aborted(f"model {model!r} version {version} changed on disk during this stream (its files were "
+                          "replaced): the answers before this one came from its earlier files; send the rest "
+                          "again in a new stream")
 
 
 def served_stream(
@@ -609,11 +618,11 @@ def served_stream(
             if not request.version:
                 request.version = pinned.version(request.model) or 0
             reply = await submit(index, request)
+            pinned.served(reply.model, reply.version, reply.content)
         except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
             raise prefixed(exc, f"message {index}") from None
         finally:
             pinned.taken(index)
-        pinned.served(reply.model, reply.version)
         return reply.response
 
     return answered_stream(context, admission, requests, handle, depth)

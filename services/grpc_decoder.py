@@ -33,7 +33,7 @@ class DecoderServicer:
                                         rows(latents), self.logic.ready(request.model, version))
             async with self.engine.answered(self.batcher, job, unary) as out:
                 response = self._response(out)
-        return Reply(out.model, out.version, response)
+        return Reply(out.model, out.version, response, out.content)
 
     def _response(self, out: Decoded) -> object:
         if self.engine.raw_responses:  # the images' bytes copied once, straight into the wire message

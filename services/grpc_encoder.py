@@ -41,7 +41,7 @@ class EncoderServicer:
                     response.logvar.CopyFrom(to_tensor(out.logvar))
                 if out.sample is not None:
                     response.sample.CopyFrom(to_tensor(out.sample))
-        return Reply(out.model, out.version, response)
+        return Reply(out.model, out.version, response, out.content)
 
     async def Encode(self, request: Any, context: grpc.aio.ServicerContext) -> encoder_pb2.EncodeResponse:
         async def call() -> encoder_pb2.EncodeResponse:

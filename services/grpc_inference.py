@@ -288,7 +288,7 @@ class InferenceServicer:
             job = await self.engine.run(prepare, rows, ready)
             async with self.engine.answered(self.batcher, job, unary) as out:
                 if pinned is not None:
-                    pinned.served(out.model, out.version)
+                    pinned.served(out.model, out.version, out.content)
                 raw = bool(request.raw_input_contents)
                 return infer_response(request, out.model, out.version, outputs_of(out), raw,
                                       self.engine.raw_responses)

@@ -103,3 +103,18 @@ def test_closing_the_stream_cancels_the_answers_still_being_computed() -> None:
 
     asyncio.run(main())
     assert started == [0, 1] and cancelled == [1]
+
+
+def test_a_stream_s_version_replaced_on_disk_under_the_same_number_ends_it() -> None:
+    """The repository deleted and trained anew mid-stream makes another version 1: the stream stops
+    (ABORTED, naming what happened) rather than label two sets of weights as one version."""
+    from aevae.errors import Aborted
+    from aevae.services.grpc_common import Pinned
+
+    pinned = Pinned()
+    pinned.served("vae", 1, content=111)
+    pinned.served("vae", 1, content=111)  # the same files: goes on
+    pinned.served("ae", 3, content=222)
+    with pytest.raises(Aborted, match="model 'vae' version 1 changed on disk during this stream"):
+        pinned.served("vae", 1, content=999)
+    assert pinned.version("vae") == 1
