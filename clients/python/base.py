@@ -69,7 +69,7 @@ class _Common:
     def _make_stub(self, channel: Any) -> Any:
         raise NotImplementedError
 
-    def _deadline(self, timeout: float | None, messages: int = 1) -> float | None:
+    def _deadline(self, timeout: float | None) -> float | None:
         """One total deadline for the call, however many messages it streams: `timeout`, or the client's for
         None; longer than core.MAX_TIMEOUT is none (gRPC's deadline would overflow and expire at once). Every
         call asks for it before it touches the channel, so it is where a closed client is refused."""
@@ -79,9 +79,7 @@ class _Common:
 
     def _fanned(self, timeout: float | None) -> Deadline:
         """The one deadline of a fan-out call (its replicas' calls get what is left of it)."""
-        self._check_open()
-        check_timeout(timeout)
-        return Deadline(grpc_timeout(self.timeout if timeout is None else timeout))
+        return Deadline(self._deadline(timeout))
 
     def _left(self, timeout: float | None, started: float) -> float | None:
         """The call's deadline (`_deadline`) less what it spent since `started` (asking for the limits)."""
