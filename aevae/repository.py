@@ -60,7 +60,7 @@ def sha256_file(path: Path) -> str:
 
 def version_number(folder_name: str) -> int | None:
     """The version number a folder name stands for, or None when it is not a canonical version name."""
-    if not NUMBER_PATTERN.match(folder_name):
+    if not NUMBER_PATTERN.fullmatch(folder_name):  # `$` also matches before a final newline
         return None
     number = int(folder_name)
     return number if number <= MAX_NUMBER else None

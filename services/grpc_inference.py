@@ -25,12 +25,12 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2, service_pb2
 
 import aevae
-from aevae.errors import InvalidArgument, ServiceError, shorten
+from aevae.errors import InvalidArgument, ResourceExhausted, ServiceError, shorten
 from aevae.inference import LoadedModel
 from aevae.services import inputs
 from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.repository import NUMBER_PATTERN
+from aevae.repository import MAX_NUMBER, NUMBER_PATTERN
 from aevae.services.grpc_common import Engine, Pinned, answered_stream, guarded, readable, rows
 from aevae.v1.tensors import length_delimited
 
@@ -52,12 +52,15 @@ class ServingState:
 # -- the protocol's fields <-> numpy and the logic's arguments ----------------------------------------------
 def version_from_oip(text: str) -> int | None:
     """"" or "0": the newest (None); otherwise a version number as the repository names its folders (ASCII
-    digits, no leading zero, at most 19: "²" or "٣" are digits to Python, not versions)."""
+    digits, no leading zero, at most 19: "²" or "٣" are digits to Python, not versions), up to MAX_NUMBER.
+    The whole string must match: the pattern's `$` also matches before a trailing newline, so "1\\n" would
+    pass `match`; and a 19-digit number past int64 names no folder (version_number refuses it), so it is a
+    malformed version, not an unknown one."""
     if text in ("", "0"):
         return None
-    if not NUMBER_PATTERN.match(text):
+    if not NUMBER_PATTERN.fullmatch(text) or int(text) > MAX_NUMBER:
         raise InvalidArgument(f"model_version: expected a version number such as \"3\" (ASCII digits, no leading "
-                              f"zero, at most 19), or \"\" or \"0\" for the newest; got {shorten(text)}")
+                              f"zero, at most {MAX_NUMBER}), or \"\" or \"0\" for the newest; got {shorten(text)}")
     return int(text)
 
 
@@ -73,6 +76,26 @@ def parameter(params: Any, name: str, kinds: tuple[str, ...]) -> Any:
 
 
 MAX_DIMENSION = 2**31 - 1  # no real batch comes near it; past it numpy cannot even describe an empty array
+
+# Tensor parameters of the protocol's extensions that this server does not implement. Ignored, they would
+# answer wrongly: an input's data read from elsewhere than the client meant (it is in a shared memory
+# region), an output left out of the region the client reads it from, raw scores where classes were asked.
+SHARED_MEMORY = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+UNSUPPORTED = {"input": SHARED_MEMORY, "output": (*SHARED_MEMORY, "classification")}
+
+
+def check_extensions(request: service_pb2.ModelInferRequest) -> None:
+    """INVALID_ARGUMENT when an input's or a requested output's parameters ask for an extension this server
+    lacks (UNSUPPORTED), before any model work."""
+    tensors = [("input", f"inputs[{shorten(t.name)}]", t.parameters) for t in request.inputs]
+    tensors += [("output", f"outputs[{shorten(t.name)}]", t.parameters) for t in request.outputs]
+    for kind, field, params in tensors:
+        named = [name for name in UNSUPPORTED[kind] if name in params]
+        if named:
+            what = "shared memory" if named[0] in SHARED_MEMORY else "classification"
+            raise InvalidArgument(f"{field}.parameters: {', '.join(map(repr, named))} asks for {what}, which this "
+                                  f"server does not implement; {kind}s travel in the message (raw or typed "
+                                  "contents): leave the parameter out")
 
 
 def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tuple[str, ...],
@@ -105,6 +128,10 @@ def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tup
         return np.frombuffer(data, dtype).reshape(shape), True
     typed = tensor.contents.uint_contents if tensor.datatype == "UINT8" else tensor.contents.fp32_contents
     kind = "uint_contents" if tensor.datatype == "UINT8" else "fp32_contents"
+    others = [field.name for field, _ in tensor.contents.ListFields() if field.name != kind]
+    if others:  # never read: values sent there would be dropped without a word
+        raise InvalidArgument(f"{name}.contents: a {tensor.datatype} tensor's values go in {kind}, got values in "
+                              f"{', '.join(others)}")
     if len(typed) != count:
         raise InvalidArgument(f"{name}.contents.{kind}: shape {list(shape)} needs {count} values, got {len(typed)} "
                               "(or send raw_input_contents)")
@@ -138,31 +165,59 @@ UINT_CONTENTS, FP32_CONTENTS = _CONTENTS["uint_contents"].number, _CONTENTS["fp3
 
 
 def infer_response(request: service_pb2.ModelInferRequest, model: str, version: int, outputs: Outputs,
-                   raw: bool, serialized: bool = True) -> service_pb2.ModelInferResponse | bytes:
+                   raw: bool, serialized: bool = True, max_bytes: int | None = None,
+                   streamed: bool = False) -> service_pb2.ModelInferResponse | bytes:
     """The requested outputs, raw or typed, in the order asked. Raw answers are the response's bytes
     (`serialized`, the Engine's raw_responses), serialized here with one copy of each output (the message's
     fields, then the outputs' bytes appended as its raw_output_contents), where appending them to the
-    message and serializing it made three."""
+    message and serializing it made three. With `max_bytes`, RESOURCE_EXHAUSTED when the answer (wrapped
+    in a ModelStreamInferResponse when `streamed`) would be bigger: see fits_message."""
     names = requested_outputs(request, model, list(outputs))
     response = service_pb2.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
     data: list[np.ndarray] = []
+    payload = 0  # bytes of the outputs' values in the message
     for name in names:
         array = outputs[name]
         datatype = "UINT8" if array.dtype == np.uint8 else "FP32"
         tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if raw:
             data.append(np.ascontiguousarray(array, DATATYPES[datatype]).reshape(-1).view(np.uint8))
+            payload += data[-1].size
         else:
-            tensor.contents.MergeFromString(typed_contents(array))
-    if not raw:
-        return response
-    if not serialized:
-        response.raw_output_contents.extend(bytes_.tobytes() for bytes_ in data)
+            contents = typed_contents(array)
+            tensor.contents.MergeFromString(contents)
+            payload += len(contents)
+    rows = int(outputs[names[0]].shape[0]) if names else 0
+    if not raw or not serialized:
+        if raw:
+            response.raw_output_contents.extend(bytes_.tobytes() for bytes_ in data)
+        fits_message(response.ByteSize(), payload, rows, request, max_bytes, streamed)
         return response
     parts: list[Any] = [response.SerializeToString()]
     for bytes_ in data:
         parts += [length_delimited(RAW_OUTPUT_CONTENTS, bytes_.size), bytes_.data]
+    fits_message(sum(len(part) for part in parts), payload, rows, request, max_bytes, streamed)
     return b"".join(parts)
+
+
+def fits_message(size: int, payload: int, rows: int, request: service_pb2.ModelInferRequest,
+                 max_bytes: int | None, streamed: bool) -> None:
+    """RESOURCE_EXHAUSTED when an answer of `size` bytes (`payload` of them the outputs' values for `rows`)
+    would pass the max message size. The logic's own check (Limits.check_response) counts the outputs'
+    values only, so an answer it lets through can still pass the size by the message's other fields (the
+    id, echoed whole; names, shapes), by typed UINT8 values of two bytes each (128..255 as varints), or by
+    the stream's wrapper. gRPC would refuse to send it with "Sent message larger than max", a message that
+    says nothing of what to change, and in a stream it would end the stream rather than fail this answer."""
+    if streamed:
+        size += len(length_delimited(INFER_RESPONSE, size))
+    if max_bytes is None or size <= max_bytes:
+        return
+    other = size - payload
+    fit = (max_bytes - other) * rows // payload if payload and other < max_bytes else 0
+    advice = f"send at most about {fit} rows per request" if fit else "send a shorter id"
+    raise ResourceExhausted(f"the response would be {size} bytes, over the max message size of {max_bytes} bytes "
+                            f"({payload} bytes of outputs for {rows} rows, {other} of the message's other fields, "
+                            f"the request's id of {len(request.id)} bytes among them); {advice}")
 
 
 def stream_response(response: service_pb2.ModelInferResponse | bytes) -> service_pb2.ModelStreamInferResponse | bytes:
@@ -244,6 +299,22 @@ def outputs_of(result: Any) -> Outputs:
     return outputs
 
 
+def error_response(error: str, request: service_pb2.ModelInferRequest,
+                   max_bytes: int) -> service_pb2.ModelStreamInferResponse:
+    """A stream's answer to a failed request: the error, with the request's model, version and id echoed;
+    without them when they would pass the max message size (an id or name of nearly the whole size, on a
+    request that fits): gRPC would refuse to send the answer, which ends the stream."""
+    echoed = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
+                                            id=request.id)
+    response = service_pb2.ModelStreamInferResponse(error_message=error, infer_response=echoed)
+    if response.ByteSize() > max_bytes:
+        response.ClearField("infer_response")
+        response.error_message += (f" (the request's model name, version and id, {echoed.ByteSize()} bytes, are "
+                                   f"left out of this answer: with them it would pass the max message size of "
+                                   f"{max_bytes} bytes)")
+    return response
+
+
 class _Captured(Exception):
     def __init__(self, code: grpc.StatusCode, details: str):
         super().__init__(f"{code.name}: {details}")
@@ -284,6 +355,7 @@ class InferenceServicer:
             if version is not None:
                 request.model_version = str(version)
         with self.engine.admission.hold(request.ByteSize()):
+            check_extensions(request)
             prepare, rows, ready = self._job(self._servicer, request)
             job = await self.engine.run(prepare, rows, ready)
             async with self.engine.answered(self.batcher, job, unary) as out:
@@ -291,7 +363,8 @@ class InferenceServicer:
                     pinned.served(out.model, out.version, out.content)
                 raw = bool(request.raw_input_contents)
                 return infer_response(request, out.model, out.version, outputs_of(out), raw,
-                                      self.engine.raw_responses)
+                                      self.engine.raw_responses, self.logic.limits.max_message_bytes,
+                                      streamed=pinned is not None)
 
     async def ModelInfer(self, request: Any,
                          context: grpc.aio.ServicerContext) -> service_pb2.ModelInferResponse | bytes:
@@ -315,9 +388,7 @@ class InferenceServicer:
             except _Captured as exc:
                 request = message if isinstance(message, service_pb2.ModelInferRequest) else \
                     service_pb2.ModelInferRequest()
-                return service_pb2.ModelStreamInferResponse(
-                    error_message=f"message {index}: {exc}", infer_response=service_pb2.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id))
+                return error_response(f"message {index}: {exc}", request, self.logic.limits.max_message_bytes)
             finally:
                 pinned.taken(index)
             return stream_response(response)

@@ -45,13 +45,19 @@ class Limits:
                 "split it or use the streaming RPC"
             )
 
+    # Room an answer keeps beside its images: the model's name (a folder name, at most 255 bytes), the version,
+    # the dtype and the shape. Counting the images alone let through a batch of exactly max / bytes-per-image,
+    # whose answer gRPC then refused with "Sent message larger than max", saying nothing of what to change.
+    ENVELOPE = 1024
+
     def check_response(self, n: int, bytes_per_item: int, field: str) -> None:
         size = n * bytes_per_item
-        if size > self.max_message_bytes:
-            fits = max(1, self.max_message_bytes // bytes_per_item)
+        if size + self.ENVELOPE > self.max_message_bytes:
+            fits = max(1, (self.max_message_bytes - self.ENVELOPE) // bytes_per_item)
             raise ResourceExhausted(
-                f"{field}: the response would be {size} bytes, over the max message size of "
-                f"{self.max_message_bytes} bytes; send at most {fits} per request or use the streaming RPC"
+                f"{field}: the response would be {size} bytes of images and up to {self.ENVELOPE} of its other "
+                f"fields, over the max message size of {self.max_message_bytes} bytes; send at most {fits} per "
+                "request or use the streaming RPC"
             )
 
 

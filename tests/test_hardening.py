@@ -126,6 +126,53 @@ def test_a_huge_model_name_is_not_found_with_a_short_message(channel: grpc.Chann
     assert code == grpc.StatusCode.NOT_FOUND and len(details) < 400 and "30000 chars" in details
 
 
+def test_oip_answers_past_the_max_message_size_are_refused_clearly(decoder: ServiceProcess,
+                                                                     channel: grpc.Channel) -> None:
+    """The Open Inference Protocol's answers carry more than their outputs (the id, echoed whole; names and
+    shapes): 16 rows of 32 x 32 floats are exactly MAX_MESSAGE bytes of outputs, which the logic admits, but
+    not the whole answer. RESOURCE_EXHAUSTED naming the sizes and the rows that fit, not gRPC's "Sent
+    message larger than max"; in a stream, that message's error_message, and the stream goes on (also when
+    echoing a failed request's long id would pass the size)."""
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    def request(n: int, id: str = "", data: bytes | None = None) -> service_pb2.ModelInferRequest:
+        z = np.ones((n, 4), np.float32).tobytes()
+        message = service_pb2.ModelInferRequest(model_name="vae", id=id, raw_input_contents=[z if data is None else data])
+        message.inputs.add(name="latents", datatype="FP32", shape=[n, 4])
+        return message
+
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    code, details = _status(lambda: stub.ModelInfer(request(16), timeout=20))  # the images alone fill it
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "send at most 15 per request" in details
+    code, details = _status(lambda: stub.ModelInfer(request(15, "i" * 5000), timeout=20))  # the id does not fit
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"over the max message size of {MAX_MESSAGE} bytes" in details and "at most about 14 rows" in details
+    long_failing = request(2, "y" * (MAX_MESSAGE - 80), data=b"abc")  # fits; its error answer with the id would not
+    assert long_failing.ByteSize() < MAX_MESSAGE
+    messages = [request(2, "a"), request(15, "x" * 40000), long_failing, request(2, "d")]
+    answers = list(stub.ModelStreamInfer(iter(messages), timeout=20))
+    assert [a.infer_response.id[:1] for a in answers] == ["a", "x", "", "d"]
+    assert [a.error_message.split(":")[1:2] for a in answers] == [[], [" RESOURCE_EXHAUSTED"], [" INVALID_ARGUMENT"], []]
+    assert "the request's id of 40000 bytes" in answers[1].error_message
+    assert "needs 32 bytes" in answers[2].error_message and "left out of this answer" in answers[2].error_message
+    assert len(answers[3].infer_response.raw_output_contents[0]) == 2 * 32 * 32 * 4
+    assert stub.ModelInfer(request(15), timeout=20).model_version == "1"  # still serving
+    assert "Traceback" not in "".join(decoder.output)
+
+
+def test_an_answer_of_the_whole_max_message_size_is_refused_before_it_is_computed(channel: grpc.Channel) -> None:
+    """aevae.v1: 16 images of 4 KiB are exactly MAX_MESSAGE bytes; with the answer's name, version and shape
+    gRPC would refuse to send it ("Sent message larger than max"), so the logic refuses it first, naming the
+    15 that fit, and 15 answer."""
+    stub = decoder_pb2_grpc.DecoderStub(channel)
+    code, details = _status(lambda: stub.Decode(decoder_pb2.DecodeRequest(
+        model="vae", latents=to_tensor(np.zeros((16, 4), np.float32))), timeout=20))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "send at most 15 per request" in details, details
+    answer = stub.Decode(decoder_pb2.DecodeRequest(model="vae", latents=to_tensor(np.zeros((15, 4), np.float32))),
+                         timeout=20)
+    assert list(answer.images.shape) == [15, 32, 32]
+
+
 def test_bad_requests_leave_no_traceback_and_no_server_path(decoder: ServiceProcess, repo: Path) -> None:
     assert "Traceback" not in "".join(decoder.output)
     stub = decoder_pb2_grpc.DecoderStub(decoder_channel := grpc.insecure_channel(decoder.address))

@@ -1,6 +1,9 @@
-"""The wire's conversions: "the newest" is None in Python and 0 only on the wire."""
+"""The wire's conversions: "the newest" is None in Python and 0 only on the wire; and the Open Inference
+Protocol's request fields (versions, tensor parameters, typed contents) as services/grpc_inference.py reads them."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
@@ -82,3 +85,55 @@ def test_a_big_request_parses_to_the_same_message_with_its_data_split_off_uncopi
     assert merged == whole
     assert split_payload(data[:-5], 3) is None  # truncated: left to protobuf, which names the problem
     assert split_payload(decoder_pb2.DecodeRequest(model="m").SerializeToString(), 3) is None
+
+
+# -- the Open Inference Protocol's request fields (services/grpc_inference.py) ---------------------------------
+@pytest.mark.parametrize("text", ["1\n", "9223372036854775808", "9999999999999999999", " 1", "01"])
+def test_an_oip_model_version_must_be_a_whole_version_number_within_int64(text: str) -> None:
+    """The repository's pattern ends in `$`, which also matches before a trailing newline; and no folder can
+    name a version past int64 (repository.version_number refuses it): both are malformed, not unknown."""
+    from aevae.errors import InvalidArgument
+    from aevae.services.grpc_inference import version_from_oip
+
+    with pytest.raises(InvalidArgument, match="model_version: expected a version number"):
+        version_from_oip(text)
+    assert version_from_oip("") is None and version_from_oip("0") is None
+    assert version_from_oip("9223372036854775807") == 2**63 - 1
+
+
+def _oip_request() -> Any:
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="vae", raw_input_contents=[np.ones((2, 4), np.float32).tobytes()])
+    request.inputs.add(name="latents", datatype="FP32", shape=[2, 4])
+    return request
+
+
+@pytest.mark.parametrize("where, parameter", [("input", "shared_memory_region"), ("output", "shared_memory_region"),
+                                              ("output", "shared_memory_byte_size"), ("output", "classification")])
+def test_oip_extensions_the_server_lacks_are_refused_not_ignored(where: str, parameter: str) -> None:
+    """Ignored, a shared memory region would leave the client reading a region nobody wrote (or the server
+    reading an input from the wrong place), and classification would answer raw scores for class labels."""
+    from aevae.errors import InvalidArgument
+    from aevae.services.grpc_inference import check_extensions
+
+    request = _oip_request()
+    check_extensions(request)
+    tensor = request.inputs[0] if where == "input" else request.outputs.add(name="images")
+    tensor.parameters[parameter].int64_param = 1
+    with pytest.raises(InvalidArgument, match=f"{where}s\\[.*{parameter}.*does not implement"):
+        check_extensions(request)
+
+
+def test_oip_typed_values_in_a_field_the_datatype_does_not_read_are_refused() -> None:
+    from aevae.errors import InvalidArgument
+    from aevae.services.grpc_inference import read_input
+
+    request = _oip_request()
+    del request.raw_input_contents[:]
+    contents = request.inputs[0].contents
+    contents.fp32_contents.extend([0.5] * 8)
+    assert read_input(request, "latents", ("FP32",), "N, d")[0].tolist() == [[0.5] * 4] * 2
+    contents.int_contents.extend([7] * 8)
+    with pytest.raises(InvalidArgument, match="values go in fp32_contents, got values in int_contents"):
+        read_input(request, "latents", ("FP32",), "N, d")
