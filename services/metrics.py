@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import socket
 import sys
 import threading
@@ -281,11 +282,41 @@ def interceptors(port: int | None, store: ModelStore | None = None) -> list[grpc
     return [] if port is None else [MetricsInterceptor(None if store is None else store.holds)]
 
 
+class _Deadline(io.RawIOBase):
+    """A socket's reads that end, all of them together, at a deadline: TimeoutError past it."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock = sock
+        self.deadline = time.monotonic() + seconds
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request was not received in time")
+        self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+
 class _Handler(WSGIRequestHandler):
-    """One scrape connection. `timeout`: a connection that sends nothing for this long is closed, so that
-    idle or half-sent requests cannot hold threads and descriptors for ever."""
+    """One scrape connection. `timeout`: the whole request must arrive within it, or the connection is closed,
+    so that idle or half-sent requests cannot hold threads and descriptors for ever. A per-read timeout alone
+    would not do: a client sending a byte every few seconds (a slowloris) would keep its slot as long as it
+    likes, and MAX_CONNECTIONS of them would keep every scrape out."""
 
     timeout = 10.0
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the socket's own file: it would keep the descriptor open until collected
+        self.rfile = io.BufferedReader(_Deadline(self.connection, self.timeout))
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()
+        self.connection.settimeout(self.timeout)  # the answer gets its own time, not what the request left
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         """Silent, as prometheus_client's own handler: a scrape every few seconds is not news."""
@@ -327,9 +358,13 @@ class _Server(ThreadingMixIn, WSGIServer):
         super().handle_error(request, client_address)
 
 
+class MetricsUnavailable(OSError):
+    """The /metrics endpoint cannot listen; the message names the address and --metrics-port."""
+
+
 def serve_metrics(port: int, host: str, what: str) -> int:
-    """Starts the /metrics endpoint (a daemon thread) and prints where it is; returns the bound port. OSError
-    naming the address and the flag when it cannot listen."""
+    """Starts the /metrics endpoint (a daemon thread) and prints where it is; returns the bound port.
+    MetricsUnavailable (an OSError) naming the address and the flag when it cannot listen."""
     from aevae.services.settings import host_port
 
     bare = host.strip("[]")  # "[::1]", as gRPC takes it, is "::1" to a socket
@@ -338,7 +373,7 @@ def serve_metrics(port: int, host: str, what: str) -> int:
         server_class = type("MetricsServer", (_Server,), {"address_family": family})
         server: WSGIServer = make_server(bare, port, make_wsgi_app(REGISTRY), server_class, handler_class=_Handler)
     except OSError as exc:
-        raise OSError(f"cannot serve metrics on {host_port(bare, port)} (--metrics-port): "
+        raise MetricsUnavailable(f"cannot serve metrics on {host_port(bare, port)} (--metrics-port): "
                       f"{exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="aevae-metrics", daemon=True).start()
     bound = int(server.server_address[1])

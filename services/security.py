@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -55,11 +56,47 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
+def _no_passphrase() -> bytes:
+    """The passphrase OpenSSL asks for an encrypted key: none. Without it, OpenSSL would prompt on the terminal."""
+    return b""
+
+
+def _check_tls(cert: str, cert_pem: bytes, key: str, key_pem: bytes, ca: str | None, ca_pem: bytes | None) -> None:
+    """SecurityError naming the option when the files are not a certificate, its private key and CA
+    certificates. gRPC takes any PEM and fails only when it binds the port, with "Failed to bind to address
+    ... (in use?)" and its own log lines: a key of another certificate, the two files swapped or an encrypted
+    key looked like a port in use."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for option, path, pem in (("tls-cert", cert, cert_pem), ("tls-client-ca", ca, ca_pem)):
+        if path is None or pem is None:
+            continue
+        try:
+            context.load_verify_locations(cadata=pem.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError):
+            what = "the server's certificate (chain)" if option == "tls-cert" else "the CA certificates of mutual TLS"
+            raise SecurityError(f"{option}: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----); it "
+                                f"takes {what}") from None
+    if b"ENCRYPTED" in key_pem.split(b"-----END", 1)[0]:
+        raise SecurityError(f"tls-key: {key} is encrypted (it needs a passphrase); the service takes the "
+                            "key unencrypted, e.g. `openssl pkey -in KEY -out KEY.plain`, readable by it alone")
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise SecurityError(f"tls-key: {key} is not the private key of the certificate in --tls-cert {cert}; "
+                                "give the key the certificate was issued for") from None
+        raise SecurityError(f"tls-key: {key} holds no PEM private key (-----BEGIN PRIVATE KEY-----, EC or RSA); "
+                            "it takes the unencrypted key of --tls-cert") from None
+    except OSError as exc:  # replaced between the read above and this one (a rotation): as unreadable
+        raise SecurityError(f"tls-cert, tls-key: cannot read {cert} or {key}: {exc.strerror}") from None
+
+
 class TlsFiles:
     """The server's certificate, key and client CA, re-read when they change, as the token file is: cert-manager
     and Kubernetes Secret volumes rotate them in place, and a restart must not be the only way to pick them up.
     gRPC asks `fetch` at every new connection (a stat of each file; connections already open keep their
-    session). Files that changed but do not read as PEM keep the certificate in use, with one warning."""
+    session). Files that changed but do not load (not PEM, or a certificate and a key not yet both renewed) keep
+    the certificate in use, with one warning."""
 
     def __init__(self, cert: str, key: str, client_ca: str | None):
         self.files = {"tls-cert": cert, "tls-key": key, **({"tls-client-ca": client_ca} if client_ca else {})}
@@ -74,6 +111,8 @@ class TlsFiles:
     def _configuration(self) -> Any:
         pair = (_read(self.files["tls-key"], "tls-key"), _read(self.files["tls-cert"], "tls-cert"))
         ca = _read(self.files["tls-client-ca"], "tls-client-ca") if "tls-client-ca" in self.files else None
+        _check_tls(self.files["tls-cert"], pair[1], self.files["tls-key"], pair[0], self.files.get("tls-client-ca"),
+                   ca)
         return grpc.ssl_server_certificate_configuration([pair], root_certificates=ca)
 
     def fetch(self) -> Any:
@@ -176,9 +215,19 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if len(headers) > 1:  # which one counts would be a guess: one of them may have been added on the way
             return _refusal(handler, f"{len(headers)} authorization headers sent, one accepted; {EXPECTED}")
         if not self.tokens.accepts(headers[0]):
-            why = "not a Bearer token" if not headers[0].lower().startswith("bearer ") else "wrong or rotated"
-            return _refusal(handler, f"the token sent is not accepted ({why}); {EXPECTED}")
+            return _refusal(handler, f"the token sent is not accepted ({_why_refused(headers[0])}); {EXPECTED}")
         return handler
+
+
+def _why_refused(header: str) -> str:
+    """What is wrong with an `authorization` value that was refused, without echoing any of it (a client that
+    left out "Bearer " would see its token in the error)."""
+    scheme, _, presented = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return "not a Bearer token"
+    if not presented.strip():
+        return "an empty token after Bearer"
+    return "wrong or rotated"
 
 
 def interceptors(settings: ServiceSettings) -> list[grpc.aio.ServerInterceptor]:

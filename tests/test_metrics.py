@@ -243,3 +243,34 @@ def test_ui_sessions_and_decode_round_trips(decoder: ServiceProcess) -> None:
     finally:
         ui.terminate()
         ui.wait(20)
+
+
+def test_a_slowloris_cannot_keep_the_scrape_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections that send their request a byte every few seconds, never finishing it, reset the per-read
+    timeout for ever: MAX_CONNECTIONS of them kept every scrape out. The whole request must arrive within the
+    timeout."""
+    from aevae.services.metrics import _Handler, _Server, serve_metrics
+
+    monkeypatch.setattr(_Handler, "timeout", 1.0)
+    port = serve_metrics(0, "127.0.0.1", "test")
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(_Server.MAX_CONNECTIONS)]
+    try:
+        for conn in slow:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\n")
+        closed: set[int] = set()
+        deadline = time.monotonic() + 6 * _Handler.timeout
+        while len(closed) < len(slow):
+            assert time.monotonic() < deadline, f"{len(slow) - len(closed)} dripping connections kept their slots"
+            for i, conn in enumerate(slow):
+                if i not in closed:
+                    try:
+                        conn.sendall(b"X")  # a byte of a header, well within the per-read timeout
+                    except OSError:
+                        closed.add(i)
+            time.sleep(_Handler.timeout / 4)
+        time.sleep(0.2)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as scrape_:
+            assert scrape_.status == 200
+    finally:
+        for conn in slow:
+            conn.close()

@@ -244,3 +244,70 @@ def test_the_ui_server_reaches_tls_and_token_services(env: dict[str, Any]) -> No
     assert reply["op"] == "decoded" and reply["shape"] == [32, 32]
     refused, state = asyncio.run(decode_once(ChannelSecurity.resolve(token="", tls_ca=ca)))
     assert refused["op"] == "error" and refused["code"] == "UNAUTHENTICATED" and state != "down"
+
+
+def test_tls_files_that_are_not_a_certificate_and_its_key_are_named_at_start(env: dict[str, Any],
+                                                                             tmp_path: Path) -> None:
+    """gRPC takes any PEM and fails only when binding, as "cannot listen on ... (in use?)" after lines of its
+    own log: a key of another certificate, the two files swapped, an encrypted key or a key given as the
+    client CA each looked like a port in use."""
+    from cryptography.hazmat.primitives import serialization
+
+    other = make_certificates(tmp_path / "other")
+    certs = env["certs"]
+    key = serialization.load_pem_private_key(Path(certs["key"]).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"passphrase")))
+    cases = {
+        "is not the private key of the certificate": ["--tls-cert", certs["cert"], "--tls-key", other["key"]],
+        "--tls-cert: ": ["--tls-cert", certs["key"], "--tls-key", certs["cert"]],
+        "is encrypted": ["--tls-cert", certs["cert"], "--tls-key", encrypted],
+        "--tls-client-ca: ": ["--tls-cert", certs["cert"], "--tls-key", certs["key"], "--tls-client-ca", certs["key"]],
+    }
+    for expected, args in cases.items():
+        done = run_aevae("serve", "decoder", "--port", "0", "--models-dir", str(env["models"]),
+                         *map(str, args), env=env["isolated"], timeout=120)
+        assert done.returncode != 0 and expected in done.stderr, (expected, done.stderr)
+        assert "in use" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_empty_bearer_token_is_named_as_such(env: dict[str, Any]) -> None:
+    from aevae.v1 import decoder_pb2, decoder_pb2_grpc
+    from aevae.v1.tensors import to_tensor
+
+    request = decoder_pb2.DecodeRequest(model="vae", latents=to_tensor(np.zeros((1, 4), np.float32)))
+    ca = Path(env["certs"]["ca"]).read_bytes()
+    with grpc.secure_channel(env["decoder"].address, grpc.ssl_channel_credentials(ca)) as channel:
+        stub = decoder_pb2_grpc.DecoderStub(channel)
+        for value in ("Bearer", "Bearer "):
+            with pytest.raises(grpc.RpcError) as empty:
+                stub.Decode(request, metadata=[("authorization", value)], timeout=10)
+            assert empty.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "an empty token after Bearer" in empty.value.details(), empty.value.details()
+
+
+def test_a_token_file_rotated_to_bytes_that_are_not_utf8_keeps_its_tokens(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service's token file rewritten with bytes that are not UTF-8 failed every call as UNKNOWN (a
+    UnicodeDecodeError in the interceptor, a traceback each) until fixed: now it keeps the tokens last read,
+    as for a file that cannot be read. A client's token file whose token cannot travel in a header is
+    refused at once, as token= is, not as INTERNAL "Invalid metadata" on every call."""
+    from aevae.client import credentials
+    from aevae.client.credentials import TokenFile
+    from aevae.services.security import Tokens
+
+    monkeypatch.setattr(credentials, "RECHECK_SECONDS", 0.0)
+    path = tmp_path / "tokens"
+    path.write_text(TOKEN + "\n")
+    tokens = Tokens(file=TokenFile(path))
+    assert tokens.accepts(f"Bearer {TOKEN}")
+    path.write_bytes(b"\xff\xfe rotated badly\n")
+    assert tokens.accepts(f"Bearer {TOKEN}") and not tokens.accepts("Bearer \ufffd\ufffd rotated badly")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        TokenFile(path)
+    path.write_text("t\u00f6ken\n")
+    with pytest.raises(AevaeError) as refused:
+        ChannelSecurity.resolve(token_file=str(path))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "printable ASCII" in refused.value.details()

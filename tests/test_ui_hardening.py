@@ -252,3 +252,149 @@ def test_a_decode_pins_the_version_the_page_shows(decoder: ServiceProcess, model
     np.testing.assert_array_equal(images, old)  # version 1's weights, whatever the newest is
     assert boolean["op"] == "error" and "'version' must be a model version" in boolean["error"]
     assert unknown["op"] == "error" and "version 99" in unknown["error"]
+
+
+async def _raw_http(base: str, head: bytes) -> tuple[int, bytes]:
+    """Sends `head` (a request line and headers, as bytes: what aiohttp's client would not send) and returns
+    the status and the body of the answer."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+def test_bytes_that_are_not_utf8_odd_origins_and_malformed_requests_get_4xx_without_tracebacks(
+        decoder: ServiceProcess, caplog: pytest.LogCaptureFixture) -> None:
+    """A token or a session cookie with a byte such as 0xff, an Origin with an unclosed IPv6 bracket, a shape of
+    booleans and a model name of megabytes each got a 500 and a traceback, or the name back in full; a request
+    aiohttp cannot parse (a header over 8 KB) logged an ERROR with a traceback, for any client to flood."""
+    guard = Guard.create("127.0.0.1", login=("ui-secret-token",))
+
+    async def scenario(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        host = base.removeprefix("http://").encode()
+        for header in (b"Authorization: Bearer \xff\xfe", b"Cookie: aevae_session=\xff\xfe"):
+            status, body = await _raw_http(base, b"GET /api/models HTTP/1.1\r\nHost: " + host + b"\r\n" + header
+                                           + b"\r\nConnection: close\r\n\r\n")
+            assert status == 401 and b"log in first" in body, (header, status, body)
+        login = {"Authorization": "Bearer ui-secret-token", "Content-Type": "application/json"}
+        async with session.post(f"{base}/api/samples", json={}, headers={**login, "Origin": "http://[::1"}) as odd:
+            assert odd.status == 403 and "cross-origin" in (await odd.json())["error"]
+        async with session.post(f"{base}/api/encode", headers=login,
+                                json={"model": "vae", "shape": [True, True], "images": ["AA=="]}) as booleans:
+            assert booleans.status == 400 and "'shape'" in (await booleans.json())["error"]
+        async with session.post(f"{base}/api/samples", headers=login,
+                                json={"model": "v" * 1_000_000, "count": 1, "seed": 0}) as long_name:
+            text = await long_name.text()
+            assert long_name.status == 400 and len(text) < 1000 and "'model'" in text, text[:200]
+        status, _ = await _raw_http(base, b"GET /api/status HTTP/1.1\r\nHost: " + host + b"\r\nX-Big: "
+                                    + b"a" * 10_000 + b"\r\nConnection: close\r\n\r\n")
+        assert status == 400
+
+    with caplog.at_level("INFO"):
+        run(decoder, scenario, guard)
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= 40], caplog.text
+
+
+def test_a_websocket_client_that_stops_reading_is_cut_off_and_holds_up_nothing(
+        decoder: ServiceProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends and never reads fills the socket's buffers; aiohttp then waits for room for ever
+    (its heartbeat and close() wait for the buffered bytes too), so the connection, its descriptor and the
+    handler stayed for good, and a status broadcast, awaited by the call that changed a service's state,
+    would hang on it. Past SEND_TIMEOUT it is cut off; state changes go on meanwhile."""
+    import socket
+    import time
+
+    from aevae.ui import server
+
+    monkeypatch.setattr(server, "SEND_TIMEOUT", 1.0)
+
+    def open_on_server(server_port: int, client_port: int) -> bool:
+        """Whether the server's end of the connection is still open (in the kernel's table: aiohttp's own
+        flags say closed while asyncio keeps the socket open for the bytes it has buffered)."""
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        ends = {(int(f[1].split(":")[1], 16), int(f[2].split(":")[1], 16)) for f in (line.split() for line in lines)}
+        return (server_port, client_port) in ends
+
+    def frame(payload: bytes) -> bytes:  # a masked text frame (mask 0: the payload as is)
+        n = len(payload)
+        length = bytes([0x80 | n]) if n < 126 else (bytes([0x80 | 127]) + n.to_bytes(8, "big"))
+        return b"\x81" + length + b"\0\0\0\0" + payload
+
+    async def scenario(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        raw = socket.socket()
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        raw.connect((host, int(port)))
+        raw.sendall(f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        raw.setblocking(False)
+        # each message gets an error reply quoting its 200 KB id: the replies pile up on the server's side
+        message = frame(json.dumps({"op": "decode", "id": "x" * 200_000}).encode())
+        blocked_since, pending = None, b""
+        try:
+            while True:
+                try:
+                    pending = pending or message
+                    pending = pending[raw.send(pending):]
+                    blocked_since = None
+                except BlockingIOError:
+                    blocked_since = blocked_since or time.monotonic()
+                    if time.monotonic() - blocked_since > 2:
+                        break  # the server stopped reading: its replies have nowhere to go
+                    await asyncio.sleep(0.05)
+                except (ConnectionResetError, BrokenPipeError):
+                    break  # cut off already
+            # state changes (each broadcast to every socket) do not wait on it
+            for i in range(100):
+                await asyncio.wait_for(app[LINKS].decoder._set("down", f"change {i}"), 2)
+            await app[LINKS].decoder._set("up", "")
+            deadline = time.monotonic() + 15
+            while open_on_server(int(port), raw.getsockname()[1]):
+                assert time.monotonic() < deadline, "a WebSocket that does not read was never cut off"
+                await asyncio.sleep(0.2)
+        finally:
+            raw.close()
+        async with session.get(f"{base}/api/status") as status:
+            assert status.status == 200
+        async with session.ws_connect(f"{base}/ws") as ws:  # the others go on
+            assert (await ws.receive_json(timeout=10))["op"] == "status"
+
+    run(decoder, scenario)
+
+
+def test_ui_start_up_errors_are_one_clear_line(tmp_path: Path) -> None:
+    """An --allow-origin that does not parse (a traceback), an encrypted --https-key (OpenSSL asked for its
+    passphrase on the terminal), a --tls-ca that cannot be read (the UI started, then answered 500 to every
+    page request) and a --metrics-port in use ("cannot listen on HOST:PORT" naming the UI's port)."""
+    import socket
+
+    from cryptography.hazmat.primitives import serialization
+
+    from aevae.services.security import make_certificates
+
+    certs = make_certificates(tmp_path / "tls")
+    key = serialization.load_pem_private_key(certs["key"].read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"passphrase")))
+    isolated = {"AEVAE_TOKEN": "", "AEVAE_TOKEN_FILE": "", "XDG_CONFIG_HOME": str(tmp_path)}
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = {
+            "--allow-origin 'http://[::1' is not an origin": ["--allow-origin", "http://[::1"],
+            "is encrypted": ["--https-cert", str(certs["cert"]), "--https-key", str(encrypted)],
+            f"tls_ca: cannot read {tmp_path / 'nope.pem'}": ["--tls-ca", str(tmp_path / "nope.pem")],
+            f"cannot serve metrics on 127.0.0.1:{taken.getsockname()[1]} (--metrics-port)":
+                ["--metrics-port", str(taken.getsockname()[1])],
+        }
+        for expected, args in cases.items():
+            done = run_aevae("ui", "--port", "0", *args, env=isolated, timeout=30)
+            assert done.returncode == 2 and expected in done.stderr, (expected, done.stderr)
+            assert done.stderr.count("\n") == 1 and "pass phrase" not in done.stderr, done.stderr

@@ -69,7 +69,8 @@ def is_loopback_target(target: str | Sequence[str]) -> bool:
 class TokenFile:
     """Tokens from a file, one per line (several: all accepted, for a rotation with overlap; blank lines and
     lines starting with # are ignored). Re-read when the file's size, mtime or inode change, checked at most
-    once a second; a file that cannot be read keeps the last tokens read."""
+    once a second; a file that cannot be read, or is not UTF-8 text, keeps the last tokens read (a service
+    would otherwise fail every call, as UNKNOWN, until the file is fixed)."""
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
@@ -98,6 +99,10 @@ class TokenFile:
             except OSError:
                 if force:
                     raise ValueError(f"cannot read the token file {self.path}") from None
+            except UnicodeDecodeError:
+                if force:
+                    raise ValueError(f"the token file {self.path} is not UTF-8 text: it holds tokens, one per "
+                                     "line") from None
         return self.tokens
 
     def first(self) -> str:
@@ -168,6 +173,11 @@ class ChannelSecurity:
                 tokens = TokenFile(token_file)
             except ValueError as exc:
                 raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"token_file: {exc}") from None
+            try:  # the token a file gives is sent as it is: refused here, as token= is, not as INTERNAL later
+                _checked_token(tokens.first())
+            except AevaeError as exc:
+                raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"token_file {token_file}: {exc.details()}") from None
         return cls(token or None, token_file, bool(tls), tls_ca, tls_cert, tls_key, tokens)
 
     def current_token(self) -> str:

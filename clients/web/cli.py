@@ -72,9 +72,16 @@ def run(args: argparse.Namespace) -> int:
         if judge.classifier is None:
             raise UserError(f"--classifier: {judge.reason}")
     guard, security, ssl_context = _protection(args)
+    metrics_down: tuple[type[OSError], ...] = ()  # the metrics module is imported only when they are on
+    if args.metrics_port is not None:
+        from aevae.services.metrics import MetricsUnavailable
+
+        metrics_down = (MetricsUnavailable,)
     try:
         serve(args.encoder, args.decoder, host=args.host, port=args.port, classifier=args.classifier or DEFAULT_PATH,
               metrics_port=args.metrics_port, guard=guard, security=security, ssl_context=ssl_context)
+    except metrics_down as exc:  # it names its address and flag
+        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
     return 0
@@ -93,8 +100,12 @@ def _protection(args: argparse.Namespace):
 
     try:
         security = ChannelSecurity.resolve(**security_options(args), target=[args.encoder, args.decoder])
+        # The files are read here, once: the UI makes its channels later, and an unreadable CA would then fail
+        # every page request (a 500) and stop the service watchers, with the UI apparently up.
+        security.credentials()
     except AevaeError as exc:
-        raise UserError(exc.details()) from None
+        raise UserError(f"{exc.details()} (--tls-ca, --tls-cert, --tls-key, --token-file, or their AEVAE_ variables)"
+                        ) from None
     public = not is_loopback(args.host)
     login: TokenFile | tuple[str, ...] | None = None
     try:
@@ -127,13 +138,21 @@ def _protection(args: argparse.Namespace):
                 raise UserError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            ssl_context.load_cert_chain(args.https_cert, args.https_key)
+            # no passphrase: without one given, OpenSSL would stop the start to ask for it on the terminal
+            ssl_context.load_cert_chain(args.https_cert, args.https_key, password=lambda: b"")
         except (OSError, ssl.SSLError) as exc:
+            with open(args.https_key, "rb") as key:
+                if b"ENCRYPTED" in key.read().split(b"-----END", 1)[0]:
+                    raise UserError(f"--https-key {args.https_key} is encrypted (it needs a passphrase); the UI "
+                                    "takes the key unencrypted, e.g. `openssl pkey -in KEY -out KEY.plain`") from None
             raise UserError(f"--https-cert {args.https_cert} and --https-key {args.https_key} are not a PEM "
                             f"certificate and its private key: {exc}") from None
     if login is not None:
         print(f"aevae ui: the page needs a login: {_login_source(args, security)}", file=sys.stderr, flush=True)
-    guard = Guard.create(args.host, args.allow_host, args.allow_origin, login)
+    try:
+        guard = Guard.create(args.host, args.allow_host, args.allow_origin, login)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     return guard, security, ssl_context
 
 

@@ -57,6 +57,25 @@ def split_host(value: str) -> str:
     return value.rpartition(":")[0] if value.count(":") == 1 else value
 
 
+def _netloc(origin: str) -> str:
+    """The host:port of an --allow-origin value (scheme://host:port or host:port); ValueError saying what is
+    accepted when it has none or does not parse (an unclosed IPv6 bracket)."""
+    try:
+        netloc = urlsplit(origin if "//" in origin else f"//{origin}").netloc.lower()
+    except ValueError:
+        netloc = ""
+    if not netloc:
+        raise ValueError(f"--allow-origin {origin!r} is not an origin: give scheme://host:port, e.g. "
+                         "https://ui.example:8443 (IPv6 in brackets: http://[::1]:8080)")
+    return netloc
+
+
+def _raw(text: str) -> bytes:
+    """A header's text as the bytes that came: aiohttp keeps bytes that are not UTF-8 as lone surrogates, which
+    plain .encode() refuses (a 500 and a traceback for any client sending a byte such as 0xff)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -76,7 +95,7 @@ class Guard:
     @classmethod
     def create(cls, bound: str, allow_hosts: Iterable[str] = (), allow_origins: Iterable[str] = (),
                login: TokenFile | tuple[str, ...] | None = None) -> "Guard":
-        origins = frozenset(urlsplit(o if "//" in o else f"//{o}").netloc.lower() for o in allow_origins)
+        origins = frozenset(_netloc(o) for o in allow_origins)
         return cls(bound, frozenset(split_host(h) for h in allow_hosts), origins, login)
 
     # -- the checks -------------------------------------------------------------------------------------
@@ -98,7 +117,10 @@ class Guard:
             # not a browser's cross-site request (browsers send Origin on WebSockets and cross-site POSTs);
             # a browser's fetch metadata, when present, must not say cross-site
             return request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
-        netloc = urlsplit(origin).netloc.lower()
+        try:
+            netloc = urlsplit(origin).netloc.lower()
+        except ValueError:  # "http://[::1" (an unclosed IPv6 bracket): not an origin, so not this server's
+            return False
         return bool(netloc) and (netloc == request.host.lower() or netloc in self.allow_origins)
 
     def tokens(self) -> tuple[str, ...]:
@@ -109,14 +131,14 @@ class Guard:
     def token_ok(self, presented: str) -> bool:
         ok = False
         for token in self.tokens():
-            ok |= hmac.compare_digest(presented.encode(), token.encode())
+            ok |= hmac.compare_digest(_raw(presented), token.encode())
         return ok
 
     def logged_in(self, request: web.Request) -> bool:
         if self.login is None:
             return True
         cookie = request.cookies.get(COOKIE, "")
-        if cookie and hmac.compare_digest(cookie.encode(), self.session.encode()):
+        if cookie and hmac.compare_digest(_raw(cookie), self.session.encode()):
             return True
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
         return scheme.lower() == "bearer" and bool(presented) and self.token_ok(presented.strip())

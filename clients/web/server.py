@@ -31,7 +31,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from aevae.client import AsyncDecoderClient, AsyncEncoderClient, ModelInfo
 from aevae.ui.guard import MAX_DECODES, TRANSPORT_MAX_BYTES, BadMessage, Guard, parse_json
-from aevae.ui.services import CLOSE_TIMEOUT, PROBE_TIMEOUT, RequestRejected, ServiceDown, ServiceLink
+from aevae.ui.services import CLOSE_TIMEOUT, PROBE_TIMEOUT, RequestRejected, ServiceDown, ServiceLink, bounded
 from aevae.ui.validity import DEFAULT_PATH as CLASSIFIER_PATH, Judge
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,10 @@ MAX_IMAGE_SIDE = 256  # the encoder decides which shapes its model takes; this o
 MAX_LATENTS = 1024
 MAX_SAMPLES = 64
 MAX_BODY = 8 * 1024 * 1024  # an HTTP request body
+MAX_MODEL_NAME = 256
+# A WebSocket message not taken by its client within this (a client that stopped reading: the buffers are
+# full) cuts the connection off; see Socket.send.
+SEND_TIMEOUT = 10.0
 
 
 @dataclass
@@ -58,7 +62,7 @@ class Links:
 
 LINKS = web.AppKey("links", Links)
 JUDGE = web.AppKey("judge", Judge)
-SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
+SOCKETS: web.AppKey[weakref.WeakSet["Socket"]] = web.AppKey("sockets")
 TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks")
 # With --metrics-port: called with each WebSocket decode's round trip in seconds and its outcome.
 ROUND_TRIP: web.AppKey[Callable[[float, str], None]] = web.AppKey("round_trip")
@@ -95,7 +99,7 @@ def decode_images(payload: dict[str, Any]) -> np.ndarray:
     images = payload.get("images")
     shape = payload.get("shape")
     if (not isinstance(shape, list) or len(shape) != 2
-            or not all(isinstance(s, int) and 1 <= s <= MAX_IMAGE_SIDE for s in shape)):
+            or not all(type(s) is int and 1 <= s <= MAX_IMAGE_SIDE for s in shape)):  # not bool: true is no side
         raise BadRequest(f"'shape' must be [height, width] with sides 1..{MAX_IMAGE_SIDE}, got {shape!r}")
     if not isinstance(images, list) or not 1 <= len(images) <= MAX_IMAGES:
         raise BadRequest(f"'images' must be a list of 1..{MAX_IMAGES} base64 strings of uint8 pixels")
@@ -131,9 +135,10 @@ def parse_latents(value: Any) -> np.ndarray:
 
 
 def model_name(payload: dict[str, Any]) -> str:
+    """The model a message names; bounded, since errors quote it (an 8 MB name came back in full)."""
     name = payload.get("model")
-    if not isinstance(name, str) or not name:
-        raise BadRequest("'model' must name a served model, e.g. \"vae\" or \"ae\"")
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_MODEL_NAME:
+        raise BadRequest(f"'model' must name a served model (1..{MAX_MODEL_NAME} characters), e.g. \"vae\" or \"ae\"")
     return name
 
 
@@ -301,12 +306,54 @@ async def decode_reply(app: web.Application, message: dict[str, Any]) -> dict[st
     return reply
 
 
+class Socket(web.WebSocketResponse):
+    """The page's WebSocket, whose every send is bounded in time. A client that stops reading (and keeps
+    sending, or lets status pushes pile up) fills the socket's buffers; aiohttp then waits for room for ever,
+    and neither its heartbeat nor close() end that wait: both close the transport, which asyncio keeps open
+    until its buffered bytes have gone. Past SEND_TIMEOUT the transport is aborted: its buffer is dropped and
+    every send waiting on it ends."""
+
+    transport: asyncio.Transport | None = None
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        writer = await super().prepare(request)
+        self.transport = request.transport
+        return writer
+
+    async def send(self, message: dict[str, Any]) -> bool:
+        """Sends `message`; False when the socket is closed, its client gone, or cut off now."""
+        if self.closed:
+            return False
+        try:
+            await bounded(self.send_json(message), SEND_TIMEOUT)
+            return True
+        except asyncio.TimeoutError:
+            log.info("a WebSocket client took no message for %.0f s: cut off", SEND_TIMEOUT)
+            if self.transport is not None:
+                self.transport.abort()
+        except (ConnectionError, RuntimeError):  # the client went away: routine, not a traceback
+            pass
+        return False
+
+    async def shut(self) -> None:
+        """Closes the socket, within SEND_TIMEOUT: the close frame of a client that stopped reading would
+        wait for room for ever (the UI's shutdown hung on it); then the transport is aborted."""
+        try:
+            await bounded(self.close(), SEND_TIMEOUT)
+        except asyncio.TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
+        except (ConnectionError, RuntimeError):
+            pass
+
+
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     # aiohttp closes the socket (1009) only past TRANSPORT_MAX_BYTES; below it, parse_json answers an error
-    ws = web.WebSocketResponse(heartbeat=20, max_msg_size=TRANSPORT_MAX_BYTES)
+    ws = Socket(heartbeat=20, max_msg_size=TRANSPORT_MAX_BYTES)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    await ws.send_json(status_message(request.app))
+    if not await ws.send(status_message(request.app)):
+        return ws
 
     async def handle(message: dict[str, Any]) -> None:
         try:
@@ -315,29 +362,31 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             log.exception("decode message failed")
             reply = {"op": "error", "id": message.get("id"), "channel": message.get("channel"),
                      "error": f"internal error: {type(exc).__name__}"}
-        if not ws.closed:
-            await ws.send_json(reply)
+        await ws.send(reply)
 
     pending: set[asyncio.Task[None]] = set()
     async for msg in ws:
         if msg.type == WSMsgType.BINARY:
-            await ws.send_json({"op": "error", "error": "messages must be JSON text frames, not binary"})
+            reply: dict[str, Any] | None = {"op": "error", "error": "messages must be JSON text frames, not binary"}
+        elif msg.type != WSMsgType.TEXT:
             continue
-        if msg.type != WSMsgType.TEXT:
-            continue
-        try:
-            message = parse_json(msg.data)
-        except BadMessage as exc:
-            await ws.send_json({"op": "error", "error": str(exc)})
-            continue
-        if not isinstance(message, dict) or message.get("op") != "decode":
-            await ws.send_json({"op": "error", "error": "accepted messages: {op: \"decode\", id, channel, model, "
-                                                        "latents: [[...]]}"})
-            continue
-        if len(pending) >= MAX_DECODES:  # answered at once, never queued: a flood costs nothing downstream
-            await ws.send_json({"op": "error", "id": message.get("id"), "channel": message.get("channel"),
-                                "code": "RESOURCE_EXHAUSTED", "error": f"at most {MAX_DECODES} decodes in flight "
-                                "per connection; wait for a reply before sending more"})
+        else:
+            reply = None
+            try:
+                message = parse_json(msg.data)
+            except BadMessage as exc:
+                reply = {"op": "error", "error": str(exc)}
+            if reply is None and (not isinstance(message, dict) or message.get("op") != "decode"):
+                reply = {"op": "error", "error": "accepted messages: {op: \"decode\", id, channel, model, "
+                                                 "latents: [[...]]}"}
+            if reply is None and len(pending) >= MAX_DECODES:  # answered at once, never queued: a flood costs
+                # nothing downstream
+                reply = {"op": "error", "id": message.get("id"), "channel": message.get("channel"),
+                         "code": "RESOURCE_EXHAUSTED", "error": f"at most {MAX_DECODES} decodes in flight per "
+                         "connection; wait for a reply before sending more"}
+        if reply is not None:
+            if not await ws.send(reply):
+                break
             continue
         task = asyncio.create_task(handle(message))
         pending.add(task)
@@ -348,14 +397,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
 
 
 async def broadcast_status(app: web.Application) -> None:
+    """The services' state to every open socket, all at once: one that takes nothing holds up none of the
+    others (it is cut off after SEND_TIMEOUT)."""
     message = status_message(app)
-    sockets = app[SOCKETS]
-    for ws in list(sockets):
-        if not ws.closed:
-            try:
-                await ws.send_json(message)
-            except (ConnectionError, RuntimeError):
-                pass
+    sockets: weakref.WeakSet[Socket] = app[SOCKETS]
+    await asyncio.gather(*(ws.send(message) for ws in list(sockets) if not ws.closed))
 
 
 # -- the app --------------------------------------------------------------------------------------------
@@ -373,13 +419,16 @@ def add_routes(app: web.Application) -> None:
 class _UnreadableBodies(logging.Filter):
     """aiohttp drains a request body the handler did not read once the answer has gone, and logs an ERROR
     with three chained tracebacks when the body cannot be read (a Content-Encoding it does not have, a
-    truncated chunk): the client's fault, already answered (415 or 400), and a log flood open to any
-    client. It becomes one INFO line."""
+    truncated chunk); it logs one too for every request it cannot parse (a header over 8 KB, too many
+    headers, no Host, a byte not allowed in the URL). Both are the client's fault, already answered (4xx),
+    and a log flood open to any client: each becomes one INFO line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, RequestPayloadError):
-            record.msg, record.args = "a request body could not be read (the client's): %s", (str(error).splitlines()[-1].strip(),)
+        if isinstance(error, (RequestPayloadError, HttpProcessingError)):
+            what = "body could not be read" if isinstance(error, RequestPayloadError) else "could not be parsed"
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            record.msg, record.args = f"a request {what} (the client's): %s", (" ".join(lines)[:200],)
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info = record.exc_text = None
             return logging.getLogger(record.name).isEnabledFor(logging.INFO)
@@ -402,8 +451,13 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
     quiet_unreadable_bodies()
     app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware(), *middlewares])
 
+    broadcasts: set[asyncio.Task[None]] = set()
+
     async def changed() -> None:
-        await broadcast_status(app)
+        # not awaited: the call whose outcome changed a service's state answers at once, whatever the sockets
+        task = asyncio.create_task(broadcast_status(app))
+        broadcasts.add(task)
+        task.add_done_callback(broadcasts.discard)
 
     app[LINKS] = Links(encoder=ServiceLink("encoder", encoder, AsyncEncoderClient, changed, security),
                        decoder=ServiceLink("decoder", decoder, AsyncDecoderClient, changed, security))
@@ -427,9 +481,10 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
             _, pending = await asyncio.wait(watchers, timeout=PROBE_TIMEOUT + CLOSE_TIMEOUT + poll_interval + 2)
             if pending:
                 log.warning("%d service watcher(s) did not stop; shutting down without them", len(pending))
-        sockets = app[SOCKETS]
-        for ws in list(sockets):
-            await ws.close()
+        for task in list(broadcasts):
+            task.cancel()
+        sockets: weakref.WeakSet[Socket] = app[SOCKETS]
+        await asyncio.gather(*(ws.shut() for ws in list(sockets)))
         for link in app[LINKS]:
             await link.aclose()
 
