@@ -14,6 +14,7 @@ from aevae.services.settings import PORTS  # stdlib only
 
 # Ranges such as -3:3:11 start with "-": without this, argparse would take them for options.
 _VALUES = re.compile(r"^-[0-9.]")
+MIN_CPUS = 1e-4  # Ray's unit of resources: a smaller --cpus-per-worker is refused by Ray itself
 
 EPILOG_DECODE = """examples:
   aevae decode-batch --prior 1000000 --seed 0 --output out/prior            # Ray Data on this machine
@@ -162,13 +163,16 @@ def check_flags(args: argparse.Namespace) -> None:
     """Every numeric flag, before anything runs (no model loaded, no service asked, no Ray, no file written):
     a value no shard could use fails here in one line, not in a worker's traceback after the job started."""
     from aevae.batch.sources import check_prior
-    from aevae.errors import check_cpus, require_positive
+    from aevae.errors import UserError, check_cpus, require_positive
 
     for name in ("shard_size", "limit", "workers", "cpus_per_worker", "concurrency", "timeout", "version", "scale",
                  "prior"):
         require_positive("--" + name.replace("_", "-"), getattr(args, name, None))
     if args.op == "decode":
         check_prior(args.seed, args.scale)
+    if args.cpus_per_worker < MIN_CPUS:  # Ray refuses such actors only once it has started, with a traceback
+        raise UserError(f"--cpus-per-worker must be at least {MIN_CPUS:g} (Ray's smallest share of a CPU), got "
+                        f"{args.cpus_per_worker:g}")
     service = "decoder" if args.op == "decode" else "encoder"
     if not getattr(args, service) and not args.address and not os.environ.get("RAY_ADDRESS"):
         # A local Ray has this machine's CPUs at most; Ray would otherwise wait for them without a word

@@ -34,7 +34,7 @@ import numpy as np
 
 from aevae.batch.model import ModelRef
 from aevae.batch.progress import Progress
-from aevae.batch.sinks import Sink
+from aevae.batch.sinks import TMP_MARK, Sink, shard_entries
 from aevae.batch.sources import Source
 from aevae.errors import InvalidArgument, UserError, check_cpus
 from aevae.services import inputs
@@ -186,16 +186,17 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
             raise UserError(f"--output {root} is a file; it must be a folder (new or from this same job)")
         record = _read_record(job_file)
         parts = job.sink.parts() if root.is_dir() else {}
+        held = shard_entries(root) if root.is_dir() else []  # in any format: another job's are not in `parts`
         if record is not None and record.get("job") != described:
-            if parts and not overwrite:
+            if held and not overwrite:
                 raise UserError(f"--output {root} holds another job ({_difference(record.get('job'), described)}) "
-                                f"with {len(parts)} shards on disk; choose another --output, or pass --overwrite "
+                                f"with {len(held)} shards on disk; choose another --output, or pass --overwrite "
                                 "to replace it")
             _remove_parts(root)
             record, parts = None, {}
-        elif record is None and parts:
+        elif record is None and held:
             if not overwrite:
-                raise UserError(f"--output {root} holds {len(parts)} part files of an unknown job; choose another "
+                raise UserError(f"--output {root} holds {len(held)} part files of an unknown job; choose another "
                                 f"--output, or pass --overwrite to replace them")
             _remove_parts(root)
             parts = {}
@@ -239,7 +240,15 @@ def _rows(job: Job, shard: int) -> int:
 
 
 def finish(plan: Plan, summary: dict[str, Any], engine: str) -> None:
-    _write_json(plan.job_file, {**plan.record, "status": "complete", "engine": engine, "last_run": summary})
+    """Records the job complete, with the run's figures. Every shard is on disk by then, so a job file that
+    cannot be written (the disk filled with the last shard) is one line saying that they are kept, not a
+    traceback after a whole job; a rerun finds them all and records the job again."""
+    try:
+        _write_json(plan.job_file, {**plan.record, "status": "complete", "engine": engine, "last_run": summary})
+    except OSError as exc:
+        raise UserError(f"all {plan.record.get('shards', 0):,} shards are on disk and kept, but {plan.job_file} "
+                        f"could not be updated ({exc.strerror or exc}); free some space and run the same command "
+                        "again to record the job complete") from None
 
 
 def _difference(previous: Any, current: dict[str, Any]) -> str:
@@ -305,17 +314,25 @@ def _output_errors(root: Path) -> Iterator[None]:
 
 
 def _remove_parts(root: Path) -> None:
+    """Removes a job: its shards in any format, their temporaries and its job file; nothing else of the
+    folder (a file that merely starts with part- is not a shard)."""
     import shutil
 
-    for entry in list(root.glob("part-*")) + list(root.glob(".part-*")):
+    for entry in shard_entries(root) + list(root.glob(f".part-*{TMP_MARK}*")):
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     (root / JOB_FILE).unlink(missing_ok=True)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Writes the job file atomically; a write that fails (a full disk) leaves the old one and no temporary."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # the write's own error is the one to report
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 # -- engines ----------------------------------------------------------------------------------------------------
@@ -330,7 +347,11 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
 
     started = stopped = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+        # "local" unless a cluster is named (--address, RAY_ADDRESS): given None, Ray joins a cluster that
+        # `ray start` left on this machine, whose other nodes may not see --output or --models-dir, and which
+        # Ctrl-C does not stop (the shards counted on disk would not be final).
+        local = address is None and not os.environ.get("RAY_ADDRESS")
+        ray.init(address="local" if local else address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False, configure_logging=True)
         started = True
     try:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 import zipfile
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from aevae.batch import png
+from aevae.batch.sources import resolve_path
 
 FORMATS = ("parquet", "npz", "png")
 IMAGE_FORMATS = ("raw", "png")
@@ -39,12 +41,21 @@ SUFFIX = {"parquet": ".parquet", "npz": ".npz", "png": ""}
 TMP_MARK = ".tmp-"
 DIGEST_KEY = "aevae.input_digest"  # Parquet schema metadata
 DIGEST_FILE = ".input-digest"  # in a PNG shard's folder (hidden: not one of its images)
+SHARD_NAME = re.compile(r"part-[0-9]{6,}(\.parquet|\.npz)?")  # a shard of any format: Sink.name
+
+
+def shard_entries(root: Path) -> list[Path]:
+    """The shards in `root` whatever their format (part-000000.parquet, .npz, or a PNG folder part-000000):
+    what replacing the job there deletes, so what its job file protects from a command that differs (in
+    --format, say) and would find none of its own shards there. Other files (part-notes.txt) are no shards."""
+    with os.scandir(root) as entries:
+        return [Path(e.path) for e in entries if SHARD_NAME.fullmatch(e.name)]
 
 
 class Sink:
     def __init__(self, root: str | os.PathLike[str], fmt: str, image_format: str = "raw",
                  meta: dict[str, Any] | None = None, id_digits: int = 9):
-        self.root = Path(root).expanduser().resolve()
+        self.root = resolve_path(root, "--output")
         self.format = fmt
         self.image_format = image_format
         self.meta = dict(meta or {})
@@ -132,12 +143,7 @@ class Sink:
                     (tmp / DIGEST_FILE).write_text(digest + "\n")
             size = _size(tmp)
             if tmp.is_dir():
-                try:
-                    os.rename(tmp, final)
-                except OSError:  # a folder of the same shard is already in place: the same rows
-                    if not final.is_dir():
-                        raise
-                    shutil.rmtree(tmp, ignore_errors=True)
+                _replace_folder(tmp, final)
             else:
                 os.replace(tmp, final)
             return size
@@ -163,6 +169,31 @@ class Sink:
 
 
 _NPZ_NAMES = {"id": "ids", "latent": "latents", "image": "images", "label": "labels"}
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """os.replace for a shard's folder (PNG). rename() cannot replace a folder that holds files, and keeping the
+    one in place would keep a damaged shard (files deleted) that a rerun makes again while the job counts it
+    written; so the folder in place is moved aside under a temporary name (which clean() removes after a crash)
+    and the new one renamed in: the shard's name never holds a partial folder."""
+    moved: list[Path] = []
+    try:
+        for attempt in range(3):  # another writer of the same shard (a retried task) may move it between steps
+            try:
+                os.rename(tmp, final)
+                return
+            except OSError:
+                if attempt == 2 or not final.is_dir():
+                    raise
+            old = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+            try:
+                os.rename(final, old)
+                moved.append(old)
+            except FileNotFoundError:  # the other writer moved it first
+                pass
+    finally:
+        for old in moved:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _size(path: Path) -> int:

@@ -12,6 +12,7 @@ import math
 import os
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,6 +57,15 @@ class Source:
 
 # -- files ------------------------------------------------------------------------------------------------------
 
+def resolve_path(path: str | os.PathLike[str], flag: str) -> Path:
+    """`path` made absolute, symlinks followed; a symlink loop (RuntimeError on Python 3.11, OSError later)
+    is a UserError naming the flag, not a traceback. The workers open the absolute path, whatever their cwd."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:
+        raise UserError(f"{flag} {path}: cannot follow its symlinks ({exc}); name a file or folder") from None
+
+
 def _npz_member(path: Path, key: str | None, field: str) -> str:
     with zipfile.ZipFile(path) as z:
         keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
@@ -64,6 +74,8 @@ def _npz_member(path: Path, key: str | None, field: str) -> str:
             raise UserError(f"{path}: no array {key!r} (it holds {', '.join(keys) or 'none'})")
         return key
     preferred = ("latents", "latent", "z") if field == "latent" else ("images", "image", "x")
+    if not keys:
+        raise UserError(f"{path} holds no arrays (no .npy member): not a numpy .npz file")
     if len(keys) == 1:
         return keys[0]
     for name in preferred:
@@ -96,16 +108,23 @@ class ArrayFile(Source):
     """A .npy file (memory-mapped) or one array of a .npz file."""
 
     def __init__(self, path: str | os.PathLike[str], field: str = "latent", key: str | None = None):
-        self.path = Path(path).expanduser().resolve()
+        self.path = resolve_path(path, "--input")
         self.field = field
         if not self.path.is_file():
             raise UserError(f"--input {path}: no such file")
         self.npz = self.path.suffix == ".npz"
+        kind = ".npz" if self.npz else ".npy"
         try:
+            if not self.npz:
+                with open(self.path, "rb") as f:
+                    # np.load takes a file without numpy's magic for a pickle and says that it holds objects
+                    if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                        raise ValueError("it does not start with numpy's header (written by np.save)")
             self.key = _npz_member(self.path, key, field) if self.npz else None
             shape = self._array().shape
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise UserError(f"--input {path}: not a readable {'.npz' if self.npz else '.npy'} file: {exc}") from None
+        # EOFError: an empty file; zlib.error: a compressed member whose data is damaged
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise UserError(f"--input {path}: not a readable {kind} file: {exc}") from None
         self.shape = tuple(int(s) for s in shape)
         self.rows = self.shape[0] if self.shape else 0
 
@@ -147,7 +166,7 @@ class ParquetFile(Source):
                  image_shape: tuple[int, int] | None = None):
         import pyarrow.parquet as pq
 
-        self.path = Path(path).expanduser().resolve()
+        self.path = resolve_path(path, "--input")
         self.field = field
         self.image_shape = image_shape
         if self.path.is_dir():
@@ -208,9 +227,9 @@ class ParquetFile(Source):
         n = stop - start
         out: dict[str, np.ndarray] = {}
         if self.field == "latent":
-            out["latent"] = _latents_from_columns([table.column(c) for c in self.columns], n)
+            out["latent"] = _latents_from_columns([table.column(c) for c in self.columns], n, start)
         else:
-            out["image"] = _images_from_column(table.column(self.columns[0]), n, self.image_shape)
+            out["image"] = _images_from_column(table.column(self.columns[0]), n, self.image_shape, start)
             if self.label:
                 out["label"] = table.column("label").to_numpy()
         return out
@@ -237,24 +256,50 @@ class ParquetFile(Source):
                 _check_image_array(rows, image_shape, where, offset=start)
 
 
-def _latents_from_columns(columns: list, n: int) -> np.ndarray:
+def _numbers(kind: Any) -> bool:
+    """Integers or floats: what a latent is made of (bool, strings or nested lists are refused naming their type,
+    as an array file's are, not cast or failed on with numpy's "setting an array element with a sequence")."""
+    import pyarrow as pa
+
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def _latents_from_columns(columns: list, n: int, first: int = 0) -> np.ndarray:
     import pyarrow as pa
 
     if len(columns) > 1:  # one scalar column per dimension
+        for c in columns:
+            if not _numbers(c.type):
+                raise ValueError(f"expected one column of numbers per dimension, got one of {c.type}")
         return np.stack([c.to_numpy().astype(np.float32) for c in columns], axis=1)
     array = columns[0].combine_chunks()
     if not (pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type)
-            or pa.types.is_large_list(array.type)):
+            or pa.types.is_large_list(array.type)) or not _numbers(array.type.value_type):
         raise ValueError(f"expected a list column of numbers, got {array.type}")
     if array.null_count:
         raise ValueError("the column has null rows")
-    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-    if n and len(values) % n:
-        raise ValueError("the rows have different lengths")
+    values = _list_values(array, first).astype(np.float32, copy=False)
     return values.reshape(n, -1 if n else 0)
 
 
-def _images_from_column(column, n: int, image_shape: tuple[int, int] | None) -> np.ndarray:
+def _list_values(array, first: int = 0) -> np.ndarray:
+    """The values of a list column's rows (the input's rows from `first`), flattened, once every row is known
+    to hold as many as the first. Checking only that the total divides by the row count is not enough: rows of
+    3 and 5 values would be cut into two rows of 4, every value after the first row shifted, and decoded (or
+    encoded) without a word."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if len(array) and not pa.types.is_fixed_size_list(array.type):
+        lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+        odd = np.flatnonzero(lengths != lengths[0])
+        if len(odd):
+            raise ValueError(f"row {first + int(odd[0])} holds {int(lengths[odd[0]])} values and row {first} "
+                             f"{int(lengths[0])}; every row must hold the same number")
+    return array.flatten().to_numpy(zero_copy_only=False)
+
+
+def _images_from_column(column, n: int, image_shape: tuple[int, int] | None, first: int = 0) -> np.ndarray:
     import pyarrow as pa
 
     from aevae.batch import png
@@ -269,9 +314,7 @@ def _images_from_column(column, n: int, image_shape: tuple[int, int] | None) -> 
     if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
         return png.decode_many(array.to_pylist())
     if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
-        values = array.flatten().to_numpy(zero_copy_only=False)
-        if n and len(values) % n:
-            raise ValueError("the rows have different lengths")
+        values = _list_values(array, first)
         return values.reshape(n, *_shape_for(len(values) // max(1, n), image_shape))
     raise ValueError(f"expected PNG bytes, raw bytes or a list of pixels, got {array.type}")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,67 @@ def test_a_folder_with_one_file_that_is_not_parquet_is_refused_naming_the_file(t
         sources.ParquetFile(folder)
 
 
+def test_list_rows_of_different_lengths_are_refused_not_cut_again(tmp_path: Path) -> None:
+    """Rows of 3 and 5 values hold 8, which divides into two rows of 4: the reader must refuse them, naming the
+    row, not shift every value after the first row and decode (or encode) the result."""
+    pq.write_table(pa.table({"latent": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0, 7.0, 8.0]]}), tmp_path / "z.parquet")
+    with pytest.raises(UserError, match=r"column latent: row 1 holds 5 values and row 0 3; every row must hold"):
+        sources.ParquetFile(tmp_path / "z.parquet").check(4, (32, 32))
+    rows = [[0.0] * 4, [0.0] * 4, [0.0] * 2, [0.0] * 6]  # a read from row 1 names the input's rows
+    pq.write_table(pa.table({"latent": rows}), tmp_path / "later.parquet")
+    with pytest.raises(ValueError, match=r"row 2 holds 2 values and row 1 4"):
+        sources.ParquetFile(tmp_path / "later.parquet").read(1, 4)
+    pixels = [[0] * 783, [0] * 785]  # 1,568 pixels: two 28 x 28 images once cut again
+    pq.write_table(pa.table({"image": pa.array(pixels, pa.list_(pa.uint8()))}), tmp_path / "x.parquet")
+    with pytest.raises(UserError, match=r"row 1 holds 785 values and row 0 783"):
+        sources.ParquetFile(tmp_path / "x.parquet", field="image").check(4, (32, 32))
+
+
+@pytest.mark.parametrize("values, columns, message", [
+    ([[[1.0, 2.0], [3.0, 4.0]]], None, "a list column of numbers, got list<element: list<element: double>>"),
+    ([[True, False, True, False]], None, "a list column of numbers, got list<element: bool>"),  # as .npy refuses
+    ([["a", "b", "c", "d"]], None, "a list column of numbers, got list<element: string>"),
+    (["a"], "z0,z1,z2,z3", "one column of numbers per dimension, got one of string"),
+])
+def test_a_parquet_column_of_other_than_numbers_is_refused_naming_its_type(tmp_path: Path, values: list,
+                                                                          columns: str | None, message: str) -> None:
+    if columns:
+        table = pa.table({"z0": values, "z1": [1.0], "z2": [1.0], "z3": [1.0]})
+    else:
+        table = pa.table({"latent": values})
+    pq.write_table(table, tmp_path / "z.parquet")
+    with pytest.raises(UserError, match=r"expected " + re.escape(message)):
+        sources.ParquetFile(tmp_path / "z.parquet", column=columns).check(4, (32, 32))
+
+
+def test_a_damaged_array_file_or_a_symlink_loop_is_one_line_not_a_traceback(tiny_repo: Path, tmp_path: Path,
+                                                                            capsys) -> None:
+    import zipfile
+
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez_compressed(tmp_path / "c.npz", z=np.random.default_rng(0).standard_normal((5000, 4)).astype(np.float32))
+    data = bytearray((tmp_path / "c.npz").read_bytes())
+    data[200:2000] = bytes(b ^ 0x55 for b in data[200:2000])  # the member's compressed bytes, not its header
+    (tmp_path / "damaged.npz").write_bytes(bytes(data))
+    with zipfile.ZipFile(tmp_path / "none.npz", "w") as z:
+        z.writestr("readme.txt", "no arrays here")
+    (tmp_path / "loop.npy").symlink_to("loop.npy")
+    (tmp_path / "loop-out").symlink_to(tmp_path / "loop-out")
+    out = tmp_path / "out"
+    cases = [
+        (["--input", str(tmp_path / "empty.npy")], "empty.npy: not a readable .npy file: it does not start with"),
+        (["--input", str(tmp_path / "damaged.npz")], "damaged.npz: not a readable .npz file: Error -3"),
+        (["--input", str(tmp_path / "none.npz")], "none.npz holds no arrays"),
+        (["--input", str(tmp_path / "loop.npy")], "loop.npy: cannot follow its symlinks"),
+        (["--prior", "10", "--output", str(tmp_path / "loop-out")], "--output " + str(tmp_path / "loop-out")),
+    ]
+    for flags, message in cases:
+        code = main(["decode-batch", "--output", str(out), *flags, "--models-dir", str(tiny_repo)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1, (flags, err)
+    assert not out.exists()
+
+
 def test_the_cli_refuses_bad_input_before_anything_runs(tiny_repo: Path, tmp_path: Path, capsys) -> None:
     np.save(tmp_path / "z.npy", np.zeros((10, 4), np.float32))
     np.save(tmp_path / "nan.npy", np.full((10, 8), np.nan, np.float32))
@@ -180,6 +242,32 @@ def test_an_output_folder_of_another_job_is_refused_unless_overwritten(tiny_repo
         prepare(job(1))
     replaced = prepare(job(1), overwrite=True)
     assert replaced.todo == [0, 1, 2] and not (out / "part-000000.npz").exists()
+
+
+def test_a_command_differing_in_format_does_not_delete_another_jobs_shards(tiny_repo: Path, tmp_path: Path) -> None:
+    """Another job's shards in another format are none of this sink's parts, yet replacing that job deletes
+    them: they protect it as shards of its own format do, and --overwrite removes shards, not any part-* file."""
+    ref = resolve(str(tiny_repo), "vae", None)
+    out = tmp_path / "out"
+
+    def job(fmt: str) -> Job:
+        return Job("decode", ref, sources.Prior(100, 0, ref.latent_dim), Sink(out, fmt), shard_size=40)
+
+    npz = job("npz")
+    prepare(npz)
+    model = Loaded(ref)
+    for shard in range(3):
+        run_shard(npz, model, shard)
+    (out / "part-notes.txt").write_text("not a shard")
+    for fmt in ("parquet", "png"):
+        with pytest.raises(UserError, match="holds another job .*differs in format.* with 3 shards on disk"):
+            prepare(job(fmt))
+        assert sorted(p.name for p in out.glob("part-*.npz")) == [f"part-00000{i}.npz" for i in range(3)]
+    (out / JOB_FILE).unlink()
+    with pytest.raises(UserError, match="holds 3 part files of an unknown job"):
+        prepare(job("parquet"))
+    assert prepare(job("parquet"), overwrite=True).todo == [0, 1, 2]
+    assert sorted(p.name for p in out.iterdir()) == [JOB_FILE, "part-notes.txt"]
 
 
 def test_a_job_decodes_in_the_precision_asked_records_it_and_refuses_a_version_without_its_graph(
@@ -266,6 +354,50 @@ def test_shards_resume_and_keep_the_input_order(tiny_repo: Path, tmp_path: Path)
     assert images.shape == (1000, 24, 20)
     np.testing.assert_array_equal(images, model.decode(z))
     assert prepare(job).todo == []
+
+
+def test_a_damaged_png_shard_is_made_again_whole(tiny_repo: Path, tmp_path: Path) -> None:
+    """A PNG shard is a folder, and rename() cannot replace a folder that holds files: the shard made again must
+    still take the damaged one's place, not be thrown away while the job counts it written."""
+    ref = resolve(str(tiny_repo), "vae", None)
+    out = tmp_path / "out"
+    job = Job("decode", ref, sources.Prior(100, 0, ref.latent_dim), Sink(out, "png", id_digits=6), shard_size=50)
+    model = Loaded(ref)
+    for shard in prepare(job).todo:
+        run_shard(job, model, shard)
+    whole = sorted(p.name for p in (out / "part-000001").iterdir())
+    assert len(whole) == 51  # 50 images and the input digest
+    for name in whole[:10]:
+        (out / "part-000001" / name).unlink()
+    plan = prepare(job)
+    assert plan.todo == [1]
+    run_shard(job, model, 1)
+    assert sorted(p.name for p in (out / "part-000001").iterdir()) == whole
+    assert prepare(job).todo == [] and not list(out.glob(".part-*"))  # the old folder is gone too
+
+
+def test_a_job_file_that_cannot_be_written_at_the_end_is_one_line_and_leaves_no_temporary(
+        tiny_repo: Path, tmp_path: Path, monkeypatch) -> None:
+    """The disk filling with the last shard: every shard is on disk, and finishing says so in a UserError (one
+    line from the CLI) instead of an OSError's traceback, leaving no half-written job file beside them."""
+    import errno
+
+    from aevae.batch import job as jobs
+
+    ref = resolve(str(tiny_repo), "vae", None)
+    out = tmp_path / "out"
+    job = Job("decode", ref, sources.Prior(100, 0, ref.latent_dim), Sink(out, "npz"), shard_size=50)
+    plan = prepare(job)
+    before = (out / JOB_FILE).read_text()
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(jobs.os, "replace", full)
+    with pytest.raises(UserError, match=r"all 2 shards are on disk and kept, but .*_aevae_batch.json could not be "
+                                        r"updated \(No space left on device\); free some space"):
+        jobs.finish(plan, {"rows": 100}, "fleet")
+    assert sorted(p.name for p in out.iterdir()) == [JOB_FILE] and (out / JOB_FILE).read_text() == before
 
 
 def test_encode_shards_carry_latents_logvar_and_labels(tiny_repo: Path, tmp_path: Path, mnist_root: Path) -> None:
@@ -391,6 +523,7 @@ def test_a_job_file_without_shards_protects_nothing_and_is_replaced(tiny_repo: P
     (["--prior", "10", "--scale", "1e-50"], "--scale must be positive and at most 1000"),  # 0 as float32
     (["--traverse=-1:1:3", "--prior", "2", "--seed", "-5"], "--seed must be a whole number from 0 up"),
     (["--prior", "10", "--cpus-per-worker", "1e300"], "needs 1e+300 CPUs"),
+    (["--prior", "10", "--cpus-per-worker", "0.00001"], "--cpus-per-worker must be at least 0.0001"),
     (["--prior", "10", "--workers", "100000"], "--workers 100000 x --cpus-per-worker 1 needs 100000 CPUs"),
     (["--grid=-3:3:1000"], "make 15,258,790 shards of 65,536, and a job holds at most 100,000 shards"),
     (["--prior", "100000000000000"], "a job of 32x32 images holds at most 209,715,200,000 rows"),
@@ -462,6 +595,40 @@ def test_an_output_that_cannot_be_written_is_one_line_naming_it(tiny_repo: Path,
     err = capsys.readouterr().err
     assert code == 2 and f"--output {out}: " in err and reason in err and err.count("\n") == 1, err
     assert "Traceback" not in err
+
+
+def test_without_an_address_the_ray_engine_starts_its_own_ray(tiny_repo: Path, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Given address=None, ray.init joins a cluster that `ray start` left on this machine (its other nodes may
+    not see the output, Ctrl-C does not stop it): without --address or RAY_ADDRESS the job asks for a local Ray."""
+    import ray
+
+    from aevae.batch.job import run_ray
+    from aevae.batch.progress import Progress
+
+    asked: list[str | None] = []
+
+    class Stop(Exception):
+        pass
+
+    def init(address=None, **kwargs):
+        asked.append(address)
+        raise Stop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    ref = resolve(str(tiny_repo), "vae", None)
+    job = Job("decode", ref, sources.Prior(10, 0, ref.latent_dim), Sink(tmp_path / "out", "npz"), shard_size=10)
+    plan = prepare(job)
+    progress = Progress("decode-batch", 10, 1, 0, 0, quiet=True)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for address in (None, "auto"):
+        with pytest.raises(Stop):
+            run_ray(job, plan, progress, address=address)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(Stop):
+        run_ray(job, plan, progress)
+    assert asked == ["local", "auto", None]  # RAY_ADDRESS names a cluster: Ray reads it
 
 
 # -- the fleet engine, with a stand-in client -------------------------------------------------------------------
