@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import re
 import socket
 import threading
 import time
@@ -36,6 +37,9 @@ from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.client.results import EncodeResult
 
 DNS_SCHEME = "dns:///"
+# host:port or [v6]:port, the forms whose port this client can check: gRPC reads a port past 65535 modulo 2^16
+# (99999 is 34463), so a typo would reach whatever listens there, and errors would name the wrapped port.
+_HOST_PORT = re.compile(r"(?:dns:///)?(\[[^\]]*\]|[^:\[\]/]*):([0-9]+)")
 # Failures of one replica, not of the request: another replica may well succeed.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
@@ -53,10 +57,18 @@ def parse_targets(target: str | Sequence[str]) -> list[str]:
             raise invalid(f"target: expected host:port strings, got {item!r}")
         for part in (p.strip() for p in item.split(",")):
             if part:
+                _check_port(part)
                 out.extend(resolve_all(part) if part.startswith(DNS_SCHEME) else [part])
     if not out:
         raise invalid(f"target: expected at least one host:port, got {target!r}")
     return list(dict.fromkeys(out))  # the same address twice is one replica
+
+
+def _check_port(target: str) -> None:
+    """INVALID_ARGUMENT for a host:port whose port is past 65535 (see _HOST_PORT)."""
+    match = _HOST_PORT.fullmatch(target)
+    if match and int(match.group(2)) > 65535:
+        raise invalid(f"target: {target!r} has port {match.group(2)}; ports are 1..65535")
 
 
 def resolve_all(target: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 
+import grpc
 import numpy as np
 import pytest
 
@@ -217,3 +218,21 @@ def test_small_pieces_of_the_client_contract() -> None:
                               metrics={}, runtime="", broken={1: "checksum"})], "vae") is None  # none loads
     with pytest.raises(AevaeError, match="the latent statistics: pca.components"):
         latent_stats(encoder_pb2.LatentStats(model="vae", version=1))
+
+
+@pytest.mark.parametrize("target", ["127.0.0.1:99999", "[::1]:70000", "dns:///decoders.example:65536",
+                                    "a:1,localhost:100000"])
+def test_a_port_past_65535_is_refused_not_wrapped(target: str) -> None:
+    """gRPC would read 99999 as 34463 and call whatever listens there."""
+    from aevae.client.fanout import parse_targets
+
+    with pytest.raises(AevaeError) as error:
+        parse_targets(target)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ports are 1..65535" in error.value.details()
+
+
+def test_ports_up_to_65535_and_other_target_forms_pass() -> None:
+    from aevae.client.fanout import parse_targets
+
+    assert parse_targets("127.0.0.1:65535, [::1]:50052, unix:/tmp/aevae.sock") == [
+        "127.0.0.1:65535", "[::1]:50052", "unix:/tmp/aevae.sock"]
