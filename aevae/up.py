@@ -4,6 +4,7 @@ says where they listen and how to call them, and stops everything cleanly on Ctr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import socket
 import subprocess
@@ -11,9 +12,10 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 from aevae.errors import UserError, require_port
-from aevae.services.settings import PORTS
+from aevae.services.settings import PORTS, listen_problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,13 +41,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM before `aevae up` is ready, raised like Ctrl-C's KeyboardInterrupt so that whatever it started is
+    stopped on the way out. With the default action the process died at once and its children (the trainer,
+    a service already up) ran on without it, holding their ports."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def run(args: argparse.Namespace) -> int:
+    for flag in ("encoder_port", "decoder_port", "ui_port"):
+        require_port("--" + flag.replace("_", "-"), getattr(args, flag))
+    _check_ports(args)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _run(args)
+    except Terminated:
+        return 128 + signal.SIGTERM  # stopped before it was ready, with everything it had started
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     import shlex
 
     from aevae.repository import ModelRepository
 
-    for flag in ("encoder_port", "decoder_port", "ui_port"):
-        require_port("--" + flag.replace("_", "-"), getattr(args, flag))
     repository = ModelRepository(args.models_dir)
     _require("serve", ("torch", "grpc_health", "grpc_reflection", "tritonclient", "prometheus_client"))
     stack = Stack(repository.root, args.host, serve_args=shlex.split(args.serve_args), metrics=not args.no_metrics)
@@ -117,7 +140,12 @@ class Stack:
         command = [sys.executable, "-m", "aevae.cli", "train", "--models-dir", str(self.models_dir), *extra]
         if data_root:
             command += ["--data-root", data_root]
-        return subprocess.run(command).returncode  # progress goes straight to the terminal
+        process = subprocess.Popen(command)  # progress goes straight to the terminal
+        try:
+            return process.wait()
+        except KeyboardInterrupt as exc:
+            _end_training(process, signalled=not isinstance(exc, Terminated))
+            raise
 
     def start_services(self, encoder_port: int, decoder_port: int) -> None:
         from aevae.services.process import ServiceProcess
@@ -222,7 +250,17 @@ class Stack:
         return gone
 
     def stop(self) -> None:
-        """SIGTERM to every child at once (they drain in parallel), then wait for each."""
+        """SIGTERM to every child at once (they drain in parallel), then wait for each. A second Ctrl-C or
+        SIGTERM meanwhile kills them instead of interrupting the wait, which left them running."""
+        with _hurried(self._kill):
+            self._stop_children()
+
+    def _kill(self) -> None:
+        for process in [self.ui, *(s.process for s in self.services.values())]:
+            if process is not None and process.poll() is None:
+                process.kill()
+
+    def _stop_children(self) -> None:
         if self.ui is not None and self.ui.poll() is None:
             self.ui.terminate()
         for service in self.services.values():
@@ -236,6 +274,54 @@ class Stack:
             service.stop()
         if self.services or self.ui is not None:
             print("aevae up: stopped", flush=True)
+
+
+@contextlib.contextmanager
+def _hurried(kill: Callable[[], None]) -> Iterator[None]:
+    """While children are being stopped and waited for: Ctrl-C or SIGTERM call `kill` rather than raise."""
+    previous = {sig: signal.signal(sig, lambda *_: kill()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end_training(process: subprocess.Popen[bytes], signalled: bool) -> None:
+    """Stops the trainer when `aevae up` is interrupted during training, and waits for it. A Ctrl-C at the
+    terminal reached it as well (`signalled`: it gets a moment to stop on its own); SIGTERM, or a SIGINT sent to
+    `aevae up` alone, did not, so it gets the Ctrl-C (on SIGTERM Ray's driver exits as well, but dumps a stack
+    trace), then SIGTERM, then SIGKILL. Without this it trained on, and wrote versions, after `aevae up` was
+    gone."""
+    with _hurried(process.kill):
+        for sig, wait in ((None if signalled else signal.SIGINT, 10.0), (signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
+            if process.poll() is not None:
+                return
+            if sig is not None:
+                process.send_signal(sig)
+            try:
+                process.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _check_ports(args: argparse.Namespace) -> None:
+    """UserError in one line, before anything trains or starts, for two listeners given one port or a port that
+    cannot be had (--host not resolving or not this machine's, a port in use). Found later, the child's own
+    error named `aevae serve`'s --port, and came after a training run of minutes."""
+    ports = {"--encoder-port": (args.encoder_port, "encoder"), "--decoder-port": (args.decoder_port, "decoder")}
+    if not args.no_ui:
+        ports["--ui-port"] = (args.ui_port, "ui")
+    taken: dict[int, str] = {}
+    for flag, (port, what) in ports.items():
+        if port and port in taken:
+            raise UserError(f"{taken[port]} and {flag} are both {port}: each needs a port of its own (0 picks a "
+                            "free one)")
+        taken[port] = flag
+        problem = listen_problem(args.host, port, flag, what)
+        if problem:
+            raise UserError(problem)
 
 
 def _require(extra: str, modules: tuple[str, ...]) -> None:

@@ -51,15 +51,24 @@ class ServiceProcess:
                 line = self._lines.get(timeout=max(0.01, deadline - time.monotonic()))
             except queue.Empty:
                 self.stop()
-                raise RuntimeError(f"{self.kind} did not start within {timeout:.0f} s:\n" + "".join(self.output))
+                raise RuntimeError(self._failure(f"did not start within {timeout:.0f} s"))
             if line is None:
                 code = self.process.wait()
-                raise RuntimeError(f"{self.kind} exited with code {code}:\n" + "".join(self.output))
+                raise RuntimeError(self._failure(f"exited with code {code}"))
             match = ADDRESS.search(line)
             if match:
                 host = "127.0.0.1" if match.group(1) in ("0.0.0.0", "::", "[::]") else match.group(1)
                 self.address = f"{host}:{match.group(2)}"
         return self
+
+    def _failure(self, what: str) -> str:
+        """Why the service did not start. Its output with it, unless `echo` showed that as it came: then its
+        own error line is enough (`aevae up` repeated the whole output, gRPC's log lines included, under its
+        error)."""
+        if self.echo is None:
+            return f"{self.kind} {what}:\n" + "".join(self.output)
+        errors = [line.split(" error: ", 1)[1].strip() for line in self.output if " error: " in line]
+        return f"the {self.kind} {what}" + (f": {errors[-1]}" if errors else " (its output is above)")
 
     def _pump(self) -> None:
         assert self.process is not None and self.process.stdout is not None

@@ -29,7 +29,7 @@ from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
 from aevae.services import security
-from aevae.services.settings import PORTS, ServiceSettings, host_port
+from aevae.services.settings import PORTS, ServiceSettings, host_port, listen_problem
 from aevae.repository import models_dir
 from aevae.store import ModelStore
 from aevae.v1 import decoder_pb2, encoder_pb2
@@ -115,6 +115,25 @@ def open_store(settings: ServiceSettings) -> ModelStore:
                       threads=settings.threads, allow_symlinks=settings.allow_symlinks, precision=settings.precision)
 
 
+def check_listeners(kind: str, settings: ServiceSettings) -> None:
+    """OSError in one line when a port this service would listen on cannot be had: before anything loads,
+    and before gRPC tries (its error names no cause). Two of its flags on one port are named as such, not as
+    a port in use."""
+    ports = {"--port": settings.port_for(kind), "--health-port": settings.health_port,
+             "--metrics-port": settings.metrics_port}
+    taken: dict[int, str] = {}
+    for flag, port in ports.items():
+        if port is None:
+            continue
+        if port and port in taken:
+            raise OSError(f"{taken[port]} and {flag} are both {port}: each needs a port of its own (0 picks a "
+                          "free one)")
+        taken[port] = flag
+        problem = listen_problem(settings.host, port, flag, kind)
+        if problem:
+            raise OSError(problem)
+
+
 def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: ThreadPoolExecutor,
           state: ServingState | None = None) -> tuple[grpc.aio.Server, Service]:
     """The servicer for `kind` on a grpc.aio server, and the Open Inference Protocol over the same logic."""
@@ -129,7 +148,7 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
     server = grpc.aio.server(interceptors=[*interceptors, *security.interceptors(settings)], options=[
         # The transport's own cap is a backstop at twice the limit: messages up to it reach the handler,
         # which answers one over the limit with RESOURCE_EXHAUSTED naming it (in a stream, its position).
-        ("grpc.max_receive_message_length", 2 * size),
+        ("grpc.max_receive_message_length", min(2 * size, 2**31 - 1)),  # a 32-bit int
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
         # A peer that vanished without closing its connection (a crash of its host, a network partition) is
@@ -149,14 +168,21 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
 
 
 async def serve(kind: str, settings: ServiceSettings) -> int:
-    protection = security.check_binding(settings, kind)  # before anything loads: refuse a public plaintext port
+    check_listeners(kind, settings)  # before anything loads or warns: a port that cannot be had, saying why
+    protection = security.check_binding(settings, kind)  # and a public plaintext port
+    # From here on SIGTERM and SIGINT stop the service the same graceful way: one that comes while the models
+    # load or the server starts is handled once it serves (before, its default action killed the process
+    # mid-start with -15, where the shutdown promised an exit 0).
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     credentials = security.server_credentials(settings)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=f"aevae-{kind}")
     store = open_store(settings)
     state = ServingState()
     server, service = build(kind, settings, store, executor, state)
     quiet_ended_call_writes()
-    loop = asyncio.get_running_loop()
 
     health_servicer = health.aio.HealthServicer()
     size = settings.max_message_bytes
@@ -178,19 +204,17 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     try:
         bound = (server.add_insecure_port(address) if credentials is None
                  else server.add_secure_port(address, credentials))
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address} (in use?): {exc}") from None
+    except RuntimeError as exc:  # taken since check_listeners, or a cause it did not find
+        problem = listen_problem(settings.host, settings.port_for(kind), "--port", kind)
+        raise OSError(problem or f"cannot listen on {address}: {exc}") from None
     probes = await security.serve_health(settings, add_health)
     await server.start()
     for name in ("", service.full_name):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"aevae {kind} serving {service.full_name} on {host_port(settings.host, bound)} "
           f"(models in {store.repository.root.resolve()}: {store.describe()}; {protection})", flush=True)
-    preloading = loop.run_in_executor(executor, store.preload)
+    preloading = loop.run_in_executor(executor, store.preload, stop.is_set)
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
 
     log.info("shutting down: NOT_SERVING, then draining for up to %.1f s", settings.grace)

@@ -8,8 +8,10 @@ ports from here.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
+import socket
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
@@ -18,10 +20,51 @@ from aevae.errors import ResourceExhausted, port_problem
 # The default ports, written once.
 PORTS = {"encoder": 50051, "decoder": 50052, "ui": 8080}
 
+# Bounds that gRPC and the runtimes impose. gRPC's channel arguments are 32-bit ints: the transport's receive cap
+# is twice max_message_bytes, and keepalive is given in milliseconds. Past them grpc.aio.server raised an
+# OverflowError traceback.
+MAX_MESSAGE_BYTES = 1 << 30
+MAX_KEEPALIVE_SECONDS = (2**31 - 1) // 1000
+MAX_THREADS = 1024  # more intra-op threads than any machine's cores only cost memory: a start of 100000 hung
+
 
 def host_port(host: str, port: int | str) -> str:
     """host:port as gRPC and URLs write it: an IPv6 literal in brackets ("::1" -> "[::1]:50052")."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def listen_problem(host: str, port: int, flag: str, what: str) -> str | None:
+    """Why this process cannot listen on host:port (`flag` names the port's option, `what` the listener), found
+    by binding a socket of its own before gRPC does; None: it can. gRPC reports every failure to bind alike,
+    "Failed to bind to address", after an E line of its core on stderr: a host that does not resolve or is not
+    this machine's read as a port in use. `aevae up` asks the same before it trains or starts anything."""
+    bare = host.strip("[]")  # "[::1]", as gRPC takes it, is "::1" to a socket
+    try:
+        addresses = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return (f"--host {host} does not resolve ({exc.strerror}); give an address of this machine or a name "
+                "that resolves to one: 127.0.0.1 (this machine only), 0.0.0.0 (all interfaces) or an interface's")
+    failures: list[int] = []
+    for family, socktype, proto, _, address in addresses:
+        try:
+            with socket.socket(family, socktype, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+                probe.bind(address)
+            return None  # gRPC listens when one of the addresses binds
+        except OSError as exc:
+            failures.append(exc.errno or 0)
+    where = host_port(host, port)
+    if errno.EADDRINUSE in failures:
+        return (f"{where} is in use by another process (another aevae {what}?): stop it, or pass another {flag} "
+                "(0 picks a free one)")
+    if errno.EADDRNOTAVAIL in failures:
+        resolved = ", ".join(sorted({str(a[4][0]) for a in addresses}))
+        return (f"--host {host} is not an address of this machine{'' if resolved == bare else f' ({resolved})'}; "
+                "give one of its own: 127.0.0.1 (this machine only), 0.0.0.0 (all interfaces) or an interface's")
+    if errno.EACCES in failures:
+        return (f"cannot listen on {where}: permission denied (ports below 1024 need root or "
+                f"CAP_NET_BIND_SERVICE); pass {flag} 1024 or above (0 picks a free one)")
+    return f"cannot listen on {where} ({flag}): {os.strerror(failures[0]) if failures else 'no address'}"
 
 
 def _opt(default: Any, help: str, *, flag: bool = True, minimum: float | None = 0,
@@ -67,9 +110,12 @@ class ServiceSettings:
     host: str = _opt("127.0.0.1", "address to listen on; 0.0.0.0 for all interfaces", minimum=None)
     port: int | None = _opt(None, "port (default: 50051 for the encoder, 50052 for the decoder); 0 picks a free "
                                   "one, printed on start")
+    # At most 1 GiB: gRPC takes message lengths as 32-bit ints and the server's transport cap is twice the
+    # limit; beyond it, grpc.aio.server failed with "OverflowError: value too large to convert to int".
     max_message_bytes: int = _opt(64 * 1024 * 1024, "largest request or response message; RESOURCE_EXHAUSTED "
                                                      "beyond; at least 64 KiB, or the metadata answers (ListModels, "
-                                                     "GetLatentStats) could not be sent", minimum=64 * 1024)
+                                                     "GetLatentStats) could not be sent, and at most 1 GiB",
+                                  minimum=64 * 1024, maximum=MAX_MESSAGE_BYTES)
     max_batch: int = _opt(65536, "most images or latents per request message; RESOURCE_EXHAUSTED beyond",
                           minimum=1)
     max_concurrent_rpcs: int = _opt(256, "most Encode/Decode calls and streams in flight; RESOURCE_EXHAUSTED "
@@ -82,15 +128,17 @@ class ServiceSettings:
                                                      "at all); beyond, streams wait before computing their next "
                                                      "answer (unary calls do not)", minimum=1)
     workers: int = _opt(2, "threads running the model off the event loop", minimum=1)
+    # Each loaded version opens its pools at once: 100000 threads took 16 GB and the start never finished.
     threads: int | None = _opt(None, "intra-op threads of the model runtime, ONNX Runtime or torch (default: "
-                                     "the runtime's own)", minimum=1)
+                                     "the runtime's own)", minimum=1, maximum=MAX_THREADS)
     inline_max: int = _opt(64, "batches up to this size run on the event loop (saves a thread hop); 0: never")
     refresh_seconds: float = _opt(2.0, "how often the repository is re-read, so new versions appear and changed "
                                        "ones are reloaded without a restart")
     keepalive_seconds: float = _opt(60.0, "seconds of silence on a connection with calls after which the server "
                                           "pings the client; one that does not answer within as long (at most 20 "
                                           "s) is dropped and its calls end, so a client gone without closing its "
-                                          "connection does not hold its calls' slots and memory", minimum=0.001)
+                                          "connection does not hold its calls' slots and memory", minimum=0.001,
+                                  maximum=MAX_KEEPALIVE_SECONDS)
     grace: float = _opt(10.0, "seconds calls in flight get to finish on SIGTERM")
     shutdown_delay: float = _opt(0.5, "seconds between NOT_SERVING and refusing new calls on SIGTERM")
     runtime: str = _opt("auto", "model runtime: auto (ONNX Runtime when the version has graphs and "
@@ -184,23 +232,33 @@ class ServiceSettings:
     def from_mapping(cls, values: Mapping[str, Any] | None, refused: Iterable[str] = ()) -> "ServiceSettings":
         """From a config's mapping (Ray Serve's `args:`): unknown keys and wrong types fail with a message
         naming the key and what is accepted (the `refused` ones not among them: the caller refuses those)."""
-        values = dict(values or {})
         known = {f.name: f for f in fields(cls)}
+        if values is not None and not isinstance(values, Mapping):
+            raise ValueError(f"the settings must be a mapping of names to values (args: in a Serve config), got "
+                             f"{values!r}; accepted names: {sorted(set(known) - set(refused))}")
+        values = dict(values or {})
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown settings {unknown}; accepted: {sorted(set(known) - set(refused))}")
         parsed: dict[str, Any] = {}
         for name, value in values.items():
             kind = _scalar_type(known[name])
-            if value is None or isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool):
+            # None only where it means "unset" (`threads`, `port`...): a `batch_size: null` passed every check
+            # and failed in the replicas, at the first request.
+            optional = known[name].default is None
+            if value is None and optional or isinstance(value, kind) and not (isinstance(value, bool)
+                                                                            and kind is not bool):
                 parsed[name] = value
                 continue
             try:
-                if kind is bool or isinstance(value, bool):
+                # int(1.5) is 1: a fraction (or inf, nan) given for a count is refused, not truncated
+                if kind is bool or isinstance(value, bool) or value is None or (
+                        kind is int and isinstance(value, float) and not value.is_integer()):
                     raise ValueError
                 parsed[name] = kind(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"{name}: expected {kind.__name__}{' or null' if optional else ''}, got "
+                                 f"{value!r}") from None
         return cls(**parsed)
 
 

@@ -255,3 +255,22 @@ def test_sigterm_turns_health_not_serving_lets_calls_in_flight_finish_and_exits_
         assert service.process.wait(60) == 0
     finally:
         service.stop()
+
+
+def test_sigterm_right_after_the_start_does_not_wait_for_every_model_to_load(trained_repo: Path,
+                                                                             tmp_path: Path) -> None:
+    """Preloading ran as one job of the executor, which the shutdown waited for: every model of the repository
+    loaded before the process could exit, whatever --grace said (60 models: 5.2 s)."""
+    import time
+
+    models = tmp_path / "models"
+    for i in range(40):  # hard links: 40 models of the trained size, loaded one after the other
+        shutil.copytree(trained_repo / "vae" / "1", models / f"m{i}" / "1", copy_function=os.link)
+    service = ServiceProcess("decoder", models, args=["--grace", "0", "--shutdown-delay", "0"]).start()
+    try:
+        started = time.monotonic()
+        service.signal(signal.SIGTERM)
+        assert service.process.wait(60) == 0
+        assert time.monotonic() - started < 1.5, "".join(service.output)
+    finally:
+        service.stop()

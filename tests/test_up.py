@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -22,9 +23,11 @@ from helpers import ROOT
 class Up:
     """`aevae up` as a subprocess, its output collected line by line until it says it is ready."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, session: bool = False):
+        """`session`: in a session of its own, so that `left` can tell what of it outlived it."""
         self.process = subprocess.Popen([sys.executable, "-m", "aevae.cli", "up", *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=dict(os.environ))
+                                        stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=dict(os.environ),
+                                        start_new_session=session)
         self.lines: list[str] = []
         self.ready = threading.Event()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -55,6 +58,24 @@ class Up:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.text:
+            assert self.process.poll() is None and time.monotonic() < deadline, self.text
+            time.sleep(0.05)
+
+    def left(self) -> list[str]:
+        """The processes of its session still running (started with `session`), killed once listed."""
+        found = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-s", str(self.process.pid)], capture_output=True,
+                               text=True).stdout.splitlines()
+        running = [line.strip() for line in found if line.split()[1][0] != "Z"]  # zombies hold nothing
+        for line in running:
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return running
 
 
 def test_up_serves_both_services_says_how_to_call_them_and_stops_cleanly(trained_repo: Path, tmp_path) -> None:
@@ -102,5 +123,52 @@ def test_up_on_an_empty_repository_trains_first_then_serves_the_ui(mnist_root: P
         with DecoderClient(addresses["decoder"]) as dec:
             assert dec.decode(np.zeros((3, 4), np.float32), model="ae").shape == (3, 32, 32)
         assert up.stop() == 0, up.text
+    finally:
+        up.kill()
+
+
+def test_sigterm_while_up_starts_the_services_stops_what_it_started(trained_repo: Path) -> None:
+    """SIGTERM before `aevae up` was ready killed it alone: the encoder it had started served on, orphaned."""
+    up = Up("--models-dir", str(trained_repo), "--encoder-port", "0", "--decoder-port", "0", "--no-ui", session=True)
+    try:
+        up.wait_for("[encoder] aevae encoder serving", 120)  # the decoder is still starting
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(60) == 128 + signal.SIGTERM, up.text
+        time.sleep(0.5)
+        assert up.left() == [], up.text
+        assert "aevae up: stopped" in up.text
+    finally:
+        up.kill()
+        up.left()
+
+
+def test_sigterm_while_up_trains_stops_the_trainer(mnist_root: Path, tmp_path: Path) -> None:
+    """SIGTERM during the training killed `aevae up` alone: the trainer trained on and wrote the versions."""
+    models = tmp_path / "models"
+    up = Up("--models-dir", str(models), "--data-root", str(mnist_root), "--no-ui", "--encoder-port", "0",
+            "--decoder-port", "0", "--train-args", f"--train-limit 2000 --epochs 3 --storage-path {tmp_path / 'ray'}",
+            session=True)
+    try:
+        up.wait_for("training ae, vae", 180)  # Ray is up, the workers start
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(90) == 128 + signal.SIGTERM, up.text
+        time.sleep(1)
+        assert up.left() == [], up.text
+        assert "wrote" not in up.text and not (models / "vae" / "1").exists(), up.text
+    finally:
+        up.kill()
+        up.left()
+
+
+def test_a_service_that_fails_to_start_is_one_line_of_up(trained_repo: Path) -> None:
+    """The error repeated the child's whole output (already echoed above it) under `aevae up: error:`."""
+    up = Up("--models-dir", str(trained_repo), "--encoder-port", "0", "--decoder-port", "0", "--no-ui",
+            "--serve-args", "--runtime tvm")
+    try:
+        assert up.process.wait(120) == 2, up.text
+        errors = [line for line in up.lines if line.startswith("aevae up: error:")]
+        assert errors == ["aevae up: error: the encoder exited with code 2: --runtime must be auto, onnx or torch, "
+                          "got 'tvm'\n"], up.text
+        assert up.lines[-1] == errors[0], up.text  # nothing after it
     finally:
         up.kill()

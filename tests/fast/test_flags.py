@@ -107,3 +107,15 @@ def test_cpus_beyond_a_named_cluster_are_waited_for_with_a_word(capsys: pytest.C
         check_cpus("--workers", 3, 1.5, 4, None)
     check_cpus("--workers", 2, 2, 4, None)  # fits: nothing said
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-message-bytes", "3000000000"], "--max-message-bytes must be at most 1073741824, got 3000000000"),
+    (["--keepalive-seconds", "1e12"], "--keepalive-seconds must be at most 2147483"),
+])
+def test_serve_refuses_numbers_past_what_grpc_takes(argv: list[str], message: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """They passed the settings and were an OverflowError traceback from grpc.aio.server (exit 1)."""
+    assert cli.main(["serve", "decoder", "--port", "0", "--models-dir", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import socket
 from dataclasses import fields
 
 import pytest
 
-from aevae.services.settings import PORTS, ServiceSettings
+from aevae.services.settings import MAX_MESSAGE_BYTES, PORTS, ServiceSettings, listen_problem
 from helpers import ROOT
 
 
@@ -66,3 +67,44 @@ def test_each_setting_has_help_and_each_default_port_is_written_once() -> None:
             if isinstance(node, ast.Constant) and node.value in (50051, 50052):
                 literals.append(str(path.relative_to(ROOT)))
     assert literals == ["services/settings.py", "services/settings.py"]
+
+
+def test_settings_past_what_grpc_and_the_runtimes_take_are_refused() -> None:
+    """gRPC's channel arguments are 32-bit ints: a larger message limit or keepalive was an OverflowError
+    traceback from grpc.aio.server; 100000 intra-op threads took 16 GB and the start never ended."""
+    assert ServiceSettings(max_message_bytes=MAX_MESSAGE_BYTES).max_message_bytes == 1 << 30
+    with pytest.raises(ValueError, match=r"max-message-bytes must be at most 1073741824, got 3000000000"):
+        ServiceSettings(max_message_bytes=3_000_000_000)
+    with pytest.raises(ValueError, match=r"keepalive-seconds must be at most 2147483, got 1000000000000.0"):
+        ServiceSettings.from_mapping({"keepalive_seconds": 1e12})
+    with pytest.raises(ValueError, match=r"threads must be at most 1024, got 100000"):
+        ServiceSettings(threads=100_000)
+
+
+def test_a_mapping_refuses_a_fraction_for_a_count_null_for_a_required_setting_and_a_non_mapping() -> None:
+    """int(1.5) is 1, and `batch_size: null` passed every check to fail in the replicas at the first request."""
+    with pytest.raises(ValueError, match=r"workers: expected int, got 1.5"):
+        ServiceSettings.from_mapping({"workers": 1.5})
+    with pytest.raises(ValueError, match=r"workers: expected int, got inf"):  # was an OverflowError
+        ServiceSettings.from_mapping({"workers": float("inf")})
+    with pytest.raises(ValueError, match=r"batch_size: expected int, got None"):
+        ServiceSettings.from_mapping({"batch_size": None})
+    with pytest.raises(ValueError, match=r"the settings must be a mapping of names to values .*got 'batch_size'"):
+        ServiceSettings.from_mapping("batch_size")  # type: ignore[arg-type]
+    assert ServiceSettings.from_mapping({"workers": 2.0, "threads": None}) == ServiceSettings(workers=2)
+
+
+def test_a_port_that_cannot_be_had_is_named_with_its_cause() -> None:
+    """gRPC says "Failed to bind" for every cause, after an E line of its own: a host that does not resolve or
+    is not this machine's read as a port in use."""
+    assert "--host 999.1.1.1 does not resolve" in (listen_problem("999.1.1.1", 0, "--port", "decoder") or "")
+    problem = listen_problem("192.0.2.1", 0, "--port", "decoder") or ""  # TEST-NET-1: nobody's address
+    assert problem.startswith("--host 192.0.2.1 is not an address of this machine; give one of its own: 127.0.0.1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert listen_problem("127.0.0.1", port, "--metrics-port", "decoder") == (
+            f"127.0.0.1:{port} is in use by another process (another aevae decoder?): stop it, or pass another "
+            "--metrics-port (0 picks a free one)")
+    assert listen_problem("127.0.0.1", 0, "--port", "decoder") is None
