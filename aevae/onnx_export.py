@@ -239,8 +239,9 @@ def run(args: Any) -> int:
         except mnist.MnistError as exc:
             raise UserError(str(exc)) from None
     repository = ModelRepository(args.models_dir)
-    available = repository.versions()
-    if not available:
+    scan = repository.scan()
+    available = scan.versions
+    if not available and not scan.broken:
         raise UserError(f"no model versions under {repository.root.resolve()}: `aevae train` writes them")
     wanted = [m.split("/", 1) for m in args.models]
 
@@ -248,10 +249,16 @@ def run(args: Any) -> int:
         return w[0] == version.name and (len(w) == 1 or w[1] == str(version.number))
 
     unknown = [m for m, w in zip(args.models, wanted)
-               if not any(chosen(w, v) for versions in available.values() for v in versions)]
+               if not any(chosen(w, v) for v in [*scan.broken, *(v for vs in available.values() for v in vs)])]
     if unknown:
-        raise UserError(f"no such model or version: {', '.join(unknown)}; available: {repository.describe()}")
+        raise UserError(f"no such model or version: {', '.join(unknown)}; available: {scan.describe(repository.root)}")
     done, broken = 0, []
+    # A version the scan already found broken (a file missing, a bad manifest) is named with its reason, as one
+    # that fails to load below: left out silently, or called "no such version", it looked converted or absent.
+    for gone in scan.broken:
+        if not wanted or any(chosen(w, gone) for w in wanted):
+            print(f"{gone.name}/{gone.number}: broken: {gone.reason}", file=sys.stderr)
+            broken.append(f"{gone.name}/{gone.number}")
     for name, versions in available.items():
         for version in versions:
             if wanted and not any(chosen(w, version) for w in wanted):
@@ -265,6 +272,10 @@ def run(args: Any) -> int:
                 print(f"{version}: {exc}", file=sys.stderr)
                 broken.append(str(version))
                 continue
+            except OSError as exc:  # a read-only or full repository: the version stays as it was
+                where = f" ({Path(exc.filename).name})" if exc.filename else ""
+                raise UserError(f"cannot add the graphs to {version} in {repository.root}: {exc.strerror or exc}"
+                                f"{where}; it is left as it was ({done} version(s) converted before it)") from None
             done += 1
     print(f"added ONNX graphs to {done} version(s)")
     if broken:

@@ -14,16 +14,18 @@ broken-version policy live in `aevae.store`; this module imports neither torch n
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from aevae.manifest import FILE_NAME as MANIFEST
 from aevae.manifest import Manifest, ManifestError, json_default
@@ -32,6 +34,7 @@ MODELS_DIR_ENV = "AEVAE_MODELS_DIR"
 WEIGHTS = "weights.pt"
 STATS = "latent_stats.json"
 HIGH_WATER = ".high-water"
+HIGH_WATER_LOCK = ".high-water.lock"  # updates of a model's high-water mark take turns on this file
 MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB (its latent statistics live in their own file)
 # latent_stats.json: about 0.2 MiB for a 4-d latent, growing by ~3 KiB per dimension; read whole and kept in
 # memory per loaded version, so a bigger one (a damaged or hostile file, checksummed or not) is refused.
@@ -147,12 +150,14 @@ class ModelRepository:
         self.root = models_dir(root)
         self.allow_symlinks = allow_symlinks
 
-    def ensure_writable(self, names: Iterable[str] = ()) -> None:
+    def ensure_writable(self, names: Iterable[str] = (), needed_bytes: int = 0) -> None:
         """Raises UserError now when versions of the models `names` could not be written here (a file in the
-        way, no permission, a read-only mount, /proc), rather than after the minutes of training that would
-        produce them. Permission bits say nothing for root or a read-only mount, so this writes: it makes the
+        way, no permission, a read-only mount, /proc, less free space than `needed_bytes`, a model whose next
+        number would be past MAX_NUMBER), rather than after the minutes of training that would produce them.
+        Permission bits say nothing for root or a read-only mount, so this writes: it makes the
         missing folders down to each model's folder (the root's, with no names) and a temporary file there,
-        then removes what it made, so that a run that fails later leaves no empty repository behind."""
+        then removes what it made, so that a run that fails later leaves no empty repository behind. A
+        temporary file of no bytes is created even on a full disk, hence the separate free-space check."""
         from aevae.errors import UserError
 
         for folder in [self.root / name for name in names] or [self.root]:
@@ -170,6 +175,15 @@ class ModelRepository:
                         made.append(parent)
                 with tempfile.TemporaryFile(dir=folder):
                     pass
+                free = shutil.disk_usage(folder).free
+                if free < needed_bytes:
+                    raise UserError(f"cannot write model versions under {self.root}: they need about "
+                                    f"{_mib(needed_bytes)}, and {_mib(free)} is free there; free some space or "
+                                    "pass --models-dir (or set AEVAE_MODELS_DIR) to a folder with more")
+                if folder != self.root and self._next_number(folder) > MAX_NUMBER:
+                    raise UserError(f"cannot write a version of {folder.name} under {self.root}: its next number "
+                                    f"would be past {MAX_NUMBER} (see {folder / HIGH_WATER} and its version "
+                                    "folders); write under another --name or --models-dir")
             except OSError as exc:
                 where = f"{exc.filename}: " if exc.filename else ""
                 raise UserError(f"cannot write model versions under {self.root}: {where}{exc.strerror or exc}; "
@@ -265,13 +279,15 @@ class ModelRepository:
             raise ValueError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=model_dir))
+        staging = _make_staging(model_dir)
         try:
             for filename, write in writers.items():
                 write(staging / filename)
             manifest = manifest.with_(name=name, files={f: sha256_file(staging / f) for f in writers})
             while True:
-                number = 1 + max(self._high_water(model_dir), *self._numbers(model_dir), 0)
+                number = self._next_number(model_dir)
+                if number > MAX_NUMBER:  # its folder would be no version: written, then never listed
+                    raise ValueError(f"{name}'s next version number would be {number}, past {MAX_NUMBER}")
                 (staging / MANIFEST).write_text(manifest.with_(number=number).dumps())
                 target = model_dir / str(number)
                 try:
@@ -280,7 +296,10 @@ class ModelRepository:
                     if target.exists():
                         continue
                     raise
-                self._set_high_water(model_dir, number)
+                try:
+                    self._set_high_water(model_dir, number)
+                except OSError as exc:  # the version is complete and in place: reported written, as it is
+                    log.warning("%s/%d written, but its high-water mark could not be raised: %s", name, number, exc)
                 return self._check(name, number, target, self.root.resolve())
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -294,19 +313,30 @@ class ModelRepository:
         if clash:
             raise ValueError(f"{version} already has {clash}")
         checksums = {}
-        for filename, write in writers.items():
-            tmp = version.path / f".{filename}.incoming"
-            write(tmp)
-            checksums[filename] = sha256_file(tmp)
-            os.replace(tmp, version.path / filename)
-        changes = dict(manifest_changes)
-        if "runtimes" in changes:
-            changes["runtimes"] = {**version.manifest.runtimes, **changes["runtimes"]}
-        manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
         tmp = version.path / f".{MANIFEST}.incoming"
-        tmp.write_text(manifest.dumps())
-        os.replace(tmp, version.path / MANIFEST)
+        try:
+            for filename, write in writers.items():
+                tmp = version.path / f".{filename}.incoming"
+                write(tmp)
+                checksums[filename] = sha256_file(tmp)
+                os.replace(tmp, version.path / filename)
+            changes = dict(manifest_changes)
+            if "runtimes" in changes:
+                changes["runtimes"] = {**version.manifest.runtimes, **changes["runtimes"]}
+            manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
+            tmp = version.path / f".{MANIFEST}.incoming"
+            tmp.write_text(manifest.dumps())
+            os.replace(tmp, version.path / MANIFEST)
+        except BaseException:  # a full disk: no half-written file stays behind (the version is as it was)
+            tmp.unlink(missing_ok=True)
+            raise
         return self._check(version.name, version.number, version.path, self.root.resolve())
+
+    def _next_number(self, model_dir: Path) -> int:
+        """One past the high-water mark and every version folder's number (1 for a model not yet there)."""
+        if not model_dir.is_dir():
+            return 1
+        return 1 + max(self._high_water(model_dir), *self._numbers(model_dir), 0)
 
     @staticmethod
     def _numbers(model_dir: Path) -> list[int]:
@@ -320,12 +350,60 @@ class ModelRepository:
             return 0
 
     def _set_high_water(self, model_dir: Path, number: int) -> None:
-        if number <= self._high_water(model_dir):
-            return
-        fd, tmp = tempfile.mkstemp(prefix=".high-water-", dir=model_dir)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{number}\n")
-        os.replace(tmp, model_dir / HIGH_WATER)
+        """Raises the mark to `number`, never lowers it. Under the model's lock: two writers finishing together
+        (numbers 5 and 6) could otherwise both read 4, and the one writing 5 replace the 6 last, so that 6
+        would be given out again once its folder was deleted."""
+        with _locked(model_dir / HIGH_WATER_LOCK):
+            if number <= self._high_water(model_dir):
+                return
+            tmp = model_dir / f".high-water-{secrets.token_hex(8)}"
+            try:
+                with _create(tmp) as f:
+                    f.write(f"{number}\n".encode())
+                os.replace(tmp, model_dir / HIGH_WATER)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):,.1f} MiB"
+
+
+def _create(path: Path) -> BinaryIO:
+    """A new file opened for writing, with the permissions an ordinary file gets (0o666 less the umask), where
+    tempfile.mkstemp would make it 0o600."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+
+
+def _make_staging(model_dir: Path) -> Path:
+    """A new hidden folder in `model_dir` for a version being written, with the permissions an ordinary folder
+    gets (0o777 less the umask). tempfile.mkdtemp's would be 0o700, and renamed into place the version kept
+    them: a service running as another user (the containers' 10001) then found it broken, Permission denied."""
+    while True:
+        staging = model_dir / f".incoming-{secrets.token_hex(8)}"
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:
+            continue
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (flock) on `path`, created if missing, held for the block; on a file system
+    without flock (some network and FUSE mounts), the block runs unlocked, as it did before there was a lock."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            log.debug("no lock on %s (%s): going on without", path, exc)
+        yield
+    finally:
+        os.close(fd)
 
 
 def json_writer(data: Any) -> FileWriter:

@@ -14,6 +14,10 @@ from aevae.repository import NAME_PATTERN
 # fp32's quality (AE 102.91 against 103.21 nats, VAE 116.68 against 116.70) in less time. See README, Reduced
 # precision.
 PRECISIONS = ("fp32", "bf16")
+# The largest --seed: torch's generators take 64-bit seeds (each epoch's order is seeded with seed + epoch) and
+# numpy's none below 0; a seed outside 0..2**63-1 failed in the worker, or (a negative one) only in the latent
+# statistics after the whole run.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -44,6 +48,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Refuses what could only fail after training (a name the repository would not write), so a run is
         never lost at its end; fills in the storage path's default."""
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an integer from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.name is not None and not NAME_PATTERN.match(self.name):

@@ -8,11 +8,14 @@ statistics over the whole training set and writes a version atomically.
 from __future__ import annotations
 
 import datetime as dt
-import functools
+import io
 import logging
+import math
 import os
 import platform
+import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,12 +24,12 @@ import numpy as np
 
 import aevae
 from aevae import mnist, onnx_export
-from aevae.errors import check_cpus
-from aevae.inference import LoadedModel
+from aevae.errors import UserError, check_cpus
+from aevae.inference import LoadedModel, NonFiniteOutput
 from aevae.latent_stats import compute as compute_stats
 from aevae.manifest import Manifest, now
 from aevae.models import Architecture, Autoencoder, build
-from aevae.repository import STATS, WEIGHTS, ModelRepository, Version, json_writer
+from aevae.repository import STATS, WEIGHTS, FileWriter, ModelRepository, Version, json_writer
 from aevae.runtimes import TorchRuntime
 from aevae.trainer.config import TrainConfig
 
@@ -34,6 +37,9 @@ from aevae.trainer.config import TrainConfig
 BCE_FLOOR_NATS = 45.5
 MAX_FAILURES = 2
 HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+ADDRESS_TIMEOUT_S = 10.0
+ADDRESS_HELP = ("pass the address of a running cluster (host:port of its head, ray://head:10001, or auto for one "
+                "started on this machine with `ray start`), or leave --address out for a local Ray")
 
 
 def _start_ray(address: str | None) -> None:
@@ -47,11 +53,31 @@ def _start_ray(address: str | None) -> None:
     runtime_env = {"env_vars": {"PYTHONUNBUFFERED": "1",
                                 HEALTH_CHECK_INTERVAL: os.environ.get(HEALTH_CHECK_INTERVAL, "0.5")}}
     if address:
+        _check_reachable(address)
         print(f"connecting to the Ray cluster at {address}", flush=True)
-        ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
+        except (ConnectionError, ValueError) as exc:  # "auto" with no cluster; Ray Client's 30 s timeout
+            raise UserError(f"cannot connect to the Ray cluster at --address {address}: {exc}; {ADDRESS_HELP}") from None
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR, runtime_env=runtime_env)
+
+
+def _check_reachable(address: str) -> None:
+    """Refuses an --address that is no cluster address, or a host:port that does not answer. Given a host and
+    port where no Ray listens, ray.init retried for minutes on end (over 9 here) before it gave up; a bad
+    form was a ValueError traceback. "auto" and ray:// addresses fail within seconds by themselves."""
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--address takes host:port, ray://host:port or auto, got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(f"cannot reach the Ray cluster at --address {address}: {exc.strerror or exc}; "
+                        f"{ADDRESS_HELP}") from None
 
 
 def _format_progress(message: dict[str, Any] | str, epochs: int) -> list[str]:
@@ -159,6 +185,36 @@ def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mn
     )
 
 
+def version_bytes(arch: Architecture) -> int:
+    """About how many bytes a version of `arch` takes on disk: float32 weights, about as much again in the two
+    ONNX graphs, the int8 decoder (a byte per decoder weight), and at most 1 MiB of manifest and statistics.
+    Measured: 29.3 MB for the default architecture, estimated 31.8. Counted, not built: a model as wide as
+    --hidden allows would take gigabytes just to be measured."""
+
+    def parameters(sizes: list[int]) -> int:  # Linear layers, and a LayerNorm after each but the last
+        return sum(n_in * n_out + n_out + (2 * n_out if i < len(sizes) - 2 and arch.norm else 0)
+                   for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])))
+
+    pixels = arch.image_shape[0] * arch.image_shape[1]
+    heads = 2 if arch.kind == "vae" else 1
+    decoder = parameters([arch.latent_dim, *reversed(arch.hidden), pixels])
+    weights = parameters([pixels, *arch.hidden, heads * arch.latent_dim]) + decoder
+    return 8 * weights + decoder + (1 << 20)
+
+
+def weights_writer(state: dict[str, torch.Tensor]) -> FileWriter:
+    """A writer of weights.pt that serializes in memory first: torch.save straight into a file on a full disk
+    failed with torch's own "[enforce fail at inline_container.cc] unexpected pos", where writing the bytes gives
+    the OSError (No space left on device) that the trainer reports in one line."""
+
+    def write(path: Path) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        path.write_bytes(buffer.getbuffer())
+
+    return write
+
+
 def write_version(repository: ModelRepository, name: str, manifest: Manifest, model: Autoencoder,
                   stats: dict[str, Any], check_images: np.ndarray | None = None,
                   test_images: np.ndarray | None = None) -> Version:
@@ -172,7 +228,7 @@ def write_version(repository: ModelRepository, name: str, manifest: Manifest, mo
     graphs.update(int8)
     runtimes = {**manifest.runtimes, "onnx": onnx_entry, **reduced}
     return repository.write(name, manifest.with_(runtimes=runtimes), {
-        WEIGHTS: functools.partial(torch.save, state),
+        WEIGHTS: weights_writer(state),
         STATS: json_writer(stats),
         **{filename: onnx_export.bytes_writer(data) for filename, data in graphs.items()},
     })
@@ -189,8 +245,10 @@ def run(config: TrainConfig) -> list[Version]:
         raise ValueError("--name needs exactly one model in --models")
     if not config.address:  # before anything starts: the local Ray gets this machine's CPUs
         check_cpus("--num-workers", config.num_workers, config.cpus_per_worker, os.cpu_count() or 1, None)
+    archs = {config.target_name(kind): Architecture(kind=kind, latent_dim=config.latent_dim,
+                                                    hidden=tuple(config.hidden)) for kind in config.models}
     repository = ModelRepository(config.models_dir)
-    repository.ensure_writable(config.target_name(kind) for kind in config.models)
+    repository.ensure_writable(archs, needed_bytes=sum(version_bytes(arch) for arch in archs.values()))
     data = mnist.load(config.data_root)
     train = data.train
     if config.train_limit:
@@ -203,23 +261,37 @@ def run(config: TrainConfig) -> list[Version]:
         check_cpus("--num-workers", config.num_workers, config.cpus_per_worker, ray.cluster_resources().get("CPU", 0),
                    config.address)
     refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
-    archs = {config.target_name(kind): Architecture(kind=kind, latent_dim=config.latent_dim,
-                                                    hidden=tuple(config.hidden)) for kind in config.models}
     print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, {config.precision}, "
           f"{config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
     started = time.perf_counter()
     states, metrics = _fit(config, archs, refs)
     seconds = time.perf_counter() - started
-    written = []
+    kept = f"the run's last checkpoint stays under --storage-path {config.storage_path}"
+    diverged = [name for name in archs if not all(math.isfinite(metrics[name][key])
+                                                  for key in ("train_loss", "test_loss"))]
+    if diverged:  # its weights are nan or inf: the statistics and graphs would fail on them, or worse
+        raise UserError(f"training diverged for {', '.join(diverged)} (a loss of nan or inf), nothing written: "
+                        f"lower --lr (this run {config.lr:g}, default {TrainConfig().lr:g})")
+    written: list[Version] = []
     for name, arch in archs.items():
         model = build(arch)
         model.load_state_dict(states[name])
         manifest = _manifest(arch.kind, config, arch, data, len(train.images), metrics, seconds)
         print(f"[{name}] computing latent statistics over {len(train.images):,} training images ...", flush=True)
-        means, _ = LoadedModel(manifest, TorchRuntime(model.eval())).encode(train.images)
-        stats = compute_stats(means, train.labels, seed=config.seed)
-        check = train.images[:256].astype(np.float32) / np.float32(255)
-        version = write_version(repository, name, manifest, model, stats, check, data.test.floats())
+        try:
+            means, _ = LoadedModel(manifest, TorchRuntime(model.eval())).encode(train.images)
+            stats = compute_stats(means, train.labels, seed=config.seed)
+            check = train.images[:256].astype(np.float32) / np.float32(255)
+            version = write_version(repository, name, manifest, model, stats, check, data.test.floats())
+        except (NonFiniteOutput, onnx_export.OnnxExportError) as exc:  # nan, or far past float32's precision
+            raise UserError(f"[{name}] not written: {exc}; the model is numerically unusable (test loss "
+                            f"{metrics[name]['test_loss']:.4g} nats/img), lower --lr (this run {config.lr:g}, "
+                            f"default {TrainConfig().lr:g}); {kept}") from None
+        except OSError as exc:  # a full disk, or the repository changed under the run
+            where = f" ({Path(exc.filename).name})" if exc.filename else ""
+            raise UserError(f"[{name}] cannot write its version under {repository.root}: "
+                            f"{exc.strerror or exc}{where}; {kept}"
+                            + (f"; written: {', '.join(map(str, written))}" if written else "")) from None
         m = metrics[name]
         print(f"[{name}] wrote {version.path}  test bce {m['test_bce']:.2f}  total {m['test_loss']:.2f} "
               f"nats/img", flush=True)

@@ -302,3 +302,247 @@ def test_serving_docs_cite_test_files_that_exist() -> None:
     cited = set(re.findall(r"`(tests/[\w/]+\.py)`", text))
     assert "tests/fast/test_proto.py" in cited
     assert [path for path in sorted(cited) if not (ROOT / path).is_file()] == []
+
+
+# -- 5. training and export-onnx: what fails late fails in one line, and loses or leaves nothing half-done -------
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_train_refuses_a_seed_its_generators_cannot_take_before_anything_starts(
+        seed: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """-1 failed in numpy's generator for the latent statistics, after the whole run; 2**64 in the worker."""
+    pytest.importorskip("ray")
+    _nothing_may_start(monkeypatch)
+    err = _refused(["train", "--seed", seed, "--models-dir", str(tmp_path / "m")], capsys)
+    assert f"--seed must be an integer from 0 to {2**63 - 1}, got {seed}" in err
+    assert not (tmp_path / "m").exists()
+
+
+def _trained(monkeypatch: pytest.MonkeyPatch, poison: bool = False, start_ray: bool = False) -> None:
+    """`aevae train` with a fake run: 300 random images for MNIST, no Ray (unless `start_ray`: the real
+    _start_ray, whose ray.init the caller fakes), _fit returning freshly built weights (nan throughout with
+    `poison`, as a diverged run leaves them) and their metrics."""
+    pytest.importorskip("ray")
+    import ray
+    import torch
+
+    from aevae import mnist
+    from aevae.models import Architecture, build
+    from aevae.trainer import job
+
+    rng = np.random.default_rng(0)
+    split = mnist.Split(rng.integers(0, 256, (300, 32, 32), dtype=np.uint8), rng.integers(0, 10, 300))
+    monkeypatch.setattr(mnist, "load", lambda *args: mnist.Mnist(split, split, "fake", {}))
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    if not start_ray:
+        monkeypatch.setattr(job, "_start_ray", lambda address: None)
+    monkeypatch.setattr(ray, "put", lambda value: value)
+
+    def fit(config: Any, archs: dict[str, Architecture], refs: Any) -> tuple[dict, dict]:
+        states = {}
+        for name, arch in archs.items():
+            model = build(arch)
+            if poison:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(float("nan"))
+            states[name] = model.state_dict()
+        loss = float("nan") if poison else 700.0
+        figures = {"train_loss": loss, "test_bce": loss, "test_kl": 0.0, "test_loss": loss}
+        return states, {**{name: figures for name in archs}, "epoch_seconds": 1.0}
+
+    monkeypatch.setattr(job, "_fit", fit)
+
+
+def test_train_that_diverged_says_so_and_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """nan weights failed in the latent statistics' histogram, a traceback at the end of the run."""
+    _trained(monkeypatch, poison=True)
+    err = _refused(["train", "--models", "vae", "--hidden", "16", "--lr", "100",
+                    "--models-dir", str(tmp_path / "m")], capsys)
+    assert "training diverged for vae (a loss of nan or inf), nothing written: lower --lr (this run 100" in err
+    assert not list((tmp_path / "m").glob("*/[0-9]*"))
+
+
+def test_train_that_cannot_write_its_version_says_so_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A disk that fills while the run trains: an OSError traceback after the run; now one line naming the
+    file, where the run's checkpoint stays, and the version written before; no half version is left."""
+    import errno
+
+    from aevae.repository import STATS, ModelRepository
+    from aevae.trainer import job
+
+    _trained(monkeypatch)
+    writer = job.json_writer
+
+    def json_writer(data: Any) -> Any:
+        write = writer(data)
+
+        def full_for_the_second(path: Path) -> None:
+            if path.parent.parent.name == "vae":
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            write(path)
+
+        return full_for_the_second
+
+    monkeypatch.setattr(job, "json_writer", json_writer)
+    models = tmp_path / "m"
+    err = _refused(["train", "--hidden", "16", "--models-dir", str(models), "--storage-path", str(tmp_path / "r")],
+                   capsys)
+    assert (f"[vae] cannot write its version under {models}: No space left on device ({STATS}); the run's last "
+            f"checkpoint stays under --storage-path {tmp_path / 'r'}; written: ae/1") in err
+    assert [v.number for v in ModelRepository(models).versions()["ae"]] == [1]
+    assert not list((models / "vae").iterdir())  # no staging folder, no version
+
+
+def test_the_weights_on_a_full_disk_are_an_os_error_not_torchs_own() -> None:
+    """torch.save into the file said "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"."""
+    import errno
+
+    import torch
+
+    from aevae.trainer.job import weights_writer
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(OSError) as error:
+        weights_writer({"w": torch.zeros(1000)})(Path("/dev/full"))
+    assert error.value.errno == errno.ENOSPC
+
+
+def test_export_onnx_names_a_version_missing_a_file_as_broken_not_absent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "no such model or version: vae-old/1; available: ..." when asked for it, and nothing at all
+    when converting every version."""
+    pytest.importorskip("onnxruntime")
+    version = _without_graphs(tmp_path)
+    version.file("latent_stats.json").unlink()
+    for argv in (["vae-old/1"], []):
+        err = _refused(["export-onnx", "--models-dir", str(tmp_path / "models"), *argv], capsys)
+        assert "vae-old/1: broken: no latent_stats.json" in err
+        assert "1 version(s) broken, left as they are: vae-old/1" in err
+
+
+def test_export_onnx_into_a_repository_it_cannot_write_says_so_in_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A read-only mount (root passes permission bits, so the write is what fails here): an OSError traceback."""
+    import errno
+
+    pytest.importorskip("onnxruntime")
+    from aevae import onnx_export
+
+    version = _without_graphs(tmp_path)
+
+    def read_only(data: bytes) -> Any:
+        def write(path: Path) -> None:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return write
+
+    monkeypatch.setattr(onnx_export, "bytes_writer", read_only)
+    err = _refused(["export-onnx", "--models-dir", str(tmp_path / "models")], capsys)
+    assert (f"cannot add the graphs to vae-old/1 in {tmp_path / 'models'}: Read-only file system "
+            "(.encoder.onnx.incoming); it is left as it was") in err
+    assert sorted(p.name for p in version.path.iterdir()) == ["latent_stats.json", "manifest.json", "weights.pt"]
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another process listens on (this test, here)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _refused_fd(argv: list[str], capfd: pytest.CaptureFixture[str]) -> str:
+    """As _refused, reading the file descriptor: gRPC's core writes its E lines there, not to sys.stderr."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capfd.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err and "add_port" not in err and "(in use?)" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host", "999.1.1.1", "--insecure"], "--host 999.1.1.1 does not resolve"),
+    (["--host", "192.0.2.1", "--insecure"], "--host 192.0.2.1 is not an address of this machine"),
+    (["--port", "{taken}"], "127.0.0.1:{taken} is in use by another process (another aevae decoder?): stop it, or "
+                            "pass another --port"),
+    (["--port", "0", "--health-port", "{taken}"], "pass another --health-port"),
+    (["--port", "{free}", "--health-port", "{free}"], "--port and --health-port are both {free}: each needs a port "
+                                                      "of its own"),
+])
+def test_serve_says_why_it_cannot_listen_in_one_line(args: list[str], message: str, taken_port: int, tmp_path: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    """It said "cannot listen on X (in use?)" after gRPC's own E line, for every cause."""
+    fill = {"taken": taken_port, "free": _free_port()}
+    err = _refused_fd(["serve", "decoder", "--models-dir", str(tmp_path), *[a.format(**fill) for a in args]], capfd)
+    assert message.format(**fill) in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--host", "999.1.1.1", "--insecure"], "--host 999.1.1.1 does not resolve"),
+    (["--encoder-port", "{taken}"], "127.0.0.1:{taken} is in use by another process (another aevae encoder?): stop "
+                                    "it, or pass another --encoder-port"),
+    (["--encoder-port", "0", "--decoder-port", "{free}", "--ui-port", "{free}"],
+     "--decoder-port and --ui-port are both {free}"),
+])
+def test_up_refuses_ports_it_cannot_have_before_it_trains_or_starts_anything(
+        args: list[str], message: str, taken_port: int, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Found by the services, a port in use came after a training run of minutes, named `aevae serve`'s --port;
+    a --host that does not resolve was a socket.gaierror traceback."""
+    fill = {"taken": taken_port, "free": _free_port()}
+    models = tmp_path / "models"
+    write_tiny(models)  # were a port let through, the services would start rather than a training run
+    before = sorted(p.name for p in models.iterdir())
+    no_ui = [] if "--ui-port" in args else ["--no-ui"]
+    err = _refused_fd(["up", "--models-dir", str(models), "--no-metrics", *no_ui, *[a.format(**fill) for a in args]],
+                      capfd)
+    assert message.format(**fill) in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in models.iterdir()) == before
+
+
+@pytest.mark.parametrize("address, message", [
+    ("bogus", "--address takes host:port, ray://host:port or auto, got 'bogus'"),
+    ("127.0.0.1:{closed}", "cannot reach the Ray cluster at --address 127.0.0.1:{closed}: Connection refused; "
+                           "pass the address of a running cluster"),
+    ("auto", "cannot connect to the Ray cluster at --address auto: Could not find any running Ray instance"),
+])
+def test_train_at_an_address_with_no_cluster_says_so_at_once(
+        address: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A host:port where no Ray listens: ray.init retried for over 9 minutes; "bogus" and "auto" with no cluster
+    were tracebacks. (ray.init is faked: reaching it with a dead address fails the test, as it would hang.)"""
+    import socket
+
+    import ray
+
+    _trained(monkeypatch, start_ray=True)
+
+    def init(address: str | None = None, **kwargs: object) -> None:
+        if address == "auto":
+            raise ConnectionError("Could not find any running Ray instance.")
+        raise AssertionError(f"ray.init({address!r}) reached: it retries for minutes")
+
+    monkeypatch.setattr(ray, "init", init)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # free, and nobody listens once closed
+    address, message = address.format(closed=closed), message.format(closed=closed)
+    err = _refused(["train", "--address", address, "--hidden", "16", "--models-dir", str(tmp_path / "m")], capsys)
+    assert message in err
+    assert not (tmp_path / "m").exists()

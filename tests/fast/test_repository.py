@@ -126,3 +126,99 @@ def test_a_repository_that_cannot_be_written_says_so_before_any_work(tmp_path: P
         with pytest.raises(UserError, match=r"cannot write model versions under .*: .*file is a file, not a folder; "
                                             r"pass --models-dir"):
             ModelRepository(root).ensure_writable()
+
+
+def test_a_version_gets_the_permissions_of_an_ordinary_folder(tmp_path: Path) -> None:
+    """Not tempfile's 0o700: a service running as another user (the containers' 10001) could not read a
+    version a trainer wrote, and found it broken, Permission denied."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        version = write_tiny(tmp_path, "vae")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(version.path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "vae" / ".high-water").stat().st_mode) == 0o644
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in version.path.iterdir())
+
+
+def test_the_high_water_mark_is_never_lowered_by_a_writer_finishing_alongside(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers of versions 5 and 6 set the mark together: 6 must stay, or it is given out again once its folder
+    is deleted. Version 6's writer sets its mark while version 5's is about to replace the file."""
+    import os
+    import threading
+
+    model_dir = tmp_path / "vae"
+    model_dir.mkdir()
+    (model_dir / ".high-water").write_text("4\n")
+    repository = ModelRepository(tmp_path)
+    replace = os.replace
+    other: list[threading.Thread] = []
+
+    def replace_after_the_other_writer(src: str, dst: object) -> None:
+        if str(dst).endswith(".high-water") and not other:
+            other.append(threading.Thread(target=repository._set_high_water, args=(model_dir, 6)))
+            other[0].start()
+            other[0].join(timeout=0.5)  # with the lock it waits for this writer instead
+        replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace_after_the_other_writer)
+    repository._set_high_water(model_dir, 5)
+    other[0].join(timeout=10)
+    assert (model_dir / ".high-water").read_text().strip() == "6"
+
+
+def test_a_version_number_past_the_largest_is_refused_never_written_unlisted(tmp_path: Path) -> None:
+    from aevae.errors import UserError
+    from aevae.repository import MAX_NUMBER
+
+    write_tiny(tmp_path, "vae")
+    (tmp_path / "vae" / ".high-water").write_text(f"{MAX_NUMBER}\n")
+    with pytest.raises(UserError, match=f"next number would be past {MAX_NUMBER}"):
+        ModelRepository(tmp_path).ensure_writable(["vae"])
+    with pytest.raises(ValueError, match=f"next version number would be {MAX_NUMBER + 1}"):
+        write_tiny(tmp_path, "vae")
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir() if not p.name.startswith(".")) == ["1"]
+
+
+def test_a_disk_too_full_for_the_versions_is_refused_before_any_work(tmp_path: Path) -> None:
+    """An empty temporary file is created even on a full disk: the space is checked on its own."""
+    import shutil
+
+    from aevae.errors import UserError
+
+    free = shutil.disk_usage(tmp_path).free
+    ModelRepository(tmp_path / "models").ensure_writable(["ae", "vae"], needed_bytes=1 << 20)
+    with pytest.raises(UserError, match=r"cannot write model versions under .*: they need about .* MiB, and .* MiB "
+                                        r"is free there"):
+        ModelRepository(tmp_path / "models").ensure_writable(["ae", "vae"], needed_bytes=free + (1 << 30))
+    assert not (tmp_path / "models").exists()
+
+
+def test_adding_files_that_cannot_be_written_leaves_the_version_as_it_was(tmp_path: Path) -> None:
+    import errno
+
+    version = write_tiny(tmp_path, "vae")
+    before = sorted(p.name for p in version.path.iterdir())
+
+    def full_disk(path: Path) -> None:
+        path.write_bytes(b"part")
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    with pytest.raises(OSError):
+        ModelRepository(tmp_path).add_files(version, {"extra.bin": full_disk})
+    assert sorted(p.name for p in version.path.iterdir()) == before  # no .extra.bin.incoming left behind
+
+
+def test_a_version_in_place_is_reported_written_even_if_its_high_water_mark_is_not(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The mark's two bytes can find the disk the version just filled: the version is complete, so a failure
+    would only have a caller (the trainer) call it lost and train it again."""
+    (tmp_path / "vae" / ".high-water").mkdir(parents=True)  # in the way of the mark, as a full disk would be
+    with caplog.at_level(logging.WARNING):
+        version = write_tiny(tmp_path, "vae")
+    assert version.number == 1 and [v.number for v in ModelRepository(tmp_path).versions()["vae"]] == [1]
+    assert "vae/1 written, but its high-water mark could not be raised" in caplog.text
