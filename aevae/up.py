@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from aevae.errors import UserError, require_port
-from aevae.services.settings import PORTS, listen_problem
+from aevae.services.settings import PORTS, listeners_problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -313,15 +313,9 @@ def _check_ports(args: argparse.Namespace) -> None:
     ports = {"--encoder-port": (args.encoder_port, "encoder"), "--decoder-port": (args.decoder_port, "decoder")}
     if not args.no_ui:
         ports["--ui-port"] = (args.ui_port, "ui")
-    taken: dict[int, str] = {}
-    for flag, (port, what) in ports.items():
-        if port and port in taken:
-            raise UserError(f"{taken[port]} and {flag} are both {port}: each needs a port of its own (0 picks a "
-                            "free one)")
-        taken[port] = flag
-        problem = listen_problem(args.host, port, flag, what)
-        if problem:
-            raise UserError(problem)
+    problem = listeners_problem(args.host, ports)
+    if problem:
+        raise UserError(problem)
 
 
 def _require(extra: str, modules: tuple[str, ...]) -> None:

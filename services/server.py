@@ -29,7 +29,7 @@ from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
 from aevae.services import security
-from aevae.services.settings import PORTS, ServiceSettings, host_port, listen_problem
+from aevae.services.settings import PORTS, ServiceSettings, host_port, listen_problem, listeners_problem
 from aevae.repository import models_dir
 from aevae.store import ModelStore
 from aevae.v1 import decoder_pb2, encoder_pb2
@@ -117,21 +117,12 @@ def open_store(settings: ServiceSettings) -> ModelStore:
 
 def check_listeners(kind: str, settings: ServiceSettings) -> None:
     """OSError in one line when a port this service would listen on cannot be had: before anything loads,
-    and before gRPC tries (its error names no cause). Two of its flags on one port are named as such, not as
-    a port in use."""
-    ports = {"--port": settings.port_for(kind), "--health-port": settings.health_port,
-             "--metrics-port": settings.metrics_port}
-    taken: dict[int, str] = {}
-    for flag, port in ports.items():
-        if port is None:
-            continue
-        if port and port in taken:
-            raise OSError(f"{taken[port]} and {flag} are both {port}: each needs a port of its own (0 picks a "
-                          "free one)")
-        taken[port] = flag
-        problem = listen_problem(settings.host, port, flag, kind)
-        if problem:
-            raise OSError(problem)
+    and before gRPC tries (its error names no cause)."""
+    problem = listeners_problem(settings.host, {"--port": (settings.port_for(kind), kind),
+                                                "--health-port": (settings.health_port, kind),
+                                                "--metrics-port": (settings.metrics_port, kind)})
+    if problem:
+        raise OSError(problem)
 
 
 def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: ThreadPoolExecutor,

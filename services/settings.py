@@ -67,6 +67,23 @@ def listen_problem(host: str, port: int, flag: str, what: str) -> str | None:
     return f"cannot listen on {where} ({flag}): {os.strerror(failures[0]) if failures else 'no address'}"
 
 
+def listeners_problem(host: str, ports: Mapping[str, tuple[int | None, str]]) -> str | None:
+    """The first reason the listeners `ports` (flag -> (port, what listens); None: not listening) cannot all
+    listen on `host`: two flags on one port (named as such, not as a port in use), or `listen_problem`'s; None
+    when they can. `aevae serve` and `aevae up` ask it before anything loads or trains."""
+    taken: dict[int, str] = {}
+    for flag, (port, what) in ports.items():
+        if port is None:
+            continue
+        if port and port in taken:
+            return f"{taken[port]} and {flag} are both {port}: each needs a port of its own (0 picks a free one)"
+        taken[port] = flag
+        problem = listen_problem(host, port, flag, what)
+        if problem:
+            return problem
+    return None
+
+
 def _opt(default: Any, help: str, *, flag: bool = True, minimum: float | None = 0,
          maximum: float | None = None) -> Any:
     """A setting: its default, its help text, whether `aevae serve` has a flag for it, and its least and
