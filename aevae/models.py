@@ -26,6 +26,24 @@ class Architecture:
     image_shape: tuple[int, int] = (32, 32)
     name: str = field(default="mlp", compare=False)
 
+    def widths(self) -> tuple[list[int], list[int]]:
+        """The layer widths through the encoder and through the decoder, input first: what the model is built
+        from, and what a version's size is counted from without building it. The VAE's encoder ends twice as
+        wide, for the mean and the log-variance."""
+        pixels = self.image_shape[0] * self.image_shape[1]
+        heads = 2 if self.kind == "vae" else 1
+        return [pixels, *self.hidden, heads * self.latent_dim], [self.latent_dim, *reversed(self.hidden), pixels]
+
+    def parameters(self) -> tuple[int, int]:
+        """The encoder's and the decoder's parameter counts, as `_mlp` builds them (a Linear per pair of widths,
+        a LayerNorm after each but the last when `norm`), counted without building the model."""
+        def count(sizes: list[int]) -> int:
+            return sum(n_in * n_out + n_out + (2 * n_out if i < len(sizes) - 2 and self.norm else 0)
+                       for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])))
+
+        encoder, decoder = self.widths()
+        return count(encoder), count(decoder)
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -61,9 +79,9 @@ class Autoencoder(nn.Module):
             raise ValueError(f"kind must be one of {KINDS}, got {arch.kind!r}")
         self.arch = arch
         self.pixels = arch.image_shape[0] * arch.image_shape[1]
-        heads = 2 if arch.kind == "vae" else 1
-        self.encoder = _mlp([self.pixels, *arch.hidden, heads * arch.latent_dim], arch)
-        self.decoder = _mlp([arch.latent_dim, *reversed(arch.hidden), self.pixels], arch)
+        encoder, decoder = arch.widths()
+        self.encoder = _mlp(encoder, arch)
+        self.decoder = _mlp(decoder, arch)
 
     @property
     def variational(self) -> bool:

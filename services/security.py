@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from aevae.client.credentials import ENV_TOKEN, TokenFile, is_loopback
+from aevae.client.credentials import ENV_TOKEN, TokenFile, encrypted_key, is_loopback, no_passphrase
 from aevae.services.settings import ServiceSettings, host_port
 
 log = logging.getLogger(__name__)
@@ -56,11 +56,6 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
-def _no_passphrase() -> bytes:
-    """The passphrase OpenSSL asks for an encrypted key: none. Without it, OpenSSL would prompt on the terminal."""
-    return b""
-
-
 def _check_tls(cert: str, cert_pem: bytes, key: str, key_pem: bytes, ca: str | None, ca_pem: bytes | None) -> None:
     """SecurityError naming the option when the files are not a certificate, its private key and CA
     certificates. gRPC takes any PEM and fails only when it binds the port, with "Failed to bind to address
@@ -76,11 +71,11 @@ def _check_tls(cert: str, cert_pem: bytes, key: str, key_pem: bytes, ca: str | N
             what = "the server's certificate (chain)" if option == "tls-cert" else "the CA certificates of mutual TLS"
             raise SecurityError(f"{option}: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----); it "
                                 f"takes {what}") from None
-    if b"ENCRYPTED" in key_pem.split(b"-----END", 1)[0]:
+    if encrypted_key(key_pem):
         raise SecurityError(f"tls-key: {key} is encrypted (it needs a passphrase); the service takes the "
                             "key unencrypted, e.g. `openssl pkey -in KEY -out KEY.plain`, readable by it alone")
     try:
-        context.load_cert_chain(cert, key, password=_no_passphrase)
+        context.load_cert_chain(cert, key, password=no_passphrase)
     except ssl.SSLError as exc:
         if exc.reason == "KEY_VALUES_MISMATCH":
             raise SecurityError(f"tls-key: {key} is not the private key of the certificate in --tls-cert {cert}; "

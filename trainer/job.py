@@ -190,15 +190,8 @@ def version_bytes(arch: Architecture) -> int:
     ONNX graphs, the int8 decoder (a byte per decoder weight), and at most 1 MiB of manifest and statistics.
     Measured: 29.3 MB for the default architecture, estimated 31.8. Counted, not built: a model as wide as
     --hidden allows would take gigabytes just to be measured."""
-
-    def parameters(sizes: list[int]) -> int:  # Linear layers, and a LayerNorm after each but the last
-        return sum(n_in * n_out + n_out + (2 * n_out if i < len(sizes) - 2 and arch.norm else 0)
-                   for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])))
-
-    pixels = arch.image_shape[0] * arch.image_shape[1]
-    heads = 2 if arch.kind == "vae" else 1
-    decoder = parameters([arch.latent_dim, *reversed(arch.hidden), pixels])
-    weights = parameters([pixels, *arch.hidden, heads * arch.latent_dim]) + decoder
+    encoder, decoder = arch.parameters()
+    weights = encoder + decoder
     return 8 * weights + decoder + (1 << 20)
 
 

@@ -66,6 +66,19 @@ def is_loopback_target(target: str | Sequence[str]) -> bool:
         is_loopback(part.removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")[0]) for part in parts)
 
 
+def encrypted_key(pem: bytes) -> bool:
+    """Whether a PEM private key needs a passphrase (its first block says ENCRYPTED: "BEGIN ENCRYPTED PRIVATE
+    KEY", or an old RSA key's "Proc-Type: 4,ENCRYPTED"). A server has nobody to ask for one: the services and
+    the UI take keys unencrypted, and say so rather than fail as if the key were no key."""
+    return b"ENCRYPTED" in pem.split(b"-----END", 1)[0]
+
+
+def no_passphrase() -> bytes:
+    """The passphrase given to OpenSSL for a key: none. Without a callback, OpenSSL would stop the start to ask
+    for one on the terminal."""
+    return b""
+
+
 class TokenFile:
     """Tokens from a file, one per line (several: all accepted, for a rotation with overlap; blank lines and
     lines starting with # are ignored). Re-read when the file's size, mtime or inode change, checked at most

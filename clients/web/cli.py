@@ -95,7 +95,7 @@ def _protection(args: argparse.Namespace):
 
     from aevae.client import AevaeError
     from aevae.client.cli import security_options
-    from aevae.client.credentials import ChannelSecurity, TokenFile
+    from aevae.client.credentials import ChannelSecurity, TokenFile, encrypted_key, no_passphrase
     from aevae.ui.guard import Guard, is_loopback
 
     try:
@@ -138,11 +138,10 @@ def _protection(args: argparse.Namespace):
                 raise UserError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
-            # no passphrase: without one given, OpenSSL would stop the start to ask for it on the terminal
-            ssl_context.load_cert_chain(args.https_cert, args.https_key, password=lambda: b"")
+            ssl_context.load_cert_chain(args.https_cert, args.https_key, password=no_passphrase)
         except (OSError, ssl.SSLError) as exc:
             with open(args.https_key, "rb") as key:
-                if b"ENCRYPTED" in key.read().split(b"-----END", 1)[0]:
+                if encrypted_key(key.read()):
                     raise UserError(f"--https-key {args.https_key} is encrypted (it needs a passphrase); the UI "
                                     "takes the key unencrypted, e.g. `openssl pkey -in KEY -out KEY.plain`") from None
             raise UserError(f"--https-cert {args.https_cert} and --https-key {args.https_key} are not a PEM "

@@ -69,3 +69,12 @@ def test_a_model_of_another_image_shape_decodes_to_that_shape() -> None:
     assert model.decode(torch.zeros(3, 8)).shape == (3, 24, 20)
     mu, logvar = model.encode(torch.zeros(3, 24, 20))
     assert mu.shape == logvar.shape == (3, 8)
+
+
+@pytest.mark.parametrize("arch", [Architecture(kind="vae"), Architecture(kind="ae", latent_dim=8, hidden=(64, 32)),
+                                  Architecture(kind="vae", hidden=(16,), norm=False, image_shape=(8, 8))])
+def test_counted_parameters_are_the_built_models(arch: Architecture) -> None:
+    """What a version's size is estimated from before training (trainer.job.version_bytes), without building."""
+    model = build(arch)
+    assert arch.parameters() == (sum(p.numel() for p in model.encoder.parameters()),
+                                 sum(p.numel() for p in model.decoder.parameters()))
