@@ -4,7 +4,9 @@ Disk work only: listing versions and writing them atomically. Loading, checksum 
 broken-version policy live in `aevae.store`; this module imports neither torch nor the model runtime.
 
 - A version appears atomically: it is written into a hidden folder beside its siblings and renamed into
-  place, so a reader never sees half of one.
+  place, so a reader never sees half of one; its files reach the disk (fsync) before the rename, and the
+  rename before the version is reported written, so a crash or power cut after that loses nothing. A hidden
+  folder left by a writer that was killed is removed by the next writer of that model, once it is an hour old.
 - Version numbers are canonical decimal folder names from 1 to 2**63 - 1 ("002" or "1e3" are not versions);
   they are never reused: a high-water mark per model survives deleting the newest version, so a client
   pinned to a number never silently gets other weights.
@@ -23,6 +25,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
@@ -42,6 +45,10 @@ STATS_MAX_BYTES = 16 << 20
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 NUMBER_PATTERN = re.compile(r"^[1-9][0-9]{0,18}$")
 MAX_NUMBER = 2**63 - 1  # what the wire's int64 holds
+STAGING_PREFIX = ".incoming-"
+# A version is written into its hidden folder in about a second (its files are made before the folder is);
+# one an hour old was left by a writer that was killed (SIGKILL, a power cut) and is removed by the next writer.
+STALE_SECONDS = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -279,16 +286,20 @@ class ModelRepository:
             raise ValueError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale(model_dir)
         staging = _make_staging(model_dir)
         try:
             for filename, write in writers.items():
                 write(staging / filename)
+                _fsync(staging / filename)
             manifest = manifest.with_(name=name, files={f: sha256_file(staging / f) for f in writers})
             while True:
                 number = self._next_number(model_dir)
                 if number > MAX_NUMBER:  # its folder would be no version: written, then never listed
                     raise ValueError(f"{name}'s next version number would be {number}, past {MAX_NUMBER}")
                 (staging / MANIFEST).write_text(manifest.with_(number=number).dumps())
+                _fsync(staging / MANIFEST)
+                _fsync(staging)
                 target = model_dir / str(number)
                 try:
                     os.rename(staging, target)  # fails if another writer took the number first
@@ -296,6 +307,7 @@ class ModelRepository:
                     if target.exists():
                         continue
                     raise
+                _fsync(model_dir)
                 try:
                     self._set_high_water(model_dir, number)
                 except OSError as exc:  # the version is complete and in place: reported written, as it is
@@ -318,6 +330,7 @@ class ModelRepository:
             for filename, write in writers.items():
                 tmp = version.path / f".{filename}.incoming"
                 write(tmp)
+                _fsync(tmp)
                 checksums[filename] = sha256_file(tmp)
                 os.replace(tmp, version.path / filename)
             changes = dict(manifest_changes)
@@ -326,7 +339,9 @@ class ModelRepository:
             manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
             tmp = version.path / f".{MANIFEST}.incoming"
             tmp.write_text(manifest.dumps())
+            _fsync(tmp)
             os.replace(tmp, version.path / MANIFEST)
+            _fsync(version.path)
         except BaseException:  # a full disk: no half-written file stays behind (the version is as it was)
             tmp.unlink(missing_ok=True)
             raise
@@ -360,6 +375,7 @@ class ModelRepository:
             try:
                 with _create(tmp) as f:
                     f.write(f"{number}\n".encode())
+                _fsync(tmp)
                 os.replace(tmp, model_dir / HIGH_WATER)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -376,12 +392,41 @@ def _create(path: Path) -> BinaryIO:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
 
+def _fsync(path: Path) -> None:
+    """Flushes a file's data, or a folder's entries, to the disk: a rename can reach the disk before the data
+    of the file renamed, so without this a power cut could leave a complete-looking version of empty files."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale(model_dir: Path) -> None:
+    """Removes what killed writers left in `model_dir`: staging folders and high-water files being replaced,
+    once STALE_SECONDS old (a live writer's are seconds old). Best effort: what cannot be removed stays."""
+    cutoff = time.time() - STALE_SECONDS
+    for path in model_dir.iterdir():
+        if not path.name.startswith((STAGING_PREFIX, f"{HIGH_WATER}-")):
+            continue
+        try:
+            if path.lstat().st_mtime > cutoff:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            log.info("removed %s, left by a writer that did not finish", path)
+        except OSError as exc:
+            log.warning("cannot remove %s, left by a writer that did not finish: %s", path, exc)
+
+
 def _make_staging(model_dir: Path) -> Path:
     """A new hidden folder in `model_dir` for a version being written, with the permissions an ordinary folder
     gets (0o777 less the umask). tempfile.mkdtemp's would be 0o700, and renamed into place the version kept
     them: a service running as another user (the containers' 10001) then found it broken, Permission denied."""
     while True:
-        staging = model_dir / f".incoming-{secrets.token_hex(8)}"
+        staging = model_dir / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
         try:
             staging.mkdir()
             return staging

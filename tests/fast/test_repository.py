@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aevae.manifest import Manifest
-from aevae.repository import MANIFEST, ModelRepository, version_number
+from aevae.repository import HIGH_WATER, MANIFEST, STAGING_PREFIX, STALE_SECONDS, ModelRepository, version_number
 from aevae.store import ModelStore
 from helpers import ROOT, write_tiny
 
@@ -222,3 +222,50 @@ def test_a_version_in_place_is_reported_written_even_if_its_high_water_mark_is_n
         version = write_tiny(tmp_path, "vae")
     assert version.number == 1 and [v.number for v in ModelRepository(tmp_path).versions()["vae"]] == [1]
     assert "vae/1 written, but its high-water mark could not be raised" in caplog.text
+
+
+def test_a_killed_writers_leftovers_are_removed_by_the_next_writer_once_stale(tmp_path: Path) -> None:
+    """A writer killed mid-write leaves its hidden staging folder (megabytes of weights) and maybe a high-water
+    file being replaced; the next writer of the model removes those an hour old, and leaves a live writer's."""
+    import os
+    import time
+
+    write_tiny(tmp_path, "vae")
+    model_dir = tmp_path / "vae"
+    old = time.time() - STALE_SECONDS - 60
+    stale_folder = model_dir / f"{STAGING_PREFIX}dead"
+    stale_folder.mkdir()
+    (stale_folder / "weights.pt").write_bytes(b"x" * 1000)
+    stale_mark = model_dir / f"{HIGH_WATER}-dead"
+    stale_mark.write_text("7\n")
+    live_folder = model_dir / f"{STAGING_PREFIX}live"
+    live_folder.mkdir()
+    for path in (stale_folder, stale_mark):
+        os.utime(path, (old, old))
+    write_tiny(tmp_path, "vae")
+    left = sorted(p.name for p in model_dir.iterdir())
+    assert left == sorted([HIGH_WATER, f"{HIGH_WATER}.lock", f"{STAGING_PREFIX}live", "1", "2"])
+    assert ModelRepository(tmp_path).scan().versions["vae"][-1].number == 2  # the stale mark's 7 was never read
+
+
+def test_a_written_version_is_flushed_to_disk_before_it_is_renamed_into_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every file of the version, the staging folder, then the model folder after the rename, in that order: a
+    rename can reach the disk before the data of the files renamed."""
+    import os
+
+    from aevae import repository
+
+    order: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(repository.os, "fsync", lambda fd: (order.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                            real_fsync(fd))[1])
+    monkeypatch.setattr(repository.os, "rename", lambda a, b: (order.append(f"rename {Path(b).name}"),
+                                                              real_rename(a, b))[1])
+    write_tiny(tmp_path, "vae")
+    rename = order.index("rename 1")
+    before = [Path(p) for p in order[:rename]]
+    assert {p.name for p in before if p.parent.name.startswith(STAGING_PREFIX)} >= {MANIFEST, "weights.pt",
+                                                                                     "decoder.onnx"}
+    assert before[-1].name.startswith(STAGING_PREFIX)  # the folder's entries last
+    assert Path(order[rename + 1]) == (tmp_path / "vae").resolve()
