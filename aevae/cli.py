@@ -8,9 +8,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
-from aevae.errors import UserError
+from aevae.errors import Terminated, UserError, raise_on_sigterm
 
 # module -> it defines `register(subparsers)`; the order is the order of `aevae --help`.
 COMMANDS = (
@@ -43,8 +44,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    raise_on_sigterm()  # `aevae serve` replaces it with its graceful drain once it is up
     try:
         return int(args.func(args) or 0)
+    except Terminated:
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     except UserError as exc:

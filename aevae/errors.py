@@ -7,10 +7,31 @@ its own statuses.
 """
 
 import math
+import signal
+import threading
 
 
 class UserError(Exception):
     """An error caused by the input or the environment; the message says what was wrong and what is accepted."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill`, a container stop and a scheduler send), raised like Ctrl-C's KeyboardInterrupt, so a
+    command stops as it does on Ctrl-C: it stops what it started and says what is kept (a batch job, its shards
+    on disk). With the default action the process died at once and its children ran on without it; under Ray,
+    whose ray.init installs sys.exit as the handler, the exit skipped every `except KeyboardInterrupt` and Ray
+    printed its workers' stacks."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def raise_on_sigterm() -> None:
+    """Makes SIGTERM raise Terminated in the main thread; called at start and again after ray.init, which
+    replaces the handler. From another thread it does nothing (Python sets handlers in the main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def require_positive(flag: str, value: float | None) -> None:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from aevae.errors import UserError, require_port
+from aevae.errors import Terminated, UserError, require_port
 from aevae.services.settings import PORTS, listeners_problem
 
 
@@ -41,27 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM before `aevae up` is ready, raised like Ctrl-C's KeyboardInterrupt so that whatever it started is
-    stopped on the way out. With the default action the process died at once and its children (the trainer,
-    a service already up) ran on without it, holding their ports."""
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
 def run(args: argparse.Namespace) -> int:
     for flag in ("encoder_port", "decoder_port", "ui_port"):
         require_port("--" + flag.replace("_", "-"), getattr(args, flag))
     _check_ports(args)
-    previous = signal.signal(signal.SIGTERM, _terminated)
-    try:
-        return _run(args)
-    except Terminated:
-        return 128 + signal.SIGTERM  # stopped before it was ready, with everything it had started
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return _run(args)  # SIGTERM before it is ready: Terminated (aevae.cli), which stops what it started
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -36,7 +36,7 @@ from aevae.batch.model import ModelRef
 from aevae.batch.progress import Progress
 from aevae.batch.sinks import TMP_MARK, Sink, shard_entries
 from aevae.batch.sources import Source
-from aevae.errors import InvalidArgument, UserError, check_cpus
+from aevae.errors import InvalidArgument, UserError, check_cpus, raise_on_sigterm
 from aevae.services import inputs
 
 JOB_FILE = "_aevae_batch.json"
@@ -202,6 +202,7 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
             parts = {}
         root.mkdir(parents=True, exist_ok=True)
         job.sink.clean()
+        _remove_dead_job_file_temporaries(root)
     changed = record is not None and record.get("inputs") != stats
     if changed and parts and note is not None:
         note(f"the input changed since the last run: checking the {len(parts)} shards on disk against it")
@@ -323,9 +324,29 @@ def _remove_parts(root: Path) -> None:
     (root / JOB_FILE).unlink(missing_ok=True)
 
 
+def _remove_dead_job_file_temporaries(root: Path) -> None:
+    """Removes job-file temporaries whose writer (the process named in the name) is gone: one killed while
+    replacing the job file (SIGKILL, a power cut) left its temporary for good."""
+    for tmp in root.glob(f".{JOB_FILE}{TMP_MARK}*"):
+        pid = tmp.name.rpartition(TMP_MARK)[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        return True
+    return True
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Writes the job file atomically; a write that fails (a full disk) leaves the old one and no temporary."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
@@ -353,6 +374,7 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
         local = address is None and not os.environ.get("RAY_ADDRESS")
         ray.init(address="local" if local else address, include_dashboard=False, logging_level=logging.WARNING,
                  log_to_driver=False, configure_logging=True)
+        raise_on_sigterm()  # ray.init made SIGTERM a sys.exit, past the CLI's account of the shards on disk
         started = True
     try:
         if not plan.todo:

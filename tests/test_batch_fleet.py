@@ -155,7 +155,10 @@ def test_a_dns_name_with_several_addresses_is_several_replicas(fleet, monkeypatc
         np.testing.assert_array_equal(both.decode(z, dtype="uint8"), one.decode(z, dtype="uint8"))
 
 
-def test_decode_batch_on_the_fleet_resumes_after_ctrl_c(fleet, repo: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_decode_batch_on_the_fleet_resumes_after_ctrl_c(fleet, repo: Path, tmp_path: Path, stop: int) -> None:
+    """Ctrl-C, or SIGTERM (a container stop, `kill`; it used to end the process at once, without the count of
+    the shards on disk): the shards in flight are ended, the count is printed, and the next run resumes."""
     out = tmp_path / "out"
     command = [*AEVAE, "decode-batch", "--prior", "40000", "--seed", "1", "--model", "vae8", "--output", str(out),
                "--shard-size", "1000", "--decoder", ",".join(fleet["decoder"]), "--concurrency", "3"]
@@ -163,9 +166,9 @@ def test_decode_batch_on_the_fleet_resumes_after_ctrl_c(fleet, repo: Path, tmp_p
     deadline = time.monotonic() + 120
     while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Run the same command again to resume" in err, err
+    assert process.returncode == 128 + stop and "Run the same command again to resume" in err, err
     done = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert 1 <= len(done) < 40
     # the count is taken once the shards in flight were cancelled or had ended: what is on disk, and stays

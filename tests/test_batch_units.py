@@ -340,9 +340,19 @@ def test_shards_resume_and_keep_the_input_order(tiny_repo: Path, tmp_path: Path)
     for shard in (0, 2):
         assert run_shard(job, model, shard)["rows"] == 300
     (out / ".part-000001.parquet.tmp-123").write_bytes(b"half a file")  # a writer killed mid-shard
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_tmp = out / f".{JOB_FILE}.tmp-{int(gone.stdout)}"  # a run killed replacing the job file
+    dead_tmp.write_text("{")
+    live_tmp = out / f".{JOB_FILE}.tmp-1"  # pid 1 lives: a run writing it now
+    live_tmp.write_text("{")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
     plan = prepare(job)
     assert plan.todo == [1, 3] and plan.skipped_rows == 600 and not list(out.glob(".part-*"))
+    assert not dead_tmp.exists() and live_tmp.exists()
+    live_tmp.unlink()
     for shard in plan.todo:
         run_shard(job, model, shard)
     assert {p: out.joinpath(p).stat().st_mtime_ns for p in before} == before  # done shards untouched

@@ -75,6 +75,7 @@ def test_second_run_with_two_workers_writes_version_2(trained_repo: Path, mnist_
                      "--storage-path", str(tmp_path / "ray"), *SMALL_TRAINING)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[vae] epoch 1/1" in done.stdout and "img/s" in done.stdout and "ETA" in done.stdout
+    assert not [p for p in (tmp_path / "ray").rglob("*") if p.is_file()]  # its checkpoints, removed once written
     repo = ModelRepository(models)
     for name in ("ae", "vae"):
         assert [v.number for v in repo.versions()[name]] == [1, 2]
@@ -166,3 +167,41 @@ def test_killed_worker_resumes_from_last_checkpoint(mnist_root: Path, tmp_path: 
     [last] = [line for line in lines if "epoch 3/3" in line]
     assert "test(2,000) bce" in first and "test(10,000) bce" in last
     assert [v.number for v in ModelRepository(models).versions()["vae"]] == [1]
+
+
+def test_sigterm_stops_training_and_its_workers_with_one_line(mnist_root: Path, tmp_path: Path) -> None:
+    """SIGTERM (a container stop, `kill`) mid-run: exit 143 with one line saying nothing was written and where
+    the checkpoint is, no traceback, no Ray stack dump, and no process of the run left behind. ray.init had made
+    SIGTERM a sys.exit, which skipped the driver's own account of the stop."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from helpers import ROOT
+
+    models = tmp_path / "models"
+    command = [sys.executable, "-m", "aevae.cli", "train", "--data-root", str(mnist_root), "--models", "vae",
+               "--models-dir", str(models), "--storage-path", str(tmp_path / "ray"), "--train-limit", "3000",
+               "--epochs", "50"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    assert driver.stdout is not None
+    lines, family = [], []
+    for line in driver.stdout:
+        lines.append(line)
+        if not family and "epoch 1/50" in line:
+            family = psutil.Process(driver.pid).children(recursive=True)
+            driver.send_signal(signal.SIGTERM)
+    output = "".join(lines)
+    assert driver.wait(timeout=120) == 128 + signal.SIGTERM, output
+    assert family and "epoch 50/50" not in output
+    assert "stopped by SIGTERM" in output and "nothing written" in output and str(tmp_path / "ray") in output
+    assert "Traceback" not in output and "Stack" not in output, output
+    assert not (models / "vae").exists() or not ModelRepository(models).versions().get("vae")
+    deadline = time.monotonic() + 60
+    while [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [" ".join(p.cmdline()[:3]) for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, left

@@ -13,7 +13,9 @@ import logging
 import math
 import os
 import platform
+import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ import numpy as np
 
 import aevae
 from aevae import mnist, onnx_export
-from aevae.errors import UserError, check_cpus
+from aevae.errors import Terminated, UserError, check_cpus, raise_on_sigterm
 from aevae.inference import LoadedModel, NonFiniteOutput
 from aevae.latent_stats import compute as compute_stats
 from aevae.manifest import Manifest, now
@@ -62,6 +64,7 @@ def _start_ray(address: str | None) -> None:
     else:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR, runtime_env=runtime_env)
+    raise_on_sigterm()  # ray.init made SIGTERM a sys.exit
 
 
 def _check_reachable(address: str) -> None:
@@ -96,7 +99,8 @@ def _format_progress(message: dict[str, Any] | str, epochs: int) -> list[str]:
     return lines
 
 
-def _fit(config: TrainConfig, archs: dict[str, Architecture], refs: dict[str, Any]) -> tuple[dict, dict]:
+def _fit(config: TrainConfig, archs: dict[str, Architecture], refs: dict[str, Any],
+         run_name: str) -> tuple[dict, dict]:
     """One Ray Train run for all models; returns (final state_dicts by name, last reported metrics)."""
     import threading
 
@@ -119,7 +123,7 @@ def _fit(config: TrainConfig, archs: dict[str, Architecture], refs: dict[str, An
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(
-            name=f"{'-'.join(archs)}-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}",
+            name=run_name,
             storage_path=os.path.abspath(storage) if "://" not in storage else storage,
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -257,9 +261,16 @@ def run(config: TrainConfig) -> list[Version]:
     print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, {config.precision}, "
           f"{config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
     started = time.perf_counter()
-    states, metrics = _fit(config, archs, refs)
-    seconds = time.perf_counter() - started
+    run_name = f"{'-'.join(archs)}-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
     kept = f"the run's last checkpoint stays under --storage-path {config.storage_path}"
+    try:
+        states, metrics = _fit(config, archs, refs, run_name)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: Ray stops the workers as the driver exits
+        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+        print(f"aevae train: stopped by {how} after {time.perf_counter() - started:.0f}s, nothing written; {kept}",
+              file=sys.stderr, flush=True)
+        raise
+    seconds = time.perf_counter() - started
     diverged = [name for name in archs if not all(math.isfinite(metrics[name][key])
                                                   for key in ("train_loss", "test_loss"))]
     if diverged:  # its weights are nan or inf: the statistics and graphs would fail on them, or worse
@@ -291,4 +302,21 @@ def run(config: TrainConfig) -> list[Version]:
         written.append(version)
     print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch on average)",
           flush=True)
+    _remove_checkpoints(config, run_name)
     return written
+
+
+def _remove_checkpoints(config: TrainConfig, run_name: str) -> None:
+    """Removes the run's checkpoints once every version is written: they are there to resume a failed run
+    (and are kept when one fails), and at about 160 MB a run (the models and their optimizer state, the last
+    two epochs) they filled $TMPDIR run after run. A remote --storage-path (s3://...) is left to its owner."""
+    storage = config.storage_path or ""
+    if "://" in storage:
+        return
+    folder = Path(storage).absolute() / run_name
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        print(f"could not remove the run's checkpoints under {folder}: {exc.strerror or exc}", flush=True)

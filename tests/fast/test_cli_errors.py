@@ -337,7 +337,7 @@ def _trained(monkeypatch: pytest.MonkeyPatch, poison: bool = False, start_ray: b
         monkeypatch.setattr(job, "_start_ray", lambda address: None)
     monkeypatch.setattr(ray, "put", lambda value: value)
 
-    def fit(config: Any, archs: dict[str, Architecture], refs: Any) -> tuple[dict, dict]:
+    def fit(config: Any, archs: dict[str, Architecture], refs: Any, run_name: str) -> tuple[dict, dict]:
         states = {}
         for name, arch in archs.items():
             model = build(arch)
