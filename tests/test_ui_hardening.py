@@ -398,3 +398,42 @@ def test_ui_start_up_errors_are_one_clear_line(tmp_path: Path) -> None:
             done = run_aevae("ui", "--port", "0", *args, env=isolated, timeout=30)
             assert done.returncode == 2 and expected in done.stderr, (expected, done.stderr)
             assert done.stderr.count("\n") == 1 and "pass phrase" not in done.stderr, done.stderr
+
+
+def test_websockets_past_the_limit_are_refused_with_503_and_a_closed_one_frees_its_place(
+        decoder: ServiceProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each WebSocket holds a descriptor, buffers and a handler: a flood of them ran the UI out of descriptors.
+    Past MAX_SOCKETS the handshake is 503 with Retry-After and says why; a socket that closes frees its place at
+    once (not when it is collected), and the open ones go on decoding."""
+    from aevae.ui import server
+
+    monkeypatch.setattr(server, "MAX_SOCKETS", 2)
+
+    async def scenario(session: aiohttp.ClientSession, base: str, app: Any) -> None:
+        first = await session.ws_connect(f"{base}/ws")
+        second = await session.ws_connect(f"{base}/ws")
+        for ws in (first, second):
+            assert (await ws.receive_json(timeout=10))["op"] == "status"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(f"{base}/ws")
+        assert refused.value.status == 503 and refused.value.headers is not None
+        assert refused.value.headers.get("Retry-After") == "5"
+        async with session.get(f"{base}/ws", headers={"Connection": "Upgrade", "Upgrade": "websocket",
+                                                      "Sec-WebSocket-Version": "13",
+                                                      "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}) as raw:
+            assert raw.status == 503 and "2 WebSocket connections open" in (await raw.json())["error"]
+        await second.send_json({"op": "decode", "id": 1, "channel": "a", "model": "vae", "latents": [[0, 0, 0, 0]]})
+        reply = await second.receive_json(timeout=10)
+        while reply["op"] == "status":  # the services' state, pushed whenever it changes
+            reply = await second.receive_json(timeout=10)
+        assert reply["op"] == "decoded" and reply["id"] == 1
+        await first.close()
+        for _ in range(100):  # the server's handler ends a moment after the close handshake
+            if len(app[server.SOCKETS]) < 2:
+                break
+            await asyncio.sleep(0.02)
+        third = await session.ws_connect(f"{base}/ws")
+        assert (await third.receive_json(timeout=10))["op"] == "status"
+        await asyncio.gather(second.close(), third.close())
+
+    run(decoder, scenario)

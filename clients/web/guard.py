@@ -9,8 +9,9 @@
 - Login: with a login token (required when bound to a non-loopback address), every page, API call and the
   WebSocket need the session cookie set by logging in (`/login`, or `?token=` once on any page) or an
   `Authorization: Bearer` header; `/api/status` (the container health check) and `/static/` stay open.
-- The WebSocket: at most MAX_DECODES decodes in flight per connection (more: an error reply each, never a
-  queue), messages of at most MAX_MESSAGE_BYTES (more: an error reply), JSON nested at most MAX_DEPTH deep.
+- The WebSocket: at most MAX_SOCKETS open at once (one more: 503, Retry-After), at most MAX_DECODES decodes in
+  flight per connection (more: an error reply each, never a queue), messages of at most MAX_MESSAGE_BYTES
+  (more: an error reply), JSON nested at most MAX_DEPTH deep.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from yarl import URL
 from aevae.client.credentials import TokenFile, is_loopback
 
 COOKIE = "aevae_session"
+# WebSockets open at once, over all clients: a page holds one; each costs a descriptor, buffers and a handler,
+# so a flood of them (or of pages left open) would otherwise run the process out of descriptors (20,000 here).
+MAX_SOCKETS = 256
 MAX_DECODES = 4  # per WebSocket: the page keeps at most one or two per channel, a handful of channels at once
 MAX_MESSAGE_BYTES = 1024 * 1024  # a WebSocket message (the page's biggest is a few KB)
 TRANSPORT_MAX_BYTES = 16 * 1024 * 1024  # aiohttp closes the socket (1009) past this; below it we answer

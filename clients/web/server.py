@@ -30,7 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from aevae.client import AsyncDecoderClient, AsyncEncoderClient, ModelInfo
-from aevae.ui.guard import MAX_DECODES, TRANSPORT_MAX_BYTES, BadMessage, Guard, parse_json
+from aevae.ui.guard import MAX_DECODES, MAX_SOCKETS, TRANSPORT_MAX_BYTES, BadMessage, Guard, parse_json
 from aevae.ui.services import CLOSE_TIMEOUT, PROBE_TIMEOUT, RequestRejected, ServiceDown, ServiceLink, bounded
 from aevae.ui.validity import DEFAULT_PATH as CLASSIFIER_PATH, Judge
 
@@ -347,17 +347,30 @@ class Socket(web.WebSocketResponse):
             pass
 
 
-async def websocket(request: web.Request) -> web.WebSocketResponse:
+async def websocket(request: web.Request) -> web.StreamResponse:
+    sockets = request.app[SOCKETS]
+    if len(sockets) >= MAX_SOCKETS:  # answered before the upgrade: the refused client holds nothing
+        return web.json_response({"error": f"the UI has {MAX_SOCKETS} WebSocket connections open, its limit; close "
+                                           "a page or retry later", "code": "UNAVAILABLE"},
+                                 status=503, headers={"Retry-After": "5"})
     # aiohttp closes the socket (1009) only past TRANSPORT_MAX_BYTES; below it, parse_json answers an error
     ws = Socket(heartbeat=20, max_msg_size=TRANSPORT_MAX_BYTES)
     await ws.prepare(request)
-    request.app[SOCKETS].add(ws)
-    if not await ws.send(status_message(request.app)):
+    sockets.add(ws)
+    try:
+        return await _converse(request.app, ws)
+    finally:
+        sockets.discard(ws)  # now, not when collected: the count is the limit's
+
+
+async def _converse(app: web.Application, ws: Socket) -> Socket:
+    """Answers the socket's messages until it closes: decodes run beside each other, at most MAX_DECODES."""
+    if not await ws.send(status_message(app)):
         return ws
 
     async def handle(message: dict[str, Any]) -> None:
         try:
-            reply = await decode_reply(request.app, message)
+            reply = await decode_reply(app, message)
         except Exception as exc:  # noqa: BLE001 - a bug answers this message; the socket and the others go on
             log.exception("decode message failed")
             reply = {"op": "error", "id": message.get("id"), "channel": message.get("channel"),
