@@ -324,6 +324,7 @@ class ModelRepository:
         clash = sorted(set(writers) & (set(version.manifest.files) | {MANIFEST}))
         if clash:
             raise ValueError(f"{version} already has {clash}")
+        _remove_stale(version.path)
         checksums = {}
         tmp = version.path / f".{MANIFEST}.incoming"
         try:
@@ -402,12 +403,17 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _remove_stale(model_dir: Path) -> None:
-    """Removes what killed writers left in `model_dir`: staging folders and high-water files being replaced,
-    once STALE_SECONDS old (a live writer's are seconds old). Best effort: what cannot be removed stays."""
+def _is_leftover(name: str) -> bool:
+    """A writer's temporary: a staging folder, a high-water mark or a file added to a version being written."""
+    return name.startswith((STAGING_PREFIX, f"{HIGH_WATER}-")) or (name.startswith(".") and name.endswith(".incoming"))
+
+
+def _remove_stale(folder: Path) -> None:
+    """Removes what killed writers left in `folder` (a model's or a version's): their temporaries, once
+    STALE_SECONDS old (a live writer's are seconds old). Best effort: what cannot be removed stays."""
     cutoff = time.time() - STALE_SECONDS
-    for path in model_dir.iterdir():
-        if not path.name.startswith((STAGING_PREFIX, f"{HIGH_WATER}-")):
+    for path in folder.iterdir():
+        if not _is_leftover(path.name):
             continue
         try:
             if path.lstat().st_mtime > cutoff:

@@ -246,6 +246,14 @@ def test_a_killed_writers_leftovers_are_removed_by_the_next_writer_once_stale(tm
     left = sorted(p.name for p in model_dir.iterdir())
     assert left == sorted([HIGH_WATER, f"{HIGH_WATER}.lock", f"{STAGING_PREFIX}live", "1", "2"])
     assert ModelRepository(tmp_path).scan().versions["vae"][-1].number == 2  # the stale mark's 7 was never read
+    # a file being added to a version (aevae export-onnx) when its writer was killed
+    version = ModelRepository(tmp_path).scan().versions["vae"][-1]
+    stale_file, live_file = version.path / ".extra.onnx.incoming", version.path / ".other.onnx.incoming"
+    for path in (stale_file, live_file):
+        path.write_bytes(b"half")
+    os.utime(stale_file, (old, old))
+    ModelRepository(tmp_path).add_files(version, {"notes.txt": lambda path: path.write_text("n")})
+    assert not stale_file.exists() and live_file.exists() and (version.path / "notes.txt").is_file()
 
 
 def test_a_written_version_is_flushed_to_disk_before_it_is_renamed_into_place(
