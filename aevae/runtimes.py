@@ -65,6 +65,7 @@ class OnnxRuntime:
         _check_signature(ENCODER, self.encoders[0].get_inputs()[0].shape, manifest.image_shape, "images")
         _check_signature(decoder, self.decoders[0].get_inputs()[0].shape, (manifest.latent_dim,), "latents")
         _check_signature(decoder, self.decoders[0].get_outputs()[0].shape, manifest.image_shape, "images")
+        _check_encoder_outputs(self.encoders[0], manifest.kind, manifest.latent_dim, manifest.image_shape)
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self.encoders[len(images) > self.SMALL].run(None, {"images": images})
@@ -81,6 +82,21 @@ def _check_signature(graph: str, shape: list[Any], expected: tuple[int, ...], na
         dims = " x ".join(str(d) for d in shape[1:])
         raise ValueError(f"{graph} takes or gives {name} of N x {dims}, but the manifest says N x "
                          f"{' x '.join(map(str, expected))}")
+
+
+def _check_encoder_outputs(session: Any, kind: str, latent_dim: int, image_shape: tuple[int, int]) -> None:
+    """An encoder graph gives the mean, and for a VAE the log-variance, each N x latent_dim. One giving fewer
+    than the manifest's kind needs left the log-variance unwritten (each Encode answered uninitialized
+    memory), one of another width failed every request inside the model: the version is broken (ValueError).
+    The widths are seen by encoding one blank image (a graph's output shapes may be symbolic)."""
+    count, expected = len(session.get_outputs()), 2 if kind == "vae" else 1
+    if count != expected:
+        gives = {1: " (the mean)", 2: " (the mean and the log-variance)"}.get(count, "")
+        raise ValueError(f"{ENCODER} gives {count} output{'' if count == 1 else 's'}{gives}, but the manifest "
+                         f"says {kind}: {expected}")
+    outputs = session.run(None, {"images": np.zeros((1, *image_shape), np.float32)})
+    for output, name in zip(outputs, ("mean", "log-variance")):
+        _check_signature(ENCODER, list(output.shape), (latent_dim,), name)
 
 
 class TorchRuntime:

@@ -23,6 +23,7 @@ from typing import Callable
 
 from aevae.errors import FailedPrecondition, NotFound, shorten
 from aevae.inference import LoadedModel, load
+from aevae.manifest import Manifest
 from aevae.repository import ModelRepository, Scan, Version
 from aevae.runtimes import label
 
@@ -65,6 +66,9 @@ class ModelStore:
         self._scanned_at = float("-inf")
         self._scan_began = float("-inf")  # when the scan in _scan began
         self._loaded: OrderedDict[Key, tuple[Fingerprint, LoadedModel]] = OrderedDict()
+        # Every version that loaded, held or evicted since: its files then and its runtime's label. The listing
+        # describes these without loading them again (see _described).
+        self._verified: dict[Key, tuple[Fingerprint, str]] = {}
         self._broken: dict[Key, tuple[Identity, str]] = {}
         self._defaults: dict[str, LoadedModel] = {}
         self._logged: set[tuple[str, str]] = set()
@@ -94,8 +98,11 @@ class ModelStore:
         return self._scan
 
     def _revalidate(self, scan: Scan) -> None:
-        """Drops loaded models and broken marks whose files changed or disappeared since."""
+        """Drops loaded models, loads remembered and broken marks whose files changed or disappeared since."""
         current = {(v.name, v.number): v for vs in scan.versions.values() for v in vs}
+        for key, (verified_at, _) in list(self._verified.items()):
+            if _fingerprint(current.get(key)) != verified_at:
+                del self._verified[key]
         for key, (loaded_at, _) in list(self._loaded.items()):
             if _fingerprint(current.get(key)) != loaded_at:
                 log.warning("model version %s/%s changed on disk; dropped, reloaded on its next use", *key)
@@ -181,6 +188,7 @@ class ModelStore:
             if entry is None:
                 if key in self._broken:
                     raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {self._broken[key][1]}")
+                fingerprint: Fingerprint | None = None
                 try:
                     fingerprint = version.fingerprint()
                     model = load(version, self.runtime, self.threads, self.precision)
@@ -190,12 +198,13 @@ class ModelStore:
                         self._scanned_at = float("-inf")
                         raise NotFound(f"model {key[0]!r} version {key[1]} was removed") from None
                     reason = broken_reason(exc)
-                    self._broken[key] = (_identity(version), reason)
+                    self._broken[key] = (_identity(version, fingerprint), reason)
                     self._warn_once(str(version.path), f"model version {version} is broken: {reason}")
                     raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {reason}") from None
                 log.info("loaded %s on %s", version, model.runtime.name)
                 entry = (fingerprint, model)
                 self._loaded[key] = entry
+                self._verified[key] = (fingerprint, label(model.runtime))
                 while len(self._loaded) > self.max_loaded:
                     self._loaded.popitem(last=False)
             else:
@@ -216,23 +225,41 @@ class ModelStore:
 
     # -- describing -----------------------------------------------------------------------------------------
     def summaries(self) -> list[ModelSummary]:
-        result = []
-        for name in sorted(self.scan(force=True).versions):
-            try:
-                model = self.get(name)
-                manifest, number, runtime = model.manifest, model.number, label(model.runtime)
-            except FailedPrecondition:  # no version loads: described by its newest, with version 0
-                manifest, number, runtime = self._scan.versions[name][-1].manifest, 0, ""
-            broken = {n: reason for (m, n), (_, reason) in self._broken.items() if m == name}
-            broken.update({b.number: b.reason for b in self._scan.broken if b.name == name})
-            result.append(ModelSummary(
-                name=name,
-                number=number,
-                numbers=[v.number for v in self._scan.versions[name] if v.number not in broken],
-                kind=manifest.kind, latent_dim=manifest.latent_dim, image_shape=manifest.image_shape,
-                metrics=manifest.numeric_metrics(), broken=dict(sorted(broken.items())), runtime=runtime,
-            ))
-        return result
+        scan = self.scan(force=True)
+        return [s for s in (self._summary(name, scan) for name in sorted(scan.versions)) if s is not None]
+
+    def _summary(self, name: str, scan: Scan) -> ModelSummary | None:
+        """One model of the listing, described by its default version. Read from the listing's own `scan`: the
+        loads on the way may scan again (another call's scan too), and a model removed meanwhile made the
+        whole listing fail (NOT_FOUND, or KeyError from the newer snapshot); it is left out instead (None)."""
+        try:
+            manifest, number, runtime = self._described(name, scan)
+        except FailedPrecondition:  # no version loads: described by its newest, with version 0
+            manifest, number, runtime = scan.versions[name][-1].manifest, 0, ""
+        except NotFound:  # removed since the listing's scan
+            return None
+        broken = {n: reason for (m, n), (_, reason) in list(self._broken.items()) if m == name}
+        broken.update({b.number: b.reason for b in scan.broken if b.name == name})
+        return ModelSummary(
+            name=name,
+            number=number,
+            numbers=[v.number for v in scan.versions[name] if v.number not in broken],
+            kind=manifest.kind, latent_dim=manifest.latent_dim, image_shape=manifest.image_shape,
+            metrics=manifest.numeric_metrics(), broken=dict(sorted(broken.items())), runtime=runtime,
+        )
+
+    def _described(self, name: str, scan: Scan) -> tuple[Manifest, int, str]:
+        """The default version's manifest, number and runtime label. The newest version not known broken is
+        the default when it has loaded before and its files are the same (`_verified`): described without a
+        load. Loading every model for each listing, over more models than `max_loaded`, reloaded them all
+        each time (an LRU visited in a cycle always misses), hashing every file and evicting the models that
+        the requests were using."""
+        usable = [v for v in scan.versions[name] if (name, v.number) not in self._broken]
+        known = self._verified.get((name, usable[-1].number)) if usable else None
+        if usable and known is not None:
+            return usable[-1].manifest, usable[-1].number, known[1]
+        model = self.get(name)
+        return model.manifest, model.number, label(model.runtime)
 
     def loaded(self) -> list[LoadedModel]:
         """The model versions held in memory now (for metrics)."""
@@ -245,7 +272,8 @@ class ModelStore:
         return out
 
     def _reasons(self, name: str) -> str:
-        return "; ".join(f"version {n}: {reason}" for (m, n), (_, reason) in sorted(self._broken.items()) if m == name)
+        return "; ".join(f"version {n}: {reason}" for (m, n), (_, reason) in sorted(list(self._broken.items()))
+                         if m == name)
 
     def _warn_once(self, where: str, message: str) -> None:
         if (where, message) not in self._logged:
@@ -253,8 +281,12 @@ class ModelStore:
             log.warning("%s", message)
 
 
-def _identity(version: Version) -> Identity:
-    return _fingerprint(version), tuple(sorted(version.manifest.files.items()))
+def _identity(version: Version, fingerprint: Fingerprint | None = None) -> Identity:
+    """The version's files (`fingerprint`, default: as they are now) and the checksums its manifest lists.
+    A failed load is marked for the fingerprint taken before it: the files it found. Taken after, a folder
+    replaced during the load by a good copy (rm -r and cp -r, rsync --delete) had the mark made for that
+    copy, so no scan lifted it and the version stayed broken for good."""
+    return fingerprint or _fingerprint(version), tuple(sorted(version.manifest.files.items()))
 
 
 def _fingerprint(version: Version | None) -> Fingerprint | None:
