@@ -111,6 +111,11 @@ class ModelStore:
             version = current.get(key)
             if version is None or _identity(version) != marked_for:  # gone, or changed since
                 del self._broken[key]
+        # What was logged once stays quiet only while it is still so: a version repaired and broken again
+        # is named again, and the set does not grow with every reason a changing file ever had.
+        still = ({str(b.path) for b in scan.broken} | {str(path) for path, _ in scan.ignored}
+                 | {str(current[key].path) for key in self._broken if key in current})
+        self._logged = {entry for entry in self._logged if entry[0] in still}
         self._defaults.clear()
 
     def describe(self) -> str:

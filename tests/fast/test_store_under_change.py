@@ -130,3 +130,26 @@ def test_listing_more_models_than_are_held_loaded_does_not_reload_them_all(tiny_
     (tiny_repo / "vae" / "1" / "latent_stats.json").write_text("{}")  # changed: looked at again, and broken
     (vae,) = [s for s in store.summaries() if s.name == "vae"]
     assert loads == ["vae/1"] and vae.number == 0 and "checksum" in vae.broken[1]
+
+
+def test_a_version_repaired_and_broken_again_is_named_again(tiny_repo: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A broken version is logged once, not at every refresh; but once repaired, breaking again (the same
+    reason) is news and is logged again. The set of what was logged kept every message for good: no second
+    line, and a set growing with every reason a changing file ever had."""
+    import logging
+
+    path = tiny_repo / "vae" / "1" / "latent_stats.json"
+    good = path.read_bytes()
+    store = ModelStore(tiny_repo, refresh_seconds=0)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            path.write_text("{}")  # fails its checksum
+            for _ in range(3):
+                store.scan(force=True)
+                with pytest.raises(FailedPrecondition):
+                    store.get("vae", 1)
+            path.write_bytes(good)
+            store.scan(force=True)
+            assert store.get("vae", 1).number == 1
+    assert caplog.text.count("model version vae/1 is broken") == 2, caplog.text
+    assert not store._logged  # nothing is broken now
