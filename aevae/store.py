@@ -174,13 +174,15 @@ class ModelStore:
             return self._load(self.resolve(name, number))
         while True:
             version = self.resolve(name, None)  # FailedPrecondition when none is left
+            resolved_in = self._scan
             try:
                 model = self._load(version)
             except FailedPrecondition:
                 continue  # marked broken: the next older one
             except NotFound:
                 continue  # removed since the scan: the next scan no longer lists it
-            self._defaults[name] = model
+            if self._scan is resolved_in:  # a scan meanwhile (a newer version?) cleared the defaults: not undone
+                self._defaults[name] = model
             return model
 
     def _load(self, version: Version) -> LoadedModel:

@@ -153,3 +153,27 @@ def test_a_version_repaired_and_broken_again_is_named_again(tiny_repo: Path, cap
             assert store.get("vae", 1).number == 1
     assert caplog.text.count("model version vae/1 is broken") == 2, caplog.text
     assert not store._logged  # nothing is broken now
+
+
+def test_a_default_resolved_before_a_newer_version_appeared_is_not_kept_as_the_default(
+        tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request resolves the default (vae/1) and loads it; meanwhile another call's scan finds vae/2 and clears
+    the defaults. The first request then cached vae/1 as the default anyway, and the lock-free path (peek) served
+    it until the next refresh. It may answer with the version it resolved, but not keep it as the default."""
+    from helpers import write_tiny
+
+    real = aevae.store.load
+    store = ModelStore(tiny_repo, refresh_seconds=3600)
+
+    def newer_meanwhile(version: Any, *args: Any) -> Any:
+        if (version.name, version.number) == ("vae", 1):
+            write_tiny(tiny_repo, "vae", seed=1)  # vae/2
+            store.scan(force=True)
+        return real(version, *args)
+
+    store.scan(force=True)
+    monkeypatch.setattr(aevae.store, "load", newer_meanwhile)
+    assert store.get("vae").number == 1
+    cached = store.peek("vae", None)
+    assert cached is None or cached.number == 2
+    assert store.get("vae").number == 2
