@@ -40,6 +40,7 @@ const state = {
   traverse: { kind: "vae", dim: 0 },
   samples: { seed: 0, shown: { vae: null, ae: null }, failed: { vae: false, ae: false }, tally: { vae: [0, 0], ae: [0, 0] } },
   decoderError: { vae: "", ae: "" },
+  encodeError: { vae: "", ae: "" }, // the encoder refused the inputs for this model (e.g. another image shape)
   shown: { vae: null, ae: null },   // the last decoded main image per model
 };
 
@@ -91,15 +92,19 @@ async function load() {
     return; // the UI server is not reachable; the WebSocket's reconnection calls refresh again
   }
   state.classifier = listing.classifier || null;
-  // the encoder's list, or the decoder's while the encoder is down: the black lines can still be decoded
-  const served = listing.encoder?.models?.length ? listing.encoder.models : (listing.decoder?.models || []);
+  const served = servedModels(listing);
   for (const kind of KINDS) {
-    const info = chooseModel(served, kind);
-    if (!info) continue;
+    const info = served && chooseModel(served, kind);
     const known = state.models[kind];
+    if (!info) {
+      if (served && known) forget(kind); // gone from a service that answered, not just unreachable
+      continue;
+    }
     if (!known || known.info.name !== info.name || known.info.version !== info.version) {
       state.models[kind] = { info, stats: null };
       state.inputs.forEach((item) => { delete item.latents[kind]; });
+      state.encodeError[kind] = "";
+      clearSamples(kind); // another model's samples: drawn again below, by this one
       if (known && known.info.latent_dim !== info.latent_dim) state.z[kind] = null;
     }
   }
@@ -123,12 +128,44 @@ async function load() {
   }
   renderAll();
   for (const kind of KINDS) requestMain(kind);
-  if (!state.samples.shown.vae && !state.samples.shown.ae) drawSamples();
+  if (KINDS.some((k) => state.models[k] && !state.samples.shown[k])) drawSamples();
 }
 
-// The model of a kind: the one named like the kind ("vae", "ae"), else the first of that kind.
+// The models served: the encoder's list, or the decoder's while the encoder is down (the black lines can still
+// be decoded); null when neither service answered, so that an outage never reads as "no models".
+function servedModels(listing) {
+  const answered = ["encoder", "decoder"].map((service) => listing[service]).filter((l) => l && !l.error);
+  if (!answered.length) return null;
+  return (answered.find((l) => l.models.length) || answered[0]).models;
+}
+
+// The model of a kind: the one named like the kind ("vae", "ae"), else the first of that kind; a model none
+// of whose versions loads (version 0) serves nothing.
 function chooseModel(models, kind) {
-  return models.find((m) => m.name === kind) || models.find((m) => m.kind === kind) || null;
+  const loadable = models.filter((m) => m.version > 0);
+  return loadable.find((m) => m.name === kind) || loadable.find((m) => m.kind === kind) || null;
+}
+
+// A model no longer served: nothing of it stays on the page (its label says "not served").
+function forget(kind) {
+  state.models[kind] = null;
+  state.z[kind] = null;
+  state.shown[kind] = null;
+  state.decoderError[kind] = "";
+  state.encodeError[kind] = "";
+  state.inputs.forEach((item) => { delete item.latents[kind]; });
+  clearSamples(kind);
+  blank($(`output-${kind}`));
+  $(`output-${kind}`).parentElement.classList.remove("stale");
+  $(`note-${kind}`).textContent = "";
+  $(`cross-${kind}-${kind}`).removeAttribute("src");
+  if (state.traverse.kind === kind) $("traversal").replaceChildren();
+}
+
+function clearSamples(kind) {
+  state.samples.shown[kind] = null;
+  $(`samples-${kind}`).replaceChildren();
+  $(`share-${kind}`).textContent = "";
 }
 
 async function encodeMissing(kind) {
@@ -148,7 +185,12 @@ async function encodeMissing(kind) {
         images: group.map((item) => bytesToBase64(item.pixels)),
       });
       group.forEach((item, j) => { item.latents[kind] = reply.mean[j]; });
-    } catch (error) { /* the encoder is down: the status says so, and its return triggers refresh */ }
+      state.encodeError[kind] = "";
+    } catch (error) {
+      // The encoder refused them (a `code`: e.g. a model made for another image shape): the label says why.
+      // Otherwise it is down: the status says so, and its return triggers refresh.
+      if (error.body?.code) state.encodeError[kind] = error.message;
+    }
   }
 }
 
@@ -289,7 +331,8 @@ function renderInputs() {
 function renderPlots() {
   for (const kind of KINDS) {
     const model = state.models[kind];
-    $(`label-${kind}`).textContent = model ? `${model.info.name} v${model.info.version} · ${model.info.latent_dim}-d latent` : "not served";
+    $(`label-${kind}`).textContent = model ? `${model.info.name} v${model.info.version} · ${model.info.latent_dim}-d latent`
+      + (state.encodeError[kind] ? ` · cannot encode the inputs: ${state.encodeError[kind]}` : "") : "not served";
     const axes = axesOf(kind);
     if (!model || !axes || !state.z[kind]) { plots[kind].setView({ axes: [], recon: [], lines: [] }); continue; }
     const lines = state.selected
@@ -384,11 +427,16 @@ function renderTraversalControls() {
 }
 
 // -- interpolation: both models between the first two selected inputs ------------------------------------
+// The first two selected inputs, once every model that can encode them has; a model whose encoder refuses the
+// inputs is left out, and the other one interpolates on its own.
 function interpolationPair() {
   const [a, b] = state.selected;
   if (a === undefined || b === undefined) return null;
-  return KINDS.every((k) => !state.models[k] || (state.inputs[a].latents[k] && state.inputs[b].latents[k])) ? [a, b] : null;
+  const kinds = KINDS.filter((k) => state.models[k] && !state.encodeError[k]);
+  return kinds.length && kinds.every((k) => bothEncoded([a, b], k)) ? [a, b] : null;
 }
+
+function bothEncoded(pair, kind) { return pair.every((i) => state.inputs[i].latents[kind]); }
 
 const lerp = (a, b, t) => a.map((v, i) => (1 - t) * v + t * b[i]);
 let interpolationKey = "";
@@ -402,7 +450,7 @@ function renderInterpolation() {
   interpolationKey = key;
   for (const kind of KINDS) {
     const strip = $(`interp-${kind}`);
-    if (!pair || !state.models[kind]) { strip.replaceChildren(); continue; }
+    if (!pair || !state.models[kind] || !bothEncoded(pair, kind)) { strip.replaceChildren(); continue; }
     const [a, b] = pair.map((i) => state.inputs[i].latents[kind]);
     const latents = Array.from({ length: INTERPOLATION_STEPS }, (_, k) => lerp(a, b, k / (INTERPOLATION_STEPS - 1)));
     link.decode(`interp-${kind}`, modelRef(kind), latents, (reply) => {
@@ -596,12 +644,15 @@ function requestSecondary() {
     const otherKind = kind === "vae" ? "ae" : "vae";
     const z = state.z[kind];
     const target = $(`cross-${kind}-${otherKind}`);
-    if (z && modelName(otherKind) && state.models[otherKind].info.latent_dim === z.length) {
+    const other = state.models[otherKind]?.info;
+    target.alt = `the ${NAMES[kind]}'s black line, decoded by the ${NAMES[otherKind]}`;
+    if (z && other && other.latent_dim === z.length) {
       link.decode(`cross-${kind}`, modelRef(otherKind), [z.slice()], (reply) => {
         if (reply.op === "decoded") toImage(target, base64ToBytes(reply.images[0]), reply.shape[1], reply.shape[0]);
       });
     } else {
-      target.removeAttribute("src");
+      target.removeAttribute("src"); // and the text in its place says why, rather than a broken image
+      if (z && other) target.alt = `none: the ${NAMES[otherKind]} takes ${other.latent_dim} values, not ${z.length}`;
     }
   }
   requestTraversal();
@@ -776,10 +827,11 @@ async function checkVersions() {
   if (!state.connected || loading) return;
   let listing;
   try { listing = await getJSON("/api/models"); } catch (error) { return; }
-  const served = listing.encoder?.models?.length ? listing.encoder.models : (listing.decoder?.models || []);
-  const changed = KINDS.some((kind) => {
+  const served = servedModels(listing);
+  if (!served) return;
+  const changed = KINDS.some((kind) => { // a newer version, another model, or none any more
     const info = chooseModel(served, kind), known = state.models[kind]?.info;
-    return info && (!known || known.name !== info.name || known.version !== info.version);
+    return info ? !known || known.name !== info.name || known.version !== info.version : !!known;
   });
   if (changed) refresh();
 }
