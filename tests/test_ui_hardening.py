@@ -437,3 +437,38 @@ def test_websockets_past_the_limit_are_refused_with_503_and_a_closed_one_frees_i
         await asyncio.gather(second.close(), third.close())
 
     run(decoder, scenario)
+
+
+def test_a_service_restarted_after_an_outage_is_seen_at_the_first_probe(models: Path) -> None:
+    """While a service is down, the UI probes it every second with a fresh client. In gRPC's process-wide
+    subchannel pool those fresh clients shared one connection to the address, and with it the reconnect
+    backoff the outage had grown (1 s, 1.6x per attempt): the service back and serving, the probe still failed
+    for seconds (4 s after 10 s down). Each client now has its own connection: the first probe sees it."""
+    import socket
+
+    from aevae.client import AsyncEncoderClient
+    from aevae.ui.services import ServiceLink
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def scenario() -> None:
+        link = ServiceLink("encoder", f"127.0.0.1:{port}", AsyncEncoderClient)
+        try:
+            with ServiceProcess("encoder", models, port=port) as service:
+                service.wait_healthy()
+                await link.probe()
+                assert link.status.state == "up"
+            for _ in range(8):  # the outage, probed as the UI does
+                await link.probe()
+                assert link.status.state == "down"
+                await asyncio.sleep(1.0)
+            with ServiceProcess("encoder", models, port=port) as service:
+                service.wait_healthy()
+                await link.probe()
+                assert link.status.state == "up", link.status.message
+        finally:
+            await link.aclose()
+
+    asyncio.run(scenario())

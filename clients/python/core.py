@@ -22,8 +22,13 @@ from aevae.v1.tensors import WireError, version_to_wire
 
 T = TypeVar("T")
 
-# The server enforces its own limits; the client accepts whatever the server sends.
-CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+# The server enforces its own limits; the client accepts whatever the server sends. Each client keeps its own
+# connection (a local subchannel pool): in gRPC's process-wide pool every channel to one address shares one,
+# and with it the reconnect backoff of a server that went away (1 s growing 1.6x per attempt), so a new
+# client, such as the UI's health probe, waited out the old one's backoff: measured, the UI saw an encoder
+# restarted after 10 s of downtime 4.0 s after it was serving (2.0 s after 3 s), 0.01-0.04 s with this.
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
+                   ("grpc.use_local_subchannel_pool", 1)]
 HEADROOM = 4096  # bytes per message kept for the fields around the tensor
 # Timeouts longer than this (about 31.7 years) are no deadline at all. gRPC holds a deadline as int64
 # nanoseconds since the epoch: a timeout of about 9e9 s or more overflows it and the call failed at once with

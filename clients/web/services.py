@@ -4,7 +4,9 @@ Each service gets a `ServiceLink` holding its `AsyncEncoderClient` or `AsyncDeco
 with a status code meaning "not there" (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) marks the service down; any
 other `AevaeError` is the service's answer about the request (bad shape, unknown model...). A watcher probes
 health every second with a fresh channel while the service is down, so that a service restarted on the same
-port is picked up within a second or two instead of after gRPC's reconnect backoff (up to minutes).
+port is picked up at the first probe after it is back (within a second) instead of after gRPC's reconnect
+backoff (up to minutes); each client has its own connection (aevae.client.core.CHANNEL_OPTIONS), so the
+fresh one does not inherit the backoff of the old.
 """
 
 from __future__ import annotations
