@@ -89,11 +89,16 @@ class Version:
         return self.path / name
 
     def latent_stats(self) -> dict[str, Any]:
-        """The parsed file; ValueError when it is over STATS_MAX_BYTES (before reading it) or not JSON."""
+        """The parsed file; ValueError when it is over STATS_MAX_BYTES (before reading it), does not match the
+        checksum the manifest lists for it, or is not JSON. Checked here, on the bytes parsed: the file is read
+        when first asked for, after the load checked it, and could have been replaced in between."""
         with self.file(STATS).open("rb") as f:
             data = f.read(STATS_MAX_BYTES + 1)
         if len(data) > STATS_MAX_BYTES:
             raise ValueError(f"{STATS} is over {STATS_MAX_BYTES >> 20} MiB; latent statistics are a few hundred KiB")
+        listed = self.manifest.files.get(STATS)
+        if listed is not None and hashlib.sha256(data).hexdigest() != listed:
+            raise ValueError(f"{STATS} does not match the checksum in its manifest (changed since it was checked)")
         return json.loads(data)
 
     def fingerprint(self) -> tuple[tuple[str, int, int, int, int], ...]:

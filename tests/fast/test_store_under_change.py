@@ -177,3 +177,16 @@ def test_a_default_resolved_before_a_newer_version_appeared_is_not_kept_as_the_d
     cached = store.peek("vae", None)
     assert cached is None or cached.number == 2
     assert store.get("vae").number == 2
+
+
+def test_latent_statistics_replaced_after_the_load_are_refused_not_served(tiny_repo: Path) -> None:
+    """The load checks every file's checksum, but the statistics are read when first asked for: a file
+    replaced in between (other figures, valid JSON) was served as the version's. They are checked as read."""
+    store = ModelStore(tiny_repo, refresh_seconds=3600)
+    loaded = store.get("vae", 1)
+    path = tiny_repo / "vae" / "1" / "latent_stats.json"
+    stats = json.loads(path.read_text())
+    stats["count"] = 123
+    path.write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="latent_stats.json does not match the checksum in its manifest"):
+        loaded.latent_stats()
