@@ -79,14 +79,22 @@ def _bulk_field(message_class: Any) -> tuple[str, int] | None:
     return tensors[0] if len(tensors) == 1 else None
 
 
+def oversized(size: int, max_bytes: int) -> Unreadable | None:
+    """A request message of `size` bytes over `max_bytes`: its error for the handler to answer (None: it fits).
+    One wording for `aevae serve`'s parser and the Ray Serve replicas, which get their requests parsed."""
+    if size <= max_bytes:
+        return None
+    return Unreadable(ResourceExhausted(f"a request message of {size} bytes is over the max message size of "
+                                        f"{max_bytes} bytes; split the batch into smaller messages"))
+
+
 def _parser(message_class: Any, max_bytes: int) -> Callable[[bytes], Any]:
     bulk = _bulk_field(message_class)
 
     def parse(data: bytes) -> Any:
-        if len(data) > max_bytes:
-            return Unreadable(ResourceExhausted(
-                f"a request message of {len(data)} bytes is over the max message size of {max_bytes} bytes; "
-                "split the batch into smaller messages"))
+        too_big = oversized(len(data), max_bytes)
+        if too_big is not None:
+            return too_big
         try:
             if bulk is not None and len(data) >= BULK_MIN_BYTES:
                 split = split_payload(data, bulk[1])

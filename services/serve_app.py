@@ -12,15 +12,18 @@ Run it with `serve run deploy/serve/config.yaml` (see docs/deploy.md), or build 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator, Awaitable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from ray import serve
 from ray.serve import Application
 from ray.serve.grpc_util import RayServegRPCContext
 
 from aevae.services.decoder import DecoderLogic
 from aevae.services.encoder import EncoderLogic
+from aevae.services.grpc_common import oversized
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.server import engine, open_store
@@ -28,6 +31,7 @@ from aevae.services.settings import ServiceSettings
 from aevae.v1 import decoder_pb2, encoder_pb2, tensor_pb2
 
 T = TypeVar("T")
+C = TypeVar("C", bound=type)
 
 # What Serve's gRPC proxy must register (gRPCOptions.grpc_servicer_functions, grpc_options in the config).
 SERVICER_FUNCTIONS = [
@@ -91,6 +95,66 @@ async def _unary(context: RayServegRPCContext, call: Awaitable[T], empty: T) -> 
         return empty
 
 
+def _sized(request: Any, max_bytes: int) -> Any:
+    """The request, or (over `max_bytes`) its error for the servicer to answer, as `aevae serve`'s request
+    parser answers it (grpc_common.oversized). Serve's proxy takes messages up to 2 GiB and hands them over parsed,
+    so the max_message_bytes that ListModels advertises is the replica's to keep: without this, a request over
+    it was served (Encode) or refused for another reason (Decode: its response size)."""
+    return oversized(request.ByteSize(), max_bytes) or request
+
+
+async def _each_sized(requests: AsyncIterator[Any], max_bytes: int) -> AsyncIterator[Any]:
+    """A stream's requests, each `_sized`: one over the limit ends the stream naming its position."""
+    async for request in requests:
+        yield _sized(request, max_bytes)
+
+
+def _elsewhere(service: str, name: str, response: type | None) -> Callable[..., Any]:
+    """Method `name` of the other aevae.v1 service, for calls whose metadata names this application by mistake
+    (`response`: a unary method's response class; None: a stream).
+
+    Serve's proxy registers both services on one port, routes a call by its ("application", name) metadata
+    alone and then calls the method of that name on the replica: Encode sent to the decoder application
+    failed INTERNAL with Ray's traceback in the details. This answers UNIMPLEMENTED (what `aevae serve`
+    answers for a service it does not serve), saying which application was reached and what to send.
+    Only strings and classes in the closures: Serve pickles the deployment class with them."""
+
+    def refuse(context: RayServegRPCContext) -> None:
+        here = serve.get_replica_context().app_name
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details(f"{service}/{name} is not served by the application {here!r}; send it with the "
+                            f"metadata ('application', NAME) of the application serving {service} "
+                            f"('{service.rsplit('.', 1)[-1].lower()}' in deploy/serve/config.yaml)")
+
+    if response is None:
+        async def stream(self: Any, requests: AsyncIterator[Any], grpc_context: RayServegRPCContext
+                         ) -> AsyncIterator[Any]:
+            refuse(grpc_context)
+            raise _Aborted(grpc_context.details())  # see _Aborted: a stream's status needs an exception
+            yield  # pragma: no cover - makes this an async generator, as Serve's streaming calls require
+
+        return stream
+
+    async def unary(self: Any, request: Any, grpc_context: RayServegRPCContext) -> Any:
+        refuse(grpc_context)
+        return response()
+
+    return unary
+
+
+def _answering(other: ServiceDescriptor) -> Callable[[C], C]:
+    """A class decorator: the deployment also answers each method of `other` that it lacks (`_elsewhere`)."""
+
+    def add(cls: C) -> C:
+        for method in other.methods:
+            if not hasattr(cls, method.name):
+                response = None if method.client_streaming else message_factory.GetMessageClass(method.output_type)
+                setattr(cls, method.name, _elsewhere(other.full_name, method.name, response))
+        return cls
+
+    return add
+
+
 class _Replica:
     """What both deployments share: arguments, the model cache, and the executor the model runs in."""
 
@@ -106,6 +170,13 @@ class _Replica:
     def __del__(self) -> None:
         self.executor.shutdown(wait=False)
 
+    def _checked(self, request: Any) -> Any:
+        """The request, or its error when it is over max_message_bytes (`_sized`)."""
+        return _sized(request, self.settings.max_message_bytes)
+
+    def _each_checked(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        return _each_sized(requests, self.settings.max_message_bytes)
+
     # Both services answer ListModels alike; `self.servicer` is each deployment's own servicer.
     async def ListModels(self, request: tensor_pb2.ListModelsRequest, grpc_context: RayServegRPCContext):
         return await _unary(grpc_context, self.servicer.ListModels(request, _ServeContext(grpc_context)),
@@ -113,6 +184,7 @@ class _Replica:
 
 
 @serve.deployment(name="Encoder", autoscaling_config=AUTOSCALING, max_ongoing_requests=MAX_ONGOING_REQUESTS)
+@_answering(decoder_pb2.DESCRIPTOR.services_by_name["Decoder"])
 class EncoderDeployment(_Replica):
     """aevae.v1.Encoder: each RPC is the standalone servicer's, unchanged."""
 
@@ -121,20 +193,22 @@ class EncoderDeployment(_Replica):
         self.servicer = EncoderServicer(EncoderLogic(self.store, self.settings.limits), self.engine)
 
     async def Encode(self, request: encoder_pb2.EncodeRequest, grpc_context: RayServegRPCContext):
-        return await _unary(grpc_context, self.servicer.Encode(request, _ServeContext(grpc_context)),
+        return await _unary(grpc_context, self.servicer.Encode(self._checked(request), _ServeContext(grpc_context)),
                             encoder_pb2.EncodeResponse())
 
     async def EncodeStream(self, requests: AsyncIterator[encoder_pb2.EncodeRequest],
                            grpc_context: RayServegRPCContext):
-        async for response in self.servicer.EncodeStream(requests, _ServeContext(grpc_context)):
+        async for response in self.servicer.EncodeStream(self._each_checked(requests), _ServeContext(grpc_context)):
             yield response
 
     async def GetLatentStats(self, request: encoder_pb2.GetLatentStatsRequest, grpc_context: RayServegRPCContext):
-        return await _unary(grpc_context, self.servicer.GetLatentStats(request, _ServeContext(grpc_context)),
+        return await _unary(grpc_context,
+                            self.servicer.GetLatentStats(self._checked(request), _ServeContext(grpc_context)),
                             encoder_pb2.LatentStats())
 
 
 @serve.deployment(name="Decoder", autoscaling_config=AUTOSCALING, max_ongoing_requests=MAX_ONGOING_REQUESTS)
+@_answering(encoder_pb2.DESCRIPTOR.services_by_name["Encoder"])
 class DecoderDeployment(_Replica):
     """aevae.v1.Decoder: each RPC is the standalone servicer's, its dynamic batching of Decode included."""
 
@@ -143,12 +217,12 @@ class DecoderDeployment(_Replica):
         self.servicer = DecoderServicer(DecoderLogic(self.store, self.settings.limits), self.engine)
 
     async def Decode(self, request: decoder_pb2.DecodeRequest, grpc_context: RayServegRPCContext):
-        return await _unary(grpc_context, self.servicer.Decode(request, _ServeContext(grpc_context)),
+        return await _unary(grpc_context, self.servicer.Decode(self._checked(request), _ServeContext(grpc_context)),
                             decoder_pb2.DecodeResponse())
 
     async def DecodeStream(self, requests: AsyncIterator[decoder_pb2.DecodeRequest],
                            grpc_context: RayServegRPCContext):
-        async for response in self.servicer.DecodeStream(requests, _ServeContext(grpc_context)):
+        async for response in self.servicer.DecodeStream(self._each_checked(requests), _ServeContext(grpc_context)):
             yield response
 
 
