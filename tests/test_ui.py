@@ -9,6 +9,7 @@ an axe accessibility check, the layout from 1920 down to 390 px, the server's AP
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import math
@@ -21,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, Iterator
 
 import pytest
 
@@ -105,11 +107,13 @@ def post_json(url: str, payload: dict) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-@pytest.fixture(scope="module")
-def stack(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory):
-    logs = tmp_path_factory.mktemp("ui-logs")
-    encoder = Service("encoder", trained_repo, free_port(), logs)
-    decoder = Service("decoder", trained_repo, free_port(), logs)
+@contextlib.contextmanager
+def ui_stack(repo: Path, logs: Path, service: type["Service"] | None = None) -> Iterator[dict]:
+    """An encoder and a decoder (`service`, default Service) over `repo` and `aevae ui` over both, once the UI
+    server sees both up: {"url", "encoder", "decoder", "repo"}; all stopped at the end."""
+    kind = service or Service
+    encoder = kind("encoder", repo, free_port(), logs)
+    decoder = kind("decoder", repo, free_port(), logs)
     encoder.start()
     decoder.start()
     ui_port = free_port()
@@ -131,12 +135,18 @@ def stack(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory):
                 pass
             assert time.monotonic() < deadline, "the UI server never saw both services up"
             time.sleep(0.2)
-        yield {"url": url, "encoder": encoder, "decoder": decoder, "repo": trained_repo}
+        yield {"url": url, "encoder": encoder, "decoder": decoder, "repo": repo}
     finally:
         ui.terminate()
         ui.wait(timeout=10)
         encoder.stop()
         decoder.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory):
+    with ui_stack(trained_repo, tmp_path_factory.mktemp("ui-logs")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +157,26 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, stack):
+@contextlib.contextmanager
+def opened(browser: Any, url: str) -> Iterator[Any]:
+    """The explorer at `url` in a fresh browser context, its plots drawn; at the end, no uncaught page error."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(stack["url"])
+    page.goto(url)
     page.wait_for_selector("[data-testid=recon-handle]", timeout=20000)
-    wait_output_painted(page, "vae")
-    wait_output_painted(page, "ae")
     yield page
     context.close()
     assert not errors, errors
+
+
+@pytest.fixture
+def page(browser, stack):
+    with opened(browser, stack["url"]) as page:
+        wait_output_painted(page, "vae")
+        wait_output_painted(page, "ae")
+        yield page
 
 
 

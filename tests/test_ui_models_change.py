@@ -13,13 +13,12 @@ import io
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from helpers import ROOT, write_tiny, write_tiny_set
-from test_ui import AEVAE, CHROMIUM, CHROMIUM_ARGS, Service, free_port, get_json, handles, output_pixels
+from test_ui import AEVAE, CHROMIUM, Service, browser, handles, opened, output_pixels, ui_stack  # noqa: F401
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (make setup)")
@@ -40,58 +39,17 @@ class FreshService(Service):
 
 @pytest.fixture(scope="module")
 def tiny_stack(tmp_path_factory: pytest.TempPathFactory):
-    base = tmp_path_factory.mktemp("audit-ui")
-    repo = write_tiny_set(base / "models")
-    encoder = FreshService("encoder", repo, free_port(), base)
-    decoder = FreshService("decoder", repo, free_port(), base)
-    encoder.start()
-    decoder.start()
-    port = free_port()
-    ui = subprocess.Popen([*AEVAE, "ui", "--encoder", encoder.target, "--decoder", decoder.target, "--port", str(port)],
-                          stdout=open(base / "ui.log", "ab"), stderr=subprocess.STDOUT, cwd=ROOT)
-    try:
-        encoder.wait_serving()
-        decoder.wait_serving()
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert ui.poll() is None, (base / "ui.log").read_text()
-            try:
-                if all(s["state"] == "up" for s in get_json(url + "/api/status")["services"].values()):
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the UI server never saw both services up"
-            time.sleep(0.2)
-        yield {"url": url, "repo": repo, "encoder": encoder, "decoder": decoder}
-    finally:
-        ui.terminate()
-        ui.wait(timeout=10)
-        encoder.stop()
-        decoder.stop()
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    base = tmp_path_factory.mktemp("ui-models-change")
+    with ui_stack(write_tiny_set(base / "models"), base, FreshService) as running:
+        yield running
 
 
 @pytest.fixture
-def page(chromium, tiny_stack):
-    context = chromium.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(tiny_stack["url"])
-    page.wait_for_selector("[data-testid=recon-handle]", timeout=20000)
-    page.wait_for_function("() => window.__aevae.state.samples.shown.vae && window.__aevae.state.samples.shown.ae",
-                           timeout=20000)
-    yield page
-    context.close()
-    assert not errors, errors  # no uncaught error, whatever the services and the repository did
+def page(browser, tiny_stack):
+    with opened(browser, tiny_stack["url"]) as page:  # fails on any uncaught page error, whatever changed
+        page.wait_for_function("() => window.__aevae.state.samples.shown.vae && window.__aevae.state.samples.shown.ae",
+                               timeout=20000)
+        yield page
 
 
 def wait_label(page, kind: str, text: str) -> None:
