@@ -15,12 +15,7 @@ class ShardWorker:
 
         self.job = job
         self.model = Loaded(job.model, threads)
-        try:
-            import ray
-
-            self.node = ray.get_runtime_context().get_node_id()
-        except Exception:  # noqa: BLE001 - outside Ray (tests call it directly)
-            self.node = ""
+        self.node = _node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from aevae.batch.job import run_shard
@@ -33,3 +28,15 @@ class ShardWorker:
             # Ray Data's "UDF failed" around a remote traceback; run_ray raises it there with this message.
             return {"error": np.array([str(exc)])}
         return {key: np.array([s[key] for s in stats]) for key in stats[0]}
+
+
+def _node_id() -> str:
+    """The Ray node this worker runs on; "" outside Ray. Asked only of an initialized Ray: outside one,
+    ray.get_runtime_context() starts a whole local Ray in the calling process (it did, in the test process,
+    which then could not start its own)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # noqa: BLE001 - Ray not installed, or a context without a node
+        return ""

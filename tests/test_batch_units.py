@@ -322,7 +322,10 @@ def test_a_shard_with_a_latent_out_of_range_fails_with_its_rows_and_keeps_the_ot
                                         r"row 30 holds \[0.0, 100000.0, 0.0, 0.0\]"):
         run_shard(job, model, 1)
     assert not (tmp_path / "out" / "part-000001.npz").exists()
+    import ray
+
     worker = ShardWorker(job)
+    assert worker.node == "" and not ray.is_initialized()  # asking for its node used to start a Ray right here
     assert "shard 1 (rows 40 to 79)" in str(worker({"shard": np.array([1])})["error"][0])
     assert worker({"shard": np.array([2])})["rows"].tolist() == [20]
 
