@@ -88,8 +88,10 @@ def oversized(size: int, max_bytes: int) -> Unreadable | None:
                                         f"{max_bytes} bytes; split the batch into smaller messages"))
 
 
-def _parser(message_class: Any, max_bytes: int) -> Callable[[bytes], Any]:
-    bulk = _bulk_field(message_class)
+def _parser(message_class: Any, max_bytes: int, split: bool = True) -> Callable[[bytes], Any]:
+    """Request bytes to the message, or to `Unreadable` naming what is wrong. `split`: a big request's tensor
+    bytes are split off as a `Bulk` (not for Serve's proxy, which pickles what it parsed to the replica)."""
+    bulk = _bulk_field(message_class) if split else None
 
     def parse(data: bytes) -> Any:
         too_big = oversized(len(data), max_bytes)
@@ -113,9 +115,11 @@ _HANDLERS = {
 }
 
 
-def register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor, max_message_bytes: int) -> None:
+def register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor, max_message_bytes: int,
+             split: bool = True) -> None:
     """Adds `servicer`'s methods for `service` to `server`, like the generated add_*_to_server, but with
-    request parsing that turns bad bytes and over-limit messages into `Unreadable` for the handler."""
+    request parsing that turns bad bytes and over-limit messages into `Unreadable` for the handler (`split`:
+    see _parser)."""
     handlers = {}
     implemented = [method.name for method in service.methods if hasattr(servicer, method.name)]
     for method in service.methods:
@@ -123,7 +127,7 @@ def register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor,
         response_class = message_factory.GetMessageClass(method.output_type)
         make = _HANDLERS[(method.client_streaming, method.server_streaming)]
         behavior = getattr(servicer, method.name, None) or _unimplemented(service.full_name, method, implemented)
-        handlers[method.name] = make(behavior, request_deserializer=_parser(request_class, max_message_bytes),
+        handlers[method.name] = make(behavior, request_deserializer=_parser(request_class, max_message_bytes, split),
                                      response_serializer=_serializer(response_class))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

@@ -23,7 +23,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from aevae.services.decoder import DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import oversized
+from aevae.services.grpc_common import Unreadable, oversized
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.server import engine, open_store
@@ -35,8 +35,8 @@ C = TypeVar("C", bound=type)
 
 # What Serve's gRPC proxy must register (gRPCOptions.grpc_servicer_functions, grpc_options in the config).
 SERVICER_FUNCTIONS = [
-    "aevae.v1.encoder_pb2_grpc.add_EncoderServicer_to_server",
-    "aevae.v1.decoder_pb2_grpc.add_DecoderServicer_to_server",
+    "aevae.services.serve_proxy.add_EncoderServicer_to_server",
+    "aevae.services.serve_proxy.add_DecoderServicer_to_server",
 ]
 
 # Defaults of both deployments; deploy/serve/config.yaml may override them per deployment.
@@ -100,6 +100,8 @@ def _sized(request: Any, max_bytes: int) -> Any:
     parser answers it (grpc_common.oversized). Serve's proxy takes messages up to 2 GiB and hands them over parsed,
     so the max_message_bytes that ListModels advertises is the replica's to keep: without this, a request over
     it was served (Encode) or refused for another reason (Decode: its response size)."""
+    if isinstance(request, Unreadable):  # bytes that did not parse in the proxy (serve_proxy): answered as such
+        return request
     return oversized(request.ByteSize(), max_bytes) or request
 
 

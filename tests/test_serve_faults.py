@@ -261,3 +261,21 @@ def test_calls_succeed_after_a_replica_is_killed_mid_traffic(target: str) -> Non
         until(recovered, "a decode served after the replica was replaced", timeout=120)
         for _ in range(5):
             assert client.decode(z(5), model="vae").shape == (5, 32, 32)
+
+
+def test_request_bytes_that_are_no_message_are_invalid_argument_naming_it(channel: grpc.Channel) -> None:
+    """Bytes that do not parse as the method's request failed in the proxy's own deserializer (the generated
+    add_*Servicer_to_server's): UNKNOWN "Unexpected DecodeError". With serve_proxy's registration they reach
+    the replica and get `aevae serve`'s INVALID_ARGUMENT, unary and in a stream (after the good message's answer)."""
+    garbage = b"\xff\xff\xff\xff"
+    raw = channel.unary_unary("/aevae.v1.Decoder/Decode")
+    assert_clean(failure(raw, garbage, metadata=DECODER), grpc.StatusCode.INVALID_ARGUMENT,
+                 "the request bytes are not a valid aevae.v1.DecodeRequest message")
+    stream = channel.stream_stream("/aevae.v1.Encoder/EncodeStream")
+    answers: list[bytes] = []
+    with pytest.raises(grpc.RpcError) as failed:
+        for answer in stream(iter([encode(np.zeros((1, 32, 32), np.uint8)).SerializeToString(), garbage]),
+                             metadata=ENCODER, timeout=60):
+            answers.append(answer)
+    assert_clean(failed.value, grpc.StatusCode.INVALID_ARGUMENT, "not a valid aevae.v1.EncodeRequest message")
+    assert len(answers) == 1  # the good message was answered first
