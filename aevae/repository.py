@@ -5,8 +5,9 @@ broken-version policy live in `aevae.store`; this module imports neither torch n
 
 - A version appears atomically: it is written into a hidden folder beside its siblings and renamed into
   place, so a reader never sees half of one; its files reach the disk (fsync) before the rename, and the
-  rename before the version is reported written, so a crash or power cut after that loses nothing. A hidden
-  folder left by a writer that was killed is removed by the next writer of that model, once it is an hour old.
+  rename before the version is reported written, so a crash or power cut after that loses nothing. What a
+  writer that was killed left (its hidden folder, a file it was adding) is removed by the next writer of that
+  model, once it is an hour old.
 - Version numbers are canonical decimal folder names from 1 to 2**63 - 1 ("002" or "1e3" are not versions);
   they are never reused: a high-water mark per model survives deleting the newest version, so a client
   pinned to a number never silently gets other weights.
@@ -291,7 +292,7 @@ class ModelRepository:
             raise ValueError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale(model_dir)
+        remove_stale(model_dir)
         staging = _make_staging(model_dir)
         try:
             for filename, write in writers.items():
@@ -329,7 +330,7 @@ class ModelRepository:
         clash = sorted(set(writers) & (set(version.manifest.files) | {MANIFEST}))
         if clash:
             raise ValueError(f"{version} already has {clash}")
-        _remove_stale(version.path)
+        remove_stale(version.path)
         checksums = {}
         tmp = version.path / f".{MANIFEST}.incoming"
         try:
@@ -377,7 +378,7 @@ class ModelRepository:
         with _locked(model_dir / HIGH_WATER_LOCK):
             if number <= self._high_water(model_dir):
                 return
-            tmp = model_dir / f".high-water-{secrets.token_hex(8)}"
+            tmp = model_dir / f"{HIGH_WATER}-{secrets.token_hex(8)}"
             try:
                 with _create(tmp) as f:
                     f.write(f"{number}\n".encode())
@@ -413,12 +414,14 @@ def _is_leftover(name: str) -> bool:
     return name.startswith((STAGING_PREFIX, f"{HIGH_WATER}-")) or (name.startswith(".") and name.endswith(".incoming"))
 
 
-def _remove_stale(folder: Path) -> None:
-    """Removes what killed writers left in `folder` (a model's or a version's): their temporaries, once
-    STALE_SECONDS old (a live writer's are seconds old). Best effort: what cannot be removed stays."""
+def remove_stale(folder: Path, is_leftover: Callable[[str], bool] = _is_leftover) -> None:
+    """Removes what killed writers left in `folder` (a model's or a version's; the batch jobs' output folder,
+    with their own `is_leftover`): the temporaries it names, once STALE_SECONDS old (a live writer's are
+    seconds old, and age needs no process table, so a writer on another machine of a shared folder is safe).
+    Best effort: what cannot be removed stays."""
     cutoff = time.time() - STALE_SECONDS
     for path in folder.iterdir():
-        if not _is_leftover(path.name):
+        if not is_leftover(path.name):
             continue
         try:
             if path.lstat().st_mtime > cutoff:

@@ -37,6 +37,7 @@ from aevae.batch.progress import Progress
 from aevae.batch.sinks import TMP_MARK, Sink, shard_entries
 from aevae.batch.sources import Source
 from aevae.errors import InvalidArgument, UserError, check_cpus, raise_on_sigterm
+from aevae.repository import remove_stale
 from aevae.services import inputs
 
 JOB_FILE = "_aevae_batch.json"
@@ -202,7 +203,8 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
             parts = {}
         root.mkdir(parents=True, exist_ok=True)
         job.sink.clean()
-        _remove_dead_job_file_temporaries(root)
+        # a job file being replaced when its writer was killed (SIGKILL, a power cut)
+        remove_stale(root, lambda name: name.startswith(f".{JOB_FILE}{TMP_MARK}"))
     changed = record is not None and record.get("inputs") != stats
     if changed and parts and note is not None:
         note(f"the input changed since the last run: checking the {len(parts)} shards on disk against it")
@@ -322,26 +324,6 @@ def _remove_parts(root: Path) -> None:
     for entry in shard_entries(root) + list(root.glob(f".part-*{TMP_MARK}*")):
         shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     (root / JOB_FILE).unlink(missing_ok=True)
-
-
-def _remove_dead_job_file_temporaries(root: Path) -> None:
-    """Removes job-file temporaries whose writer (the process named in the name) is gone: one killed while
-    replacing the job file (SIGKILL, a power cut) left its temporary for good."""
-    for tmp in root.glob(f".{JOB_FILE}{TMP_MARK}*"):
-        pid = tmp.name.rpartition(TMP_MARK)[2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's: alive
-        return True
-    return True
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

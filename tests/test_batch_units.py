@@ -343,13 +343,15 @@ def test_shards_resume_and_keep_the_input_order(tiny_repo: Path, tmp_path: Path)
     for shard in (0, 2):
         assert run_shard(job, model, shard)["rows"] == 300
     (out / ".part-000001.parquet.tmp-123").write_bytes(b"half a file")  # a writer killed mid-shard
-    import subprocess
-    import sys
+    import os
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_tmp = out / f".{JOB_FILE}.tmp-{int(gone.stdout)}"  # a run killed replacing the job file
+    from aevae.repository import STALE_SECONDS
+
+    dead_tmp = out / f".{JOB_FILE}.tmp-123"  # a run killed replacing the job file, an hour ago and more
     dead_tmp.write_text("{")
-    live_tmp = out / f".{JOB_FILE}.tmp-1"  # pid 1 lives: a run writing it now
+    old = dead_tmp.stat().st_mtime - STALE_SECONDS - 60
+    os.utime(dead_tmp, (old, old))
+    live_tmp = out / f".{JOB_FILE}.tmp-456"  # a run writing it now
     live_tmp.write_text("{")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
     plan = prepare(job)
