@@ -274,9 +274,8 @@ def _hurried(kill: Callable[[], None]) -> Iterator[None]:
 def _end_training(process: subprocess.Popen[bytes], signalled: bool) -> None:
     """Stops the trainer when `aevae up` is interrupted during training, and waits for it. A Ctrl-C at the
     terminal reached it as well (`signalled`: it gets a moment to stop on its own); SIGTERM, or a SIGINT sent to
-    `aevae up` alone, did not, so it gets the Ctrl-C (on SIGTERM Ray's driver exits as well, but dumps a stack
-    trace), then SIGTERM, then SIGKILL. Without this it trained on, and wrote versions, after `aevae up` was
-    gone."""
+    `aevae up` alone, did not, so it gets the Ctrl-C, then SIGTERM (which it handles alike), then SIGKILL.
+    Without this it trained on, and wrote versions, after `aevae up` was gone."""
     with _hurried(process.kill):
         for sig, wait in ((None if signalled else signal.SIGINT, 10.0), (signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
             if process.poll() is not None:
