@@ -139,3 +139,25 @@ def test_a_model_no_longer_served_is_said_so_and_comes_back(page, tiny_stack):
     page.wait_for_function("() => window.__aevae.state.shown.ae && window.__aevae.state.samples.shown.ae?.version === 2",
                            timeout=10000)
     assert any(v < 250 for v in output_pixels(page, "ae"))
+
+
+# -- a version of another width under a pinned page -------------------------------------------------------
+def test_samples_for_a_pinned_version_take_its_width(page, tiny_stack):
+    """A 6-d version of ae appeared while the page showed the 4-d one before it: samples asked for the pinned
+    version were drawn 6 wide from the newest version's metadata, and the decoder refused them (400) until the
+    page caught up. The page now sends the width of the version it shows."""
+    from test_ui import post_json
+
+    shown = page.evaluate("() => window.__aevae.state.models.ae.info.version")
+    version = write_tiny(tiny_stack["repo"], "ae", "ae", latent_dim=6, seed=4).number
+    wait_label(page, "ae", f"ae v{version}")  # the services list the 6-d version as ae's newest
+    url = tiny_stack["url"] + "/api/samples"
+    status, reply = post_json(url, {"model": "ae", "version": shown, "latent_dim": 4, "count": 3, "seed": 1})
+    assert status == 200, reply
+    assert reply["version"] == shown and [len(z) for z in reply["latents"]] == [4, 4, 4]
+    status, reply = post_json(url, {"model": "ae", "version": shown, "count": 3, "seed": 1})
+    assert status == 400, reply  # without the width: the newest's, which the pinned version refuses
+    status, reply = post_json(url, {"model": "ae", "version": shown, "latent_dim": 0})
+    assert status == 400 and "'latent_dim' must be an integer in 1..1024" in reply["error"], reply
+    page.wait_for_function(f"() => window.__aevae.state.samples.shown.ae?.version === {version}", timeout=10000)
+    assert len(page.evaluate("() => window.__aevae.state.samples.shown.ae.latents[0]")) == 6

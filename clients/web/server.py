@@ -42,6 +42,7 @@ MAX_IMAGES = 256
 MAX_IMAGE_SIDE = 256  # the encoder decides which shapes its model takes; this only bounds the request
 MAX_LATENTS = 1024
 MAX_SAMPLES = 64
+MAX_LATENT_DIM = 1024  # /api/samples' latent_dim: far above any model here, and 64 x 1024 floats stay small
 MAX_BODY = 8 * 1024 * 1024  # an HTTP request body
 MAX_MODEL_NAME = 256
 # A WebSocket message not taken by its client within this (a client that stopped reading: the buffers are
@@ -261,10 +262,13 @@ async def post_encode(request: web.Request) -> web.Response:
 async def post_samples(request: web.Request) -> web.Response:
     """`count` latents drawn from N(0, I) with `seed`, decoded by `model`, each judged by the digit classifier.
 
-    The latent dimension comes from the served model's metadata; the same seed gives the same samples.
+    The latent dimension is `latent_dim` when given (the page sends that of the version it shows), else the
+    served model's newest version's: ListModels describes only that one, and a page pinned to an older version
+    of another width, asking just after a new version came, would get samples of the wrong width. The same seed
+    gives the same samples.
     """
     try:
-        payload = await json_body(request, "{model, version?, count: 1..64, seed: integer}")
+        payload = await json_body(request, "{model, version?, latent_dim?: 1..1024, count: 1..64, seed: integer}")
         name, version = model_name(payload), model_version(payload)
         count = bounded_int(payload, "count", 16, 1, MAX_SAMPLES)
         seed = bounded_int(payload, "seed", 0, 0, 2 ** 32 - 1)
@@ -273,7 +277,8 @@ async def post_samples(request: web.Request) -> web.Response:
         info = next((m for m in infos if m.name == name), None)
         if info is None:
             raise BadRequest(f"the decoder serves no model {name!r}; it serves {sorted(m.name for m in infos)}")
-        latents = np.random.default_rng(seed).standard_normal((count, info.latent_dim)).astype(np.float32)
+        width = bounded_int(payload, "latent_dim", info.latent_dim, 1, MAX_LATENT_DIM)
+        latents = np.random.default_rng(seed).standard_normal((count, width)).astype(np.float32)
         images = await decoder.call(lambda client: client.decode(latents, model=name, version=version,
                                                                  dtype="float32"))
     except (BadRequest, ServiceDown, RequestRejected) as exc:

@@ -476,7 +476,9 @@ async function drawSamples() {
     let reply;
     try {
       const ref = modelRef(kind);
-      reply = await postJSON("/api/samples", { model: ref.name, version: ref.version, count: SAMPLES, seed });
+      // the width of the version shown: the server knows only the newest version's, which may differ
+      const latentDim = state.models[kind].info.latent_dim;
+      reply = await postJSON("/api/samples", { model: ref.name, version: ref.version, latent_dim: latentDim, count: SAMPLES, seed });
     } catch (error) {
       $(`share-${kind}`).textContent = `(${error.message})`;
       state.samples.failed[kind] = true; // drawn again when the decoder is back
