@@ -4,7 +4,7 @@ NumPy asks the kernel to back every array of 4 MiB or more with transparent huge
 MADV_HUGEPAGE). Where the kernel's THP `defrag` setting is `madvise` (a common distribution default, and these
 machines'), a page fault in such a region that finds no free huge page compacts memory on the spot instead of
 falling back to base pages (numpy/numpy#31590). A decoded batch arrives in pieces and is written once, so it
-faults page by page while the stream runs: measured here (README, Measured), a streamed decode of 1,000,000
+faults page by page while the stream runs: measured here (docs/measurements.md), a streamed decode of 1,000,000
 latents spent 9.5 s of kernel time filling its 4 GB float32 output allocated by NumPy, and 2.6 s on base pages.
 
 An anonymous private mapping carries no such advice, so its pages come at the base-page cost whatever the state

@@ -4,7 +4,7 @@ its weights (`weights.pt`, loaded with weights_only=True).
 A runtime is chosen per version by `open_runtime`; each imports its framework only when it is opened, so a
 serving process that runs ONNX graphs never loads torch. The decoding precision is chosen there too: "fp32",
 "int8" (ONNX Runtime over `decoder.int8.onnx`) or "bf16" (torch under bfloat16 autocast); encoding is always
-float32. See README, Reduced precision.
+float32. See docs/measurements.md, Reduced precision.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ always run alone, paying a whole forward pass per latent. When the event loop ha
 moment such a call arrives (the sign that other calls are on their way: a caller alone finds it empty), the
 call waits up to `gather_s` for others to join it and the batch then runs on the event loop. How many it waits
 for adapts (`Gathering`), so that a steady load flushes as soon as its usual company is in instead of waiting
-out the window (README, Measured).
+out the window (docs/measurements.md).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ class Batcher(Generic[Item, Result]):
         task), a big one in the executor, after which the group is flushed again. A gathered batch runs on the
         event loop even with other calls in flight: they are its own members, and the executor's thread hop
         cost more than it let overlap (16 one-latent calls in flight: 2,620-2,685 calls/s against
-        3,071-3,287 inline, README, Measured)."""
+        3,071-3,287 inline, docs/measurements.md)."""
         group = self._groups[key]
         while not group.busy:
             batch = self._take(group)

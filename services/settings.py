@@ -162,7 +162,8 @@ class ServiceSettings:
                                 "onnxruntime is installed, else torch), onnx or torch", minimum=None)
     precision: str = _opt("fp32", "decoding precision: fp32, int8 (ONNX Runtime over the version's "
                                   "decoder.int8.onnx; fp32 for versions without one) or bf16 (torch autocast); "
-                                  "encoding is always fp32. Measured cost: README, Reduced precision", minimum=None)
+                                  "encoding is always fp32. Measured cost: docs/measurements.md, Reduced "
+                                  "precision", minimum=None)
     allow_symlinks: bool = _opt(False, "serve version folders or files that are symlinks out of the "
                                        "repository root (refused by default)", minimum=None)
     # Dynamic batching of unary calls: requests that arrive while the model is busy, or while the server is busy

@@ -85,7 +85,7 @@ def test_service_counters_move_with_traffic(decoder: ServiceProcess) -> None:
 def test_concurrent_one_latent_calls_share_forward_passes_and_each_gets_its_own_image(
         decoder: ServiceProcess) -> None:
     """16 unary one-latent calls in flight: on grpc.aio they reach the handler one at a time, and without
-    gathering each ran alone (merged requests stayed near 0, README, Measured)."""
+    gathering each ran alone (merged requests stayed near 0, docs/measurements.md)."""
     url = metrics_url(decoder.output)
     z = np.random.default_rng(3).normal(size=(400, 4)).astype(np.float32)
     with DecoderClient(decoder.address) as client:

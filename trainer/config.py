@@ -11,8 +11,8 @@ from aevae.repository import NAME_PATTERN
 
 # Training precisions: "fp32", or "bf16" (CPU autocast: the matrix products in bfloat16; the loss, the master
 # weights and the optimizer state in float32). bf16 is the default: over the full default run it reached
-# fp32's quality (AE 102.91 against 103.21 nats, VAE 116.68 against 116.70) in less time. See README, Reduced
-# precision.
+# fp32's quality (AE 102.91 against 103.21 nats, VAE 116.68 against 116.70) in less time. See
+# docs/measurements.md, Reduced precision.
 PRECISIONS = ("fp32", "bf16")
 # The largest --seed: torch's generators take 64-bit seeds (each epoch's order is seeded with seed + epoch) and
 # numpy's none below 0; a seed outside 0..2**63-1 failed in the worker, or (a negative one) only in the latent
@@ -24,7 +24,7 @@ MAX_SEED = 2**63 - 1
 class TrainConfig:
     models: tuple[str, ...] = ("ae", "vae")
     # 15 with the models side by side: AE 102.79, VAE 116.62 nats in 2 min 39 s (14: 102.82 / 116.78, over
-    # the VAE's bar of 116.7); README, Reduced precision.
+    # the VAE's bar of 116.7); docs/measurements.md, Reduced precision.
     epochs: int = 15
     batch_size: int = 256
     lr: float = 3e-3

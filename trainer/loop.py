@@ -136,7 +136,7 @@ def member(name: str, model: Autoencoder, wrapped: torch.nn.Module, lr: float, t
     # fused Adam: one kernel over all parameters instead of a loop of small ops (its step measured several
     # times faster here); the parameters and the moments stay float32 in either precision. beta2 0.99 instead
     # of 0.999: the second moment follows the one-cycle schedule's fast changes within ~100 steps instead of
-    # ~1,000; over 13 epochs VAE 116.93 against 117.15 nats (README, Reduced precision).
+    # ~1,000; over 13 epochs VAE 116.93 against 117.15 nats (docs/measurements.md, Reduced precision).
     optimizer = torch.optim.Adam(wrapped.parameters(), lr=lr, betas=(0.9, 0.99), fused=True)
     # One-cycle: a warm-up then a cosine decay to ~0; measured ~4 nats better than a constant rate here. The
     # warm-up takes 30 % of the steps: over a bf16 run of 15 epochs (beta2 0.999), AE 102.90 and VAE 116.67
