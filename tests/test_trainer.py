@@ -172,7 +172,9 @@ def test_killed_worker_resumes_from_last_checkpoint(mnist_root: Path, tmp_path: 
 def test_sigterm_stops_training_and_its_workers_with_one_line(mnist_root: Path, tmp_path: Path) -> None:
     """SIGTERM (a container stop, `kill`) mid-run: exit 143 with one line saying nothing was written and where
     the checkpoint is, no traceback, no Ray stack dump, and no process of the run left behind. ray.init had made
-    SIGTERM a sys.exit, which skipped the driver's own account of the stop."""
+    SIGTERM a sys.exit, which skipped the driver's own account of the stop. Then `--resume` with the same
+    options continues the run from its checkpoint (before, the checkpoint could only be left behind) and
+    removes it once the version is written."""
     import signal
     import subprocess
     import sys
@@ -185,18 +187,18 @@ def test_sigterm_stops_training_and_its_workers_with_one_line(mnist_root: Path, 
     models = tmp_path / "models"
     command = [sys.executable, "-m", "aevae.cli", "train", "--data-root", str(mnist_root), "--models", "vae",
                "--models-dir", str(models), "--storage-path", str(tmp_path / "ray"), "--train-limit", "3000",
-               "--epochs", "50"]
+               "--epochs", "20"]
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     assert driver.stdout is not None
     lines, family = [], []
     for line in driver.stdout:
         lines.append(line)
-        if not family and "epoch 1/50" in line:
+        if not family and "epoch 1/20" in line:
             family = psutil.Process(driver.pid).children(recursive=True)
             driver.send_signal(signal.SIGTERM)
     output = "".join(lines)
     assert driver.wait(timeout=120) == 128 + signal.SIGTERM, output
-    assert family and "epoch 50/50" not in output
+    assert family and "epoch 20/20" not in output
     assert "stopped by SIGTERM" in output and "nothing written" in output and str(tmp_path / "ray") in output
     assert "Traceback" not in output and "Stack" not in output, output
     assert not (models / "vae").exists() or not ModelRepository(models).versions().get("vae")
@@ -205,3 +207,11 @@ def test_sigterm_stops_training_and_its_workers_with_one_line(mnist_root: Path, 
         time.sleep(0.5)
     left = [" ".join(p.cmdline()[:3]) for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, left
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming run vae-" in resumed.stdout and "resumed from the checkpoint of epoch" in resumed.stdout
+    assert "epoch 1/20" not in resumed.stdout, resumed.stdout  # it went on from the checkpoint, not from the start
+    [version] = ModelRepository(models).versions()["vae"]
+    assert version.manifest.training["epochs"] == 20
+    assert not list((tmp_path / "ray").iterdir())  # the finished run's checkpoints are gone

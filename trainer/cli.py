@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where Ray keeps its run checkpoints, a folder or a storage URI (default: %(default)s, "
                         "that is $TMPDIR/aevae-ray)")
     p.add_argument("--address", default=None, help="an existing Ray cluster, e.g. ray://head:10001 or auto")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the newest stopped or failed run of the same options from its last checkpoint "
+                        "under --storage-path (a fresh run when there is none)")
     p.set_defaults(func=run)
 
 
@@ -81,7 +84,7 @@ def config_from_args(args: argparse.Namespace):
             seed=args.seed, latent_dim=args.latent_dim, hidden=hidden, train_limit=args.train_limit,
             num_workers=args.num_workers, cpus_per_worker=cpus, data_root=args.data_root,
             models_dir=args.models_dir, storage_path=args.storage_path, address=args.address,
-            precision=args.precision,
+            precision=args.precision, resume=args.resume,
         )
     except ValueError as exc:  # TrainConfig's own checks (e.g. --name), worded for the command line
         raise UserError(str(exc)) from None

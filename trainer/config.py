@@ -44,6 +44,9 @@ class TrainConfig:
     storage_path: str | None = None
     address: str | None = None
     precision: str = "bf16"
+    # Continue the newest stopped run of this same configuration from its last checkpoint (trainer.job,
+    # `stopped_run`) instead of starting afresh; a fresh run when there is none.
+    resume: bool = False
 
     def __post_init__(self) -> None:
         """Refuses what could only fail after training (a name the repository would not write), so a run is
@@ -60,6 +63,15 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def run_identity(self) -> dict:
+        """What makes two runs the same run, so that one may continue the other's checkpoint: everything that
+        shapes the models, the data they see and the schedule. Not where the data, the repository or Ray are,
+        nor the CPUs (a checkpoint holds no per-thread state)."""
+        keys = ("models", "name", "epochs", "batch_size", "lr", "seed", "latent_dim", "hidden", "train_limit",
+                "num_workers", "precision")
+        data = self.to_json()
+        return {key: list(data[key]) if isinstance(data[key], tuple) else data[key] for key in keys}
 
     def target_name(self, kind: str) -> str:
         return self.name or kind

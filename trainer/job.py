@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import json
 import logging
 import math
 import os
@@ -37,6 +38,10 @@ from aevae.trainer.config import TrainConfig
 
 # The entropy of MNIST's grey levels per image: what even a perfect reconstruction scores in BCE (brief).
 BCE_FLOOR_NATS = 45.5
+# In a run's folder under --storage-path: the options it ran with (TrainConfig.run_identity), which `--resume`
+# matches; and the file Ray Train restores a run of the same name from (its checkpoint manager's state).
+RUN_FILE = "aevae-run.json"
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 MAX_FAILURES = 2
 HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 ADDRESS_TIMEOUT_S = 10.0
@@ -261,8 +266,10 @@ def run(config: TrainConfig) -> list[Version]:
     print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, {config.precision}, "
           f"{config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
     started = time.perf_counter()
-    run_name = f"{'-'.join(archs)}-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    run_name = _run_name(config, "-".join(archs))
     kept = f"the run's last checkpoint stays under --storage-path {config.storage_path}"
+    if _local_runs(config) is not None:
+        kept += " (`aevae train --resume` with the same options continues it)"
     try:
         states, metrics = _fit(config, archs, refs, run_name)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: Ray stops the workers as the driver exits
@@ -306,14 +313,63 @@ def run(config: TrainConfig) -> list[Version]:
     return written
 
 
+def _local_runs(config: TrainConfig) -> Path | None:
+    """The folder holding the runs' checkpoints; None for a remote --storage-path (s3://...), which aevae
+    neither lists nor cleans."""
+    storage = config.storage_path or ""
+    return None if "://" in storage else Path(storage).absolute()
+
+
+def stopped_run(config: TrainConfig, prefix: str) -> str | None:
+    """The name of the newest run under --storage-path that ran with this configuration and left a checkpoint
+    Ray Train can restore: one that was stopped or failed (a run that finished removes its folder)."""
+    root = _local_runs(config)
+    if root is None or not root.is_dir():
+        return None
+    identity = config.run_identity()
+    found = []
+    for folder in root.glob(f"{prefix}-*"):
+        try:
+            ran = json.loads((folder / RUN_FILE).read_text())
+            if ran == identity and (folder / RAY_SNAPSHOT_FILE).is_file():
+                found.append((folder.stat().st_mtime, folder.name))
+        except (OSError, ValueError):  # another run's folder, one being removed, or not aevae's
+            continue
+    return max(found)[1] if found else None
+
+
+def _run_name(config: TrainConfig, prefix: str) -> str:
+    """A new run's name, or with --resume the stopped run's: Ray Train restores a run of the same name and
+    storage path from its last checkpoint, and the loop goes on from the epoch after it (loop._restore). The
+    run's options are written beside its checkpoints, for a later --resume to match."""
+    root = _local_runs(config)
+    if config.resume and root is None:
+        raise UserError(f"--resume needs a local --storage-path, to find the stopped run in; got "
+                        f"{config.storage_path!r}")
+    name = stopped_run(config, prefix) if config.resume else None
+    if name:
+        print(f"resuming run {name} from its last checkpoint under {root}", flush=True)
+    elif config.resume:
+        print(f"no stopped run with these options under {root}: starting afresh", flush=True)
+    name = name or f"{prefix}-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    if root is not None:
+        try:
+            (root / name).mkdir(parents=True, exist_ok=True)
+            (root / name / RUN_FILE).write_text(json.dumps(config.run_identity(), indent=1))
+        except OSError as exc:  # before any training: Ray would fail at its first checkpoint
+            raise UserError(f"--storage-path {root}: cannot keep the run's checkpoints there "
+                            f"({exc.strerror or exc}); pass a writable folder") from None
+    return name
+
+
 def _remove_checkpoints(config: TrainConfig, run_name: str) -> None:
     """Removes the run's checkpoints once every version is written: they are there to resume a failed run
     (and are kept when one fails), and at about 160 MB a run (the models and their optimizer state, the last
     two epochs) they filled $TMPDIR run after run. A remote --storage-path (s3://...) is left to its owner."""
-    storage = config.storage_path or ""
-    if "://" in storage:
+    root = _local_runs(config)
+    if root is None:
         return
-    folder = Path(storage).absolute() / run_name
+    folder = root / run_name
     try:
         shutil.rmtree(folder)
     except FileNotFoundError:

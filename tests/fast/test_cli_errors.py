@@ -390,7 +390,8 @@ def test_train_that_cannot_write_its_version_says_so_in_one_line(tmp_path: Path,
     err = _refused(["train", "--hidden", "16", "--models-dir", str(models), "--storage-path", str(tmp_path / "r")],
                    capsys)
     assert (f"[vae] cannot write its version under {models}: No space left on device ({STATS}); the run's last "
-            f"checkpoint stays under --storage-path {tmp_path / 'r'}; written: ae/1") in err
+            f"checkpoint stays under --storage-path {tmp_path / 'r'} (`aevae train --resume` with the same options "
+            f"continues it); written: ae/1") in err
     assert [v.number for v in ModelRepository(models).versions()["ae"]] == [1]
     assert not list((models / "vae").iterdir())  # no staging folder, no version
 
