@@ -4,7 +4,9 @@ The replicas run the same servicers as `aevae serve` (EncoderServicer / DecoderS
 DecoderLogic), their dynamic batching included: validation, error messages, streams, seeds and batching
 cannot drift between the two transports. What Serve adds is replicas with autoscaling.
 
-Serve's proxy routes by the gRPC metadata ("application", "encoder" | "decoder"), so one port serves both.
+Serve's proxy routes by the gRPC metadata ("application", "encoder" | "decoder"), so one port serves both. It
+registers aevae.v1 through serve_proxy (SERVICER_FUNCTIONS), which also answers a call cut by its replica dying
+UNAVAILABLE (clients retry it) and carries a stream's error status without a traceback in the logs (`_answers`).
 Run it with `serve run deploy/serve/config.yaml` (see docs/deploy.md), or build an app in Python:
 `serve.run(decoder({"models_dir": "models"}), name="decoder", route_prefix="/decoder")`.
 """
@@ -26,6 +28,7 @@ from aevae.services.encoder import EncoderLogic
 from aevae.services.grpc_common import Unreadable, oversized
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
+from aevae.services.serve_proxy import STATUS_ONLY
 from aevae.services.server import engine, open_store
 from aevae.services.settings import ServiceSettings
 from aevae.v1 import decoder_pb2, encoder_pb2, tensor_pb2
@@ -68,11 +71,16 @@ def settings(args: dict[str, Any] | None) -> ServiceSettings:
 
 
 class _Aborted(Exception):
-    """The call failed; its status is already set on Serve's context.
+    """The call failed; its status (`code`) is already set on Serve's context.
 
     A unary call then returns an empty message (Serve's documented way to fail a gRPC call; raising would
-    log a traceback per bad request). A stream lets it propagate: Serve sends a status set on the context
-    only along with a message, but keeps the code and details of an exception raised after setting them."""
+    log a traceback per bad request). A stream ends with `STATUS_ONLY` (`_answers`), or, for a server error,
+    lets it propagate: Serve sends a status set on the context only along with a message, but keeps the code
+    and details of an exception raised after setting them (and logs its traceback)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
 
 
 class _ServeContext:
@@ -84,7 +92,34 @@ class _ServeContext:
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         self.context.set_code(code)
         self.context.set_details(details)
-        raise _Aborted(details)
+        raise _Aborted(code, details)
+
+
+# A stream failing with one of these is a fault of the server: its traceback is logged (by Serve, in the
+# replica's and the proxy's logs). Any other status is an answer to the client (bad input, an unknown model
+# or version, a limit...), which logs no more than Serve's access log line, as a unary call's does.
+SERVER_ERRORS = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS})
+
+
+class _StatusOnly:
+    """A stream's last message, which carries the status set on Serve's context to the proxy; the proxy's
+    handler (serve_proxy) sends the status and not the message."""
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - protobuf's name, which Serve's replica calls
+        return STATUS_ONLY
+
+
+async def _answers(responses: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """A stream's responses; when the servicer aborts it with an error of the client's, `_StatusOnly` after the
+    answers to the earlier messages, rather than the exception, which Serve logged with a full traceback in the
+    replica and again in the proxy, for each bad message. Server errors (`SERVER_ERRORS`) still raise."""
+    try:
+        async for response in responses:
+            yield response
+    except _Aborted as aborted:
+        if aborted.code in SERVER_ERRORS:
+            raise
+        yield _StatusOnly()
 
 
 async def _unary(context: RayServegRPCContext, call: Awaitable[T], empty: T) -> T:
@@ -132,8 +167,7 @@ def _elsewhere(service: str, name: str, response: type | None) -> Callable[..., 
         async def stream(self: Any, requests: AsyncIterator[Any], grpc_context: RayServegRPCContext
                          ) -> AsyncIterator[Any]:
             refuse(grpc_context)
-            raise _Aborted(grpc_context.details())  # see _Aborted: a stream's status needs an exception
-            yield  # pragma: no cover - makes this an async generator, as Serve's streaming calls require
+            yield _StatusOnly()  # see _answers: a stream's status travels with a message
 
         return stream
 
@@ -200,7 +234,8 @@ class EncoderDeployment(_Replica):
 
     async def EncodeStream(self, requests: AsyncIterator[encoder_pb2.EncodeRequest],
                            grpc_context: RayServegRPCContext):
-        async for response in self.servicer.EncodeStream(self._each_checked(requests), _ServeContext(grpc_context)):
+        async for response in _answers(self.servicer.EncodeStream(self._each_checked(requests),
+                                                                  _ServeContext(grpc_context))):
             yield response
 
     async def GetLatentStats(self, request: encoder_pb2.GetLatentStatsRequest, grpc_context: RayServegRPCContext):
@@ -224,7 +259,8 @@ class DecoderDeployment(_Replica):
 
     async def DecodeStream(self, requests: AsyncIterator[decoder_pb2.DecodeRequest],
                            grpc_context: RayServegRPCContext):
-        async for response in self.servicer.DecodeStream(self._each_checked(requests), _ServeContext(grpc_context)):
+        async for response in _answers(self.servicer.DecodeStream(self._each_checked(requests),
+                                                                  _ServeContext(grpc_context))):
             yield response
 
 

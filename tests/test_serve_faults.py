@@ -7,9 +7,13 @@ encoder and decoder applications over a tiny repository, called as a client woul
   UNIMPLEMENTED naming where it is served, not INTERNAL with Ray's traceback in the details;
 - streams cancelled mid-way give their admission slot back;
 - the repository changing under the running applications: versions appear, disappear and break;
-- a replica killed (SIGKILL) mid-traffic: calls after Serve has replaced it succeed.
+- a bad message in a stream is answered INVALID_ARGUMENT without a traceback in Serve's logs;
+- a replica killed (SIGKILL) mid-traffic: calls after Serve has replaced it succeed;
+- a replica killed (ray.kill) while a call is in flight on it: the call is UNAVAILABLE, saying it may be
+  retried, and the client's retry succeeds on the replacement.
 
-One app per module (Serve starts slowly); the replica kill comes last.
+One app per module (Serve starts slowly), and a one-replica app of its own for the in-flight kill; the replica
+kills come last.
 """
 
 from __future__ import annotations
@@ -219,6 +223,101 @@ def test_the_repository_changing_under_the_app_is_served_as_it_is(channel: grpc.
     assert newest("vae") == 1  # the others keep serving
 
 
+def logs_dir() -> Path:
+    """The logs of this module's own Ray (its session, not /tmp/ray/session_latest: another Ray may run)."""
+    import ray
+
+    return Path(ray._private.worker._global_node.get_logs_dir_path())
+
+
+class LogTail:
+    """What Serve's logs (logs/serve/, and the workers' stdout and stderr, where Serve also writes) gain
+    from now on."""
+
+    def __init__(self) -> None:
+        self.start = {path: path.stat().st_size for path in self.files()}
+
+    @staticmethod
+    def files() -> list[Path]:
+        root = logs_dir()
+        return [*root.glob("serve/*.log"), *root.glob("worker-*.err"), *root.glob("worker-*.out")]
+
+    def text(self) -> str:
+        added = []
+        for path in self.files():
+            with path.open("rb") as file:
+                file.seek(self.start.get(path, 0))
+                added.append(file.read().decode(errors="replace"))
+        return "\n".join(added)
+
+
+def test_a_bad_message_in_a_stream_is_invalid_argument_with_no_traceback_logged(channel: grpc.Channel) -> None:
+    """A bad message in a stream is the client's error: answered INVALID_ARGUMENT naming it, after the earlier
+    messages' answers, and no traceback in the replica's or the proxy's log (there was one per bad message,
+    from the replica and again from the proxy); the proxy's access log line is all that is left."""
+    tail = LogTail()
+    dec, enc = decoder_pb2_grpc.DecoderStub(channel), encoder_pb2_grpc.EncoderStub(channel)
+    answers: list[decoder_pb2.DecodeResponse] = []
+    with pytest.raises(grpc.RpcError) as failed:
+        for answer in dec.DecodeStream(iter([decode(z(2)), decode(z(2)[:, :3].copy())]), metadata=DECODER,
+                                       timeout=60):
+            answers.append(answer)
+    assert_clean(failed.value, grpc.StatusCode.INVALID_ARGUMENT, "message 1: ")
+    assert "expects N x 4 latents, got [2, 3]" in failed.value.details()
+    assert len(answers) == 1
+    images = np.zeros((1, 32, 32), np.uint8)
+    assert_clean(failure(enc.EncodeStream, iter([encode(images), encode(images.astype(np.int16))]),
+                         metadata=ENCODER), grpc.StatusCode.INVALID_ARGUMENT, "message 1: images.dtype")
+    # the access log lines of both calls (Serve flushes each record): everything about them is written
+    until(lambda: "DecodeStream" in tail.text() and "EncodeStream" in tail.text(), "the calls' access log lines")
+    time.sleep(0.5)
+    text = tail.text()
+    assert "Traceback" not in text, text[-4000:]
+    assert "_Aborted" not in text and "gRPCStatusError" not in text, text[-4000:]
+    for details in ("expects N x 4 latents, got [2, 3]", "images.dtype"):
+        assert len([line for line in text.splitlines() if details in line]) <= 1, text[-4000:]
+
+
+def test_the_actor_errors_made_unavailable_are_rays_for_a_replica_that_died() -> None:
+    """serve_proxy recognises Ray's messages without importing Ray (it runs in Serve's proxy): they must be
+    Ray's own, or a Ray upgrade would silently bring INTERNAL back."""
+    from ray._raylet import ActorID
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    from aevae.services.serve_proxy import replica_died
+
+    assert replica_died(str(ActorDiedError()))
+    assert replica_died(str(RayActorError()))
+    assert replica_died(str(ActorUnavailableError("Actor is unavailable.", ActorID.from_random().binary())))
+    for other in ("internal error: ValueError: boom", "The actor died because of an error raised in its creation "
+                  "task, ray::ServeReplica...", "message 0: latents.dtype: expected float32"):
+        assert not replica_died(other)
+
+
+def test_a_stream_ends_with_its_status_for_a_client_error_and_raises_a_server_error() -> None:
+    """serve_app._answers: a client's error (any status but INTERNAL, UNKNOWN, DATA_LOSS) ends the stream with
+    the STATUS_ONLY message, after the earlier answers, and nothing raised (so nothing logged); a server's error
+    still raises, for Serve to log its traceback."""
+    import asyncio
+
+    from aevae.services import serve_app
+    from aevae.services.serve_proxy import STATUS_ONLY
+
+    async def answers(code: grpc.StatusCode) -> list:
+        async def responses():
+            yield "first"
+            raise serve_app._Aborted(code, "what went wrong")
+        return [answer async for answer in serve_app._answers(responses())]
+
+    for code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+        first, last = asyncio.run(answers(code))
+        assert first == "first" and last.SerializeToString() == STATUS_ONLY
+    for code in serve_app.SERVER_ERRORS:
+        with pytest.raises(serve_app._Aborted):
+            asyncio.run(answers(code))
+
+
 def replica_pids(application: str) -> list[int]:
     found = subprocess.run(["pgrep", "-f", f"ServeReplica:{application}:"], capture_output=True, text=True)
     return [int(pid) for pid in found.stdout.split()]
@@ -226,7 +325,8 @@ def replica_pids(application: str) -> list[int]:
 
 def test_calls_succeed_after_a_replica_is_killed_mid_traffic(target: str) -> None:
     """SIGKILL of the decoder's replica while a client calls: Serve starts another, and calls succeed again
-    (a call in flight on the dead replica may fail: Serve answers it INTERNAL, 'The actor died')."""
+    (a call in flight on the dead replica is UNAVAILABLE and retried, but the retries may run out before the
+    replacement serves: see test_a_call_in_flight_on_a_killed_replica_is_unavailable_and_retried)."""
     from aevae.client import AevaeError, DecoderClient
 
     with DecoderClient(target, metadata=DECODER, timeout=60) as client:
@@ -261,6 +361,82 @@ def test_calls_succeed_after_a_replica_is_killed_mid_traffic(target: str) -> Non
         until(recovered, "a decode served after the replica was replaced", timeout=120)
         for _ in range(5):
             assert client.decode(z(5), model="vae").shape == (5, 32, 32)
+
+
+SLOW = (("application", "slow"),)
+
+
+def replica_actor(application: str):
+    """The one replica actor of `application` (in this module's own Ray)."""
+    import ray
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith(f"SERVE_REPLICA::{application}#")]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0], namespace="serve")
+
+
+def test_a_call_in_flight_on_a_killed_replica_is_unavailable_and_retried(target: str, channel: grpc.Channel,
+                                                                          repo: Path) -> None:
+    """ray.kill of the replica while calls are in flight on it: the call cut is UNAVAILABLE saying the
+    replica died and that it may be retried (it was INTERNAL "The actor died unexpectedly", which the client
+    does not retry), and a client decoding in a loop gets every answer, right, its cut call retried by gRPC on
+    the replacement. An app of its own, one replica, where a lone Decode waits batch_wait_s (1 s) for company
+    on the replica: a call is on it when it is killed."""
+    import ray
+    from ray import serve
+
+    from aevae.client import DecoderClient
+    from aevae.services import serve_app
+
+    args = {"models_dir": str(repo), "batch_wait_s": 1.0}
+    app = serve_app.DecoderDeployment.options(  # type: ignore[attr-defined]
+        autoscaling_config={"min_replicas": 1, "max_replicas": 1}, ray_actor_options={"num_cpus": 0}).bind(args)
+    serve.run(app, name="slow", route_prefix="/slow")
+    try:
+        replica = replica_actor("slow")
+        with DecoderClient(target, metadata=SLOW, timeout=120) as client:
+            stop, answers, errors = threading.Event(), [], []
+
+            def traffic() -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    try:
+                        answers.append((n, client.decode(z(n % 5 + 1), model="vae")))
+                    except Exception as exc:  # noqa: BLE001 - any error reaching the caller fails the test
+                        errors.append(exc)
+
+            caller = threading.Thread(target=traffic)
+            caller.start()
+            try:
+                until(lambda: len(answers) >= 2 or errors, "answers before the kill", timeout=120)
+                # A call of another model: it opens a batch of its own, and waits 1 s on the replica.
+                cut = decoder_pb2_grpc.DecoderStub(channel).Decode.future(decode(z(1), model="ae"), metadata=SLOW,
+                                                                         timeout=120)
+                until(lambda: ray.get(replica.get_num_ongoing_requests.remote()) >= 2 or cut.done(),
+                      "the call and the client's on the replica", timeout=30)
+                assert not cut.done(), "the call was answered before the replica could be killed"
+                ray.kill(replica, no_restart=True)
+                with pytest.raises(grpc.RpcError) as failed:
+                    cut.result()
+                assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, (failed.value.code(),
+                                                                            failed.value.details())
+                assert "replica" in failed.value.details() and "retr" in failed.value.details(), \
+                    failed.value.details()
+                killed = len(answers)
+                until(lambda: len(answers) >= killed + 3 or errors, "answers after the kill", timeout=120)
+            finally:
+                stop.set()
+                caller.join()
+        assert not errors, errors
+        # every answer right: the images of its latents, as the undisturbed decoder application decodes them
+        assert [n for n, _ in answers] == list(range(1, len(answers) + 1))
+        with DecoderClient(target, metadata=DECODER, timeout=60) as check:
+            for n, images in answers:
+                np.testing.assert_allclose(images, check.decode(z(n % 5 + 1), model="vae"), rtol=1e-5, atol=1e-6)
+    finally:
+        serve.delete("slow")
 
 
 def test_request_bytes_that_are_no_message_are_invalid_argument_naming_it(channel: grpc.Channel) -> None:
