@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from concurrent.futures import Executor
 from contextvars import ContextVar
@@ -23,7 +24,7 @@ from aevae.inference import NonFiniteOutput
 from aevae.services.settings import Limits
 from aevae.store import ModelSummary
 from aevae.v1 import tensor_pb2
-from aevae.v1.tensors import DTYPES, WireError, from_tensor, split_payload
+from aevae.v1.tensors import DTYPES, TensorError, WireError, from_tensor, split_payload
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -66,10 +67,32 @@ BULK_MIN_BYTES = 256 * 1024  # smaller requests parse whole: their copies cost l
 
 
 def request_array(request: Any, field: str, dtypes: tuple[str, ...] = tuple(DTYPES)) -> np.ndarray:
-    """The request's Tensor `field` as a read-only array (validated: see from_tensor)."""
-    if isinstance(request, Bulk) and request.field == field:
-        return from_tensor(getattr(request.message, field), field, dtypes, data=request.payload)
-    return from_tensor(getattr(request, field), field, dtypes)
+    """The request's Tensor `field` as a read-only array (validated: see from_tensor). A shape that passes
+    from_tensor's checks but that numpy refuses (see `describable`) is INVALID_ARGUMENT, not INTERNAL."""
+    bulk = isinstance(request, Bulk) and request.field == field
+    tensor = getattr(request.message if bulk else request, field)
+    try:
+        return from_tensor(tensor, field, dtypes, data=request.payload if bulk else None)
+    except WireError:
+        raise
+    except ValueError:  # numpy's, after from_tensor's checks passed: so the dtype is one of DTYPES
+        describable(field, tuple(tensor.shape), DTYPES[tensor.dtype].itemsize)
+        raise  # another refusal of numpy's: a bug, INTERNAL
+
+
+ARRAY_BYTES = 2**63 - 1  # numpy's limit on an array's bytes (its index type), counted without the zero dimensions
+
+
+def describable(field: str, shape: tuple[int, ...], itemsize: int) -> None:
+    """TensorError when numpy cannot make an array of `shape`, not even an empty one: it refuses a shape whose
+    dimensions other than 0 multiply past ARRAY_BYTES, and a 0 among them makes the data's length (0) check
+    out, so that a request such as [2**40, 2**40, 0] reached numpy and came back INTERNAL, with a traceback."""
+    span = math.prod(d for d in shape if d) * itemsize
+    if span > ARRAY_BYTES:
+        raise TensorError(f"{field}.shape: {list(shape)} is no array's shape, not even an empty one's: its "
+                          f"dimensions other than 0 multiply to {span} bytes, past the 2**63 bytes an array can "
+                          "span; send the batch's real shape (a batch of none: 0 rows, the other dimensions "
+                          "the model's)")
 
 
 def _bulk_field(message_class: Any) -> tuple[str, int] | None:
@@ -137,13 +160,25 @@ class Parsing:
     """One of grpc's own servicers (health, reflection), which expect parsed messages, made fit for
     `register`: a request whose bytes do not parse is answered INVALID_ARGUMENT naming the message, where
     grpc's generated registration answers UNKNOWN and logs a traceback for each (these services take calls
-    without a token, so that would be a log flood open to anyone). Everything else is the servicer's own."""
+    without a token, so that would be a log flood open to anyone). A method the servicer only inherits from
+    the generated base class (`*_pb2_grpc`, whose stubs raise NotImplementedError: grpcio-health-checking's
+    servicer lacks Health/List) is left out, so that `register` answers it UNIMPLEMENTED naming what is
+    there; called, the stub was logged with a traceback on every call, the same flood. Everything else is
+    the servicer's own."""
 
     def __init__(self, servicer: Any, service: ServiceDescriptor):
         for method in service.methods:
             behavior = getattr(servicer, method.name, None)
-            if behavior is not None:
+            if behavior is not None and not _generated_stub(servicer, method.name):
                 setattr(self, method.name, _parsing(behavior, method))
+
+
+def _generated_stub(servicer: Any, name: str) -> bool:
+    """Whether the servicer's method `name` is the generated base class's NotImplementedError stub."""
+    for klass in type(servicer).__mro__:
+        if name in vars(klass):
+            return klass.__module__.endswith("_pb2_grpc")
+    return False
 
 
 async def _refuse(context: Aborts, error: Exception) -> NoReturn:
