@@ -148,12 +148,30 @@ class Scan:
     ignored: list[tuple[Path, str]] = field(default_factory=list)  # folders in a model that are no version: why
 
     def describe(self, root: Path) -> str:
-        """`ae: 1, 2; vae: 1` - what exists, for error messages."""
+        """`ae: 1, 2; vae: 1` - what exists, for error messages. Bounded: at most DESCRIBED_MODELS models, and
+        of a model's versions the first and the last few with their count, so that the NOT_FOUND status of a
+        repository with thousands of versions stays under gRPC's 16 KiB of metadata (past it the client got
+        RESOURCE_EXHAUSTED about metadata instead of the status)."""
         if not self.versions:
             if not root.exists():
                 return f"no models: {root} does not exist (yet; train some with `aevae train`)"
             return f"no models in {root.name or root} (train some with `aevae train`)"
-        return "; ".join(f"{n}: {', '.join(str(v.number) for v in vs)}" for n, vs in self.versions.items())
+        names = list(self.versions)
+        shown = "; ".join(f"{n}: {_numbers(self.versions[n])}" for n in names[:DESCRIBED_MODELS])
+        more = len(names) - DESCRIBED_MODELS
+        return shown if more <= 0 else f"{shown}; and {more} more models"
+
+
+DESCRIBED_MODELS = 20
+DESCRIBED_ENDS = 3  # versions shown at each end of a long list
+
+
+def _numbers(versions: list["Version"]) -> str:
+    numbers = [str(v.number) for v in versions]
+    if len(numbers) <= 2 * DESCRIBED_ENDS + 1:
+        return ", ".join(numbers)
+    return (f"{', '.join(numbers[:DESCRIBED_ENDS])}, ..., {', '.join(numbers[-DESCRIBED_ENDS:])} "
+            f"({len(numbers)} versions)")
 
 
 class ModelRepository:

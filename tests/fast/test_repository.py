@@ -277,3 +277,21 @@ def test_a_written_version_is_flushed_to_disk_before_it_is_renamed_into_place(
                                                                                      "decoder.onnx"}
     assert before[-1].name.startswith(STAGING_PREFIX)  # the folder's entries last
     assert Path(order[rename + 1]) == (tmp_path / "vae").resolve()
+
+
+def test_what_exists_is_described_in_bounded_length(tmp_path: Path) -> None:
+    """NOT_FOUND names what exists; with every version of every model listed, a repository of thousands of
+    versions made a status over gRPC's 16 KiB of metadata, and the client got RESOURCE_EXHAUSTED about
+    metadata instead of NOT_FOUND."""
+    from types import SimpleNamespace
+
+    from aevae.repository import Scan
+
+    few = Scan(versions={"ae": [SimpleNamespace(number=n) for n in (1, 2, 3)]})  # type: ignore[misc]
+    assert few.describe(tmp_path) == "ae: 1, 2, 3"
+    huge = Scan(versions={f"m{i:03d}-{'x' * 56}": [SimpleNamespace(number=2**62 + n) for n in range(5000)]
+                          for i in range(300)})  # type: ignore[misc]
+    text = huge.describe(tmp_path)
+    assert len(text.encode()) < 8192, len(text)
+    assert text.startswith(f"m000-{'x' * 56}: {2**62}, {2**62 + 1}, {2**62 + 2}, ..., ")
+    assert f"{2**62 + 4999} (5000 versions)" in text and text.endswith("; and 280 more models")
