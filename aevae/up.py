@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     for flag in ("encoder_port", "decoder_port", "ui_port"):
         require_port("--" + flag.replace("_", "-"), getattr(args, flag))
+    _check_protection(args)
     _check_ports(args)
     return _run(args)  # SIGTERM before it is ready: Terminated (aevae.cli), which stops what it started
 
@@ -60,8 +61,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if not repository.versions():
             _require("train", ("torch", "ray"))
-            print(f"aevae up: no models in {repository.root.resolve()}: training the AE and the VAE with the defaults",
-                  flush=True)
+            options = f"--train-args {args.train_args!r}" if args.train_args.strip() else "the defaults"
+            print(f"aevae up: no models in {repository.root.resolve()}: training with {options} (going on from the "
+                  f"last checkpoint of a run of the same options that was stopped)", flush=True)
             if stack.train(args.data_root, shlex.split(args.train_args)) != 0:
                 raise UserError("training failed (see above); fix it and run `aevae up` again")
         stack.start_services(args.encoder_port, args.decoder_port)
@@ -121,7 +123,10 @@ class Stack:
         return args + (["--insecure"] if self.insecure else [])
 
     def train(self, data_root: str | None, extra: list[str]) -> int:
-        command = [sys.executable, "-m", "aevae.cli", "train", "--models-dir", str(self.models_dir), *extra]
+        """`aevae train --resume`: a first `aevae up` stopped during its training (Ctrl-C, a closed terminal)
+        goes on from its last epoch when run again, instead of training from the start."""
+        command = [sys.executable, "-m", "aevae.cli", "train", "--resume", "--models-dir", str(self.models_dir),
+                   *extra]
         if data_root:
             command += ["--data-root", data_root]
         process = subprocess.Popen(command)  # progress goes straight to the terminal
@@ -274,10 +279,11 @@ def _hurried(kill: Callable[[], None]) -> Iterator[None]:
 def _end_training(process: subprocess.Popen[bytes], signalled: bool) -> None:
     """Stops the trainer when `aevae up` is interrupted during training, and waits for it. A Ctrl-C at the
     terminal reached it as well (`signalled`: it gets a moment to stop on its own); SIGTERM, or a SIGINT sent to
-    `aevae up` alone, did not, so it gets the Ctrl-C, then SIGTERM (which it handles alike), then SIGKILL.
+    `aevae up` alone, did not, so it gets SIGTERM (which it handles as a Ctrl-C, and says which), then
+    SIGTERM again, then SIGKILL.
     Without this it trained on, and wrote versions, after `aevae up` was gone."""
     with _hurried(process.kill):
-        for sig, wait in ((None if signalled else signal.SIGINT, 10.0), (signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
+        for sig, wait in ((None if signalled else signal.SIGTERM, 10.0), (signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
             if process.poll() is not None:
                 return
             if sig is not None:
@@ -287,6 +293,18 @@ def _end_training(process: subprocess.Popen[bytes], signalled: bool) -> None:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def _check_protection(args: argparse.Namespace) -> None:
+    """UserError naming `aevae up`'s own flags for a --host beyond loopback without --tls or --insecure, before
+    anything trains or starts. Found later, the service's refusal named `aevae serve`'s --tls-cert and
+    --tls-key, which `aevae up` makes itself with --tls."""
+    from aevae.client.credentials import is_loopback
+
+    if not (args.tls or args.insecure or is_loopback(args.host)):
+        raise UserError(f"--host {args.host} listens beyond this machine: pass --tls (aevae up makes a certificate; "
+                        "the token is made either way), or --insecure when something else protects the traffic, "
+                        "or listen on 127.0.0.1")
 
 
 def _check_ports(args: argparse.Namespace) -> None:

@@ -115,7 +115,7 @@ def test_up_on_an_empty_repository_trains_first_then_serves_the_ui(mnist_root: P
             "--train-args", f"--train-limit 2000 --epochs 1 --storage-path {tmp_path / 'ray'}")
     try:
         addresses = up.wait_ready(300)
-        assert "training the AE and the VAE" in up.text and "[vae] epoch 1/1" in up.text
+        assert "training with --train-args '--train-limit 2000" in up.text and "[vae] epoch 1/1" in up.text
         assert sorted(p.name for p in models.iterdir()) == ["ae", "vae"]
         assert f"http://127.0.0.1:{ui_port}/" in up.text
         with urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/", timeout=10) as page:
@@ -155,6 +155,7 @@ def test_sigterm_while_up_trains_stops_the_trainer(mnist_root: Path, tmp_path: P
         time.sleep(1)
         assert up.left() == [], up.text
         assert "wrote" not in up.text and not (models / "vae" / "1").exists(), up.text
+        assert "stopped by SIGTERM" in up.text, up.text  # the trainer was sent what `aevae up` got
     finally:
         up.kill()
         up.left()

@@ -501,6 +501,9 @@ def test_serve_says_why_it_cannot_listen_in_one_line(args: list[str], message: s
                                     "it, or pass another --encoder-port"),
     (["--encoder-port", "0", "--decoder-port", "{free}", "--ui-port", "{free}"],
      "--decoder-port and --ui-port are both {free}"),
+    # found by the services, it named `aevae serve`'s --tls-cert and --tls-key, which `aevae up` makes itself
+    (["--host", "0.0.0.0", "--encoder-port", "0", "--decoder-port", "0"],
+     "--host 0.0.0.0 listens beyond this machine: pass --tls (aevae up makes a certificate"),
 ])
 def test_up_refuses_ports_it_cannot_have_before_it_trains_or_starts_anything(
         args: list[str], message: str, taken_port: int, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
