@@ -71,7 +71,9 @@ def export(model: Any, check_batch: np.ndarray | None = None) -> tuple[dict[str,
     """The two graphs of a torch Autoencoder (in eval mode), and the manifest's `runtimes["onnx"]` entry with
     the largest difference to torch's outputs on `check_batch` (latent-space samples derived from it).
     OnnxExportError when a difference exceeds TOLERANCE."""
-    import onnxruntime as ort
+    from aevae.runtimes import onnxruntime
+
+    ort = onnxruntime()
     import torch
 
     graphs = _graphs(model)
@@ -109,6 +111,9 @@ def quantize_decoder(decoder: bytes) -> bytes:
     """The decoder graph with int8 weights (per output channel, symmetric) and activations quantized on the fly
     per batch (ONNX Runtime `quantize_dynamic`): the matrix products run on the processor's int8 dot-product
     instructions (VNNI here)."""
+    from aevae.runtimes import onnxruntime
+
+    onnxruntime()  # its telemetry off before its quantization tools import it
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quiet = logging.getLogger().level
@@ -154,7 +159,9 @@ def reduced_precision(graphs: dict[str, bytes], model: Any = None, test_images: 
     largest pixel difference to the fp32 graph on `check_latents`, and with `test_images` its test-set
     quality beside fp32's) and, given the torch `model`, "bf16" (torch autocast decoding, measured the same
     way). OnnxExportError when the int8 graph is broken (a difference over INT8_TOLERANCE)."""
-    import onnxruntime as ort
+    from aevae.runtimes import onnxruntime
+
+    ort = onnxruntime()
 
     int8 = quantize_decoder(graphs[DECODER])
     sessions = {name: ort.InferenceSession(data, providers=["CPUExecutionProvider"])
@@ -225,7 +232,9 @@ def run(args: Any) -> int:
     from aevae.repository import ModelRepository
 
     try:
-        import onnxruntime  # noqa: F401
+        from aevae.runtimes import onnxruntime
+
+        onnxruntime()
         import torch  # noqa: F401
     except ImportError as exc:
         raise UserError(f"export-onnx needs torch, onnx and onnxruntime ({exc.name} is missing): "

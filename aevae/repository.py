@@ -155,7 +155,17 @@ class Scan:
         if not self.versions:
             if not root.exists():
                 return f"no models: {root} does not exist (yet; train some with `aevae train`)"
-            return f"no models in {root.name or root} (train some with `aevae train`)"
+            # why nothing is served, when the scan knows: "no models" alone sent the operator of a folder the
+            # service may not read (its permissions, a container's uid) off to train
+            unreadable = [why for path, why in self.ignored if path == root or path.parent == root]
+            if unreadable:
+                return f"no models readable in {root}: {unreadable[0]}" + (
+                    f" (and {len(unreadable) - 1} more folders)" if len(unreadable) > 1 else "")
+            if self.broken:
+                first = self.broken[0]
+                return (f"no loadable model in {root}: {len(self.broken)} broken version(s), e.g. "
+                        f"{first.name}/{first.number}: {first.reason}")
+            return f"no models in {root} (train some with `aevae train`)"
         names = list(self.versions)
         shown = "; ".join(f"{n}: {_numbers(self.versions[n])}" for n in names[:DESCRIBED_MODELS])
         more = len(names) - DESCRIBED_MODELS

@@ -10,11 +10,23 @@ float32. See docs/measurements.md, Reduced precision.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
 
 from aevae.repository import WEIGHTS, Version
+
+
+def onnxruntime() -> Any:
+    """The onnxruntime module, its telemetry off unless ORT_DISABLE_TELEMETRY says otherwise: ONNX Runtime
+    (1.32 on Linux) records usage events under ~/.cache/Microsoft and sends them to
+    mobile.events.data.microsoft.com (the services looked that name up from their containers), which a model
+    server or a training job must not do unasked. Every import of it in aevae goes through here."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime as ort
+
+    return ort
 
 RUNTIMES = ("auto", "onnx", "torch")
 PRECISIONS = ("fp32", "bf16", "int8")  # of decoding
@@ -54,7 +66,7 @@ class OnnxRuntime:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             return ort.InferenceSession(str(version.file(graph)), options, providers=["CPUExecutionProvider"])
 
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         self.encoders = (session(ENCODER, 1), session(ENCODER, threads))
         self.precision = precision

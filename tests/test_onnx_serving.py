@@ -59,3 +59,23 @@ def test_a_model_of_another_shape_is_served_beside_the_defaults(services: dict[s
         latents = enc.encode(images[:7], model="vae8").mean
         assert latents.shape == (7, 8)
         assert dec.decode(np.zeros((2, 4), np.float32), model="vae").shape == (2, 32, 32)
+
+
+def test_onnx_runtime_is_loaded_with_its_telemetry_off(tmp_path: Path) -> None:
+    """ONNX Runtime 1.32 records usage events under ~/.cache/Microsoft and uploads them (the services looked up
+    mobile.events.data.microsoft.com from their containers): a model server must not. A fresh process (ONNX
+    Runtime reads the setting once) loading a version and decoding, as the services do, writes none."""
+    import os
+    import subprocess
+    import sys
+
+    write_tiny(tmp_path / "models")
+    home = tmp_path / "home"
+    code = ("import numpy; from aevae.store import ModelStore; "
+            f"m = ModelStore({str(tmp_path / 'models')!r}).get('vae'); m.decode(numpy.zeros((1, 4), 'f4')); "
+            "print(m.runtime.name)")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    done = subprocess.run([sys.executable, "-c", code], env={**env, "HOME": str(home)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "onnx", done.stdout + done.stderr
+    assert not (home / ".cache" / "Microsoft").exists(), sorted(str(p) for p in home.rglob("*"))

@@ -20,6 +20,17 @@ PRECISIONS = ("fp32", "bf16")
 MAX_SEED = 2**63 - 1
 
 
+def _temporary_folder() -> str:
+    """$TMPDIR or the like, for the storage path's default. Without a writable one (a read-only root with no
+    /tmp mount), tempfile's search raises, and every `aevae` command failed at start, `aevae serve` included,
+    since the CLI builds `train`'s options from these defaults; the path a run would use is named instead, and
+    the run says it cannot write there when it starts (trainer.job._run_name)."""
+    try:
+        return tempfile.gettempdir()
+    except FileNotFoundError:
+        return os.environ.get("TMPDIR") or "/tmp"
+
+
 @dataclass
 class TrainConfig:
     models: tuple[str, ...] = ("ae", "vae")
@@ -59,7 +70,7 @@ class TrainConfig:
             raise ValueError(f"--name {self.name!r} is not a model name: 1 to 64 lowercase letters, digits, '.', "
                              f"'_' or '-', starting with a letter or digit, e.g. ae-2d ({NAME_PATTERN.pattern})")
         if self.storage_path is None:
-            self.storage_path = str(Path(tempfile.gettempdir()) / "aevae-ray")
+            self.storage_path = str(Path(_temporary_folder()) / "aevae-ray")
 
     def to_json(self) -> dict:
         return asdict(self)

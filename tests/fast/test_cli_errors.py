@@ -550,3 +550,23 @@ def test_train_at_an_address_with_no_cluster_says_so_at_once(
     err = _refused(["train", "--address", address, "--hidden", "16", "--models-dir", str(tmp_path / "m")], capsys)
     assert message in err
     assert not (tmp_path / "m").exists()
+
+
+def test_commands_start_without_a_writable_temporary_folder(monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A read-only root with no /tmp mount (`docker run --read-only`): tempfile finds no usable folder, and
+    every command, `aevae serve` in its container included, died at start with that traceback, because the CLI
+    builds `train`'s options (the storage path's default) for its help."""
+    import tempfile
+
+    from aevae.trainer.config import TrainConfig
+
+    def nowhere() -> str:
+        raise FileNotFoundError("No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp', '/']")
+
+    monkeypatch.setattr(tempfile, "gettempdir", nowhere)
+    monkeypatch.setenv("TMPDIR", "/nonexistent-tmp")
+    assert TrainConfig().storage_path == "/nonexistent-tmp/aevae-ray"
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    assert "decoder" in capsys.readouterr().out

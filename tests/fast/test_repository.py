@@ -295,3 +295,17 @@ def test_what_exists_is_described_in_bounded_length(tmp_path: Path) -> None:
     assert len(text.encode()) < 8192, len(text)
     assert text.startswith(f"m000-{'x' * 56}: {2**62}, {2**62 + 1}, {2**62 + 2}, ..., ")
     assert f"{2**62 + 4999} (5000 versions)" in text and text.endswith("; and 280 more models")
+
+
+def test_an_empty_answer_says_why_when_the_scan_knows(tmp_path: Path) -> None:
+    """A models folder the service may not read (its permissions, a container's uid) was described as "no models
+    in models (train some ...)", naming only the folder's last part and sending its operator off to train."""
+    from aevae.repository import BrokenVersion, Scan
+
+    denied = Scan(ignored=[(tmp_path / "vae", "the model folder cannot be read: Permission denied")])
+    assert denied.describe(tmp_path) == (f"no models readable in {tmp_path}: the model folder cannot be read: "
+                                         "Permission denied")
+    broken = Scan(broken=[BrokenVersion("vae", 1, tmp_path / "vae" / "1", "weights.pt does not match")])
+    assert broken.describe(tmp_path) == (f"no loadable model in {tmp_path}: 1 broken version(s), e.g. vae/1: "
+                                         "weights.pt does not match")
+    assert Scan().describe(tmp_path) == f"no models in {tmp_path} (train some with `aevae train`)"
