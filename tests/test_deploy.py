@@ -350,6 +350,117 @@ def test_compose_serves_a_repository_and_the_train_file_trains_it_first() -> Non
         assert train["services"][name] == {"depends_on": {"trainer": {"condition": "service_completed_successfully"}}}
 
 
+# ---- what an operator ran into: the images' labels, ONNX Runtime's telemetry, the UI's name, podman ------
+
+def stage_env(stages: dict[str, Stage], name: str) -> dict[str, str]:
+    """The ENV a target's image carries: that of its stage and of the stages it is built FROM, in order."""
+    chain = [stages[name]]
+    while chain[-1].parent in stages:
+        chain.append(stages[chain[-1].parent])
+    env: dict[str, str] = {}
+    for stage in reversed(chain):
+        for key, value in stage.instructions:
+            if key == "ENV":
+                for item in shlex.split(value):
+                    variable, sep, setting = item.partition("=")
+                    assert sep, f"{stage.name}: ENV in the key=value form, got {value}"
+                    env[variable] = setting
+    return env
+
+
+def test_every_image_turns_onnx_runtime_telemetry_off(tiny_repo: Path, tmp_path: Path) -> None:
+    """ONNX Runtime 1.32 records telemetry events and uploads them (the services in their containers looked up
+    mobile.events.data.microsoft.com, and warned at each start that the read-only root kept them from persisting
+    a device ID): every image sets ORT_DISABLE_TELEMETRY=1, and with it ONNX Runtime writes nothing to the cache
+    folder it keeps its events in."""
+    stages = dockerfile_stages()
+    for target in TARGETS:
+        assert stage_env(stages, target).get("ORT_DISABLE_TELEMETRY") == "1", f"{target}: telemetry on"
+    cache = tmp_path / "cache"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "HOME": str(tmp_path), "ORT_DISABLE_TELEMETRY": "1"}
+    done = subprocess.run([sys.executable, "-c", "import onnxruntime as ort, sys; "
+                           "ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])",
+                           str(tiny_repo / "vae" / "1" / "decoder.onnx")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not cache.exists() or not any(cache.rglob("*")), sorted(cache.rglob("*"))
+    assert "telemetry" not in done.stderr.lower()
+
+
+def test_images_sh_labels_each_build_with_its_own_revision_and_date(tmp_path: Path) -> None:
+    """podman (buildah 1.28) keys its layer cache by a step's text before the ARGs are substituted and ignores
+    --label on a cache hit: `make images` left the revision and date of whichever build filled the cache (another
+    checkout's, hours old). images.sh sets every label the Dockerfile takes from an ARG again, with this build's
+    value, when the built image's `created` is not this build's (run here with a recording podman, buildah and
+    git, the image answering with a stale date)."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    calls = tmp_path / "calls"
+    record = f'printf "%s\\n" "$(basename "$0")" "$@" "--end--" >> "{calls}"\n'
+    (tools / "podman").write_text("#!/bin/sh\n" + record + 'case "$*" in\n'
+                                  '  *image.created*) echo 2020-01-01T00:00:00Z ;;\n'
+                                  '  image\\ inspect*) echo 341531336 ;;\nesac\nexit 0\n')
+    (tools / "buildah").write_text("#!/bin/sh\n" + record + '[ "$1" = from ] && echo aevae-working-container\n'
+                                   "exit 0\n")
+    (tools / "git").write_text('#!/bin/sh\n[ "$1" = rev-parse ] && echo 0123456789abcdef && exit 0\nexit 1\n')
+    for tool in tools.iterdir():
+        tool.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}", "ENGINE": "podman", "PYTHON_IMAGE": "base:1"}
+    done = subprocess.run(["bash", str(DEPLOY / "scripts" / "images.sh"), "decoder"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    recorded = [call.strip("\n").split("\n") for call in calls.read_text().split("--end--\n") if call.strip()]
+    (build,) = [call[2:] for call in recorded if call[:2] == ["podman", "build"]]
+    build_args = dict(build[i + 1].split("=", 1) for i in range(len(build) - 1) if build[i] == "--build-arg")
+    (config,) = [call[2:] for call in recorded if call[:2] == ["buildah", "config"]]
+    labels = dict(config[i + 1].split("=", 1) for i in range(len(config) - 1) if config[i] == "--label")
+    from_args = re.findall(r'(org\.opencontainers\.image\.\w+)="\$\{(\w+)\}"', DOCKERFILE.read_text())
+    assert {label for label, _ in from_args} >= {f"org.opencontainers.image.{n}" for n in
+                                                ("version", "revision", "created", "source")}
+    for label, arg in from_args:
+        assert labels.get(label) == build_args[arg], f"{label}: set to {labels.get(label)}, ARG {arg} {build_args[arg]}"
+    assert build_args["REVISION"] == "0123456789abcdef" and build_args["SOURCE_URL"] == "unknown"
+    commits = [call for call in recorded if call[:2] == ["buildah", "commit"]]
+    assert len(commits) == 1 and commits[0][-1] == "aevae-decoder:0.1.0" and "docker" in commits[0]
+    assert recorded.index(commits[0]) > [c[:2] for c in recorded].index(["buildah", "config"])
+
+
+def test_compose_ui_answers_the_name_browsers_reach_it_by() -> None:
+    """The UI refuses (421) a Host header that is no IP address, not localhost and not a name of its container,
+    against DNS rebinding: with AEVAE_BIND=0.0.0.0 (or a TLS proxy in front) a browser at http://NAME:8080 got
+    421, and compose offered no way to name it. AEVAE_UI_HOSTNAME is passed as --allow-host; rebinding stays
+    refused."""
+    import podman_compose
+
+    from aevae.ui.guard import Guard
+
+    (compose,) = load_yaml(DEPLOY / "compose.yaml")
+    for env, name in (({}, "localhost"), ({"AEVAE_UI_HOSTNAME": "aevae.example.com"}, "aevae.example.com")):
+        resolved = podman_compose.rec_subs(compose, {"AEVAE_TOKEN": "t0ken", **env})
+        args = parse_aevae(resolved["services"]["ui"]["command"])
+        guard = Guard.create(args.host, args.allow_host, args.allow_origin)
+        assert guard.host_allowed(f"{name}:8080"), f"the UI refuses Host: {name}:8080 with {env}"
+        assert guard.host_allowed("127.0.0.1:8080") and guard.host_allowed("localhost:8080")
+        assert not guard.host_allowed("rebound.example.net:8080")
+
+
+def test_podman_settings_ship_as_the_containers_conf_the_smoke_test_uses() -> None:
+    """Following docs/deploy.md, `podman-compose up` failed with "error setting rlimit type 7" until one wrote
+    a containers.conf by hand: it ships in deploy/scripts/, and the smoke test uses that file."""
+    import importlib.util
+    import tomllib
+
+    conf = DEPLOY / "scripts" / "containers.conf"
+    settings = tomllib.loads(conf.read_text())
+    assert settings["engine"]["runtime"] == "runc"
+    assert sorted(settings["containers"]["default_ulimits"]) == ["nofile=1024:1024", "nproc=1024:1024"]
+    spec = importlib.util.spec_from_file_location("smoke_containers", DEPLOY / "scripts" / "smoke_containers.py")
+    assert spec is not None and spec.loader is not None
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    assert Path(smoke.CONTAINERS_CONF) == conf
+
+
 # ---- Kubernetes ------------------------------------------------------------------------------------------
 
 def k8s_documents() -> dict[tuple[str, str], dict[str, Any]]:

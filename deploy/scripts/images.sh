@@ -49,12 +49,32 @@ ca_bundle() {
     if [ -n "$f" ] && [ -s "$f" ]; then echo "$f"; return; fi
   done
 }
+REVISION="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+SOURCE_URL="$(git remote get-url origin 2>/dev/null || echo unknown)"
 args=(--file deploy/docker/Dockerfile
       --build-arg "PYTHON_IMAGE=$BASE"
       --build-arg "VERSION=$VERSION"
-      --build-arg "REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)"
-      --build-arg "CREATED=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
-      --build-arg "SOURCE_URL=$(git remote get-url origin 2>/dev/null || echo unknown)")
+      --build-arg "REVISION=$REVISION"
+      --build-arg "CREATED=$CREATED"
+      --build-arg "SOURCE_URL=$SOURCE_URL")
+# podman (buildah 1.28) keys its layer cache by each step's text before the ARGs are substituted, and ignores
+# --label when it finds one: an image built from cached steps kept the labels of the build that filled the cache
+# (another checkout's revision, a date hours old). So when a built image's `created` is not this build's, the
+# labels the Dockerfile takes from these ARGs are set again on top of it (buildah config + commit: no rebuild).
+LABELS=(--label "org.opencontainers.image.version=$VERSION" --label "org.opencontainers.image.revision=$REVISION"
+        --label "org.opencontainers.image.created=$CREATED" --label "org.opencontainers.image.source=$SOURCE_URL")
+relabel() {
+  local image="$1" created ctr
+  created="$("$ENGINE" image inspect --format '{{index .Config.Labels "org.opencontainers.image.created"}}' "$image")"
+  [ "$created" != "$CREATED" ] || return 0
+  command -v buildah >/dev/null 2>&1 || {
+    echo "images.sh: $image carries the labels of an earlier build (created $created): apt-get install buildah" >&2
+    return 0; }
+  ctr="$(buildah from --pull-never "$image")"
+  buildah config "${LABELS[@]}" "$ctr"
+  buildah commit --quiet --format docker --rm "$ctr" "$image" >/dev/null
+}
 [ -z "${TORCH_INDEX:-}" ] || args+=(--build-arg "TORCH_INDEX=$TORCH_INDEX")
 ca="$(ca_bundle)"
 [ -z "$ca" ] || args+=(--secret "id=pip-ca,src=$ca")
@@ -75,6 +95,7 @@ for target in "${TARGETS[@]}"; do
     exit 1
   fi
   rm -f "$log"
+  [ "$ENGINE" != podman ] || relabel "aevae-$target:$VERSION"
   seconds=$(( $(date +%s) - start ))
   size=$("$ENGINE" image inspect --format '{{.Size}}' "aevae-$target:$VERSION" | awk '{printf "%.0f MB", $1/1e6}')
   summary+=("$(printf 'aevae-%s:%s  %s  built in %d s' "$target" "$VERSION" "$size" "$seconds")")

@@ -1,7 +1,8 @@
 """The container smoke test (`make smoke-containers`): the lean images, run with compose, used for real.
 
 1. builds the encoder, decoder and ui images (deploy/scripts/images.sh; --no-build uses the ones there are)
-   and checks that none of them carries torch, that they run as uid 10001 and carry HEALTHCHECK and labels;
+   and checks that none of them carries torch, that they run as uid 10001 and carry HEALTHCHECK and labels
+   (those of this build, not of an earlier one kept by the layer cache);
 2. trains a small model repository on the host (--models DIR serves an existing one instead);
 3. checks that `podman-compose up` without AEVAE_TOKEN refuses to start, saying how to make one; then
    `podman-compose -f deploy/compose.yaml up -d` with a random AEVAE_TOKEN and that repository mounted
@@ -10,7 +11,8 @@
    and then for each container's own HEALTHCHECK to pass;
 5. round-trips MNIST test digits through both services with aevae.client and the token (encode, then
    decode), for the VAE and the AE, and checks the answers against the same repository loaded in-process on
-   the host; a call without the token, or with a wrong one, must get UNAUTHENTICATED;
+   the host; a call without the token, or with a wrong one, must get UNAUTHENTICATED; ONNX Runtime's
+   telemetry is off in both services;
 6. checks the UI as a browser uses it: the page sends an anonymous visitor to /login, the form logs in with
    the token (a session cookie), then the page, /api/status (both services up) and /api/models (the UI's
    own calls to the services, with the token) answer;
@@ -46,13 +48,9 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "deploy" / "compose.yaml"
 SERVICES = ("encoder", "decoder", "ui")
 GRACE = {"encoder": 15, "decoder": 15, "ui": 10}  # compose.yaml's stop_grace_period
-# podman on these machines: runc (crun fails on hybrid cgroups), bounded ulimits (the host's are huge).
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
-[engine]
-runtime = "runc"
-"""
+# podman on these machines: runc (crun fails on hybrid cgroups), bounded ulimits (the host's are huge); the
+# file operators pass as CONTAINERS_CONF too (docs/deploy.md).
+CONTAINERS_CONF = ROOT / "deploy" / "scripts" / "containers.conf"
 SMALL_TRAINING = ["--train-limit", "2000", "--epochs", "1", "--batch-size", "128"]
 
 
@@ -104,7 +102,9 @@ def build_images(env: dict[str, str]) -> list[str]:
     return lines
 
 
-def check_images(version: str, env: dict[str, str]) -> dict[str, str]:
+def check_images(version: str, env: dict[str, str], built_since: float | None = None) -> dict[str, str]:
+    """`built_since`: when this run's build began; the images' org.opencontainers.image.created label must not
+    be older (buildah's layer cache once kept the date and revision of the build that filled it)."""
     sizes = {}
     for name in SERVICES:
         image = f"aevae-{name}:{version}"
@@ -115,9 +115,22 @@ def check_images(version: str, env: dict[str, str]) -> dict[str, str]:
         if not (info.get("Healthcheck") or config.get("Healthcheck") or {}).get("Test"):  # podman, docker
             raise SmokeFailure(f"{image} has no HEALTHCHECK (built without --format docker?)")
         labels = config.get("Labels") or {}
-        for label in ("version", "source", "revision"):
+        for label in ("version", "source", "revision", "created"):
             if f"org.opencontainers.image.{label}" not in labels:
                 raise SmokeFailure(f"{image} lacks the label org.opencontainers.image.{label}")
+        if labels["org.opencontainers.image.version"] != version:
+            raise SmokeFailure(f"{image} is labelled version {labels['org.opencontainers.image.version']}, "
+                               f"not pyproject's {version}")
+        if built_since is not None:
+            created = labels["org.opencontainers.image.created"]
+            try:
+                stamp = finished_at(created)
+            except SmokeFailure:
+                stamp = float("-inf")
+            if stamp < built_since - 2:  # the label has whole seconds
+                raise SmokeFailure(f"{image}, built by this run, is labelled created={created} and revision="
+                                   f"{labels['org.opencontainers.image.revision']}: an earlier build's labels, "
+                                   "kept by the layer cache")
         probe = run(["podman", "run", "--rm", "--network", "none", "--no-healthcheck", "--entrypoint", "python",
                      image, "-c", "import importlib.util as u; print([m for m in ('torch', 'ray') if u.find_spec(m)])"],
                     env=env)
@@ -286,6 +299,21 @@ def refusals(encoder: str, decoder: str) -> str:
     return "UNAUTHENTICATED without the token and with a wrong one: " + ", ".join(seen)
 
 
+def no_telemetry(stack: Stack) -> str:
+    """ONNX Runtime's telemetry is off in the services (ORT_DISABLE_TELEMETRY=1 in the images): without it they
+    looked up mobile.events.data.microsoft.com to upload events, and warned at every start that the read-only
+    root kept them from persisting a device ID."""
+    for service in ("encoder", "decoder"):
+        info = stack.inspect(service)
+        if "ORT_DISABLE_TELEMETRY=1" not in (info["Config"].get("Env") or []):
+            raise SmokeFailure(f"{service} runs with ONNX Runtime's telemetry on (no ORT_DISABLE_TELEMETRY=1)")
+        done = run(["podman", "logs", stack.container(service)], env=stack.env)
+        said = [line for line in (done.stdout + done.stderr).splitlines() if "telemetry" in line.lower()]
+        if said:
+            raise SmokeFailure(f"{service}'s log speaks of telemetry: {said[0]!r}")
+    return "ONNX Runtime telemetry off in both services (ORT_DISABLE_TELEMETRY=1; nothing about it in their logs)"
+
+
 def check_ui(url: str, token: str) -> str:
     """The UI as a browser uses it: anonymous -> /login; the form logs in (a session cookie); then the page and
     the API answer, /api/models through the UI's own (token-carrying) calls to the services."""
@@ -375,14 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     version = next(line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
                    if line.startswith("version = "))
     folder = Path(tempfile.mkdtemp(prefix="aevae-smoke-"))
-    conf = folder / "containers.conf"
-    conf.write_text(CONTAINERS_CONF)
-    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    env = {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
     summary: list[str] = []
     stack = None
     try:
+        built_since = None if args.no_build else time.time()
         summary += build_images(env) if not args.no_build else []
-        sizes = check_images(version, env)
+        sizes = check_images(version, env, built_since)
         summary.append("image sizes: " + ", ".join(f"aevae-{n} {s}" for n, s in sizes.items()) + " (no torch)")
         if args.models:  # a copy: the containers need it readable, and the original stays as it is
             models = folder / "models"
@@ -417,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         summary.append("HEALTHCHECK passes in all three containers (read-only root filesystems, uid 10001)")
         encoder, decoder = f"127.0.0.1:{ports['encoder']}", f"127.0.0.1:{ports['decoder']}"
         summary += round_trip(encoder, decoder, models, token)
+        summary.append(no_telemetry(stack))
         summary.append(refusals(encoder, decoder))
         summary.append(check_ui(f"http://127.0.0.1:{ports['ui']}", token))
         if args.keep:
