@@ -5,7 +5,7 @@ Run by hand; prints a table; asserts nothing.
 
 Servers, all grpc.aio on loopback, called by the same clients as in bench_peers.py:
 - echo: the bare echo floor (benchmarks/echo_server.py), 16 bytes back;
-- "aevae.v1, no work": the Decoder service registered as `aevae serve` registers it (services/grpc_common.py),
+- "aevae.v1, no work": the Decoder service registered as `aevae serve` registers it (services/registration.py),
   answering every Decode with the same prepared DecodeResponse bytes (one 32 x 32 float32 image): what the
   protocol, the response's size and the clients cost;
 - "+ the model call": the same, plus the version's ONNX Runtime decode of one latent on the event loop, as
@@ -41,7 +41,7 @@ from common import ROOT, repository, timed
 STAND_IN = textwrap.dedent("""
     import asyncio, sys
     import grpc, numpy as np
-    from aevae.services.grpc_common import register
+    from aevae.services.registration import register
     from aevae.store import ModelStore
     from aevae.v1 import decoder_pb2
     from aevae.v1.tensors import to_tensor

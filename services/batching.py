@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
 
-from aevae.services.grpc_common import Engine, Runner
+from aevae.services.admission import Engine, Runner
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")

@@ -7,16 +7,19 @@ from typing import Any, AsyncIterator
 
 import grpc
 
+from aevae.services.admission import Engine
 from aevae.services.batching import Batcher
 from aevae.services.decoder import DecodeJob, Decoded, DecoderLogic
-from aevae.services.grpc_common import (Engine, Reply, guarded, models_response, readable, request_array, rows,
-                                        served_stream)
+from aevae.services.listing import models_response
+from aevae.services.registration import readable, request_array, rows
+from aevae.services.status import guarded
+from aevae.services.streams import Reply, served_stream
 from aevae.v1 import decoder_pb2, tensor_pb2
 from aevae.v1.tensors import serialize_with_data, tensor_head, to_tensor, version_from_wire
 
 
 class DecoderServicer:
-    """Registered by grpc_common.register (its request parsing), so it needs no generated base class."""
+    """Registered by registration.register (its request parsing), so it needs no generated base class."""
 
     def __init__(self, logic: DecoderLogic, engine: Engine):
         self.logic = logic

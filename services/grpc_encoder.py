@@ -10,16 +10,19 @@ import grpc
 import numpy as np
 
 from aevae.errors import FailedPrecondition, shorten
+from aevae.services.admission import Engine
 from aevae.services.batching import Batcher
 from aevae.services.encoder import Encoded, EncodeJob, EncoderLogic
-from aevae.services.grpc_common import (Engine, Reply, guarded, models_response, readable, request_array, rows,
-                                        served_stream)
+from aevae.services.listing import models_response
+from aevae.services.registration import readable, request_array, rows
+from aevae.services.status import guarded
+from aevae.services.streams import Reply, served_stream
 from aevae.v1 import encoder_pb2, tensor_pb2
 from aevae.v1.tensors import to_tensor, version_from_wire
 
 
 class EncoderServicer:
-    """Registered by grpc_common.register (its request parsing), so it needs no generated base class."""
+    """Registered by registration.register (its request parsing), so it needs no generated base class."""
 
     def __init__(self, logic: EncoderLogic, engine: Engine):
         self.logic = logic

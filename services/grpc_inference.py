@@ -31,8 +31,10 @@ from aevae.services import inputs
 from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
 from aevae.repository import MAX_NUMBER, NUMBER_PATTERN
-from aevae.services.grpc_common import (Engine, Pinned, answered_stream, describable, guarded, readable,
-                                        rows)
+from aevae.services.admission import Engine
+from aevae.services.registration import describable, readable, rows
+from aevae.services.status import guarded
+from aevae.services.streams import Pinned, answered_stream
 from aevae.v1.tensors import length_delimited
 
 DATATYPES: dict[str, np.dtype] = {"UINT8": np.dtype("u1"), "FP32": np.dtype("<f4")}
@@ -345,7 +347,7 @@ class _Capture:
 class InferenceServicer:
     """The protocol for one service over its aevae.v1 servicer's logic and engine: the same admission
     control, runner and dynamic batcher, so OIP and aevae.v1 requests share forward passes. Registered by
-    grpc_common.register, which answers the protocol's methods left out here (statistics, repository
+    registration.register, which answers the protocol's methods left out here (statistics, repository
     control, shared memory, trace and log settings) with UNIMPLEMENTED naming those that are here."""
 
     def __init__(self, kind: str, servicer: Any, state: ServingState | None = None):

@@ -229,7 +229,7 @@ class ServiceCollector(Collector):
     def __init__(self, store: ModelStore, batchers: Iterable[Any], admission: Any = None):
         self.store = store
         self.batchers = list(batchers)
-        self.admission = admission  # grpc_common.Admission: what the limits hold right now
+        self.admission = admission  # admission.Admission: what the limits hold right now
 
     def collect(self) -> Iterator[Any]:
         loaded = GaugeMetricFamily("aevae_model_versions_loaded", "model versions held in memory, by runtime",

@@ -25,9 +25,9 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from aevae.services.decoder import DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import Unreadable, oversized
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
+from aevae.services.registration import Unreadable, oversized
 from aevae.services.serve_proxy import STATUS_ONLY
 from aevae.services.server import engine, open_store
 from aevae.services.settings import ServiceSettings
@@ -132,7 +132,7 @@ async def _unary(context: RayServegRPCContext, call: Awaitable[T], empty: T) -> 
 
 def _sized(request: Any, max_bytes: int) -> Any:
     """The request, or (over `max_bytes`) its error for the servicer to answer, as `aevae serve`'s request
-    parser answers it (grpc_common.oversized). Serve's proxy takes messages up to 2 GiB and hands them over parsed,
+    parser answers it (registration.oversized). Serve's proxy takes messages up to 2 GiB and hands them over parsed,
     so the max_message_bytes that ListModels advertises is the replica's to keep: without this, a request over
     it was served (Encode) or refused for another reason (Decode: its response size)."""
     if isinstance(request, Unreadable):  # bytes that did not parse in the proxy (serve_proxy): answered as such

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Callable
 
 import grpc
 
-from aevae.services.grpc_common import register
+from aevae.services.registration import register
 from aevae.v1 import decoder_pb2, encoder_pb2
 
 PROXY_MAX_BYTES = 2**31 - 1

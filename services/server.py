@@ -22,12 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from aevae.services.admission import Admission, Engine, Runner
 from aevae.services.decoder import DecoderLogic
 from aevae.services.encoder import EncoderLogic
-from aevae.services.grpc_common import Admission, Engine, Parsing, Runner, register
 from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
+from aevae.services.registration import Parsing, register
 from aevae.services import security
 from aevae.services.settings import PORTS, ServiceSettings, host_port, listen_problem, listeners_problem
 from aevae.repository import models_dir

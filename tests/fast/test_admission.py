@@ -1,4 +1,4 @@
-"""Admission control on its own (services/grpc_common.Admission): the caps refuse with the flag to change, and
+"""Admission control on its own (services/admission.Admission): the caps refuse with the flag to change, and
 the answer budget is given back the moment a call ends, however it ends."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Iterator
 import pytest
 
 from aevae.errors import ResourceExhausted
-from aevae.services.grpc_common import Admission, AnswerSlot, Engine, Runner, Unsent
+from aevae.services.admission import Admission, AnswerSlot, Engine, Runner, Unsent
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from aevae.services.batching import Batcher, Gathering, loop_busy
-from aevae.services.grpc_common import Runner
+from aevae.services.admission import Runner
 
 
 class Model:

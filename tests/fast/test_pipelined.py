@@ -1,4 +1,4 @@
-"""A stream's pipeline on its own (services/grpc_common.pipelined): answers in request order, at most `depth`
+"""A stream's pipeline on its own (services/streams.pipelined): answers in request order, at most `depth`
 of them alive at once, the one being sent included, and nothing read ahead for a client that stops reading."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import AsyncIterator
 
 import pytest
 
-from aevae.services.grpc_common import pipelined
+from aevae.services.streams import pipelined
 
 
 class Source:
@@ -109,7 +109,7 @@ def test_a_stream_s_version_replaced_on_disk_under_the_same_number_ends_it() -> 
     """The repository deleted and trained anew mid-stream makes another version 1: the stream stops
     (ABORTED, naming what happened) rather than label two sets of weights as one version."""
     from aevae.errors import Aborted
-    from aevae.services.grpc_common import Pinned
+    from aevae.services.streams import Pinned
 
     pinned = Pinned()
     pinned.served("vae", 1, content=111)

@@ -57,9 +57,9 @@ def test_a_response_written_with_one_copy_is_an_ordinary_message(dtype: str, n: 
 
 
 def test_a_big_request_parses_to_the_same_message_with_its_data_split_off_uncopied() -> None:
-    """The bulk path (split_payload, grpc_common.Bulk): what the handler sees equals protobuf's whole parse,
+    """The bulk path (split_payload, registration.Bulk): what the handler sees equals protobuf's whole parse,
     also when the Tensor field occurs twice (protobuf merges the occurrences; the last data wins)."""
-    from aevae.services.grpc_common import BULK_MIN_BYTES, Bulk, _parser, request_array
+    from aevae.services.registration import BULK_MIN_BYTES, Bulk, _parser, request_array
     from aevae.v1 import decoder_pb2, encoder_pb2
     from aevae.v1.tensors import split_payload, to_tensor
 

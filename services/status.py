@@ -1,0 +1,67 @@
+"""Typed errors onto gRPC status codes, one mapping for every servicer (aevae.v1's, the Open Inference
+Protocol's, and the request parsing of registration): a WireError is INVALID_ARGUMENT, a ServiceError its own
+code, anything else INTERNAL, logged with its traceback at most once a second, so that a bug answers its call
+without taking the server down or flooding the log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Awaitable, Protocol, TypeVar
+
+import grpc
+
+from aevae.errors import ServiceError
+from aevae.inference import NonFiniteOutput
+from aevae.v1.tensors import WireError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Aborts(Protocol):
+    """What `guarded` needs of a call's context: grpc.aio's, or the Ray Serve adapter's."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> Any: ...
+
+
+async def guarded(context: Aborts, work: Awaitable[T]) -> T:
+    """Awaits `work`, turning typed errors into their status; anything else is INTERNAL and logged."""
+    try:
+        return await work
+    except StopAsyncIteration:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
+        await context.abort(*status_of(exc))
+    raise AssertionError("unreachable: context.abort raises")
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """An error's status and details: typed errors their own, anything else INTERNAL (and logged)."""
+    if isinstance(exc, WireError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ServiceError):
+        return grpc.StatusCode[exc.code], str(exc)
+    if isinstance(exc, NonFiniteOutput):
+        return grpc.StatusCode.INTERNAL, f"{exc}; the result was withheld"
+    _log_internal(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+
+
+
+_last_logged = [0.0]
+
+
+def _log_internal(exc: Exception) -> None:
+    """A real bug: its traceback, at most once a second (a flood of one bug must not flood the log)."""
+    now = time.monotonic()
+    if now - _last_logged[0] >= 1.0:
+        _last_logged[0] = now
+        log.error("internal error", exc_info=exc)
+
+
+def prefixed(error: Exception, prefix: str) -> Exception:
+    """The same error with the position in a stream in front of its message."""
+    if isinstance(error, (ServiceError, WireError)):
+        return type(error)(f"{prefix}: {error}")
+    return error

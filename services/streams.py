@@ -1,0 +1,181 @@
+"""Streaming RPCs: each message answered in a task of its own, `depth` at once, the responses in request order
+(`pipelined`); one admission slot for the stream, and each answer's bytes counted until gRPC has sent it, so
+that a client that stops reading holds little of the server's memory (`answered_stream`). aevae.v1's streams
+are also served by one model version throughout (`Pinned`, `served_stream`). An error ends the stream with
+its status and the failing message's position."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
+
+from aevae.errors import Aborted
+from aevae.services.admission import Admission, AnswerSlot, Unsent
+from aevae.services.registration import readable
+from aevae.services.status import Aborts, guarded, prefixed
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+async def pipelined(
+    requests: AsyncIterator[R], handle: Callable[[int, R], Awaitable[T]], depth: int = 2
+) -> AsyncIterator[T]:
+    """Handles each request as it arrives and yields the results in request order as soon as each is ready.
+
+    At most `depth` answers exist at once, counting the one on the wire (the consumer's yield returns once
+    gRPC has taken it): with 2, the next message is computed while the previous one is sent. A request is
+    read only when a slot is free (its task is made then, not before), so a client that stops reading stops
+    the reading of its requests and holds at most `depth` answers of the server's memory, each up to a whole
+    message. A client that waits for an answer before sending more is answered."""
+    slots = asyncio.Semaphore(max(1, depth))
+    ready: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()  # bounded by the slots
+
+    async def read() -> None:
+        try:
+            iterator, index = aiter(requests), 0
+            while True:
+                await slots.acquire()
+                try:
+                    request = await anext(iterator)
+                except StopAsyncIteration:
+                    break
+                ready.put_nowait(("task", asyncio.ensure_future(handle(index, request))))
+                del request
+                index += 1
+            ready.put_nowait(("end", None))
+        except Exception as exc:  # noqa: BLE001 - the stream's reading failed: end it with that error
+            ready.put_nowait(("error", exc))
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while True:
+            kind, value = await ready.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            result = await value
+            del value  # the finished task, and with it the result, must not outlive the yield
+            yield result
+            del result
+            slots.release()  # sent: the next request may be read
+    finally:
+        reader.cancel()
+        while not ready.empty():
+            kind, value = ready.get_nowait()
+            if kind == "task":
+                value.cancel()
+
+
+class Reply(NamedTuple):
+    """One answer of a servicer: which model version served it, and the response (a message, or its bytes)."""
+
+    model: str
+    version: int
+    response: Any
+    content: int = 0  # LoadedModel.content of the model version that answered
+
+
+class Pinned:
+    """The versions of one stream: the first message resolves "newest", and later messages that name the same
+    model without a version are served by the version it got, so that a version written mid-stream cannot
+    mix in. The messages after the first wait their `turn` until the first has taken its version. A version
+    whose files are replaced mid-stream under the same number (a repository deleted and trained anew) ends
+    the stream (ABORTED) rather than mix two sets of weights under one label."""
+
+    def __init__(self) -> None:
+        self._versions: dict[str, int] = {}
+        self._contents: dict[tuple[str, int], int] = {}
+        self._first = asyncio.Event()
+
+    async def turn(self, index: int) -> None:
+        if index > 0:
+            await self._first.wait()
+
+    def taken(self, index: int) -> None:
+        """Message `index` is resolved (or failed): after the first, the others may go."""
+        if index == 0:
+            self._first.set()
+
+    def version(self, model: str) -> int | None:
+        return self._versions.get(model)
+
+    def served(self, model: str, version: int, content: int = 0) -> None:
+        self._versions.setdefault(model, version)
+        first = self._contents.setdefault((model, version), content)
+        if content and first and content != first:
+            raise Aborted(f"model {model!r} version {version} changed on disk during this stream (its files were "
+                          "replaced): the answers before this one came from its earlier files; send the rest "
+                          "again in a new stream")
+
+
+def served_stream(
+    context: Aborts,
+    admission: Admission,
+    requests: AsyncIterator[Any],
+    submit: Callable[[int, Any], Awaitable[Reply]],
+    depth: int,
+) -> AsyncGenerator[Any, None]:
+    """An aevae.v1 streaming RPC: each request answered by one response, in order, `depth` at once.
+
+    A whole stream is served by one version (Pinned). An error ends the stream with its status and the
+    failing message's position.
+    """
+    pinned = Pinned()
+
+    async def handle(index: int, message: Any) -> Any:
+        await pinned.turn(index)
+        try:
+            request = readable(message)
+            if not request.version:
+                request.version = pinned.version(request.model) or 0
+            reply = await submit(index, request)
+            pinned.served(reply.model, reply.version, reply.content)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
+            raise prefixed(exc, f"message {index}") from None
+        finally:
+            pinned.taken(index)
+        return reply.response
+
+    return answered_stream(context, admission, requests, handle, depth)
+
+
+async def answered_stream(
+    context: Aborts,
+    admission: Admission,
+    requests: AsyncIterator[Any],
+    handle: Callable[[int, Any], Awaitable[Any]],
+    depth: int,
+) -> AsyncGenerator[Any, None]:
+    """What every streaming RPC shares (aevae.v1's and the OIP's): one admission slot for the stream, each
+    message answered by `handle(index, message)` in a task of its own, `depth` at once (pipelined), the
+    responses yielded in order, each one's unsent bytes given back once gRPC has written it (Unsent), and
+    an error ending the stream with its status (guarded)."""
+    unsent = Unsent(admission)
+
+    async def counted(index: int, message: Any) -> tuple[Any, AnswerSlot]:
+        slot = unsent.open(index)  # in this message's task: its answer's bytes are counted in the slot
+        try:
+            return await handle(index, message), slot
+        finally:
+            unsent.passed(slot)  # whether or not it took room: the next message's turn
+
+    async def admitted() -> AsyncIterator[tuple[Any, AnswerSlot]]:
+        with admission.call():
+            async for result in pipelined(requests, counted, depth):
+                yield result
+                del result  # the response's bytes must not outlive the yield
+
+    results = admitted()
+    try:
+        while True:
+            try:
+                response, slot = await guarded(context, anext(results))
+            except StopAsyncIteration:
+                return
+            yield response
+            del response  # gRPC has written it and asks for the next
+            unsent.sent(slot)
+    finally:
+        unsent.close()
