@@ -150,7 +150,9 @@ def _to_float(images: np.ndarray) -> torch.Tensor:
 
 
 def _restore(members: list[Member]) -> int:
-    """Loads the last checkpoint after a failure; returns the epoch to start from."""
+    """Loads the last checkpoint after a failure or for `aevae train --resume`; returns the epoch to start
+    from. With torch's global generator restored too (the VAE's posterior samples are its only draws), a run
+    that resumes ends exactly where it would have ended without the stop."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
@@ -160,6 +162,8 @@ def _restore(members: list[Member]) -> int:
         m.model.load_state_dict(state["models"][m.name])
         m.optimizer.load_state_dict(state["optimizers"][m.name])
         m.scheduler.load_state_dict(state["schedulers"][m.name])
+    if "rng" in state:  # checkpoints written before it was kept resume with a fresh generator
+        torch.set_rng_state(state["rng"])
     return int(state["epoch"]) + 1
 
 
@@ -169,6 +173,7 @@ def _save(members: list[Member], epoch: int, folder: str) -> ray.train.Checkpoin
         "models": {m.name: m.model.state_dict() for m in members},
         "optimizers": {m.name: m.optimizer.state_dict() for m in members},
         "schedulers": {m.name: m.scheduler.state_dict() for m in members},
+        "rng": torch.get_rng_state(),
     }, os.path.join(folder, CHECKPOINT_FILE))
     return ray.train.Checkpoint.from_directory(folder)
 

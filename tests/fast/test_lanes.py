@@ -85,3 +85,38 @@ def test_train_steps_repeats_the_first_batch_for_a_short_shard() -> None:
     m = _members("fp32")[0]
     total = train_steps(m, images, torch.arange(40), 16, range(4), "fp32")  # the fourth step lies past the end
     assert m.scheduler.last_epoch == 4 and torch.isfinite(total)
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_where_it_would_have(tmp_path, monkeypatch) -> None:
+    """`aevae train --resume` and a restarted worker load the last checkpoint: the models, their optimizers and
+    schedules, and torch's global generator (the VAE's posterior samples). Without the generator the resumed
+    VAE drew other samples and ended elsewhere than the run that was never stopped."""
+    import ray.train
+
+    from aevae.trainer import loop
+
+    torch.manual_seed(1)
+    images = torch.rand(96, 8, 8)
+    order = torch.randperm(96)
+    torch.set_num_threads(1)
+
+    def epochs(members: list[Member], count: int) -> None:
+        for _ in range(count):
+            for m in members:
+                train_steps(m, images, order, 16, range(3), "fp32")
+
+    straight = _members("fp32")
+    torch.manual_seed(2)
+    epochs(straight, 2)
+    stopped = _members("fp32")
+    torch.manual_seed(2)
+    epochs(stopped, 1)
+    saved = loop._save(stopped, 0, str(tmp_path))
+    torch.rand(1000)  # what the stopped process drew after its checkpoint, or a new process's fresh state
+    resumed = _members("fp32")
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: saved)
+    assert loop._restore(resumed) == 1
+    epochs(resumed, 1)
+    for a, b in zip(straight, resumed):
+        for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+            assert torch.equal(p, q), f"{a.name} {name}"
