@@ -343,12 +343,12 @@ def _run_name(config: TrainConfig, prefix: str) -> str:
     storage path from its last checkpoint, and the loop goes on from the epoch after it (loop._restore). The
     run's options are written beside its checkpoints, for a later --resume to match."""
     root = _local_runs(config)
-    if config.resume and root is None:
-        raise UserError(f"--resume needs a local --storage-path, to find the stopped run in; got "
-                        f"{config.storage_path!r}")
     name = stopped_run(config, prefix) if config.resume else None
     if name:
         print(f"resuming run {name} from its last checkpoint under {root}", flush=True)
+    elif config.resume and root is None:  # not an error: `aevae up` always asks, whatever the storage
+        print(f"--resume looks for stopped runs in a local --storage-path only, not {config.storage_path}: "
+              "starting afresh", flush=True)
     elif config.resume:
         print(f"no stopped run with these options under {root}: starting afresh", flush=True)
     name = name or f"{prefix}-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"

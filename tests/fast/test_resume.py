@@ -54,9 +54,15 @@ def test_resume_continues_that_run_or_starts_afresh_and_says_which(tmp_path: Pat
     assert f"resuming run {fresh.name}" in capsys.readouterr().out
 
 
-def test_resume_needs_a_local_storage_path(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--resume needs a local --storage-path"):
-        job._run_name(TrainConfig(storage_path="s3://bucket/runs", resume=True), "ae-vae")
+def test_resume_looks_in_a_local_storage_path_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A remote storage path cannot be listed: the run starts afresh and says so (`aevae up` always passes
+    --resume, so refusing would have stopped it), and nothing is written on this machine."""
+    assert job._run_name(TrainConfig(storage_path="s3://bucket/runs", resume=True), "ae-vae").startswith("ae-vae-2")
+    assert "in a local --storage-path only, not s3://bucket/runs: starting afresh" in capsys.readouterr().out
+    assert not (Path.cwd() / "s3:").exists()
+
+
+def test_a_storage_path_that_cannot_be_written_is_said_before_training(tmp_path: Path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("")
     with pytest.raises(UserError, match="cannot keep the run's checkpoints there"):
