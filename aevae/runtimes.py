@@ -18,6 +18,14 @@ import numpy as np
 from aevae.repository import WEIGHTS, Version
 
 
+RUNTIMES = ("auto", "onnx", "torch")
+PRECISIONS = ("fp32", "bf16", "int8")  # of decoding
+ENCODER, DECODER = "encoder.onnx", "decoder.onnx"  # as aevae.onnx_export writes them
+DECODER_INT8 = "decoder.int8.onnx"
+
+log = logging.getLogger(__name__)
+
+
 def onnxruntime() -> Any:
     """The onnxruntime module, its telemetry off unless ORT_DISABLE_TELEMETRY says otherwise: ONNX Runtime
     (1.32 on Linux) records usage events under ~/.cache/Microsoft and sends them to
@@ -27,13 +35,6 @@ def onnxruntime() -> Any:
     import onnxruntime as ort
 
     return ort
-
-RUNTIMES = ("auto", "onnx", "torch")
-PRECISIONS = ("fp32", "bf16", "int8")  # of decoding
-ENCODER, DECODER = "encoder.onnx", "decoder.onnx"  # as aevae.onnx_export writes them
-DECODER_INT8 = "decoder.int8.onnx"
-
-log = logging.getLogger(__name__)
 
 
 def label(runtime: Any) -> str:

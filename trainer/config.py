@@ -31,6 +31,10 @@ def _temporary_folder() -> str:
         return os.environ.get("TMPDIR") or "/tmp"
 
 
+# Where things are, which says nothing of what is trained: left out of manifests and of a run's identity.
+PLACES = ("data_root", "models_dir", "storage_path", "address")
+
+
 @dataclass
 class TrainConfig:
     models: tuple[str, ...] = ("ae", "vae")
@@ -75,14 +79,17 @@ class TrainConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def without_places(self) -> dict:
+        """The options without where the data, the repository, the checkpoints and Ray are (`PLACES`): what a
+        version's manifest records of its training."""
+        return {k: v for k, v in self.to_json().items() if k not in PLACES}
+
     def run_identity(self) -> dict:
         """What makes two runs the same run, so that one may continue the other's checkpoint: everything that
-        shapes the models, the data they see and the schedule. Not where the data, the repository or Ray are,
-        nor the CPUs (a checkpoint holds no per-thread state)."""
-        keys = ("models", "name", "epochs", "batch_size", "lr", "seed", "latent_dim", "hidden", "train_limit",
-                "num_workers", "precision")
-        data = self.to_json()
-        return {key: list(data[key]) if isinstance(data[key], tuple) else data[key] for key in keys}
+        shapes the models, the data they see and the schedule. Not the places, nor the CPUs (a checkpoint holds
+        no per-thread state), nor whether this run resumes."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in self.without_places().items() if key not in ("cpus_per_worker", "resume")}
 
     def target_name(self, kind: str) -> str:
         return self.name or kind

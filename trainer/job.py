@@ -175,8 +175,7 @@ def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mn
         latent_dim=arch.latent_dim,
         image_shape=arch.image_shape,
         architecture=arch.to_json(),
-        training={**{k: v for k, v in config.to_json().items()
-                     if k not in ("models_dir", "address", "storage_path", "data_root")},
+        training={**config.without_places(),
                   "optimizer": "adam, one-cycle lr", "seconds": round(seconds, 1),
                   "epoch_seconds": round(run_metrics["epoch_seconds"], 2),  # the mean over the epochs
                   "note": "the AE and the VAE train together, so seconds cover both"},
