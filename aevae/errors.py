@@ -103,6 +103,11 @@ class Unavailable(ServiceError):
     code = "UNAVAILABLE"
 
 
+class DeadlineExceeded(ServiceError):
+    """The call's time ran out on the server's side (a stream left idle past `--stream-idle-s`)."""
+    code = "DEADLINE_EXCEEDED"
+
+
 class Aborted(ServiceError):
     """The call cannot go on as it began (a stream's version changed on disk under it): retry it anew."""
     code = "ABORTED"

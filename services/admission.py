@@ -27,12 +27,17 @@ class Admission:
     most `max_unsent`; see `Unsent`): a reader slower than the server keeps its answers waiting in the
     server's memory, and a flood of streams whose clients stop reading would otherwise hold a stream depth of
     answers each, without bound. Past the cap, streams wait before computing their next answer; unary calls
-    never wait for it, so readers that stop can hold up other streams, not the other calls."""
+    never wait for it, so readers that stop can hold up other streams, not the other calls.
 
-    def __init__(self, max_calls: int, max_bytes: int, max_unsent: int | None = None):
+    A stream holds its call slot while it is open, so one whose client sends nothing more while it has nothing
+    left to answer ends after `stream_idle_s` (DEADLINE_EXCEEDED; 0: never, see `streams.pipelined`): clients
+    that open streams and leave them idle cannot hold every slot."""
+
+    def __init__(self, max_calls: int, max_bytes: int, max_unsent: int | None = None, stream_idle_s: float = 0.0):
         self.max_calls = max_calls
         self.max_bytes = max_bytes
         self.max_unsent = 2 * max_bytes if max_unsent is None else max_unsent
+        self.stream_idle_s = stream_idle_s
         self.calls = 0
         self.bytes = 0
         self.output = 0

@@ -98,7 +98,8 @@ SERVICES = {
 
 def engine(settings: ServiceSettings, executor: ThreadPoolExecutor) -> Engine:
     return Engine(Runner(executor, settings.inline_max),
-                  Admission(settings.max_concurrent_rpcs, settings.max_inflight_bytes, settings.max_unsent_bytes),
+                  Admission(settings.max_concurrent_rpcs, settings.max_inflight_bytes, settings.max_unsent_bytes,
+                            settings.stream_idle_s),
                   batch_size=settings.batch_size, batch_rows=settings.batch_rows, batch_wait_s=settings.batch_wait_s,
                   batch_gather_s=settings.batch_gather_s)
 

@@ -144,6 +144,11 @@ class ServiceSettings:
                                                      "(their clients read slower than the server answers, or not "
                                                      "at all); beyond, streams wait before computing their next "
                                                      "answer (unary calls do not)", minimum=1)
+    # A stream holds one of max_concurrent_rpcs while it is open: without an end to idle ones, clients that open
+    # streams and send nothing could hold them all (Envoy's stream idle timeout is 5 min by default too).
+    stream_idle_s: float = _opt(300.0, "seconds a stream may stay idle (no request message while every answer "
+                                       "has been sent) before the server ends it with DEADLINE_EXCEEDED, giving "
+                                       "back its slot of --max-concurrent-rpcs; 0: never")
     workers: int = _opt(2, "threads running the model off the event loop", minimum=1)
     # Each loaded version opens its pools at once: 100000 threads took 16 GB and the start never finished.
     threads: int | None = _opt(None, "intra-op threads of the model runtime, ONNX Runtime or torch (default: "

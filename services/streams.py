@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
 
-from aevae.errors import Aborted
+from aevae.errors import Aborted, DeadlineExceeded
 from aevae.services.admission import Admission, AnswerSlot, Unsent
 from aevae.services.registration import readable
 from aevae.services.status import Aborts, guarded, prefixed
@@ -19,7 +19,7 @@ R = TypeVar("R")
 
 
 async def pipelined(
-    requests: AsyncIterator[R], handle: Callable[[int, R], Awaitable[T]], depth: int = 2
+    requests: AsyncIterator[R], handle: Callable[[int, R], Awaitable[T]], depth: int = 2, idle_s: float = 0.0
 ) -> AsyncIterator[T]:
     """Handles each request as it arrives and yields the results in request order as soon as each is ready.
 
@@ -27,25 +27,46 @@ async def pipelined(
     gRPC has taken it): with 2, the next message is computed while the previous one is sent. A request is
     read only when a slot is free (its task is made then, not before), so a client that stops reading stops
     the reading of its requests and holds at most `depth` answers of the server's memory, each up to a whole
-    message. A client that waits for an answer before sending more is answered."""
+    message. A client that waits for an answer before sending more is answered.
+
+    With `idle_s`, a stream idle that long (no request arrives while every answer has been taken) ends with
+    DEADLINE_EXCEEDED: the clock runs only while nothing is left to answer, so neither a long computation nor
+    a client that reads slowly counts as idle."""
     slots = asyncio.Semaphore(max(1, depth))
     ready: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()  # bounded by the slots
+    loop = asyncio.get_running_loop()
+    idle = asyncio.timeout(loop.time() + idle_s if idle_s > 0 else None)
+    reading = True  # the idle clock may only be changed while `read` is within it
+    outstanding = 0  # answers being computed, or computed and not yet taken by the consumer
 
     async def read() -> None:
+        nonlocal reading, outstanding
         try:
-            iterator, index = aiter(requests), 0
-            while True:
-                await slots.acquire()
-                try:
-                    request = await anext(iterator)
-                except StopAsyncIteration:
-                    break
-                ready.put_nowait(("task", asyncio.ensure_future(handle(index, request))))
-                del request
-                index += 1
+            async with idle:
+                iterator, index = aiter(requests), 0
+                while True:
+                    await slots.acquire()
+                    try:
+                        request = await anext(iterator)
+                    except StopAsyncIteration:
+                        break
+                    outstanding += 1
+                    idle.reschedule(None)  # something to answer: not idle
+                    ready.put_nowait(("task", asyncio.ensure_future(handle(index, request))))
+                    del request
+                    index += 1
             ready.put_nowait(("end", None))
+        except TimeoutError:
+            if not idle.expired():
+                raise
+            ready.put_nowait(("error", DeadlineExceeded(
+                f"stream idle for {idle_s:g} s: no request message came while every answer had been sent; "
+                "the server ends idle streams after --stream-idle-s, to give back their call slot: send the "
+                "next message sooner, or open a new stream when there is more to send")))
         except Exception as exc:  # noqa: BLE001 - the stream's reading failed: end it with that error
             ready.put_nowait(("error", exc))
+        finally:
+            reading = False
 
     reader = asyncio.ensure_future(read())
     try:
@@ -60,6 +81,9 @@ async def pipelined(
             yield result
             del result
             slots.release()  # sent: the next request may be read
+            outstanding -= 1
+            if not outstanding and reading and idle_s > 0:
+                idle.reschedule(loop.time() + idle_s)
     finally:
         reader.cancel()
         while not ready.empty():
@@ -148,7 +172,8 @@ async def answered_stream(
     handle: Callable[[int, Any], Awaitable[Any]],
     depth: int,
 ) -> AsyncGenerator[Any, None]:
-    """What every streaming RPC shares (aevae.v1's and the OIP's): one admission slot for the stream, each
+    """What every streaming RPC shares (aevae.v1's and the OIP's): one admission slot for the stream (given
+    back when it ends, or after `admission.stream_idle_s` of idleness), each
     message answered by `handle(index, message)` in a task of its own, `depth` at once (pipelined), the
     responses yielded in order, each one's unsent bytes given back once gRPC has written it (Unsent), and
     an error ending the stream with its status (guarded)."""
@@ -163,7 +188,7 @@ async def answered_stream(
 
     async def admitted() -> AsyncIterator[tuple[Any, AnswerSlot]]:
         with admission.call():
-            async for result in pipelined(requests, counted, depth):
+            async for result in pipelined(requests, counted, depth, admission.stream_idle_s):
                 yield result
                 del result  # the response's bytes must not outlive the yield
 

@@ -411,6 +411,33 @@ def test_a_client_gone_without_closing_its_connection_loses_its_stream_to_keepal
             relay.close()
 
 
+def test_an_idle_stream_ends_after_stream_idle_s_and_gives_its_slot_back(repo: Path) -> None:
+    """A live client that opens a stream and then sends nothing holds its admission slot only for
+    --stream-idle-s; the stream ends with DEADLINE_EXCEEDED naming the flag, after the answers it was owed."""
+    args = ["--max-concurrent-rpcs", "1", "--stream-idle-s", "0.5"]
+    with ServiceProcess("decoder", repo, args=args) as service:
+        service.wait_healthy()
+        held = threading.Event()
+
+        def requests() -> Iterator[decoder_pb2.DecodeRequest]:
+            yield _request(2)
+            yield _request(3)
+            held.wait(60)  # open, and idle
+
+        try:
+            with grpc.insecure_channel(service.address) as ch:
+                stub = decoder_pb2_grpc.DecoderStub(ch)
+                stream = stub.DecodeStream(requests())
+                assert [len(from_tensor(r.images, "images")) for r in (next(stream), next(stream))] == [2, 3]
+                code, _ = _status(lambda: stub.Decode(_request(1)))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # the open stream holds the one slot
+                code, details = _status(lambda: next(stream))
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED and "--stream-idle-s" in details, details
+                assert stub.Decode(_request(1)).version == 1  # the slot came back
+        finally:
+            held.set()
+
+
 def test_a_models_dir_that_is_a_file_is_refused_at_start(tmp_path: Path) -> None:
     (tmp_path / "models").write_text("not a folder")
     done = run_aevae("serve", "decoder", "--port", "0", "--models-dir", str(tmp_path / "models"), timeout=60)

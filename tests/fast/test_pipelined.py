@@ -9,6 +9,7 @@ from typing import AsyncIterator
 
 import pytest
 
+from aevae.errors import DeadlineExceeded
 from aevae.services.streams import pipelined
 
 
@@ -118,3 +119,68 @@ def test_a_stream_s_version_replaced_on_disk_under_the_same_number_ends_it() -> 
     with pytest.raises(Aborted, match="model 'vae' version 1 changed on disk during this stream"):
         pinned.served("vae", 1, content=999)
     assert pinned.version("vae") == 1
+
+
+class Pausing:
+    """An async request stream of `n` integers with a pause of `pause` seconds before each one after the
+    first, then, if `hang`, no end (an open stream whose client sends nothing more)."""
+
+    def __init__(self, n: int, pause: float = 0.0, hang: bool = False):
+        self.n, self.pause, self.hang = n, pause, hang
+
+    async def __aiter__(self) -> AsyncIterator[int]:
+        for i in range(self.n):
+            if i:
+                await asyncio.sleep(self.pause)
+            yield i
+        if self.hang:
+            await asyncio.Event().wait()
+
+
+def test_an_idle_stream_ends_with_deadline_exceeded_after_its_answers() -> None:
+    async def handle(index: int, request: int) -> int:
+        return request
+
+    async def main() -> list[int]:
+        got: list[int] = []
+        with pytest.raises(DeadlineExceeded, match="idle for 0.05 s.*--stream-idle-s"):
+            async for answer in pipelined(Pausing(3, hang=True).__aiter__(), handle, depth=2, idle_s=0.05):
+                got.append(answer)
+        return got
+
+    assert asyncio.run(asyncio.wait_for(main(), 10)) == [0, 1, 2]  # bounded: a stream that never ends fails
+
+
+def test_without_idle_s_an_idle_stream_stays_open() -> None:
+    async def handle(index: int, request: int) -> int:
+        return request
+
+    async def main() -> None:
+        answers = pipelined(Pausing(1, hang=True).__aiter__(), handle, depth=2)
+        assert await anext(answers) == 0
+        with pytest.raises(TimeoutError):  # the test's own wait, not the stream's end
+            await asyncio.wait_for(anext(answers), 0.2)
+        await answers.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("slow", ["model", "reader", "pauses"])
+def test_slow_answers_a_slow_reader_and_short_pauses_are_not_idle(slow: str) -> None:
+    """The idle clock runs only while every answer has been taken and no request came: a computation or a
+    reader slower than idle_s, or pauses between requests shorter than it, keep the stream open."""
+    async def handle(index: int, request: int) -> int:
+        if slow == "model":
+            await asyncio.sleep(0.15)
+        return request
+
+    async def main() -> list[int]:
+        got = []
+        source = Pausing(4, pause=0.03 if slow == "pauses" else 0.0)
+        async for answer in pipelined(source.__aiter__(), handle, depth=2, idle_s=0.08):
+            got.append(answer)
+            if slow == "reader":
+                await asyncio.sleep(0.15)
+        return got
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
