@@ -155,6 +155,8 @@ class Scan:
         if not self.versions:
             if not root.exists():
                 return f"no models: {root} does not exist (yet; train some with `aevae train`)"
+            if not root.is_dir():
+                return f"no models: {root} is a file, not a folder (--models-dir names the repository's folder)"
             # why nothing is served, when the scan knows: "no models" alone sent the operator of a folder the
             # service may not read (its permissions, a container's uid) off to train
             unreadable = [why for path, why in self.ignored if path == root or path.parent == root]
@@ -245,7 +247,8 @@ class ModelRepository:
             if not self.root.is_dir():
                 return scan
             root = self.root.resolve()
-            model_dirs = sorted(p for p in self.root.iterdir() if NAME_PATTERN.match(p.name) and _is_dir(p))
+            # fullmatch: `$` also matches before a final newline, and a folder "vae\n" was served as a model
+            model_dirs = sorted(p for p in self.root.iterdir() if NAME_PATTERN.fullmatch(p.name) and _is_dir(p))
         except OSError as exc:
             scan.ignored.append((self.root, f"the repository cannot be read: {_why(exc)}"))
             return scan
@@ -316,7 +319,7 @@ class ModelRepository:
         """Writes the next version atomically and returns it. `writers` maps a file name to a function that
         writes that file at the path it is given; every file is checksummed into the manifest. Concurrent
         writers each get their own number."""
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name):
             raise ValueError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Callable
 from aevae.errors import FailedPrecondition, NotFound, shorten
 from aevae.inference import LoadedModel, load
 from aevae.manifest import Manifest
-from aevae.repository import ModelRepository, Scan, Version
+from aevae.repository import NAME_PATTERN, ModelRepository, Scan, Version
 from aevae.runtimes import label
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class ModelStore:
     # -- resolving ------------------------------------------------------------------------------------------
     def _candidates(self, name: str) -> list[Version]:
         versions = self.scan().versions.get(name)
-        if not versions:
+        if not versions and NAME_PATTERN.fullmatch(name):  # a name no folder can have is not looked for again
             versions = self.scan(force=True).versions.get(name)
         if not versions:
             unreadable = [b for b in self._scan.broken if b.name == name]

@@ -32,7 +32,7 @@ from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
 from aevae.repository import MAX_NUMBER, NUMBER_PATTERN
 from aevae.services.admission import Engine
-from aevae.services.registration import describable, readable, rows
+from aevae.services.registration import describable, parsed, readable, rows
 from aevae.services.status import guarded
 from aevae.services.streams import Pinned, answered_stream
 from aevae.v1.tensors import length_delimited
@@ -416,10 +416,12 @@ class InferenceServicer:
 
     # -- health and metadata ------------------------------------------------------------------------------
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ServerLiveResponse:
+        await guarded(context, parsed(request))  # bytes that are no request: INVALID_ARGUMENT, as everywhere
         return service_pb2.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> service_pb2.ServerReadyResponse:
         """Ready while serving (not once shutdown has begun) and the repository holds a model."""
+        await guarded(context, parsed(request))
         if not self.state.serving:
             return service_pb2.ServerReadyResponse(ready=False)
         models = await guarded(context, self.engine.run(lambda: self.logic.store.scan().versions, 0, False))
@@ -438,6 +440,7 @@ class InferenceServicer:
 
     async def ServerMetadata(self, request: Any,
                              context: grpc.aio.ServicerContext) -> service_pb2.ServerMetadataResponse:
+        await guarded(context, parsed(request))
         return service_pb2.ServerMetadataResponse(name=f"aevae-{self.kind}", version=aevae.__version__,
                                                   extensions=["parameters"])
 
@@ -475,7 +478,7 @@ class InferenceServicer:
     async def RepositoryIndex(self, request: Any,
                               context: grpc.aio.ServicerContext) -> service_pb2.RepositoryIndexResponse:
         """Every version: READY (served on request) or UNAVAILABLE with the reason it is broken."""
-        message = await guarded(context, _parsed(request))
+        message = await guarded(context, parsed(request))
         summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
         index = []
         for s in summaries:
@@ -486,10 +489,6 @@ class InferenceServicer:
                     index.append(service_pb2.RepositoryIndexResponse.ModelIndex(
                         name=s.name, version=str(number), state=state, reason=reason))
         return service_pb2.RepositoryIndexResponse(models=index)
-
-
-async def _parsed(request: Any) -> Any:
-    return readable(request)
 
 
 async def _named(request: Any) -> tuple[str, int | None]:

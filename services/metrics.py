@@ -139,8 +139,11 @@ class Call:
 
 
 def code_of(context: Any, error: BaseException | None) -> str:
-    if isinstance(error, asyncio.CancelledError):
-        return "CANCELLED"
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        # The call ended under its handler: the client cancelled, its deadline passed or it went away. A stream
+        # ends so by gRPC closing its response generator (GeneratorExit at the yield), which was counted as
+        # UNKNOWN, a code no client saw; a deadline's end is told apart by the time left.
+        return "DEADLINE_EXCEEDED" if _past_deadline(context) else "CANCELLED"
     try:
         code = context.code()
     except Exception:  # noqa: BLE001 - an older grpc without ServicerContext.code()
@@ -150,6 +153,14 @@ def code_of(context: Any, error: BaseException | None) -> str:
     if isinstance(code, int):  # grpc.aio may keep the raw integer
         return next((c.name for c in grpc.StatusCode if c.value[0] == code), "UNKNOWN")
     return "OK" if error is None else "UNKNOWN"
+
+
+def _past_deadline(context: Any) -> bool:
+    try:
+        left = context.time_remaining()
+    except Exception:  # noqa: BLE001 - a context without it (an adapter): no deadline known
+        return False
+    return left is not None and left <= 0
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):

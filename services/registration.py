@@ -247,3 +247,8 @@ def readable(request: R | Unreadable) -> R:
     if isinstance(request, Unreadable):
         raise request.error
     return request
+
+
+async def parsed(request: R | Unreadable) -> R:
+    """`readable` as an awaitable, for `status.guarded`: the request, or its parse error as the call's status."""
+    return readable(request)

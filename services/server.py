@@ -74,6 +74,23 @@ def quiet_ended_call_writes() -> None:
         logger.addFilter(_EndedCallWrites())
 
 
+# How long the calls cut at the end of the grace get to unwind (their handlers' cleanup: a few turns of the
+# event loop) before serve() returns; a bound, so that a handler that will not end cannot hold up the exit.
+CUT_CALLS_SECONDS = 1.0
+
+
+async def settle_calls(timeout: float) -> None:
+    """Waits, at most `timeout` seconds, for the tasks still running on the loop (the calls that server.stop cut at
+    the end of the grace, their handlers unwinding) to end. server.stop returns once gRPC's core has ended the
+    calls, before their Python tasks have: asyncio.run then cancelled those tasks, and for each grpc.aio printed
+    a bare CancelledError traceback on stderr with traceback.print_exc (after its log line, which
+    _EndedCallWrites rewrites, but a print is no log record: no filter reaches it)."""
+    current = asyncio.current_task()
+    others = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    if others:
+        await asyncio.wait(others, timeout=timeout)
+
+
 @dataclass(frozen=True)
 class Service:
     """One of the two services: its logic, its aevae.v1 servicer and service, where it listens."""
@@ -150,6 +167,12 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
         ("grpc.keepalive_timeout_ms", round(min(settings.keepalive_seconds, 20.0) * 1000)),
         ("grpc.http2.ping_timeout_ms", round(min(settings.keepalive_seconds, 20.0) * 1000)),
         ("grpc.http2.max_pings_without_data", 0),  # a stream silent both ways is pinged all the same
+        # ... and so is a connection without calls: one its client opened and abandoned (or whose host
+        # vanished) otherwise held its file descriptor for good, and enough of them (128 under a limit of 128
+        # open files) took the last descriptor, so that the server could accept no other client (gRPC logs
+        # "File descriptor limit reached" and retries, for ever). A live client answers the pings: its idle
+        # channel stays connected.
+        ("grpc.keepalive_permit_without_calls", 1),
     ])
     logic = service.logic(store, settings.limits)
     servicer = service.servicer(logic, engine(settings, executor))
@@ -216,10 +239,12 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.shutdown_delay)
     # Calls still running after the grace are cancelled; model work queued for them is dropped, never
-    # computed: the process exits within the grace plus the one forward pass each worker may be in.
+    # computed: the process exits within the grace plus the one forward pass each worker may be in (and at
+    # most CUT_CALLS_SECONDS for the cut calls' handlers to unwind; measured: under a millisecond).
     await server.stop(settings.grace)
     if probes is not None:
         await probes.stop(0)
+    await settle_calls(CUT_CALLS_SECONDS)  # after every server has stopped: their own tasks are done too
     preloading.cancel()
     executor.shutdown(wait=True, cancel_futures=True)
     return 0

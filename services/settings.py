@@ -156,10 +156,11 @@ class ServiceSettings:
     inline_max: int = _opt(64, "batches up to this size run on the event loop (saves a thread hop); 0: never")
     refresh_seconds: float = _opt(2.0, "how often the repository is re-read, so new versions appear and changed "
                                        "ones are reloaded without a restart")
-    keepalive_seconds: float = _opt(60.0, "seconds of silence on a connection with calls after which the server "
-                                          "pings the client; one that does not answer within as long (at most 20 "
-                                          "s) is dropped and its calls end, so a client gone without closing its "
-                                          "connection does not hold its calls' slots and memory", minimum=0.001,
+    keepalive_seconds: float = _opt(60.0, "seconds of silence on a connection (with calls or without) after which "
+                                          "the server pings the client; one that does not answer within as long (at "
+                                          "most 20 s) is dropped and its calls end, so a client gone without closing "
+                                          "its connection holds neither its calls' slots and memory nor a file "
+                                          "descriptor", minimum=0.001,
                                   maximum=MAX_KEEPALIVE_SECONDS)
     grace: float = _opt(10.0, "seconds calls in flight get to finish on SIGTERM")
     shutdown_delay: float = _opt(0.5, "seconds between NOT_SERVING and refusing new calls on SIGTERM")

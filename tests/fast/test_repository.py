@@ -309,3 +309,37 @@ def test_an_empty_answer_says_why_when_the_scan_knows(tmp_path: Path) -> None:
     assert broken.describe(tmp_path) == (f"no loadable model in {tmp_path}: 1 broken version(s), e.g. vae/1: "
                                          "weights.pt does not match")
     assert Scan().describe(tmp_path) == f"no models in {tmp_path} (train some with `aevae train`)"
+    afile = tmp_path / "models.txt"
+    afile.write_text("")
+    assert Scan().describe(afile) == f"no models: {afile} is a file, not a folder (--models-dir names the repository's folder)"
+
+
+def test_a_name_is_matched_whole_a_final_newline_included(tmp_path: Path) -> None:
+    """`$` also matches before a final newline: a folder "vae\\n" was served as a model of that name, and a
+    writer took it."""
+    write_tiny(tmp_path, "vae")
+    shutil.copytree(tmp_path / "vae", tmp_path / "vae\n")
+    assert list(ModelRepository(tmp_path).scan().versions) == ["vae"]
+    with pytest.raises(ValueError, match="model name"):
+        ModelRepository(tmp_path).write("ae\n", Manifest.from_json({
+            "kind": "ae", "latent_dim": 2, "image_shape": [4, 4], "architecture": {}, "files": {}}), {})
+
+
+def test_a_name_no_folder_can_have_does_not_make_the_store_look_again(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unknown names are looked for again on disk (a version written since); names no model folder can have
+    ("../x", NUL bytes) are refused without a rescan, which any client could otherwise force on every call."""
+    from aevae.errors import NotFound
+
+    write_tiny(tmp_path, "vae")
+    store = ModelStore(tmp_path)
+    forced: list[bool] = []
+    scan = store.scan
+    monkeypatch.setattr(store, "scan", lambda force=False: (forced.append(force), scan(force))[1])
+    for name in ("../vae", "vae\x00", "/etc/passwd", "VAE"):
+        with pytest.raises(NotFound):
+            store.resolve(name, None)
+    assert forced and True not in forced
+    with pytest.raises(NotFound):
+        store.resolve("ae", None)
+    assert True in forced  # a name a folder may have: looked for again
