@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Sequence
 
 import grpc
 
 from aevae.client import health
-from aevae.client.core import (Retry, ServerLimits, channel_options, check_timeout, grpc_timeout,
-                               unimplemented_hint)
+from aevae.client.core import (Retry, ServerLimits, channel_options, check_settings, check_timeout,
+                               deadline_hint, grpc_timeout, unimplemented_hint)
 from aevae.client.errors import AevaeError
 from aevae.client.credentials import ChannelSecurity, open_channel
 from aevae.client.fanout import AsyncFanOut, Deadline, SyncFanOut, parse_targets
@@ -44,17 +45,20 @@ class _Common:
         `security=ChannelSecurity(...)`. Every replica of a fan-out client gets the same.
         """
         check_timeout(timeout)
+        check_settings(retries, backoff, stream_chunk, metadata)
         self._closed = False
+        self._loop: Any = None  # the event loop a grpc.aio channel belongs to (None: not known, not checked)
+        self.targets = parse_targets(target)  # first: a target of None or a number is refused before it is used
         self.security = security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert,
                                                                        tls_key, target=target)
-        self.targets = parse_targets(target)
         self.target = ",".join(self.targets)
         self._fanout: Any = None
         self.timeout = timeout
         self.stream_chunk = stream_chunk
         self._retry = Retry(retries, backoff)
         transport, unimplemented = security.explain(self.target), unimplemented_hint(self.SERVICE, self.target)
-        self._retry.explain = lambda error: unimplemented(transport(error))
+        late = self._retry.late = deadline_hint(self.target)
+        self._retry.explain = lambda error: late(unimplemented(transport(error)))
         self._limits: ServerLimits | None = None
         self._limits_at = 0.0  # time.monotonic() of the ListModels response they came from
         if len(self.targets) > 1:  # each replica: this constructor, one target, these options
@@ -62,9 +66,17 @@ class _Common:
                                            metadata=metadata, security=security)
             self._fanout = self.FANOUT(lambda t: type(self)(t, **options), self.targets, self._retry)
             return
-        self._raw_channel, self._channel = open_channel(self.target, channel_options(retries, backoff), security,
-                                                        metadata, aio=self.AIO)
+        try:
+            self._raw_channel, self._channel = open_channel(self.target, channel_options(retries, backoff),
+                                                            security, metadata, aio=self.AIO)
+        except RuntimeError as exc:  # grpc.aio outside a running loop, in a thread whose loop was unset
+            raise AevaeError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"{type(self).__name__} needs an event loop ({exc}): make it inside the coroutine "
+                             f"that uses it (`async with {type(self).__name__}(...) as client:`), or use the "
+                             "synchronous client outside asyncio") from None
         self._stub: Any = self._make_stub(self._channel)
+        if self.AIO:  # grpc.aio binds a channel to the loop running when it is made (none: the thread's default)
+            self._loop = getattr(self._channel, "_loop", None)
 
     def _make_stub(self, channel: Any) -> Any:
         raise NotImplementedError
@@ -143,9 +155,29 @@ class SyncClient(_Common):
         self.close()
 
 
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class AsyncClient(_Common):
     AIO = True
     FANOUT = AsyncFanOut
+
+    def _check_open(self) -> None:
+        """Also refuses a call from another event loop than the one the client was made in: a grpc.aio channel
+        belongs to the loop that made it (outside any loop: none that will run), and a call from another
+        failed with asyncio's RuntimeError "got Future ... attached to a different loop", naming neither."""
+        super()._check_open()
+        if self._loop is not None and self._loop is not _running_loop():
+            raise AevaeError(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"this {type(self).__name__} for {self.target} was made in another event loop than "
+                             "the one running this call (one made outside a coroutine belongs to none that "
+                             "asyncio.run starts); a grpc.aio channel works only in its own loop: make the client "
+                             f"inside the coroutine that uses it (`async with {type(self).__name__}(...) as "
+                             "client:`), or use the synchronous client outside asyncio")
 
     async def _list_models_response(self, timeout: float | None) -> tensor_pb2.ListModelsResponse:
         response = await self._retry.run_async(

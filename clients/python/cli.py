@@ -165,9 +165,13 @@ def decode(args: argparse.Namespace) -> int:
 
     require_positive("--timeout", args.timeout)
     try:
-        latents = np.array([[float(v) for v in z.split(",")] for z in args.latents], dtype=np.float32)
+        rows = [[float(v) for v in z.split(",")] for z in args.latents]
     except ValueError:
         raise UserError(f"latents must be comma-separated numbers such as 0.5,-1.2,0.3,2.0; got {args.latents}") from None
+    if len({len(row) for row in rows}) > 1:  # numbers all, but not one array: not "must be numbers"
+        raise UserError(f"every latent needs as many values as the model's latent dimension; got latents of "
+                        f"{', '.join(str(len(row)) for row in rows)} values")
+    latents = np.array(rows, dtype=np.float32)
     if args.scale < 1:
         raise UserError(f"--scale must be a positive integer, got {args.scale}")
     Image = _pillow()

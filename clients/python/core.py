@@ -91,18 +91,37 @@ def _array(values: object, name: str, shape: str) -> np.ndarray:
 
 def prepare_images(images: object) -> np.ndarray:
     """N x H x W (or one H x W image), uint8 or float32; other floats (float64, float16, big-endian) become
-    native float32. The server checks the rest."""
+    native float32, and whole numbers within 0..255 (a list of Python ints is int64) uint8, which they fit
+    exactly. The server checks the rest."""
     array = _array(images, "images", "an N x H x W array of")
+    if array.ndim == 0:  # a number or a string: the server's "shape []" would not say what was passed
+        raise invalid(f"images: expected an N x H x W array (or one H x W image) of uint8 0..255 or float32 in "
+                      f"[0, 1], got a single {array.dtype.name} value")
+    if array.dtype.kind not in "fiu":  # strings, booleans, complex, objects: no pixels
+        raise invalid(f"images: expected pixels as uint8 0..255 or float32 in [0, 1], got {array.dtype.name}")
     if array.ndim == 2:
         array = array[None]
     if array.dtype.kind == "f" and array.dtype != np.float32:
         array = array.astype(np.float32)
+    elif array.dtype.kind in "iu" and array.dtype != np.uint8:
+        if array.size and not (array.min() >= 0 and array.max() <= 255):
+            raise invalid(f"images: whole-number pixels must lie in 0..255 (uint8), got {array.dtype.name} values "
+                          f"in [{array.min()}, {array.max()}]; float pixels go in [0, 1]")
+        array = array.astype(np.uint8)
     return np.ascontiguousarray(array)
 
 
 def prepare_latents(latents: object) -> np.ndarray:
     """N x d float32 (or one d-vector); other real numbers are converted. The server checks the rest."""
     array = _array(latents, "latents", "an N x d array of")
+    if array.ndim == 0:  # a number or a string: the server would read it as one row of one value
+        raise invalid(f"latents: expected an N x d array (or one d-vector) of numbers, got a single "
+                      f"{array.dtype.name} value")
+    if array.ndim == 1 and array.size == 0:  # [] would be one row of no values: say so rather than "rows of 0"
+        raise invalid("latents: got an empty vector; expected N x d numbers (no rows: an array of shape (0, d))")
+    if array.dtype.kind not in "fiu":  # strings, booleans, complex, objects
+        raise invalid(f"latents: expected real numbers (float32; other float and integer types are converted), "
+                      f"got {array.dtype.name}")
     if array.ndim == 1:
         array = array[None]
     if array.dtype != np.float32 and (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
@@ -115,6 +134,43 @@ def model_name(model: object) -> str:
     if not isinstance(model, str):
         raise invalid(f"model: expected a model name (a string such as 'vae'), got {model!r}")
     return model
+
+
+def check_settings(retries: object, backoff: object, stream_chunk: object, metadata: object) -> None:
+    """A client's settings, checked when it is made: a negative or string `retries` failed later in the
+    service config's arithmetic (TypeError), `stream_chunk=0` sent one row per message (a big batch then ran
+    past its deadline), and metadata that is not (key, value) pairs of strings failed every call as INTERNAL
+    "Invalid metadata" (or as ValueError) with gRPC's log line."""
+    if isinstance(retries, bool) or not isinstance(retries, (int, np.integer)) or retries < 0:
+        raise invalid(f"retries: expected a whole number from 0 up, got {retries!r}")
+    if (isinstance(backoff, bool) or not isinstance(backoff, (int, float, np.number))
+            or not 0 <= backoff < math.inf):
+        raise invalid(f"backoff: expected seconds (a finite number from 0 up), got {backoff!r}")
+    if isinstance(stream_chunk, bool) or not isinstance(stream_chunk, (int, np.integer)) or stream_chunk < 1:
+        raise invalid(f"stream_chunk: expected rows per streamed message (a whole number from 1 up), got "
+                      f"{stream_chunk!r}")
+    wanted = "metadata: expected (key, value) pairs of strings, e.g. [(\"application\", \"decoder\")]"
+    if isinstance(metadata, (str, bytes)):
+        raise invalid(f"{wanted}, got {metadata!r}")
+    try:
+        pairs = list(metadata)  # type: ignore[call-overload]
+    except TypeError:
+        raise invalid(f"{wanted}, got {metadata!r}") from None
+    for pair in pairs:
+        if not (isinstance(pair, tuple | list) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], str | bytes)):
+            raise invalid(f"{wanted}, got {pair!r}")
+        key, value = pair
+        if not key or any(ch not in _METADATA_KEY for ch in key):
+            raise invalid(f"metadata: key {key!r} is not a valid gRPC metadata key: lowercase letters, digits, "
+                          "'-', '_' and '.' only")
+        binary = key.endswith("-bin")  # gRPC's binary values: bytes, sent base64-encoded
+        if not binary and (isinstance(value, bytes) or any(not " " <= ch <= "~" for ch in value)):
+            raise invalid(f"metadata: the value of {key!r} must be printable ASCII text (bytes go under a key "
+                          "ending in '-bin')")
+
+
+_METADATA_KEY = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
 def check_timeout(timeout: object) -> None:
@@ -147,6 +203,17 @@ def unimplemented_hint(service: str, target: str) -> Callable[[AevaeError], Aeva
         guess = f" (perhaps it is the {other}?)" if other else ""
         return AevaeError(error.code(), f"the server at {target} does not serve aevae.v1.{service}{guess}: "
                                         f"{error.details()}")
+    return explain
+
+
+def deadline_hint(target: str) -> Callable[[AevaeError], AevaeError]:
+    """Explains DEADLINE_EXCEEDED: gRPC's "Deadline Exceeded" names neither the server nor the setting."""
+    def explain(error: AevaeError) -> AevaeError:
+        # only gRPC's own: a server's DEADLINE_EXCEEDED (a stream it ended as idle) says what it means
+        if error.code() != grpc.StatusCode.DEADLINE_EXCEEDED or error.details() != "Deadline Exceeded":
+            return error
+        return AevaeError(error.code(), f"{error.details()}: {target} did not answer within the call's timeout "
+                                        "(timeout= of the call or the client; None waits as long as it takes)")
     return explain
 
 
@@ -232,6 +299,9 @@ class Retry:
         self.max_backoff = max_backoff
         # turns transport failures (TLS mismatch, missing token) into errors saying what to change
         self.explain: Callable[[AevaeError], AevaeError] = lambda error: error
+        # what still applies to a stream that failed after some answers (a deadline), where `explain`'s
+        # transport hints would mislead: a server that answered has the right credentials
+        self.late: Callable[[AevaeError], AevaeError] = lambda error: error
 
     def _delay(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * 2 ** attempt)
@@ -259,7 +329,7 @@ class Retry:
         failed = AevaeError.from_rpc(error)
         if broken(failed) and progressed and self.retries > 0:
             return None
-        return failed if answered else self.explain(failed)
+        return self.late(failed) if answered else self.explain(failed)
 
     def resumable(self, attempt: Callable[[float | None], T], progress: Callable[[], int],
                   timeout: float | None) -> T:

@@ -123,14 +123,32 @@ class TokenFile:
         return tokens[0] if tokens else ""
 
 
+# What each PEM must hold: gRPC takes any bytes and fails only at the handshake, where a CA file that is no
+# certificate read as "if the server requires mutual TLS, pass tls_cert=", which was not the problem.
+PEM_HOLDS = {"tls_ca": ("CERTIFICATE", "the CA certificate (PEM) that signed the server's"),
+             "tls_cert": ("CERTIFICATE", "the client certificate (PEM)"),
+             "tls_key": ("PRIVATE KEY", "the client certificate's private key (PEM)")}
+
+
 def _read(value: str | bytes | os.PathLike[str] | None, what: str) -> bytes | None:
-    """PEM bytes: given as bytes, or read from a path."""
-    if value is None or isinstance(value, bytes):
+    """PEM bytes: given as bytes, or read from a path; INVALID_ARGUMENT when they hold no PEM block of the
+    kind `what` needs."""
+    if value is None:
         return value
-    try:
-        return Path(value).read_bytes()
-    except OSError as exc:
-        raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: cannot read {value}: {exc.strerror}") from None
+    where = "as given" if isinstance(value, bytes) else str(value)
+    if isinstance(value, bytes):
+        data = value
+    else:
+        try:
+            data = Path(value).read_bytes()
+        except OSError as exc:
+            raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"{what}: cannot read {value}: {exc.strerror}") from None
+    block, expected = PEM_HOLDS.get(what, ("", ""))
+    if block and not (b"-----BEGIN " in data and block.encode() in data):
+        raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"{what} ({where}) holds no PEM {block} block; expected {expected}")
+    return data
 
 
 def _checked_token(token: object) -> str:

@@ -29,6 +29,8 @@ class _Plan:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
                                  or not 0 <= seed <= MAX_SEED):
             raise invalid(f"seed: expected None or a whole number from 0 to 2**64 - 1, got {seed!r}")
+        if not isinstance(sample, (bool, np.bool_)):  # sample="no" is truthy: it asked for a sample
+            raise invalid(f"sample: expected True or False, got {sample!r}")
         self.x = prepare_images(images)
         self.model = model
         self.version = wire_version(version)

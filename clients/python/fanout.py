@@ -50,7 +50,11 @@ MAX_SPAN_CHUNKS = 16  # a span is at most this many stream chunks
 
 def parse_targets(target: str | Sequence[str]) -> list[str]:
     """A list of host:port, a comma-separated string, or dns:///host:port (all the addresses of the name)."""
-    items = [target] if isinstance(target, str) else list(target)
+    try:
+        items = [target] if isinstance(target, str) else list(target)
+    except TypeError:  # None, or a port number: was a TypeError saying "'int' object is not iterable"
+        raise invalid(f"target: expected \"host:port\", a list of them or \"dns:///name:port\", got {target!r}"
+                      ) from None
     out: list[str] = []
     for item in items:
         if not isinstance(item, str):

@@ -19,7 +19,7 @@ import math
 import socket
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,12 +201,53 @@ async def json_body(request: web.Request, expected: str) -> dict[str, Any]:
         raise BadRequest(f"body: {exc}: {expected}") from exc
     except (RequestPayloadError, HttpProcessingError) as exc:  # e.g. a Content-Encoding the body does not have
         raise BadRequest(f"body: unreadable ({exc}): {expected}") from None
+    except ConnectionError:  # the client went away mid-body: raised on, aiohttp logged a traceback per request
+        raise BadRequest(f"body: the connection closed before the whole body came: {expected}") from None
     if not isinstance(payload, dict):
         raise BadRequest(f"body must be a JSON object: {expected}")
     return payload
 
 
 # -- HTTP handlers --------------------------------------------------------------------------------------
+# What the API takes, for the messages of aiohttp's own refusals (api_errors).
+ENDPOINTS = ("GET /api/status", "GET /api/models", "GET /api/stats/<model>?version=N", "POST /api/encode",
+             "POST /api/samples", "GET /ws (the WebSocket)")
+MAX_QUOTED_PATH = 200  # of a path quoted in an error (a URL may be 8 KB)
+
+
+@web.middleware
+async def api_errors(request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """aiohttp's own refusals under /api/ and /ws as JSON `error`s that say what is accepted: its plain-text
+    "404: Not Found", "405: Method Not Allowed", "Maximum request body size 8388608 exceeded." and "No
+    WebSocket UPGRADE hdr: None" named neither the endpoints, the methods a path takes, nor what /ws is. The
+    page and its static files keep aiohttp's answers."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or not request.path.startswith(("/api/", "/ws")):
+            raise
+        path = request.path if len(request.path) <= MAX_QUOTED_PATH else request.path[:MAX_QUOTED_PATH] + "..."
+        headers = {}
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            allowed = sorted(exc.allowed_methods)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{path} does not take {request.method}; it takes {' or '.join(allowed)}"
+        elif isinstance(exc, web.HTTPNotFound):
+            message = f"no endpoint {path!r}; the API is: {', '.join(ENDPOINTS)}"
+        elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+            message = f"the body is over the limit of {MAX_BODY:,} bytes"
+        elif request.path == "/ws":
+            message = (f"/ws is the page's WebSocket ({exc.text}): open it with a WebSocket client (Upgrade: "
+                       "websocket, Sec-WebSocket-Version: 13, a Sec-WebSocket-Key of 16 bytes in base64)")
+        else:
+            message = exc.text or exc.reason
+        response = web.json_response({"error": message}, status=exc.status, headers=headers)
+        if exc.status == 413:  # the rest of the body was not read: the connection cannot carry another request
+            response.force_close()
+        return response
+
+
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
@@ -236,8 +277,11 @@ async def get_models(request: web.Request) -> web.Response:
 
 async def get_stats(request: web.Request) -> web.Response:
     """`?version=N` pins the version (the page's); without it, the newest."""
-    name = request.match_info["model"]
     try:
+        name = model_name({"model": request.match_info["model"]})  # bounded as in the POSTs: errors quote it
+        given = request.query.getall("version", [])
+        if len(given) > 1:  # which one was meant? (the first was taken silently)
+            raise BadRequest(f"'version' given {len(given)} times; give it once, or leave it out for the newest")
         version = model_version({"version": _query_int(request.query.get("version"))})
         stats = await request.app[LINKS].encoder.call(lambda client: client.latent_stats(model=name, version=version))
     except (BadRequest, ServiceDown, RequestRejected) as exc:
@@ -467,7 +511,7 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
     `security`: the aevae.client ChannelSecurity for the services (default: from the environment)."""
     guard = guard or Guard.create("127.0.0.1")
     quiet_unreadable_bodies()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware(), *middlewares])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware(), api_errors, *middlewares])
 
     broadcasts: set[asyncio.Task[None]] = set()
 

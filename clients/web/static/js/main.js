@@ -171,7 +171,8 @@ function clearSamples(kind) {
 async function encodeMissing(kind) {
   const model = state.models[kind];
   const todo = state.inputs.filter((item) => !item.latents[kind]);
-  if (!todo.length) return;
+  // nothing asked of an encoder known to be down (a 503 is a console error); its return calls refresh
+  if (!todo.length || state.services.encoder?.state === "down") return;
   const groups = new Map(); // by shape
   for (const item of todo) {
     const key = item.shape.join("x");
@@ -473,6 +474,13 @@ function shortName(item) { return item.label === null ? item.name : `digit ${ite
 async function drawSamples() {
   const seed = ++state.samples.seed;
   await Promise.all(KINDS.filter((k) => state.models[k]).map(async (kind) => {
+    if (state.services.decoder?.state === "down") {
+      // not asked while the decoder is known to be down: the answer would be a 503, which the browser logs as
+      // a console error for every draw; the panel is dimmed, and the draw is made when the decoder is back
+      $(`share-${kind}`).textContent = "(decoder unavailable)";
+      state.samples.failed[kind] = true;
+      return;
+    }
     let reply;
     try {
       const ref = modelRef(kind);
