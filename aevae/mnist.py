@@ -109,7 +109,9 @@ def _download(cache: Path) -> Path:
         MNIST(str(cache), train=True, download=True)
         MNIST(str(cache), train=False, download=True)
     except Exception as exc:  # noqa: BLE001 - any network or disk failure means the same to the user
-        raise MnistError(_how_to_fix(None) + f" The download into {cache} failed too: {exc}") from exc
+        # one line: torchvision's message lists every mirror it tried, a line each
+        raise MnistError(_how_to_fix(None) + f" The download into {cache} failed too: {' '.join(str(exc).split())}"
+                         ) from exc
     return cache / "MNIST" / "raw"
 
 

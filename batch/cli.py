@@ -4,6 +4,8 @@ command runs."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import re
 import sys
@@ -15,6 +17,7 @@ from aevae.services.settings import PORTS  # stdlib only
 # Ranges such as -3:3:11 start with "-": without this, argparse would take them for options.
 _VALUES = re.compile(r"^-[0-9.]")
 MIN_CPUS = 1e-4  # Ray's unit of resources: a smaller --cpus-per-worker is refused by Ray itself
+log = logging.getLogger(__name__)
 
 EPILOG_DECODE = """examples:
   aevae decode-batch --prior 1000000 --seed 0 --output out/prior            # Ray Data on this machine
@@ -155,8 +158,29 @@ def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tup
     if source.rows == 0:
         raise UserError("the input holds no rows")
     check_size(source.rows, args.shard_size, image_shape)  # before scanning a file that big
+    if source.input_files() and source.rows >= 4 * sources.SCAN_ROWS and not args.quiet:
+        # the scan reads the whole file (about 15 s for 250 million latents here): say why nothing else happens
+        print(f"{args.op}-batch: checking the input's {source.rows:,} rows before the job starts ...",
+              file=sys.stderr, flush=True)
     source.check(latent_dim, image_shape)
     return source
+
+
+def root_cause(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message` of the innermost cause of `exc`, on one line: a Ray task's error wraps the worker's
+    exception (`.cause`, or `__cause__` through Ray Data's UserCodeException) in text that holds the remote
+    traceback, which is no message for a user."""
+    seen = {id(exc)}
+    while True:
+        inner = getattr(exc, "cause", None)
+        inner = inner if isinstance(inner, BaseException) else exc.__cause__
+        if inner is None or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        exc = inner
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -165,6 +189,11 @@ def check_flags(args: argparse.Namespace) -> None:
     from aevae.batch.sources import check_prior
     from aevae.errors import UserError, check_cpus, require_positive
 
+    for name in ("output", "input", "models_dir", "data_root"):
+        # An empty path is the current folder: `--output "$OUT"` with OUT unset wrote the job's shards there.
+        value = getattr(args, name, None)
+        if value is not None and not value.strip():
+            raise UserError(f"--{name.replace('_', '-')} is empty; name a folder or file (. for the current folder)")
     for name in ("shard_size", "limit", "workers", "cpus_per_worker", "concurrency", "timeout", "version", "scale",
                  "prior"):
         require_positive("--" + name.replace("_", "-"), getattr(args, name, None))
@@ -250,12 +279,22 @@ def run(args: argparse.Namespace) -> int:
     still = (" so far (workers on the cluster may still finish the shards they hold)"
              if client is None and (args.address or os.environ.get("RAY_ADDRESS")) else "")
     try:
-        if client is not None:
-            with client:
-                run_fleet(job, plan, progress, client, concurrency=args.concurrency, timeout=args.timeout)
-        else:
-            run_ray(job, plan, progress, address=args.address, workers=args.workers,
-                    cpus_per_worker=args.cpus_per_worker)
+        try:
+            if client is not None:
+                with client:
+                    run_fleet(job, plan, progress, client, concurrency=args.concurrency, timeout=args.timeout)
+            else:
+                run_ray(job, plan, progress, address=args.address, workers=args.workers,
+                        cpus_per_worker=args.cpus_per_worker)
+        except BaseException:
+            # Every writer of ours has ended by now (not so on a named cluster, or on a Ray this process did not
+            # start and so did not stop): what a writer cut off left, a hidden temporary, goes now rather than at
+            # the next run, which may never come.
+            ray = sys.modules.get("ray")
+            if not still and (client is not None or ray is None or not ray.is_initialized()):
+                with contextlib.suppress(OSError):
+                    job.sink.clean()
+            raise
     except KeyboardInterrupt:
         progress.close()
         print(f"{label}: interrupted; {on_disk(job):,} of {job.shards:,} shards are on disk{still}. Run the same "
@@ -266,9 +305,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{exc} ({on_disk(job):,} of {job.shards:,} shards are on disk{still} and kept)") from None
     except Exception as exc:  # noqa: BLE001 - a worker's failure: say what is kept and how to go on
         progress.close()
+        # Ray's exceptions carry the worker's whole traceback in their text: the message names the root cause
+        # in one line, and --log-level DEBUG shows the rest.
+        log.debug("the job failed", exc_info=exc)
         raise UserError(f"the job failed with {on_disk(job):,} of {job.shards:,} shards on disk{still} "
-                        f"({type(exc).__name__}: {exc}). Finished shards are kept; run the same command again "
-                        "to resume.") from exc
+                        f"({root_cause(exc)}). Finished shards are kept; run the same command again to resume "
+                        f"(aevae --log-level DEBUG {label} ... shows the workers' traceback).") from exc
     progress.close()
     summary = progress.summary()
     finish(plan, summary, "fleet" if client else "ray")

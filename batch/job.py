@@ -34,7 +34,7 @@ import numpy as np
 
 from aevae.batch.model import ModelRef
 from aevae.batch.progress import Progress
-from aevae.batch.sinks import TMP_MARK, Sink, shard_entries
+from aevae.batch.sinks import SHARD_NAME, TMP_MARK, Sink, shard_entries
 from aevae.batch.sources import Source
 from aevae.errors import InvalidArgument, UserError, check_cpus, raise_on_sigterm
 from aevae.repository import remove_stale
@@ -126,11 +126,17 @@ def run_shard(job: Job, model: Any, shard: int) -> dict[str, Any]:
     """Reads, runs and writes one shard; `model` has decode(z) -> uint8 images and encode(x) -> (mean, logvar)."""
     t0 = time.perf_counter()
     start, stop = job.span(shard)
-    data = job.source.read(start, stop)
+    where = f"shard {shard} (rows {start:,} to {stop - 1:,})"
+    try:
+        data = job.source.read(start, stop)
+    except (OSError, ValueError, EOFError) as exc:
+        # The input was checked whole before the job started; a file removed, truncated or rewritten since then
+        # fails here, in a worker, and must reach the user as this line, not as Ray's remote traceback.
+        raise UserError(f"{where}: cannot read the input any more ({_reason(exc)}); it changed or disappeared "
+                        "after the job started. Restore it and run the same command again to resume") from None
     digest = input_digest(data)
     t1 = time.perf_counter()
     ids = np.arange(start, stop, dtype=np.int64)
-    where = f"shard {shard} (rows {start:,} to {stop - 1:,})"
     if job.op == "decode":
         z = data["latent"]
         try:  # the services' own check: the engines accept the same latents (finite, within LATENT_BOUND)
@@ -150,7 +156,11 @@ def run_shard(job: Job, model: Any, shard: int) -> dict[str, Any]:
     except UserError as exc:  # e.g. the fleet's deadline (FleetModel): which shard, and what to change
         raise UserError(f"{where}: {exc}") from None
     t2 = time.perf_counter()
-    size = job.sink.write(shard, columns, digest)
+    try:
+        size = job.sink.write(shard, columns, digest)
+    except OSError as exc:  # a full disk, a folder made read-only or removed under the job: Sink.write left nothing
+        raise UserError(f"{where}: cannot write it into --output {job.sink.root}: {_reason(exc)}; free space (or "
+                        "fix the folder) and run the same command again to resume") from None
     t3 = time.perf_counter()
     if job.fault and job.fault.get("shard") == shard:
         marker = Path(job.fault["marker"])
@@ -164,6 +174,16 @@ def run_shard(job: Job, model: Any, shard: int) -> dict[str, Any]:
             os.kill(os.getpid(), signal.SIGKILL)
     return {"shard": shard, "rows": stop - start, "read_s": t1 - t0, "model_s": t2 - t1, "write_s": t3 - t2,
             "bytes": size}
+
+
+def _reason(exc: BaseException) -> str:
+    """What went wrong, on one line: an OSError by its errno's text (pyarrow's own wording, "Error writing bytes
+    to file. Detail: [errno 28] ...", hides the reason in its middle) and the file it names."""
+    if isinstance(exc, OSError) and exc.errno:
+        text = os.strerror(exc.errno) + (f" ({exc.filename})" if exc.filename else "")
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
 
 
 def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | None = None) -> Plan:
@@ -182,6 +202,13 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
     job_file = root / JOB_FILE
     described = job.describe()
     stats = _input_stats(job.source)
+    own = [path.name for path in job.source.input_files() if path.parent == root and SHARD_NAME.fullmatch(path.name)]
+    if own:
+        # e.g. --input out --output out: --overwrite removed the input before a worker read it, and without it
+        # the shards would be written over the files they are read from
+        raise UserError(f"--output {root} holds the input's own files ({', '.join(sorted(own)[:3])}"
+                        f"{', ...' if len(own) > 3 else ''}): the job would replace what it reads; choose another "
+                        "--output")
     with _output_errors(root):
         if root.exists() and not root.is_dir():
             raise UserError(f"--output {root} is a file; it must be a folder (new or from this same job)")
@@ -377,13 +404,17 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
             # run again on the pool (max_restarts=-1, max_task_retries=-1); an exception in a shard fails the job.
             compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
         )
-        for row in done.iter_rows():
-            stats = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-            if "error" in stats:  # bad data in a shard (ShardWorker): its message, not a remote traceback
-                raise UserError(str(stats["error"]))
-            progress.update(stats)
-            if on_shard is not None:
-                on_shard(stats)
+        rows = iter(done.iter_rows())
+        try:
+            for row in rows:
+                stats = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+                if "error" in stats:  # bad data in a shard (ShardWorker): its message, not a remote traceback
+                    raise UserError(str(stats["error"]))
+                progress.update(stats)
+                if on_shard is not None:
+                    on_shard(stats)
+        finally:
+            _stop_iteration(rows)
     except BaseException:
         stopped = True
         raise
@@ -393,6 +424,28 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
             # finishes a shard after the caller counts those on disk (on_disk). A cluster named by --address
             # is not ours to stop: its workers end the shards they hold on their own time.
             ray.shutdown(wait_for_processes=stopped)
+
+
+# Ray Data's threads that pull a dataset's blocks for its iterator (ray.data._internal.block_batching.util). Its
+# "Prefetcher" thread is left alone: once the iteration ends it parks on a condition for good and asks Ray nothing.
+_RAY_DATA_ITERATION_THREADS = ("iter_threaded",)
+
+
+def _stop_iteration(rows: Any, wait_s: float = 5.0) -> None:
+    """Closes a Ray Data row iterator and waits (up to `wait_s`) for the threads that fed it to end. Stopped early
+    (a failed shard, Ctrl-C) and left open, those threads went on fetching blocks after ray.shutdown(), and Ray's
+    core worker then ended the whole process from one of them (exit 1, "The core worker has already been shutdown")
+    before the job's message was printed: 1 run in 5 with a model damaged under a running job, here. Matched by
+    name, a Ray internal: under a Ray that names them otherwise, this waits for nothing."""
+    import threading
+
+    close = getattr(rows, "close", None)
+    if close is not None:
+        close()
+    deadline = time.monotonic() + wait_s
+    for thread in threading.enumerate():
+        if thread.name in _RAY_DATA_ITERATION_THREADS and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class FleetModel:

@@ -177,16 +177,17 @@ class ParquetFile(Source):
             raise UserError(f"--input {path}: no such file or folder")
         if not self.files:
             raise UserError(f"--input {path}: the folder holds no .parquet files")
-        groups = []
+        groups, schemas = [], []
         for i, name in enumerate(self.files):
             try:
-                if i == 0:
-                    schema = pq.read_schema(name)
-                meta = pq.ParquetFile(name).metadata
+                opened = pq.ParquetFile(name)
+                schemas.append(opened.schema_arrow)
+                meta = opened.metadata
             except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
                 where = path if name == str(self.path) else f"{path}: {Path(name).name}"
-                raise UserError(f"--input {where}: not readable as Parquet: {exc}") from None
+                raise UserError(f"--input {where}: not readable as Parquet: {' '.join(str(exc).split())}") from None
             groups += [(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        schema = schemas[0]
         names = schema.names
         default = "latent" if field == "latent" else "image"
         self.columns = [c.strip() for c in (column or default).split(",") if c.strip()]
@@ -194,6 +195,17 @@ class ParquetFile(Source):
         if missing:
             raise UserError(f"--input {path}: no column {', '.join(map(repr, missing))}; its columns: "
                             f"{', '.join(names)} (choose with --column)")
+        # The files of a folder are read as one table: a file whose column is missing or of another type (rows of
+        # 5 values where the first file has 4) failed in the middle of the check with Arrow's several-line
+        # "Schema at index 1 was different". Named here, with the file, from their footers alone.
+        for name, other in zip(self.files[1:], schemas[1:]):
+            for c in self.columns + (["label"] if field == "image" and "label" in names else []):
+                theirs = other.field(c).type if c in other.names else None
+                if theirs != schema.field(c).type:
+                    got = f"{c!r} of type {theirs}" if theirs is not None else f"no column {c!r}"
+                    raise UserError(f"--input {path}: {Path(name).name} has {got}, {Path(self.files[0]).name} "
+                                    f"{c!r} of type {schema.field(c).type}; every file of the folder must have "
+                                    "the same columns")
         self.label = field == "image" and "label" in names
         self.groups = groups  # (file index, row group, rows), in order
         self.starts = np.cumsum([0] + [g[2] for g in groups])
@@ -271,6 +283,8 @@ def _latents_from_columns(columns: list, n: int, first: int = 0) -> np.ndarray:
         for c in columns:
             if not _numbers(c.type):
                 raise ValueError(f"expected one column of numbers per dimension, got one of {c.type}")
+            if c.null_count:  # to_numpy makes a null NaN, which the check then called "NaN or infinity"
+                raise ValueError("a column has null rows; every latent must be a number")
         return np.stack([c.to_numpy().astype(np.float32) for c in columns], axis=1)
     array = columns[0].combine_chunks()
     if not (pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type)
@@ -338,8 +352,17 @@ def _check_latent_array(array: np.ndarray, latent_dim: int, where: str, offset: 
                         f"(shape {list(array.shape)})")
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise UserError(f"{where}: latents must be numbers, got {array.dtype}")
+    wide = np.issubdtype(array.dtype, np.floating) and np.finfo(array.dtype).max > np.finfo(np.float32).max
     for start in range(0, len(array), SCAN_ROWS):
-        chunk = np.asarray(array[start:start + SCAN_ROWS], dtype=np.float32)
+        rows = np.asarray(array[start:start + SCAN_ROWS])
+        if wide:  # float64 beyond float32's range: cast, it became inf, and the message said "NaN or infinity"
+            with np.errstate(invalid="ignore"):
+                huge = (np.isfinite(rows) & (np.abs(rows) > np.finfo(np.float32).max)).any(axis=1)
+            if huge.any():
+                first = int(np.argmax(huge))
+                raise UserError(f"{where}: row {offset + start + first} holds values beyond float32's range "
+                                f"({rows[first].tolist()}); latents must lie in [-{LATENT_BOUND:g}, {LATENT_BOUND:g}]")
+        chunk = rows.astype(np.float32, copy=False)
         bad = ~np.isfinite(chunk).all(axis=1)
         if bad.any():
             first = int(np.argmax(bad))
@@ -397,8 +420,8 @@ class MnistImages(Source):
         if key not in _MNIST:
             try:
                 data = mnist.load(self.data_root)
-            except mnist.MnistError as exc:
-                raise UserError(str(exc)) from None
+            except mnist.MnistError as exc:  # one line: a failed download's text holds torchvision's several
+                raise UserError(" ".join(str(exc).split())) from None
             parts = {"train": [data.train], "test": [data.test], "all": [data.train, data.test]}[self.split]
             _MNIST[key] = (np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
         return _MNIST[key]

@@ -14,13 +14,27 @@ class ShardWorker:
         from aevae.batch.model import Loaded
 
         self.job = job
-        self.model = Loaded(job.model, threads)
         self.node = _node_id()
+        self.model: Any = None
+        self.problem: str | None = None
+        try:
+            self.model = Loaded(job.model, threads)
+        except Exception as exc:  # noqa: BLE001 - a version damaged or removed after the driver checked it
+            # Raised here, the actor would die in its constructor: Ray retries it without end, prints each
+            # death's traceback on the driver, and the job ends in a screen of them. Reported with the first
+            # shard instead, as bad data is.
+            ref = job.model
+            self.problem = (f"model {ref.name}/{ref.number} in {ref.models_dir} could not be loaded by a worker: "
+                            f"{' '.join(str(exc).split())}. It changed after the job checked it; restore it (or "
+                            f"start over on another version with --version N --overwrite) and run the same command "
+                            "again to resume")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from aevae.batch.job import run_shard
         from aevae.errors import UserError
 
+        if self.problem is not None:
+            return {"error": np.array([self.problem])}
         try:
             stats = [dict(run_shard(self.job, self.model, int(shard)), node=self.node) for shard in batch["shard"]]
         except UserError as exc:

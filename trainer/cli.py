@@ -102,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     try:
         job.run(config)
-    except mnist.MnistError as exc:
-        raise UserError(str(exc)) from None
+    except mnist.MnistError as exc:  # one line: a failed download's text holds torchvision's several
+        raise UserError(" ".join(str(exc).split())) from None
     return 0

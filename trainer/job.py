@@ -7,6 +7,7 @@ statistics over the whole training set and writes a version atomically.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import json
@@ -88,10 +89,24 @@ def _check_reachable(address: str) -> None:
                         f"{ADDRESS_HELP}") from None
 
 
+def _eta(seconds: float) -> str:
+    """12m05s; past an hour 3h07m, past two days 41d07h: a long run's ETA in minutes alone was unreadable
+    (`--epochs 1000000` printed ETA 7364501346m56s)."""
+    total = int(round(seconds)) if math.isfinite(seconds) and seconds > 0 else 0
+    minutes, secs = divmod(total, 60)
+    hours, mins = divmod(minutes, 60)
+    days, hrs = divmod(hours, 24)
+    if days >= 2:
+        return f"{days:,}d{hrs:02d}h"
+    if hours:
+        return f"{hours}h{mins:02d}m"
+    return f"{minutes}m{secs:02d}s"
+
+
 def _format_progress(message: dict[str, Any] | str, epochs: int) -> list[str]:
     if isinstance(message, str):
         return [message]
-    minutes, seconds = divmod(int(round(message["eta_seconds"])), 60)
+    eta = _eta(message["eta_seconds"])
     test = f"test({message['test_images']:,})" if "test_images" in message else "test"
     lines = []
     for name, m in message.items():
@@ -100,7 +115,7 @@ def _format_progress(message: dict[str, Any] | str, epochs: int) -> list[str]:
                 f"[{name}] epoch {message['epoch']}/{epochs}  train {m['train_loss']:.2f}  {test} bce "
                 f"{m['test_bce']:.2f} kl {m['test_kl']:.2f} total {m['test_loss']:.2f} nats/img  "
                 f"{message['images_per_second']:,.0f} img/s  {message['epoch_seconds']:.1f}s/epoch  "
-                f"ETA {minutes}m{seconds:02d}s")
+                f"ETA {eta}")
     return lines
 
 
@@ -193,6 +208,12 @@ def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mn
     )
 
 
+def _finite(value: Any) -> bool:
+    """A loss that is a finite number. A run resumed after its last epoch reports the metrics Ray Train kept in
+    its snapshot, where a nan was written as null: None is a diverged loss too, not a TypeError."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def version_bytes(arch: Architecture) -> int:
     """About how many bytes a version of `arch` takes on disk: float32 weights, about as much again in the two
     ONNX graphs, the int8 decoder (a byte per decoder weight), and at most 1 MiB of manifest and statistics.
@@ -250,6 +271,8 @@ def run(config: TrainConfig) -> list[Version]:
                                                     hidden=tuple(config.hidden)) for kind in config.models}
     repository = ModelRepository(config.models_dir)
     repository.ensure_writable(archs, needed_bytes=sum(version_bytes(arch) for arch in archs.values()))
+    if config.address:  # a bad form, or nothing listening, said before MNIST is read and checked
+        _check_reachable(config.address)
     data = mnist.load(config.data_root)
     train = data.train
     if config.train_limit:
@@ -257,7 +280,14 @@ def run(config: TrainConfig) -> list[Version]:
     print(f"MNIST from {data.source}: {len(train.images):,} training and {len(data.test.images):,} test images",
           flush=True)
 
-    _start_ray(config.address)
+    # Named (and its folder made) before Ray starts: a --storage-path that cannot be written is said at once,
+    # not after Ray's start-up.
+    run_name = _run_name(config, "-".join(archs))
+    try:
+        _start_ray(config.address)
+    except BaseException:
+        _remove_unstarted(config, run_name)
+        raise
     if config.address:
         check_cpus("--num-workers", config.num_workers, config.cpus_per_worker, ray.cluster_resources().get("CPU", 0),
                    config.address)
@@ -265,7 +295,6 @@ def run(config: TrainConfig) -> list[Version]:
     print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, {config.precision}, "
           f"{config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
     started = time.perf_counter()
-    run_name = _run_name(config, "-".join(archs))
     kept = f"the run's last checkpoint stays under --storage-path {config.storage_path}"
     if _local_runs(config) is not None:
         kept += " (`aevae train --resume` with the same options continues it)"
@@ -277,9 +306,12 @@ def run(config: TrainConfig) -> list[Version]:
               file=sys.stderr, flush=True)
         raise
     seconds = time.perf_counter() - started
-    diverged = [name for name in archs if not all(math.isfinite(metrics[name][key])
+    diverged = [name for name in archs if not all(_finite(metrics[name].get(key))
                                                   for key in ("train_loss", "test_loss"))]
     if diverged:  # its weights are nan or inf: the statistics and graphs would fail on them, or worse
+        # Its checkpoints hold the same nan weights: nothing to resume (a lower --lr is another run), and at
+        # about 160 MB a run they would stay in $TMPDIR for good.
+        _remove_checkpoints(config, run_name)
         raise UserError(f"training diverged for {', '.join(diverged)} (a loss of nan or inf), nothing written: "
                         f"lower --lr (this run {config.lr:g}, default {TrainConfig().lr:g})")
     written: list[Version] = []
@@ -334,7 +366,44 @@ def stopped_run(config: TrainConfig, prefix: str) -> str | None:
                 found.append((folder.stat().st_mtime, folder.name))
         except (OSError, ValueError):  # another run's folder, one being removed, or not aevae's
             continue
-    return max(found)[1] if found else None
+    for _, name in sorted(found, reverse=True):
+        problem = _checkpoint_problem(root / name)
+        if problem is None:
+            return name
+        # Restored as it is, it failed in every worker (a torch unpickling traceback, exit 1) on every --resume,
+        # which `aevae up` always passes; passed over instead, and left for its owner to look at.
+        print(f"run {name} under {root} cannot be resumed: {problem}; passing it over (it is left as it is)",
+              flush=True)
+    return None
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why the last checkpoint Ray Train would restore in the run `folder` cannot be loaded; None when it loads,
+    or when the snapshot does not name one in the form this knows (left to Ray Train). Loaded here, on the
+    driver, as the loop loads it (weights only): a few hundred milliseconds against a run that cannot start."""
+    try:
+        snapshot = json.loads((folder / RAY_SNAPSHOT_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {RAY_SNAPSHOT_FILE} is unreadable ({exc})"
+    latest = snapshot.get("latest_checkpoint_result") if isinstance(snapshot, dict) else None
+    checkpoint = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+    if not isinstance(checkpoint, str):
+        return None
+    from aevae.trainer.loop import CHECKPOINT_FILE
+
+    path = folder / checkpoint / CHECKPOINT_FILE
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        int(state["epoch"])
+        for key in ("models", "optimizers", "schedulers"):
+            if not isinstance(state[key], dict):
+                raise ValueError(f"{key} is not a dict")
+    except Exception as exc:  # noqa: BLE001 - missing, truncated, not torch's, or not this loop's
+        # the first sentence: torch's next ones advise loading with weights_only=False, which is never wanted
+        text = " ".join(str(exc).split()).split(". ")[0][:160]
+        reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return f"its last checkpoint {path} is missing or damaged ({reason})"
+    return None
 
 
 def _run_name(config: TrainConfig, prefix: str) -> str:
@@ -359,6 +428,18 @@ def _run_name(config: TrainConfig, prefix: str) -> str:
             raise UserError(f"--storage-path {root}: cannot keep the run's checkpoints there "
                             f"({exc.strerror or exc}); pass a writable folder") from None
     return name
+
+
+def _remove_unstarted(config: TrainConfig, run_name: str) -> None:
+    """Removes the folder `_run_name` made when Ray did not even start (an --address that refused, Ctrl-C):
+    only its RUN_FILE, nothing to resume. A folder holding anything else (a resumed run's checkpoints) stays."""
+    root = _local_runs(config)
+    if root is None:
+        return
+    folder = root / run_name
+    with contextlib.suppress(OSError):
+        if [entry.name for entry in folder.iterdir()] == [RUN_FILE]:
+            shutil.rmtree(folder)
 
 
 def _remove_checkpoints(config: TrainConfig, run_name: str) -> None:

@@ -1,0 +1,340 @@
+"""Faults injected into `aevae decode-batch` and `aevae train`: each must end in one line saying what was wrong
+and what to do, exit 2, and keep the finished work. Mostly without Ray (the functions that check and the
+shard's own code path, which Ray's actors and the fleet engine both call); one local Ray run for a model version
+damaged while a job runs."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from aevae.batch import sources
+from aevae.batch.cli import root_cause
+from aevae.batch.job import Job, prepare, run_shard
+from aevae.batch.model import Loaded, resolve
+from aevae.batch.sinks import Sink
+from aevae.cli import main
+from aevae.errors import UserError
+
+
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Runs the command in process; it must exit 2 with one line and no traceback. Returns that line."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _decode_job(repo: Path, out: Path, source: sources.Source | None = None, rows: int = 30,
+                fmt: str = "parquet") -> Job:
+    ref = resolve(str(repo), "vae", None)
+    return Job("decode", ref, source or sources.Prior(rows, 0, ref.latent_dim), Sink(out, fmt), shard_size=10)
+
+
+# -- decode-batch: input and output named wrongly -----------------------------------------------------------------
+
+def test_an_empty_output_or_input_is_refused_not_taken_for_the_current_folder(
+        tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--output "$OUT"` with OUT unset wrote the job's shards and job file into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    line = _refused(["decode-batch", "--prior", "10", "--models-dir", str(tiny_repo), "--output", ""], capsys)
+    assert "--output is empty" in line
+    line = _refused(["decode-batch", "--input", " ", "--models-dir", str(tiny_repo), "--output", "out"], capsys)
+    assert "--input is empty" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def test_an_output_holding_the_inputs_own_files_is_refused_and_they_stay(tiny_repo: Path, tmp_path: Path) -> None:
+    """--input out --output out --overwrite removed the input before a worker read it (then a Ray traceback)."""
+    out = tmp_path / "out"
+    first = _decode_job(tiny_repo, out)
+    model = Loaded(first.model)
+    for shard in prepare(first).todo:
+        run_shard(first, model, shard)
+    before = sorted(p.name for p in out.iterdir())
+    for overwrite in (False, True):
+        again = _decode_job(tiny_repo, out, sources.ParquetFile(out))
+        with pytest.raises(UserError, match=r"holds the input's own files \(part-000000.parquet, part-000001"):
+            prepare(again, overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_parquet_files_of_one_folder_that_differ_are_named_in_one_line(tmp_path: Path) -> None:
+    z = np.zeros((5, 4), np.float32)
+    pq.write_table(pa.table({"latent": pa.FixedSizeListArray.from_arrays(pa.array(z.ravel()), 4)}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"latent": pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(10, np.float32)), 5)}),
+                   tmp_path / "b.parquet")
+    with pytest.raises(UserError) as refused:
+        sources.ParquetFile(tmp_path)
+    message = str(refused.value)
+    assert "b.parquet has 'latent' of type fixed_size_list<element: float>[5], a.parquet" in message
+    assert "\n" not in message
+    pq.write_table(pa.table({"other": [1.0]}), tmp_path / "b.parquet")
+    with pytest.raises(UserError, match="b.parquet has no column 'latent'"):
+        sources.ParquetFile(tmp_path)
+
+
+def test_null_scalars_and_float64_beyond_float32_are_called_what_they_are(tmp_path: Path) -> None:
+    """A null became NaN, 1e300 became inf: both were reported as "NaN or infinity" (with numpy's overflow
+    warning)."""
+    pq.write_table(pa.table({f"z{i}": [1.0, None if i == 1 else 2.0] for i in range(4)}), tmp_path / "n.parquet")
+    with pytest.raises(UserError, match="a column has null rows"):
+        sources.ParquetFile(tmp_path / "n.parquet", column="z0,z1,z2,z3").check(4, (32, 32))
+    z = np.zeros((3, 4))
+    z[2, 1] = 1e300
+    np.save(tmp_path / "wide.npy", z)
+    with pytest.raises(UserError, match=r"row 2 holds values beyond float32's range .*\[-10000, 10000\]"):
+        sources.ArrayFile(tmp_path / "wide.npy").check(4, (32, 32))
+    z[2, 1] = np.inf
+    np.save(tmp_path / "wide.npy", z)
+    with pytest.raises(UserError, match="row 2 holds NaN or infinity"):
+        sources.ArrayFile(tmp_path / "wide.npy").check(4, (32, 32))
+
+
+# -- decode-batch: faults while a shard runs ---------------------------------------------------------------------
+
+def test_a_full_disk_fails_the_shard_in_one_line_and_leaves_no_partial_file(
+        tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyarrow's ENOSPC reached the user as Ray's remote traceback, its reason in the middle of its text."""
+    from aevae.batch.worker import ShardWorker
+
+    out = tmp_path / "out"
+    job = _decode_job(tiny_repo, out)
+    prepare(job)
+    model = Loaded(job.model)
+    assert run_shard(job, model, 0)["rows"] == 10
+
+    def full(self: Sink, path: Path, columns: Any, digest: Any) -> None:
+        path.write_bytes(b"PAR1 half a file")
+        raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(Sink, "_parquet", full)
+    with pytest.raises(UserError) as failed:
+        run_shard(job, model, 1)
+    assert str(failed.value).startswith(f"shard 1 (rows 10 to 19): cannot write it into --output {out}: No space "
+                                        "left on device; free space")
+    assert sorted(p.name for p in out.iterdir()) == ["_aevae_batch.json", "part-000000.parquet"]
+    worker = ShardWorker(job)  # the actor returns it as a row, which run_ray raises without Ray's traceback
+    assert "No space left on device" in str(worker({"shard": np.array([2])})["error"][0])
+
+
+def test_an_input_truncated_after_the_check_fails_its_shard_in_one_line(tiny_repo: Path, tmp_path: Path) -> None:
+    path = tmp_path / "z.npy"
+    np.save(path, np.zeros((30, 4), np.float32))
+    job = _decode_job(tiny_repo, tmp_path / "out", sources.ArrayFile(path))
+    prepare(job)
+    in_worker = pickle.loads(pickle.dumps(job))  # as Ray ships it: the source opens the file anew
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(UserError, match=r"shard 2 \(rows 20 to 29\): cannot read the input any more .*changed or "
+                                        r"disappeared after the job started"):
+        run_shard(in_worker, Loaded(job.model), 2)
+
+
+def test_a_version_damaged_after_the_job_checked_it_is_reported_not_retried(tiny_repo: Path, tmp_path: Path) -> None:
+    """Raised in the actor's constructor, Ray restarted the actor without end and printed each death's
+    traceback; now the first shard reports it."""
+    from aevae.batch.worker import ShardWorker
+
+    job = _decode_job(tiny_repo, tmp_path / "out")
+    prepare(job)
+    (tiny_repo / "vae" / "1" / "decoder.onnx").write_bytes(b"not a graph")
+    worker = ShardWorker(job)
+    error = str(worker({"shard": np.array([0])})["error"][0])
+    assert f"model vae/1 in {tiny_repo} could not be loaded by a worker" in error
+    assert "decoder.onnx" in error and "run the same command again" in error and "\n" not in error
+    assert not list((tmp_path / "out").glob("part-*"))
+
+
+def test_a_workers_failure_is_named_by_its_root_cause_in_one_line() -> None:
+    class Remote(Exception):
+        def __init__(self, cause: BaseException):
+            super().__init__("ray::MapWorker.submit()\n  File \"worker.py\", line 1\nTraceback ...")
+            self.cause = cause
+
+    try:
+        try:
+            raise OSError(errno.EIO, "Input/output error")
+        except OSError as exc:
+            raise RuntimeError("UDF failed to process a data block.\nmore") from exc
+    except RuntimeError as wrapped:
+        text = root_cause(Remote(wrapped))
+    assert text == "OSError: [Errno 5] Input/output error"
+    assert root_cause(ValueError("x" * 1000)).endswith("...") and len(root_cause(ValueError("x" * 1000))) == 300
+
+
+def test_the_mnist_error_is_one_line_in_encode_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aevae import mnist
+
+    def fail(*args: object) -> None:
+        raise mnist.MnistError("MNIST not available. Error downloading a.gz:\nTried https://x/, got:\n<urlopen error>\n")
+
+    monkeypatch.setattr(mnist, "load", fail)
+    source = sources.MnistImages(str(tmp_path / "elsewhere"), "test")
+    with pytest.raises(UserError) as refused:
+        source.check(4, (32, 32))
+    assert str(refused.value) == "MNIST not available. Error downloading a.gz: Tried https://x/, got: <urlopen error>"
+
+
+# -- train -------------------------------------------------------------------------------------------------------
+
+def _fake_training(monkeypatch: pytest.MonkeyPatch, losses: float | None = 700.0) -> list[str]:
+    """`aevae train` without MNIST's files or Ray: 300 random images, and _fit returning fresh weights with
+    `losses` as every loss (None: as a run resumed after its last epoch reports a nan from Ray's snapshot).
+    Returns the run names _fit was given."""
+    pytest.importorskip("ray")
+    import ray
+
+    from aevae import mnist
+    from aevae.models import build
+    from aevae.trainer import job
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    rng = np.random.default_rng(0)
+    split = mnist.Split(rng.integers(0, 256, (300, 32, 32), dtype=np.uint8), rng.integers(0, 10, 300))
+    monkeypatch.setattr(mnist, "load", lambda *args: mnist.Mnist(split, split, "fake", {}))
+    monkeypatch.setattr(job, "_start_ray", lambda address: None)
+    monkeypatch.setattr(ray, "put", lambda value: value)
+    runs: list[str] = []
+
+    def fit(config: Any, archs: dict, refs: Any, run_name: str) -> tuple[dict, dict]:
+        runs.append(run_name)
+        figures = {"train_loss": losses, "test_bce": losses, "test_kl": 0.0, "test_loss": losses}
+        return ({name: build(arch).state_dict() for name, arch in archs.items()},
+                {**{name: figures for name in archs}, "epoch_seconds": 1.0})
+
+    monkeypatch.setattr(job, "_fit", fit)
+    return runs
+
+
+def test_a_diverged_run_resumed_after_its_last_epoch_says_so_and_drops_its_checkpoints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its nan losses come back from Ray's snapshot as null: a TypeError traceback at the end of the run. The
+    checkpoints of a diverged run hold nan weights and stayed in $TMPDIR for good."""
+    runs = _fake_training(monkeypatch, losses=None)
+    storage = tmp_path / "ray"
+    line = _refused(["train", "--models", "vae", "--hidden", "16", "--models-dir", str(tmp_path / "m"),
+                     "--storage-path", str(storage)], capsys)
+    assert "training diverged for vae (a loss of nan or inf), nothing written" in line
+    assert len(runs) == 1 and not (storage / runs[0]).exists()
+    assert not list((tmp_path / "m").glob("*/[0-9]*"))
+
+
+def test_a_bad_address_or_storage_path_is_refused_before_mnist_or_ray(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from aevae import mnist
+    from aevae.trainer import job
+
+    _fake_training(monkeypatch)
+
+    def started(*args: object) -> None:
+        raise AssertionError("started: it should have been refused first")
+
+    monkeypatch.setattr(mnist, "load", started)
+    line = _refused(["train", "--address", "bogus", "--hidden", "16", "--models-dir", str(tmp_path / "m")], capsys)
+    assert "--address takes host:port, ray://host:port or auto, got 'bogus'" in line
+    _fake_training(monkeypatch)
+    monkeypatch.setattr(job, "_start_ray", started)
+    (tmp_path / "file").write_text("")
+    line = _refused(["train", "--hidden", "16", "--models-dir", str(tmp_path / "m"),
+                     "--storage-path", str(tmp_path / "file")], capsys)
+    assert f"--storage-path {tmp_path / 'file'}: cannot keep the run's checkpoints there" in line
+
+    def unreachable(address: object) -> None:
+        raise UserError("cannot connect to the Ray cluster")
+
+    monkeypatch.setattr(job, "_start_ray", unreachable)  # the run's folder is made first: it goes again
+    line = _refused(["train", "--hidden", "16", "--models-dir", str(tmp_path / "m"),
+                     "--storage-path", str(tmp_path / "ray")], capsys)
+    assert "cannot connect to the Ray cluster" in line and list((tmp_path / "ray").iterdir()) == []
+
+
+def _stopped_run(root: Path, name: str, identity: dict, state: bytes | None, age: float) -> None:
+    import io
+
+    import torch
+
+    folder = root / name
+    (folder / "checkpoint_1").mkdir(parents=True)
+    (folder / "aevae-run.json").write_text(json.dumps(identity))
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_1"}}
+    (folder / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    if state is None:
+        buffer = io.BytesIO()
+        torch.save({"epoch": 3, "models": {}, "optimizers": {}, "schedulers": {}}, buffer)
+        state = buffer.getvalue()
+    (folder / "checkpoint_1" / "state.pt").write_bytes(state)
+    when = folder.stat().st_mtime - age
+    os.utime(folder, (when, when))
+
+
+def test_resume_passes_over_a_run_whose_last_checkpoint_is_damaged(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Restored as it was, it failed in every worker with torch's unpickling traceback (exit 1), on every
+    --resume, which `aevae up` always passes."""
+    from aevae.trainer import job
+    from aevae.trainer.config import TrainConfig
+
+    config = TrainConfig(models=("vae",), epochs=6, storage_path=str(tmp_path), resume=True)
+    _stopped_run(tmp_path, "vae-old", config.run_identity(), None, age=100)
+    _stopped_run(tmp_path, "vae-new", config.run_identity(), os.urandom(64), age=0)
+    assert job.stopped_run(config, "vae") == "vae-old"
+    out = capsys.readouterr().out
+    assert "run vae-new under" in out and "cannot be resumed: its last checkpoint" in out
+    assert "is missing or damaged (UnpicklingError" in out and "passing it over" in out
+    (tmp_path / "vae-old" / "checkpoint_1" / "state.pt").unlink()
+    assert job.stopped_run(config, "vae") is None
+    assert (tmp_path / "vae-new").is_dir()  # left for its owner
+
+
+def test_a_long_runs_eta_is_readable() -> None:
+    from aevae.trainer.job import _eta
+
+    assert [_eta(s) for s in (0, 61, 3 * 3600 + 7 * 60 + 5, 41 * 86400 + 7 * 3600, 4.4e11, float("nan"))] == \
+        ["0m00s", "1m01s", "3h07m", "41d07h", "5,092,592d14h", "0m00s"]
+
+
+# -- one local Ray run ---------------------------------------------------------------------------------------------
+
+def test_a_version_damaged_while_the_job_starts_ends_it_in_one_line_with_exit_2(
+        tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """On Ray Data: damaged after the driver checked it and before the actors load it. The job ended in a screen
+    of tracebacks (Ray restarting the actor), or exit 1 from Ray's core worker when its iteration threads
+    outlived ray.shutdown()."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    from aevae.batch import job as batch_job
+
+    real = batch_job.run_ray
+
+    def damaged_first(*args: Any, **kwargs: Any) -> None:
+        (tiny_repo / "vae" / "1" / "decoder.onnx").write_bytes(b"not a graph")
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(batch_job, "run_ray", damaged_first)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    code = main(["decode-batch", "--prior", "40", "--shard-size", "10", "--workers", "1", "--models-dir",
+                 str(tiny_repo), "--output", str(tmp_path / "out"), "--quiet"])
+    err = capfd.readouterr().err
+    assert code == 2, err
+    assert not ray.is_initialized()
+    [line] = [line for line in err.splitlines() if "error:" in line]
+    assert "model vae/1 in" in line and "could not be loaded by a worker" in line
+    assert "(0 of 4 shards are on disk and kept)" in line
+    assert "Traceback" not in err and "ActorDiedError" not in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["_aevae_batch.json"]
