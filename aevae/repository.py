@@ -328,15 +328,15 @@ class ModelRepository:
         try:
             for filename, write in writers.items():
                 write(staging / filename)
-                _fsync(staging / filename)
+                fsync_path(staging / filename)
             manifest = manifest.with_(name=name, files={f: sha256_file(staging / f) for f in writers})
             while True:
                 number = self._next_number(model_dir)
                 if number > MAX_NUMBER:  # its folder would be no version: written, then never listed
                     raise ValueError(f"{name}'s next version number would be {number}, past {MAX_NUMBER}")
                 (staging / MANIFEST).write_text(manifest.with_(number=number).dumps())
-                _fsync(staging / MANIFEST)
-                _fsync(staging)
+                fsync_path(staging / MANIFEST)
+                fsync_path(staging)
                 target = model_dir / str(number)
                 try:
                     os.rename(staging, target)  # fails if another writer took the number first
@@ -344,7 +344,7 @@ class ModelRepository:
                     if target.exists():
                         continue
                     raise
-                _fsync(model_dir)
+                fsync_path(model_dir)
                 try:
                     self._set_high_water(model_dir, number)
                 except OSError as exc:  # the version is complete and in place: reported written, as it is
@@ -368,7 +368,7 @@ class ModelRepository:
             for filename, write in writers.items():
                 tmp = version.path / f".{filename}.incoming"
                 write(tmp)
-                _fsync(tmp)
+                fsync_path(tmp)
                 checksums[filename] = sha256_file(tmp)
                 os.replace(tmp, version.path / filename)
             changes = dict(manifest_changes)
@@ -377,9 +377,9 @@ class ModelRepository:
             manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
             tmp = version.path / f".{MANIFEST}.incoming"
             tmp.write_text(manifest.dumps())
-            _fsync(tmp)
+            fsync_path(tmp)
             os.replace(tmp, version.path / MANIFEST)
-            _fsync(version.path)
+            fsync_path(version.path)
         except BaseException:  # a full disk: no half-written file stays behind (the version is as it was)
             tmp.unlink(missing_ok=True)
             raise
@@ -413,7 +413,7 @@ class ModelRepository:
             try:
                 with _create(tmp) as f:
                     f.write(f"{number}\n".encode())
-                _fsync(tmp)
+                fsync_path(tmp)
                 os.replace(tmp, model_dir / HIGH_WATER)
             except BaseException:
                 tmp.unlink(missing_ok=True)
@@ -430,7 +430,7 @@ def _create(path: Path) -> BinaryIO:
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flushes a file's data, or a folder's entries, to the disk: a rename can reach the disk before the data
     of the file renamed, so without this a power cut could leave a complete-looking version of empty files."""
     fd = os.open(path, os.O_RDONLY)

@@ -338,3 +338,33 @@ def test_a_version_damaged_while_the_job_starts_ends_it_in_one_line_with_exit_2(
     assert "(0 of 4 shards are on disk and kept)" in line
     assert "Traceback" not in err and "ActorDiedError" not in err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["_aevae_batch.json"]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npz"])
+def test_a_file_shard_reaches_the_disk_before_its_name(tmp_path: Path, fmt: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a power cut a rename may be on the disk without the data renamed: a complete-looking shard that
+    done() would keep. The shard's file is flushed before it takes its name."""
+    import aevae.batch.sinks as sinks
+
+    events: list[str] = []
+    monkeypatch.setattr(sinks, "fsync_path", lambda path: events.append(f"fsync {Path(path).name}"))
+    real_replace = os.replace
+    monkeypatch.setattr(sinks.os, "replace", lambda a, b: (events.append(f"rename {Path(b).name}"),
+                                                           real_replace(a, b))[1])
+    sink = Sink(tmp_path, fmt)
+    sink.write(0, {"id": np.arange(3, dtype=np.int64), "latent": np.zeros((3, 4), np.float32),
+                   "image": np.zeros((3, 4, 4), np.uint8)})
+    final = sink.path(0).name
+    assert events[-1] == f"rename {final}" and events[-2].startswith(f"fsync .{final}")
+    assert sink.done(0, 3)
+
+
+def test_a_png_shard_with_an_empty_image_is_not_done(tmp_path: Path) -> None:
+    """A PNG shard's files are not flushed one by one: an image a power cut emptied makes it not done."""
+    sink = Sink(tmp_path, "png")
+    sink.write(0, {"id": np.arange(3, dtype=np.int64), "latent": np.zeros((3, 4), np.float32),
+                   "image": np.zeros((3, 4, 4), np.uint8)})
+    assert sink.done(0, 3)
+    next(sink.path(0).glob("*.png")).write_bytes(b"")
+    assert not sink.done(0, 3)
