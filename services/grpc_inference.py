@@ -73,8 +73,8 @@ def parameter(params: Any, name: str, kinds: tuple[str, ...]) -> Any:
         return None
     which = params[name].WhichOneof("parameter_choice")
     if which not in kinds:
-        wanted = " or ".join(k.removesuffix("_param") for k in kinds)
-        raise InvalidArgument(f"parameters.{name}: expected a {wanted} parameter, got {which or 'no value'}")
+        wanted = " or ".join(kinds)  # the fields' own names: what a client sets (bool_param, int64_param, ...)
+        raise InvalidArgument(f"parameters.{name}: expected the value in {wanted}, got {which or 'no value'}")
     return getattr(params[name], which)
 
 
@@ -190,6 +190,8 @@ def infer_response(request: service_pb2.ModelInferRequest, model: str, version: 
     in a ModelStreamInferResponse when `streamed`) would be bigger: see fits_message."""
     names = requested_outputs(request, model, list(outputs))
     response = service_pb2.ModelInferResponse(model_name=model, model_version=str(version), id=request.id)
+    if streamed:
+        final(response)
     data: list[np.ndarray] = []
     payload = 0  # bytes of the outputs' values in the message
     for name in names:
@@ -234,6 +236,19 @@ def fits_message(size: int, payload: int, rows: int, request: service_pb2.ModelI
     raise ResourceExhausted(f"the response would be {size} bytes, over the max message size of {max_bytes} bytes "
                             f"({payload} bytes of outputs for {rows} rows, {other} of the message's other fields, "
                             f"the request's id of {len(request.id)} bytes among them); {advice}")
+
+
+# Triton marks every answer of a stream with this response parameter (true: the request's last answer; with
+# one answer per request, always true). Clients written for Triton wait for it: tritonclient's
+# `async_stream_infer(..., enable_empty_final_response=True)` callers (and PyTriton's streaming client) read
+# answers until one carries it, so without it they waited for ever on answers that had all come.
+FINAL_RESPONSE = "triton_final_response"
+
+
+def final(response: service_pb2.ModelInferResponse) -> service_pb2.ModelInferResponse:
+    """`response` marked as its request's last answer in a stream, as Triton marks it."""
+    response.parameters[FINAL_RESPONSE].bool_param = True
+    return response
 
 
 def stream_response(response: service_pb2.ModelInferResponse | bytes) -> service_pb2.ModelStreamInferResponse | bytes:
@@ -282,7 +297,11 @@ def encoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[
     seed = parameter(request.parameters, "seed", ("int64_param", "uint64_param"))
     if seed is not None and seed < 0:
         raise InvalidArgument(f"parameters.seed: expected a non-negative integer, got {seed}")
-    wants_sample = bool(wants_sample) or any(o.name == "sample" for o in request.outputs)
+    named = any(o.name == "sample" for o in request.outputs)
+    if wants_sample is False and named:  # either answer would ignore half of what was asked
+        raise InvalidArgument("parameters.sample is false but the output 'sample' is requested: leave the "
+                              "parameter out (or set it true) to get a sample, or do not request the output")
+    wants_sample = bool(wants_sample) or named
     noise = np.random.default_rng(seed) if wants_sample else None
     version = version_from_oip(request.model_version)
     logic: EncoderLogic = servicer.logic
@@ -317,14 +336,15 @@ def outputs_of(result: Any) -> Outputs:
 
 def error_response(error: str, request: service_pb2.ModelInferRequest,
                    max_bytes: int) -> service_pb2.ModelStreamInferResponse:
-    """A stream's answer to a failed request: the error, with the request's model, version and id echoed;
-    without them when they would pass the max message size (an id or name of nearly the whole size, on a
-    request that fits): gRPC would refuse to send the answer, which ends the stream."""
-    echoed = service_pb2.ModelInferResponse(model_name=request.model_name, model_version=request.model_version,
-                                            id=request.id)
+    """A stream's answer to a failed request: the error, with the request's model, version and id echoed and
+    Triton's final-response flag (FINAL_RESPONSE); without the echo when it would pass the max message size
+    (an id or name of nearly the whole size, on a request that fits): gRPC would refuse to send the answer,
+    which ends the stream."""
+    echoed = final(service_pb2.ModelInferResponse(model_name=request.model_name,
+                                                  model_version=request.model_version, id=request.id))
     response = service_pb2.ModelStreamInferResponse(error_message=error, infer_response=echoed)
     if response.ByteSize() > max_bytes:
-        response.ClearField("infer_response")
+        response.infer_response.CopyFrom(final(service_pb2.ModelInferResponse()))  # the flag stays: a few bytes
         response.error_message += (f" (the request's model name, version and id, {echoed.ByteSize()} bytes, are "
                                    f"left out of this answer: with them it would pass the max message size of "
                                    f"{max_bytes} bytes)")
@@ -394,7 +414,9 @@ class InferenceServicer:
                                context: grpc.aio.ServicerContext) -> AsyncIterator[service_pb2.ModelStreamInferResponse | bytes]:
         """One response per request, in order, `stream_depth` computed at once; a failed request (one that
         does not even parse included) answers with its error_message (the status name first) and the stream
-        goes on, as in Triton. One version serves the stream, as in aevae.v1's streams (Pinned)."""
+        goes on, as in Triton. Every answer carries Triton's final-response flag (FINAL_RESPONSE): one answer
+        per request, so each is its request's last. One version serves the stream, as in aevae.v1's streams
+        (Pinned)."""
         pinned = Pinned()
 
         async def answer(index: int, message: Any) -> service_pb2.ModelStreamInferResponse | bytes:
@@ -432,20 +454,38 @@ class InferenceServicer:
         name, version = await guarded(context, _named(request))  # a malformed name or version: INVALID_ARGUMENT
         if not self.state.serving:
             return service_pb2.ModelReadyResponse(ready=False)
-        try:
-            await self._load(name, version)
-        except ServiceError:
-            return service_pb2.ModelReadyResponse(ready=False)
-        return service_pb2.ModelReadyResponse(ready=self.state.serving)
+
+        async def loads() -> bool:
+            try:
+                await self._load(name, version)
+            except ServiceError:
+                return False
+            return True
+
+        # guarded: anything else is INTERNAL with its message, not UNKNOWN with a traceback in the log
+        ready = await guarded(context, loads())
+        return service_pb2.ModelReadyResponse(ready=ready and self.state.serving)
 
     async def ServerMetadata(self, request: Any,
                              context: grpc.aio.ServicerContext) -> service_pb2.ServerMetadataResponse:
         await guarded(context, parsed(request))
+        # Triton's names for the extensions served here: request parameters, and ModelConfig
+        # ("model_configuration"; a client is to find it listed before calling it). Not "model_repository":
+        # of it only RepositoryIndex is served, not load and unload.
         return service_pb2.ServerMetadataResponse(name=f"aevae-{self.kind}", version=aevae.__version__,
-                                                  extensions=["parameters"])
+                                                  extensions=["parameters", "model_configuration"])
 
     async def _load(self, name: str, version: int | None) -> LoadedModel:
         return await self.engine.run(lambda: self.logic.store.get(name, version), 0, False)
+
+    def _available(self, name: str) -> list[str]:
+        """The model's versions that are not known to be broken: the protocol's "versions of the model
+        available on the server". Listing a broken one (ModelReady false, RepositoryIndex UNAVAILABLE) sent a
+        client that picks the highest listed to FAILED_PRECONDITION. Off the event loop: a scan older than
+        --refresh-seconds reads the disk."""
+        broken = self.logic.store.broken()
+        return [str(v.number) for v in self.logic.store.scan().versions.get(name, [])
+                if (name, v.number) not in broken]
 
     async def _named_model(self, request: Any) -> LoadedModel:
         """The model a ModelMetadata/ModelConfig request names."""
@@ -455,7 +495,7 @@ class InferenceServicer:
         """The real shapes and datatypes, from the version's manifest; -1 is the batch dimension."""
         model = await guarded(context, self._named_model(request))
         ins, outs = signature(self.kind, model)
-        versions = [str(v.number) for v in self.logic.store.scan().versions.get(model.name, [])]
+        versions = await guarded(context, self.engine.run(lambda: self._available(model.name), 0, False))
 
         def meta(tensors: list[Tensor]) -> list[service_pb2.ModelMetadataResponse.TensorMetadata]:
             return [service_pb2.ModelMetadataResponse.TensorMetadata(name=n, datatype=d, shape=s) for n, d, s in tensors]

@@ -102,7 +102,7 @@ class Limits:
         if n > self.max_batch:
             raise ResourceExhausted(
                 f"{field}: batch of {n} exceeds the maximum batch per request of {self.max_batch}; "
-                "split it or use the streaming RPC"
+                "split it: a bigger batch goes as several requests (the messages of one stream, for example)"
             )
 
     # Room an answer keeps beside its images: the model's name (a folder name, at most 255 bytes), the version,
@@ -117,7 +117,7 @@ class Limits:
             raise ResourceExhausted(
                 f"{field}: the response would be {size} bytes of images and up to {self.ENVELOPE} of its other "
                 f"fields, over the max message size of {self.max_message_bytes} bytes; send at most {fits} per "
-                "request or use the streaming RPC"
+                "request: a bigger batch goes as several requests (the messages of one stream, for example)"
             )
 
 
