@@ -291,11 +291,12 @@ def test_resume_passes_over_a_run_whose_last_checkpoint_is_damaged(tmp_path: Pat
 
     config = TrainConfig(models=("vae",), epochs=6, storage_path=str(tmp_path), resume=True)
     _stopped_run(tmp_path, "vae-old", config.run_identity(), None, age=100)
-    _stopped_run(tmp_path, "vae-new", config.run_identity(), os.urandom(64), age=0)
+    # fixed bytes: random ones fail torch.load with one exception type or another
+    _stopped_run(tmp_path, "vae-new", config.run_identity(), b"\x80\x02not a torch checkpoint" * 4, age=0)
     assert job.stopped_run(config, "vae") == "vae-old"
     out = capsys.readouterr().out
     assert "run vae-new under" in out and "cannot be resumed: its last checkpoint" in out
-    assert "is missing or damaged (UnpicklingError" in out and "passing it over" in out
+    assert "is missing or damaged (" in out and "passing it over" in out
     (tmp_path / "vae-old" / "checkpoint_1" / "state.pt").unlink()
     assert job.stopped_run(config, "vae") is None
     assert (tmp_path / "vae-new").is_dir()  # left for its owner
