@@ -64,7 +64,14 @@ def target(repo: Path) -> Iterator[str]:
     from aevae.services import serve_app
 
     port = free_port()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    for attempt in range(2):  # Ray's head once failed to start its GCS within its wait (no log, a CI run)
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            break
+        except RuntimeError as exc:
+            if attempt or "Timed out waiting for file" not in str(exc):
+                raise
+            ray.shutdown()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=serve_app.SERVICER_FUNCTIONS))
