@@ -104,3 +104,12 @@ def scrape(url: str) -> Samples:
         text = response.read().decode()
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def oip_tensor(name: str, array: np.ndarray, datatype: str) -> Any:
+    """A tritonclient InferInput holding `array` (tritonclient imported here: most tests need none of it)."""
+    import tritonclient.grpc as triton
+
+    value = triton.InferInput(name, list(array.shape), datatype)
+    value.set_data_from_numpy(array)
+    return value

@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from aevae.services.process import ServiceProcess
-from helpers import running, write_tiny, write_tiny_set
+from helpers import oip_tensor, running, write_tiny, write_tiny_set
 
 MAX_MESSAGE = 65536  # the smallest the server takes: 15 FP32 32 x 32 images fit an answer, 16 do not
 ARGS = ["--max-message-bytes", str(MAX_MESSAGE), "--shutdown-delay", "0"]
@@ -55,10 +55,7 @@ def enc(servers: dict[str, ServiceProcess]) -> Iterator[triton.InferenceServerCl
         yield client
 
 
-def tensor(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
-    value = triton.InferInput(name, list(array.shape), datatype)
-    value.set_data_from_numpy(array)
-    return value
+tensor = oip_tensor  # the one helper, in helpers.py
 
 
 def latents(n: int, d: int = 4, seed: int = 0) -> np.ndarray:

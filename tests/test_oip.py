@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from aevae.client import DecoderClient, EncoderClient
 from aevae.services.process import ServiceProcess
-from helpers import running, write_tiny_set
+from helpers import oip_tensor, running, write_tiny_set
 
 MAX_BATCH = 500
 ARGS = ["--max-batch", str(MAX_BATCH), "--shutdown-delay", "0"]
@@ -50,10 +50,7 @@ def dec(servers: dict[str, ServiceProcess]) -> Iterator[triton.InferenceServerCl
         yield client
 
 
-def tensor(name: str, array: np.ndarray, datatype: str) -> triton.InferInput:
-    value = triton.InferInput(name, list(array.shape), datatype)
-    value.set_data_from_numpy(array)
-    return value
+tensor = oip_tensor  # the one helper, in helpers.py
 
 
 def images(n: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:

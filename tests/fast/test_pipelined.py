@@ -14,18 +14,24 @@ from aevae.services.streams import pipelined
 
 
 class Source:
-    """An async request stream of `n` integers that counts how many have been pulled."""
+    """An async request stream of `n` integers that counts how many have been pulled: it breaks at `fail_at`,
+    pauses `pause` seconds before each one after the first, and, if `hang`, never ends (an open stream whose
+    client sends nothing more)."""
 
-    def __init__(self, n: int, fail_at: int | None = None):
-        self.n, self.fail_at, self.pulled = n, fail_at, 0
+    def __init__(self, n: int, fail_at: int | None = None, pause: float = 0.0, hang: bool = False):
+        self.n, self.fail_at, self.pause, self.hang, self.pulled = n, fail_at, pause, hang, 0
 
     async def __aiter__(self) -> AsyncIterator[int]:
         for i in range(self.n):
             if i == self.fail_at:
                 raise ConnectionError("the client's stream broke")
+            if i and self.pause:
+                await asyncio.sleep(self.pause)
             self.pulled += 1
             yield i
             await asyncio.sleep(0)
+        if self.hang:
+            await asyncio.Event().wait()
 
 
 def test_answers_come_in_request_order_with_at_most_depth_being_computed() -> None:
@@ -121,22 +127,6 @@ def test_a_stream_s_version_replaced_on_disk_under_the_same_number_ends_it() -> 
     assert pinned.version("vae") == 1
 
 
-class Pausing:
-    """An async request stream of `n` integers with a pause of `pause` seconds before each one after the
-    first, then, if `hang`, no end (an open stream whose client sends nothing more)."""
-
-    def __init__(self, n: int, pause: float = 0.0, hang: bool = False):
-        self.n, self.pause, self.hang = n, pause, hang
-
-    async def __aiter__(self) -> AsyncIterator[int]:
-        for i in range(self.n):
-            if i:
-                await asyncio.sleep(self.pause)
-            yield i
-        if self.hang:
-            await asyncio.Event().wait()
-
-
 def test_an_idle_stream_ends_with_deadline_exceeded_after_its_answers() -> None:
     async def handle(index: int, request: int) -> int:
         return request
@@ -144,7 +134,7 @@ def test_an_idle_stream_ends_with_deadline_exceeded_after_its_answers() -> None:
     async def main() -> list[int]:
         got: list[int] = []
         with pytest.raises(DeadlineExceeded, match="idle for 0.05 s.*--stream-idle-s"):
-            async for answer in pipelined(Pausing(3, hang=True).__aiter__(), handle, depth=2, idle_s=0.05):
+            async for answer in pipelined(Source(3, hang=True).__aiter__(), handle, depth=2, idle_s=0.05):
                 got.append(answer)
         return got
 
@@ -156,7 +146,7 @@ def test_without_idle_s_an_idle_stream_stays_open() -> None:
         return request
 
     async def main() -> None:
-        answers = pipelined(Pausing(1, hang=True).__aiter__(), handle, depth=2)
+        answers = pipelined(Source(1, hang=True).__aiter__(), handle, depth=2)
         assert await anext(answers) == 0
         with pytest.raises(TimeoutError):  # the test's own wait, not the stream's end
             await asyncio.wait_for(anext(answers), 0.2)
@@ -176,7 +166,7 @@ def test_slow_answers_a_slow_reader_and_short_pauses_are_not_idle(slow: str) -> 
 
     async def main() -> list[int]:
         got = []
-        source = Pausing(4, pause=0.03 if slow == "pauses" else 0.0)
+        source = Source(4, pause=0.03 if slow == "pauses" else 0.0)
         async for answer in pipelined(source.__aiter__(), handle, depth=2, idle_s=0.08):
             got.append(answer)
             if slow == "reader":
