@@ -206,8 +206,9 @@ def _give_up(replicas: list[_Replica], work: _Work) -> AevaeError:
                       f"all {len(replicas)} replicas failed with {len(work.todo)} spans left ({reasons})")
 
 
-class SyncFanOut:
-    """Several single-target sync clients and the thread-per-replica loop that spreads spans over them."""
+class _Replicas:
+    """The single-target clients of a fleet, one per target, made by the same constructor, and whose turn
+    it is: what the sync and the asyncio fan-outs share."""
 
     def __init__(self, make_client: Callable[[str], Any], targets: list[str], retry: Retry):
         self.targets = targets
@@ -219,6 +220,10 @@ class SyncFanOut:
         """The replicas, starting from the next one in turn (spreads small calls over the fleet)."""
         k = next(self._next) % len(self.replicas)
         return self.replicas[k:] + self.replicas[:k]
+
+
+class SyncFanOut(_Replicas):
+    """Several single-target sync clients and the thread-per-replica loop that spreads spans over them."""
 
     def first(self, call: Callable[[Any, float], Any], deadline: Deadline) -> Any:
         """One whole call, `call(replica, timeout)`, on one replica, the next in turn; on a replica failure,
@@ -316,18 +321,8 @@ class SyncFanOut:
             client.close()
 
 
-class AsyncFanOut:
+class AsyncFanOut(_Replicas):
     """The asyncio twin: one task per replica."""
-
-    def __init__(self, make_client: Callable[[str], Any], targets: list[str], retry: Retry):
-        self.targets = targets
-        self.retry = retry
-        self.replicas = [make_client(t) for t in targets]
-        self._next = itertools.count()
-
-    def rotation(self) -> list[Any]:
-        k = next(self._next) % len(self.replicas)
-        return self.replicas[k:] + self.replicas[:k]
 
     async def first(self, call: Callable[[Any, float], Awaitable[Any]], deadline: Deadline) -> Any:
         last: AevaeError | None = None
