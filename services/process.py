@@ -39,12 +39,14 @@ class ServiceProcess:
         self.address = ""
         self.output: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
+        self._reader: threading.Thread | None = None
 
     def start(self, timeout: float = 60.0) -> "ServiceProcess":
         """Returns once the service listens; RuntimeError with its output when it exits or takes too long."""
         self.process = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True, env=self.env, bufsize=1)
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + timeout
         while not self.address:
             try:
@@ -104,15 +106,20 @@ class ServiceProcess:
             self.process.send_signal(sig)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout` seconds; returns the exit code."""
+        """SIGTERM, then SIGKILL after `timeout` seconds; returns the exit code, once `output` holds all the
+        process printed (the reader thread may lag behind the exit: checks of the output made right after
+        stop, such as "no Traceback", missed its last lines)."""
         if self.process is None:
             return None
         self.signal(signal.SIGTERM)
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return self.process.wait()
+            code = self.process.wait()
+        if self._reader is not None:
+            self._reader.join(10.0)  # bounded: a process that handed its stdout on would never close it
+        return code
 
     def __enter__(self) -> "ServiceProcess":
         return self.start()

@@ -1,7 +1,8 @@
 """Who may call a service: TLS and mutual TLS credentials, the bearer-token check, the binding policy.
 
 - TLS: `--tls-cert` and `--tls-key` (PEM) serve TLS; `--tls-client-ca` adds mutual TLS (a client certificate
-  signed by one of those CAs is required and verified by gRPC's own handshake).
+  signed by one of those CAs is required and verified by gRPC's own handshake). A certificate that has expired
+  or is not for a server is refused at start and at reload.
 - Tokens: `--token-file` (one token per line, several for a rotation with overlap, re-read when the file
   changes) or the AEVAE_TOKEN variable. A grpc.aio server interceptor checks the `authorization: Bearer TOKEN`
   metadata of every call in constant time; a missing or wrong token gets UNAUTHENTICATED saying what is
@@ -56,11 +57,16 @@ def _read(path: str, what: str) -> bytes:
     return data
 
 
+# OpenSSL's verification codes: a certificate no client accepts, whoever signed it
+X509_NOT_YET_VALID, X509_EXPIRED, X509_PURPOSE = 9, 10, 26
+
+
 def _check_tls(cert: str, cert_pem: bytes, key: str, key_pem: bytes, ca: str | None, ca_pem: bytes | None) -> None:
     """SecurityError naming the option when the files are not a certificate, its private key and CA
     certificates. gRPC takes any PEM and fails only when it binds the port, with "Failed to bind to address
     ... (in use?)" and its own log lines: a key of another certificate, the two files swapped or an encrypted
-    key looked like a port in use."""
+    key looked like a port in use. And a certificate that has expired, or is a client's, gRPC serves without
+    a word while every client's handshake fails: refused too (_client_verdict)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     for option, path, pem in (("tls-cert", cert, cert_pem), ("tls-client-ca", ca, ca_pem)):
         if path is None or pem is None:
@@ -84,6 +90,47 @@ def _check_tls(cert: str, cert_pem: bytes, key: str, key_pem: bytes, ca: str | N
                             "it takes the unencrypted key of --tls-cert") from None
     except OSError as exc:  # replaced between the read above and this one (a rotation): as unreadable
         raise SecurityError(f"tls-cert, tls-key: cannot read {cert} or {key}: {exc.strerror}") from None
+    refused = _client_verdict(context, cert_pem)
+    if refused is not None and refused.verify_code in (X509_EXPIRED, X509_PURPOSE):
+        what = ("has expired: renew it" if refused.verify_code == X509_EXPIRED else
+                "is not for a server (its extended key usage lacks serverAuth: a client certificate?); give "
+                "the server's certificate")
+        raise SecurityError(f"tls-cert: the certificate in {cert} {what}; every client would refuse it "
+                            f"({refused.verify_message})")
+    if refused is not None and refused.verify_code == X509_NOT_YET_VALID:
+        log.warning("tls-cert: the certificate in %s is not valid yet: clients refuse it until its start "
+                    "(notBefore); served all the same", cert)
+
+
+def _client_verdict(server: ssl.SSLContext, cert_pem: bytes) -> ssl.SSLCertVerificationError | None:
+    """What a TLS client verifying the certificate would say, from a handshake in memory with the server's
+    `server` context and a client that trusts the certificate itself (so that only the certificate's dates and
+    purpose are judged, not who signed it or the names it carries); None when it passes, or when the
+    handshake fails for another reason (gRPC's TLS may take what this one does not: no verdict then). gRPC
+    serves an expired certificate, or a client certificate, without a word, and every client's handshake
+    fails."""
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname = False
+    client.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the certificate is its own trust anchor
+    try:
+        client.load_verify_locations(cadata=cert_pem.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError):
+        return None
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    ends = ((client.wrap_bio(bios[0], bios[1]), bios[1], bios[2]),
+            (server.wrap_bio(bios[2], bios[3], server_side=True), bios[3], bios[0]))
+    for _ in range(4):  # TLS 1.3 is done in two flights each way
+        for end, out, peer in ends:
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLCertVerificationError as exc:
+                return exc
+            except ssl.SSLError:
+                return None
+            peer.write(out.read())
+    return None
 
 
 class TlsFiles:
@@ -163,7 +210,9 @@ class Tokens:
         return cls(fixed=(token,)) if token else None
 
     def accepts(self, header: str) -> bool:
-        scheme, _, presented = header.partition(" ")
+        # whitespace around the value is no part of it (HTTP's OWS): " Bearer TOKEN" was refused as "wrong or
+        # rotated", a right token told it was wrong
+        scheme, _, presented = header.strip().partition(" ")
         if scheme.lower() != "bearer" or not presented:
             return False
         candidate = presented.strip().encode()
@@ -225,7 +274,38 @@ def _why_refused(header: str) -> str:
     return "wrong or rotated"
 
 
+class _UndecodedMetadata(logging.Filter):
+    """grpc logs a metadata value that is not UTF-8 at ERROR, with a traceback and THE VALUE ITSELF ("Invalid
+    encoding on b'Bearer <token>\\xe9'"), before any interceptor runs: a token with one stray byte reached the log
+    whole, and any client, without a token, could write a traceback into the log per call. Such a record
+    becomes one INFO line giving only the value's length (grpc then reads the value as latin-1, which no
+    accepted token matches: the call is refused as usual)."""
+
+    PREFIX = "Invalid encoding on"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith(self.PREFIX)):
+            return True
+        value = record.args[0] if isinstance(record.args, tuple) and record.args else b""
+        record.msg = "a call carried a metadata value of %d bytes that is not UTF-8 (not logged: it may be a " \
+                     "credential)"
+        record.args = (len(value) if isinstance(value, (bytes, str)) else 0,)
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.INFO)
+
+
+def redact_metadata_logs() -> None:
+    """Installs _UndecodedMetadata on grpc's Cython logger, once."""
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _UndecodedMetadata) for f in logger.filters):
+        logger.addFilter(_UndecodedMetadata())
+
+
 def interceptors(settings: ServiceSettings) -> list[grpc.aio.ServerInterceptor]:
+    """The token check, when the settings give tokens. Every server gets here (server.build), with or without
+    tokens: so this is also where grpc's log is kept from showing metadata values (redact_metadata_logs)."""
+    redact_metadata_logs()
     tokens = Tokens.from_settings(settings)
     return [] if tokens is None else [TokenInterceptor(tokens)]
 
@@ -253,13 +333,38 @@ def check_binding(settings: ServiceSettings, kind: str, env: dict[str, str] | No
     return summary
 
 
+# HTTP/2 streams one connection may hold open at once. gRPC's default is unbounded, and calls that need no
+# token (grpc.health.v1 Watch: about 5.5 kB of server memory each) could pile up on one connection by the
+# thousand; a client that opens more waits for one of its own to end (HTTP/2 flow, no error). Far above what a
+# client pipelines (64 in flight, a stream per replica of a fan-out); the admission caps calls below it.
+MAX_STREAMS_PER_CONNECTION = 1024
+
+
+def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Every port's connection policy (the main port's, server.build, and the health port's).
+
+    A peer that vanished without closing its connection (a crash of its host, a network partition) is found by
+    pings (--keepalive-seconds): without them its streams would hold their slots until TCP gives up, hours
+    later. A stream silent both ways is pinged all the same, and so is a connection without calls: one its
+    client opened and abandoned (or whose host vanished) otherwise held its file descriptor for good, and
+    enough of them (128 under a limit of 128 open files) took the last descriptor, so that the server could
+    accept no other client (gRPC logs "File descriptor limit reached" and retries, for ever); on the health
+    port (plaintext, no token needed) anyone could do that. A live client answers the pings: its idle channel
+    stays connected."""
+    timeout_ms = round(min(settings.keepalive_seconds, 20.0) * 1000)
+    return [("grpc.keepalive_time_ms", round(settings.keepalive_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms),
+            ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
+
+
 async def serve_health(settings: ServiceSettings, add_health: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server | None:
     """With --health-port: grpc.health.v1 alone (`add_health` registers the main port's servicer, so the
     same status, NOT_SERVING on SIGTERM included) on a plaintext port without a token, for probes that
     speak neither (Kubernetes' grpc probes). Nothing else is served there."""
     if settings.health_port is None:
         return None
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), *connection_options(settings)])
     add_health(server)
     address = host_port(settings.host, settings.health_port)
     try:

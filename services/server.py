@@ -161,18 +161,7 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
         ("grpc.max_receive_message_length", min(2 * size, 2**31 - 1)),  # a 32-bit int
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", 0),
-        # A peer that vanished without closing its connection (a crash of its host, a network partition) is
-        # found by pings: without them its streams would hold their slots until TCP gives up, hours later.
-        ("grpc.keepalive_time_ms", round(settings.keepalive_seconds * 1000)),
-        ("grpc.keepalive_timeout_ms", round(min(settings.keepalive_seconds, 20.0) * 1000)),
-        ("grpc.http2.ping_timeout_ms", round(min(settings.keepalive_seconds, 20.0) * 1000)),
-        ("grpc.http2.max_pings_without_data", 0),  # a stream silent both ways is pinged all the same
-        # ... and so is a connection without calls: one its client opened and abandoned (or whose host
-        # vanished) otherwise held its file descriptor for good, and enough of them (128 under a limit of 128
-        # open files) took the last descriptor, so that the server could accept no other client (gRPC logs
-        # "File descriptor limit reached" and retries, for ever). A live client answers the pings: its idle
-        # channel stays connected.
-        ("grpc.keepalive_permit_without_calls", 1),
+        *security.connection_options(settings),
     ])
     logic = service.logic(store, settings.limits)
     servicer = service.servicer(logic, engine(settings, executor))
