@@ -164,9 +164,10 @@ def _check_finite(array: np.ndarray, what: str) -> None:
 
 def load(version: Version, prefer: str = "auto", threads: int | None = None, precision: str = "fp32") -> LoadedModel:
     """Verifies every file the manifest lists against its SHA-256, then loads the version safely (weights
-    only, never a pickle) on a runtime: "auto" takes ONNX Runtime when the version has graphs and
-    onnxruntime is installed, torch otherwise; `precision` of decoding, fp32, bf16 or int8 (see
-    `aevae.runtimes.open_runtime`). ValueError with the reason when the version is unusable."""
+    only, never a pickle; from the bytes the runtime reads checked again, see Version.verified, so a file
+    replaced after this check is refused, not loaded unchecked) on a runtime: "auto" takes ONNX Runtime when
+    the version has graphs and onnxruntime is installed, torch otherwise; `precision` of decoding, fp32, bf16
+    or int8 (see `aevae.runtimes.open_runtime`). ValueError with the reason when the version is unusable."""
     from aevae.repository import sha256_file
     from aevae.runtimes import open_runtime
 

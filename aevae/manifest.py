@@ -15,16 +15,21 @@ from typing import Any, Mapping
 
 KINDS = ("ae", "vae")
 FILE_NAME = "manifest.json"
+# A latent width or an image side: what a request's tensor dimension may be (the Open Inference Protocol's
+# limit). Past int64, ListModels could not even carry it (protobuf raised, and the whole listing failed).
+MAX_DIMENSION = 2**31 - 1
 
 
 class ManifestError(ValueError):
     """A manifest that cannot describe a usable version; the message names the key."""
 
 
-def _int(data: Mapping[str, Any], key: str, minimum: int = 1) -> int:
+def _int(data: Mapping[str, Any], key: str, minimum: int = 1, maximum: int = 2**63 - 1) -> int:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ManifestError(f"{FILE_NAME}: {key!r} must be an integer >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise ManifestError(f"{FILE_NAME}: {key!r} must be at most {maximum}, got {value}")
     return value
 
 
@@ -79,10 +84,11 @@ class Manifest:
             raise ManifestError(f"{FILE_NAME}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
         shape = data["image_shape"]
         if (not isinstance(shape, list) or len(shape) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
-            raise ManifestError(f"{FILE_NAME}: 'image_shape' must be [height, width] of positive integers, "
-                                f"got {shape!r}")
-        latent_dim = _int(data, "latent_dim")
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_DIMENSION
+                           for s in shape)):
+            raise ManifestError(f"{FILE_NAME}: 'image_shape' must be [height, width] of positive integers up "
+                                f"to {MAX_DIMENSION}, got {shape!r}")
+        latent_dim = _int(data, "latent_dim", maximum=MAX_DIMENSION)
         architecture = _mapping(data, "architecture", required=True)
         # the architecture builds the model: a top level that says otherwise describes another model
         for key, value in (("kind", kind), ("latent_dim", latent_dim), ("image_shape", shape)):
@@ -114,10 +120,25 @@ class Manifest:
 
     @classmethod
     def loads(cls, text: str) -> "Manifest":
+        """ManifestError for anything that is no manifest. Beyond what `from_json` checks: JSON nested past
+        Python's recursion limit (a RecursionError escaped the repository's scan and failed every call of
+        every model), and a lone UTF-16 surrogate escape ("\\udcff"), which json accepts but which is no
+        text: a reason or a metric name holding one could not be encoded, and ListModels and the call naming
+        the version failed with it (the call hung until its deadline)."""
         try:
-            return cls.from_json(json.loads(text))
+            data = json.loads(text)
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{FILE_NAME} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ManifestError(f"{FILE_NAME} is nested too deeply to be read; a manifest is a few levels deep") \
+                from None
+        except UnicodeEncodeError:
+            raise ManifestError(f"{FILE_NAME} holds a lone UTF-16 surrogate escape (such as \\ud800), which is "
+                                "not text") from None
+        except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+            raise ManifestError(f"{FILE_NAME} is not valid JSON: {exc}") from None
+        return cls.from_json(data)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
@@ -140,13 +161,23 @@ class Manifest:
         return self.image_shape[0] * self.image_shape[1]
 
     def numeric_metrics(self) -> dict[str, float]:
-        """The metrics that are numbers (what ListModels carries)."""
-        return {k: float(v) for k, v in self.metrics.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        """The metrics that are numbers (what ListModels carries). An integer past a float's range is none:
+        float() raised OverflowError, and one such metric failed the whole listing."""
+        numbers = {k: _float(v) for k, v in self.metrics.items()}
+        return {k: v for k, v in numbers.items() if v is not None}
 
     def metric(self, key: str) -> float | None:
-        value = self.metrics.get(key)
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return _float(self.metrics.get(key))
+
+
+def _float(value: Any) -> float | None:
+    """A metric's value as a float; None for text, booleans and integers too big for a float."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
 
 
 def now() -> str:

@@ -18,6 +18,7 @@ broken-version policy live in `aevae.store`; this module imports neither torch n
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -100,7 +102,23 @@ class Version:
         listed = self.manifest.files.get(STATS)
         if listed is not None and hashlib.sha256(data).hexdigest() != listed:
             raise ValueError(f"{STATS} does not match the checksum in its manifest (changed since it was checked)")
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except RecursionError:  # not a ValueError: it failed the call as an internal error
+            raise ValueError(f"{STATS} is nested too deeply to be read") from None
+
+    def verified(self, name: str) -> bytes:
+        """The listed file's bytes, checked against the checksum its manifest lists: what a runtime loads is
+        what was checked. Checking the file by its path and then loading it by its path again let a file
+        replaced in between (a copy over it in place) be loaded and served unchecked, under the version's
+        label, until the next scan. ValueError when the file is not listed or does not match."""
+        listed = self.manifest.files.get(name)
+        if listed is None:
+            raise ValueError(f"{name} is not listed in {MANIFEST}, so it cannot be checked")
+        data = self.file(name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != listed:
+            raise ValueError(f"{name} does not match the checksum in its manifest (truncated or altered)")
+        return data
 
     def fingerprint(self) -> tuple[tuple[str, int, int, int, int], ...]:
         """(file, size, mtime, ctime, inode) of the manifest and every listed file: changes when any is
@@ -116,6 +134,22 @@ class Version:
         return f"{self.name}/{self.number}"
 
 
+REASON_MAX = 300  # characters of a broken version's reason, as aevae.store.broken_reason cuts a load's
+
+
+def _bounded(reason: str) -> str:
+    """A reason cut to REASON_MAX characters. A manifest's reason quotes the value it refuses: an image_shape
+    of 100,000 numbers made a reason of 0.7 MB, which failed ListModels past --max-message-bytes and the call
+    asking for the version past gRPC's 16 KiB of metadata (RESOURCE_EXHAUSTED, not the reason), and was
+    logged whole."""
+    return reason if len(reason) <= REASON_MAX else f"{reason[:REASON_MAX - 3]}..."
+
+
+def _plain(filename: str) -> bool:
+    """A file name of the version's own folder: no path, nothing special."""
+    return filename not in ("", ".", "..") and "/" not in filename and "\x00" not in filename
+
+
 def _is_dir(path: Path) -> bool:
     """Path.is_dir, with any error (a folder removed meanwhile, no permission to look) as "not a folder"."""
     try:
@@ -129,6 +163,13 @@ def _why(exc: OSError) -> str:
     the server's absolute paths."""
     name = Path(exc.filename).name if exc.filename else ""
     return f"{exc.strerror or type(exc).__name__}" + (f" ({name})" if name else "")
+
+
+# A manifest as a scan read it: (device, inode, size, mtime, ctime). Edited in place, replaced, chmod-ed or
+# removed, its stat changes; a file system keeps times in coarse ticks, so only a stat this much older than
+# the scan is trusted to stand for the bytes read (one newer is read again).
+ManifestStat = tuple[int, int, int, int, int]
+SETTLED_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -187,11 +228,17 @@ def _numbers(versions: list["Version"]) -> str:
 
 
 class ModelRepository:
-    """Reads and writes the repository at `root`. Cheap to create; every call looks at the disk anew."""
+    """Reads and writes the repository at `root`. Cheap to create; every call looks at the disk anew (a scan
+    parses again only the manifests whose stat changed since this instance last read them)."""
 
     def __init__(self, root: str | os.PathLike[str] | None = None, allow_symlinks: bool = False):
         self.root = models_dir(root)
         self.allow_symlinks = allow_symlinks
+        # Each manifest the last scan parsed (or why it is no manifest), under its stat then: a scan parses
+        # again only the manifests that changed. With each manifest parsed and each file's path resolved
+        # component by component anew, a scan of 3,000 versions took 1 s of CPU, paid by ListModels (which
+        # scans) and by every request for a version number that does not exist.
+        self._manifests: dict[Path, tuple[ManifestStat, Manifest | str]] = {}
 
     def ensure_writable(self, names: Iterable[str] = (), needed_bytes: int = 0) -> None:
         """Raises UserError now when versions of the models `names` could not be written here (a file in the
@@ -243,6 +290,7 @@ class ModelRepository:
         this looks) costs only itself: an unreadable version is broken with the reason, an unreadable model
         folder (or root) is ignored with it, and every other model is found as usual."""
         scan = Scan()
+        seen: set[Path] = set()  # the manifests of the versions this scan looked at
         try:
             if not self.root.is_dir():
                 return scan
@@ -271,32 +319,37 @@ class ModelRepository:
                 if not _is_dir(entry):
                     continue
                 try:
+                    seen.add(entry / MANIFEST)
                     found.append(self._check(model_dir.name, number, entry, root))
                 except FileNotFoundError:
                     continue  # removed while this looked: gone, not broken
                 except (ValueError, OSError) as reason:
                     why = _why(reason) if isinstance(reason, OSError) else str(reason)
-                    scan.broken.append(BrokenVersion(model_dir.name, number, entry, why))
+                    scan.broken.append(BrokenVersion(model_dir.name, number, entry, _bounded(why)))
             if found:
                 scan.versions[model_dir.name] = sorted(found, key=lambda v: v.number)
+        # what no longer is a version's manifest is forgotten (list(): another thread's scan may add some)
+        self._manifests = {path: known for path, known in list(self._manifests.items()) if path in seen}
         return scan
 
     def _check(self, name: str, number: int, path: Path, root: Path) -> Version:
         """Raises ValueError with the reason when the version is incomplete or inconsistent."""
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise ValueError(f"no {MANIFEST}")
-        try:
-            with manifest_path.open("rb") as f:
-                text = f.read(MANIFEST_MAX_BYTES + 1)
-            if len(text) > MANIFEST_MAX_BYTES:
-                raise ValueError(f"{MANIFEST} is over {MANIFEST_MAX_BYTES} bytes; a manifest is a few KiB")
-            manifest = Manifest.loads(text.decode("utf-8"))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"unreadable {MANIFEST}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
-        except ManifestError as exc:
-            raise ValueError(str(exc)) from None
+        manifest = self._manifest(path / MANIFEST)
+        # In a folder that is no symlink, in a model folder that is none, a file of a plain name that is no
+        # symlink is inside the root: one lstat tells, where resolving the path takes one per component.
+        inside = not os.path.islink(path) and not os.path.islink(path.parent) and path.parent.parent == self.root
         for filename in (MANIFEST, *manifest.files):
+            if inside and _plain(filename):
+                try:
+                    mode = os.lstat(os.path.join(path, filename)).st_mode
+                except FileNotFoundError:
+                    raise ValueError(f"no {filename}") from None
+                except OSError:
+                    mode = None  # told below, as before
+                if mode is not None and not stat.S_ISLNK(mode):
+                    if not stat.S_ISREG(mode):
+                        raise ValueError(f"no {filename}")
+                    continue
             file = path / filename
             try:
                 target = file.resolve()
@@ -307,7 +360,49 @@ class ModelRepository:
                                  "open the repository with allow_symlinks to serve it")
             if not file.is_file():
                 raise ValueError(f"no {filename}")
-        return Version(name=name, number=number, path=path, manifest=manifest.with_(name=name, number=number))
+        if (manifest.name, manifest.number) != (name, number):  # as written, they are the folder's
+            manifest = manifest.with_(name=name, number=number)
+        return Version(name=name, number=number, path=path, manifest=manifest)
+
+    def _manifest(self, path: Path) -> Manifest:
+        """The parsed manifest at `path`; ValueError with the reason when there is none or it is no manifest.
+        A manifest whose stat is as when it was last read is not read again; what reading it gave is kept
+        once its stat has settled (see ManifestStat)."""
+        try:
+            st = path.stat()
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):  # as Path.is_file
+                raise ValueError(f"no {MANIFEST}") from None
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"no {MANIFEST}")
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = self._manifests.get(path)
+        if known is not None and known[0] == key:
+            outcome = known[1]
+        else:
+            try:
+                with path.open("rb") as f:
+                    text = f.read(MANIFEST_MAX_BYTES + 1)
+            except OSError as exc:  # not kept: the error may pass (a descriptor limit, an I/O error)
+                raise ValueError(f"unreadable {MANIFEST}: {exc.strerror}") from None
+            if len(text) > MANIFEST_MAX_BYTES:
+                outcome = f"{MANIFEST} is over {MANIFEST_MAX_BYTES} bytes; a manifest is a few KiB"
+            else:
+                try:
+                    outcome = Manifest.loads(text.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    outcome = f"unreadable {MANIFEST}: {exc}"
+                except ManifestError as exc:
+                    outcome = str(exc)
+        if known is None or known[0] != key:
+            if max(st.st_mtime_ns, st.st_ctime_ns) < time.time_ns() - SETTLED_NS:
+                self._manifests[path] = (key, outcome)
+            else:
+                self._manifests.pop(path, None)
+        if isinstance(outcome, str):
+            raise ValueError(outcome)
+        return outcome
 
     def versions(self) -> dict[str, list[Version]]:
         return self.scan().versions

@@ -58,27 +58,34 @@ class OnnxRuntime:
     SMALL = 64  # rows up to which the single-threaded session runs
 
     def __init__(self, version: Version, threads: int | None = None, precision: str = "fp32"):
-        def session(graph: str, intra: int | None) -> Any:
+        def sessions(graph: str) -> tuple[Any, Any]:
+            # From the bytes checked against the manifest, read once: a session opened by the file's path read
+            # whatever the file held by then (see Version.verified).
+            model = version.verified(graph)
+            return session(model, 1), session(model, threads)
+
+        def session(model: bytes, intra: int | None) -> Any:
             options = ort.SessionOptions()
             options.inter_op_num_threads = 1
             if intra:
                 options.intra_op_num_threads = intra
             # Idle pool threads sleep instead of spinning: the gRPC threads share these cores.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            return ort.InferenceSession(str(version.file(graph)), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
         ort = onnxruntime()
 
-        self.encoders = (session(ENCODER, 1), session(ENCODER, threads))
+        self.encoders = sessions(ENCODER)
         self.precision = precision
         decoder = DECODER_INT8 if precision == "int8" else DECODER
-        self.decoders = (session(decoder, 1), session(decoder, threads))
+        self.decoders = sessions(decoder)
         self._variational = len(self.encoders[0].get_outputs()) == 2
         manifest = version.manifest
         _check_signature(ENCODER, self.encoders[0].get_inputs()[0].shape, manifest.image_shape, "images")
         _check_signature(decoder, self.decoders[0].get_inputs()[0].shape, (manifest.latent_dim,), "latents")
         _check_signature(decoder, self.decoders[0].get_outputs()[0].shape, manifest.image_shape, "images")
         _check_encoder_outputs(self.encoders[0], manifest.kind, manifest.latent_dim, manifest.image_shape)
+        _check_decoder_output(decoder, self.decoders[0], manifest.latent_dim, manifest.image_shape)
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = self.encoders[len(images) > self.SMALL].run(None, {"images": images})
@@ -107,9 +114,31 @@ def _check_encoder_outputs(session: Any, kind: str, latent_dim: int, image_shape
         gives = {1: " (the mean)", 2: " (the mean and the log-variance)"}.get(count, "")
         raise ValueError(f"{ENCODER} gives {count} output{'' if count == 1 else 's'}{gives}, but the manifest "
                          f"says {kind}: {expected}")
-    outputs = session.run(None, {"images": np.zeros((1, *image_shape), np.float32)})
+    try:
+        outputs = session.run(None, {"images": np.zeros((1, *image_shape), np.float32)})
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: the graph cannot serve Encode
+        raise ValueError(f"{ENCODER} cannot encode an image: {_first_line(exc)}") from None
     for output, name in zip(outputs, ("mean", "log-variance")):
         _check_signature(ENCODER, list(output.shape), (latent_dim,), name)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().strip('"').strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_decoder_output(graph: str, session: Any, latent_dim: int, image_shape: tuple[int, int]) -> None:
+    """A decoder graph takes `latents` alone and gives N x H x W float32. Its declared shapes were checked, but
+    not its input's name nor its output's type: a graph whose input had another name (or that wanted a
+    second input) loaded, was listed as serving, and failed every Decode as an internal error; one giving
+    float64 answered images of another type than the API's. Seen by decoding one zero latent (ValueError)."""
+    try:
+        (images, *_) = session.run(None, {"latents": np.zeros((1, latent_dim), np.float32)})
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime's own errors: the graph cannot serve Decode
+        raise ValueError(f"{graph} cannot decode a latent: {_first_line(exc)}") from None
+    if images.dtype != np.float32 or images.shape != (1, *image_shape):
+        raise ValueError(f"{graph} gives {images.dtype} images of {' x '.join(map(str, images.shape))} for one "
+                         f"latent, but the manifest says float32 of 1 x {' x '.join(map(str, image_shape))}")
 
 
 class TorchRuntime:
@@ -133,11 +162,23 @@ class TorchRuntime:
         if threads:
             torch.set_num_threads(threads)
 
+        import io
+
         from aevae.models import Architecture, build
 
-        # weights_only=True: a file carrying a pickle payload raises instead of running code.
-        state = torch.load(version.file(WEIGHTS), map_location="cpu", weights_only=True)
-        model = build(Architecture.from_json(version.manifest.architecture))
+        # weights_only=True: a file carrying a pickle payload raises instead of running code. From the bytes
+        # checked against the manifest (see Version.verified).
+        state = torch.load(io.BytesIO(version.verified(WEIGHTS)), map_location="cpu", weights_only=True)
+        architecture = Architecture.from_json(version.manifest.architecture)
+        # Counted before the model is built: an architecture edited to other widths built a model of its size
+        # first (hidden [8000, 8000]: 0.5 GiB and 0.7 s; more, an out-of-memory kill) only to fail to load.
+        if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+            raise ValueError(f"{WEIGHTS} is not a plain state_dict of tensors")
+        held, expected = sum(t.numel() for t in state.values()), sum(architecture.parameters())
+        if held != expected:
+            raise ValueError(f"{WEIGHTS} holds {held:,} parameters, but the manifest's architecture has "
+                             f"{expected:,}: they describe different models")
+        model = build(architecture)
         model.load_state_dict(state)
         return cls(model.eval(), precision)
 

@@ -133,7 +133,7 @@ class ModelStore:
         if not versions:
             unreadable = [b for b in self._scan.broken if b.name == name]
             if unreadable:  # the model is there, but not one of its versions has a usable manifest
-                reasons = "; ".join(f"version {b.number}: {b.reason}" for b in unreadable)
+                reasons = _listed_reasons([(b.number, b.reason) for b in unreadable])
                 raise FailedPrecondition(f"no loadable version of model {name!r}: {reasons}")
             raise NotFound(f"unknown model {shorten(name)}; available: {self.describe()}")
         return versions
@@ -279,8 +279,8 @@ class ModelStore:
         return out
 
     def _reasons(self, name: str) -> str:
-        return "; ".join(f"version {n}: {reason}" for (m, n), (_, reason) in sorted(list(self._broken.items()))
-                         if m == name)
+        return _listed_reasons([(n, reason) for (m, n), (_, reason) in sorted(list(self._broken.items()))
+                                if m == name])
 
     def _warn_once(self, where: str, message: str) -> None:
         if (where, message) not in self._logged:
@@ -303,6 +303,18 @@ def _fingerprint(version: Version | None) -> Fingerprint | None:
         return version.fingerprint()
     except OSError:
         return None
+
+
+LISTED_REASONS = 3  # of a model's broken versions, the reasons an error names
+
+
+def _listed_reasons(reasons: list[tuple[int, str]]) -> str:
+    """`version 1: why; version 2: why`, of the first LISTED_REASONS versions and a count of the rest. With
+    every reason, a model of 1,000 broken versions made an error past gRPC's 16 KiB of metadata, and its
+    callers got RESOURCE_EXHAUSTED about metadata instead of FAILED_PRECONDITION."""
+    shown = "; ".join(f"version {n}: {reason}" for n, reason in sorted(reasons)[:LISTED_REASONS])
+    more = len(reasons) - LISTED_REASONS
+    return shown if more <= 0 else f"{shown}; and {more} more broken versions"
 
 
 def broken_reason(exc: Exception) -> str:

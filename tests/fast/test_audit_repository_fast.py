@@ -1,0 +1,298 @@
+"""The repository and the one load path against a damaged repository, in process (an audit of aevae.repository,
+aevae.store, aevae.manifest and aevae.runtimes): manifests that break the parser or the listing rather than
+only their version, files replaced between their check and their load, graphs and architectures unlike what
+the manifest says, and the cost of scanning many versions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import aevae.repository
+from aevae.errors import FailedPrecondition
+from aevae.manifest import Manifest
+from aevae.repository import MANIFEST, ModelRepository, sha256_file
+from aevae.services.listing import models_response
+from aevae.services.settings import Limits
+from aevae.store import ModelStore
+from helpers import write_tiny
+
+LIMITS = Limits(max_message_bytes=1 << 26, max_batch=1 << 16)
+
+
+def _edit_manifest(version_dir: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    path = version_dir / MANIFEST
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _listed(store: ModelStore) -> dict[str, object]:
+    """ListModels' answer as the servers build it, encoded as they send it (protobuf raises on what it cannot
+    carry: a string that is no UTF-8, an integer past int64)."""
+    response = models_response(store.summaries(), LIMITS)
+    response.SerializeToString()
+    return {m.name: m for m in response.models}
+
+
+def _rehash(version_dir: Path, name: str) -> None:
+    """The manifest made to list the file's present checksum: a consistent version whose file is unlike the
+    manifest's description, not a corrupt one."""
+    _edit_manifest(version_dir, lambda d: d["files"].__setitem__(name, sha256_file(version_dir / name)))
+
+
+def test_a_manifest_nested_past_the_recursion_limit_breaks_only_its_version(tiny_repo: Path) -> None:
+    """json raises RecursionError (no ValueError) on deep nesting: it escaped the scan, and every call for
+    every model failed as an internal error for as long as the file was there."""
+    shutil.copytree(tiny_repo / "vae" / "1", tiny_repo / "vae" / "2")
+    (tiny_repo / "vae" / "2" / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    scan = ModelRepository(tiny_repo).scan()
+    assert [v.number for v in scan.versions["vae"]] == [1] and sorted(scan.versions) == ["ae", "vae", "vae8"]
+    assert [(b.number, b.reason) for b in scan.broken] == [
+        (2, "manifest.json is nested too deeply to be read; a manifest is a few levels deep")]
+    store = ModelStore(tiny_repo)
+    assert store.get("vae").number == 1 and store.get("ae").number == 1
+    assert "nested too deeply" in _listed(store)["vae"].broken[0].reason  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["files"].__setitem__("\udcff", "0" * 64),  # a file name: its reason was "no \udcff"
+    lambda d: d["metrics"].__setitem__("\ud800", 1.0),  # a metric's name, sent as a map key
+])
+def test_a_lone_surrogate_in_a_manifest_breaks_its_version_not_the_listing(tiny_repo: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    """json accepts "\\udcff", which is no text: ListModels could not encode the reason or the metric that held
+    it, and failed for every model (UNKNOWN); the call naming the version hung until its deadline."""
+    shutil.copytree(tiny_repo / "vae" / "1", tiny_repo / "vae" / "2")
+    _edit_manifest(tiny_repo / "vae" / "2", edit)
+    store = ModelStore(tiny_repo)
+    with pytest.raises(FailedPrecondition, match="lone UTF-16 surrogate") as error:
+        store.get("vae", 2)
+    str(error.value).encode("utf-8")
+    listed = _listed(store)["vae"]
+    assert listed.version == 1 and [b.version for b in listed.broken] == [2]  # type: ignore[attr-defined]
+
+
+def test_numbers_no_listing_can_carry_break_the_version_or_are_left_out(tiny_repo: Path) -> None:
+    """A metric past a float's range (10**400) made float() raise OverflowError, and a latent width past int64
+    in a model's only version made protobuf raise: either failed the whole listing, for every model."""
+    write_tiny(tiny_repo, "vae", seed=1)
+    _edit_manifest(tiny_repo / "vae" / "2", lambda d: d["metrics"].update(huge=10**400, test_bce=99.5))
+
+    def wide(data: dict) -> None:  # type: ignore[type-arg]
+        data["latent_dim"] = data["architecture"]["latent_dim"] = 2**70
+
+    _edit_manifest(tiny_repo / "ae" / "1", wide)
+    store = ModelStore(tiny_repo)
+    listed = _listed(store)
+    assert listed["vae"].version == 2 and dict(listed["vae"].metrics) == {"test_bce": 99.5}  # type: ignore[attr-defined]
+    assert "ae" not in listed and listed["vae8"].version == 1  # type: ignore[attr-defined]
+    with pytest.raises(FailedPrecondition, match=r"'latent_dim' must be at most 2147483647"):
+        store.get("ae")
+
+
+def test_a_file_replaced_after_its_check_is_not_loaded_unchecked(tiny_repo: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy over a version's file in place (cp, rsync --inplace) landing between the load's checksum and the
+    runtime opening the file by its path: the runtime loaded bytes nobody checked, served under the version's
+    label until the next scan. What is loaded is now the bytes checked."""
+    other = write_tiny(tiny_repo / "other", "vae", seed=7)
+    graph = tiny_repo / "vae" / "1" / "decoder.onnx"
+    check = aevae.repository.sha256_file
+
+    def check_then_replace(path: Path) -> str:
+        digest = check(path)
+        if path == graph:  # checked: now replaced, before it is opened
+            shutil.copy(other.file("decoder.onnx"), graph)
+        return digest
+
+    monkeypatch.setattr(aevae.repository, "sha256_file", check_then_replace)
+    store = ModelStore(tiny_repo, refresh_seconds=3600)
+    with pytest.raises(FailedPrecondition, match="decoder.onnx does not match the checksum"):
+        store.get("vae", 1)
+
+
+def test_a_weights_file_the_manifest_does_not_list_is_not_loaded(tiny_repo: Path) -> None:
+    """The torch runtime loaded weights.pt whether or not the manifest listed its checksum: bytes nobody
+    checked, served as the version."""
+    _edit_manifest(tiny_repo / "vae" / "1", lambda d: d["files"].pop("weights.pt"))
+    with pytest.raises(FailedPrecondition, match="weights.pt is not listed in manifest.json"):
+        ModelStore(tiny_repo, runtime="torch").get("vae")
+
+
+def _edit_graph(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    model = onnx.load(str(path))
+    edit(model.graph)
+    onnx.save(model, str(path))
+    _rehash(path.parent, path.name)
+
+
+def _rename_input(graph) -> None:  # type: ignore[no-untyped-def]
+    old = graph.input[0].name
+    graph.input[0].name = "z"
+    for node in graph.node:
+        node.input[:] = ["z" if name == old else name for name in node.input]
+
+
+def _float64_output(graph) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+
+    out = graph.output[0]
+    graph.node.append(onnx.helper.make_node("Cast", [out.name], ["as_double"], to=onnx.TensorProto.DOUBLE))
+    out.name, out.type.tensor_type.elem_type = "as_double", onnx.TensorProto.DOUBLE
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (_rename_input, r"decoder.onnx cannot decode a latent: Required inputs \(\['z'\]\) are missing"),
+    (_float64_output, r"decoder.onnx gives float64 images of 1 x 32 x 32 for one latent, but the manifest says "
+                      r"float32 of 1 x 32 x 32"),
+])
+def test_a_decoder_graph_unlike_the_api_breaks_the_version_at_load(tiny_repo: Path, edit, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """A valid decoder graph, checksummed in its manifest, whose input has another name (or whose images are
+    float64): it loaded, was listed as serving, and every Decode failed as an internal error (or answered
+    another dtype than the API's)."""
+    write_tiny(tiny_repo, "vae", seed=1)
+    _edit_graph(tiny_repo / "vae" / "2" / "decoder.onnx", edit)
+    store = ModelStore(tiny_repo, runtime="onnx")
+    with pytest.raises(FailedPrecondition, match=reason):
+        store.get("vae", 2)
+    assert store.get("vae").number == 1
+    assert [b.version for b in _listed(store)["vae"].broken] == [2]  # type: ignore[attr-defined]
+
+
+def test_an_architecture_unlike_the_weights_is_refused_before_it_is_built(tiny_repo: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch runtime built the manifest's architecture, then found the weights did not fit it: an
+    architecture edited to hidden [8000, 8000] allocated 0.5 GiB first (a bigger one, an out-of-memory kill of
+    the server). The parameters are counted before anything is built."""
+    import aevae.models
+
+    built: list[object] = []
+    build = aevae.models.build
+    monkeypatch.setattr(aevae.models, "build", lambda arch: (built.append(arch.hidden), build(arch))[1])
+    _edit_manifest(tiny_repo / "vae" / "1", lambda d: d["architecture"].__setitem__("hidden", [8000, 8000]))
+    store = ModelStore(tiny_repo, runtime="torch")
+    with pytest.raises(FailedPrecondition, match=r"weights.pt holds [\d,]+ parameters, but the manifest's "
+                                                 r"architecture has 144,577,032"):
+        store.get("vae")
+    assert built == []
+    assert store.get("ae").number == 1 and built == [(16,)]
+
+
+def _count_parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    parsed = [0]
+    loads = Manifest.loads.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, text: str) -> Manifest:  # type: ignore[no-untyped-def]
+        parsed[0] += 1
+        return loads(cls, text)
+
+    monkeypatch.setattr(Manifest, "loads", classmethod(counting))
+    return parsed
+
+
+def test_scanning_unchanged_versions_reads_no_manifest_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each scan parsed every manifest and resolved every file's path component by component: 1 s of CPU per
+    scan of 3,000 versions, paid by every ListModels and by every request for a version number that does
+    not exist. A manifest is parsed again only when its stat changed (here: trusted at once, where a
+    service waits SETTLED_NS for the file system's coarse clock), and its files are looked at with one lstat
+    each. Whatever changes is still seen at the next scan."""
+    monkeypatch.setattr(aevae.repository, "SETTLED_NS", 0)
+    first = write_tiny(tmp_path, "vae")
+    for number in range(2, 201):  # the files hard links: 200 versions in a few milliseconds
+        folder = tmp_path / "vae" / str(number)
+        folder.mkdir()
+        shutil.copy(first.file(MANIFEST), folder)
+        for name in first.manifest.files:
+            os.link(first.file(name), folder / name)
+    parsed = _count_parses(monkeypatch)
+    resolved: list[Path] = []
+    resolve = Path.resolve
+    monkeypatch.setattr(Path, "resolve", lambda self, strict=False: (resolved.append(self), resolve(self, strict))[1])
+    repository = ModelRepository(tmp_path)
+    assert len(repository.scan().versions["vae"]) == 200 and parsed[0] == 200
+    assert len(repository.scan().versions["vae"]) == 200 and parsed[0] == 200  # none parsed again
+    assert len(resolved) == 2  # the root, once a scan
+
+    # still exact: a manifest edited in place (its size and mtime restored), a file gone, a version gone
+    manifest = tmp_path / "vae" / "7" / MANIFEST
+    st = manifest.stat()
+    manifest.write_text(manifest.read_text().replace('"test_bce": 100.0', '"test_bce": 111.0'))
+    os.utime(manifest, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert manifest.stat().st_size == st.st_size
+    (tmp_path / "vae" / "9" / "decoder.onnx").unlink()
+    shutil.rmtree(tmp_path / "vae" / "11")
+    scan = repository.scan()
+    assert parsed[0] == 201
+    assert {v.number: v.manifest.metrics["test_bce"] for v in scan.versions["vae"]}[7] == 111.0
+    assert [(b.number, b.reason) for b in scan.broken] == [(9, "no decoder.onnx")]
+    assert len(scan.versions["vae"]) == 198 and len(repository._manifests) == 199
+
+
+def test_a_manifest_changed_within_the_settling_time_is_read_again(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stat is trusted only once its times are older than the file system's clock can blur: a manifest
+    rewritten in place within one tick, to the same size, could otherwise keep the parse of its old bytes."""
+    version = write_tiny(tmp_path, "vae")
+    parsed = _count_parses(monkeypatch)
+    repository = ModelRepository(tmp_path)
+    for _ in range(3):
+        repository.scan()
+    assert parsed[0] == 3  # just written: read at every scan
+    text = version.file(MANIFEST).read_text()
+    st = version.file(MANIFEST).stat()
+    version.file(MANIFEST).write_text(text.replace('"test_bce": 100.0', '"test_bce": 200.0'))
+    os.utime(version.file(MANIFEST), ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert repository.scan().versions["vae"][0].manifest.metrics["test_bce"] == 200.0
+
+
+@pytest.mark.parametrize("name", ["1.0", "+1", " 1", "١", "１", "²"])
+def test_folders_of_odd_names_are_no_versions_and_are_named(tiny_repo: Path, name: str) -> None:
+    """Unicode digits (Arabic-Indic, full-width, superscript) are digits to str.isdigit and int(), but no
+    version's name: never served, and named as ignored so that their owner learns why."""
+    shutil.copytree(tiny_repo / "vae" / "1", tiny_repo / "vae" / name)
+    scan = ModelRepository(tiny_repo).scan()
+    assert [v.number for v in scan.versions["vae"]] == [1] and not scan.broken
+    assert [p.name for p, _ in scan.ignored] == [name]
+    assert ModelStore(tiny_repo).get("vae").number == 1
+
+
+def test_a_reason_quoting_a_huge_value_is_cut(tiny_repo: Path) -> None:
+    """A manifest's reason quotes the value it refuses: an image_shape of 100,000 numbers (well under the 1 MiB
+    a manifest may have) made a reason of 0.7 MB, and the call asking for the version failed past gRPC's 16 KiB
+    of metadata (RESOURCE_EXHAUSTED about metadata, not FAILED_PRECONDITION with the reason)."""
+    shutil.copytree(tiny_repo / "vae" / "1", tiny_repo / "vae" / "2")
+    _edit_manifest(tiny_repo / "vae" / "2", lambda d: d.__setitem__("image_shape", list(range(1, 100_000))))
+    (broken,) = ModelRepository(tiny_repo).scan().broken
+    assert broken.reason.startswith("manifest.json: 'image_shape' must be [height, width]")
+    assert len(broken.reason) == 300 and broken.reason.endswith("...")
+    with pytest.raises(FailedPrecondition) as error:
+        ModelStore(tiny_repo).get("vae", 2)
+    assert len(str(error.value)) < 400
+
+
+def test_an_error_naming_many_broken_versions_stays_short(tiny_repo: Path) -> None:
+    """A model of 1,000 broken versions (here: folders with no manifest yet) and none loadable: the error named
+    every one, 30 KB, past gRPC's 16 KiB of metadata, so its callers got RESOURCE_EXHAUSTED about metadata."""
+    for number in range(1, 1001):
+        (tiny_repo / "many" / str(number)).mkdir(parents=True)
+    with pytest.raises(FailedPrecondition) as error:
+        ModelStore(tiny_repo).get("many")
+    assert str(error.value) == ("no loadable version of model 'many': version 1: no manifest.json; version 2: no "
+                                "manifest.json; version 3: no manifest.json; and 997 more broken versions")
+
+
+def test_latent_statistics_nested_past_the_recursion_limit_are_refused_not_an_internal_error(tiny_repo: Path) -> None:
+    """The encoder turns a ValueError of the statistics into FAILED_PRECONDITION naming the file; json's
+    RecursionError is none, and answered INTERNAL with a traceback in the log."""
+    version_dir = tiny_repo / "vae" / "1"
+    (version_dir / "latent_stats.json").write_text("[" * 100_000 + "]" * 100_000)
+    _rehash(version_dir, "latent_stats.json")
+    model = ModelStore(tiny_repo).get("vae")
+    with pytest.raises(ValueError, match="latent_stats.json is nested too deeply to be read"):
+        model.latent_stats()
