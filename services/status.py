@@ -38,6 +38,11 @@ async def guarded(context: Aborts, work: Awaitable[T]) -> T:
 
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """An error's status and details: typed errors their own, anything else INTERNAL (and logged)."""
+    code, details = _status_of(exc)
+    return code, sendable(details)
+
+
+def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, WireError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ServiceError):
@@ -47,6 +52,21 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     _log_internal(exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
+
+# UTF-8 bytes of a status's details. gRPC sends them percent-encoded in the grpc-message header (up to three
+# bytes a byte) and refuses headers past its metadata limit (8 KiB soft, 16 KiB hard): details over it turned
+# the call's status into RESOURCE_EXHAUSTED about metadata, and ones that are no UTF-8 (a lone surrogate quoted
+# from a file name) left the call unanswered until its deadline.
+DETAILS_MAX_BYTES = 2048
+
+
+def sendable(details: str) -> str:
+    """`details` as gRPC can send it: valid UTF-8 (what is not becomes a backslash escape) of at most
+    DETAILS_MAX_BYTES bytes, cut with "..." at a character boundary."""
+    data = details.encode("utf-8", "backslashreplace")
+    if len(data) <= DETAILS_MAX_BYTES:
+        return data.decode("utf-8")
+    return data[:DETAILS_MAX_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 _last_logged = [0.0]
