@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from aevae.cpus import available_cpus
 from aevae.repository import WEIGHTS, Version
 
 
@@ -196,10 +197,12 @@ class TorchRuntime:
 def open_runtime(version: Version, prefer: str = "auto", threads: int | None = None,
                  precision: str = "fp32") -> OnnxRuntime | TorchRuntime:
     """"auto": ONNX Runtime when the version has its graphs and onnxruntime is installed, else torch.
+    `threads`: the intra-op pool's width (default: the CPUs this process may use, `aevae.cpus`).
     `precision` of decoding: "int8" needs ONNX Runtime and the version's `decoder.int8.onnx` (a version
     without it decodes in fp32, with a warning: `aevae export-onnx` adds it); "bf16" runs on torch."""
     if prefer not in RUNTIMES:
         raise ValueError(f"runtime must be one of {list(RUNTIMES)}, got {prefer!r}")
+    threads = threads or available_cpus()  # not the runtimes' own default, the machine's cores (aevae.cpus)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "bf16":

@@ -152,7 +152,8 @@ class ServiceSettings:
     workers: int = _opt(2, "threads running the model off the event loop", minimum=1)
     # Each loaded version opens its pools at once: 100000 threads took 16 GB and the start never finished.
     threads: int | None = _opt(None, "intra-op threads of the model runtime, ONNX Runtime or torch (default: "
-                                     "the runtime's own)", minimum=1, maximum=MAX_THREADS)
+                                     "the CPUs the process may use: its affinity, capped by its cgroup's CPU "
+                                     "quota, such as a container's --cpus or a pod's CPU limit)", minimum=1, maximum=MAX_THREADS)
     inline_max: int = _opt(64, "batches up to this size run on the event loop (saves a thread hop); 0: never")
     refresh_seconds: float = _opt(2.0, "how often the repository is re-read, so new versions appear and changed "
                                        "ones are reloaded without a restart")
