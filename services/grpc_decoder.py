@@ -10,15 +10,15 @@ import grpc
 from aevae.services.admission import Engine
 from aevae.services.batching import Batcher
 from aevae.services.decoder import DecodeJob, Decoded, DecoderLogic
-from aevae.services.listing import models_response
-from aevae.services.registration import parsed, readable, request_array, rows
+from aevae.services.listing import ListsModels
+from aevae.services.registration import readable, request_array, rows
 from aevae.services.status import guarded
 from aevae.services.streams import Reply, served_stream
-from aevae.v1 import decoder_pb2, tensor_pb2
+from aevae.v1 import decoder_pb2
 from aevae.v1.tensors import serialize_with_data, tensor_head, to_tensor, version_from_wire
 
 
-class DecoderServicer:
+class DecoderServicer(ListsModels):
     """Registered by registration.register (its request parsing), so it needs no generated base class."""
 
     def __init__(self, logic: DecoderLogic, engine: Engine):
@@ -57,10 +57,3 @@ class DecoderServicer:
                                           lambda _, r: self._decode(r), self.engine.stream_depth)) as responses:
             async for response in responses:  # closed with this one: its budget is given back at once
                 yield response
-
-    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> tensor_pb2.ListModelsResponse:
-        # The request has no fields, but bytes that are no ListModelsRequest are refused like any other
-        # method's, rather than answered as if they were one.
-        await guarded(context, parsed(request))
-        summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
-        return models_response(summaries, self.logic.limits)

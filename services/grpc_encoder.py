@@ -13,15 +13,15 @@ from aevae.errors import FailedPrecondition, shorten
 from aevae.services.admission import Engine
 from aevae.services.batching import Batcher
 from aevae.services.encoder import Encoded, EncodeJob, EncoderLogic
-from aevae.services.listing import models_response
-from aevae.services.registration import parsed, readable, request_array, rows
+from aevae.services.listing import ListsModels
+from aevae.services.registration import readable, request_array, rows
 from aevae.services.status import guarded
 from aevae.services.streams import Reply, served_stream
 from aevae.v1 import encoder_pb2, tensor_pb2
 from aevae.v1.tensors import to_tensor, version_from_wire
 
 
-class EncoderServicer:
+class EncoderServicer(ListsModels):
     """Registered by registration.register (its request parsing), so it needs no generated base class."""
 
     def __init__(self, logic: EncoderLogic, engine: Engine):
@@ -78,13 +78,6 @@ class EncoderServicer:
                                           self.engine.stream_depth)) as responses:
             async for response in responses:  # closed with this one: its budget is given back at once
                 yield response
-
-    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> tensor_pb2.ListModelsResponse:
-        # The request has no fields, but bytes that are no ListModelsRequest are refused like any other
-        # method's, rather than answered as if they were one.
-        await guarded(context, parsed(request))
-        summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
-        return models_response(summaries, self.logic.limits)
 
     async def GetLatentStats(self, request: Any, context: grpc.aio.ServicerContext) -> encoder_pb2.LatentStats:
         async def work() -> encoder_pb2.LatentStats:
