@@ -63,9 +63,24 @@ def models_dir(value: str | os.PathLike[str] | None = None) -> Path:
     return Path(value or os.environ.get(MODELS_DIR_ENV) or "models").expanduser()
 
 
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading, refusing anything but a regular file (ValueError). A FIFO put in place of a
+    version's file made a plain open wait for a writer, for ever, and a load waits with the store's lock held:
+    every call of every model waited with it. Opened without blocking, then looked at (fstat) before a read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -95,7 +110,7 @@ class Version:
         """The parsed file; ValueError when it is over STATS_MAX_BYTES (before reading it), does not match the
         checksum the manifest lists for it, or is not JSON. Checked here, on the bytes parsed: the file is read
         when first asked for, after the load checked it, and could have been replaced in between."""
-        with self.file(STATS).open("rb") as f:
+        with open_regular(self.file(STATS)) as f:
             data = f.read(STATS_MAX_BYTES + 1)
         if len(data) > STATS_MAX_BYTES:
             raise ValueError(f"{STATS} is over {STATS_MAX_BYTES >> 20} MiB; latent statistics are a few hundred KiB")
@@ -115,7 +130,8 @@ class Version:
         listed = self.manifest.files.get(name)
         if listed is None:
             raise ValueError(f"{name} is not listed in {MANIFEST}, so it cannot be checked")
-        data = self.file(name).read_bytes()
+        with open_regular(self.file(name)) as f:
+            data = f.read()
         if hashlib.sha256(data).hexdigest() != listed:
             raise ValueError(f"{name} does not match the checksum in its manifest (truncated or altered)")
         return data
@@ -382,7 +398,7 @@ class ModelRepository:
             outcome = known[1]
         else:
             try:
-                with path.open("rb") as f:
+                with open_regular(path) as f:
                     text = f.read(MANIFEST_MAX_BYTES + 1)
             except OSError as exc:  # not kept: the error may pass (a descriptor limit, an I/O error)
                 raise ValueError(f"unreadable {MANIFEST}: {exc.strerror}") from None

@@ -296,3 +296,35 @@ def test_latent_statistics_nested_past_the_recursion_limit_are_refused_not_an_in
     model = ModelStore(tiny_repo).get("vae")
     with pytest.raises(ValueError, match="latent_stats.json is nested too deeply to be read"):
         model.latent_stats()
+
+
+def test_a_fifo_in_place_of_a_listed_file_is_refused_without_waiting(tmp_path: Path) -> None:
+    """A FIFO swapped in for a listed file after the scan: opening it waited for a writer for ever, and a load
+    waits with the store's lock held (every call of every model with it). Now the load refuses it at once."""
+    import threading
+
+    from aevae.inference import load
+
+    version = write_tiny(tmp_path, "vae")
+    graph = version.file("decoder.onnx")
+    graph.unlink()
+    os.mkfifo(graph)
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            load(version, "onnx")
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - what the load raised is the result
+            outcome.append(exc)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(30)
+    try:
+        assert not thread.is_alive(), "the load is waiting on the FIFO"
+        assert isinstance(outcome[0], ValueError) and "not a regular file" in str(outcome[0]), outcome
+    finally:
+        if thread.is_alive():  # release the blocked open: a writer that comes and goes
+            os.close(os.open(graph, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(10)
