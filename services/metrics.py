@@ -326,6 +326,7 @@ class _Handler(WSGIRequestHandler):
 
     def parse_request(self) -> bool:
         parsed = super().parse_request()
+        self.server.received(self.connection)  # type: ignore[attr-defined]  # a _Server
         self.connection.settimeout(self.timeout)  # the answer gets its own time, not what the request left
         return parsed
 
@@ -334,32 +335,63 @@ class _Handler(WSGIRequestHandler):
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    """The /metrics endpoint: a thread per connection, at most MAX_CONNECTIONS at once; a connection past
-    them is closed at once, never queued. Without a bound, slow or idle clients could take every file
-    descriptor of the process and starve its gRPC port (the server's accept loop fails with "too many open
-    files"). A Prometheus scraper holds one connection."""
+    """The /metrics endpoint: a thread per connection, at most MAX_CONNECTIONS at once. Without a bound, slow
+    or idle clients could take every file descriptor of the process and starve its gRPC port (the server's
+    accept loop fails with "too many open files"). A Prometheus scraper holds one connection.
+
+    When every slot is taken, a new connection takes the slot of the oldest one still sending its request
+    (closed), and is itself closed only when every slot is answering. Before, a connection past the bound was
+    closed at once: MAX_CONNECTIONS idle connections, opened again as the handler's timeout closed them, kept
+    every scrape out for as long as they went on. A scrape sends its request at once; to keep it out now, idle
+    connections must come faster than its request."""
 
     daemon_threads = True
     MAX_CONNECTIONS = 16
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        self._receiving: dict[Any, float] = {}  # connections whose request has not all arrived: when accepted
+        self._lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+            if not (self._close_oldest_receiving() and self._slots.acquire(timeout=1.0)):
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._receiving[request] = time.monotonic()
         try:
             super().process_request(request, client_address)
         except BaseException:
+            self.received(request)
             self._slots.release()
             raise
+
+    def received(self, request: Any) -> None:
+        """The connection's request has arrived (or the connection ended): it is no longer evictable."""
+        with self._lock:
+            self._receiving.pop(request, None)
+
+    def _close_oldest_receiving(self) -> bool:
+        """Ends the oldest connection still sending its request (its thread then ends and gives its slot
+        back); False when every connection is past its request."""
+        with self._lock:
+            if not self._receiving:
+                return False
+            oldest = min(self._receiving, key=self._receiving.__getitem__)
+            del self._receiving[oldest]
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)
+        except OSError:  # closed meanwhile: its slot is coming back all the same
+            pass
+        return True
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.received(request)
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
