@@ -8,8 +8,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
+
+# gRPC's core logs at INFO a line per failed TLS handshake ("Handshake failed with error SSL_ERROR_SSL ..."), on
+# stderr: any peer that reaches a TLS port with plaintext or garbage writes to the log at its connection rate.
+# Errors only, unless GRPC_VERBOSITY says otherwise (INFO to see such handshakes). Read when gRPC starts, so
+# set before anything imports it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from aevae.errors import Terminated, UserError, raise_on_sigterm
 

@@ -387,3 +387,28 @@ def test_one_connection_holds_a_bounded_number_of_streams(decoder: ServiceProces
                 call.cancel()
 
     asyncio.run(watch())
+
+
+@pytest.mark.parametrize("verbosity", [None, "INFO"])
+def test_failed_handshakes_do_not_write_to_the_log(repo: Path, tmp_path: Path, verbosity: str | None) -> None:
+    """gRPC's core logged a line per failed TLS handshake at INFO: any peer that reached a TLS port with
+    plaintext wrote to the server's log at its connection rate. Errors only by default; GRPC_VERBOSITY=INFO
+    shows them (and shows that this test sees them when they are printed)."""
+    cert, key = _certificate(tmp_path, "server", -1, 10)
+    env = _isolated(repo.parent)
+    env.pop("GRPC_VERBOSITY", None)
+    if verbosity is not None:
+        env["GRPC_VERBOSITY"] = verbosity
+    service = ServiceProcess("decoder", repo, args=["--tls-cert", str(cert), "--tls-key", str(key)], env=env)
+    if verbosity is None:
+        service.env.pop("GRPC_VERBOSITY", None)  # not inherited from whoever runs the tests either
+    try:
+        service.start()
+        for _ in range(3):
+            with grpc.insecure_channel(service.address) as plaintext:
+                with pytest.raises(grpc.FutureTimeoutError):
+                    grpc.channel_ready_future(plaintext).result(timeout=1)
+    finally:
+        service.stop()
+    printed = "Handshake failed" in "".join(service.output)
+    assert printed == (verbosity == "INFO"), service.output
