@@ -82,7 +82,7 @@ def test_builtin_kinds_validate_strictly_with_kubernetes_validate() -> None:
                             f"{'/'.join(map(str, exc.path))}: {exc.message}")
         checked.append(doc["kind"])
     assert sorted(checked) == sorted(["PersistentVolumeClaim", "RayJob", "RayService"]
-                                     + ["Deployment", "Service"] * 3)
+                                     + ["Deployment", "Service"] * 3 + ["PodDisruptionBudget"] * 2)
 
     deployment = next(d for _, d in k8s_documents() if d["kind"] == "Deployment")
     typo = copy.deepcopy(deployment)

@@ -498,8 +498,14 @@ def test_kubernetes_manifests_are_consistent_with_the_images_ports_and_cli() -> 
         ("Kustomization", "kustomization.yaml"): "kustomize.config.k8s.io/v1beta1",
         **{("Deployment", f"aevae-{n}"): "apps/v1" for n in PORTS},
         **{("Service", f"aevae-{n}"): "v1" for n in PORTS},
+        **{("PodDisruptionBudget", f"aevae-{n}"): "policy/v1" for n in ("encoder", "decoder")},
     }
     assert {key: doc["apiVersion"] for key, doc in docs.items()} == expected
+    for name in ("encoder", "decoder"):  # each budget covers its Deployment's pods and lets one of them go
+        budget, deployment = docs[("PodDisruptionBudget", f"aevae-{name}")], docs[("Deployment", f"aevae-{name}")]
+        pods = deployment["spec"]["template"]["metadata"]["labels"]
+        assert budget["spec"]["selector"]["matchLabels"].items() <= pods.items()
+        assert 1 <= budget["spec"]["minAvailable"] < deployment["spec"]["replicas"]
     claims = {"aevae-store"}
     kustomization = docs[("Kustomization", "kustomization.yaml")]
     for resource in kustomization["resources"]:
