@@ -250,3 +250,43 @@ def test_the_page_asks_nothing_of_a_decoder_it_knows_is_down(encoder: ServicePro
     finally:
         ui.terminate()
         ui.wait(timeout=15)
+
+
+def _bare_tls_server(cert: Path, key: Path, client_ca: Path | None = None) -> tuple[Any, int]:
+    """A gRPC server with no services, serving these credentials: only its TLS handshake matters here."""
+    from concurrent import futures
+
+    import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())],
+                                              root_certificates=None if client_ca is None else client_ca.read_bytes(),
+                                              require_client_auth=client_ca is not None)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port
+
+
+def test_tls_failures_the_client_can_name_are_named(tmp_path: Path) -> None:
+    """A server certificate that expired while served was explained as "not signed by the CA this client
+    trusts"; a client certificate a mutual-TLS server refused gave a bare "Socket closed"."""
+    from aevae.services.security import make_certificates
+    from helpers import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path, "expired", -10, -1)
+    server, port = _bare_tls_server(cert, key)
+    try:
+        with DecoderClient(f"localhost:{port}", tls_ca=str(cert), retries=0, timeout=10) as client:
+            with pytest.raises(AevaeError, match="has expired: the server must be given a renewed one"):
+                client.list_models()
+    finally:
+        server.stop(0)
+    ours, theirs = make_certificates(tmp_path / "ours"), make_certificates(tmp_path / "theirs")
+    server, port = _bare_tls_server(Path(ours["cert"]), Path(ours["key"]), client_ca=Path(ours["ca"]))
+    try:
+        with DecoderClient(f"localhost:{port}", tls_ca=str(ours["ca"]), tls_cert=str(theirs["client_cert"]),
+                           tls_key=str(theirs["client_key"]), retries=0, timeout=10) as client:
+            with pytest.raises(AevaeError, match=r"must be signed by a CA it trusts for clients"):
+                client.list_models()
+    finally:
+        server.stop(0)

@@ -7,7 +7,6 @@ What tests/test_security.py, test_metrics.py and test_audit_services.py check is
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import random
@@ -31,7 +30,7 @@ from aevae.client.credentials import ChannelSecurity
 from aevae.services.process import ServiceProcess
 from aevae.v1 import decoder_pb2
 from aevae.v1.tensors import to_tensor
-from helpers import Samples, metrics_url, scrape, write_tiny
+from helpers import Samples, metrics_url, scrape, self_signed_certificate, write_tiny
 
 TOKEN = "audit-token-0123456789abcdef"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -208,37 +207,13 @@ def test_connections_abandoned_on_the_health_port_are_closed(decoder: ServicePro
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def _certificate(folder: Path, name: str, start_days: float, end_days: float) -> tuple[Path, Path]:
-    """A self-signed server certificate for localhost, valid from now + start_days to now + end_days."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now + datetime.timedelta(days=start_days))
-            .not_valid_after(now + datetime.timedelta(days=end_days))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(key, hashes.SHA256()))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                           serialization.NoEncryption()))
-    return folder / f"{name}.pem", folder / f"{name}.key"
-
-
 def test_certificates_every_client_refuses_are_refused_at_start(repo: Path, tmp_path: Path) -> None:
     """gRPC served an expired certificate, or a client certificate given as the server's (`aevae up --tls`
     writes client.pem beside server.pem), without a word: it started, said "TLS", and every client's
     handshake failed. Now the start fails in one line saying which and why."""
     from aevae.services.security import make_certificates
 
-    expired = _certificate(tmp_path, "expired", -10, -1)
+    expired = self_signed_certificate(tmp_path, "expired", -10, -1)
     made = make_certificates(tmp_path / "made")
     cases = {"has expired: renew it": expired, "is not for a server": (made["client_cert"], made["client_key"])}
     for expected, (cert, key) in cases.items():
@@ -266,14 +241,14 @@ def test_a_rotation_to_an_expired_certificate_keeps_the_one_in_use(tmp_path: Pat
     for name in ("cert", "key"):
         shutil.copy(made[name], live / name)
     files = TlsFiles(str(live / "cert"), str(live / "key"), None)
-    for source, name in zip(_certificate(tmp_path, "expired", -10, -1), ("cert", "key")):
+    for source, name in zip(self_signed_certificate(tmp_path, "expired", -10, -1), ("cert", "key")):
         shutil.copy(source, live / f"{name}.new")
         os.replace(live / f"{name}.new", live / name)  # as a Secret volume swaps them: new inodes
     with caplog.at_level(logging.WARNING, logger="aevae.services.security"):
         assert files.fetch() is None
     assert "has expired" in caplog.text and "the certificate in use stays" in caplog.text
     caplog.clear()
-    cert, key = _certificate(tmp_path, "future", 1, 10)
+    cert, key = self_signed_certificate(tmp_path, "future", 1, 10)
     with caplog.at_level(logging.WARNING, logger="aevae.services.security"):
         _check_tls(str(cert), cert.read_bytes(), str(key), key.read_bytes(), None, None)
     assert "is not valid yet" in caplog.text
@@ -394,7 +369,7 @@ def test_failed_handshakes_do_not_write_to_the_log(repo: Path, tmp_path: Path, v
     """gRPC's core logged a line per failed TLS handshake at INFO: any peer that reached a TLS port with
     plaintext wrote to the server's log at its connection rate. Errors only by default; GRPC_VERBOSITY=INFO
     shows them (and shows that this test sees them when they are printed)."""
-    cert, key = _certificate(tmp_path, "server", -1, 10)
+    cert, key = self_signed_certificate(tmp_path, "server", -1, 10)
     env = _isolated(repo.parent)
     env.pop("GRPC_VERBOSITY", None)
     if verbosity is not None:

@@ -251,6 +251,9 @@ class ChannelSecurity:
                                    or "record layer failure" in lowered or "packet length too long" in lowered):
                     hint = (f"; TLS handshake with {target} failed: the server answers in plaintext (connect "
                             "without TLS, or start it with --tls-cert and --tls-key)")
+                elif self.tls and "certificate has expired" in lowered:
+                    hint = (f"; the certificate of {target} has expired: the server must be given a renewed one "
+                            "(or this machine's clock is wrong)")
                 elif self.tls and ("certificate_verify_failed" in lowered or "certificate verify failed" in lowered
                                    or "self signed" in lowered or "self-signed" in lowered):
                     hint = (f"; the certificate of {target} is not signed by the CA this client trusts (tls_ca= "
@@ -261,6 +264,10 @@ class ChannelSecurity:
                     hint = (f"; TLS handshake with {target} failed: if the server requires mutual TLS, pass "
                             f"tls_cert= and tls_key= (or {ENV_CERT} and {ENV_KEY}) with a certificate its "
                             "client CA signed")
+                elif self.tls and "socket closed" in lowered:  # a client certificate was sent, and refused
+                    hint = (f"; the server at {target} closed the TLS connection: if it requires mutual TLS, "
+                            f"the client certificate (tls_cert= or {ENV_CERT}) must be signed by a CA it trusts "
+                            "for clients, and be valid now")
             return AevaeError(code, details + hint) if hint else error
         return explain
 
