@@ -139,3 +139,26 @@ def self_signed_certificate(folder: Path, name: str, start_days: float, end_days
     (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                            serialization.NoEncryption()))
     return folder / f"{name}.pem", folder / f"{name}.key"
+
+
+def still_open(connections: list[Any], seconds: float) -> set[int]:
+    """Reads and drops what the server sends each raw socket (its SETTINGS and pings, never answered) until the
+    server closes them all or `seconds` pass; returns the indices of the ones still open."""
+    import time
+
+    open_ = set(range(len(connections)))
+    for connection in connections:
+        connection.setblocking(False)
+    deadline = time.monotonic() + seconds
+    while open_ and time.monotonic() < deadline:
+        time.sleep(0.25)
+        for i in list(open_):
+            try:
+                while connections[i].recv(65536):
+                    pass
+                open_.discard(i)  # b"": closed by the server
+            except BlockingIOError:
+                pass
+            except OSError:
+                open_.discard(i)
+    return open_

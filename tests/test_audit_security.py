@@ -30,7 +30,7 @@ from aevae.client.credentials import ChannelSecurity
 from aevae.services.process import ServiceProcess
 from aevae.v1 import decoder_pb2
 from aevae.v1.tensors import to_tensor
-from helpers import Samples, metrics_url, scrape, self_signed_certificate, write_tiny
+from helpers import Samples, metrics_url, scrape, self_signed_certificate, still_open, write_tiny
 
 TOKEN = "audit-token-0123456789abcdef"
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -184,20 +184,7 @@ def test_connections_abandoned_on_the_health_port_are_closed(decoder: ServicePro
     try:
         for connection in abandoned:
             connection.sendall(H2_PREFACE + _frame(4, 0, 0, b""))
-            connection.setblocking(False)
-        open_ = set(range(len(abandoned)))
-        deadline = time.monotonic() + 20  # pings every 1 s, 1 s to answer: closed within seconds
-        while open_ and time.monotonic() < deadline:
-            time.sleep(0.25)
-            for i in list(open_):
-                try:
-                    while abandoned[i].recv(65536):
-                        pass  # the server's SETTINGS and pings, never answered
-                    open_.discard(i)  # b"": closed by the server
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    open_.discard(i)
+        open_ = still_open(abandoned, 20)  # pings every 1 s, 1 s to answer: closed within seconds
         assert not open_, f"{len(open_)} of {len(abandoned)} abandoned health-port connections still open"
     finally:
         for connection in abandoned:

@@ -23,7 +23,7 @@ from tritonclient.grpc import service_pb2
 from aevae.services.process import ServiceProcess
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc, tensor_pb2
 from aevae.v1.tensors import from_tensor, to_tensor
-from helpers import Samples, metrics_url, running, scrape, write_tiny
+from helpers import Samples, metrics_url, running, scrape, still_open, write_tiny
 
 GARBAGE = b"\xff\xff\xff\xff"  # a field key with no end: no protobuf message parses from it
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")  # and an empty SETTINGS
@@ -207,20 +207,7 @@ def test_connections_opened_and_abandoned_are_closed(repo: Path) -> None:
             try:
                 for connection in abandoned:
                     connection.sendall(H2_PREFACE)
-                open_ = set(range(len(abandoned)))
-                deadline = time.monotonic() + 30
-                while open_ and time.monotonic() < deadline:
-                    time.sleep(0.25)
-                    for i in list(open_):
-                        abandoned[i].setblocking(False)
-                        try:
-                            while abandoned[i].recv(65536):
-                                pass  # the server's SETTINGS and pings, never answered
-                            open_.discard(i)  # b"": closed by the server
-                        except BlockingIOError:
-                            pass
-                        except OSError:
-                            open_.discard(i)
+                open_ = still_open(abandoned, 30)
                 assert not open_, f"{len(open_)} of {len(abandoned)} abandoned connections still open"
             finally:
                 for connection in abandoned:
