@@ -332,7 +332,10 @@ class ModelRepository:
                         scan.ignored.append((entry, "a version folder is named by a decimal number from 1 to "
                                                     "2**63-1 with no leading zeros"))
                     continue
-                if not _is_dir(entry):
+                if not _is_dir(entry):  # a file, or a symlink to nothing usable: said once in the log
+                    if os.path.lexists(entry):
+                        scan.ignored.append((entry, "a symlink that leads to no folder (missing, or a loop)"
+                                             if entry.is_symlink() else "a file, not a version folder"))
                     continue
                 try:
                     seen.add(entry / MANIFEST)

@@ -328,3 +328,20 @@ def test_a_fifo_in_place_of_a_listed_file_is_refused_without_waiting(tmp_path: P
         if thread.is_alive():  # release the blocked open: a writer that comes and goes
             os.close(os.open(graph, os.O_WRONLY | os.O_NONBLOCK))
             thread.join(10)
+
+
+def test_version_names_that_are_no_folder_are_said_not_skipped_silently(tmp_path: Path) -> None:
+    """`vae/5 -> 5` (a symlink loop), a dangling symlink and a file named like a version were skipped without
+    a word; the scan now says why each is no version (the store logs it once), and the good version serves."""
+    from aevae.repository import ModelRepository
+
+    write_tiny(tmp_path, "vae")
+    (tmp_path / "vae" / "5").symlink_to("5")
+    (tmp_path / "vae" / "6").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "vae" / "7").write_text("not a version")
+    scan = ModelRepository(tmp_path).scan()
+    reasons = {path.name: why for path, why in scan.ignored}
+    assert reasons == {"5": "a symlink that leads to no folder (missing, or a loop)",
+                       "6": "a symlink that leads to no folder (missing, or a loop)",
+                       "7": "a file, not a version folder"}
+    assert [v.number for v in scan.versions["vae"]] == [1]
