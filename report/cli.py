@@ -34,10 +34,16 @@ def config_from_args(args: argparse.Namespace):
     from aevae.errors import UserError
     from aevae.report.config import ReportConfig
 
+    from aevae.trainer.config import MAX_SEED
+
     for name in ("samples", "test_limit", "ae2d_epochs", "ae2d_train_limit", "classifier_train_limit"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    # numpy's generators take no seed below 0 (that was a traceback), and the ae-2d run trains with it: the
+    # trainer's range
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be an integer from 0 to {MAX_SEED}, got {args.seed}")
     config = ReportConfig(
         models_dir=args.models_dir, data_root=args.data_root, out=Path(args.out), samples=args.samples,
         seed=args.seed, test_limit=args.test_limit, ae2d=not args.no_ae2d, ae2d_epochs=args.ae2d_epochs,

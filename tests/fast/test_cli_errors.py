@@ -110,6 +110,14 @@ def test_report_refuses_an_out_that_is_a_file_or_cannot_be_written(tmp_path: Pat
     assert f"--out {unwritable}: cannot write the report there" in err
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_report_refuses_a_seed_no_generator_takes(tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: str) -> None:
+    """A negative --seed ran until numpy's generator raised, a traceback."""
+    err = _refused(["report", "--models-dir", str(tmp_path / "none"), "--out", str(tmp_path / "r"), "--seed", seed],
+                   capsys)
+    assert f"--seed must be an integer from 0 to {2**63 - 1}, got {seed}" in err
+
+
 def _without_graphs(root: Path) -> Any:
     """A version written before the trainer wrote ONNX graphs (weights and statistics only): vae-old/1."""
     import torch
