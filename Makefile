@@ -28,7 +28,8 @@ chromium:
 	  echo "installing Debian's chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
-up: setup
+# The venv only: Chromium (apt-get, root) is for the browser tests, which `make up` does not run.
+up: $(STAMP)
 	$(VENV)/bin/aevae up
 
 test: setup typecheck
