@@ -24,6 +24,11 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: object) -> None:
+    # Once: what the first SIGTERM started (stopping workers, shutting Ray down, removing temporaries) is not
+    # cut short by another. Another came from impatient operators, and from the kernel, which may deliver
+    # `aevae up`'s parent-death signal twice: a second Terminated inside ray.shutdown left Ray's agents running.
+    # SIGKILL still ends the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated()
 
 
