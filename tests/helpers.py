@@ -162,3 +162,103 @@ def still_open(connections: list[Any], seconds: float) -> set[int]:
             except OSError:
                 open_.discard(i)
     return open_
+
+
+class UpProcess:
+    """`aevae up` as a subprocess, its output collected line by line until it says it is ready.
+
+    `session`: in a session of its own, so that what outlives it can be found (`running`, `left`). `config`:
+    its own token folder (XDG_CONFIG_HOME). `stderr`: subprocess.PIPE keeps stderr apart and stops reading
+    stdout once it is ready (a reader that goes away)."""
+
+    def __init__(self, *args: str, session: bool = False, config: Path | None = None,
+                 stderr: int = subprocess.STDOUT):
+        import threading
+
+        env = dict(os.environ) if config is None else {**os.environ, "XDG_CONFIG_HOME": str(config)}
+        self.process = subprocess.Popen([sys.executable, "-m", "aevae.cli", "up", *args], stdout=subprocess.PIPE,
+                                        stderr=stderr, text=True, cwd=ROOT, env=env, start_new_session=session)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.reader = threading.Thread(target=self._pump, daemon=True)
+        self.reader.start()
+
+    def _pump(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                self.ready.set()
+                if self.process.stderr is not None:  # the pipe test: it reads no further
+                    return
+        self.ready.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 120) -> str:
+        """What it printed, once it says it is ready (and is still running)."""
+        assert self.ready.wait(timeout), self.text
+        assert self.process.poll() is None, self.text
+        return self.text
+
+    def addresses(self) -> dict[str, str]:
+        """The encoder's and the decoder's addresses it printed."""
+        found = {name: re.search(rf"{name}\s+grpc://(\S+)", self.text) for name in ("encoder", "decoder")}
+        assert all(found.values()), self.text
+        return {name: match.group(1) for name, match in found.items() if match}
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text not in self.text:
+            assert self.process.poll() is None and time.monotonic() < deadline, self.text
+            time.sleep(0.05)
+
+    def stop(self) -> int:
+        import signal
+
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(60)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def running(self) -> list[str]:
+        """The processes of its session still running (zombies hold nothing); started with `session`."""
+        found = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-s", str(self.process.pid)], capture_output=True,
+                               text=True).stdout.splitlines()
+        return [line.strip() for line in found if line.split()[1][0] != "Z"]
+
+    def pid_of(self, words: str) -> int:
+        return next(int(line.split()[0]) for line in self.running() if words in line)
+
+    def gone_within(self, seconds: float) -> list[str]:
+        """What of its session still runs after up to `seconds`."""
+        import time
+
+        deadline = time.monotonic() + seconds
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.running()
+
+    def left(self) -> list[str]:
+        """The processes of its session still running, killed once listed."""
+        import signal
+
+        running = self.running()
+        for line in running:
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return running
+
+    def cleanup(self) -> None:
+        """Kills it and whatever of its session is left."""
+        self.kill()
+        self.left()

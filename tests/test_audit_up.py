@@ -10,74 +10,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, run_aevae
+from helpers import ROOT, UpProcess, run_aevae
 
 
-class Up:
-    """`aevae up` in a session of its own (so that what outlives it can be found), with its own token folder
-    (XDG_CONFIG_HOME), its output collected line by line."""
-
-    def __init__(self, config: Path, *args: str, stderr: int = subprocess.STDOUT):
-        self.process = subprocess.Popen([sys.executable, "-m", "aevae.cli", "up", *args], stdout=subprocess.PIPE,
-                                        stderr=stderr, text=True, cwd=ROOT, start_new_session=True,
-                                        env={**os.environ, "XDG_CONFIG_HOME": str(config)})
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self._reader = threading.Thread(target=self._pump, daemon=True)
-        self._reader.start()
-
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                self.ready.set()
-                if self.process.stderr is not None:  # the pipe test: it reads no further
-                    return
-        self.ready.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout: float = 120) -> str:
-        assert self.ready.wait(timeout), self.text
-        assert self.process.poll() is None, self.text
-        return self.text
-
-    def session(self) -> list[str]:
-        """The processes of its session still running (zombies hold nothing)."""
-        found = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-s", str(self.process.pid)], capture_output=True,
-                               text=True).stdout.splitlines()
-        return [line.strip() for line in found if line.split()[1][0] != "Z"]
-
-    def pid_of(self, words: str) -> int:
-        return next(int(line.split()[0]) for line in self.session() if words in line)
-
-    def gone_within(self, seconds: float) -> list[str]:
-        """What of its session still runs after up to `seconds`."""
-        deadline = time.monotonic() + seconds
-        while self.session() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return self.session()
-
-    def cleanup(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-        for line in self.session():
-            try:
-                os.kill(int(line.split()[0]), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+def _up(tmp_path: Path, *args: str, stderr: int = subprocess.STDOUT) -> UpProcess:
+    """`aevae up` in a session of its own (so that what outlives it can be found), with its own token folder."""
+    return UpProcess(*args, session=True, config=tmp_path / "config", stderr=stderr)
 
 
 def _ports(*extra: str) -> list[str]:
@@ -97,10 +40,10 @@ def _urls(text: str) -> list[str]:
 def test_sigkill_of_up_takes_its_children_with_it(tiny_repo: Path, tmp_path: Path) -> None:
     """SIGKILL (the OOM killer, `kill -9`, a supervisor's last resort) ended `aevae up` alone: the encoder, the
     decoder and the UI served on, orphaned, holding their ports, and a second `aevae up` could not start."""
-    up = Up(tmp_path / "config", "--models-dir", str(tiny_repo), *_ports("--ui-port", _free_port()))
+    up = _up(tmp_path, "--models-dir", str(tiny_repo), *_ports("--ui-port", _free_port()))
     try:
         up.wait_ready()
-        assert len(up.session()) == 4, up.session()  # aevae up and its three children
+        assert len(up.running()) == 4, up.running()  # aevae up and its three children
         up.process.kill()
         up.process.wait()
         assert up.gone_within(30) == [], up.text
@@ -111,7 +54,7 @@ def test_sigkill_of_up_takes_its_children_with_it(tiny_repo: Path, tmp_path: Pat
 def test_ui_port_0_takes_a_free_port_and_prints_it(tiny_repo: Path, tmp_path: Path) -> None:
     """--ui-port 0 (as the services' 0: a free port): `aevae up` waited 60 s for a listener on port 0, then
     failed with "the web UI did not listen on 127.0.0.1:0", the UI up on the port it had picked."""
-    up = Up(tmp_path / "config", "--models-dir", str(tiny_repo), "--no-metrics", *_ports("--ui-port", "0"))
+    up = _up(tmp_path, "--models-dir", str(tiny_repo), "--no-metrics", *_ports("--ui-port", "0"))
     try:
         text = up.wait_ready(50)
         url = re.search(r"web UI\s+(http://127\.0\.0\.1:(\d+)/)", text)
@@ -134,7 +77,7 @@ def _ipv6_loopback() -> bool:
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
 def test_urls_printed_for_an_ipv6_host_have_brackets_and_answer(tiny_repo: Path, tmp_path: Path) -> None:
     """--host ::1 printed http://::1:PORT/ for the UI and the metrics: no browser, curl or urllib takes it."""
-    up = Up(tmp_path / "config", "--models-dir", str(tiny_repo), "--host", "::1",
+    up = _up(tmp_path, "--models-dir", str(tiny_repo), "--host", "::1",
             *_ports("--ui-port", _free_port("::1")))
     try:
         urls = _urls(up.wait_ready())
@@ -151,10 +94,10 @@ def test_ctrl_c_after_its_output_reader_went_away_is_no_traceback(tiny_repo: Pat
     """`aevae up | tee up.log`, then Ctrl-C: tee ends first, and every line written after it (the services'
     "stopping", "aevae up: stopped") raised BrokenPipeError: a traceback per echo thread and one from the main
     thread, exit 1."""
-    up = Up(tmp_path / "config", "--models-dir", str(tiny_repo), "--no-ui", *_ports(), stderr=subprocess.PIPE)
+    up = _up(tmp_path, "--models-dir", str(tiny_repo), "--no-ui", *_ports(), stderr=subprocess.PIPE)
     try:
         up.wait_ready()
-        up._reader.join(10)
+        up.reader.join(10)
         assert up.process.stdout is not None and up.process.stderr is not None
         up.process.stdout.close()  # the reader is gone
         up.process.send_signal(signal.SIGINT)
@@ -169,7 +112,7 @@ def test_ctrl_c_after_its_output_reader_went_away_is_no_traceback(tiny_repo: Pat
 
 def test_a_child_killed_under_up_stops_the_rest_and_says_so(tiny_repo: Path, tmp_path: Path) -> None:
     """A child's end said as Popen's code ("decoder exited with code -9"): killed by a signal, said so."""
-    up = Up(tmp_path / "config", "--models-dir", str(tiny_repo), "--no-ui", *_ports())
+    up = _up(tmp_path, "--models-dir", str(tiny_repo), "--no-ui", *_ports())
     try:
         up.wait_ready()
         os.kill(up.pid_of("serve decoder"), signal.SIGKILL)

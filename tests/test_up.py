@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,65 +12,7 @@ import numpy as np
 import pytest
 
 from aevae.client import AevaeError, DecoderClient, EncoderClient
-from helpers import ROOT
-
-
-class Up:
-    """`aevae up` as a subprocess, its output collected line by line until it says it is ready."""
-
-    def __init__(self, *args: str, session: bool = False):
-        """`session`: in a session of its own, so that `left` can tell what of it outlived it."""
-        self.process = subprocess.Popen([sys.executable, "-m", "aevae.cli", "up", *args], stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=dict(os.environ),
-                                        start_new_session=session)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                self.ready.set()
-        self.ready.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self, timeout: float) -> dict[str, str]:
-        """The addresses it printed, by name."""
-        assert self.ready.wait(timeout), self.text
-        assert self.process.poll() is None, self.text
-        return {name: re.search(rf"{name}\s+grpc://(\S+)", self.text).group(1) for name in ("encoder", "decoder")}
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(60)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while text not in self.text:
-            assert self.process.poll() is None and time.monotonic() < deadline, self.text
-            time.sleep(0.05)
-
-    def left(self) -> list[str]:
-        """The processes of its session still running (started with `session`), killed once listed."""
-        found = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-s", str(self.process.pid)], capture_output=True,
-                               text=True).stdout.splitlines()
-        running = [line.strip() for line in found if line.split()[1][0] != "Z"]  # zombies hold nothing
-        for line in running:
-            try:
-                os.kill(int(line.split()[0]), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        return running
+from helpers import UpProcess as Up
 
 
 def test_up_serves_both_services_says_how_to_call_them_and_stops_cleanly(trained_repo: Path, tmp_path) -> None:
@@ -83,7 +20,8 @@ def test_up_serves_both_services_says_how_to_call_them_and_stops_cleanly(trained
     shutil.copytree(trained_repo, models)
     up = Up("--models-dir", str(models), "--encoder-port", "0", "--decoder-port", "0", "--no-ui")
     try:
-        addresses = up.wait_ready(120)
+        up.wait_ready(120)
+        addresses = up.addresses()
         encoder, decoder = addresses["encoder"], addresses["decoder"]
         assert f"grpcurl -plaintext {encoder} list" in up.text and "from aevae.client import" in up.text
         assert "training" not in up.text  # the repository was not empty
@@ -114,7 +52,8 @@ def test_up_on_an_empty_repository_trains_first_then_serves_the_ui(mnist_root: P
             "--decoder-port", "0", "--ui-port", str(ui_port),
             "--train-args", f"--train-limit 2000 --epochs 1 --storage-path {tmp_path / 'ray'}")
     try:
-        addresses = up.wait_ready(300)
+        up.wait_ready(300)
+        addresses = up.addresses()
         assert "training with --train-args '--train-limit 2000" in up.text and "[vae] epoch 1/1" in up.text
         assert sorted(p.name for p in models.iterdir()) == ["ae", "vae"]
         assert f"http://127.0.0.1:{ui_port}/" in up.text
