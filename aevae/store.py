@@ -35,6 +35,9 @@ Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 # rewritten in place between a scan and its load was checked against the old manifest: its new manifest lists
 # other checksums, so the mark goes at the next scan even when the files' stat figures look alike.
 Identity = tuple[Fingerprint | None, tuple[tuple[str, str], ...]]
+# How many broken versions of one model an answer names with their reasons (the newest): a repository may hold
+# any number, and listing them all made ListModels outgrow a small --max-message-bytes. The log names each.
+LISTED_BROKEN = 16
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class ModelSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     broken: dict[int, str] = field(default_factory=dict)  # number -> reason
     runtime: str = ""  # e.g. "onnx", or "onnx-int8" when decoding in reduced precision (aevae.runtimes.label)
+
+    def listed_broken(self) -> list[tuple[int, str]]:
+        """The broken versions an answer names, with their reasons: the newest LISTED_BROKEN, ascending."""
+        return sorted(self.broken.items())[-LISTED_BROKEN:]
 
 
 class ModelStore:

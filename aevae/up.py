@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from aevae.errors import Terminated, UserError, require_port
-from aevae.services.settings import PORTS, listeners_problem
+from aevae.services.settings import PORTS, Listener, listeners_problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -431,10 +431,11 @@ def _check_ports(args: argparse.Namespace) -> None:
     """UserError in one line, before anything trains or starts, for two listeners given one port or a port that
     cannot be had (--host not resolving or not this machine's, a port in use). Found later, the child's own
     error named `aevae serve`'s --port, and came after a training run of minutes."""
-    ports = {"--encoder-port": (args.encoder_port, "encoder"), "--decoder-port": (args.decoder_port, "decoder")}
+    listeners = [Listener("--encoder-port", args.encoder_port, "encoder", args.host),
+                 Listener("--decoder-port", args.decoder_port, "decoder", args.host)]
     if not args.no_ui:
-        ports["--ui-port"] = (args.ui_port, "ui")
-    problem = listeners_problem(args.host, ports)
+        listeners.append(Listener("--ui-port", args.ui_port, "ui", args.host))
+    problem = listeners_problem(listeners)
     if problem:
         raise UserError(problem)
 

@@ -517,13 +517,14 @@ class InferenceServicer:
 
     async def RepositoryIndex(self, request: Any,
                               context: grpc.aio.ServicerContext) -> service_pb2.RepositoryIndexResponse:
-        """Every version: READY (served on request) or UNAVAILABLE with the reason it is broken."""
+        """Every version READY (served on request), and the newest broken ones (store.LISTED_BROKEN a model)
+        UNAVAILABLE with the reason."""
         message = await guarded(context, parsed(request))
         summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
         index = []
         for s in summaries:
             states = {n: ("READY", "") for n in s.numbers}
-            states.update({n: ("UNAVAILABLE", reason) for n, reason in s.broken.items()})
+            states.update({n: ("UNAVAILABLE", reason) for n, reason in s.listed_broken()})
             for number, (state, reason) in sorted(states.items()):
                 if not message.ready or state == "READY":
                     index.append(service_pb2.RepositoryIndexResponse.ModelIndex(

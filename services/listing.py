@@ -36,7 +36,8 @@ def models_response(summaries: list[ModelSummary], limits: Limits) -> tensor_pb2
             tensor_pb2.ModelInfo(
                 name=s.name, version=s.number, versions=s.numbers, kind=s.kind, latent_dim=s.latent_dim,
                 image_shape=list(s.image_shape), metrics=s.metrics, runtime=s.runtime,
-                broken=[tensor_pb2.BrokenVersion(version=n, reason=r) for n, r in s.broken.items()],
+                broken=[tensor_pb2.BrokenVersion(version=n, reason=r) for n, r in s.listed_broken()],
+                broken_count=len(s.broken),
             )
             for s in summaries
         ],

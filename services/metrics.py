@@ -248,10 +248,15 @@ class ServiceCollector(Collector):
         for model in self.store.loaded():
             loaded.add_metric([model.name, str(model.number), model.runtime.name], 1)
         yield loaded
+        # by model, not by version: a repository can hold any number of broken versions, and a label value
+        # each would grow the scrape with them (the log and ListModels name them)
         broken = GaugeMetricFamily("aevae_model_versions_broken", "model versions known to be broken (checksum, "
-                                   "unsafe or unreadable weights, missing files); never served", labels=["model", "version"])
-        for name, number in sorted(self.store.broken()):
-            broken.add_metric([name, str(number)], 1)
+                                   "unsafe or unreadable weights, missing files); never served", labels=["model"])
+        counts: dict[str, int] = {}
+        for name, _ in self.store.broken():
+            counts[name] = counts.get(name, 0) + 1
+        for name, count in sorted(counts.items()):
+            broken.add_metric([name], count)
         yield broken
         passes = CounterMetricFamily("aevae_batch_forward_passes", "forward passes run by the dynamic batcher")
         merged = CounterMetricFamily("aevae_batch_merged_requests", "requests answered by a forward pass shared "

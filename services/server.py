@@ -137,9 +137,7 @@ def open_store(settings: ServiceSettings) -> ModelStore:
 def check_listeners(kind: str, settings: ServiceSettings) -> None:
     """OSError in one line when a port this service would listen on cannot be had: before anything loads,
     and before gRPC tries (its error names no cause)."""
-    problem = listeners_problem(settings.host, {"--port": (settings.port_for(kind), kind),
-                                                "--health-port": (settings.health_port, kind),
-                                                "--metrics-port": (settings.metrics_port, kind)})
+    problem = listeners_problem(settings.listeners(kind))
     if problem:
         raise OSError(problem)
 
@@ -203,7 +201,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     if settings.metrics_port is not None:
         from aevae.services.metrics import serve_metrics
 
-        serve_metrics(settings.metrics_port, settings.host, kind)
+        serve_metrics(settings.metrics_port, settings.metrics_address, kind)
 
     address = host_port(settings.host, settings.port_for(kind))
     try:

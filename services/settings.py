@@ -13,7 +13,7 @@ import math
 import os
 import socket
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from aevae.errors import ResourceExhausted, port_problem
 
@@ -33,7 +33,7 @@ def host_port(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def listen_problem(host: str, port: int, flag: str, what: str) -> str | None:
+def listen_problem(host: str, port: int, flag: str, what: str, host_flag: str = "--host") -> str | None:
     """Why this process cannot listen on host:port (`flag` names the port's option, `what` the listener), found
     by binding a socket of its own before gRPC does; None: it can. gRPC reports every failure to bind alike,
     "Failed to bind to address", after an E line of its core on stderr: a host that does not resolve or is not
@@ -42,7 +42,7 @@ def listen_problem(host: str, port: int, flag: str, what: str) -> str | None:
     try:
         addresses = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        return (f"--host {host} does not resolve ({exc.strerror}); give an address of this machine or a name "
+        return (f"{host_flag} {host} does not resolve ({exc.strerror}); give an address of this machine or a name "
                 "that resolves to one: 127.0.0.1 (this machine only), 0.0.0.0 (all interfaces) or an interface's")
     failures: list[int] = []
     for family, socktype, proto, _, address in addresses:
@@ -59,7 +59,7 @@ def listen_problem(host: str, port: int, flag: str, what: str) -> str | None:
                 "(0 picks a free one)")
     if errno.EADDRNOTAVAIL in failures:
         resolved = ", ".join(sorted({str(a[4][0]) for a in addresses}))
-        return (f"--host {host} is not an address of this machine{'' if resolved == bare else f' ({resolved})'}; "
+        return (f"{host_flag} {host} is not an address of this machine{'' if resolved == bare else f' ({resolved})'}; "
                 "give one of its own: 127.0.0.1 (this machine only), 0.0.0.0 (all interfaces) or an interface's")
     if errno.EACCES in failures:
         return (f"cannot listen on {where}: permission denied (ports below 1024 need root or "
@@ -67,18 +67,29 @@ def listen_problem(host: str, port: int, flag: str, what: str) -> str | None:
     return f"cannot listen on {where} ({flag}): {os.strerror(failures[0]) if failures else 'no address'}"
 
 
-def listeners_problem(host: str, ports: Mapping[str, tuple[int | None, str]]) -> str | None:
-    """The first reason the listeners `ports` (flag -> (port, what listens); None: not listening) cannot all
-    listen on `host`: two flags on one port (named as such, not as a port in use), or `listen_problem`'s; None
-    when they can. `aevae serve` and `aevae up` ask it before anything loads or trains."""
+class Listener(NamedTuple):
+    """One port a process would listen on: its option, the port (None: not listening; 0: any free one), what
+    listens, and the address with its option."""
+
+    flag: str
+    port: int | None
+    what: str
+    host: str
+    host_flag: str = "--host"
+
+
+def listeners_problem(listeners: Iterable[Listener]) -> str | None:
+    """The first reason the `listeners` cannot all listen: two flags on one port (named as such, not as a port
+    in use), or `listen_problem`'s; None when they can. `aevae serve` and `aevae up` ask it before anything
+    loads or trains."""
     taken: dict[int, str] = {}
-    for flag, (port, what) in ports.items():
+    for flag, port, what, host, host_flag in listeners:
         if port is None:
             continue
         if port and port in taken:
             return f"{taken[port]} and {flag} are both {port}: each needs a port of its own (0 picks a free one)"
         taken[port] = flag
-        problem = listen_problem(host, port, flag, what)
+        problem = listen_problem(host, port, flag, what, host_flag)
         if problem:
             return problem
     return None
@@ -185,6 +196,10 @@ class ServiceSettings:
     batch_rows: int = _opt(256, "requests with more rows than this run alone, unbatched", minimum=1)
     metrics_port: int | None = _opt(None, "serve Prometheus metrics at http://HOST:PORT/metrics (off when unset; "
                                           "0 picks a free port, printed on start)")
+    # The endpoint has neither TLS nor a token: a service open to the network may keep it on this machine.
+    metrics_host: str | None = _opt(None, "address the metrics port listens on (default: --host), e.g. "
+                                          "127.0.0.1 to keep them on this machine while --host serves beyond it",
+                                    minimum=None)
     # Security (services/security.py): TLS, mutual TLS, bearer tokens and the binding policy.
     tls_cert: str | None = _opt(None, "PEM certificate (chain) of the server: serve TLS (with --tls-key)", minimum=None)
     tls_key: str | None = _opt(None, "PEM private key of --tls-cert", minimum=None)
@@ -223,6 +238,19 @@ class ServiceSettings:
 
     def port_for(self, kind: str) -> int:
         return PORTS[kind] if self.port is None else self.port
+
+    def listeners(self, kind: str) -> list[Listener]:
+        """The ports `aevae serve` listens on for `kind`, each with its address."""
+        metrics_host, metrics_flag = (self.host, "--host") if self.metrics_host is None else (self.metrics_host,
+                                                                                            "--metrics-host")
+        return [Listener("--port", self.port_for(kind), kind, self.host),
+                Listener("--health-port", self.health_port, kind, self.host),
+                Listener("--metrics-port", self.metrics_port, kind, metrics_host, metrics_flag)]
+
+    @property
+    def metrics_address(self) -> str:
+        """The address the metrics port listens on: --metrics-host, or --host."""
+        return self.host if self.metrics_host is None else self.metrics_host
 
     def models_root(self) -> str:
         return self.models_dir or os.environ.get("AEVAE_MODELS_DIR") or "models"

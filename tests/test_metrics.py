@@ -200,9 +200,10 @@ def test_ui_sessions_and_decode_round_trips(decoder: ServiceProcess) -> None:
     aiohttp = pytest.importorskip("aiohttp")
     port, metrics_port = _free_port(), _free_port()
     ui = subprocess.Popen([sys.executable, "-m", "aevae.cli", "ui", "--encoder", f"127.0.0.1:{_free_port()}",
-                           "--decoder", decoder.address, "--port", str(port), "--metrics-port", str(metrics_port)],
+                           "--decoder", decoder.address, "--port", str(port), "--metrics-port", str(metrics_port),
+                           "--metrics-host", "127.0.0.2"],  # another loopback address: the metrics move alone
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    url = f"http://127.0.0.2:{metrics_port}/metrics"
     try:
         for _ in range(300):  # bounded: until the UI listens
             try:
@@ -226,6 +227,8 @@ def test_ui_sessions_and_decode_round_trips(decoder: ServiceProcess) -> None:
                 return ops
 
         assert asyncio.run(session()) == ["decoded", "error"]
+        with pytest.raises(ConnectionRefusedError):  # only on --metrics-host
+            socket.create_connection(("127.0.0.1", metrics_port), timeout=5).close()
         samples = scrape(url)
         assert value(samples, "aevae_ui_websocket_sessions_opened_total") == 1
         assert value(samples, "aevae_ui_decode_round_trip_seconds_count", outcome="decoded") == 1
@@ -239,6 +242,23 @@ def test_ui_sessions_and_decode_round_trips(decoder: ServiceProcess) -> None:
     finally:
         ui.terminate()
         ui.wait(20)
+
+
+def test_metrics_host_moves_only_the_metrics_port(tmp_path: Path) -> None:
+    """--metrics-host: a service on one address keeps its metrics on another (on a public --host, 127.0.0.1
+    keeps them on the machine: the endpoint has neither TLS nor a token)."""
+    write_tiny(tmp_path, "vae", "vae")
+    args = ["--metrics-port", "0", "--metrics-host", "127.0.0.2", "--shutdown-delay", "0"]
+    with ServiceProcess("decoder", tmp_path, args=args) as service:
+        service.wait_healthy()  # gRPC on --host 127.0.0.1
+        url = metrics_url(service.output)
+        assert url.startswith("http://127.0.0.2:"), url
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with DecoderClient(service.address) as client:
+            client.decode(np.zeros((1, 4), np.float32), model="vae")
+        assert value(scrape(url), "aevae_grpc_requests_total", method="Decode", code="OK") == 1
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
 def test_a_slowloris_cannot_keep_the_scrape_slots(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,8 +30,9 @@ class ModelInfo:
     latent_dim: int
     image_shape: tuple[int, ...]
     metrics: dict[str, float] = field(default_factory=dict)
-    broken: dict[int, str] = field(default_factory=dict)  # version -> why it cannot be served
+    broken: dict[int, str] = field(default_factory=dict)  # version -> why it cannot be served: the newest 16
     runtime: str = ""  # "onnx" or "torch": what serves the newest
+    broken_count: int = 0  # how many versions are broken, named in `broken` or not
 
 
 def model_infos(response: tensor_pb2.ListModelsResponse) -> list[ModelInfo]:
@@ -40,6 +41,7 @@ def model_infos(response: tensor_pb2.ListModelsResponse) -> list[ModelInfo]:
             name=m.name, version=int(m.version), versions=[int(v) for v in m.versions], kind=m.kind,
             latent_dim=int(m.latent_dim), image_shape=tuple(int(s) for s in m.image_shape), metrics=dict(m.metrics),
             broken={int(b.version): b.reason for b in m.broken}, runtime=m.runtime,
+            broken_count=max(int(m.broken_count), len(m.broken)),  # a server before broken_count sends 0
         )
         for m in response.models
     ]

@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (off when unset; 0 picks a free port)")
+    p.add_argument("--metrics-host", default=None, metavar="HOST",
+                   help="address the metrics port listens on (default: --host), e.g. 127.0.0.1 to keep them on "
+                        "this machine while --host serves beyond it")
     p.add_argument("--classifier", type=Path, default=None, metavar="NPZ",
                    help="the digit classifier that judges samples (default: the one shipped with the UI, "
                         "exported from the report's by tools/export_classifier.py)")
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         metrics_down = (MetricsUnavailable,)
     try:
         serve(args.encoder, args.decoder, host=args.host, port=args.port, classifier=args.classifier or DEFAULT_PATH,
-              metrics_port=args.metrics_port, guard=guard, security=security, ssl_context=ssl_context)
+              metrics_port=args.metrics_port, guard=guard, security=security, ssl_context=ssl_context,
+              metrics_host=args.metrics_host)
     except metrics_down as exc:  # it names its address and flag
         raise UserError(str(exc)) from None
     except OSError as exc:

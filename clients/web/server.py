@@ -559,14 +559,14 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
 
 def serve(encoder: str, decoder: str, host: str = "127.0.0.1", port: int = 8080,
           classifier: Path | None = CLASSIFIER_PATH, metrics_port: int | None = None, guard: Guard | None = None,
-          security: Any = None, ssl_context: Any = None) -> None:
-    """Runs the UI server until interrupted (what `aevae ui` calls); Prometheus metrics on `metrics_port`;
-    `guard`, `security`: see create_app; `ssl_context`: serve HTTPS."""
+          security: Any = None, ssl_context: Any = None, metrics_host: str | None = None) -> None:
+    """Runs the UI server until interrupted (what `aevae ui` calls); Prometheus metrics on `metrics_port`, on
+    `metrics_host` (default: `host`); `guard`, `security`: see create_app; `ssl_context`: serve HTTPS."""
     middlewares: list[Any] = []
     if metrics_port is not None:
         from aevae.services import metrics
 
-        metrics.serve_metrics(metrics_port, host, "ui")
+        metrics.serve_metrics(metrics_port, host if metrics_host is None else metrics_host, "ui")
         middlewares.append(metrics.ui_middleware())
     app = create_app(encoder, decoder, classifier=classifier, middlewares=middlewares,
                      guard=guard or Guard.create(host), security=security)

@@ -287,6 +287,30 @@ def test_an_error_naming_many_broken_versions_stays_short(tiny_repo: Path) -> No
                                 "manifest.json; version 3: no manifest.json; and 997 more broken versions")
 
 
+def test_listings_name_the_newest_broken_versions_and_count_them_all(tiny_repo: Path) -> None:
+    """1,000 broken versions beside a good one: ListModels named every one with its reason (about 200 with long
+    reasons outgrew a --max-message-bytes of 64 KiB, and the listing failed for every model), and the metrics
+    gave each its own series. Now the newest LISTED_BROKEN with their reasons, the count of all, and one
+    series a model."""
+    from prometheus_client.core import CollectorRegistry
+
+    from aevae.services.metrics import ServiceCollector
+    from aevae.store import LISTED_BROKEN
+
+    for number in range(2, 1002):
+        (tiny_repo / "vae" / str(number)).mkdir()
+    store = ModelStore(tiny_repo)
+    listed = _listed(store)["vae"]
+    assert listed.version == 1 and listed.broken_count == 1000  # type: ignore[attr-defined]
+    assert [b.version for b in listed.broken] == list(range(1002 - LISTED_BROKEN, 1002))  # type: ignore[attr-defined]
+    assert all(b.reason == "no manifest.json" for b in listed.broken)  # type: ignore[attr-defined]
+    assert models_response(store.summaries(), LIMITS).ByteSize() < 4096
+    registry = CollectorRegistry()
+    registry.register(ServiceCollector(store, []))
+    series = [s for m in registry.collect() if m.name == "aevae_model_versions_broken" for s in m.samples]
+    assert [(s.labels, s.value) for s in series] == [({"model": "vae"}, 1000.0)]
+
+
 def test_latent_statistics_nested_past_the_recursion_limit_are_refused_not_an_internal_error(tiny_repo: Path) -> None:
     """The encoder turns a ValueError of the statistics into FAILED_PRECONDITION naming the file; json's
     RecursionError is none, and answered INTERNAL with a traceback in the log."""

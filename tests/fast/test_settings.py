@@ -9,7 +9,7 @@ from dataclasses import fields
 
 import pytest
 
-from aevae.services.settings import MAX_MESSAGE_BYTES, PORTS, ServiceSettings, listen_problem
+from aevae.services.settings import MAX_MESSAGE_BYTES, PORTS, ServiceSettings, listen_problem, listeners_problem
 from helpers import ROOT
 
 
@@ -108,3 +108,12 @@ def test_a_port_that_cannot_be_had_is_named_with_its_cause() -> None:
             f"127.0.0.1:{port} is in use by another process (another aevae decoder?): stop it, or pass another "
             "--metrics-port (0 picks a free one)")
     assert listen_problem("127.0.0.1", 0, "--port", "decoder") is None
+
+
+def test_the_metrics_port_is_checked_on_its_own_host() -> None:
+    """--metrics-host: the metrics port is tried on that address, and a problem with it names that flag."""
+    bad = ServiceSettings(metrics_port=0, metrics_host="999.1.1.1")
+    assert (listeners_problem(bad.listeners("decoder")) or "").startswith("--metrics-host 999.1.1.1 does not resolve")
+    assert ServiceSettings(metrics_port=0, host="999.1.1.1", metrics_host="127.0.0.1").metrics_address == "127.0.0.1"
+    assert ServiceSettings(metrics_port=0).metrics_address == "127.0.0.1"  # --host's
+    assert listeners_problem(ServiceSettings(metrics_port=0, metrics_host="127.0.0.2").listeners("decoder")) is None

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65vae/v1/tensor.proto\x12\x08\x61\x65vae.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\x90\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x12\n\nlatent_dim\x18\x05 \x01(\x03\x12\x13\n\x0bimage_shape\x18\x06 \x03(\x03\x12\x31\n\x07metrics\x18\x07 \x03(\x0b\x32 .aevae.v1.ModelInfo.MetricsEntry\x12\'\n\x06\x62roken\x18\x08 \x03(\x0b\x32\x17.aevae.v1.BrokenVersion\x12\x0f\n\x07runtime\x18\t \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\rBrokenVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x11\n\tmax_batch\x18\x02 \x01(\x03\"[\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.aevae.v1.ModelInfo\x12 \n\x06limits\x18\x02 \x01(\x0b\x32\x10.aevae.v1.Limitsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x61\x65vae/v1/tensor.proto\x12\x08\x61\x65vae.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\"\xa6\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x12\n\nlatent_dim\x18\x05 \x01(\x03\x12\x13\n\x0bimage_shape\x18\x06 \x03(\x03\x12\x31\n\x07metrics\x18\x07 \x03(\x0b\x32 .aevae.v1.ModelInfo.MetricsEntry\x12\'\n\x06\x62roken\x18\x08 \x03(\x0b\x32\x17.aevae.v1.BrokenVersion\x12\x0f\n\x07runtime\x18\t \x01(\t\x12\x14\n\x0c\x62roken_count\x18\n \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\rBrokenVersion\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06reason\x18\x02 \x01(\t\"6\n\x06Limits\x12\x19\n\x11max_message_bytes\x18\x01 \x01(\x03\x12\x11\n\tmax_batch\x18\x02 \x01(\x03\"[\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.aevae.v1.ModelInfo\x12 \n\x06limits\x18\x02 \x01(\x0b\x32\x10.aevae.v1.Limitsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSREQUEST']._serialized_start=89
   _globals['_LISTMODELSREQUEST']._serialized_end=108
   _globals['_MODELINFO']._serialized_start=111
-  _globals['_MODELINFO']._serialized_end=383
-  _globals['_MODELINFO_METRICSENTRY']._serialized_start=337
-  _globals['_MODELINFO_METRICSENTRY']._serialized_end=383
-  _globals['_BROKENVERSION']._serialized_start=385
-  _globals['_BROKENVERSION']._serialized_end=433
-  _globals['_LIMITS']._serialized_start=435
-  _globals['_LIMITS']._serialized_end=489
-  _globals['_LISTMODELSRESPONSE']._serialized_start=491
-  _globals['_LISTMODELSRESPONSE']._serialized_end=582
+  _globals['_MODELINFO']._serialized_end=405
+  _globals['_MODELINFO_METRICSENTRY']._serialized_start=359
+  _globals['_MODELINFO_METRICSENTRY']._serialized_end=405
+  _globals['_BROKENVERSION']._serialized_start=407
+  _globals['_BROKENVERSION']._serialized_end=455
+  _globals['_LIMITS']._serialized_start=457
+  _globals['_LIMITS']._serialized_end=511
+  _globals['_LISTMODELSRESPONSE']._serialized_start=513
+  _globals['_LISTMODELSRESPONSE']._serialized_end=604
 # @@protoc_insertion_point(module_scope)

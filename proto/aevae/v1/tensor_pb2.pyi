@@ -99,6 +99,7 @@ class ModelInfo(_message.Message):
     METRICS_FIELD_NUMBER: _builtins.int
     BROKEN_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
+    BROKEN_COUNT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     """The newest loadable version: what a request with version 0 gets (0 when no version loads)."""
@@ -107,6 +108,8 @@ class ModelInfo(_message.Message):
     latent_dim: _builtins.int
     runtime: _builtins.str
     """The runtime serving the default version: "onnx" or "torch"; empty when no version loads."""
+    broken_count: _builtins.int
+    """How many versions are known to be broken, listed in `broken` or not."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Every version not known to be broken, ascending."""
@@ -121,8 +124,9 @@ class ModelInfo(_message.Message):
 
     @_builtins.property
     def broken(self) -> _containers.RepeatedCompositeFieldContainer[Global___BrokenVersion]:
-        """Versions that cannot be served (failed checksum, unsafe or unreadable weights, incomplete), with why.
-        They are left out of `versions` and never the default.
+        """Versions that cannot be served (failed checksum, unsafe or unreadable weights, incomplete), with why:
+        the newest 16 of them (a repository can hold any number; the server log names every one). They are left
+        out of `versions` and never the default.
         """
 
     def __init__(
@@ -137,10 +141,11 @@ class ModelInfo(_message.Message):
         metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         broken: _abc.Iterable[Global___BrokenVersion] | None = ...,
         runtime: _builtins.str = ...,
+        broken_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken", b"broken", "image_shape", b"image_shape", "kind", b"kind", "latent_dim", b"latent_dim", "metrics", b"metrics", "name", b"name", "runtime", b"runtime", "version", b"version", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["broken", b"broken", "broken_count", b"broken_count", "image_shape", b"image_shape", "kind", b"kind", "latent_dim", b"latent_dim", "metrics", b"metrics", "name", b"name", "runtime", b"runtime", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
