@@ -49,15 +49,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; Ctrl-C and SIGTERM end it with 130 and 143 and no traceback, from the first import on
+    (a Ctrl-C while the commands' modules were imported printed one)."""
+    try:
+        return _run(argv)
+    except Terminated:
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        # Exiting now: a SIGTERM from here on (a supervisor, `aevae up` stopping its children) ends the process
+        # as by default, rather than raise Terminated into the interpreter's shutdown ("Exception ignored in
+        # threading._shutdown" and a traceback).
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     raise_on_sigterm()  # `aevae serve` replaces it with its graceful drain once it is up
     try:
         return int(args.func(args) or 0)
-    except Terminated:
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        return 130
     except UserError as exc:
         print(f"aevae {args.command}: error: {exc}", file=sys.stderr)
         return 2

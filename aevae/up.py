@@ -152,7 +152,7 @@ class Stack:
             service = ServiceProcess(kind, self.models_dir, self.host, port,
                                      [*self.serve_args, *metrics, *self._security_args()], echo=f"[{kind}]",
                                      security=self.security)
-            service.command = _dies_with_us(service.command)
+            service.command = _dies_with_us(service.command, interrupts=False)
             self.services[kind] = service
             service.start()
         for service in self.services.values():
@@ -167,7 +167,7 @@ class Stack:
         if self.metrics_ports:
             command += ["--metrics-port", str(self.metrics_ports["ui"])]
         command += self._security_args(ui=True)
-        self.ui = ui = subprocess.Popen(_dies_with_us(command))
+        self.ui = ui = subprocess.Popen(_dies_with_us(command, interrupts=False))
         host = _connectable(self.host)
         deadline = time.monotonic() + timeout
         while True:
@@ -311,25 +311,31 @@ def _end_training(process: subprocess.Popen[bytes], signalled: bool) -> None:
 # sends it SIGTERM when `aevae up` ends, SIGKILL included, which no handler of ours sees. Without it a killed
 # `aevae up` left the services and the UI serving on, holding their ports (and a trainer training on). The
 # kernel may send it more than once (again as each of our threads still exiting ends): a service's stop is the
-# same stop again. A Ctrl-C that finds the launcher ends it without a traceback.
+# same stop again. A Ctrl-C that finds the launcher ends it without a traceback, or is ignored from then on
+# (execv keeps an ignored signal ignored, and Python then leaves SIGINT alone) when `aevae up` stops the child.
 _DIE_WITH_PARENT = """\
-import signal; signal.signal(signal.SIGINT, signal.SIG_DFL)
-import ctypes, os, sys
+import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN if sys.argv[2] == "ignore" else signal.SIG_DFL)
+import ctypes, os
 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 if os.getppid() != int(sys.argv[1]):
     sys.exit(128 + signal.SIGTERM)  # aevae up ended before that was set
-os.execv(sys.argv[2], sys.argv[2:])
+os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
-def _dies_with_us(command: list[str]) -> list[str]:
+def _dies_with_us(command: list[str], interrupts: bool = True) -> list[str]:
     """`command` run so that it gets SIGTERM when this process ends (Linux; elsewhere `command` as it is). To be
     started from the main thread: the kernel sends it when the thread that started the child ends. A launcher
-    rather than Popen's preexec_fn, which is unsafe with threads (the echo threads run)."""
+    rather than Popen's preexec_fn, which is unsafe with threads (the echo threads run).
+
+    `interrupts=False`: the terminal's Ctrl-C, which reaches the whole process group, is ignored until the
+    command sets its own handler, and `aevae up` stops it with SIGTERM: one that came while the child was still
+    importing printed its KeyboardInterrupt traceback under `aevae up`'s own stop."""
     if not sys.platform.startswith("linux"):
         return command
     # -I -S: the launcher needs the standard library only, and starts in 15 ms instead of 25
-    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
+    return [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()),
+            "keep" if interrupts else "ignore", *command]
 
 
 def _await_healthy(service: Any) -> None:

@@ -110,6 +110,29 @@ def test_ctrl_c_after_its_output_reader_went_away_is_no_traceback(tiny_repo: Pat
         up.cleanup()
 
 
+def test_ctrl_c_while_a_child_starts_is_no_traceback(tiny_repo: Path, tmp_path: Path) -> None:
+    """A Ctrl-C at the terminal goes to the whole foreground process group: `aevae up` and its children. One
+    that came while a service was still importing printed that child's KeyboardInterrupt traceback. The services
+    and the UI now leave Ctrl-C to `aevae up`, which stops them."""
+    import time
+
+    up = _up(tmp_path, "--models-dir", str(tiny_repo), *_ports("--ui-port", _free_port()))
+    try:
+        deadline = time.monotonic() + 60
+        while not any("serve encoder" in line and "-I -S" not in line for line in up.running()):  # past the launcher
+            assert time.monotonic() < deadline and up.process.poll() is None, up.text
+            time.sleep(0.02)
+        time.sleep(0.3)  # into its imports (they take about a second): the old code printed a traceback here
+        os.killpg(up.process.pid, signal.SIGINT)  # as the terminal sends it: to the group
+        code = up.process.wait(60)
+        up.reader.join(10)
+        assert "Traceback" not in up.text and "KeyboardInterrupt" not in up.text, up.text
+        assert code in (0, 130), up.text
+        assert up.gone_within(30) == [], up.text
+    finally:
+        up.cleanup()
+
+
 def test_a_child_killed_under_up_stops_the_rest_and_says_so(tiny_repo: Path, tmp_path: Path) -> None:
     """A child's end said as Popen's code ("decoder exited with code -9"): killed by a signal, said so."""
     up = _up(tmp_path, "--models-dir", str(tiny_repo), "--no-ui", *_ports())

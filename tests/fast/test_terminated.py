@@ -26,3 +26,17 @@ def test_the_first_sigterm_raises_and_later_ones_do_not_interrupt_the_stop() -> 
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_after_main_returned_is_not_raised_into_the_shutdown() -> None:
+    """A command that has returned is exiting: a SIGTERM then (`aevae up` stopping a child that ended on a
+    Ctrl-C) raised Terminated into the interpreter's shutdown, a traceback under "Exception ignored in
+    threading._shutdown". main leaves SIGTERM to its default on the way out."""
+    from aevae.cli import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert main(["report", "--seed", "-1"]) == 2  # a UserError, after raise_on_sigterm
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)
