@@ -159,3 +159,27 @@ def test_only_the_training_driver_mounts_the_model_repository_writable() -> None
     assert not models_mount(head).get("readOnly"), "the driver writes the versions"
     for pod in workers + serving:
         assert models_mount(pod).get("readOnly") is True, f"{pod['containers'][0]['name']} mounts /models writable"
+
+
+def _bytes(quantity: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return float(quantity[:-2]) * units[quantity[-2:]] if quantity[-2:] in units else float(quantity)
+
+
+def test_every_ray_pod_gives_the_object_store_a_memory_backed_dev_shm() -> None:
+    """Ray puts its object store in /dev/shm, which a Kubernetes container gets at 64 MB: below the store's
+    size (30 % of the pod's memory) Ray falls back to /tmp on disk, with a warning, for every object. Each Ray
+    pod mounts a memory emptyDir there, big enough for the store."""
+    rayjob = next(d for d in documents(DEPLOY / "k8s" / "rayjob-train.yaml") if d["kind"] == "RayJob")
+    rayservice = next(d for d in documents(RAYSERVICE_YAML) if d["kind"] == "RayService")
+    clusters = [rayjob["spec"]["rayClusterSpec"], rayservice["spec"]["rayClusterConfig"]]
+    pods = [pod for c in clusters
+            for pod in [c["headGroupSpec"]["template"]["spec"], *[g["template"]["spec"] for g in c["workerGroupSpecs"]]]]
+    assert len(pods) == 4
+    for pod in pods:
+        (container,) = pod["containers"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory", container["name"]
+        memory = _bytes(container["resources"]["limits"]["memory"])
+        assert 0.3 * memory <= _bytes(volume["emptyDir"]["sizeLimit"]) < memory, container["name"]

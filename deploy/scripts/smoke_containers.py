@@ -314,6 +314,27 @@ def no_telemetry(stack: Stack) -> str:
     return "ONNX Runtime telemetry off in both services (ORT_DISABLE_TELEMETRY=1; nothing about it in their logs)"
 
 
+# compose.yaml's limits: (CPUs, memory in bytes) per service
+LIMITS = {"encoder": (2.0, 2 << 30), "decoder": (2.0, 2 << 30), "ui": (1.0, 512 << 20)}
+
+
+def limits(stack: Stack) -> str:
+    """compose.yaml's CPU and memory limits reach the containers (podman-compose passes --cpus and --memory),
+    and what each container uses after the round trips, against its limit."""
+    used = {}
+    for service, (cpus, memory) in LIMITS.items():
+        host = stack.inspect(service)["HostConfig"]
+        got = (host.get("NanoCpus", 0) / 1e9, host.get("Memory", 0))
+        if got != (cpus, memory):
+            raise SmokeFailure(f"{service} runs with {got[0]:g} CPUs and {got[1]} bytes of memory, not compose's "
+                               f"{cpus:g} and {memory}")
+        stats = json.loads(run(["podman", "stats", "--no-stream", "--format", "json", stack.container(service)],
+                               env=stack.env).stdout)
+        used[service] = stats[0].get("mem_usage", "?").split("/")[0].strip()
+    return ("limits applied: encoder and decoder 2 CPUs and 2 GiB, ui 1 CPU and 512 MiB; memory in use: "
+            + ", ".join(f"{n} {u}" for n, u in used.items()))
+
+
 def check_ui(url: str, token: str) -> str:
     """The UI as a browser uses it: anonymous -> /login; the form logs in (a session cookie); then the page and
     the API answer, /api/models through the UI's own (token-carrying) calls to the services."""
@@ -447,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(no_telemetry(stack))
         summary.append(refusals(encoder, decoder))
         summary.append(check_ui(f"http://127.0.0.1:{ports['ui']}", token))
+        summary.append(limits(stack))
         if args.keep:
             summary.append(f"left running: project {stack.project}, ports {ports}")
         else:
