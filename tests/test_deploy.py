@@ -328,6 +328,7 @@ def test_compose_serves_a_repository_and_the_train_file_trains_it_first() -> Non
         assert "depends_on" not in service
         assert args.kind == name
         assert args.shutdown_delay + args.grace < seconds(service["stop_grace_period"]), "drained before SIGKILL"
+        assert args.shutdown_delay + args.grace < 10, "drained within the 10 s podman-compose gives, whatever it says"
         assert service["volumes"] == [f"{models}:ro"]
     ui = services["ui"]
     assert ui["depends_on"] == {"encoder": {"condition": "service_healthy"},
