@@ -350,12 +350,18 @@ def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     enough of them (128 under a limit of 128 open files) took the last descriptor, so that the server could
     accept no other client (gRPC logs "File descriptor limit reached" and retries, for ever); on the health
     port (plaintext, no token needed) anyone could do that. A live client answers the pings: its idle channel
-    stays connected."""
+    stays connected, until --max-connection-age-s."""
     timeout_ms = round(min(settings.keepalive_seconds, 20.0) * 1000)
-    return [("grpc.keepalive_time_ms", round(settings.keepalive_seconds * 1000)),
-            ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms),
-            ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
+    options = [("grpc.keepalive_time_ms", round(settings.keepalive_seconds * 1000)),
+               ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms),
+               ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
+    # A live client that stops reading a stream answers the pings and holds its call slot (and the answers
+    # gRPC has taken) for as long as its connection lives: the connection's age is what ends it.
+    if settings.max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000))]
+    return options
 
 
 async def serve_health(settings: ServiceSettings, add_health: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server | None:

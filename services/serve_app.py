@@ -56,7 +56,8 @@ MAX_ONGOING_REQUESTS = 64  # >= the Decode batch size, so that a full batch can 
 # Settings of `aevae serve`'s own gRPC server. Under Ray Serve its proxy owns the port, the connections,
 # TLS, tokens, metrics and shutdown (docs/deploy.md), so one of these in `args:` would be silently ignored:
 # it is refused instead, naming what to use.
-SERVER_ONLY = ("host", "port", "grace", "shutdown_delay", "keepalive_seconds", "metrics_port", "metrics_host",
+SERVER_ONLY = ("host", "port", "grace", "shutdown_delay", "keepalive_seconds", "max_connection_age_s",
+               "max_connection_age_grace_s", "metrics_port", "metrics_host",
                "tls_cert", "tls_key", "tls_client_ca", "token_file", "insecure", "health_port")
 
 

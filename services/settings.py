@@ -174,6 +174,16 @@ class ServiceSettings:
                                           "its connection holds neither its calls' slots and memory nor a file "
                                           "descriptor", minimum=0.001,
                                   maximum=MAX_KEEPALIVE_SECONDS)
+    # The one end for a stream whose client stops reading: grpc.aio cannot end a call whose write waits on
+    # flow control, but the transport can close its connection. It also spreads long-lived clients over replicas.
+    max_connection_age_s: float = _opt(3600.0, "seconds after which the server asks a client to reconnect "
+                                               "(GOAWAY, give or take a tenth): its new calls go on a new "
+                                               "connection, and the calls in flight get --max-connection-age-grace-s "
+                                               "more to finish; 0: never", maximum=MAX_KEEPALIVE_SECONDS)
+    max_connection_age_grace_s: float = _opt(600.0, "seconds calls in flight on a connection past "
+                                                    "--max-connection-age-s get before it is closed, which ends "
+                                                    "them (a stream whose client stopped reading included)",
+                                             maximum=MAX_KEEPALIVE_SECONDS)
     grace: float = _opt(10.0, "seconds calls in flight get to finish on SIGTERM")
     shutdown_delay: float = _opt(0.5, "seconds between NOT_SERVING and refusing new calls on SIGTERM")
     runtime: str = _opt("auto", "model runtime: auto (ONNX Runtime when the version has graphs and "

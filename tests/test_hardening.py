@@ -329,6 +329,62 @@ def test_streams_whose_clients_stop_reading_hold_at_most_the_unsent_budget(repo:
                 channel.close()
 
 
+def test_a_stream_whose_client_stopped_reading_ends_with_its_connections_age(repo: Path) -> None:
+    """A live client that stops reading a stream answers the keepalive pings, and grpc.aio cannot end a call
+    whose write waits on flow control: the stream held its call slot (and what gRPC had taken of its answers)
+    for as long as the connection lived, for good. --max-connection-age-s asks the client to reconnect, and
+    after --max-connection-age-grace-s the connection closes: the slot and the bytes come back, and a client
+    that goes on calling is answered throughout (its next calls on a new connection)."""
+    big = _request(4000)  # 16 MB of float32 images per answer
+    args = ["--max-concurrent-rpcs", "2", "--max-connection-age-s", "1", "--max-connection-age-grace-s", "1",
+            "--metrics-port", "0"]
+    with ServiceProcess("decoder", repo, args=args) as service:
+        service.wait_healthy()
+        url = metrics_url(service.output)
+        options = [("grpc.max_receive_message_length", -1)]
+        with grpc.insecure_channel(service.address, options=options) as stalled_channel, \
+                grpc.insecure_channel(service.address, options=options) as channel:
+            stalled = decoder_pb2_grpc.DecoderStub(stalled_channel).DecodeStream(iter([big] * 20))  # never read
+            stub = decoder_pb2_grpc.DecoderStub(channel)
+            deadline = time.monotonic() + 30
+            while value_of(scrape(url), "aevae_admission_calls") < 1:  # the stream holds its slot
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            answered = 0
+            while value_of(scrape(url), "aevae_admission_calls") > 0 or answered < 20:
+                assert time.monotonic() < deadline, "the stalled stream kept its slot past its connection's age"
+                assert stub.Decode(_request(3), timeout=10).version == 1  # answered across the reconnections
+                answered += 1
+                time.sleep(0.1)
+            assert value_of(scrape(url), "aevae_admission_unsent_bytes") == 0
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in stalled:  # what the client had received, then the end of the connection
+                    pass
+            assert ended.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                          grpc.StatusCode.INTERNAL), ended.value
+    output = "".join(service.output)
+    assert "Traceback" not in output, output[-2000:]
+
+
+def test_the_client_resumes_streams_cut_by_their_connections_age(repo: Path) -> None:
+    """A stream longer than its connection's age plus the grace is cut when the connection closes: aevae's
+    client resumes it after its last answer, on a new connection, and every image comes back, in order."""
+    from aevae.client import DecoderClient
+    from aevae.store import ModelStore
+
+    z = np.random.default_rng(0).normal(size=(150_000, 4)).astype(np.float32)
+    args = ["--max-connection-age-s", "0.2", "--max-connection-age-grace-s", "0.2", "--metrics-port", "0"]
+    with ServiceProcess("decoder", repo, args=args) as service:
+        service.wait_healthy()
+        with DecoderClient(service.address, timeout=120) as client:
+            images = client.decode(z, model="vae")
+        streams = sum(v for (n, labels), v in scrape(metrics_url(service.output)).items()
+                      if n == "aevae_grpc_requests_total" and ("method", "DecodeStream") in labels)
+    assert streams >= 2, f"{streams} stream(s): none was cut, so nothing was resumed"
+    expected = ModelStore(repo).get("vae").decode(z)
+    assert images.shape == expected.shape and np.array_equal(images, expected)
+
+
 def value_of(samples: Samples, name: str) -> float:
     return sum(v for (n, _), v in samples.items() if n == name)
 
