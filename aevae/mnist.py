@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,33 +65,66 @@ def _how_to_fix(raw: Path | None) -> str:
     )
 
 
-def verify(raw: Path) -> dict[str, str]:
-    """Checks each file's size and SHA-256; names the first file that is missing, truncated or corrupt."""
-    digests = {}
+def _missing(path: Path, raw: Path) -> str:
+    """Why `path` is not there, and the fix. The gzip archives are what the MNIST site serves and what
+    torchvision downloads: with only `<name>.gz` in the folder, "missing file" alone sent a user looking for a
+    file that was right there, compressed."""
+    if path.is_symlink():
+        return f"{path} is a symlink to {os.readlink(path)}, which does not exist."
+    packed = path.with_name(path.name + ".gz")
+    if packed.is_file():
+        return (f"missing file {path}: found {packed.name}, which aevae does not read compressed; decompress it "
+                f"(gunzip -k {packed}).")
+    return f"missing file {path}. " + _how_to_fix(raw)
+
+
+def _read_file(path: Path, raw: Path, size: int) -> bytes:
+    """The bytes of one MNIST file; MnistError naming the file and what is wrong with it. A file that cannot
+    be read (its permissions, an I/O error) was an OSError traceback, and a folder or a FIFO in its place was
+    reported as missing."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:  # also a symlink to nothing
+        raise MnistError(_missing(path, raw)) from None
+    except OSError as exc:
+        raise MnistError(f"{path} cannot be read: {exc.strerror or exc}.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise MnistError(f"{path} is a folder; it should be the uncompressed IDX file of that name.")
+    if not stat.S_ISREG(st.st_mode):
+        raise MnistError(f"{path} is not a regular file (a FIFO, socket or device); it should be the "
+                         f"uncompressed IDX file of that name.")
+    if st.st_size != size:
+        raise MnistError(
+            f"{path} is truncated or wrong: {st.st_size} bytes, expected {size}. Replace it with the "
+            f"original uncompressed file."
+        )
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise MnistError(f"{path} cannot be read: {exc.strerror or exc}.") from None
+
+
+def read_verified(raw: Path) -> dict[str, bytes]:
+    """Each file's bytes, its size and SHA-256 checked; names the first file that is missing, unreadable,
+    truncated or corrupt. Parsed from these same bytes (`_parse_idx`): what was checked is what is trained on."""
+    contents = {}
     for name, (size, sha, _, _) in FILES.items():
         path = raw / name
-        if not path.is_file():
-            raise MnistError(f"missing file {path}. " + _how_to_fix(raw))
-        actual = path.stat().st_size
-        if actual != size:
-            raise MnistError(
-                f"{path} is truncated or wrong: {actual} bytes, expected {size}. Replace it with the "
-                f"original uncompressed file."
-            )
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        data = _read_file(path, raw, size)
+        digest = hashlib.sha256(data).hexdigest()
         if digest != sha:
             raise MnistError(f"{path} is corrupt: sha256 {digest}, expected {sha}. Replace it with the original.")
-        digests[name] = digest
-    return digests
+        contents[name] = data
+    return contents
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    _, _, magic, count = FILES[path.name]
-    data = np.fromfile(path, dtype=np.uint8)
+def _parse_idx(name: str, data: bytes) -> np.ndarray:
+    """An IDX file's items from its verified bytes: images N x 28 x 28 or labels N, uint8."""
+    _, _, magic, count = FILES[name]
     header = 16 if magic == 2051 else 8
-    if int.from_bytes(data[:4].tobytes(), "big") != magic:
-        raise MnistError(f"{path} is not an IDX file with magic {magic}")
-    body = data[header:]
+    if int.from_bytes(data[:4], "big") != magic:
+        raise MnistError(f"{name} is not an IDX file with magic {magic}")
+    body = np.frombuffer(data, dtype=np.uint8, offset=header)
     return body.reshape(count, RAW_SIZE, RAW_SIZE) if magic == 2051 else body.copy()
 
 
@@ -115,6 +149,18 @@ def _download(cache: Path) -> Path:
     return cache / "MNIST" / "raw"
 
 
+def _one_level_off(root: Path) -> str:
+    """A hint when --data-root names the folder holding the files (or MNIST/) rather than the one holding
+    MNIST/raw/: the usual slip, which the error alone ("looked in .../MNIST/raw/MNIST/raw") left to be spotted."""
+    first = next(iter(FILES))
+    for files in (root, root / "raw"):
+        if (files / first).exists() or (files / f"{first}.gz").exists():
+            fix = (f"pass --data-root {files.parent.parent}" if (files.parent.name, files.name) == ("MNIST", "raw")
+                   else "move them into DIR/MNIST/raw/ and pass --data-root DIR")
+            return f" The files are in {files}: {fix}."
+    return ""
+
+
 def resolve_root(data_root: str | os.PathLike[str] | None) -> Path | None:
     """--data-root wins over the environment variable; None means neither was given."""
     value = data_root or os.environ.get(DATA_ROOT_ENV)
@@ -127,10 +173,14 @@ def load(data_root: str | os.PathLike[str] | None = None, cache: Path | None = N
     if root is not None:
         raw = root / "MNIST" / "raw"
         if not raw.is_dir():
-            raise MnistError(_how_to_fix(raw))
+            raise MnistError(_how_to_fix(raw) + _one_level_off(root))
     else:
         raw = _download(cache or Path.home() / ".cache" / "aevae")
-    digests = verify(raw)
-    train = Split(pad(_read_idx(raw / "train-images-idx3-ubyte")), _read_idx(raw / "train-labels-idx1-ubyte"))
-    test = Split(pad(_read_idx(raw / "t10k-images-idx3-ubyte")), _read_idx(raw / "t10k-labels-idx1-ubyte"))
-    return Mnist(train=train, test=test, source=str(raw.resolve()), sha256=digests)
+    contents = read_verified(raw)
+
+    def split(prefix: str) -> Split:
+        return Split(pad(_parse_idx(f"{prefix}-images-idx3-ubyte", contents[f"{prefix}-images-idx3-ubyte"])),
+                     _parse_idx(f"{prefix}-labels-idx1-ubyte", contents[f"{prefix}-labels-idx1-ubyte"]))
+
+    digests = {name: sha for name, (_, sha, _, _) in FILES.items()}  # each file's, checked by read_verified
+    return Mnist(train=split("train"), test=split("t10k"), source=str(raw.resolve()), sha256=digests)

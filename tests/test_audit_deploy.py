@@ -143,7 +143,7 @@ def test_only_the_training_driver_mounts_the_model_repository_writable() -> None
 
     from aevae.trainer import job, loop
 
-    assert "write_version(" in inspect.getsource(job.run) and "repository" not in inspect.getsource(loop)
+    assert "write_version(" in inspect.getsource(job) and "repository" not in inspect.getsource(loop)
     rayjob = next(d for d in documents(DEPLOY / "k8s" / "rayjob-train.yaml") if d["kind"] == "RayJob")
     rayservice = next(d for d in documents(RAYSERVICE_YAML) if d["kind"] == "RayService")
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

@@ -7,7 +7,6 @@ statistics over the whole training set and writes a version atomically.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import io
 import json
@@ -16,6 +15,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -63,14 +63,22 @@ def _start_ray(address: str | None) -> None:
     if address:
         _check_reachable(address)
         print(f"connecting to the Ray cluster at {address}", flush=True)
-        try:
+    try:
+        if address:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
-        except (ConnectionError, ValueError) as exc:  # "auto" with no cluster; Ray Client's 30 s timeout
-            raise UserError(f"cannot connect to the Ray cluster at --address {address}: {exc}; {ADDRESS_HELP}") from None
-    else:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR, runtime_env=runtime_env)
-    raise_on_sigterm()  # ray.init made SIGTERM a sys.exit
+        else:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.ERROR, runtime_env=runtime_env)
+    except (ConnectionError, ValueError) as exc:  # "auto" with no cluster; Ray Client's 30 s timeout
+        raise UserError(f"cannot connect to the Ray cluster at --address {address}: {exc}; {ADDRESS_HELP}") from None
+    except SystemExit as exc:
+        # ray.init makes SIGTERM a sys.exit(15) first thing: one during its start-up (several seconds) ended
+        # the run with status 15 and not a word, where any other SIGTERM ends it with 143 and its stop line.
+        if exc.code == signal.SIGTERM:
+            raise Terminated() from None
+        raise
+    finally:
+        raise_on_sigterm()  # ray.init made SIGTERM a sys.exit
 
 
 def _check_reachable(address: str) -> None:
@@ -258,8 +266,6 @@ def write_version(repository: ModelRepository, name: str, manifest: Manifest, mo
 
 def run(config: TrainConfig) -> list[Version]:
     """Trains every model in `config.models`; returns the versions written, in order."""
-    import ray
-
     for kind in config.models:
         if kind not in ("ae", "vae"):
             raise ValueError(f"--models accepts ae and vae, got {kind!r}")
@@ -273,37 +279,47 @@ def run(config: TrainConfig) -> list[Version]:
     repository.ensure_writable(archs, needed_bytes=sum(version_bytes(arch) for arch in archs.values()))
     if config.address:  # a bad form, or nothing listening, said before MNIST is read and checked
         _check_reachable(config.address)
-    data = mnist.load(config.data_root)
-    train = data.train
-    if config.train_limit:
-        train = mnist.Split(train.images[:config.train_limit], train.labels[:config.train_limit])
-    print(f"MNIST from {data.source}: {len(train.images):,} training and {len(data.test.images):,} test images",
-          flush=True)
+    started = time.perf_counter()
+    run_name: str | None = None
+    written: list[Version] = []
+    try:
+        data = mnist.load(config.data_root)
+        train = data.train
+        if config.train_limit:
+            train = mnist.Split(train.images[:config.train_limit], train.labels[:config.train_limit])
+        print(f"MNIST from {data.source}: {len(train.images):,} training and {len(data.test.images):,} test "
+              "images", flush=True)
+        # Named (and its folder made) before Ray starts: a --storage-path that cannot be written is said at
+        # once, not after Ray's start-up.
+        run_name = _run_name(config, "-".join(archs))
+        _train_and_write(config, archs, repository, data, train, run_name, written)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: Ray stops the workers as the driver exits
+        kept = _kept(config, run_name) if run_name else "it stopped while reading MNIST, before anything started"
+        print(_stopped_line(exc, time.perf_counter() - started, list(archs), written, kept), file=sys.stderr,
+              flush=True)
+        raise
+    _remove_checkpoints(config, run_name)
+    return written
 
-    # Named (and its folder made) before Ray starts: a --storage-path that cannot be written is said at once,
-    # not after Ray's start-up.
-    run_name = _run_name(config, "-".join(archs))
+
+def _train_and_write(config: TrainConfig, archs: dict[str, Architecture], repository: ModelRepository,
+                     data: mnist.Mnist, train: mnist.Split, run_name: str, written: list[Version]) -> None:
+    """Starts Ray, trains, and writes each model's version, appending it to `written` as it is written (what a
+    stop part-way has to account for)."""
+    import ray
+
     try:
         _start_ray(config.address)
-    except BaseException:
-        _remove_unstarted(config, run_name)
-        raise
-    if config.address:
-        check_cpus("--num-workers", config.num_workers, config.cpus_per_worker, ray.cluster_resources().get("CPU", 0),
-                   config.address)
-    refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
-    print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, {config.precision}, "
-          f"{config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
-    started = time.perf_counter()
-    kept = f"the run's last checkpoint stays under --storage-path {config.storage_path}"
-    if _local_runs(config) is not None:
-        kept += " (`aevae train --resume` with the same options continues it)"
-    try:
+        if config.address:
+            check_cpus("--num-workers", config.num_workers, config.cpus_per_worker,
+                       ray.cluster_resources().get("CPU", 0), config.address)
+        refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
+        print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, "
+              f"{config.precision}, {config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
+        started = time.perf_counter()
         states, metrics = _fit(config, archs, refs, run_name)
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: Ray stops the workers as the driver exits
-        how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
-        print(f"aevae train: stopped by {how} after {time.perf_counter() - started:.0f}s, nothing written; {kept}",
-              file=sys.stderr, flush=True)
+    except Exception:  # Ray did not start, or the run failed: its folder goes if it holds nothing to resume
+        _kept(config, run_name)
         raise
     seconds = time.perf_counter() - started
     diverged = [name for name in archs if not all(_finite(metrics[name].get(key))
@@ -313,8 +329,8 @@ def run(config: TrainConfig) -> list[Version]:
         # about 160 MB a run they would stay in $TMPDIR for good.
         _remove_checkpoints(config, run_name)
         raise UserError(f"training diverged for {', '.join(diverged)} (a loss of nan or inf), nothing written: "
-                        f"lower --lr (this run {config.lr:g}, default {TrainConfig().lr:g})")
-    written: list[Version] = []
+                        f"lower --lr (this run {config.lr:g}, default {TrainConfig().lr:g}); stopped after epoch "
+                        f"{metrics.get('epoch', config.epochs)} of {config.epochs}")
     for name, arch in archs.items():
         model = build(arch)
         model.load_state_dict(states[name])
@@ -328,11 +344,11 @@ def run(config: TrainConfig) -> list[Version]:
         except (NonFiniteOutput, onnx_export.OnnxExportError) as exc:  # nan, or far past float32's precision
             raise UserError(f"[{name}] not written: {exc}; the model is numerically unusable (test loss "
                             f"{metrics[name]['test_loss']:.4g} nats/img), lower --lr (this run {config.lr:g}, "
-                            f"default {TrainConfig().lr:g}); {kept}") from None
+                            f"default {TrainConfig().lr:g}); {_checkpoint_stays(config)}") from None
         except OSError as exc:  # a full disk, or the repository changed under the run
             where = f" ({Path(exc.filename).name})" if exc.filename else ""
             raise UserError(f"[{name}] cannot write its version under {repository.root}: "
-                            f"{exc.strerror or exc}{where}; {kept}"
+                            f"{exc.strerror or exc}{where}; {_checkpoint_stays(config)}"
                             + (f"; written: {', '.join(map(str, written))}" if written else "")) from None
         m = metrics[name]
         print(f"[{name}] wrote {version.path}  test bce {m['test_bce']:.2f}  total {m['test_loss']:.2f} "
@@ -340,8 +356,38 @@ def run(config: TrainConfig) -> list[Version]:
         written.append(version)
     print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch on average)",
           flush=True)
-    _remove_checkpoints(config, run_name)
-    return written
+
+
+def _stopped_line(exc: KeyboardInterrupt, seconds: float, names: list[str], written: list[Version],
+                  kept: str) -> str:
+    """The one line a run stopped by Ctrl-C or SIGTERM ends with, wherever it was: starting Ray, training, or
+    writing the versions. Stopped while writing them, the run ended with no word at all, though one version
+    could be in place and the next not."""
+    how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+    missing = [name for name in names if name not in {version.name for version in written}]
+    what = "nothing written" if not written else f"written: {', '.join(map(str, written))}" + (
+        f", not {', '.join(missing)}" if missing else "")
+    return f"aevae train: stopped by {how} after {seconds:.0f}s, {what}; {kept}"
+
+
+def _kept(config: TrainConfig, run_name: str) -> str:
+    """What a run that ends early leaves under --storage-path, in words for its last line. A run folder with no
+    checkpoint Ray Train can restore (no snapshot of its checkpoints: Ray did not start, or the run stopped
+    before its first epoch ended) is removed first: there is nothing in it to resume, and such folders piled up
+    under $TMPDIR, while the line said that "the run's last checkpoint" stayed there."""
+    root = _local_runs(config)
+    if root is not None and not (root / run_name / RAY_SNAPSHOT_FILE).is_file():
+        shutil.rmtree(root / run_name, ignore_errors=True)
+        return "it stopped before its first checkpoint, so there is nothing to resume"
+    return _checkpoint_stays(config)
+
+
+def _checkpoint_stays(config: TrainConfig) -> str:
+    """Where the run's last checkpoint stays, for the line of a run that trained and then failed or stopped."""
+    if _local_runs(config) is None:
+        return f"the run's last checkpoint stays under --storage-path {config.storage_path}"
+    return (f"the run's last checkpoint stays under --storage-path {config.storage_path} "
+            "(`aevae train --resume` with the same options continues it)")
 
 
 def _local_runs(config: TrainConfig) -> Path | None:
@@ -428,18 +474,6 @@ def _run_name(config: TrainConfig, prefix: str) -> str:
             raise UserError(f"--storage-path {root}: cannot keep the run's checkpoints there "
                             f"({exc.strerror or exc}); pass a writable folder") from None
     return name
-
-
-def _remove_unstarted(config: TrainConfig, run_name: str) -> None:
-    """Removes the folder `_run_name` made when Ray did not even start (an --address that refused, Ctrl-C):
-    only its RUN_FILE, nothing to resume. A folder holding anything else (a resumed run's checkpoints) stays."""
-    root = _local_runs(config)
-    if root is None:
-        return
-    folder = root / run_name
-    with contextlib.suppress(OSError):
-        if [entry.name for entry in folder.iterdir()] == [RUN_FILE]:
-            shutil.rmtree(folder)
 
 
 def _remove_checkpoints(config: TrainConfig, run_name: str) -> None:

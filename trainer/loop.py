@@ -75,6 +75,14 @@ def evaluate(model: Autoencoder, images: torch.Tensor, batch: int = 2000) -> dic
     return {"test_bce": bce_sum / n, "test_kl": kl_sum / n, "test_loss": (bce_sum + kl_sum) / n}
 
 
+def finite(model: Autoencoder) -> bool:
+    """Whether every weight of `model` is a finite number. Once one is nan or inf (a learning rate far too
+    high), every later step is too: a run that diverged trained on to its last epoch (15 by default, minutes)
+    only to be told at the end that it diverged. Alike on every rank (DDP averages the gradients, nan
+    included), so all workers stop after the same epoch."""
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def train_step(m: Member, x: torch.Tensor, precision: str) -> torch.Tensor:
     """One optimizer step of one model on the batch `x`; returns the mean loss per image (detached)."""
     with autocast(precision):
@@ -225,3 +233,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=checkpoint)
             if rank == 0 and progress is not None:
                 progress.put(metrics)  # after the report, so a printed epoch is a checkpointed epoch
+            if not all(finite(m.model) for m in members):
+                break  # diverged: the driver says so from these metrics and writes nothing (trainer.job)
