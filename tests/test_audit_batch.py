@@ -294,7 +294,7 @@ def test_resume_passes_over_a_run_whose_last_checkpoint_is_damaged(tmp_path: Pat
     # fixed bytes: random ones fail torch.load with one exception type or another
     _stopped_run(tmp_path, "vae-new", config.run_identity(), b"\x80\x02not a torch checkpoint" * 4, age=0)
     assert job.stopped_run(config, "vae") == "vae-old"
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a warning: stderr
     assert "run vae-new under" in out and "cannot be resumed: its last checkpoint" in out
     assert "is missing or damaged (" in out and "passing it over" in out
     (tmp_path / "vae-old" / "checkpoint_1" / "state.pt").unlink()

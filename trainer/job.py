@@ -314,7 +314,7 @@ def _train_and_write(config: TrainConfig, archs: dict[str, Architecture], reposi
             check_cpus("--num-workers", config.num_workers, config.cpus_per_worker,
                        ray.cluster_resources().get("CPU", 0), config.address)
         refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
-        print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epochs, "
+        print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epoch{'s' if config.epochs != 1 else ''}, "
               f"{config.precision}, {config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
         started = time.perf_counter()
         states, metrics = _fit(config, archs, refs, run_name)
@@ -419,7 +419,7 @@ def stopped_run(config: TrainConfig, prefix: str) -> str | None:
         # Restored as it is, it failed in every worker (a torch unpickling traceback, exit 1) on every --resume,
         # which `aevae up` always passes; passed over instead, and left for its owner to look at.
         print(f"run {name} under {root} cannot be resumed: {problem}; passing it over (it is left as it is)",
-              flush=True)
+              file=sys.stderr, flush=True)
     return None
 
 
@@ -489,4 +489,5 @@ def _remove_checkpoints(config: TrainConfig, run_name: str) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        print(f"could not remove the run's checkpoints under {folder}: {exc.strerror or exc}", flush=True)
+        print(f"could not remove the run's checkpoints under {folder}: {exc.strerror or exc}", file=sys.stderr,
+              flush=True)
