@@ -251,11 +251,10 @@ class ServiceSettings:
 
     def listeners(self, kind: str) -> list[Listener]:
         """The ports `aevae serve` listens on for `kind`, each with its address."""
-        metrics_host, metrics_flag = (self.host, "--host") if self.metrics_host is None else (self.metrics_host,
-                                                                                            "--metrics-host")
+        metrics_flag = "--host" if self.metrics_host is None else "--metrics-host"
         return [Listener("--port", self.port_for(kind), kind, self.host),
                 Listener("--health-port", self.health_port, kind, self.host),
-                Listener("--metrics-port", self.metrics_port, kind, metrics_host, metrics_flag)]
+                Listener("--metrics-port", self.metrics_port, kind, self.metrics_address, metrics_flag)]
 
     @property
     def metrics_address(self) -> str:
