@@ -24,6 +24,7 @@ from aevae.batch.model import Loaded, resolve
 from aevae.batch.sinks import Sink
 from aevae.cli import main
 from aevae.errors import UserError
+from helpers import without_mnist_or_ray
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -195,20 +196,10 @@ def _fake_training(monkeypatch: pytest.MonkeyPatch, losses: float | None = 700.0
     """`aevae train` without MNIST's files or Ray: 300 random images, and _fit returning fresh weights with
     `losses` as every loss (None: as a run resumed after its last epoch reports a nan from Ray's snapshot).
     Returns the run names _fit was given."""
-    pytest.importorskip("ray")
-    import ray
-
-    from aevae import mnist
     from aevae.models import build
     from aevae.trainer import job
 
-    if ray.is_initialized():
-        pytest.skip("a Ray session is already running in this process")
-    rng = np.random.default_rng(0)
-    split = mnist.Split(rng.integers(0, 256, (300, 32, 32), dtype=np.uint8), rng.integers(0, 10, 300))
-    monkeypatch.setattr(mnist, "load", lambda *args: mnist.Mnist(split, split, "fake", {}))
-    monkeypatch.setattr(job, "_start_ray", lambda address: None)
-    monkeypatch.setattr(ray, "put", lambda value: value)
+    without_mnist_or_ray(monkeypatch)
     runs: list[str] = []
 
     def fit(config: Any, archs: dict, refs: Any, run_name: str) -> tuple[dict, dict]:
@@ -279,7 +270,8 @@ def _stopped_run(root: Path, name: str, identity: dict, state: bytes | None, age
         state = buffer.getvalue()
     (folder / "checkpoint_1" / "state.pt").write_bytes(state)
     when = folder.stat().st_mtime - age
-    os.utime(folder, (when, when))
+    for path in (folder, folder / "checkpoint_manager_snapshot.json"):  # its last checkpoint's time
+        os.utime(path, (when, when))
 
 
 def test_resume_passes_over_a_run_whose_last_checkpoint_is_damaged(tmp_path: Path,
@@ -300,6 +292,31 @@ def test_resume_passes_over_a_run_whose_last_checkpoint_is_damaged(tmp_path: Pat
     (tmp_path / "vae-old" / "checkpoint_1" / "state.pt").unlink()
     assert job.stopped_run(config, "vae") is None
     assert (tmp_path / "vae-new").is_dir()  # left for its owner
+
+
+def test_resume_passes_over_a_run_another_trainer_holds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two `aevae train --resume` with the same options (two `aevae up` on one machine) both took the newest
+    stopped run, or a live run's folder once it had a checkpoint, and trained into one folder. The driver of a
+    run holds its folder's lock: a resume passes such a run over, and takes it once the lock is gone."""
+    import fcntl
+
+    from aevae.trainer import job
+    from aevae.trainer.config import TrainConfig
+
+    config = TrainConfig(models=("vae",), epochs=6, storage_path=str(tmp_path), resume=True)
+    _stopped_run(tmp_path, "vae-old", config.run_identity(), None, age=100)
+    _stopped_run(tmp_path, "vae-new", config.run_identity(), None, age=0)
+    other = os.open(tmp_path / "vae-new" / job.LOCK_FILE, os.O_RDWR | os.O_CREAT)  # as another driver's
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert job.stopped_run(config, "vae") == "vae-old"
+        assert "run vae-new under" in capsys.readouterr().err
+        assert not job.claim(tmp_path / "vae-new")
+    finally:
+        os.close(other)  # that driver ends: its lock goes with it
+    assert job.stopped_run(config, "vae") == "vae-new"
+    for folder in ("vae-old", "vae-new"):
+        job._release(tmp_path / folder)
 
 
 def test_a_long_runs_eta_is_readable() -> None:

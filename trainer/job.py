@@ -8,6 +8,7 @@ statistics over the whole training set and writes a version atomically.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import io
 import json
 import logging
@@ -43,6 +44,11 @@ BCE_FLOOR_NATS = 45.5
 # matches; and the file Ray Train restores a run of the same name from (its checkpoint manager's state).
 RUN_FILE = "aevae-run.json"
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+# Locked (flock) by the driver whose run the folder is, for as long as it lives: a second `aevae train --resume`
+# with the same options (two `aevae up` on one machine) picked the same run, live or stopped, and two drivers
+# then trained into one folder. The kernel drops the lock when its process ends, SIGKILL included.
+LOCK_FILE = "aevae-run.lock"
+_claimed: dict[str, int] = {}  # run folder -> the descriptor holding its lock, open while this process lives
 MAX_FAILURES = 2
 HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 ADDRESS_TIMEOUT_S = 10.0
@@ -378,6 +384,7 @@ def _kept(config: TrainConfig, run_name: str) -> str:
     root = _local_runs(config)
     if root is not None and not (root / run_name / RAY_SNAPSHOT_FILE).is_file():
         shutil.rmtree(root / run_name, ignore_errors=True)
+        _release(root / run_name)
         return "it stopped before its first checkpoint, so there is nothing to resume"
     return _checkpoint_stays(config)
 
@@ -409,18 +416,47 @@ def stopped_run(config: TrainConfig, prefix: str) -> str | None:
         try:
             ran = json.loads((folder / RUN_FILE).read_text())
             if ran == identity and (folder / RAY_SNAPSHOT_FILE).is_file():
-                found.append((folder.stat().st_mtime, folder.name))
+                # the newest by its last checkpoint, not the folder's time, which a lock file made changes
+                found.append(((folder / RAY_SNAPSHOT_FILE).stat().st_mtime, folder.name))
         except (OSError, ValueError):  # another run's folder, one being removed, or not aevae's
             continue
     for _, name in sorted(found, reverse=True):
         problem = _checkpoint_problem(root / name)
         if problem is None:
-            return name
+            if claim(root / name):
+                return name
+            print(f"run {name} under {root} is another aevae train's (running, or resumed by it); passing it over",
+                  file=sys.stderr, flush=True)
+            continue
         # Restored as it is, it failed in every worker (a torch unpickling traceback, exit 1) on every --resume,
         # which `aevae up` always passes; passed over instead, and left for its owner to look at.
         print(f"run {name} under {root} cannot be resumed: {problem}; passing it over (it is left as it is)",
               file=sys.stderr, flush=True)
     return None
+
+
+def claim(folder: Path) -> bool:
+    """Takes the run folder's lock for this process's lifetime (LOCK_FILE); False when another process holds
+    it. Without blocking: a run someone else drives is passed over, not waited for."""
+    if str(folder) in _claimed:
+        return True
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return True  # a folder this process may not lock in is no folder another one resumes either
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _claimed[str(folder)] = fd
+    return True
+
+
+def _release(folder: Path) -> None:
+    fd = _claimed.pop(str(folder), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _checkpoint_problem(folder: Path) -> str | None:
@@ -469,6 +505,7 @@ def _run_name(config: TrainConfig, prefix: str) -> str:
     if root is not None:
         try:
             (root / name).mkdir(parents=True, exist_ok=True)
+            claim(root / name)  # a new run's: a --resume elsewhere must not take it once it has a checkpoint
             (root / name / RUN_FILE).write_text(json.dumps(config.run_identity(), indent=1))
         except OSError as exc:  # before any training: Ray would fail at its first checkpoint
             raise UserError(f"--storage-path {root}: cannot keep the run's checkpoints there "
@@ -487,7 +524,8 @@ def _remove_checkpoints(config: TrainConfig, run_name: str) -> None:
     try:
         shutil.rmtree(folder)
     except FileNotFoundError:
-        return
+        pass
     except OSError as exc:
         print(f"could not remove the run's checkpoints under {folder}: {exc.strerror or exc}", file=sys.stderr,
               flush=True)
+    _release(folder)

@@ -21,7 +21,8 @@ def stopped(root: Path, name: str, config: TrainConfig, snapshot: bool = True, a
     if snapshot:
         (folder / job.RAY_SNAPSHOT_FILE).write_text("{}")
     when = folder.stat().st_mtime - age
-    os.utime(folder, (when, when))
+    for path in (folder, folder / job.RAY_SNAPSHOT_FILE) if snapshot else (folder,):  # its last checkpoint's time
+        os.utime(path, (when, when))
     return folder
 
 
