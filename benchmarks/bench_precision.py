@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -142,7 +143,9 @@ def bench_decoding(data: Any, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
+    shared = Path(__file__).resolve().parents[2] / "shared" / "datasets"  # these machines' copy, beside the clone
+    parser.add_argument("--data-root", default=None,
+                        help=f"folder holding MNIST/raw/ (default: AEVAE_DATA_ROOT, else {shared} if it is there)")
     parser.add_argument("--models-dir", default=None, help="model repository to decode with (default ./models)")
     parser.add_argument("--model", default="vae", help="the model decoded (newest version)")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs per precision")
@@ -158,7 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     from aevae import mnist
 
     print(f"load average at start: {load_average()} ({os.cpu_count()} CPUs)", flush=True)
-    data = mnist.load(args.data_root)
+    try:
+        fallback = shared if shared.is_dir() else None
+        data = mnist.load(args.data_root or os.environ.get(mnist.DATA_ROOT_ENV) or fallback)
+    except mnist.MnistError as exc:
+        print(f"bench_precision: {exc}", file=sys.stderr)
+        return 2
     if not args.skip_decoding:
         bench_decoding(data, args)
     if not args.skip_training:

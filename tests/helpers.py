@@ -30,6 +30,24 @@ def data_root() -> Path:
     return path
 
 
+def without_mnist_or_ray(monkeypatch: Any) -> None:
+    """`aevae train` in process without MNIST's files or Ray: 300 random images as both splits, Ray neither
+    started nor handed the arrays. The caller stands in for `job._fit`."""
+    import pytest
+
+    ray = pytest.importorskip("ray")
+    from aevae import mnist
+    from aevae.trainer import job
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    rng = np.random.default_rng(0)
+    split = mnist.Split(rng.integers(0, 256, (300, 32, 32), dtype=np.uint8), rng.integers(0, 10, 300))
+    monkeypatch.setattr(mnist, "load", lambda *args: mnist.Mnist(split, split, "fake", {}))
+    monkeypatch.setattr(job, "_start_ray", lambda address: None)
+    monkeypatch.setattr(ray, "put", lambda value: value)
+
+
 def run_aevae(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs the real console script in a subprocess and returns what it printed."""
     return subprocess.run([*AEVAE, *args], capture_output=True, text=True, timeout=timeout,

@@ -17,6 +17,7 @@ import pytest
 
 from aevae import cli, mnist
 from aevae.errors import Terminated
+from helpers import without_mnist_or_ray
 
 COUNT = 3  # images per split in the fake IDX files
 
@@ -125,17 +126,10 @@ def test_damaged_files_are_still_named_as_before(raw: Path) -> None:
 def _fake_run(monkeypatch: pytest.MonkeyPatch, fit: Any = None, write: Any = None) -> None:
     """`aevae train` on 300 random images with no Ray: _start_ray does nothing, `fit` stands for _fit (by default
     one returning freshly built weights), `write(name)` is called before each version is written."""
-    pytest.importorskip("ray")
-    import ray
-
     from aevae.models import build
     from aevae.trainer import job
 
-    rng = np.random.default_rng(0)
-    split = mnist.Split(rng.integers(0, 256, (300, 32, 32), dtype=np.uint8), rng.integers(0, 10, 300))
-    monkeypatch.setattr(mnist, "load", lambda *args: mnist.Mnist(split, split, "fake", {}))
-    monkeypatch.setattr(job, "_start_ray", lambda address: None)
-    monkeypatch.setattr(ray, "put", lambda value: value)
+    without_mnist_or_ray(monkeypatch)
 
     def trained(config: Any, archs: dict, refs: Any, run_name: str) -> tuple[dict, dict]:
         figures = {"train_loss": 700.0, "test_bce": 700.0, "test_kl": 0.0, "test_loss": 700.0}
