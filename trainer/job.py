@@ -446,9 +446,12 @@ def claim(folder: Path) -> bool:
         return True  # a folder this process may not lock in is no folder another one resumes either
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # held
         os.close(fd)
         return False
+    except OSError:  # a file system without locks (ENOLCK): as before there were any
+        os.close(fd)
+        return True
     _claimed[str(folder)] = fd
     return True
 
