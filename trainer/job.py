@@ -34,7 +34,7 @@ from aevae.inference import LoadedModel, NonFiniteOutput
 from aevae.latent_stats import compute as compute_stats
 from aevae.manifest import Manifest, now
 from aevae.models import Architecture, Autoencoder, build
-from aevae.repository import STATS, WEIGHTS, FileWriter, ModelRepository, Version, json_writer
+from aevae.repository import MANIFEST, STATS, WEIGHTS, FileWriter, ModelRepository, Version, json_writer, sha256_file
 from aevae.runtimes import TorchRuntime
 from aevae.trainer.config import TrainConfig
 
@@ -48,6 +48,9 @@ RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # with the same options (two `aevae up` on one machine) picked the same run, live or stopped, and two drivers
 # then trained into one folder. The kernel drops the lock when its process ends, SIGKILL included.
 LOCK_FILE = "aevae-run.lock"
+# The versions the run has written (name -> [number, its manifest's sha256]): a run stopped while it wrote them,
+# resumed, wrote the ones already in place again as new versions of the same weights.
+WRITTEN_FILE = "aevae-written.json"
 _claimed: dict[str, int] = {}  # run folder -> the descriptor holding its lock, open while this process lives
 MAX_FAILURES = 2
 HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -320,8 +323,9 @@ def _train_and_write(config: TrainConfig, archs: dict[str, Architecture], reposi
             check_cpus("--num-workers", config.num_workers, config.cpus_per_worker,
                        ray.cluster_resources().get("CPU", 0), config.address)
         refs = {"train_ref": ray.put(train.images), "test_ref": ray.put(data.test.images)}
-        print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {config.epochs} epoch{'s' if config.epochs != 1 else ''}, "
-              f"{config.precision}, {config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
+        epochs = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+        print(f"training {', '.join(archs)} (latent dim {config.latent_dim}, {epochs}, {config.precision}, "
+              f"{config.num_workers} worker(s) x {config.cpus_per_worker} CPU) ...", flush=True)
         started = time.perf_counter()
         states, metrics = _fit(config, archs, refs, run_name)
     except Exception:  # Ray did not start, or the run failed: its folder goes if it holds nothing to resume
@@ -337,7 +341,12 @@ def _train_and_write(config: TrainConfig, archs: dict[str, Architecture], reposi
         raise UserError(f"training diverged for {', '.join(diverged)} (a loss of nan or inf), nothing written: "
                         f"lower --lr (this run {config.lr:g}, default {TrainConfig().lr:g}); stopped after epoch "
                         f"{metrics.get('epoch', config.epochs)} of {config.epochs}")
+    before = _written_before(config, run_name, repository)
     for name, arch in archs.items():
+        if name in before:
+            print(f"[{name}] written by this run before it was stopped: {before[name].path}", flush=True)
+            written.append(before[name])
+            continue
         model = build(arch)
         model.load_state_dict(states[name])
         manifest = _manifest(arch.kind, config, arch, data, len(train.images), metrics, seconds)
@@ -360,8 +369,41 @@ def _train_and_write(config: TrainConfig, archs: dict[str, Architecture], reposi
         print(f"[{name}] wrote {version.path}  test bce {m['test_bce']:.2f}  total {m['test_loss']:.2f} "
               f"nats/img", flush=True)
         written.append(version)
+        _record_written(config, run_name, written)
     print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch on average)",
           flush=True)
+
+
+def _record_written(config: TrainConfig, run_name: str, written: list[Version]) -> None:
+    """Notes in the run's folder the versions it has written (WRITTEN_FILE), for a resume after a stop."""
+    root = _local_runs(config)
+    if root is None:
+        return
+    record = {v.name: [v.number, sha256_file(v.path / MANIFEST)] for v in written}
+    try:
+        (root / run_name / WRITTEN_FILE).write_text(json.dumps(record))
+    except OSError:  # only a resume's shortcut is lost: it writes them again
+        pass
+
+
+def _written_before(config: TrainConfig, run_name: str, repository: ModelRepository) -> dict[str, Version]:
+    """The versions a resumed run wrote before its stop and that are still in place as it wrote them (the same
+    number and manifest: a version deleted, or another written under its number since, is written again)."""
+    root = _local_runs(config)
+    try:
+        record = json.loads((root / run_name / WRITTEN_FILE).read_text()) if root is not None else {}
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, Version] = {}
+    versions = repository.versions()
+    for name, entry in record.items() if isinstance(record, dict) else ():
+        for version in versions.get(name, []):
+            try:
+                if [version.number, sha256_file(version.path / MANIFEST)] == entry:
+                    found[name] = version
+            except OSError:
+                continue
+    return found
 
 
 def _stopped_line(exc: KeyboardInterrupt, seconds: float, names: list[str], written: list[Version],

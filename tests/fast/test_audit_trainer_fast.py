@@ -179,6 +179,32 @@ def test_stopped_while_writing_the_versions_says_what_was_written(tmp_path: Path
     assert json.loads((run / "aevae-run.json").read_text())["models"] == ["ae", "vae"]
 
 
+def test_a_run_resumed_after_a_stop_while_writing_writes_only_what_it_had_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Stopped after ae/1 was written and before vae's version, then resumed: it wrote ae again, as ae/2, the
+    same weights under a second number. The run notes what it wrote (WRITTEN_FILE); a resume writes the rest,
+    and writes a model again only when its version is gone or is another since."""
+    from aevae.repository import ModelRepository
+
+    stops = ["vae"]
+
+    def stop_once_at_vae(name: str) -> None:
+        if name in stops:
+            stops.remove(name)
+            raise Terminated()
+
+    _fake_run(monkeypatch, write=stop_once_at_vae)
+    assert _train(tmp_path, capsys)[0] == 128 + signal.SIGTERM
+    resume = ["train", "--resume", "--hidden", "16", "--models-dir", str(tmp_path / "m"),
+              "--storage-path", str(tmp_path / "r")]
+    assert cli.main(resume) == 0
+    out = capsys.readouterr().out
+    assert f"[ae] written by this run before it was stopped: {tmp_path / 'm' / 'ae' / '1'}" in out
+    versions = ModelRepository(tmp_path / "m").versions()
+    assert {name: [v.number for v in vs] for name, vs in versions.items()} == {"ae": [1], "vae": [1]}
+    assert list((tmp_path / "r").iterdir()) == []  # done: its checkpoints go
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated])
 def test_stopped_before_the_first_checkpoint_leaves_no_run_folder_and_says_so(
         stop: type[KeyboardInterrupt], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
