@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from aevae.errors import Terminated, UserError, require_port
-from aevae.services.settings import PORTS, Listener, listeners_problem
+from aevae.services.settings import PORTS, Listener, connectable, host_port, listeners_problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -168,7 +168,7 @@ class Stack:
             command += ["--metrics-port", str(self.metrics_ports["ui"])]
         command += self._security_args(ui=True)
         self.ui = ui = subprocess.Popen(_dies_with_us(command, interrupts=False))
-        host = _connectable(self.host)
+        host = connectable(self.host)
         deadline = time.monotonic() + timeout
         while True:
             if ui.poll() is not None:
@@ -180,7 +180,7 @@ class Stack:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the web UI did not listen on {host}:{port} within {timeout:.0f} s") from None
                 time.sleep(0.2)
-        self.ui_url = f"http://{_url_host(host)}:{port}/"
+        self.ui_url = f"http://{host_port(host, port)}/"
         if self.host not in ("127.0.0.1", "localhost", "::1") and self.token_file:  # the UI asks for a login
             self.ui_url += f"?token={self.token_file.read_text().split()[0]}"
 
@@ -197,7 +197,7 @@ class Stack:
         shown = [n for n in ("encoder", "decoder", "ui") if n in self.metrics_ports and (n != "ui" or self.ui_url)]
         if shown:
             lines.append("  metrics  " + "  ".join(
-                f"http://{_url_host(_connectable(self.host))}:{self.metrics_ports[n]}/metrics ({n})" for n in shown))
+                f"http://{host_port(connectable(self.host), self.metrics_ports[n])}/metrics ({n})" for n in shown))
         tls = "-cacert " + str(self.certificates["ca"]) if self.certificates else "-plaintext"
         oip_tls = f", ssl=True, root_certificates=\"{self.certificates['ca']}\"" if self.certificates else ""
         auth = f"-H \"authorization: Bearer $(cat {self.token_file})\" " if self.token_file else ""
@@ -457,16 +457,7 @@ def _require(extra: str, modules: tuple[str, ...]) -> None:
 
 
 def _free_port(host: str) -> int:
-    address = _connectable(host).strip("[]")
+    address = connectable(host).strip("[]")
     with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
         s.bind((address, 0))
         return int(s.getsockname()[1])
-
-
-def _connectable(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-
-
-def _url_host(host: str) -> str:
-    """A host as a URL has it: an IPv6 address in brackets (http://::1:8080/ was printed for --host ::1)."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -413,7 +413,7 @@ class MetricsUnavailable(OSError):
 def serve_metrics(port: int, host: str, what: str) -> int:
     """Starts the /metrics endpoint (a daemon thread) and prints where it is; returns the bound port.
     MetricsUnavailable (an OSError) naming the address and the flag when it cannot listen."""
-    from aevae.services.settings import host_port
+    from aevae.services.settings import connectable, host_port
 
     bare = host.strip("[]")  # "[::1]", as gRPC takes it, is "::1" to a socket
     try:
@@ -425,17 +425,13 @@ def serve_metrics(port: int, host: str, what: str) -> int:
                       f"{exc.strerror or exc}") from None
     threading.Thread(target=server.serve_forever, name="aevae-metrics", daemon=True).start()
     bound = int(server.server_address[1])
-    print(f"aevae {what} metrics on http://{host_port(_connectable(bare), bound)}/metrics", file=sys.stdout,
+    print(f"aevae {what} metrics on http://{host_port(connectable(bare), bound)}/metrics", file=sys.stdout,
           flush=True)
     return bound
 
 
 def watch(store: Any, batchers: Iterable[Any], admission: Any = None) -> None:
     REGISTRY.register(ServiceCollector(store, batchers, admission))
-
-
-def _connectable(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
 
 
 # -- the web UI (aevae ui --metrics-port) ------------------------------------------------------------------

@@ -33,6 +33,12 @@ def host_port(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
+def connectable(host: str) -> str:
+    """The address a client on this machine reaches a listener bound to `host` at: 127.0.0.1 for the wildcard
+    addresses (what `aevae up` and the metrics endpoint print and wait on)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
+
+
 def listen_problem(host: str, port: int, flag: str, what: str, host_flag: str = "--host") -> str | None:
     """Why this process cannot listen on host:port (`flag` names the port's option, `what` the listener), found
     by binding a socket of its own before gRPC does; None: it can. gRPC reports every failure to bind alike,
