@@ -436,6 +436,7 @@ class ModelRepository:
         if not NAME_PATTERN.fullmatch(name):
             raise ValueError(f"model name {name!r} must match {NAME_PATTERN.pattern}")
         model_dir = self.root / name
+        made = not model_dir.exists()
         model_dir.mkdir(parents=True, exist_ok=True)
         remove_stale(model_dir)
         staging = _make_staging(model_dir)
@@ -466,6 +467,9 @@ class ModelRepository:
                 return self._check(name, number, target, self.root.resolve())
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            if made:  # the model's first version failed (a full disk): no empty folder left for it
+                with contextlib.suppress(OSError):  # not empty: another writer's version is in it now
+                    model_dir.rmdir()
             raise
 
     def add_files(self, version: Version, writers: Mapping[str, FileWriter], **manifest_changes: Any) -> Version:

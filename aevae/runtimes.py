@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from aevae import memory
 from aevae.cpus import available_cpus
 from aevae.repository import WEIGHTS, Version
 
@@ -23,8 +24,25 @@ RUNTIMES = ("auto", "onnx", "torch")
 PRECISIONS = ("fp32", "bf16", "int8")  # of decoding
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"  # as aevae.onnx_export writes them
 DECODER_INT8 = "decoder.int8.onnx"
+# The least a load takes, per byte of the files it reads: the bytes read and checked (Version.verified), and the
+# runtime's own copy of the weights, twice for ONNX Runtime's two sessions per graph. Measured on 4096-wide
+# layers: 3.6-3.7x the files' bytes at the peak, on either runtime (docs/measurements.md).
+LOAD_BYTES_PER_FILE_BYTE = 3
 
 log = logging.getLogger(__name__)
+
+
+def require_memory(version: Version, files: list[str]) -> None:
+    """MemoryError, before anything is read, when loading `files` of `version` could not fit in the memory
+    left (`aevae.memory`): a decoder in a 2 GiB container loading a version of 8192-wide layers was killed by
+    the kernel, every request in flight with it, rather than refusing that one version."""
+    try:
+        size = sum(version.file(name).stat().st_size for name in files)
+    except OSError:
+        return  # a missing file is said by the load itself
+    problem = memory.shortfall(LOAD_BYTES_PER_FILE_BYTE * size)
+    if problem:
+        raise MemoryError(f"loading its {' and '.join(files)} ({size / memory.GIB:,.1f} GiB) needs at least {problem}")
 
 
 def onnxruntime() -> Any:
@@ -75,10 +93,11 @@ class OnnxRuntime:
             return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
         ort = onnxruntime()
+        decoder = DECODER_INT8 if precision == "int8" else DECODER
+        require_memory(version, [ENCODER, decoder])
 
         self.encoders = sessions(ENCODER)
         self.precision = precision
-        decoder = DECODER_INT8 if precision == "int8" else DECODER
         self.decoders = sessions(decoder)
         self._variational = len(self.encoders[0].get_outputs()) == 2
         manifest = version.manifest
@@ -167,6 +186,7 @@ class TorchRuntime:
 
         from aevae.models import Architecture, build
 
+        require_memory(version, [WEIGHTS])
         # weights_only=True: a file carrying a pickle payload raises instead of running code. From the bytes
         # checked against the manifest (see Version.verified).
         state = torch.load(io.BytesIO(version.verified(WEIGHTS)), map_location="cpu", weights_only=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from aevae.errors import FailedPrecondition, NotFound, shorten
+from aevae.errors import FailedPrecondition, NotFound, ResourceExhausted, shorten
 from aevae.inference import LoadedModel, load
 from aevae.manifest import Manifest
 from aevae.repository import NAME_PATTERN, ModelRepository, Scan, Version
@@ -206,6 +206,9 @@ class ModelStore:
                 try:
                     fingerprint = version.fingerprint()
                     model = load(version, self.runtime, self.threads, self.precision)
+                except MemoryError as exc:  # not the version's fault, and not for ever: not marked broken
+                    raise ResourceExhausted(f"model {key[0]!r} version {key[1]} cannot be loaded now: "
+                                            f"{exc or 'out of memory'}; it is tried again on the next request") from None
                 except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
                     if isinstance(exc, FileNotFoundError) and not version.path.exists():
                         # removed since the scan: not broken, gone (a default resolution looks again)
@@ -234,7 +237,7 @@ class ModelStore:
                 return
             try:
                 self.get(name)
-            except FailedPrecondition as exc:
+            except (FailedPrecondition, ResourceExhausted) as exc:
                 log.warning("not preloaded: %s", exc)
 
     # -- describing -----------------------------------------------------------------------------------------
@@ -250,6 +253,10 @@ class ModelStore:
             manifest, number, runtime = self._described(name, scan)
         except FailedPrecondition:  # no version loads: described by its newest, with version 0
             manifest, number, runtime = scan.versions[name][-1].manifest, 0, ""
+        except ResourceExhausted:  # too big for the memory left now: described by its manifest, not loaded
+            default = ([v for v in scan.versions[name] if (name, v.number) not in self._broken]
+                       or scan.versions[name])[-1]
+            manifest, number, runtime = default.manifest, default.number, ""
         except NotFound:  # removed since the listing's scan
             return None
         broken = {n: reason for (m, n), (_, reason) in list(self._broken.items()) if m == name}

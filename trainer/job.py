@@ -28,7 +28,7 @@ import torch
 import numpy as np
 
 import aevae
-from aevae import mnist, onnx_export
+from aevae import memory, mnist, onnx_export
 from aevae.errors import Terminated, UserError, check_cpus, raise_on_sigterm
 from aevae.inference import LoadedModel, NonFiniteOutput
 from aevae.latent_stats import compute as compute_stats
@@ -241,6 +241,28 @@ def version_bytes(arch: Architecture) -> int:
     return 8 * weights + decoder + (1 << 20)
 
 
+def training_bytes(archs: dict[str, Architecture], precision: str) -> int:
+    """The least memory one worker needs to train `archs` side by side: per parameter its float32 weight and
+    gradient and Adam's two moments (16 bytes), and with bf16 the weight's and the gradient's bfloat16 copies
+    (4 more). A floor, not an estimate: measured, a step and a checkpoint of 4096-wide models took about 30 bytes
+    per parameter, so a run this refuses could never have run, and one it lets through may still need more."""
+    per_parameter = 16 + (4 if precision == "bf16" else 0)
+    return per_parameter * sum(sum(arch.parameters()) for arch in archs.values())
+
+
+def _check_memory(config: TrainConfig, archs: dict[str, Architecture]) -> None:
+    """Refuses, before MNIST is read or Ray starts, a local run whose workers could not hold their models: it
+    would end in the kernel's out-of-memory killer, which may pick any process of the machine."""
+    parameters = sum(sum(arch.parameters()) for arch in archs.values())
+    problem = memory.shortfall(config.num_workers * training_bytes(archs, config.precision))
+    if problem:
+        workers = f"{config.num_workers} workers, each" if config.num_workers > 1 else "one worker"
+        raise UserError(f"the models of --hidden {','.join(map(str, config.hidden))} --latent-dim {config.latent_dim} "
+                        f"have {parameters:,} parameters, and training them needs at least {problem} ({workers} "
+                        "holding the weights, gradients and Adam's state of every one); pass narrower --hidden "
+                        "layers, fewer --models or fewer --num-workers")
+
+
 def weights_writer(state: dict[str, torch.Tensor]) -> FileWriter:
     """A writer of weights.pt that serializes in memory first: torch.save straight into a file on a full disk
     failed with torch's own "[enforce fail at inline_container.cc] unexpected pos", where writing the bytes gives
@@ -284,6 +306,8 @@ def run(config: TrainConfig) -> list[Version]:
         check_cpus("--num-workers", config.num_workers, config.cpus_per_worker, os.cpu_count() or 1, None)
     archs = {config.target_name(kind): Architecture(kind=kind, latent_dim=config.latent_dim,
                                                     hidden=tuple(config.hidden)) for kind in config.models}
+    if not config.address:  # a remote cluster's memory is not this machine's
+        _check_memory(config, archs)
     repository = ModelRepository(config.models_dir)
     repository.ensure_writable(archs, needed_bytes=sum(version_bytes(arch) for arch in archs.values()))
     if config.address:  # a bad form, or nothing listening, said before MNIST is read and checked
@@ -295,6 +319,9 @@ def run(config: TrainConfig) -> list[Version]:
         data = mnist.load(config.data_root)
         train = data.train
         if config.train_limit:
+            if config.train_limit > len(train.images):
+                print(f"--train-limit {config.train_limit:,} is more than the {len(train.images):,} training images "
+                      "there are: training on all of them", file=sys.stderr, flush=True)
             train = mnist.Split(train.images[:config.train_limit], train.labels[:config.train_limit])
         print(f"MNIST from {data.source}: {len(train.images):,} training and {len(data.test.images):,} test "
               "images", flush=True)
