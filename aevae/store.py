@@ -24,7 +24,7 @@ from typing import Callable
 from aevae.errors import FailedPrecondition, NotFound, ResourceExhausted, shorten
 from aevae.inference import LoadedModel, load
 from aevae.manifest import Manifest
-from aevae.repository import NAME_PATTERN, ModelRepository, Scan, Version
+from aevae.repository import MANIFEST, NAME_PATTERN, ModelRepository, Scan, Version
 from aevae.runtimes import label
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class ModelSummary:
     numbers: list[int]  # the versions that are not known to be broken, ascending
     kind: str
     latent_dim: int
-    image_shape: tuple[int, int]
+    image_shape: tuple[int, ...]  # (height, width); () for a model none of whose manifests reads
     metrics: dict[str, float] = field(default_factory=dict)
     broken: dict[int, str] = field(default_factory=dict)  # number -> reason
     runtime: str = ""  # e.g. "onnx", or "onnx-int8" when decoding in reduced precision (aevae.runtimes.label)
@@ -210,8 +210,9 @@ class ModelStore:
                     raise ResourceExhausted(f"model {key[0]!r} version {key[1]} cannot be loaded now: "
                                             f"{exc or 'out of memory'}; it is tried again on the next request") from None
                 except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
-                    if isinstance(exc, FileNotFoundError) and not version.path.exists():
-                        # removed since the scan: not broken, gone (a default resolution looks again)
+                    if isinstance(exc, FileNotFoundError) and not (version.path / MANIFEST).exists():
+                        # removed since the scan, the folder or its manifest (rm -r takes the files first):
+                        # not broken, gone (a default resolution looks again)
                         self._scanned_at = float("-inf")
                         raise NotFound(f"model {key[0]!r} version {key[1]} was removed") from None
                     reason = broken_reason(exc)
@@ -242,8 +243,18 @@ class ModelStore:
 
     # -- describing -----------------------------------------------------------------------------------------
     def summaries(self) -> list[ModelSummary]:
+        """Every model, by name: those with a version that reads described by their default one; those whose
+        every version is broken already at the scan (no manifest reads) with version 0, no kind or shapes,
+        and the reasons. Left out, such a model was in no listing while its calls answered FAILED_PRECONDITION
+        naming the reasons, which a listing is where an operator looks for."""
         scan = self.scan(force=True)
-        return [s for s in (self._summary(name, scan) for name in sorted(scan.versions)) if s is not None]
+        described = {name: self._summary(name, scan) for name in scan.versions}
+        for b in scan.broken:
+            if b.name not in scan.versions:
+                lost = described.setdefault(b.name, ModelSummary(b.name, 0, [], "", 0, ()))
+                if lost is not None:
+                    lost.broken[b.number] = b.reason
+        return [s for _, s in sorted(described.items()) if s is not None]
 
     def _summary(self, name: str, scan: Scan) -> ModelSummary | None:
         """One model of the listing, described by its default version. Read from the listing's own `scan`: the
@@ -334,6 +345,6 @@ def _listed_reasons(reasons: list[tuple[int, str]]) -> str:
 def broken_reason(exc: Exception) -> str:
     """Why a version failed to load, without absolute server paths."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
+    if isinstance(exc, OSError) and exc.strerror:  # the file's name, not its folders
+        text = f"{Path(str(exc.filename)).name}: {exc.strerror}" if exc.filename else exc.strerror
     return re.sub(r"(/[^\s/'\"]+)+/", "", text)[:300]  # file names stay, folders go

@@ -12,11 +12,11 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from aevae.errors import FailedPrecondition, shorten
+from aevae.errors import FailedPrecondition
 from aevae.inference import LoadedModel, sample
 from aevae.services import inputs
 from aevae.services.settings import Limits
-from aevae.store import ModelStore, ModelSummary
+from aevae.store import ModelStore, ModelSummary, broken_reason
 
 
 @dataclass(frozen=True)
@@ -95,4 +95,4 @@ class EncoderLogic:
             return loaded.name, loaded.number, loaded.latent_stats()
         except (OSError, ValueError) as exc:  # replaced on disk since it was loaded and checked
             raise FailedPrecondition(f"the latent statistics of {loaded.name}/{loaded.number} cannot be read: "
-                                     f"{shorten(str(exc))}") from None
+                                     f"{broken_reason(exc)}") from None

@@ -18,7 +18,8 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError
 
-from aevae.errors import ResourceExhausted
+from aevae.errors import InvalidArgument, ResourceExhausted
+from aevae.services.field_limit import check_for
 from aevae.services.status import Aborts, status_of
 from aevae.v1 import tensor_pb2
 from aevae.v1.tensors import DTYPES, TensorError, WireError, from_tensor, split_payload
@@ -109,11 +110,15 @@ def _parser(message_class: Any, max_bytes: int, split: bool = True) -> Callable[
     """Request bytes to the message, or to `Unreadable` naming what is wrong. `split`: a big request's tensor
     bytes are split off as a `Bulk` (not for Serve's proxy, which pickles what it parsed to the replica)."""
     bulk = _bulk_field(message_class) if split else None
+    crowded = check_for(message_class)
 
     def parse(data: bytes) -> Any:
         too_big = oversized(len(data), max_bytes)
         if too_big is not None:
             return too_big
+        problem = crowded(data) if crowded is not None else None
+        if problem:
+            return Unreadable(InvalidArgument(problem))
         try:
             if bulk is not None and len(data) >= BULK_MIN_BYTES:
                 split = split_payload(data, bulk[1])

@@ -76,7 +76,7 @@ def test_a_lone_surrogate_in_a_manifest_breaks_its_version_not_the_listing(tiny_
     assert listed.version == 1 and [b.version for b in listed.broken] == [2]  # type: ignore[attr-defined]
 
 
-def test_numbers_no_listing_can_carry_break_the_version_or_are_left_out(tiny_repo: Path) -> None:
+def test_numbers_no_listing_can_carry_break_the_version_not_the_listing(tiny_repo: Path) -> None:
     """A metric past a float's range (10**400) made float() raise OverflowError, and a latent width past int64
     in a model's only version made protobuf raise: either failed the whole listing, for every model."""
     write_tiny(tiny_repo, "vae", seed=1)
@@ -89,7 +89,9 @@ def test_numbers_no_listing_can_carry_break_the_version_or_are_left_out(tiny_rep
     store = ModelStore(tiny_repo)
     listed = _listed(store)
     assert listed["vae"].version == 2 and dict(listed["vae"].metrics) == {"test_bce": 99.5}  # type: ignore[attr-defined]
-    assert "ae" not in listed and listed["vae8"].version == 1  # type: ignore[attr-defined]
+    assert listed["vae8"].version == 1  # type: ignore[attr-defined]
+    assert listed["ae"].version == 0 and not listed["ae"].latent_dim  # type: ignore[attr-defined]
+    assert "'latent_dim' must be at most 2147483647" in listed["ae"].broken[0].reason  # type: ignore[attr-defined]
     with pytest.raises(FailedPrecondition, match=r"'latent_dim' must be at most 2147483647"):
         store.get("ae")
 

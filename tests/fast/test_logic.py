@@ -96,6 +96,16 @@ def test_names_dtypes_and_versions(dec: DecoderLogic, enc: EncoderLogic) -> None
     assert (name, version, len(stats["dims"])) == ("vae8", 1, 8)
 
 
+def test_latent_statistics_gone_since_the_load_name_the_file_not_the_servers_folders(tiny_repo: Path,
+                                                                                      enc: EncoderLogic) -> None:
+    enc.encode("vae", 1, np.zeros((1, 32, 32), np.float32))
+    (tiny_repo / "vae" / "1" / "latent_stats.json").unlink()
+    with pytest.raises(FailedPrecondition) as error:
+        enc.latent_stats("vae", 1)
+    assert str(error.value) == ("the latent statistics of vae/1 cannot be read: latent_stats.json: No such file or "
+                                "directory")
+
+
 def test_a_broken_default_is_skipped_and_an_explicit_request_names_the_reason(tiny_repo: Path) -> None:
     from helpers import write_tiny
 

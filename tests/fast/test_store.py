@@ -101,6 +101,11 @@ def test_a_model_whose_only_manifest_is_unreadable_is_broken_not_unknown(tiny_re
     assert store.holds("ae") and store.holds("vae") and not store.holds("nope")
     with pytest.raises(NotFound):
         store.get("nope")
+    # and listed so, with the reason: it was in no listing while its calls named it broken
+    (summary,) = [s for s in store.summaries() if s.name == "ae"]
+    assert (summary.number, summary.numbers, summary.kind, summary.latent_dim, summary.image_shape) == (0, [], "", 0, ())
+    assert list(summary.broken) == [1] and "manifest" in summary.broken[1]
+    assert [s.name for s in store.summaries()] == ["ae", "vae", "vae8"]
 
 
 def test_requests_for_unknown_models_share_rescans(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,6 +249,28 @@ def test_a_version_removed_between_a_scan_and_its_load_is_not_found_not_broken(t
         store.get("vae", 2)
     (summary,) = [s for s in store.summaries() if s.name == "vae"]
     assert summary.broken == {} and summary.numbers == [1]  # not reported broken for ever
+
+
+def test_a_version_half_removed_under_its_load_is_not_found_not_broken(tiny_repo: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """rm -r removes a folder's files before the folder: a load that found the manifest gone, the folder still
+    there, marked the version broken ("No such file or directory") where it is being removed."""
+    import aevae.store as store_module
+
+    write_tiny(tiny_repo, "vae", seed=3)
+    store = ModelStore(tiny_repo, refresh_seconds=3600)
+    store.scan(force=True)
+    load = store_module.load
+
+    def removed_midway(version: object, *args: object) -> object:
+        for path in sorted((tiny_repo / "vae" / "2").iterdir()):
+            path.unlink()
+        return load(version, *args)
+
+    monkeypatch.setattr(store_module, "load", removed_midway)
+    with pytest.raises(NotFound, match="model 'vae' version 2 was removed"):
+        store.get("vae", 2)
+    assert store.broken() == {}
 
 
 def test_folders_that_cannot_be_read_cost_only_themselves(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:

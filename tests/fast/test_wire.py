@@ -137,3 +137,69 @@ def test_oip_typed_values_in_a_field_the_datatype_does_not_read_are_refused() ->
     contents.int_contents.extend([7] * 8)
     with pytest.raises(InvalidArgument, match="values go in fp32_contents, got values in int_contents"):
         read_input(request, "latents", ("FP32",), "N, d")
+
+
+def test_oip_inputs_outputs_and_dimensions_past_what_a_model_takes_are_counted_not_read() -> None:
+    """30,000 outputs named alike were checked for repeats name by name against the whole list (19 s of the
+    event loop at 40,000); 16,000,000 dimensions were made Python ints before their number was checked; every
+    input was named in the error. Each is refused naming the count and a few of the names."""
+    from aevae.errors import InvalidArgument
+    from aevae.services.grpc_inference import read_input, requested_outputs
+
+    request = _oip_request()
+    for _ in range(30_000):
+        request.outputs.add(name="images")
+    with pytest.raises(InvalidArgument, match="^outputs: each output may be named once; 'images' is named more"):
+        requested_outputs(request, "vae", ["images"])
+    del request.outputs[:]
+    request.outputs.add(name="images")
+    assert requested_outputs(request, "vae", ["images"]) == ["images"]
+
+    request.inputs[0].shape.extend(range(100_000))
+    with pytest.raises(InvalidArgument, match=r"latents.shape: expected 2 dimensions \[N, d\], got 100002: "
+                                              r"'\[2, 4, 0, 1, 2, 3, 4, 5, \.\.\.\]'$"):
+        read_input(request, "latents", ("FP32",), "N, d")
+    for i in range(10_000):
+        request.inputs.add(name=f"x{i}")
+    with pytest.raises(InvalidArgument, match=r"got \['latents', 'x0', 'x1', 'x2', 'x3', \.\.\. \(10001 in all\)\]$"):
+        read_input(request, "latents", ("FP32",), "N, d")
+
+
+def test_requests_crowded_with_fields_are_refused_before_they_are_parsed() -> None:
+    """2,000,000 empty inputs are 4 MB on the wire and 180 MB parsed: a ModelInferRequest and each of its inputs
+    and outputs may hold MAX_FIELDS fields, counted on the bytes. Real requests, big ones included, pass; so do
+    bytes that are no protobuf (the parser says what is wrong with them), and aevae.v1 requests are not walked."""
+    from tritonclient.grpc import service_pb2
+
+    from aevae.services.field_limit import MAX_FIELDS, WALK_FROM_BYTES, check_for
+    from aevae.v1 import decoder_pb2
+
+    check = check_for(service_pb2.ModelInferRequest)
+    assert check is not None and check_for(decoder_pb2.DecodeRequest) is None
+    head = service_pb2.ModelInferRequest(model_name="vae").SerializeToString()
+    assert check(head + b"\x2a\x00" * 2_000_000) == (
+        f"ModelInferRequest holds more than {MAX_FIELDS:,} fields, and no request this server answers needs that "
+        "many (a ModelInferRequest has one input, an output or two and a few parameters); send one request per batch")
+    crowded_input = service_pb2.ModelInferRequest(model_name="vae")
+    tensor = crowded_input.inputs.add(name="latents", datatype="FP32", shape=[1, 4])
+    for i in range(MAX_FIELDS + 1):
+        tensor.parameters[f"p{i:05}"].int64_param = i
+    tensor.contents.fp32_contents.extend([0.5] * 20_000)  # past WALK_FROM_BYTES
+    problem = check(crowded_input.SerializeToString())
+    assert problem is not None and problem.startswith("ModelInferRequest.inputs[0] holds more than 1,024 fields")
+
+    big = _oip_request()
+    big.raw_input_contents[0] = np.ones((8192, 4), np.float32).tobytes()
+    big.inputs[0].shape[:] = [8192, 4]
+    big.outputs.add(name="images").parameters["binary_data"].bool_param = True
+    for i in range(100):
+        big.parameters[f"p{i}"].string_param = "x"
+    data = big.SerializeToString()
+    assert len(data) > WALK_FROM_BYTES and check(data) is None
+    typed = _oip_request()
+    del typed.raw_input_contents[:]
+    typed.inputs[0].contents.fp32_contents.extend([0.5] * 100_000)
+    assert check(typed.SerializeToString()) is None
+    assert check(b"\xff" * WALK_FROM_BYTES) is None
+    assert check(head + b"\x2a\x00" * (WALK_FROM_BYTES // 2)) is not None
+    assert check(head + b"\x2a\x00" * 1000) is None  # small: not walked, and parsed at little cost

@@ -147,7 +147,7 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise TensorError("a varint longer than 10 bytes")
 
 
-def _entries(buf: memoryview) -> Iterable[tuple[int, int, Any, int, int]]:
+def entries(buf: memoryview) -> Iterable[tuple[int, int, Any, int, int]]:
     """(field number, wire type, value, start, end) of each field of a message: ints for varints, memoryview
     slices for the rest; buf[start:end] is the whole field, key included."""
     pos, end = 0, len(buf)
@@ -175,7 +175,7 @@ def _entries(buf: memoryview) -> Iterable[tuple[int, int, Any, int, int]]:
 
 def _fields(buf: memoryview) -> Iterable[tuple[int, int, Any]]:
     """(field number, wire type, value) of a message: ints for varints, memoryview slices for the rest."""
-    for number, wire, value, _, _ in _entries(buf):
+    for number, wire, value, _, _ in entries(buf):
         yield number, wire, value
 
 
@@ -189,12 +189,12 @@ def split_payload(data: bytes, field_number: int) -> tuple[bytes, memoryview] | 
     head: list[bytes | memoryview] = []
     payload: memoryview | None = None
     try:
-        for number, wire, value, start, end in _entries(buf):
+        for number, wire, value, start, end in entries(buf):
             if number != field_number or wire != _LEN:
                 head.append(buf[start:end])
                 continue
             inner: list[memoryview] = []
-            for n, w, v, s, e in _entries(value):
+            for n, w, v, s, e in entries(value):
                 if n == 3 and w == _LEN:
                     payload = v  # a repeated scalar field: the last one wins, as in protobuf
                 else:
