@@ -36,7 +36,8 @@ from aevae.batch.model import ModelRef
 from aevae.batch.progress import Progress
 from aevae.batch.sinks import SHARD_NAME, TMP_MARK, Sink, shard_entries
 from aevae.batch.sources import Source
-from aevae.errors import InvalidArgument, UserError, check_cpus, raise_on_sigterm
+from aevae import ray_start
+from aevae.errors import InvalidArgument, UserError, check_cpus
 from aevae.repository import remove_stale
 from aevae.services import inputs
 
@@ -381,9 +382,9 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
         # `ray start` left on this machine, whose other nodes may not see --output or --models-dir, and which
         # Ctrl-C does not stop (the shards counted on disk would not be final).
         local = address is None and not os.environ.get("RAY_ADDRESS")
-        ray.init(address="local" if local else address, include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False, configure_logging=True)
-        raise_on_sigterm()  # ray.init made SIGTERM a sys.exit, past the CLI's account of the shards on disk
+        # a stop during the start-up: Terminated or KeyboardInterrupt, nothing of Ray left (aevae.ray_start)
+        ray_start.init(address="local" if local else address, include_dashboard=False,
+                       logging_level=logging.WARNING, log_to_driver=False, configure_logging=True)
         started = True
     try:
         if not plan.todo:
@@ -415,8 +416,10 @@ def run_ray(job: Job, plan: Plan, progress: Progress, address: str | None = None
                     on_shard(stats)
         finally:
             _stop_iteration(rows)
-    except BaseException:
+    except BaseException as exc:
         stopped = True
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C or SIGTERM: another does not cut the shutdown short
+            ray_start.stopping()
         raise
     finally:
         if started:

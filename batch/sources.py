@@ -310,7 +310,12 @@ def _list_values(array, first: int = 0) -> np.ndarray:
         if len(odd):
             raise ValueError(f"row {first + int(odd[0])} holds {int(lengths[odd[0]])} values and row {first} "
                              f"{int(lengths[0])}; every row must hold the same number")
-    return array.flatten().to_numpy(zero_copy_only=False)
+    values = array.flatten()
+    if values.null_count:  # to_numpy makes a null NaN, which the check then called "NaN or infinity"
+        width = len(values) // max(1, len(array))
+        at = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        raise ValueError(f"row {first + at // max(1, width)} holds a null value; every value must be a number")
+    return values.to_numpy(zero_copy_only=False)
 
 
 def _images_from_column(column, n: int, image_shape: tuple[int, int] | None, first: int = 0) -> np.ndarray:

@@ -4,11 +4,23 @@ repositories written without Ray for the fast tier. Helpers live in tests/helper
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from helpers import SMALL_TRAINING, data_root, run_aevae, write_tiny_set
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers() -> Iterator[None]:
+    """Each test ends with the Ctrl-C and SIGTERM handlers it began with: a command run in process that was
+    stopped leaves them ignored (aevae.ray_start.stopping), which would make the rest of the run deaf to both."""
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for number, handler in handlers.items():
+        signal.signal(number, handler)
 
 
 @pytest.fixture(scope="session")

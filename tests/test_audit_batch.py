@@ -95,6 +95,10 @@ def test_null_scalars_and_float64_beyond_float32_are_called_what_they_are(tmp_pa
     pq.write_table(pa.table({f"z{i}": [1.0, None if i == 1 else 2.0] for i in range(4)}), tmp_path / "n.parquet")
     with pytest.raises(UserError, match="a column has null rows"):
         sources.ParquetFile(tmp_path / "n.parquet", column="z0,z1,z2,z3").check(4, (32, 32))
+    pq.write_table(pa.table({"latent": [[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0], [1.0, None, 2.0, 3.0]]}),
+                   tmp_path / "l.parquet")
+    with pytest.raises(UserError, match="row 2 holds a null value; every value must be a number"):
+        sources.ParquetFile(tmp_path / "l.parquet", column="latent").check(4, (32, 32))
     z = np.zeros((3, 4))
     z[2, 1] = 1e300
     np.save(tmp_path / "wide.npy", z)

@@ -209,6 +209,18 @@ def test_numbers_encodings_and_frames_a_fuzzer_sends_get_clear_errors(decoder: S
             assert "4,300 digits" in (await answer())["error"]
             await ws.send_bytes(b"\x00\x01")
             assert "text" in (await answer())["error"]
+            # NaN and 1e400 as an id came back as NaN and Infinity, which no JSON.parse reads; a model name of a
+            # lone surrogate (JSON "\udc80", no UTF-8) was an internal error with 24 lines of log each
+            for raw, words in (('{"op": "decode", "id": NaN, "model": "vae", "latents": [[0, 0, 0, 0]]}', "NaN is not"),
+                               ('{"op": "decode", "id": 1e400, "model": "vae", "latents": [[0, 0, 0, 0]]}',
+                                "1e400 is past the largest"),
+                               ('{"op": "decode", "id": 11, "model": "\\udc80", "latents": [[0, 0, 0, 0]]}',
+                                "'model' must name a served model")):
+                await ws.send_str(raw)
+                text = await ws.receive_str(timeout=10)
+                while json.loads(text)["op"] == "status":
+                    text = await ws.receive_str(timeout=10)
+                assert words in json.loads(text)["error"] and "NaN" not in text.replace("NaN is not", ""), text
             await ws.send_str('{"op": "decode", "id": 10, "model": "vae", "latents": [[0, 0, 0, 0]]}')
             assert (await answer())["op"] == "decoded"  # the socket goes on
 
@@ -288,6 +300,14 @@ def test_bytes_that_are_not_utf8_odd_origins_and_malformed_requests_get_4xx_with
         async with session.post(f"{base}/api/encode", headers=login,
                                 json={"model": "vae", "shape": [True, True], "images": ["AA=="]}) as booleans:
             assert booleans.status == 400 and "'shape'" in (await booleans.json())["error"]
+        async with session.post(f"{base}/api/encode", headers=login, data='{"model": "\\udc80", "shape": [32, 32], '
+                                '"images": ["' + base64.b64encode(bytes(1024)).decode() + '"]}') as surrogate:
+            assert surrogate.status == 400 and "'model'" in (await surrogate.json())["error"]
+        origin = {"Origin": base}
+        for charset, body in (("bogus", b"token=abc"), ("utf-16", b"token=abc"), ("utf-8", b"token=\xff\xfe")):
+            async with session.post(f"{base}/login", data=body, headers={
+                    **origin, "Content-Type": f"application/x-www-form-urlencoded; charset={charset}"}) as form:
+                assert form.status in (400, 401) and "<form" in await form.text(), (charset, form.status)
         async with session.post(f"{base}/api/samples", headers=login,
                                 json={"model": "v" * 1_000_000, "count": 1, "seed": 0}) as long_name:
             text = await long_name.text()

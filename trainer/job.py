@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -28,8 +27,8 @@ import torch
 import numpy as np
 
 import aevae
-from aevae import memory, mnist, onnx_export
-from aevae.errors import Terminated, UserError, check_cpus, raise_on_sigterm
+from aevae import memory, mnist, onnx_export, ray_start
+from aevae.errors import Terminated, UserError, check_cpus
 from aevae.inference import LoadedModel, NonFiniteOutput
 from aevae.latent_stats import compute as compute_stats
 from aevae.manifest import Manifest, now
@@ -74,20 +73,12 @@ def _start_ray(address: str | None) -> None:
         print(f"connecting to the Ray cluster at {address}", flush=True)
     try:
         if address:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
+            ray_start.init(address=address, log_to_driver=False, logging_level=logging.ERROR, runtime_env=runtime_env)
         else:
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.ERROR, runtime_env=runtime_env)
+            ray_start.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                           logging_level=logging.ERROR, runtime_env=runtime_env)
     except (ConnectionError, ValueError) as exc:  # "auto" with no cluster; Ray Client's 30 s timeout
         raise UserError(f"cannot connect to the Ray cluster at --address {address}: {exc}; {ADDRESS_HELP}") from None
-    except SystemExit as exc:
-        # ray.init makes SIGTERM a sys.exit(15) first thing: one during its start-up (several seconds) ended
-        # the run with status 15 and not a word, where any other SIGTERM ends it with 143 and its stop line.
-        if exc.code == signal.SIGTERM:
-            raise Terminated() from None
-        raise
-    finally:
-        raise_on_sigterm()  # ray.init made SIGTERM a sys.exit
 
 
 def _check_reachable(address: str) -> None:
@@ -330,6 +321,7 @@ def run(config: TrainConfig) -> list[Version]:
         run_name = _run_name(config, "-".join(archs))
         _train_and_write(config, archs, repository, data, train, run_name, written)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: Ray stops the workers as the driver exits
+        ray_start.stopping()
         kept = _kept(config, run_name) if run_name else "it stopped while reading MNIST, before anything started"
         print(_stopped_line(exc, time.perf_counter() - started, list(archs), written, kept), file=sys.stderr,
               flush=True)

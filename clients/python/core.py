@@ -133,6 +133,10 @@ def model_name(model: object) -> str:
     """The model argument, checked: a name (a string), as ListModels lists them."""
     if not isinstance(model, str):
         raise invalid(f"model: expected a model name (a string such as 'vae'), got {model!r}")
+    try:
+        model.encode()
+    except UnicodeEncodeError:  # a lone surrogate: protobuf raised it from deep inside the request's making
+        raise invalid(f"model: a model name is text that UTF-8 can encode, got {model[:64]!r}") from None
     return model
 
 

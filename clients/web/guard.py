@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import math
 import secrets
 import socket
 from dataclasses import dataclass, field
@@ -200,7 +201,12 @@ class Guard:
             return web.Response(text=LOGIN_PAGE.format(error=""), content_type="text/html")
 
         async def login(request: web.Request) -> web.StreamResponse:
-            form = await request.post()
+            try:
+                form = await request.post()
+            except (LookupError, ValueError) as exc:  # an unknown charset, bytes not in it: the one open page
+                return web.Response(text=LOGIN_PAGE.format(error="<p role=alert>The form could not be read "
+                                                           f"({type(exc).__name__}): send it as UTF-8.</p>"),
+                                    content_type="text/html", status=400)
             token = form.get("token")
             if not isinstance(token, str) or not self.token_ok(token.strip()):
                 return web.Response(text=LOGIN_PAGE.format(error="<p role=alert>Wrong token.</p>"),
@@ -237,14 +243,29 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
+def _not_json(constant: str) -> float:
+    """Python's json reads NaN and Infinity, which are not JSON: echoed back (a message's id), the page's
+    JSON.parse failed on the answer."""
+    raise BadMessage(f"messages must be JSON, and {constant} is not: numbers are finite")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: a float past the largest, read as infinity
+        raise BadMessage(f"messages must hold finite numbers; {text[:40]} is past the largest a float holds")
+    return value
+
+
 def parse_json(text: str | bytes, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH) -> Any:
     """json.loads with a size and a nesting limit; BadMessage saying which was passed."""
     if len(text) > max_bytes:
         raise BadMessage(f"message of {len(text)} bytes is over the limit of {max_bytes} bytes")
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
     except RecursionError:
         raise BadMessage(f"JSON nested deeper than {max_depth} levels") from None
+    except BadMessage:
+        raise
     except ValueError:  # not JSON, not UTF-8, or an integer past Python's 4,300 digits
         raise BadMessage("messages must be JSON (numbers of at most 4,300 digits)") from None
     if depth(value, max_depth) > max_depth:

@@ -256,24 +256,29 @@ def test_a_resumed_run_stopped_again_keeps_its_checkpoints(tmp_path: Path) -> No
 
 def test_sigterm_while_ray_starts_is_a_stop_not_exit_status_15(monkeypatch: pytest.MonkeyPatch) -> None:
     """ray.init makes SIGTERM a sys.exit(15) before it connects: a SIGTERM in its start-up ended `aevae train`
-    with status 15 and no line. It is a Terminated now, as at any other moment; other exits pass through."""
+    with status 15 and no line, and a stop then left Ray's processes behind. It is a Terminated now, as at any
+    other moment, after what had started is shut down; Ctrl-C likewise; other exits pass through."""
     ray = pytest.importorskip("ray")
     from aevae.trainer import job
 
     if ray.is_initialized():
         pytest.skip("a Ray session is already running in this process")
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        for code, expected in ((signal.SIGTERM, Terminated), (3, SystemExit)):
-            def init(*args: Any, code: int = code, **kwargs: Any) -> None:
-                raise SystemExit(code)
+    shutdowns: list[bool] = []
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    for stop, expected in ((SystemExit(signal.SIGTERM), Terminated), (KeyboardInterrupt(), KeyboardInterrupt),
+                           (SystemExit(3), SystemExit)):
+        def init(*args: Any, stop: BaseException = stop, **kwargs: Any) -> None:
+            raise stop
 
-            monkeypatch.setattr(ray, "init", init)
-            with pytest.raises(expected) as raised:
-                job._start_ray(None)
-            assert type(raised.value) is expected
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        monkeypatch.setattr(ray, "init", init)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with pytest.raises(expected) as raised:
+            job._start_ray(None)
+        assert type(raised.value) is expected
+        if expected is SystemExit:  # not a stop: nothing shut down, SIGTERM a stop again
+            assert len(shutdowns) == 2 and signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        else:  # what had started is shut down, and a second signal does not cut the stop short
+            assert shutdowns and signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 def test_stopped_while_mnist_is_read_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -40,3 +40,28 @@ def test_a_sigterm_after_main_returned_is_not_raised_into_the_shutdown() -> None
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_decode_batch_stopped_while_ray_starts_says_what_is_on_disk(tiny_repo: object, tmp_path: object,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGTERM during ray.init (Ray's sys.exit(15)) ended `aevae decode-batch` with status 15 and no line, and
+    left the Ray it had half started; now status 143, the stop line, and that Ray shut down."""
+    ray = pytest.importorskip("ray")
+    from aevae.cli import main
+
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    shutdowns: list[bool] = []
+
+    def init(*args: object, **kwargs: object) -> None:
+        raise SystemExit(signal.SIGTERM)
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda *args, **kwargs: shutdowns.append(True))
+    code = main(["decode-batch", "--prior", "100", "--output", f"{tmp_path}/out", "--models-dir", str(tiny_repo),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM, err
+    assert "0 of 1 shards are on disk" in err and "Traceback" not in err, err
+    assert shutdowns
