@@ -246,7 +246,7 @@ class ModelStore:
         """Every model, by name: those with a version that reads described by their default one; those whose
         every version is broken already at the scan (no manifest reads) with version 0, no kind or shapes,
         and the reasons. Left out, such a model was in no listing while its calls answered FAILED_PRECONDITION
-        naming the reasons, which a listing is where an operator looks for."""
+        naming the reasons; a listing is where an operator looks for them."""
         scan = self.scan(force=True)
         described = {name: self._summary(name, scan) for name in scan.versions}
         for b in scan.broken:
