@@ -187,7 +187,7 @@ def test_the_ui_s_own_refusals_are_json_saying_what_is_accepted(encoder: Service
         assert f"{MAX_BODY:,} bytes" in await error("POST", "/api/samples", 413, data=b" " * (MAX_BODY + 1),
                                                      headers=json_post)
         assert "given 2 times" in await error("GET", "/api/stats/vae?version=1&version=2", 400)
-        assert "1..256 characters" in await error("GET", "/api/stats/" + "v" * 300, 400)
+        assert "1..256 printable characters" in await error("GET", "/api/stats/" + "v" * 300, 400)
 
         host, port = base.removeprefix("http://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
