@@ -355,7 +355,11 @@ def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     options = [("grpc.keepalive_time_ms", round(settings.keepalive_seconds * 1000)),
                ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms),
                ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
-               ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION)]
+               ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+               # aevae's client pings a call's connection every 20 s (client.core.KEEPALIVE_MS), also while a
+               # big call computes and sends nothing: gRPC's default (a ping per 5 min without data, two
+               # strikes) would end such a connection with "too_many_pings" after a minute
+               ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
     # A live client that stops reading a stream answers the pings and holds its call slot (and the answers
     # gRPC has taken) for as long as its connection lives: the connection's age is what ends it.
     if settings.max_connection_age_s > 0:

@@ -51,12 +51,16 @@ def _free_port() -> int:
     raise RuntimeError("no port free on both 127.0.0.1 and 127.0.0.2")
 
 
+_fleet_processes: list[ServiceProcess] = []  # the fleet's, for the tests that stop one
+
+
 @pytest.fixture(scope="module")
 def fleet(repo: Path) -> Iterator[dict[str, list[str]]]:
     port = _free_port()
     started = [ServiceProcess("decoder", repo, host=host, port=port, args=LIMITS).start()
                for host in ("127.0.0.1", "127.0.0.2")]
     started += [ServiceProcess("encoder", repo, args=LIMITS).start() for _ in range(2)]
+    _fleet_processes[:] = started
     try:
         for service in started:
             service.wait_healthy()
@@ -134,6 +138,86 @@ def test_a_failed_replica_s_spans_go_to_the_others(fleet) -> None:
         with pytest.raises(AevaeError) as info:  # the same answer from any replica: raised at once
             two.decode(z, model="gan")
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.fixture
+def overloaded() -> Iterator[str]:
+    """A decoder at its limit: every call is RESOURCE_EXHAUSTED, as aevae's admission words it."""
+    from concurrent import futures
+
+    def busy(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server has 1 calls in flight, its limit "
+                      "(--max-concurrent-rpcs); retry with backoff")
+
+    server = grpc.server(futures.ThreadPoolExecutor(8))
+    handlers = {name: grpc.unary_unary_rpc_method_handler(busy) for name in ("ListModels", "Decode")}
+    handlers["DecodeStream"] = grpc.stream_stream_rpc_method_handler(busy)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("aevae.v1.Decoder", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_an_overloaded_replica_s_work_goes_to_the_others(fleet, overloaded: str) -> None:
+    """RESOURCE_EXHAUSTED (a replica at its limit of calls in flight) failed the whole fan-out call, although
+    the other replicas were idle; when every replica is at its limit, the call says so in the servers' words."""
+    z = np.random.default_rng(4).normal(size=(4000, 4)).astype(np.float32)
+    with DecoderClient(fleet["decoder"][0], stream_chunk=CHUNK) as one, \
+            DecoderClient([overloaded, fleet["decoder"][0]], stream_chunk=CHUNK, retries=1, backoff=0.01) as two:
+        expected = one.decode(z, dtype="uint8")
+        np.testing.assert_array_equal(two.decode(z, dtype="uint8"), expected)
+        for _ in range(2):  # small calls rotate over both, the overloaded one first every other time
+            np.testing.assert_array_equal(two.decode(z[:10], dtype="uint8"), expected[:10])
+    with DecoderClient([overloaded], retries=1, backoff=0.01) as alone, \
+            DecoderClient([overloaded, overloaded.replace("127.0.0.1", "localhost")], stream_chunk=CHUNK, retries=1,
+                          backoff=0.01) as both:
+        for client in (alone, both):
+            with pytest.raises(AevaeError) as info:
+                client.decode(z, model="vae", version=1)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry with backoff" in info.value.details()
+
+
+def test_a_fleet_half_way_through_an_upgrade_serves_one_version_from_those_that_have_it(
+        fleet, repo: Path, tmp_path: Path) -> None:
+    """A replica whose repository has a newer version answered list_models first, the call was pinned to that
+    version, and the replicas without it failed the whole call with NOT_FOUND, every time. Now a replica
+    without the version is left out of that call; every row comes from the one version."""
+    import shutil
+
+    newer = Path(shutil.copytree(repo, tmp_path / "newer"))
+    write_tiny(newer, "vae", "vae", seed=9)  # vae/2, other weights
+    z = np.random.default_rng(5).normal(size=(4000, 4)).astype(np.float32)
+    with ServiceProcess("decoder", newer, args=LIMITS) as upgraded:
+        upgraded.wait_healthy()
+        with DecoderClient(upgraded.address, stream_chunk=CHUNK) as one:
+            v2, v1 = one.decode(z, dtype="uint8", version=2), one.decode(z, dtype="uint8", version=1)
+        assert not np.array_equal(v1, v2)
+        with DecoderClient([upgraded.address, fleet["decoder"][0]], stream_chunk=CHUNK) as mixed:
+            for _ in range(2):  # either replica answers list_models first: each time one version throughout
+                got = mixed.decode(z, dtype="uint8")
+                assert np.array_equal(got, v2) or np.array_equal(got, v1)
+            np.testing.assert_array_equal(mixed.decode(z, dtype="uint8", version=2), v2)
+            with pytest.raises(AevaeError) as info:  # no replica has it: the servers' own answer, at once
+                mixed.decode(z, version=3)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND and "has no version 3" in info.value.details()
+
+
+def test_a_replica_that_stops_answering_is_found_by_its_pings_and_its_span_served_elsewhere(fleet) -> None:
+    """A replica stopped (SIGSTOP: its connection open, nothing answered) held its span, and the call, until
+    the deadline, or for ever without one. The client pings a call's connection (client.core.KEEPALIVE_MS): the
+    stopped replica is found within half a minute and its span goes to the other."""
+    z = np.random.default_rng(6).normal(size=(4000, 4)).astype(np.float32)
+    with DecoderClient(fleet["decoder"][1], stream_chunk=CHUNK) as one:
+        expected = one.decode(z, dtype="uint8")
+    stopped = next(s for s in _fleet_processes if s.address == fleet["decoder"][0])
+    assert stopped.process is not None
+    os.kill(stopped.process.pid, signal.SIGSTOP)
+    try:
+        with DecoderClient(fleet["decoder"], stream_chunk=CHUNK, timeout=120, retries=1) as two:
+            np.testing.assert_array_equal(two.decode(z, dtype="uint8", version=1), expected)
+    finally:
+        os.kill(stopped.process.pid, signal.SIGCONT)
 
 
 def test_a_dns_name_with_several_addresses_is_several_replicas(fleet, monkeypatch) -> None:

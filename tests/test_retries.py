@@ -61,8 +61,8 @@ class Flaky:
         breaking = self.break_after.pop(0) if self.break_after else None
         for answered, request in enumerate(requests):
             self.streamed.append((request.images.shape[0], request.version))
-            if answered == breaking:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is restarting")
+            if answered == breaking:  # in the words of a connection reset, which alone get a TLS hint
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the server is restarting: Connection reset by peer")
             x = np.frombuffer(request.images.data, np.uint8).reshape(tuple(request.images.shape))
             mean = np.repeat(x[:, :1, 0].astype(np.float32), 4, axis=1)
             yield encoder_pb2.EncodeResponse(model="vae", version=7, mean=to_tensor(mean))
@@ -186,6 +186,7 @@ def test_an_encode_stream_resumes_too_unless_its_sample_is_seeded(flaky: tuple[F
     with EncoderClient(target, retries=3, backoff=0.01) as client, pytest.raises(AevaeError) as info:
         client.encode(x, sample=True, seed=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "if it serves TLS" not in info.value.details()  # it answered: no credentials hint (it had one)
     fake.break_after = []
 
 

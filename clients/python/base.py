@@ -11,7 +11,7 @@ import grpc
 from aevae.client import health
 from aevae.client.core import (Retry, ServerLimits, channel_options, check_settings, check_timeout,
                                deadline_hint, grpc_timeout, unimplemented_hint)
-from aevae.client.errors import AevaeError
+from aevae.client.errors import AevaeError, invalid
 from aevae.client.credentials import ChannelSecurity, open_channel
 from aevae.client.fanout import AsyncFanOut, Deadline, SyncFanOut, parse_targets
 from aevae.client.metadata import Metadata
@@ -49,6 +49,8 @@ class _Common:
         self._closed = False
         self._loop: Any = None  # the event loop a grpc.aio channel belongs to (None: not known, not checked)
         self.targets = parse_targets(target)  # first: a target of None or a number is refused before it is used
+        if security is not None and not isinstance(security, ChannelSecurity):
+            raise invalid(f"security: expected a ChannelSecurity, got {security!r:.80}")
         self.security = security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert,
                                                                        tls_key, target=target)
         self.target = ",".join(self.targets)

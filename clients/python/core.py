@@ -27,8 +27,18 @@ T = TypeVar("T")
 # and with it the reconnect backoff of a server that went away (1 s growing 1.6x per attempt), so a new
 # client, such as the UI's health probe, waited out the old one's backoff: measured, the UI saw an encoder
 # restarted after 10 s of downtime 4.0 s after it was serving (2.0 s after 3 s), 0.01-0.04 s with this.
+#
+# A server gone for a while is reconnected to at least every 2 s (gRPC's backoff grows 1.6x per attempt up to
+# 120 s by default): measured, a client that had called through a 20 s outage kept failing for 5.2 s after the
+# server was back (7 calls), one through 60 s for 6.4 s. And a call pings its connection every 20 s (no
+# pings without calls): a server that stopped answering without closing it (SIGSTOP, a host gone) is found
+# 10 s later and the call fails over or resumes, where it waited for its deadline, or for ever without one.
+# aevae's servers accept pings that often (services.security.connection_options).
+KEEPALIVE_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
-                   ("grpc.use_local_subchannel_pool", 1)]
+                   ("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 2000),
+                   ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+                   ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 0)]
 HEADROOM = 4096  # bytes per message kept for the fields around the tensor
 # Timeouts longer than this (about 31.7 years) are no deadline at all. gRPC holds a deadline as int64
 # nanoseconds since the epoch: a timeout of about 9e9 s or more overflows it and the call failed at once with
@@ -99,6 +109,8 @@ def prepare_images(images: object) -> np.ndarray:
                       f"[0, 1], got a single {array.dtype.name} value")
     if array.dtype.kind not in "fiu":  # strings, booleans, complex, objects: no pixels
         raise invalid(f"images: expected pixels as uint8 0..255 or float32 in [0, 1], got {array.dtype.name}")
+    if array.ndim == 1 or array.ndim > 3:  # as for latents: the server refuses them, whatever the size
+        raise invalid(f"images: expected an N x H x W array (or one H x W image), got shape {list(array.shape)}")
     if array.ndim == 2:
         array = array[None]
     if array.dtype.kind == "f" and array.dtype != np.float32:
@@ -122,6 +134,8 @@ def prepare_latents(latents: object) -> np.ndarray:
     if array.dtype.kind not in "fiu":  # strings, booleans, complex, objects
         raise invalid(f"latents: expected real numbers (float32; other float and integer types are converted), "
                       f"got {array.dtype.name}")
+    if array.ndim > 2:  # the server refuses them too, but one too big for a message heard "split the batch"
+        raise invalid(f"latents: expected an N x d array (or one d-vector), got shape {list(array.shape)}")
     if array.ndim == 1:
         array = array[None]
     if array.dtype != np.float32 and (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
@@ -185,6 +199,8 @@ def check_timeout(timeout: object) -> None:
 
 
 def output_dtype(dtype: str) -> np.dtype:
+    if dtype in (np.float32, np.uint8):  # the types themselves, as np.dtype("uint8") is taken
+        dtype = np.dtype(dtype).name
     if dtype not in ("float32", "uint8"):
         raise invalid(f"dtype: expected 'float32' or 'uint8', got {dtype!r}")
     return np.dtype(dtype)
@@ -192,7 +208,8 @@ def output_dtype(dtype: str) -> np.dtype:
 
 def grpc_timeout(timeout: float | None) -> float | None:
     """A call's timeout as gRPC can take it: None (no deadline) for None and for anything over MAX_TIMEOUT."""
-    return None if timeout is None or timeout > MAX_TIMEOUT else float(timeout)  # numpy's float16 overflows
+    # float() first: numpy's float16 overflows comparing with MAX_TIMEOUT (a RuntimeWarning)
+    return None if timeout is None or float(timeout) > MAX_TIMEOUT else float(timeout)
 
 
 def unimplemented_hint(service: str, target: str) -> Callable[[AevaeError], AevaeError]:
@@ -336,28 +353,32 @@ class Retry:
         return self.late(failed) if answered else self.explain(failed)
 
     def resumable(self, attempt: Callable[[float | None], T], progress: Callable[[], int],
-                  timeout: float | None) -> T:
-        """`attempt(timeout)` streams the messages not yet answered; `progress()` counts those answered."""
+                  timeout: float | None, answered: Callable[[], bool] | None = None) -> T:
+        """`attempt(timeout)` streams the messages not yet answered; `progress()` counts those answered that a
+        resumption keeps; `answered()` whether the server answered at all (by default, some progress): a
+        stream that cannot resume (a seeded sample's) was called a TLS mismatch when it broke after answers."""
         end = None if timeout is None else time.monotonic() + timeout
+        heard = answered or (lambda: progress() > 0)
         while True:
             before = progress()
             try:
                 return attempt(None if end is None else max(0.0, end - time.monotonic()))
             except grpc.RpcError as error:
-                failed = self._resume(error, progress() > before, progress() > 0)
+                failed = self._resume(error, progress() > before, heard())
                 if failed is not None:
                     raise failed from None
             time.sleep(self.backoff)
 
     async def resumable_async(self, attempt: Callable[[float | None], Awaitable[T]], progress: Callable[[], int],
-                              timeout: float | None) -> T:
+                              timeout: float | None, answered: Callable[[], bool] | None = None) -> T:
         end = None if timeout is None else time.monotonic() + timeout
+        heard = answered or (lambda: progress() > 0)
         while True:
             before = progress()
             try:
                 return await attempt(None if end is None else max(0.0, end - time.monotonic()))
             except grpc.RpcError as error:
-                failed = self._resume(error, progress() > before, progress() > 0)
+                failed = self._resume(error, progress() > before, heard())
                 if failed is not None:
                     raise failed from None
             await asyncio.sleep(self.backoff)

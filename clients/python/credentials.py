@@ -130,6 +130,15 @@ PEM_HOLDS = {"tls_ca": ("CERTIFICATE", "the CA certificate (PEM) that signed the
              "tls_key": ("PRIVATE KEY", "the client certificate's private key (PEM)")}
 
 
+def _check_types(**given: tuple[object, type | tuple[type, ...]]) -> None:
+    """INVALID_ARGUMENT for an argument of another type (None always passes): `tls_ca=5` was a TypeError from
+    pathlib, and `tls="no"` turned TLS on, being truthy."""
+    for name, (value, kinds) in given.items():
+        if value is not None and not isinstance(value, kinds):
+            wanted = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+            raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: expected {wanted}, got {value!r:.80}")
+
+
 def _read(value: str | bytes | os.PathLike[str] | None, what: str) -> bytes | None:
     """PEM bytes: given as bytes, or read from a path; INVALID_ARGUMENT when they hold no PEM block of the
     kind `what` needs."""
@@ -183,6 +192,9 @@ class ChannelSecurity:
                 target: str | Sequence[str] = "") -> "ChannelSecurity":
         """The arguments given, the environment for the rest. `token=""` or `tls=False` turn them off."""
         env = dict(os.environ if env is None else env)
+        _check_types(token=(token, str), token_file=(token_file, (str, os.PathLike)), tls=(tls, bool),
+                     tls_ca=(tls_ca, (str, bytes, os.PathLike)), tls_cert=(tls_cert, (str, bytes, os.PathLike)),
+                     tls_key=(tls_key, (str, bytes, os.PathLike)))
         if token is None and token_file is None:
             token = env.get(ENV_TOKEN) or None
             token_file = None if token else env.get(ENV_TOKEN_FILE) or None

@@ -154,7 +154,7 @@ class EncoderClient(SyncClient):
                 plan.add(response)  # kept if the stream breaks: a resumption starts after it
             return plan.result(plan.parts)
 
-        return self._retry.resumable(stream, plan.progress, deadline)
+        return self._retry.resumable(stream, plan.progress, deadline, lambda: bool(plan.parts))
 
     def latent_stats(self, model: str = "vae", version: int | None = None, *,
                      timeout: float | None = None) -> dict[str, Any]:
@@ -196,7 +196,7 @@ class AsyncEncoderClient(AsyncClient):
                 plan.add(response)
             return plan.result(plan.parts)
 
-        return await self._retry.resumable_async(stream, plan.progress, deadline)
+        return await self._retry.resumable_async(stream, plan.progress, deadline, lambda: bool(plan.parts))
 
     async def latent_stats(self, model: str = "vae", version: int | None = None, *,
                            timeout: float | None = None) -> dict[str, Any]:

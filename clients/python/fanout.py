@@ -40,10 +40,16 @@ DNS_SCHEME = "dns:///"
 # host:port or [v6]:port, the forms whose port this client can check: gRPC reads a port past 65535 modulo 2^16
 # (99999 is 34463), so a typo would reach whatever listens there, and errors would name the wrapped port.
 _HOST_PORT = re.compile(r"(?:dns:///)?(\[[^\]]*\]|[^:\[\]/]*):([0-9]+)")
-# Failures of one replica, not of the request: another replica may well succeed.
+# Failures of one replica, not of the request: another replica may well succeed. RESOURCE_EXHAUSTED: a replica
+# at its limit of calls or bytes in flight (the request's size is planned from the servers' own limits);
+# NOT_FOUND: a replica whose repository lacks the model or the version, as in a fleet half way through an
+# upgrade (such a replica is left out for the rest of the call: NOT_EVERYWHERE). Failed everywhere, a call
+# ends with the replicas' own error.
 FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                             grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED,
-                            grpc.StatusCode.CANCELLED})
+                            grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            grpc.StatusCode.NOT_FOUND})
+NOT_EVERYWHERE = frozenset({grpc.StatusCode.NOT_FOUND})
 SPANS_PER_REPLICA = 4  # spans per replica in a big batch: enough to balance, few enough to keep streams long
 MAX_SPAN_CHUNKS = 16  # a span is at most this many stream chunks
 
@@ -68,11 +74,21 @@ def parse_targets(target: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(out))  # the same address twice is one replica
 
 
+# Targets in gRPC's other name forms (a Unix socket, an address gRPC is not to resolve), passed on as they are.
+OTHER_SCHEMES = ("unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
 def _check_port(target: str) -> None:
-    """INVALID_ARGUMENT for a host:port whose port is past 65535 (see _HOST_PORT)."""
+    """INVALID_ARGUMENT for a target that is no host:port (or [v6]:port, dns:///host:port, or one of gRPC's
+    OTHER_SCHEMES): gRPC takes "localhost" and "host:" as port 443, "host:-1" as 65535 and a port past 65535
+    modulo 2^16, and "host:notaport", "[::1" or "http://host:port" fail every call as UNAVAILABLE, which
+    callers retry: a typo was a call retried for ever, or a replica silently left out of a fleet."""
+    if target.startswith(OTHER_SCHEMES):
+        return
     match = _HOST_PORT.fullmatch(target)
-    if match and int(match.group(2)) > 65535:
-        raise invalid(f"target: {target!r} has port {match.group(2)}; ports are 1..65535")
+    if match is None or not match.group(1).strip("[]") or not 1 <= int(match.group(2)) <= 65535:
+        raise invalid(f"target: expected host:port with a port from 1 to 65535 (e.g. localhost:50052, "
+                      f"[::1]:50052 or dns:///decoders.example:50052), got {target!r:.200}")
 
 
 def resolve_all(target: str) -> list[str]:
@@ -200,10 +216,29 @@ def _failover(error: AevaeError) -> bool:
 def _give_up(replicas: list[_Replica], work: _Work) -> AevaeError:
     if work.fatal is not None:
         return work.fatal
+    same = _same_error([r.error for r in replicas])
+    if same is not None:
+        return same
     reasons = "; ".join(f"{r.client.target}: {r.error.details() or r.error.code().name}"
                         for r in replicas if r.error is not None)
     return AevaeError(grpc.StatusCode.UNAVAILABLE,
                       f"all {len(replicas)} replicas failed with {len(work.todo)} spans left ({reasons})")
+
+
+def _same_error(errors: list[AevaeError | None]) -> AevaeError | None:
+    """The first error, when every replica failed with the same code and it is the request's own on each
+    (NOT_FOUND, RESOURCE_EXHAUSTED): the server's words, not "all replicas failed"."""
+    codes = {e.code() if e is not None else None for e in errors}
+    first = errors[0] if errors else None
+    if len(codes) == 1 and first is not None and first.code() in (NOT_EVERYWHERE | {grpc.StatusCode.RESOURCE_EXHAUSTED}):
+        return first
+    return None
+
+
+def _left_out(error: AevaeError, replica: _Replica, retries: int) -> None:
+    """After a failure: a replica that lacks the model or version is given up for the call at once."""
+    replica.failures = retries + 1 if error.code() in NOT_EVERYWHERE else replica.failures + 1
+    replica.error = error
 
 
 class _Replicas:
@@ -230,6 +265,7 @@ class SyncFanOut(_Replicas):
         the next replica, within the deadline."""
         last: AevaeError | None = None
         for attempt in range(self.retry.retries + 1):
+            errors: list[AevaeError] = []
             for client in self.rotation():
                 if deadline.expired():
                     raise deadline.error(last)
@@ -239,6 +275,9 @@ class SyncFanOut(_Replicas):
                     if not _failover(error):
                         raise
                     last = error
+                    errors.append(error)
+            if errors and all(e.code() in NOT_EVERYWHERE for e in errors):
+                raise errors[0]  # no replica has it: asking again will not help
             if attempt < self.retry.retries:
                 time.sleep(deadline.cap(self.retry._delay(attempt)))
         assert last is not None
@@ -287,8 +326,7 @@ class SyncFanOut(_Replicas):
                         work.finish(span, ok=False)
                         if not _failover(error):
                             work.fatal = work.fatal or error
-                        replica.failures += 1
-                        replica.error = error
+                        _left_out(error, replica, self.retry.retries)
                         if deadline.expired():  # not this replica's failure: the call's time is up
                             work.fatal = work.fatal or deadline.error(error)
                         cond.notify_all()
@@ -327,6 +365,7 @@ class AsyncFanOut(_Replicas):
     async def first(self, call: Callable[[Any, float], Awaitable[Any]], deadline: Deadline) -> Any:
         last: AevaeError | None = None
         for attempt in range(self.retry.retries + 1):
+            errors: list[AevaeError] = []
             for client in self.rotation():
                 if deadline.expired():
                     raise deadline.error(last)
@@ -336,6 +375,9 @@ class AsyncFanOut(_Replicas):
                     if not _failover(error):
                         raise
                     last = error
+                    errors.append(error)
+            if errors and all(e.code() in NOT_EVERYWHERE for e in errors):
+                raise errors[0]  # no replica has it: asking again will not help
             if attempt < self.retry.retries:
                 await asyncio.sleep(deadline.cap(self.retry._delay(attempt)))
         assert last is not None
@@ -381,8 +423,7 @@ class AsyncFanOut(_Replicas):
                         work.finish(span, ok=False)
                         if not _failover(error):
                             work.fatal = work.fatal or error
-                        replica.failures += 1
-                        replica.error = error
+                        _left_out(error, replica, self.retry.retries)
                         if deadline.expired():
                             work.fatal = work.fatal or deadline.error(error)
                         cond.notify_all()

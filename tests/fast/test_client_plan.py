@@ -221,14 +221,21 @@ def test_small_pieces_of_the_client_contract() -> None:
 
 
 @pytest.mark.parametrize("target", ["127.0.0.1:99999", "[::1]:70000", "dns:///decoders.example:65536",
-                                    "a:1,localhost:100000"])
-def test_a_port_past_65535_is_refused_not_wrapped(target: str) -> None:
-    """gRPC would read 99999 as 34463 and call whatever listens there."""
+                                    "a:1,localhost:100000", "localhost", "127.0.0.1:", "127.0.0.1:-1", "127.0.0.1:0",
+                                    "host:notaport", "[::1", "http://h:50052", "h:50052/", ":50052", "[]:50052"])
+def test_a_target_that_is_no_host_port_is_refused_not_guessed(target: str) -> None:
+    """gRPC would read 99999 as 34463 and call whatever listens there, "localhost" and "host:" as port 443,
+    -1 as 65535; "host:notaport" and the like failed every call as UNAVAILABLE, which callers retry, and in a
+    fleet such a replica was left out without a word."""
+    from aevae.client import DecoderClient
     from aevae.client.fanout import parse_targets
 
     with pytest.raises(AevaeError) as error:
         parse_targets(target)
-    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ports are 1..65535" in error.value.details()
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "expected host:port with a port from 1 to 65535" in error.value.details()
+    with pytest.raises(AevaeError, match="expected host:port"):
+        DecoderClient(["127.0.0.1:50052", target])
 
 
 def test_ports_up_to_65535_and_other_target_forms_pass() -> None:
@@ -236,3 +243,30 @@ def test_ports_up_to_65535_and_other_target_forms_pass() -> None:
 
     assert parse_targets("127.0.0.1:65535, [::1]:50052, unix:/tmp/aevae.sock") == [
         "127.0.0.1:65535", "[::1]:50052", "unix:/tmp/aevae.sock"]
+
+
+@pytest.mark.parametrize("argument, value", [("tls_ca", 5), ("token_file", 3), ("tls", "no"), ("token", b"x"),
+                                             ("security", "x")])
+def test_credential_arguments_of_another_type_are_refused(argument: str, value: object) -> None:
+    """tls_ca=5 was a TypeError from pathlib, security="x" an AttributeError, and tls="no" turned TLS on."""
+    from aevae.client import DecoderClient
+
+    with pytest.raises(AevaeError) as error:
+        DecoderClient("127.0.0.1:50052", **{argument: value})  # type: ignore[arg-type]
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.value.details().startswith(argument)
+
+
+def test_arrays_of_another_rank_are_refused_before_any_call_and_numpy_dtypes_are_taken() -> None:
+    """A 5000 x 4 x 1 batch, over the message size, heard "split the batch into smaller messages" from the
+    server, advice that could not help: it is no N x d batch. np.uint8 (the type) was refused, np.dtype not."""
+    from aevae.client.core import output_dtype, prepare_images, prepare_latents
+
+    with pytest.raises(AevaeError, match=r"latents: expected an N x d array \(or one d-vector\), got shape \[5000, 4, 1\]"):
+        prepare_latents(np.zeros((5000, 4, 1), np.float32))
+    with pytest.raises(AevaeError, match=r"images: expected an N x H x W array .* got shape \[2, 1, 28, 28\]"):
+        prepare_images(np.zeros((2, 1, 28, 28), np.uint8))
+    with pytest.raises(AevaeError, match=r"got shape \[784\]"):
+        prepare_images(np.zeros(784, np.uint8))
+    assert prepare_images(np.zeros((28, 28), np.uint8)).shape == (1, 28, 28)
+    assert output_dtype(np.uint8) == output_dtype("uint8") == np.dtype(np.uint8)
+    assert output_dtype(np.float32) == np.dtype(np.float32)
