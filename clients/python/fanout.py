@@ -6,11 +6,11 @@ batches are cut into contiguous spans of rows that run as parallel streams, one 
 takes the next span when it finishes one, so a faster replica takes more. Results land at their rows' offsets,
 so the order is the input's. When a replica fails (unreachable, reset, deadline), its unfinished span goes
 back to the queue for the others; it retries after a backoff and is given up after the client's `retries`
-failures in a row. A batch fails only when every replica has been given up, or at once on an error that
-another replica would repeat (a bad argument, an unknown model). The call's timeout is one total deadline
-(`Deadline`): each replica attempt gets what is left of it, and past it the call ends with DEADLINE_EXCEEDED.
-Without a deadline, a replica that stalls (accepts a span and never answers) holds the call up: give big
-batches over untrusted networks a timeout.
+failures in a row; one that lacks the model or version (NOT_FOUND) at once, for this call. A batch fails only
+when every replica has been given up, or at once on an error that another replica would repeat (a bad
+argument, a broken version). The call's timeout is one total deadline (`Deadline`): each replica attempt gets
+what is left of it, and past it the call ends with DEADLINE_EXCEEDED. A replica that stalls (accepts a span
+and never answers) is found by the pings of its connection (client.core.KEEPALIVE_MS) and failed over.
 
 Each replica is a single-target client built by the same constructor with the same options, so whatever that
 constructor does per target (the channel, its credentials) is done for each replica in one place.
