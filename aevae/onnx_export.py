@@ -212,11 +212,11 @@ def bytes_writer(data: bytes) -> Any:
 
 # -- `aevae export-onnx`: the graphs for versions written before the trainer wrote them ------------------
 def register(sub: Any) -> None:
-    import argparse
+    from aevae.help_format import DefaultsFormatter
 
     p = sub.add_parser("export-onnx", help="add ONNX graphs (and the int8 decoder) to model versions that lack "
                                            "them (serving then needs no torch)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("models", nargs="*", metavar="NAME[/VERSION]", help="versions to convert (default: all)")
     p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT): measure the "
@@ -273,7 +273,13 @@ def run(args: Any) -> int:
             if wanted and not any(chosen(w, version) for w in wanted):
                 continue
             if {ENCODER, DECODER, DECODER_INT8} <= set(version.manifest.files):
-                print(f"{version}: has its ONNX graphs")
+                damaged = _damaged(version)  # "has its graphs" of a truncated version read as all is well
+                if damaged:
+                    print(f"{version}: broken: {damaged} does not match the checksum in its manifest (truncated or "
+                          "altered)", file=sys.stderr)
+                    broken.append(str(version))
+                else:
+                    print(f"{version}: has its ONNX graphs")
                 continue
             try:
                 add_graphs(repository, version, test_images)
@@ -290,6 +296,19 @@ def run(args: Any) -> int:
     if broken:
         raise UserError(f"{len(broken)} version(s) broken, left as they are: {', '.join(broken)}")
     return 0
+
+
+def _damaged(version: Any) -> str | None:
+    """The first of the version's listed files whose bytes do not match their checksum, or None."""
+    from aevae.repository import sha256_file
+
+    for filename, expected in version.manifest.files.items():
+        try:
+            if sha256_file(version.file(filename)) != expected:
+                return filename
+        except OSError:
+            return filename
+    return None
 
 
 class BrokenVersionError(ValueError):

@@ -59,7 +59,12 @@ FileWriter = Callable[[Path], None]
 
 
 def models_dir(value: str | os.PathLike[str] | None = None) -> Path:
-    """--models-dir wins, then AEVAE_MODELS_DIR, then ./models."""
+    """--models-dir wins, then AEVAE_MODELS_DIR, then ./models. An empty --models-dir (`--models-dir "$UNSET"`)
+    is refused: taken as "not given", it trained into, and served, ./models of wherever the command ran."""
+    if value is not None and not str(value).strip():
+        from aevae.errors import UserError
+
+        raise UserError(f"--models-dir is empty; pass a folder, or leave it out for ${MODELS_DIR_ENV} or ./models")
     return Path(value or os.environ.get(MODELS_DIR_ENV) or "models").expanduser()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,19 +17,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from aevae.errors import Terminated, UserError, require_port
+from aevae.help_format import DefaultsFormatter
 from aevae.services.settings import PORTS, Listener, connectable, host_port, listeners_problem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="train if needed, then serve the encoder, the decoder and the web UI",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
     p.add_argument("--data-root", default=None,
                    help="folder holding MNIST/raw/, for training when the repository is empty (or AEVAE_DATA_ROOT)")
     p.add_argument("--host", default="127.0.0.1", help="address the services and the UI listen on")
-    p.add_argument("--encoder-port", type=int, default=PORTS["encoder"])
-    p.add_argument("--decoder-port", type=int, default=PORTS["decoder"])
-    p.add_argument("--ui-port", type=int, default=PORTS["ui"])
+    for kind in ("encoder", "decoder", "ui"):
+        what = "the web UI's HTTP" if kind == "ui" else f"the {kind}'s gRPC"
+        p.add_argument(f"--{kind}-port", type=int, default=PORTS[kind], help=f"{what} port; 0 picks a free one")
     p.add_argument("--no-ui", action="store_true", help="serve the two gRPC services only")
     p.add_argument("--train-args", default="",
                    help="extra `aevae train` arguments for when the repository is empty, e.g. '--epochs 5'")
@@ -51,16 +53,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import shlex
-
     from aevae.repository import ModelRepository
 
+    serve_args, train_args = _split("--serve-args", args.serve_args), _split("--train-args", args.train_args)
     repository = ModelRepository(args.models_dir)
     _require("serve", ("torch", "grpc_health", "grpc_reflection", "tritonclient", "prometheus_client"))
     scan = repository.scan()
     if not scan.versions:
         _require_empty(scan, repository.root)
-    stack = Stack(repository.root, args.host, serve_args=shlex.split(args.serve_args), metrics=not args.no_metrics)
+    stack = Stack(repository.root, args.host, serve_args=serve_args, metrics=not args.no_metrics)
     stack.secure(tls=args.tls, insecure=args.insecure)
     output = _Output.install()  # `aevae up | tee up.log` and Ctrl-C: tee is gone first
     try:
@@ -69,7 +70,7 @@ def _run(args: argparse.Namespace) -> int:
             options = f"--train-args {args.train_args!r}" if args.train_args.strip() else "the defaults"
             print(f"aevae up: no models in {repository.root.resolve()}: training with {options} (going on from the "
                   f"last checkpoint of a run of the same options that was stopped)", flush=True)
-            if stack.train(args.data_root, shlex.split(args.train_args)) != 0:
+            if stack.train(args.data_root, train_args) != 0:
                 raise UserError("training failed (see above); fix it and run `aevae up` again")
         stack.start_services(args.encoder_port, args.decoder_port)
         if not args.no_ui:
@@ -323,6 +324,14 @@ os.execv(sys.argv[3], sys.argv[3:])
 """
 
 
+def _split(flag: str, value: str) -> list[str]:
+    """Extra arguments as a shell would split them; UserError for a quote left open (was a traceback)."""
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise UserError(f"{flag} {value!r}: {exc} (it is split as a shell splits words)") from None
+
+
 def _dies_with_us(command: list[str], interrupts: bool = True) -> list[str]:
     """`command` run so that it gets SIGTERM when this process ends (Linux; elsewhere `command` as it is). To be
     started from the main thread: the kernel sends it when the thread that started the child ends. A launcher
@@ -427,6 +436,9 @@ def _check_protection(args: argparse.Namespace) -> None:
     --tls-key, which `aevae up` makes itself with --tls."""
     from aevae.client.credentials import is_loopback
 
+    if not args.host.strip():
+        raise UserError("--host is empty; pass the address to listen on, e.g. 127.0.0.1 (this machine only) or "
+                        "0.0.0.0 (every interface, with --tls)")
     if not (args.tls or args.insecure or is_loopback(args.host)):
         raise UserError(f"--host {args.host} listens beyond this machine: pass --tls (aevae up makes a certificate; "
                         "the token is made either way), or --insecure when something else protects the traffic, "

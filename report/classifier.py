@@ -91,8 +91,12 @@ class DigitClassifier:
             arrays[f"w{i}"], arrays[f"b{i}"] = w, b
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: a concurrent report never reads half a file
+        try:
+            np.savez(tmp, **arrays)
+            os.replace(tmp, path)  # atomic: a concurrent report never reads half a file
+        except BaseException:  # a full disk: no half-written temporary left behind
+            tmp.unlink(missing_ok=True)
+            raise
 
     @classmethod
     def load(cls, path: Path) -> "DigitClassifier":
@@ -155,7 +159,12 @@ def load_or_train(images: np.ndarray, labels: np.ndarray, train_sha256: str, cac
     classifier, _ = train(images, labels, seed)
     seconds = time.perf_counter() - started
     classifier = replace(classifier, info={**classifier.info, "train_seconds": round(seconds, 1)})
-    classifier.save(path)
+    try:
+        classifier.save(path)
+    except OSError as exc:  # a file in the way, a read-only home: the report goes on, the next one trains again
+        say(f"digit classifier: trained in {seconds:.1f}s, not cached ({path.parent}: {exc.strerror or exc}; "
+            "pass a writable --cache-dir to keep it)")
+        return classifier
     say(f"digit classifier: trained in {seconds:.1f}s, cached at {path}")
     return classifier
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from aevae.errors import UserError
+from aevae.help_format import DefaultsFormatter
 from aevae.services.settings import PORTS, ServiceSettings  # stdlib only
 
 
@@ -13,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="kind", required=True, metavar="{encoder,decoder}")
     for kind in ("encoder", "decoder"):
         k = kinds.add_parser(kind, help=f"the {kind} service (default port {PORTS[kind]})",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=DefaultsFormatter)
         ServiceSettings.add_arguments(k)
         k.set_defaults(func=run)
 

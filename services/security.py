@@ -181,10 +181,10 @@ def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | No
     ValueError naming the option when incomplete."""
     if not settings.tls_cert and not settings.tls_key:
         if settings.tls_client_ca:
-            raise SecurityError("tls-client-ca (mutual TLS) needs TLS: --tls-cert and --tls-key")
+            raise SecurityError("--tls-client-ca (mutual TLS) needs TLS: --tls-cert and --tls-key")
         return None
     if not (settings.tls_cert and settings.tls_key):
-        raise SecurityError("tls-cert and tls-key go together: the certificate and its private key")
+        raise SecurityError("--tls-cert and --tls-key go together: the certificate and its private key")
     files = TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return grpc.dynamic_ssl_server_credentials(files.initial, files.fetch,
                                                require_client_authentication=settings.tls_client_ca is not None)

@@ -9,23 +9,13 @@ import argparse
 MAX_WIDTH = 65_536
 
 
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every flag's default, which register() takes from TrainConfig, the one place the defaults are
-    defined, so --help cannot drift from them. A default of None is left out: it stands for something the
-    flag's help names (an environment variable, a value computed at run time), never for "None"."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
+    from aevae.help_format import DefaultsFormatter
     from aevae.trainer.config import PRECISIONS, TrainConfig
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train the AE and the VAE with Ray Train and write model versions",
-                       formatter_class=_DefaultsFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("--models", default=",".join(d.models), help="comma-separated kinds to train: ae, vae")
     p.add_argument("--name", default=None,
                    help="repository name to write under instead of the kind, e.g. ae-2d (one model only)")

@@ -303,6 +303,8 @@ def run(config: TrainConfig) -> list[Version]:
     repository.ensure_writable(archs, needed_bytes=sum(version_bytes(arch) for arch in archs.values()))
     if config.address:  # a bad form, or nothing listening, said before MNIST is read and checked
         _check_reachable(config.address)
+    if _local_runs(config) is None:
+        _check_storage_uri(config.storage_path or "")
     started = time.perf_counter()
     run_name: str | None = None
     written: list[Version] = []
@@ -456,6 +458,21 @@ def _checkpoint_stays(config: TrainConfig) -> str:
         return f"the run's last checkpoint stays under --storage-path {config.storage_path}"
     return (f"the run's last checkpoint stays under --storage-path {config.storage_path} "
             "(`aevae train --resume` with the same options continues it)")
+
+
+def _check_storage_uri(uri: str) -> None:
+    """UserError, before MNIST is read and Ray starts, for a --storage-path URI that cannot be reached from here
+    (an unknown scheme, a bucket whose region cannot be resolved): Ray Train found it only in its controller,
+    after Ray's start-up, and the run ended with 60 lines of traceback and exit 1."""
+    import pyarrow.fs
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+        filesystem.get_file_info(path)
+    except (OSError, ValueError, pyarrow.ArrowException) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise UserError(f"--storage-path {uri}: cannot reach it from here ({first}); pass a folder, or a storage URI "
+                        "this machine and the Ray cluster can write (s3://bucket/path, gs://bucket/path)") from None
 
 
 def _local_runs(config: TrainConfig) -> Path | None:

@@ -6,6 +6,7 @@ Pillow (the ui and report extras) is imported inside the commands, so the librar
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -185,7 +186,9 @@ def decode(args: argparse.Namespace) -> int:
     if args.scale > 1:
         row = row.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
     try:
-        Image.fromarray(row).save(args.output)
+        if os.path.isdir(args.output):  # pillow said "unknown file extension:", the name a folder has not
+            raise ValueError("it is a folder; name the PNG file to write, e.g. -o digit.png")
+        Image.fromarray(row).save(args.output, format=None if os.path.splitext(args.output)[1] else "PNG")
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot write {args.output}: {exc}") from None
     print(f"wrote {args.output} ({len(images)} image{'s' if len(images) > 1 else ''}, {row.shape[1]}x{row.shape[0]})")

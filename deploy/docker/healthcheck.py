@@ -59,7 +59,13 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr)
         return 1  # Docker reserves 2
     target = argv[0]
-    timeout = float(argv[1]) if len(argv) == 2 else 2.0
+    try:
+        timeout = float(argv[1]) if len(argv) == 2 else 2.0
+    except ValueError:
+        timeout = float("nan")
+    if not 0 < timeout < 3600:  # nan too
+        print(f"unhealthy: the timeout must be seconds, more than 0, got {argv[1]!r}\n{USAGE}", file=sys.stderr)
+        return 1
     if target.startswith(("http://", "https://")):
         problem = http_health(target, timeout)
     else:

@@ -578,3 +578,47 @@ def test_commands_start_without_a_writable_temporary_folder(monkeypatch: pytest.
     with pytest.raises(SystemExit):
         cli.main(["serve", "--help"])
     assert "decoder" in capsys.readouterr().out
+
+
+# -- the CLI audit of this stop: each was a traceback, or a silent guess --------------------------------------
+def test_a_folder_as_the_png_and_a_name_without_extension(decoder: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    err = _refused(["decode", "0,0,0,0", "-o", str(tmp_path), "--decoder", decoder], capsys)
+    assert f"cannot write {tmp_path}: it is a folder; name the PNG file to write" in err
+    assert cli.main(["decode", "0,0,0,0", "-o", str(tmp_path / "digit"), "--decoder", decoder]) == 0
+    assert (tmp_path / "digit").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--models-dir", ""], "--models-dir is empty; pass a folder"),
+    (["serve", "decoder", "--models-dir", " ", "--port", "0"], "--models-dir is empty"),
+    (["export-onnx", "--models-dir", ""], "--models-dir is empty"),
+    (["train", "--hidden", "16", "--storage-path", "foo://bucket/x"],
+     "--storage-path foo://bucket/x: cannot reach it from here (Unrecognized filesystem type"),
+    (["up", "--encoder-port", "0", "--decoder-port", "0", "--ui-port", "0", "--serve-args", "'x"],
+     "--serve-args \"'x\": No closing quotation"),
+    (["up", "--encoder-port", "0", "--decoder-port", "0", "--ui-port", "0", "--train-args", "--epochs '2"],
+     "--train-args \"--epochs '2\": No closing quotation"),
+    (["up", "--host", "", "--encoder-port", "0", "--decoder-port", "0", "--ui-port", "0"], "--host is empty"),
+])
+def test_empty_folders_unreachable_storage_and_unbalanced_quotes_are_one_line(
+        argv: list[str], words: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty --models-dir meant ./models: it must not be made here
+    if argv[0] == "train" and "--models-dir" not in argv:
+        argv = [*argv, "--models-dir", str(tmp_path / "m")]
+    if argv[0] == "up":
+        argv = [*argv, "--models-dir", str(tmp_path / "m")]
+    err = _refused(argv, capsys)
+    assert words in err, err
+    assert not (tmp_path / "models").exists() and not (tmp_path / "m").exists()
+
+
+def test_export_onnx_names_a_damaged_version_that_has_its_graphs(tiny_repo: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "vae/1: has its ONNX graphs", exit 0, for a version whose weights were cut short."""
+    weights = tiny_repo / "vae" / "1" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    err = _refused(["export-onnx", "--models-dir", str(tiny_repo)], capsys)
+    assert "vae/1: broken: weights.pt does not match the checksum in its manifest" in err
+    assert "1 version(s) broken, left as they are: vae/1" in err
