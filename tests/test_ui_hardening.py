@@ -492,3 +492,41 @@ def test_a_service_restarted_after_an_outage_is_seen_at_the_first_probe(models: 
             await link.aclose()
 
     asyncio.run(scenario())
+
+
+def test_calls_to_a_service_that_hangs_fail_at_once_until_it_answers_again(models: Path) -> None:
+    """A service stopped (SIGSTOP: connections open, nothing answered): the page said "down" after a probe, yet
+    each call still waited out its timeout (6 s a decode). Calls now fail at once with the probe's words while
+    the probes get no answer, and go through again once one is answered."""
+    import os
+    import signal
+
+    from aevae.client import AsyncDecoderClient
+    from aevae.ui.services import ServiceDown, ServiceLink
+
+    z = np.zeros((1, 4), np.float32)
+
+    async def scenario(service: ServiceProcess) -> None:
+        link = ServiceLink("decoder", service.address, AsyncDecoderClient)
+        try:
+            await link.probe()
+            assert link.status.state == "up"
+            assert (await link.call(lambda c: c.decode(z))).shape == (1, 32, 32)
+            assert service.process is not None
+            os.kill(service.process.pid, signal.SIGSTOP)
+            try:
+                await link.probe()
+                assert link.status.state == "down"
+                with pytest.raises(ServiceDown, match="does not answer its health checks"):
+                    await link.call(lambda c: c.decode(z))
+            finally:
+                os.kill(service.process.pid, signal.SIGCONT)
+            await link.probe()
+            assert link.status.state == "up", link.status.message
+            assert (await link.call(lambda c: c.decode(z))).shape == (1, 32, 32)
+        finally:
+            await link.aclose()
+
+    with ServiceProcess("decoder", models) as service:
+        service.wait_healthy()
+        asyncio.run(scenario(service))
