@@ -168,12 +168,9 @@ def load(version: Version, prefer: str = "auto", threads: int | None = None, pre
     replaced after this check is refused, not loaded unchecked) on a runtime: "auto" takes ONNX Runtime when
     the version has graphs and onnxruntime is installed, torch otherwise; `precision` of decoding, fp32, bf16
     or int8 (see `aevae.runtimes.open_runtime`). ValueError with the reason when the version is unusable."""
-    from aevae.repository import sha256_file
     from aevae.runtimes import open_runtime
 
-    for filename, expected in version.manifest.files.items():
-        if sha256_file(version.file(filename)) != expected:
-            raise ValueError(f"{filename} does not match the checksum in its manifest (truncated or altered)")
+    version.check_files()
     return LoadedModel(manifest=version.manifest, runtime=open_runtime(version, prefer, threads, precision),
                        version=version)
 

@@ -230,6 +230,7 @@ def run(args: Any) -> int:
 
     from aevae.errors import UserError
     from aevae.repository import ModelRepository
+    from aevae.store import broken_reason
 
     try:
         from aevae.runtimes import onnxruntime
@@ -273,13 +274,13 @@ def run(args: Any) -> int:
             if wanted and not any(chosen(w, version) for w in wanted):
                 continue
             if {ENCODER, DECODER, DECODER_INT8} <= set(version.manifest.files):
-                damaged = _damaged(version)  # "has its graphs" of a truncated version read as all is well
-                if damaged:
-                    print(f"{version}: broken: {damaged} does not match the checksum in its manifest (truncated or "
-                          "altered)", file=sys.stderr)
+                try:  # "has its graphs" of a truncated version read as all is well
+                    version.check_files()
+                except (OSError, ValueError) as exc:
+                    print(f"{version}: broken: {broken_reason(exc)}", file=sys.stderr)
                     broken.append(str(version))
-                else:
-                    print(f"{version}: has its ONNX graphs")
+                    continue
+                print(f"{version}: has its ONNX graphs")
                 continue
             try:
                 add_graphs(repository, version, test_images)
@@ -296,19 +297,6 @@ def run(args: Any) -> int:
     if broken:
         raise UserError(f"{len(broken)} version(s) broken, left as they are: {', '.join(broken)}")
     return 0
-
-
-def _damaged(version: Any) -> str | None:
-    """The first of the version's listed files whose bytes do not match their checksum, or None."""
-    from aevae.repository import sha256_file
-
-    for filename, expected in version.manifest.files.items():
-        try:
-            if sha256_file(version.file(filename)) != expected:
-                return filename
-        except OSError:
-            return filename
-    return None
 
 
 class BrokenVersionError(ValueError):

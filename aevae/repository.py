@@ -127,6 +127,14 @@ class Version:
         except RecursionError:  # not a ValueError: it failed the call as an internal error
             raise ValueError(f"{STATS} is nested too deeply to be read") from None
 
+    def check_files(self) -> None:
+        """Every listed file against its checksum, each streamed (none read whole): ValueError naming the first
+        that does not match; OSError as reading raised it (FileNotFoundError for one gone). The one check of a
+        version's files, for its load (aevae.inference.load) and for `aevae export-onnx`'s account of it."""
+        for name, expected in self.manifest.files.items():
+            if sha256_file(self.file(name)) != expected:
+                raise ValueError(f"{name} does not match the checksum in its manifest (truncated or altered)")
+
     def verified(self, name: str) -> bytes:
         """The listed file's bytes, checked against the checksum its manifest lists: what a runtime loads is
         what was checked. Checking the file by its path and then loading it by its path again let a file

@@ -264,10 +264,6 @@ class ModelStore:
             manifest, number, runtime = self._described(name, scan)
         except FailedPrecondition:  # no version loads: described by its newest, with version 0
             manifest, number, runtime = scan.versions[name][-1].manifest, 0, ""
-        except ResourceExhausted:  # too big for the memory left now: described by its manifest, not loaded
-            default = ([v for v in scan.versions[name] if (name, v.number) not in self._broken]
-                       or scan.versions[name])[-1]
-            manifest, number, runtime = default.manifest, default.number, ""
         except NotFound:  # removed since the listing's scan
             return None
         broken = {n: reason for (m, n), (_, reason) in list(self._broken.items()) if m == name}
@@ -290,7 +286,11 @@ class ModelStore:
         known = self._verified.get((name, usable[-1].number)) if usable else None
         if usable and known is not None:
             return usable[-1].manifest, usable[-1].number, known[1]
-        model = self.get(name)
+        try:
+            model = self.get(name)
+        except ResourceExhausted:  # too big for the memory left now: described by its manifest, not loaded
+            default = (usable or scan.versions[name])[-1]
+            return default.manifest, default.number, ""
         return model.manifest, model.number, label(model.runtime)
 
     def loaded(self) -> list[LoadedModel]:

@@ -232,20 +232,20 @@ def version_bytes(arch: Architecture) -> int:
     return 8 * weights + decoder + (1 << 20)
 
 
-def training_bytes(archs: dict[str, Architecture], precision: str) -> int:
-    """The least memory one worker needs to train `archs` side by side: per parameter its float32 weight and
-    gradient and Adam's two moments (16 bytes), and with bf16 the weight's and the gradient's bfloat16 copies
-    (4 more). A floor, not an estimate: measured, a step and a checkpoint of 4096-wide models took about 30 bytes
-    per parameter, so a run this refuses could never have run, and one it lets through may still need more."""
-    per_parameter = 16 + (4 if precision == "bf16" else 0)
-    return per_parameter * sum(sum(arch.parameters()) for arch in archs.values())
+def training_bytes(parameters: int, precision: str) -> int:
+    """The least memory one worker needs to train models of `parameters` in all, side by side: per parameter its
+    float32 weight and gradient and Adam's two moments (16 bytes), and with bf16 the weight's and the gradient's
+    bfloat16 copies (4 more). A floor, not an estimate: measured, a step and a checkpoint of 4096-wide models
+    took about 30 bytes per parameter, so a run this refuses could never have run, and one it lets through may
+    still need more."""
+    return (16 + (4 if precision == "bf16" else 0)) * parameters
 
 
 def _check_memory(config: TrainConfig, archs: dict[str, Architecture]) -> None:
     """Refuses, before MNIST is read or Ray starts, a local run whose workers could not hold their models: it
     would end in the kernel's out-of-memory killer, which may pick any process of the machine."""
     parameters = sum(sum(arch.parameters()) for arch in archs.values())
-    problem = memory.shortfall(config.num_workers * training_bytes(archs, config.precision))
+    problem = memory.shortfall(config.num_workers * training_bytes(parameters, config.precision))
     if problem:
         workers = f"{config.num_workers} workers, each" if config.num_workers > 1 else "one worker"
         raise UserError(f"the models of --hidden {','.join(map(str, config.hidden))} --latent-dim {config.latent_dim} "

@@ -50,6 +50,7 @@ FAILOVER_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLIN
                             grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
                             grpc.StatusCode.NOT_FOUND})
 NOT_EVERYWHERE = frozenset({grpc.StatusCode.NOT_FOUND})
+OWN_WORDS = NOT_EVERYWHERE | {grpc.StatusCode.RESOURCE_EXHAUSTED}  # failed everywhere alike: the servers' error
 SPANS_PER_REPLICA = 4  # spans per replica in a big batch: enough to balance, few enough to keep streams long
 MAX_SPAN_CHUNKS = 16  # a span is at most this many stream chunks
 
@@ -230,7 +231,7 @@ def _same_error(errors: list[AevaeError | None]) -> AevaeError | None:
     (NOT_FOUND, RESOURCE_EXHAUSTED): the server's words, not "all replicas failed"."""
     codes = {e.code() if e is not None else None for e in errors}
     first = errors[0] if errors else None
-    if len(codes) == 1 and first is not None and first.code() in (NOT_EVERYWHERE | {grpc.StatusCode.RESOURCE_EXHAUSTED}):
+    if len(codes) == 1 and first is not None and first.code() in OWN_WORDS:
         return first
     return None
 

@@ -138,8 +138,8 @@ def parse_latents(value: Any) -> np.ndarray:
 def model_name(payload: dict[str, Any]) -> str:
     """The model a message names; bounded, since errors quote it (an 8 MB name came back in full)."""
     name = payload.get("model")
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_MODEL_NAME or not name.isprintable() \
-            or any("\ud800" <= c <= "\udfff" for c in name):  # a lone surrogate (JSON "\udc80") is no UTF-8
+    # not printable: control characters, and a lone surrogate (JSON "\udc80"), which no UTF-8 can carry
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_MODEL_NAME or not name.isprintable():
         raise BadRequest(f"'model' must name a served model (1..{MAX_MODEL_NAME} printable characters), e.g. "
                          "\"vae\" or \"ae\"")
     return name

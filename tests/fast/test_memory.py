@@ -70,8 +70,7 @@ def test_train_refuses_models_its_worker_could_not_hold(tmp_path: Path, monkeypa
             f"needs at least {2 * 20 * parameters / GIB:,.1f} GiB, and 4.0 GiB is available (2 workers, each "
             "holding") in err
     assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
-    assert job.training_bytes({"ae": job.Architecture(kind="ae", hidden=(16,))}, "fp32") == \
-        16 * sum(job.Architecture(kind="ae", hidden=(16,)).parameters())
+    assert job.training_bytes(1000, "fp32") == 16 * 1000 and job.training_bytes(1000, "bf16") == 20 * 1000
 
 
 def test_a_train_limit_past_the_images_there_are_is_said(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

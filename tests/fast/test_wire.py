@@ -187,6 +187,14 @@ def test_requests_crowded_with_fields_are_refused_before_they_are_parsed() -> No
     tensor.contents.fp32_contents.extend([0.5] * 20_000)  # past WALK_FROM_BYTES
     problem = check(crowded_input.SerializeToString())
     assert problem is not None and problem.startswith("ModelInferRequest.inputs[0] holds more than 1,024 fields")
+    # one budget for the whole request: 1,000 inputs of 100 fields each passed a budget per message
+    spread = service_pb2.ModelInferRequest(model_name="vae")
+    for i in range(1000):
+        each = spread.inputs.add(name=f"x{i}")
+        for j in range(100):
+            each.parameters[f"p{j}"].bool_param = True
+    problem = check(spread.SerializeToString())
+    assert problem is not None and problem.startswith("ModelInferRequest.inputs[")
 
     big = _oip_request()
     big.raw_input_contents[0] = np.ones((8192, 4), np.float32).tobytes()
