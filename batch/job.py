@@ -530,12 +530,37 @@ def fleet_model(client: Any, flag: str, name: str, number: int | None, precision
         raise UserError(f"{flag} {client.target}: model {name!r} has no version {number}; available: "
                         f"{', '.join(map(str, info.versions))}")
     served = precision_of(info.runtime) if flag == "--decoder" else "fp32"  # encoding is always float32
+    if flag == "--decoder":
+        _check_one_precision(client, name, info.runtime)
     if precision is not None and precision != served:
         raise UserError(f"{flag} {client.target} decodes {name!r} in {served} ({info.runtime}), not {precision}: "
                         f"the services' own --precision chooses it; drop --precision, or run them with "
                         f"--precision {precision}")
     return ModelRef(name=name, number=number or info.version, kind=info.kind, latent_dim=info.latent_dim,
                     image_shape=tuple(info.image_shape), precision=served)
+
+
+def _check_one_precision(client: Any, name: str, runtime: str) -> None:
+    """UserError when the fleet's replicas decode `name` in different precisions (each replica's own `aevae
+    serve --precision`): the spans of one batch go to every replica, so its images would mix fp32 and int8
+    pixels while the job recorded one precision. Replicas that do not answer now are left to the fan-out
+    (it leaves a failing replica out of a call)."""
+    from aevae.client import AevaeError
+    from aevae.runtimes import precision_of
+
+    if len(client.replicas) < 2:
+        return
+    runtimes: dict[str, str] = {}
+    for replica in client.replicas:
+        try:
+            runtimes.update({replica.target: m.runtime for m in replica.list_models() if m.name == name})
+        except AevaeError:
+            continue
+    if len({precision_of(r) for r in [runtime, *runtimes.values()]}) > 1:
+        served = "; ".join(f"{target}: {precision_of(r)} ({r})" for target, r in runtimes.items())
+        raise UserError(f"--decoder: the replicas decode {name!r} in different precisions ({served}), and one "
+                        "batch would mix their images; run every replica with the same `aevae serve "
+                        "--precision`, or name only the replicas of one precision")
 
 
 def run_fleet(job: Job, plan: Plan, progress: Progress, client: Any, concurrency: int = 2,

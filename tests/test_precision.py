@@ -90,3 +90,26 @@ def test_a_batch_job_on_an_int8_fleet_records_its_precision_and_refuses_another(
     done = run_aevae("decode-batch", "--prior", "200", "--model", "vae", "--output", str(tmp_path / "out"),
                      "--format", "npz", "--decoder", int8_decoder.address, "--precision", "bf16")
     assert done.returncode == 2 and "not bf16" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_batch_job_refuses_a_fleet_whose_replicas_decode_in_different_precisions(
+        int8_decoder: ServiceProcess, bf16_repo: Path, tmp_path: Path) -> None:
+    """The spans of one batch go to every replica: an fp32 and an int8 replica would mix their pixels in one
+    output while the job records one precision, so decode-batch refuses the fleet, naming each replica's."""
+    fp32 = ServiceProcess("decoder", bf16_repo).start()
+    try:
+        fp32.wait_healthy()
+        fleet = f"{int8_decoder.address},{fp32.address}"
+        done = run_aevae("decode-batch", "--prior", "9000", "--model", "vae", "--output", str(tmp_path / "out"),
+                         "--format", "npz", "--decoder", fleet)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "different precisions" in done.stderr, done.stderr
+        assert f"{int8_decoder.address}: int8 (onnx-int8)" in done.stderr
+        assert f"{fp32.address}: fp32 (onnx)" in done.stderr
+        assert not (tmp_path / "out").exists()
+        # one precision throughout: the same fleet of one kind runs
+        done = run_aevae("decode-batch", "--prior", "300", "--model", "vae", "--output", str(tmp_path / "ok"),
+                         "--format", "npz", "--decoder", f"{fp32.address},{fp32.address}")
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        fp32.stop()

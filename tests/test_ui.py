@@ -602,7 +602,7 @@ def test_ui_server_api_rejects_bad_requests_clearly(stack):
     status, body = post_json(url + "/api/samples", {"model": "vae", "count": 65})
     assert status == 400 and "'count' must be an integer in 1..64" in body["error"]
     status, body = post_json(url + "/api/samples", {"model": "nope"})
-    assert status == 400 and "nope" in body["error"]
+    assert status == 404 and "nope" in body["error"] and body.get("code") == "NOT_FOUND"
     assert get_json(url + "/api/models")["classifier"]["available"] is True
 
 

@@ -83,6 +83,12 @@ class _Common:
     def _make_stub(self, channel: Any) -> Any:
         raise NotImplementedError
 
+    @property
+    def replicas(self) -> list[Any]:
+        """The single-target clients this one spreads its calls over, one per target with the same options (a
+        fan-out client's), or itself: for asking every replica, e.g. whether they all serve a model alike."""
+        return list(self._fanout.replicas) if self._fanout is not None else [self]
+
     def _deadline(self, timeout: float | None) -> float | None:
         """One total deadline for the call, however many messages it streams: `timeout`, or the client's for
         None; longer than core.MAX_TIMEOUT is none (gRPC's deadline would overflow and expire at once). Every

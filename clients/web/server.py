@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from aiohttp import WSMsgType, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -322,7 +323,9 @@ async def post_samples(request: web.Request) -> web.Response:
         infos = await decoder.call(lambda client: client.list_models())
         info = next((m for m in infos if m.name == name), None)
         if info is None:
-            raise BadRequest(f"the decoder serves no model {name!r}; it serves {sorted(m.name for m in infos)}")
+            # the decoder's own answer for a model it does not have (as /api/encode and /api/stats give): 404
+            raise RequestRejected("decoder", grpc.StatusCode.NOT_FOUND,
+                                  f"the decoder serves no model {name!r}; it serves {sorted(m.name for m in infos)}")
         width = bounded_int(payload, "latent_dim", info.latent_dim, 1, MAX_LATENT_DIM)
         latents = np.random.default_rng(seed).standard_normal((count, width)).astype(np.float32)
         images = await decoder.call(lambda client: client.decode(latents, model=name, version=version,

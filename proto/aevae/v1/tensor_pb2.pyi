@@ -107,7 +107,9 @@ class ModelInfo(_message.Message):
     """"ae" or "vae"."""
     latent_dim: _builtins.int
     runtime: _builtins.str
-    """The runtime serving the default version: "onnx" or "torch"; empty when no version loads."""
+    """The runtime serving the default version: "onnx" or "torch", with the decoding precision when it is not
+    float32 ("onnx-int8", "torch-bf16": `aevae serve --precision`); empty when no version loads.
+    """
     broken_count: _builtins.int
     """How many versions are known to be broken, listed in `broken` or not."""
     @_builtins.property
