@@ -65,7 +65,15 @@ def models_dir(value: str | os.PathLike[str] | None = None) -> Path:
         from aevae.errors import UserError
 
         raise UserError(f"--models-dir is empty; pass a folder, or leave it out for ${MODELS_DIR_ENV} or ./models")
-    return Path(value or os.environ.get(MODELS_DIR_ENV) or "models").expanduser()
+    path = Path(value or os.environ.get(MODELS_DIR_ENV) or "models").expanduser()
+    try:
+        path.resolve()
+    except (RuntimeError, OSError) as exc:  # a symlink loop: Python's resolve raises RuntimeError, os ELOOP
+        from aevae.errors import UserError
+
+        raise UserError(f"the model repository {path} (--models-dir or {MODELS_DIR_ENV}) cannot be resolved: "
+                        f"{getattr(exc, 'strerror', None) or 'a symbolic link loop'}; pass a folder") from None
+    return path
 
 
 def open_regular(path: Path) -> BinaryIO:

@@ -79,7 +79,11 @@ class ModelStore:
         self._broken: dict[Key, tuple[Identity, str]] = {}
         self._defaults: dict[str, LoadedModel] = {}
         self._logged: set[tuple[str, str]] = set()
+        # _lock guards the snapshot and the tables above, briefly; a load (hashing files, building sessions:
+        # seconds for a big version or slow storage) holds only its version's lock from _loading, so calls for
+        # the versions already loaded, and scans, go on meanwhile.
         self._lock = threading.RLock()
+        self._loading: dict[Key, threading.Lock] = {}
 
     # -- the snapshot ---------------------------------------------------------------------------------------
     def scan(self, force: bool = False) -> Scan:
@@ -198,36 +202,52 @@ class ModelStore:
         if entry is not None:
             return entry[1]
         with self._lock:
-            entry = self._loaded.get(key)
-            if entry is None:
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one load of a version at a time; those waiting for it take its result
+            with self._lock:
+                entry = self._loaded.get(key)
+                if entry is not None:
+                    self._loaded.move_to_end(key)
+                    return entry[1]
                 if key in self._broken:
                     raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {self._broken[key][1]}")
-                fingerprint: Fingerprint | None = None
-                try:
-                    fingerprint = version.fingerprint()
-                    model = load(version, self.runtime, self.threads, self.precision)
-                except MemoryError as exc:  # not the version's fault, and not for ever: not marked broken
-                    raise ResourceExhausted(f"model {key[0]!r} version {key[1]} cannot be loaded now: "
-                                            f"{exc or 'out of memory'}; it is tried again on the next request") from None
-                except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
-                    if isinstance(exc, FileNotFoundError) and not (version.path / MANIFEST).exists():
-                        # removed since the scan, the folder or its manifest (rm -r takes the files first):
-                        # not broken, gone (a default resolution looks again)
-                        self._scanned_at = float("-inf")
-                        raise NotFound(f"model {key[0]!r} version {key[1]} was removed") from None
-                    reason = broken_reason(exc)
-                    self._broken[key] = (_identity(version, fingerprint), reason)
-                    self._warn_once(str(version.path), f"model version {version} is broken: {reason}")
-                    raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {reason}") from None
-                log.info("loaded %s on %s", version, model.runtime.name)
-                entry = (fingerprint, model)
-                self._loaded[key] = entry
-                self._verified[key] = (fingerprint, label(model.runtime))
-                while len(self._loaded) > self.max_loaded:
-                    self._loaded.popitem(last=False)
-            else:
-                self._loaded.move_to_end(key)
+            try:
+                entry = self._read(version)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
         return entry[1]
+
+    def _read(self, version: Version) -> tuple[Fingerprint, LoadedModel]:
+        """Loads `version` (outside _lock) and files the result: the loaded model, or the version marked
+        broken with its reason."""
+        key = (version.name, version.number)
+        fingerprint: Fingerprint | None = None
+        try:
+            fingerprint = version.fingerprint()
+            model = load(version, self.runtime, self.threads, self.precision)
+        except MemoryError as exc:  # not the version's fault, and not for ever: not marked broken
+            raise ResourceExhausted(f"model {key[0]!r} version {key[1]} cannot be loaded now: "
+                                    f"{exc or 'out of memory'}; it is tried again on the next request") from None
+        except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
+            if isinstance(exc, FileNotFoundError) and not (version.path / MANIFEST).exists():
+                # removed since the scan, the folder or its manifest (rm -r takes the files first): not
+                # broken, gone (a default resolution looks again)
+                self._scanned_at = float("-inf")
+                raise NotFound(f"model {key[0]!r} version {key[1]} was removed") from None
+            reason = broken_reason(exc)
+            with self._lock:
+                self._broken[key] = (_identity(version, fingerprint), reason)
+                self._warn_once(str(version.path), f"model version {version} is broken: {reason}")
+            raise FailedPrecondition(f"model {key[0]!r} version {key[1]} is broken: {reason}") from None
+        log.info("loaded %s on %s", version, model.runtime.name)
+        entry = (fingerprint, model)
+        with self._lock:
+            self._loaded[key] = entry
+            self._verified[key] = (fingerprint, label(model.runtime))
+            while len(self._loaded) > self.max_loaded:
+                self._loaded.popitem(last=False)
+        return entry
 
     def preload(self, stopped: Callable[[], bool] = lambda: False) -> None:
         """Loads the default version of every model, so that the first requests need no disk; checks `stopped`

@@ -206,6 +206,7 @@ class _Replica:
 
     def __del__(self) -> None:
         self.executor.shutdown(wait=False)
+        self.engine.run.loader.shutdown(wait=False)
 
     def _checked(self, request: Any) -> Any:
         """The request, or its error when it is over max_message_bytes (`_sized`)."""

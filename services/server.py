@@ -113,8 +113,13 @@ SERVICES = {
 }
 
 
+# Threads for work that may wait on the disk (Runner): a call waiting for a version to load holds one.
+LOADER_THREADS = 32
+
+
 def engine(settings: ServiceSettings, executor: ThreadPoolExecutor) -> Engine:
-    return Engine(Runner(executor, settings.inline_max),
+    loader = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="aevae-load")
+    return Engine(Runner(executor, settings.inline_max, loader),
                   Admission(settings.max_concurrent_rpcs, settings.max_inflight_bytes, settings.max_unsent_bytes,
                             settings.stream_idle_s),
                   batch_size=settings.batch_size, batch_rows=settings.batch_rows, batch_wait_s=settings.batch_wait_s,
@@ -142,7 +147,7 @@ def check_listeners(kind: str, settings: ServiceSettings) -> None:
         raise OSError(problem)
 
 
-def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: ThreadPoolExecutor,
+def build(kind: str, settings: ServiceSettings, store: ModelStore, work: Engine,
           state: ServingState | None = None) -> tuple[grpc.aio.Server, Service]:
     """The servicer for `kind` on a grpc.aio server, and the Open Inference Protocol over the same logic."""
     service = SERVICES[kind]
@@ -162,7 +167,7 @@ def build(kind: str, settings: ServiceSettings, store: ModelStore, executor: Thr
         *security.connection_options(settings),
     ])
     logic = service.logic(store, settings.limits)
-    servicer = service.servicer(logic, engine(settings, executor))
+    servicer = service.servicer(logic, work)
     register(servicer, server, service.descriptor, size)
     register(InferenceServicer(kind, servicer, state), server, OIP, size)
     if settings.metrics_port is not None:
@@ -184,7 +189,8 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=f"aevae-{kind}")
     store = open_store(settings)
     state = ServingState()
-    server, service = build(kind, settings, store, executor, state)
+    work = engine(settings, executor)
+    server, service = build(kind, settings, store, work, state)
     quiet_ended_call_writes()
 
     health_servicer = health.aio.HealthServicer()
@@ -216,7 +222,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"aevae {kind} serving {service.full_name} on {host_port(settings.host, bound)} "
           f"(models in {store.repository.root.resolve()}: {store.describe()}; {protection})", flush=True)
-    preloading = loop.run_in_executor(executor, store.preload, stop.is_set)
+    preloading = loop.run_in_executor(work.run.loader, store.preload, stop.is_set)
 
     await stop.wait()
 
@@ -234,4 +240,5 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     await settle_calls(CUT_CALLS_SECONDS)  # after every server has stopped: their own tasks are done too
     preloading.cancel()
     executor.shutdown(wait=True, cancel_futures=True)
+    work.run.loader.shutdown(wait=True, cancel_futures=True)
     return 0

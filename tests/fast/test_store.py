@@ -318,3 +318,65 @@ def test_latent_statistics_over_the_cap_are_refused_before_they_are_read(tiny_re
     monkeypatch.setattr(aevae.repository, "STATS_MAX_BYTES", 1000)
     with pytest.raises(ValueError, match="latent_stats.json is over"):
         version.latent_stats()
+
+
+def test_a_slow_load_holds_only_its_own_version(tiny_repo: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version whose files take long to hash and load (big, on slow storage) kept the store's one lock for
+    the whole load, so every call for any other model waited behind it (9 s for a 3 GB file). Now the load
+    holds its version alone: another model's calls and rescans go on, and a second caller of the same
+    version waits for the first load and takes its result instead of loading it again."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import aevae.store
+
+    store = ModelStore(tiny_repo, refresh_seconds=0)  # every call rescans, as calls after a refresh do
+    store.get("ae")
+    release, started = threading.Event(), threading.Event()
+    loads: list[str] = []
+    real_load = aevae.store.load
+
+    def held_load(version, *args, **kwargs):  # type: ignore[no-untyped-def]
+        loads.append(version.name)
+        if version.name == "vae":
+            started.set()
+            assert release.wait(30)
+        return real_load(version, *args, **kwargs)
+
+    monkeypatch.setattr(aevae.store, "load", held_load)
+    with ThreadPoolExecutor(3) as pool:
+        first, second = pool.submit(store.get, "vae"), None
+        try:
+            assert started.wait(10)
+            second = pool.submit(store.get, "vae")
+            other = pool.submit(lambda: (store.get("ae").name, store.scan(force=True).versions.keys()))
+            name, names = other.result(timeout=5)  # before the fix: waited until the vae load ended
+            assert name == "ae" and {"ae", "vae"} <= set(names)
+            assert not first.done() and not second.done()
+        finally:
+            release.set()
+        assert first.result(timeout=10) is second.result(timeout=10)  # type: ignore[union-attr]
+    assert loads.count("vae") == 1
+
+
+def test_work_that_may_load_runs_on_the_loader_threads() -> None:
+    """A call whose model is not ready (a load or a rescan ahead) runs on the loader's threads, so one
+    waiting for a slow load never holds the few threads loaded models' calls run on."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aevae.services.admission import Runner
+
+    def thread() -> str:
+        return threading.current_thread().name
+
+    with ThreadPoolExecutor(1, thread_name_prefix="work") as work, \
+            ThreadPoolExecutor(1, thread_name_prefix="load") as loader:
+        run = Runner(work, inline_max=4, loader=loader)
+
+        async def names() -> list[str]:
+            return [await run(thread, 1, True), await run(thread, 100, True), await run(thread, 1, False)]
+
+        inline, big, unready = asyncio.run(names())
+    assert inline == "MainThread" and big.startswith("work") and unready.startswith("load")
