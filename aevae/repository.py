@@ -67,12 +67,13 @@ def models_dir(value: str | os.PathLike[str] | None = None) -> Path:
         raise UserError(f"--models-dir is empty; pass a folder, or leave it out for ${MODELS_DIR_ENV} or ./models")
     path = Path(value or os.environ.get(MODELS_DIR_ENV) or "models").expanduser()
     try:
-        path.resolve()
-    except (RuntimeError, OSError) as exc:  # a symlink loop: Python's resolve raises RuntimeError, os ELOOP
-        from aevae.errors import UserError
+        path.stat()
+    except OSError as exc:  # a symlink loop (ELOOP) made every command end in Path.resolve's traceback
+        if exc.errno == errno.ELOOP:
+            from aevae.errors import UserError
 
-        raise UserError(f"the model repository {path} (--models-dir or {MODELS_DIR_ENV}) cannot be resolved: "
-                        f"{getattr(exc, 'strerror', None) or 'a symbolic link loop'}; pass a folder") from None
+            raise UserError(f"the model repository {path} (--models-dir or {MODELS_DIR_ENV}) is a loop of "
+                            "symbolic links; pass a folder") from None
     return path
 
 

@@ -343,3 +343,15 @@ def test_a_name_no_folder_can_have_does_not_make_the_store_look_again(tmp_path: 
     with pytest.raises(NotFound):
         store.resolve("ae", None)
     assert True in forced  # a name a folder may have: looked for again
+
+
+def test_a_models_dir_that_is_a_symlink_loop_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Every command ended in Path.resolve's RuntimeError traceback (serve, export-onnx)."""
+    from aevae.errors import UserError
+    from aevae.repository import models_dir
+
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(UserError, match="is a loop of symbolic links"):
+        models_dir(str(loop))
+    assert models_dir(str(tmp_path / "later")) == tmp_path / "later"  # a folder yet to be made is fine
