@@ -359,7 +359,13 @@ def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
                # aevae's client pings a call's connection every 20 s (client.core.KEEPALIVE_MS), also while a
                # big call computes and sends nothing: gRPC's default (a ping per 5 min without data, two
                # strikes) would end such a connection with "too_many_pings" after a minute
-               ("grpc.http2.min_ping_interval_without_data_ms", 10_000)]
+               ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+               # Requests are taken uncompressed only (gzip and deflate answer UNIMPLEMENTED, naming the
+               # algorithm): gRPC inflates a compressed message whole, before any handler, token check or size
+               # limit of ours, so 40 gzip requests of 61 KB each, 2.4 MB on the wire, grew a server by 1.8 GiB
+               # (60 MiB of zeros each), token or not, and on the health port too. Tensors of floats hardly
+               # compress anyway; responses are never compressed.
+               ("grpc.compression_enabled_algorithms_bitset", 1)]
     # A live client that stops reading a stream answers the pings and holds its call slot (and the answers
     # gRPC has taken) for as long as its connection lives: the connection's age is what ends it.
     if settings.max_connection_age_s > 0:
