@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Collection, Iterable, Iterator, Mapping
 
 from aevae.manifest import FILE_NAME as MANIFEST
 from aevae.manifest import Manifest, ManifestError, json_default
@@ -46,6 +46,7 @@ MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB (its latent statistics l
 # memory per loaded version, so a bigger one (a damaged or hostile file, checksummed or not) is refused.
 STATS_MAX_BYTES = 16 << 20
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+NAME_RULE = "1 to 64 of a-z, 0-9, '_', '.', '-', starting with a letter or a digit"
 NUMBER_PATTERN = re.compile(r"^[1-9][0-9]{0,18}$")
 MAX_NUMBER = 2**63 - 1  # what the wire's int64 holds
 STAGING_PREFIX = ".incoming-"
@@ -226,7 +227,7 @@ class Scan:
     broken: list[BrokenVersion] = field(default_factory=list)
     ignored: list[tuple[Path, str]] = field(default_factory=list)  # folders in a model that are no version: why
 
-    def describe(self, root: Path) -> str:
+    def describe(self, root: Path, leave_out: Collection[tuple[str, int]] = ()) -> str:
         """`ae: 1, 2; vae: 1` - what exists, for error messages. Bounded: at most DESCRIBED_MODELS models, and
         of a model's versions the first and the last few with their count, so that the NOT_FOUND status of a
         repository with thousands of versions stays under gRPC's 16 KiB of metadata (past it the client got
@@ -247,8 +248,9 @@ class Scan:
                 return (f"no loadable model in {root}: {len(self.broken)} broken version(s), e.g. "
                         f"{first.name}/{first.number}: {first.reason}")
             return f"no models in {root} (train some with `aevae train`)"
-        names = list(self.versions)
-        shown = "; ".join(f"{n}: {_numbers(self.versions[n])}" for n in names[:DESCRIBED_MODELS])
+        served = {n: [v for v in vs if (n, v.number) not in leave_out] for n, vs in self.versions.items()}
+        names = [n for n, vs in served.items() if vs]
+        shown = "; ".join(f"{n}: {_numbers(served[n])}" for n in names[:DESCRIBED_MODELS]) or "no loadable version"
         more = len(names) - DESCRIBED_MODELS
         return shown if more <= 0 else f"{shown}; and {more} more models"
 
@@ -334,10 +336,14 @@ class ModelRepository:
                 return scan
             root = self.root.resolve()
             # fullmatch: `$` also matches before a final newline, and a folder "vae\n" was served as a model
-            model_dirs = sorted(p for p in self.root.iterdir() if NAME_PATTERN.fullmatch(p.name) and _is_dir(p))
+            folders = [p for p in self.root.iterdir() if not p.name.startswith(".") and _is_dir(p)]
+            model_dirs = sorted(p for p in folders if NAME_PATTERN.fullmatch(p.name))
         except OSError as exc:
             scan.ignored.append((self.root, f"the repository cannot be read: {_why(exc)}"))
             return scan
+        # said once in the log: a folder "VAE" was left out without a word, and calls for it were NOT_FOUND
+        scan.ignored += [(p, f"a model folder is named by {NAME_RULE}") for p in folders
+                         if not NAME_PATTERN.fullmatch(p.name)]
         for model_dir in model_dirs:
             try:
                 entries = list(model_dir.iterdir())
@@ -395,7 +401,9 @@ class ModelRepository:
             try:
                 target = file.resolve()
             except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before Python 3.13
-                raise ValueError(f"{filename} cannot be resolved: {exc}") from None
+                # the reason alone: clients see it, and Python's words for a loop name the server's path
+                why = _why(exc) if isinstance(exc, OSError) else "a loop of symbolic links"
+                raise ValueError(f"{filename} cannot be resolved: {why}") from None
             if not self.allow_symlinks and not target.is_relative_to(root):
                 raise ValueError(f"{filename} resolves outside the repository root (a symlink); "
                                  "open the repository with allow_symlinks to serve it")
@@ -504,6 +512,7 @@ class ModelRepository:
         remove_stale(version.path)
         checksums = {}
         tmp = version.path / f".{MANIFEST}.incoming"
+        placed: list[Path] = []  # renamed into place, not yet listed: removed again if the manifest is not
         try:
             for filename, write in writers.items():
                 tmp = version.path / f".{filename}.incoming"
@@ -511,6 +520,7 @@ class ModelRepository:
                 fsync_path(tmp)
                 checksums[filename] = sha256_file(tmp)
                 os.replace(tmp, version.path / filename)
+                placed.append(version.path / filename)
             changes = dict(manifest_changes)
             if "runtimes" in changes:
                 changes["runtimes"] = {**version.manifest.runtimes, **changes["runtimes"]}
@@ -520,8 +530,9 @@ class ModelRepository:
             fsync_path(tmp)
             os.replace(tmp, version.path / MANIFEST)
             fsync_path(version.path)
-        except BaseException:  # a full disk: no half-written file stays behind (the version is as it was)
-            tmp.unlink(missing_ok=True)
+        except BaseException:  # a full disk: no file of this call stays behind (the version is as it was)
+            for path in [tmp, *placed]:
+                path.unlink(missing_ok=True)
             raise
         return self._check(version.name, version.number, version.path, self.root.resolve())
 

@@ -30,6 +30,7 @@ from aevae.runtimes import label
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 # What a broken mark was made for: the files' fingerprint and the checksums the manifest listed then. A version
 # rewritten in place between a scan and its load was checked against the old manifest: its new manifest lists
@@ -130,7 +131,8 @@ class ModelStore:
         self._defaults.clear()
 
     def describe(self) -> str:
-        return self.scan().describe(self.repository.root)
+        """What is served, for error messages: the versions found less those that failed to load."""
+        return self.scan().describe(self.repository.root, leave_out=set(self._broken))
 
     def holds(self, name: str) -> bool:
         """Whether the last scan found a model of this name (no disk access: safe on an event loop)."""
@@ -330,7 +332,8 @@ class ModelStore:
     def _warn_once(self, where: str, message: str) -> None:
         if (where, message) not in self._logged:
             self._logged.add((where, message))
-            log.warning("%s", message)
+            # control characters escaped: a folder named "3\nINFO aevae.store: loaded ..." wrote a line of its own
+            log.warning("%s", CONTROL.sub(lambda m: repr(m.group())[1:-1], message))
 
 
 def _identity(version: Version, fingerprint: Fingerprint | None = None) -> Identity:

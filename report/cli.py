@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,4 +66,8 @@ def run(args: argparse.Namespace) -> int:
         build.run(config)
     except (mnist.MnistError, NotFound, FailedPrecondition, ReportError) as exc:
         raise UserError(str(exc)) from None
+    except OSError as exc:  # a full disk while the figures are written was a matplotlib traceback
+        where = exc.filename or f"a file under --out {config.out}"
+        hint = "; free some space or pass another --out" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise UserError(f"the report stopped: {exc.strerror or exc} ({where}){hint}") from None
     return 0

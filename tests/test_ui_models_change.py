@@ -13,6 +13,7 @@ import io
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,21 @@ def test_samples_for_a_pinned_version_take_its_width(page, tiny_stack):
     assert status == 400 and "'latent_dim' must be an integer in 1..1024" in reply["error"], reply
     page.wait_for_function(f"() => window.__aevae.state.samples.shown.ae?.version === {version}", timeout=10000)
     assert len(page.evaluate("() => window.__aevae.state.samples.shown.ae.latents[0]")) == 6
+
+
+# -- a model with no loadable version ---------------------------------------------------------------------
+def test_samples_of_a_model_whose_every_version_is_broken_give_the_decoders_reason(tiny_stack):
+    """The listing names such a model (latent_dim 0, for its broken versions): /api/samples answered 400
+    "'latent_dim' must be an integer in 1..1024, got 0", about a field the caller never sent."""
+    from test_ui import post_json
+
+    (tiny_stack["repo"] / "ghost" / "1").mkdir(parents=True)  # a version folder without a manifest
+    url = tiny_stack["url"] + "/api/samples"
+    deadline = time.monotonic() + 20
+    while True:
+        status, reply = post_json(url, {"model": "ghost", "count": 2})
+        if status != 404 or time.monotonic() > deadline:  # 404 until the decoder has looked again
+            break
+        time.sleep(0.3)
+    assert status == 400 and reply.get("code") == "FAILED_PRECONDITION", reply
+    assert "no loadable version of model 'ghost': version 1:" in reply["error"] and "latent_dim" not in reply["error"]

@@ -371,3 +371,62 @@ def test_version_names_that_are_no_folder_are_said_not_skipped_silently(tmp_path
                        "6": "a symlink that leads to no folder (missing, or a loop)",
                        "7": "a file, not a version folder"}
     assert [v.number for v in scan.versions["vae"]] == [1]
+
+
+def test_a_symlink_loop_in_a_version_is_named_without_the_servers_path(tmp_path: Path) -> None:
+    """Python's words for a loop name the absolute path; the reason goes to every client (ListModels, the
+    OIP index, FAILED_PRECONDITION)."""
+    version = write_tiny(tmp_path, "vae")
+    listed = next(name for name in version.manifest.files if name.endswith(".onnx"))
+    (version.path / listed).unlink()
+    (version.path / listed).symlink_to(version.path / listed)
+    repository = ModelRepository(tmp_path, allow_symlinks=True)
+    (broken,) = repository.scan().broken
+    assert f"{listed} cannot be resolved: a loop of symbolic links" in broken.reason
+    assert str(tmp_path) not in broken.reason
+
+
+def test_misnamed_model_folders_and_control_characters_are_said_once_and_escaped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A model folder "VAE" was left out without a word (calls for it: NOT_FOUND); a version folder named
+    "3\\nINFO ..." wrote a forged line into the log."""
+    import logging
+
+    write_tiny(tmp_path, "vae")
+    (tmp_path / "VAE").mkdir()
+    (tmp_path / ".hidden").mkdir()  # the writers' own: not a model, not said
+    (tmp_path / "vae" / "3\nINFO aevae.store: loaded vae:9").mkdir()
+    with caplog.at_level(logging.WARNING, logger="aevae.store"):
+        ModelStore(tmp_path).scan()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("VAE: a model folder is named by 1 to 64 of a-z" in m for m in messages), messages
+    assert not any(".hidden" in m for m in messages)
+    assert all("\n" not in m for m in messages) and any("3\\nINFO aevae.store" in m for m in messages)
+
+
+def test_versions_that_failed_to_load_are_not_offered_as_available(tmp_path: Path) -> None:
+    write_tiny(tmp_path, "vae")
+    second = write_tiny(tmp_path, "vae", seed=1)
+    weights = next(second.path / n for n in second.manifest.files if n.endswith(".onnx"))
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # the same size: found broken when loaded
+    store = ModelStore(tmp_path)
+    with pytest.raises(FailedPrecondition):
+        store.get("vae", 2)
+    with pytest.raises(Exception, match=r"has no version 7; available: vae: 1$"):
+        store.get("vae", 7)
+
+
+def test_adding_files_to_a_full_disk_leaves_none_of_them(tmp_path: Path) -> None:
+    """export-onnx on a full disk said the version was left as it was, and left a 6.8 MB graph in its folder,
+    listed nowhere: the files renamed into place before the failure go again."""
+    version = write_tiny(tmp_path, "vae")
+    before = sorted(p.name for p in version.path.iterdir())
+
+    def full(path: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    repository = ModelRepository(tmp_path)
+    with pytest.raises(OSError, match="No space"):
+        repository.add_files(version, {"extra.onnx": lambda path: path.write_bytes(b"graph"), "more.onnx": full})
+    assert sorted(p.name for p in version.path.iterdir()) == before
+    assert ModelStore(tmp_path).get("vae").number == 1
