@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import math
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, NoReturn
 
 import grpc
@@ -33,7 +34,7 @@ from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
 from aevae.repository import MAX_NUMBER, NUMBER_PATTERN
 from aevae.services.admission import Engine
-from aevae.services.registration import describable, parsed, readable, rows
+from aevae.services.registration import describable, parsed, readable
 from aevae.services.status import guarded
 from aevae.services.streams import Pinned, answered_stream
 from aevae.v1.tensors import length_delimited
@@ -118,10 +119,46 @@ def listed(names: list[str], total: int | None = None) -> str:
     return shown if total <= LISTED else f"{shown}, ... ({total} in all)"
 
 
+@dataclass(frozen=True)
+class InputTensor:
+    """A request's input tensor, checked but not yet read: its values are read by `array`, which for typed
+    contents converts value by value (about 0.1 us each: 3.9M values held the event loop for a third of a
+    second, every client's calls with it), so that runs where the model work runs, after the batch bound."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    raw: bytes | None  # raw_input_contents[0], or None for typed contents
+    typed: Any  # the repeated field holding the values when not raw
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def work(self) -> int:
+        """The size of reading it, in rows (the Runner's measure): raw bytes are a view, typed contents are
+        converted one value at a time, so they count a row per value."""
+        return self.rows if self.raw is not None else math.prod(self.shape)
+
+    def array(self) -> np.ndarray:
+        dtype = DATATYPES[self.datatype]
+        if self.raw is not None:
+            return np.frombuffer(self.raw, dtype).reshape(self.shape)
+        if self.datatype == "UINT8":
+            wide = np.asarray(self.typed, np.uint32)
+            if wide.size and wide.max() > 255:
+                raise InvalidArgument(f"{self.name}.contents.uint_contents: UINT8 values must lie in 0..255, got "
+                                      f"{wide.max()}")
+            return wide.astype(np.uint8).reshape(self.shape)
+        return np.asarray(self.typed, np.float32).reshape(self.shape)
+
+
 def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tuple[str, ...],
-               dims: str) -> tuple[np.ndarray, bool]:
-    """The request's one input tensor, named `name`, as a read-only array; and whether it came raw. `dims`
-    names the accepted shape's dimensions ("N, d": two), for the error that a shape of another rank gets."""
+               dims: str) -> InputTensor:
+    """The request's one input tensor, named `name`, checked (datatype, shape, size) without reading its
+    values. `dims` names the accepted shape's dimensions ("N, d": two), for the error that a shape of another
+    rank gets."""
     if len(request.inputs) != 1 or request.inputs[0].name != name:
         raise InvalidArgument(f"inputs: expected one input named {name!r}, got "
                               f"[{listed([i.name for i in request.inputs[:LISTED]], len(request.inputs))}]")
@@ -148,7 +185,7 @@ def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tup
         if len(data) != count * dtype.itemsize:
             raise InvalidArgument(f"{name}: shape {list(shape)} of {tensor.datatype} needs {count * dtype.itemsize} "
                                   f"bytes in raw_input_contents[0], got {len(data)}")
-        return np.frombuffer(data, dtype).reshape(shape), True
+        return InputTensor(name, tensor.datatype, shape, data, None)
     typed = tensor.contents.uint_contents if tensor.datatype == "UINT8" else tensor.contents.fp32_contents
     kind = "uint_contents" if tensor.datatype == "UINT8" else "fp32_contents"
     others = [field.name for field, _ in tensor.contents.ListFields() if field.name != kind]
@@ -158,12 +195,7 @@ def read_input(request: service_pb2.ModelInferRequest, name: str, datatypes: tup
     if len(typed) != count:
         raise InvalidArgument(f"{name}.contents.{kind}: shape {list(shape)} needs {count} values, got {len(typed)} "
                               "(or send raw_input_contents)")
-    if tensor.datatype == "UINT8":
-        wide = np.asarray(typed, np.uint32)
-        if wide.size and wide.max() > 255:
-            raise InvalidArgument(f"{name}.contents.uint_contents: UINT8 values must lie in 0..255, got {wide.max()}")
-        return wide.astype(np.uint8).reshape(shape), False
-    return np.asarray(typed, np.float32).reshape(shape), False
+    return InputTensor(name, tensor.datatype, shape, None, typed)
 
 
 def requested_outputs(request: service_pb2.ModelInferRequest, model: str, gives: list[str]) -> list[str]:
@@ -298,7 +330,8 @@ def signature(kind: str, model: LoadedModel) -> tuple[list[Tensor], list[Tensor]
 
 def encoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[Callable[[], Any], int, bool]:
     """The encoder's inputs, parameters and the logic's `prepare` call for one request."""
-    images, _ = read_input(request, "images", ("UINT8", "FP32"), "N, H, W")
+    images = read_input(request, "images", ("UINT8", "FP32"), "N, H, W")
+    servicer.logic.limits.check_batch(images.rows, "images")  # before any value is read
     wants_sample = parameter(request.parameters, "sample", ("bool_param",))
     seed = parameter(request.parameters, "seed", ("int64_param", "uint64_param"))
     if seed is not None and seed < 0:
@@ -311,20 +344,21 @@ def encoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[
     noise = np.random.default_rng(seed) if wants_sample else None
     version = version_from_oip(request.model_version)
     logic: EncoderLogic = servicer.logic
-    return (lambda: logic.prepare(request.model_name, version, images, noise), rows(images),
+    return (lambda: logic.prepare(request.model_name, version, images.array(), noise), images.work,
             logic.ready(request.model_name, version))
 
 
 def decoder_job(servicer: Any, request: service_pb2.ModelInferRequest) -> tuple[Callable[[], Any], int, bool]:
     """The decoder's input, its output dtype parameter and the logic's `prepare` call for one request."""
-    latents, _ = read_input(request, "latents", ("FP32",), "N, d")
+    latents = read_input(request, "latents", ("FP32",), "N, d")
+    servicer.logic.limits.check_batch(latents.rows, "latents")  # before any value is read
     dtype = parameter(request.parameters, "dtype", ("string_param",)) or "FP32"
     dtypes = {"FP32": "float32", "UINT8": "uint8", "float32": "float32", "uint8": "uint8"}
     if dtype not in dtypes:
         raise InvalidArgument(f"parameters.dtype: expected FP32 or UINT8, got {shorten(dtype)}")
     version = version_from_oip(request.model_version)
     logic: DecoderLogic = servicer.logic
-    return (lambda: logic.prepare(request.model_name, version, latents, dtypes[dtype]), rows(latents),
+    return (lambda: logic.prepare(request.model_name, version, latents.array(), dtypes[dtype]), latents.work,
             logic.ready(request.model_name, version))
 
 
@@ -392,7 +426,8 @@ class InferenceServicer:
         on its own, then computed together with whatever else is waiting (a unary call's, on a busy server,
         waiting a moment for others: Batcher.submit). In a stream, `pinned` holds its versions."""
         request: service_pb2.ModelInferRequest = readable(message)
-        if pinned is not None and request.model_version in ("", "0"):
+        newest = request.model_version in ("", "0")
+        if pinned is not None and newest:
             version = pinned.version(request.model_name)
             if version is not None:
                 request.model_version = str(version)
@@ -402,7 +437,7 @@ class InferenceServicer:
             job = await self.engine.run(prepare, rows, ready)
             async with self.engine.answered(self.batcher, job, unary) as out:
                 if pinned is not None:
-                    pinned.served(out.model, out.version, out.content)
+                    pinned.served(out.model, out.version, out.content, newest)
                 raw = bool(request.raw_input_contents)
                 return infer_response(request, out.model, out.version, outputs_of(out), raw,
                                       self.engine.raw_responses, self.logic.limits.max_message_bytes,

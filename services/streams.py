@@ -125,8 +125,12 @@ class Pinned:
     def version(self, model: str) -> int | None:
         return self._versions.get(model)
 
-    def served(self, model: str, version: int, content: int = 0) -> None:
-        self._versions.setdefault(model, version)
+    def served(self, model: str, version: int, content: int = 0, newest: bool = True) -> None:
+        """Message answered by `version`; `newest`: the message asked for the newest, which the version then
+        stands for in this stream (a version asked by number does not: a stream [v1, newest] is answered by
+        v1 and the newest)."""
+        if newest:
+            self._versions.setdefault(model, version)
         first = self._contents.setdefault((model, version), content)
         if content and first and content != first:
             raise Aborted(f"model {model!r} version {version} changed on disk during this stream (its files were "
@@ -152,10 +156,11 @@ def served_stream(
         await pinned.turn(index)
         try:
             request = readable(message)
-            if not request.version:
+            newest = not request.version
+            if newest:
                 request.version = pinned.version(request.model) or 0
             reply = await submit(index, request)
-            pinned.served(reply.model, reply.version, reply.content)
+            pinned.served(reply.model, reply.version, reply.content, newest)
         except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
             raise prefixed(exc, f"message {index}") from None
         finally:

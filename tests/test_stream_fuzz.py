@@ -34,6 +34,8 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ser
     root = tmp_path_factory.mktemp("stream_fuzz") / "models"
     write_tiny(root, "vae")
     write_tiny(root, "ae", "ae")
+    write_tiny(root, "two")
+    write_tiny(root, "two", seed=1)
     with ServiceProcess("encoder", root, args=ARGS) as enc, ServiceProcess("decoder", root, args=ARGS) as dec:
         enc.wait_healthy()
         dec.wait_healthy()
@@ -286,3 +288,18 @@ def test_clients_killed_mid_stream_give_back_every_slot_byte_and_descriptor(
     answers, failed = _stream(decoder_pb2_grpc.DecoderStub(channels["decoder"]).DecodeStream,
                               [_decode(2, i) for i in range(20)])
     assert failed is None and [len(from_tensor(a.images, "images")) for a in answers] == [2] * 20
+
+
+def test_a_version_asked_by_number_in_a_stream_does_not_become_its_newest(channels: dict[str, grpc.Channel]) -> None:
+    """A stream pins "the newest" to the version its first such message got; a message asking for an older
+    version by number pinned that one instead, so a later message asking for the newest got the old one."""
+    stub = decoder_pb2_grpc.DecoderStub(channels["decoder"])
+    answers, error = _stream(stub.DecodeStream, [_decode(model="two", version=1), _decode(model="two"),
+                                                 _decode(model="two")])
+    assert error is None and [a.version for a in answers] == [1, 2, 2]
+    oip = service_pb2_grpc.GRPCInferenceServiceStub(channels["decoder"])
+    first, newest = _oip(), _oip()
+    first.model_name = newest.model_name = "two"
+    first.model_version = "1"
+    answers, error = _stream(oip.ModelStreamInfer, [first, newest])
+    assert error is None and [a.infer_response.model_version for a in answers] == ["1", "2"], answers
