@@ -7,6 +7,7 @@ its status and the failing message's position."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, NamedTuple, TypeVar
 
 from aevae.errors import Aborted, DeadlineExceeded
@@ -19,7 +20,8 @@ R = TypeVar("R")
 
 
 async def pipelined(
-    requests: AsyncIterator[R], handle: Callable[[int, R], Awaitable[T]], depth: int = 2, idle_s: float = 0.0
+    requests: AsyncIterator[R], handle: Callable[[int, R], Awaitable[T]], depth: int = 2, idle_s: float = 0.0,
+    first: Callable[[], None] | None = None,
 ) -> AsyncIterator[T]:
     """Handles each request as it arrives and yields the results in request order as soon as each is ready.
 
@@ -31,7 +33,10 @@ async def pipelined(
 
     With `idle_s`, a stream idle that long (no request arrives while every answer has been taken) ends with
     DEADLINE_EXCEEDED: the clock runs only while nothing is left to answer, so neither a long computation nor
-    a client that reads slowly counts as idle."""
+    a client that reads slowly counts as idle.
+
+    `first` is called when the first request has come, before it is handled; what it raises ends the stream
+    (the admission slot is taken there: a stream that sends nothing holds none)."""
     slots = asyncio.Semaphore(max(1, depth))
     ready: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()  # bounded by the slots
     loop = asyncio.get_running_loop()
@@ -50,6 +55,8 @@ async def pipelined(
                         request = await anext(iterator)
                     except StopAsyncIteration:
                         break
+                    if index == 0 and first is not None:
+                        first()
                     outstanding += 1
                     idle.reschedule(None)  # something to answer: not idle
                     ready.put_nowait(("task", asyncio.ensure_future(handle(index, request))))
@@ -192,8 +199,11 @@ async def answered_stream(
             unsent.passed(slot)  # whether or not it took room: the next message's turn
 
     async def admitted() -> AsyncIterator[tuple[Any, AnswerSlot]]:
-        with admission.call():
-            async for result in pipelined(requests, counted, depth, admission.stream_idle_s):
+        # The stream's slot is taken with its first message: 256 streams opened on one connection that sent
+        # nothing held every slot, and every other client's calls were refused, for --stream-idle-s each time
+        with contextlib.ExitStack() as slot:
+            async for result in pipelined(requests, counted, depth, admission.stream_idle_s,
+                                          lambda: slot.enter_context(admission.call())):
                 yield result
                 del result  # the response's bytes must not outlive the yield
 

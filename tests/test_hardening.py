@@ -467,6 +467,44 @@ def test_a_client_gone_without_closing_its_connection_loses_its_stream_to_keepal
             relay.close()
 
 
+def test_streams_that_send_nothing_hold_no_call_slot(repo: Path) -> None:
+    """256 streams opened on one connection that sent nothing held every slot of --max-concurrent-rpcs, and
+    every other client's calls were refused for --stream-idle-s (and again when they were reopened). A stream
+    now takes its slot with its first message."""
+    with ServiceProcess("decoder", repo, args=["--max-concurrent-rpcs", "1"]) as service:
+        service.wait_healthy()
+        done = threading.Event()
+
+        def nothing() -> Iterator[decoder_pb2.DecodeRequest]:
+            done.wait(60)
+            return
+            yield
+
+        def one() -> Iterator[decoder_pb2.DecodeRequest]:
+            yield _request(1)
+            done.wait(60)
+
+        with grpc.insecure_channel(service.address) as channel:
+            stub = decoder_pb2_grpc.DecoderStub(channel)
+            empty = [stub.DecodeStream(nothing()) for _ in range(8)]
+            try:
+                time.sleep(0.5)  # the streams are open on the server
+                assert stub.Decode(_request(1)).version == 1  # none of them holds the one slot
+                working = stub.DecodeStream(one())
+                assert len(from_tensor(next(working).images, "images")) == 1
+                code, details = _status(lambda: stub.Decode(_request(1)))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs 1" in details
+                late = stub.DecodeStream(one())  # its first message finds no slot: refused, saying so
+                code, details = _status(lambda: next(late))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-concurrent-rpcs 1" in details
+            finally:
+                done.set()
+                for call in empty:
+                    call.cancel()
+            assert list(working) == []
+            assert stub.Decode(_request(1)).version == 1  # the slot is free again
+
+
 def test_an_idle_stream_ends_after_stream_idle_s_and_gives_its_slot_back(repo: Path) -> None:
     """A live client that opens a stream and then sends nothing holds its admission slot only for
     --stream-idle-s; the stream ends with DEADLINE_EXCEEDED naming the flag, after the answers it was owed."""
