@@ -162,6 +162,11 @@ class Runner:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self.executor if ready else self.loader, work)
 
+    async def compute(self, work: Callable[[], T]) -> T:
+        """The model's own work (a batch), always on the executor's threads: they bound how many forward
+        passes run at once."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work)
+
 
 @dataclass
 class Engine:

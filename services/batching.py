@@ -225,7 +225,7 @@ class Batcher(Generic[Item, Result]):
                             batch: list[tuple[Item, asyncio.Future[Result]]], rows: int) -> None:
         items = [item for item, _ in batch]
         try:
-            results: list[Any] = await self.runner(lambda: self.run(items), rows, False)
+            results: list[Any] = await self.runner.compute(lambda: self.run(items))
         except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
             results = [exc] * len(batch)
         finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -39,9 +39,18 @@ class Model:
         return out
 
 
+class NoLoading(Executor):
+    """The Runner's loader threads are for work that may wait on the disk; a batch must never run there (the
+    executor's few threads bound how many forward passes run at once)."""
+
+    def submit(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a batch was sent to the loader threads")
+
+
 def batcher(model: Model, calls: int, executor: ThreadPoolExecutor, max_rows: int = 256,
             gather_s: float = 0.0) -> Batcher:
-    return Batcher(model.run, key=lambda item: item.dtype.str, rows=len, runner=Runner(executor, inline_max=64),
+    return Batcher(model.run, key=lambda item: item.dtype.str, rows=len,
+                   runner=Runner(executor, inline_max=64, loader=NoLoading()),
                    max_requests=32, max_rows=max_rows, calls=lambda: calls, gather_s=gather_s)
 
 
