@@ -32,6 +32,7 @@ from aevae.services.registration import Parsing, register
 from aevae.services import security
 from aevae.services.settings import PORTS, ServiceSettings, host_port, listen_problem, listeners_problem
 from aevae.repository import models_dir
+from aevae.inference import quiet_sums
 from aevae.store import ModelStore
 from aevae.v1 import decoder_pb2, encoder_pb2
 
@@ -130,6 +131,7 @@ def open_store(settings: ServiceSettings) -> ModelStore:
     """The model store both front ends (aevae serve, Ray Serve) build from the settings."""
     # Request tensors are read-only views on the message bytes; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+    quiet_sums()
     root = models_dir(settings.models_dir)
     if root.exists() and not root.is_dir():
         # a folder that does not exist yet may be filled later (a volume, a first `aevae train`); a file never

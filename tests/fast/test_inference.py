@@ -101,3 +101,16 @@ def test_export_onnx_adds_graphs_to_a_version_written_without_them(tiny_repo: Pa
         run(argparse.Namespace(models=["ae/7", "gan"], models_dir=str(tiny_repo)))
     with pytest.raises(UserError, match=r"no model versions under .*empty: `aevae train` writes them"):
         run(argparse.Namespace(models=[], models_dir=str(tiny_repo.parent / "empty")))
+
+
+def test_a_request_of_both_infinities_is_not_finite_and_leaves_no_warning_in_the_log() -> None:
+    """+inf and -inf in one request summed to NaN with numpy's RuntimeWarning, printed into a service's log."""
+    import warnings
+
+    from aevae.inference import all_finite, quiet_sums
+
+    with warnings.catch_warnings(record=True) as seen:
+        quiet_sums()  # as a service sets its warnings up (pytest's own catch_warnings dropped the import's)
+        assert not all_finite(np.array([[np.inf, -np.inf]], np.float32))
+        assert not all_finite(np.array([[np.nan, 1.0]], np.float32)) and all_finite(np.ones((2, 4), np.float32))
+    assert not [w for w in seen if "invalid value" in str(w.message)], [str(w.message) for w in seen]
