@@ -51,6 +51,9 @@ AUTOSCALING = {
     "downscale_delay_s": 60,
 }
 MAX_ONGOING_REQUESTS = 64  # >= the Decode batch size, so that a full batch can gather on one replica
+# Calls Serve queues for a deployment beyond its replicas' max_ongoing_requests (Ray's default: no bound): they
+# wait in the proxy, outside every replica's --max-inflight-bytes; past the bound Serve refuses them at once.
+MAX_QUEUED_REQUESTS = 256
 
 
 # Settings of `aevae serve`'s own gRPC server. Under Ray Serve its proxy owns the port, the connections,
@@ -66,8 +69,9 @@ def settings(args: dict[str, Any] | None) -> ServiceSettings:
     given = sorted(set(args or {}) & set(SERVER_ONLY))
     if given:
         raise ValueError(f"{given} configure `aevae serve`'s own server and do not apply under Ray Serve, whose "
-                         "proxy owns ports, connections, TLS and shutdown (grpc_options and http_options in the "
-                         "Serve config); remove them from args")
+                         "proxy owns ports, connections and shutdown (grpc_options and http_options in the Serve "
+                         "config) and has no TLS or tokens of its own: put an authenticating gateway or a mesh "
+                         "with mutual TLS in front of it (docs/deploy.md, Security); remove them from args")
     return ServiceSettings.from_mapping(args, refused=SERVER_ONLY)
 
 
@@ -215,13 +219,23 @@ class _Replica:
     def _each_checked(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         return _each_sized(requests, self.settings.max_message_bytes)
 
+    async def __call__(self, request: Any) -> Any:
+        """HTTP on Serve's port (route_prefix): these deployments speak gRPC only. Without this, every HTTP
+        request was a 500 and 19 lines of traceback in the log ("__call__ does not exist")."""
+        from starlette.responses import PlainTextResponse
+
+        return PlainTextResponse("aevae serves gRPC only: call it on Serve's gRPC port (grpc_options.port, 9000 "
+                                 "in deploy/serve/config.yaml) with the metadata application=encoder or decoder\n",
+                                 status_code=404)
+
     # Both services answer ListModels alike; `self.servicer` is each deployment's own servicer.
     async def ListModels(self, request: tensor_pb2.ListModelsRequest, grpc_context: RayServegRPCContext):
         return await _unary(grpc_context, self.servicer.ListModels(request, _ServeContext(grpc_context)),
                             tensor_pb2.ListModelsResponse())
 
 
-@serve.deployment(name="Encoder", autoscaling_config=AUTOSCALING, max_ongoing_requests=MAX_ONGOING_REQUESTS)
+@serve.deployment(name="Encoder", autoscaling_config=AUTOSCALING, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+                  max_queued_requests=MAX_QUEUED_REQUESTS)
 @_answering(decoder_pb2.DESCRIPTOR.services_by_name["Decoder"])
 class EncoderDeployment(_Replica):
     """aevae.v1.Encoder: each RPC is the standalone servicer's, unchanged."""
@@ -246,7 +260,8 @@ class EncoderDeployment(_Replica):
                             encoder_pb2.LatentStats())
 
 
-@serve.deployment(name="Decoder", autoscaling_config=AUTOSCALING, max_ongoing_requests=MAX_ONGOING_REQUESTS)
+@serve.deployment(name="Decoder", autoscaling_config=AUTOSCALING, max_ongoing_requests=MAX_ONGOING_REQUESTS,
+                  max_queued_requests=MAX_QUEUED_REQUESTS)
 @_answering(encoder_pb2.DESCRIPTOR.services_by_name["Encoder"])
 class DecoderDeployment(_Replica):
     """aevae.v1.Decoder: each RPC is the standalone servicer's, its dynamic batching of Decode included."""

@@ -793,6 +793,9 @@ def serve_grpc(serve_target: str) -> Iterator[grpc.Channel]:
         yield channel
 
 
+SERVE_HTTP: dict[str, int] = {}  # the HTTP port of serve_target's `serve run`
+
+
 @pytest.fixture(scope="module")
 def serve_target(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`AEVAE_MODELS_DIR=... serve run deploy/serve/config.yaml`, as the docs say, in its own local Ray
@@ -801,6 +804,7 @@ def serve_target(trained_repo: Path, tmp_path_factory: pytest.TempPathFactory) -
     port = free_port()
     config["grpc_options"]["port"] = port
     config["http_options"] = {"host": "127.0.0.1", "port": free_port()}
+    SERVE_HTTP["port"] = config["http_options"]["port"]
     folder = tmp_path_factory.mktemp("serve")
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     log = folder / "serve.log"
@@ -964,3 +968,16 @@ def test_the_client_reaches_serve_with_application_metadata(serve_target: str, m
 
     np.testing.assert_allclose(asyncio.run(decode_async()), models["ae"].decode(latents), atol=1e-5)
 
+
+
+def test_http_on_serves_port_says_grpc_only_without_a_traceback(serve_target: str) -> None:
+    """The deployments speak gRPC only; every HTTP request on Serve's port was a 500 and 19 lines of
+    traceback in the log ("Tried to call a method '__call__' that does not exist")."""
+    import urllib.error
+    import urllib.request
+
+    for route in ("/decoder", "/encoder/anything"):
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"http://127.0.0.1:{SERVE_HTTP['port']}{route}", timeout=30)
+        assert answer.value.code == 404
+        assert "gRPC only" in answer.value.read().decode()
