@@ -309,6 +309,17 @@ def broken(error: AevaeError) -> bool:
                                                    and details.startswith("Internal error from Core"))
 
 
+# gRPC's per-call retry buffer (grpc.per_rpc_retry_buffer_size's default): a stream whose requests outgrow it is
+# no longer retried by gRPC, even before its first answer.
+RETRY_BUFFER = 256 * 1024
+
+
+def restarts_big(request_bytes: int) -> bool:
+    """Whether a stream of `request_bytes` (its arrays' bytes; the messages add a little) outgrows gRPC's retry
+    buffer, so that the client itself must start it over when it is cut before any answer."""
+    return request_bytes > RETRY_BUFFER // 2
+
+
 class Retry:
     """The retry settings of a client. gRPC retries the calls itself (`channel_options`, the channel's service
     config); calling this runs a call once and surfaces every failure as AevaeError. `retries` and `_delay`
@@ -344,41 +355,53 @@ class Retry:
     # first message not answered: gRPC's own retries stop at a stream's first response, and starting over
     # would throw away the answers already received. Each resumption must have made progress (so the loop
     # ends), within the call's one deadline, and not with retries=0 (a fan-out's replicas: it fails over).
-    def _resume(self, error: grpc.RpcError, progressed: bool, answered: bool) -> AevaeError | None:
+    # One that breaks before any answer is gRPC's to retry while what it sent fits its retry buffer
+    # (RETRY_BUFFER); a bigger one (`restart`) starts over here, up to `retries` times: a big call cut before
+    # its first answer (its Ray Serve replica killed) failed although the error said it may be retried.
+    def _resume(self, error: grpc.RpcError, progressed: bool, answered: bool, restarts: int) -> AevaeError | None:
         """None to resume, or the error to raise (explained as a TLS or token mismatch only if nothing was
         ever answered: a server that answered has the right credentials)."""
         failed = AevaeError.from_rpc(error)
-        if broken(failed) and progressed and self.retries > 0:
+        if broken(failed) and self.retries > 0 and (progressed or (not answered and restarts < self.retries)):
             return None
         return self.late(failed) if answered else self.explain(failed)
 
     def resumable(self, attempt: Callable[[float | None], T], progress: Callable[[], int],
-                  timeout: float | None, answered: Callable[[], bool] | None = None) -> T:
+                  timeout: float | None, answered: Callable[[], bool] | None = None, restart: bool = False) -> T:
         """`attempt(timeout)` streams the messages not yet answered; `progress()` counts those answered that a
         resumption keeps; `answered()` whether the server answered at all (by default, some progress): a
-        stream that cannot resume (a seeded sample's) was called a TLS mismatch when it broke after answers."""
+        stream that cannot resume (a seeded sample's) was called a TLS mismatch when it broke after answers.
+        `restart`: its requests overflow gRPC's retry buffer (`restarts_big`), so a cut before any answer is
+        started over here."""
         end = None if timeout is None else time.monotonic() + timeout
         heard = answered or (lambda: progress() > 0)
+        restarts = 0 if restart else self.retries  # from the start, nothing answered yet
         while True:
             before = progress()
             try:
                 return attempt(None if end is None else max(0.0, end - time.monotonic()))
             except grpc.RpcError as error:
-                failed = self._resume(error, progress() > before, heard())
+                progressed = progress() > before
+                failed = self._resume(error, progressed, heard(), restarts)
                 if failed is not None:
                     raise failed from None
-            time.sleep(self.backoff)
+            restarts += not progressed
+            time.sleep(self.backoff if progressed else self._delay(restarts))
 
     async def resumable_async(self, attempt: Callable[[float | None], Awaitable[T]], progress: Callable[[], int],
-                              timeout: float | None, answered: Callable[[], bool] | None = None) -> T:
+                              timeout: float | None, answered: Callable[[], bool] | None = None,
+                              restart: bool = False) -> T:
         end = None if timeout is None else time.monotonic() + timeout
         heard = answered or (lambda: progress() > 0)
+        restarts = 0 if restart else self.retries
         while True:
             before = progress()
             try:
                 return await attempt(None if end is None else max(0.0, end - time.monotonic()))
             except grpc.RpcError as error:
-                failed = self._resume(error, progress() > before, heard())
+                progressed = progress() > before
+                failed = self._resume(error, progressed, heard(), restarts)
                 if failed is not None:
                     raise failed from None
-            await asyncio.sleep(self.backoff)
+            restarts += not progressed
+            await asyncio.sleep(self.backoff if progressed else self._delay(restarts))

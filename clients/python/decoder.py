@@ -18,7 +18,7 @@ from aevae import allocation
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
 from aevae.client.core import (ServerLimits, Unlisted, bulk_stub, model_name, output_dtype, prepare_latents,
-                               reading, spans, wire_version)
+                               reading, restarts_big, spans, wire_version)
 from aevae.client.errors import AevaeError, bad_answer
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
 from aevae.v1.tensors import TensorResponse, to_tensor
@@ -143,7 +143,7 @@ class DecoderClient(SyncClient):
                 plan.add(response)
             return plan.result()
 
-        return self._retry.resumable(stream, lambda: plan.received, deadline)
+        return self._retry.resumable(stream, lambda: plan.received, deadline, restart=restarts_big(plan.z.nbytes))
 
 
 class AsyncDecoderClient(AsyncClient):
@@ -177,4 +177,5 @@ class AsyncDecoderClient(AsyncClient):
                 plan.add(response)
             return plan.result()
 
-        return await self._retry.resumable_async(stream, lambda: plan.received, deadline)
+        return await self._retry.resumable_async(stream, lambda: plan.received, deadline,
+                                                  restart=restarts_big(plan.z.nbytes))

@@ -13,7 +13,8 @@ import numpy as np
 
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
-from aevae.client.core import ServerLimits, bulk_stub, model_name, prepare_images, spans, wire_version
+from aevae.client.core import (ServerLimits, bulk_stub, model_name, prepare_images, restarts_big, spans,
+                               wire_version)
 from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.client.results import EncodeResult, latent_stats
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc
@@ -154,7 +155,8 @@ class EncoderClient(SyncClient):
                 plan.add(response)  # kept if the stream breaks: a resumption starts after it
             return plan.result(plan.parts)
 
-        return self._retry.resumable(stream, plan.progress, deadline, lambda: bool(plan.parts))
+        return self._retry.resumable(stream, plan.progress, deadline, lambda: bool(plan.parts),
+                                     restarts_big(plan.x.nbytes))
 
     def latent_stats(self, model: str = "vae", version: int | None = None, *,
                      timeout: float | None = None) -> dict[str, Any]:
@@ -196,7 +198,8 @@ class AsyncEncoderClient(AsyncClient):
                 plan.add(response)
             return plan.result(plan.parts)
 
-        return await self._retry.resumable_async(stream, plan.progress, deadline, lambda: bool(plan.parts))
+        return await self._retry.resumable_async(stream, plan.progress, deadline, lambda: bool(plan.parts),
+                                                  restarts_big(plan.x.nbytes))
 
     async def latent_stats(self, model: str = "vae", version: int | None = None, *,
                            timeout: float | None = None) -> dict[str, Any]:

@@ -270,3 +270,66 @@ def test_arrays_of_another_rank_are_refused_before_any_call_and_numpy_dtypes_are
     assert prepare_images(np.zeros((28, 28), np.uint8)).shape == (1, 28, 28)
     assert output_dtype(np.uint8) == output_dtype("uint8") == np.dtype(np.uint8)
     assert output_dtype(np.float32) == np.dtype(np.float32)
+
+
+class _Cut(grpc.RpcError):
+    """What gRPC raises for a stream cut by its server going away."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the replica died before answering"
+
+
+def test_a_stream_cut_before_its_first_answer_starts_over_up_to_retries_times() -> None:
+    """gRPC retries a stream only while what it sent fits its retry buffer (256 KiB): a big call cut before
+    its first answer (its Ray Serve replica killed) failed UNAVAILABLE although the error said it may be
+    retried. It now starts over, `retries` times at most; one that was answered in part resumes as before."""
+    from aevae.client.core import Retry, restarts_big
+
+    calls: list[int] = []
+
+    def cut_twice(timeout: float | None) -> str:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise _Cut()
+        return "images"
+
+    assert Retry(3, 0.001).resumable(cut_twice, progress=lambda: 0, timeout=10, restart=True) == "images"
+    assert len(calls) == 3
+
+    def always_cut(timeout: float | None) -> str:
+        calls.append(1)
+        raise _Cut()
+
+    calls.clear()
+    with pytest.raises(AevaeError) as failed:
+        Retry(3, 0.001).resumable(always_cut, progress=lambda: 0, timeout=10, restart=True)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and len(calls) == 4  # the call and 3 restarts
+    calls.clear()
+    with pytest.raises(AevaeError):  # small enough for gRPC's retry buffer: gRPC retried it already
+        Retry(3, 0.001).resumable(always_cut, progress=lambda: 0, timeout=10)
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(AevaeError):
+        Retry(0, 0.001).resumable(always_cut, progress=lambda: 0, timeout=10, restart=True)  # a fan-out's replica
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(AevaeError):  # answered in part and cannot resume (a seeded sample): never started over
+        Retry(3, 0.001).resumable(always_cut, progress=lambda: 0, timeout=10, answered=lambda: True, restart=True)
+    assert len(calls) == 1
+
+    async def cut_once() -> str:
+        calls.clear()
+
+        async def attempt(timeout: float | None) -> str:
+            calls.append(1)
+            if len(calls) == 1:
+                raise _Cut()
+            return "images"
+
+        return await Retry(3, 0.001).resumable_async(attempt, progress=lambda: 0, timeout=10, restart=True)
+
+    assert asyncio.run(cut_once()) == "images" and len(calls) == 2
+    assert restarts_big(20_000 * 784) and not restarts_big(100 * 16)
