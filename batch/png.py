@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -36,14 +37,47 @@ def encode_many(images: np.ndarray, level: int = LEVEL) -> list[bytes]:
     return out
 
 
-def decode_many(blobs: list[bytes]) -> np.ndarray:
-    """PNG files -> N x H x W uint8 (grey; colour is converted), with pillow."""
+MAX_PIXELS = 1 << 24  # an image bigger than 4096 x 4096 is refused before it is decoded
+
+
+def decode_many(blobs: list[bytes], first: int = 0) -> np.ndarray:
+    """PNG files (the input's rows from `first`) -> N x H x W uint8, with pillow: colour is converted to grey,
+    16-bit grey keeps its top byte (Pillow's conversion clipped every value over 255: a 16-bit digit became a
+    white square). ValueError naming the row for an image of another size than the first (numpy's "all input
+    arrays must have the same shape" named none), one over MAX_PIXELS (Pillow's decompression-bomb error was
+    a traceback), or one of 32-bit integers or floats."""
     import io
+    import warnings
 
     from PIL import Image
 
-    arrays = []
-    for blob in blobs:
-        with Image.open(io.BytesIO(blob)) as img:
-            arrays.append(np.asarray(img.convert("L"), dtype=np.uint8))
+    arrays: list[np.ndarray] = []
+    with warnings.catch_warnings():  # Pillow warns of big images as it opens them: they are refused below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for i, blob in enumerate(blobs, start=first):
+            arrays.append(_decoded(Image, io.BytesIO(blob), i, first, arrays[0].shape if arrays else None))
     return np.stack(arrays) if arrays else np.zeros((0, 0, 0), np.uint8)
+
+
+def _decoded(Image: Any, file: Any, i: int, first: int, shape: tuple[int, ...] | None) -> np.ndarray:
+    """One image of decode_many, row `i`; `shape` that of row `first`."""
+    try:
+        opened = Image.open(file)
+    except Image.DecompressionBombError:  # past twice Pillow's own bound, refused as it opens
+        raise ValueError(f"row {i} is an image of over {MAX_PIXELS:,} pixels") from None
+    with opened as img:
+        width, height = img.size
+        if width * height > MAX_PIXELS:
+            raise ValueError(f"row {i} is a {width} x {height} image; at most {MAX_PIXELS:,} pixels are read")
+        if shape is not None and shape != (height, width):
+            raise ValueError(f"row {i} is a {width} x {height} image and row {first} {shape[1]} x {shape[0]}; "
+                             "every image of an input must have one size")
+        if img.mode.startswith("I"):  # 16-bit grey: "I;16", or "I" in some Pillow versions
+            values = np.asarray(img)
+            if values.size and (values.min() < 0 or values.max() > 65535):
+                raise ValueError(f"row {i} is an image of 32-bit integers; give 8- or 16-bit grey or colour images")
+            return (values.astype(np.uint32) >> 8).astype(np.uint8)
+        if img.mode == "F":
+            raise ValueError(f"row {i} is an image of 32-bit floats; give 8- or 16-bit grey or colour images")
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+

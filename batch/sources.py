@@ -285,15 +285,28 @@ def _latents_from_columns(columns: list, n: int, first: int = 0) -> np.ndarray:
                 raise ValueError(f"expected one column of numbers per dimension, got one of {c.type}")
             if c.null_count:  # to_numpy makes a null NaN, which the check then called "NaN or infinity"
                 raise ValueError("a column has null rows; every latent must be a number")
-        return np.stack([c.to_numpy().astype(np.float32) for c in columns], axis=1)
+        return _as_float32(np.stack([c.to_numpy() for c in columns], axis=1), first)
     array = columns[0].combine_chunks()
     if not (pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type)
             or pa.types.is_large_list(array.type)) or not _numbers(array.type.value_type):
         raise ValueError(f"expected a list column of numbers, got {array.type}")
     if array.null_count:
         raise ValueError("the column has null rows")
-    values = _list_values(array, first).astype(np.float32, copy=False)
-    return values.reshape(n, -1 if n else 0)
+    return _as_float32(_list_values(array, first).reshape(n, -1 if n else 0), first)
+
+
+def _as_float32(rows: np.ndarray, first: int = 0) -> np.ndarray:
+    """Latent rows (the input's from `first`) as float32; ValueError naming the first row of values beyond
+    float32's range (cast, they became infinity with numpy's overflow warning, and were called "NaN or
+    infinity")."""
+    if np.issubdtype(rows.dtype, np.floating) and np.finfo(rows.dtype).max > np.finfo(np.float32).max:
+        with np.errstate(invalid="ignore"):
+            huge = (np.isfinite(rows) & (np.abs(rows) > np.finfo(np.float32).max)).any(axis=1)
+        if huge.any():
+            at = int(np.argmax(huge))
+            raise ValueError(f"row {first + at} holds values beyond float32's range ({rows[at].tolist()}); "
+                             f"latents must lie in [-{LATENT_BOUND:g}, {LATENT_BOUND:g}]")
+    return rows.astype(np.float32, copy=False)
 
 
 def _list_values(array, first: int = 0) -> np.ndarray:
@@ -331,7 +344,7 @@ def _images_from_column(column, n: int, image_shape: tuple[int, int] | None, fir
         flat = np.frombuffer(array.buffers()[1], np.uint8, count=n * width, offset=array.offset * width)
         return flat.reshape(n, *_shape_for(width, image_shape))
     if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
-        return png.decode_many(array.to_pylist())
+        return png.decode_many(array.to_pylist(), first)
     if pa.types.is_list(array.type) or pa.types.is_fixed_size_list(array.type):
         values = _list_values(array, first)
         return values.reshape(n, *_shape_for(len(values) // max(1, n), image_shape))

@@ -6,6 +6,7 @@ damaged while a job runs."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -17,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from aevae.batch import sources
+from aevae.batch import png, sources
 from aevae.batch.cli import root_cause
 from aevae.batch.job import Job, prepare, run_shard
 from aevae.batch.model import Loaded, resolve
@@ -108,6 +109,48 @@ def test_null_scalars_and_float64_beyond_float32_are_called_what_they_are(tmp_pa
     np.save(tmp_path / "wide.npy", z)
     with pytest.raises(UserError, match="row 2 holds NaN or infinity"):
         sources.ArrayFile(tmp_path / "wide.npy").check(4, (32, 32))
+
+
+def test_float64_beyond_float32_in_parquet_columns_is_named_with_its_row(tmp_path: Path) -> None:
+    """The .npy case was named; in a Parquet list column (or one column per dimension) 1e300 was cast to
+    infinity first, with numpy's overflow warning, and called "NaN or infinity"."""
+    import warnings
+
+    pq.write_table(pa.table({"latent": [[1.0, 2.0, 3.0, 4.0], [1.0, 1e300, 2.0, 3.0]]}), tmp_path / "l.parquet")
+    pq.write_table(pa.table({f"z{i}": [1.0, 1e300 if i == 2 else 2.0] for i in range(4)}), tmp_path / "c.parquet")
+    for name, column in (("l.parquet", "latent"), ("c.parquet", "z0,z1,z2,z3")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy's overflow warning would fail here
+            with pytest.raises(UserError, match=r"row 1 holds values beyond float32's range .*\[-10000, 10000\]"):
+                sources.ParquetFile(tmp_path / name, column=column).check(4, (32, 32))
+
+
+def test_png_rows_of_16_bits_other_sizes_or_huge_are_read_right_or_named() -> None:
+    """A 16-bit PNG was clipped to almost white by Pillow's conversion and encoded without a word; rows of
+    another size than the first gave numpy's message naming no row; a 20000 x 20000 PNG was Pillow's
+    decompression-bomb traceback."""
+    from PIL import Image
+
+    def png_bytes(image: Image.Image) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return out.getvalue()
+
+    wide = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64  # 0 .. 65472
+    sixteen = png_bytes(Image.fromarray(wide))  # mode I;16
+    grey = png_bytes(Image.fromarray((wide >> 8).astype(np.uint8)))
+    images = png.decode_many([grey, sixteen])
+    np.testing.assert_array_equal(images[1], (wide >> 8).astype(np.uint8))  # the top byte, not 255 everywhere
+    np.testing.assert_array_equal(images[0], images[1])
+    small = png_bytes(Image.fromarray(np.zeros((28, 28), np.uint8)))
+    with pytest.raises(ValueError, match="row 12 is a 28 x 28 image and row 10 32 x 32; every image"):
+        png.decode_many([grey, grey, small], first=10)
+    huge = png_bytes(Image.new("L", (20000, 20000)))
+    with pytest.raises(ValueError, match="row 3 is an image of over 16,777,216 pixels"):
+        png.decode_many([huge], first=3)
+    big = png_bytes(Image.new("L", (5000, 5000)))
+    with pytest.raises(ValueError, match="row 0 is a 5000 x 5000 image; at most 16,777,216 pixels"):
+        png.decode_many([big])
 
 
 # -- decode-batch: faults while a shard runs ---------------------------------------------------------------------
