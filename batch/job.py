@@ -187,6 +187,29 @@ def _reason(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+_HELD: dict[Path, int] = {}  # the output folders this process writes, each locked (flock) for its whole life
+
+
+def hold(root: Path) -> None:
+    """Locks the output folder for this process (flock on the folder itself: the kernel drops it when the
+    process ends, however it ends), or UserError when another process holds it. Two jobs on one --output
+    were not refused: the second's start removed the first's shard in the making (which then failed with a
+    message about free space), or both decoded every row. A process holds a folder once, whatever it runs."""
+    import fcntl
+
+    key = root.resolve()
+    if key in _HELD:
+        return
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"--output {root} is being written by another job now (another aevae decode-batch or "
+                        "encode-batch holds it); wait for it to end, or choose another --output") from None
+    _HELD[key] = fd
+
+
 def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | None = None) -> Plan:
     """Creates the output folder or checks that it holds this same job; lists the shards still to do.
 
@@ -213,6 +236,8 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
     with _output_errors(root):
         if root.exists() and not root.is_dir():
             raise UserError(f"--output {root} is a file; it must be a folder (new or from this same job)")
+        if root.is_dir():
+            hold(root)  # before anything in it is read or removed
         record = _read_record(job_file)
         parts = job.sink.parts() if root.is_dir() else {}
         held = shard_entries(root) if root.is_dir() else []  # in any format: another job's are not in `parts`
@@ -230,6 +255,7 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
             _remove_parts(root)
             parts = {}
         root.mkdir(parents=True, exist_ok=True)
+        hold(root)
         job.sink.clean()
         # a job file being replaced when its writer was killed (SIGKILL, a power cut)
         remove_stale(root, lambda name: name.startswith(f".{JOB_FILE}{TMP_MARK}"))

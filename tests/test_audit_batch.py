@@ -25,7 +25,7 @@ from aevae.batch.model import Loaded, resolve
 from aevae.batch.sinks import Sink
 from aevae.cli import main
 from aevae.errors import UserError
-from helpers import without_mnist_or_ray
+from helpers import run_aevae, without_mnist_or_ray
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -151,6 +151,32 @@ def test_png_rows_of_16_bits_other_sizes_or_huge_are_read_right_or_named() -> No
     big = png_bytes(Image.new("L", (5000, 5000)))
     with pytest.raises(ValueError, match="row 0 is a 5000 x 5000 image; at most 16,777,216 pixels"):
         png.decode_many([big])
+
+
+def test_a_second_job_on_an_output_being_written_is_refused(tiny_repo: Path, tmp_path: Path) -> None:
+    """Nothing refused it: the second job's start removed the first's shard in the making (which then failed
+    with a message about free space), or both decoded every row. The output folder is locked (flock) by the
+    process writing it, and the kernel drops the lock however that process ends."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from aevae.batch.job import hold; hold(Path(sys.argv[1])); print('held', flush=True); "
+                               "time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        done = run_aevae("decode-batch", "--prior", "50", "--models-dir", str(tiny_repo), "--output", str(out),
+                         "--format", "npz", timeout=120)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "is being written by another job now" in done.stderr and not list(out.iterdir())
+    finally:
+        holder.kill()
+        holder.wait()
+    done = run_aevae("decode-batch", "--prior", "50", "--models-dir", str(tiny_repo), "--output", str(out),
+                     "--format", "npz", timeout=300)  # the holder gone (killed): its lock went with it
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 # -- decode-batch: faults while a shard runs ---------------------------------------------------------------------
