@@ -118,6 +118,22 @@ SERVICES = {
 LOADER_THREADS = 32
 
 
+class Health(health.aio.HealthServicer):
+    """grpc_health's servicer, whose NOT_FOUND for a service it has no status of said nothing: it names the
+    ones it has."""
+
+    def __init__(self, known: tuple[str, ...]):
+        super().__init__()
+        self.known = known
+
+    async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
+        if request.service not in self.known:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no health status for service {request.service[:200]!r}; this server reports "
+                                f"{' and '.join(repr(k) for k in self.known)} ('': the server as a whole)")
+        return await super().Check(request, context)
+
+
 def engine(settings: ServiceSettings, executor: ThreadPoolExecutor) -> Engine:
     loader = ThreadPoolExecutor(max_workers=LOADER_THREADS, thread_name_prefix="aevae-load")
     return Engine(Runner(executor, settings.inline_max, loader),
@@ -195,7 +211,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     server, service = build(kind, settings, store, work, state)
     quiet_ended_call_writes()
 
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = Health(("", service.full_name))
     size = settings.max_message_bytes
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
 

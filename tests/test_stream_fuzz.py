@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from aevae.services.process import ServiceProcess
@@ -104,6 +105,15 @@ def test_health_methods_the_server_lacks_are_unimplemented_without_a_traceback(
         assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "grpc.health.v1.Health/List is not implemented" in error.value.details()
         assert "Check" in error.value.details(), error.value.details()
+    health = health_pb2_grpc.HealthStub(channels["decoder"])
+    with pytest.raises(grpc.RpcError) as error:  # grpc_health's NOT_FOUND said nothing
+        health.Check(health_pb2.HealthCheckRequest(service="aevae.v1.Nope"), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no health status for service 'aevae.v1.Nope'" in error.value.details()
+    assert "'aevae.v1.Decoder'" in error.value.details()
+    for name in ("", "aevae.v1.Decoder"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
     _no_traceback(services["decoder"], since)
 
 
