@@ -370,17 +370,11 @@ def _check_latent_array(array: np.ndarray, latent_dim: int, where: str, offset: 
                         f"(shape {list(array.shape)})")
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise UserError(f"{where}: latents must be numbers, got {array.dtype}")
-    wide = np.issubdtype(array.dtype, np.floating) and np.finfo(array.dtype).max > np.finfo(np.float32).max
     for start in range(0, len(array), SCAN_ROWS):
-        rows = np.asarray(array[start:start + SCAN_ROWS])
-        if wide:  # float64 beyond float32's range: cast, it became inf, and the message said "NaN or infinity"
-            with np.errstate(invalid="ignore"):
-                huge = (np.isfinite(rows) & (np.abs(rows) > np.finfo(np.float32).max)).any(axis=1)
-            if huge.any():
-                first = int(np.argmax(huge))
-                raise UserError(f"{where}: row {offset + start + first} holds values beyond float32's range "
-                                f"({rows[first].tolist()}); latents must lie in [-{LATENT_BOUND:g}, {LATENT_BOUND:g}]")
-        chunk = rows.astype(np.float32, copy=False)
+        try:
+            chunk = _as_float32(np.asarray(array[start:start + SCAN_ROWS]), offset + start)
+        except ValueError as exc:
+            raise UserError(f"{where}: {exc}") from None
         bad = ~np.isfinite(chunk).all(axis=1)
         if bad.any():
             first = int(np.argmax(bad))
