@@ -153,9 +153,9 @@ def sample(mean: np.ndarray, logvar: np.ndarray | None, rng: np.random.Generator
 
 def quiet_sums() -> None:
     """+inf and -inf in one array sum to NaN with numpy's RuntimeWarning, which the first such request printed
-    into a service's log; the answer (not finite) is all all_finite needs. Filtered for this module alone, at
-    import and again where a process sets its warnings up (a caller's catch_warnings drops it): an errstate
-    around the sum cost 2 us on every request."""
+    into a service's log; the answer (not finite) is all all_finite needs. Filtered for this module alone, once
+    at import (a caller's catch_warnings, as pytest's, drops it: call again inside one): an errstate around the
+    sum cost 2 us on every request."""
     warnings.filterwarnings("ignore", message="invalid value encountered in reduce", category=RuntimeWarning,
                             module=__name__)
 

@@ -141,10 +141,11 @@ class Batcher(Generic[Item, Result]):
         # A request bigger than a batch runs alone anyway: it queues in a group of its own, so that small
         # calls for the same model never wait behind it (one-latent calls waited 1.2-1.9 s behind another
         # client's stream of 16,000-latent messages); the two groups' passes run side by side on the executor.
-        key = (self.key(item), self.rows(item) > self.max_rows)
+        rows = self.rows(item)
+        key = (self.key(item), rows > self.max_rows)
         loop = asyncio.get_running_loop()
         if key not in self._groups and not self.window_s:
-            small = self.rows(item) <= self.runner.inline_max
+            small = rows <= self.runner.inline_max
             if company and small and self.gather_s > 0 and loop_busy(loop) and self.gathering.wanted():
                 return await self._gather(loop, key, item)
             if small and self.calls() <= 1:

@@ -32,7 +32,6 @@ from aevae.services.registration import Parsing, register
 from aevae.services import security
 from aevae.services.settings import PORTS, ServiceSettings, host_port, listen_problem, listeners_problem
 from aevae.repository import models_dir
-from aevae.inference import quiet_sums
 from aevae.store import ModelStore
 from aevae.v1 import decoder_pb2, encoder_pb2
 
@@ -147,7 +146,6 @@ def open_store(settings: ServiceSettings) -> ModelStore:
     """The model store both front ends (aevae serve, Ray Serve) build from the settings."""
     # Request tensors are read-only views on the message bytes; the model only reads them.
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    quiet_sums()
     root = models_dir(settings.models_dir)
     if root.exists() and not root.is_dir():
         # a folder that does not exist yet may be filled later (a volume, a first `aevae train`); a file never
@@ -211,7 +209,8 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     server, service = build(kind, settings, store, work, state)
     quiet_ended_call_writes()
 
-    health_servicer = Health(("", service.full_name))
+    reported = ("", service.full_name)  # the health statuses this server keeps: itself, and its service
+    health_servicer = Health(reported)
     size = settings.max_message_bytes
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
@@ -236,7 +235,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
         raise OSError(problem or f"cannot listen on {address}: {exc}") from None
     probes = await security.serve_health(settings, add_health)
     await server.start()
-    for name in ("", service.full_name):
+    for name in reported:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     print(f"aevae {kind} serving {service.full_name} on {host_port(settings.host, bound)} "
           f"(models in {store.repository.root.resolve()}: {store.describe()}; {protection})", flush=True)

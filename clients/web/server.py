@@ -326,8 +326,8 @@ async def post_samples(request: web.Request) -> web.Response:
             # the decoder's own answer for a model it does not have (as /api/encode and /api/stats give): 404
             raise RequestRejected("decoder", grpc.StatusCode.NOT_FOUND,
                                   f"the decoder serves no model {name!r}; it serves {sorted(m.name for m in infos)}")
-        if not info.version:  # listed for its broken versions alone: their reasons, not
-            # a complaint about a latent_dim the page never sent (the listing gives 0 for it)
+        if not info.version:  # listed for its broken versions alone (latent_dim 0): their reasons, rather
+            # than a complaint about a latent_dim the page never sent
             reasons = "; ".join(f"version {v}: {why}" for v, why in sorted(info.broken.items())) or "none loads"
             raise RequestRejected("decoder", grpc.StatusCode.FAILED_PRECONDITION,
                                   f"no loadable version of model {name!r}: {reasons}")
