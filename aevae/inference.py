@@ -8,14 +8,13 @@ the arithmetic (`aevae.runtimes`): torch over the weights, or ONNX Runtime over 
 
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from aevae import allocation
+from aevae.finite import all_finite
 from aevae.manifest import Manifest
 from aevae.repository import Version
 
@@ -46,6 +45,9 @@ class Runtime(Protocol):
     """The arithmetic of one model: float32 in, float32 out, whole batches."""
 
     name: str
+    # Whether a row's image is the same whatever rows are decoded with it. The int8 decoder's is not: it
+    # quantizes activations per batch (scales from the batch's own range), so callers must not share a pass.
+    rows_alone: bool
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """N x H x W float32 in [0, 1] -> (mean, log-variance or None for the AE), each N x latent_dim."""
@@ -149,25 +151,6 @@ def sample(mean: np.ndarray, logvar: np.ndarray | None, rng: np.random.Generator
     if logvar is not None:
         z += np.exp(0.5 * logvar) * rng.standard_normal(mean.shape, dtype=np.float32)
     return z
-
-
-def quiet_sums() -> None:
-    """+inf and -inf in one array sum to NaN with numpy's RuntimeWarning, which the first such request printed
-    into a service's log; the answer (not finite) is all all_finite needs. Filtered for this module alone, once
-    at import (a caller's catch_warnings, as pytest's, drops it: call again inside one): an errstate around the
-    sum cost 2 us on every request."""
-    warnings.filterwarnings("ignore", message="invalid value encountered in reduce", category=RuntimeWarning,
-                            module=__name__)
-
-
-quiet_sums()
-
-
-def all_finite(array: np.ndarray) -> bool:
-    """No NaN and no infinity, in one pass and without a temporary the size of the array (a boolean mask is a
-    copy of a big batch): a NaN or an infinity makes the sum non-finite, and finite float32 values cannot
-    overflow a float64 sum."""
-    return math.isfinite(np.add.reduce(array, axis=None, dtype=np.float64))
 
 
 def _check_finite(array: np.ndarray, what: str) -> None:

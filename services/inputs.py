@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from aevae.errors import InvalidArgument, shorten
-from aevae.inference import PAD, accepted_image_shapes, all_finite
+from aevae.finite import nonfinite
+from aevae.inference import PAD, accepted_image_shapes
 
 # Latents beyond this magnitude are refused: far outside any trained latent space (|z| < 100 here), and past
 # about 1e19 float32 arithmetic overflows into NaN images.
@@ -24,9 +25,9 @@ def model_name(name: str) -> str:
 
 
 def _finite(array: np.ndarray, field: str) -> None:
-    if not all_finite(array):  # the mask that names the position is made only for a bad request
-        bad = np.argwhere(~np.isfinite(array))[0].tolist()
-        raise InvalidArgument(f"{field}: expected finite values, got {array[tuple(bad)]} at index {bad}")
+    refusal = nonfinite(array, field)
+    if refusal is not None:
+        raise InvalidArgument(refusal)
 
 
 def images(array: np.ndarray, image_shape: tuple[int, int], field: str = "images") -> np.ndarray:
@@ -39,10 +40,11 @@ def images(array: np.ndarray, image_shape: tuple[int, int], field: str = "images
     if array.dtype != np.uint8:
         _finite(array, field)
         if array.size and (array.min() < 0 or array.max() > 1):
+            row = int(np.flatnonzero((array.min(axis=(1, 2)) < 0) | (array.max(axis=(1, 2)) > 1))[0])
             raise InvalidArgument(
                 f"{field}: float32 pixels must lie in [0, 1] (send uint8 for 0..255), "
-                f"got values in [{array.min():.9g}, {array.max():.9g}]"  # 1.0000001 is not "1" here
-            )
+                f"got values in [{array.min():.9g}, {array.max():.9g}], the first outside in image {row}"
+            )  # 1.0000001 is not "1" here: 9 digits
     return array
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -252,6 +253,71 @@ def test_async_errors_are_aevae_errors(servers) -> None:
     with pytest.raises(AevaeError) as info:
         asyncio.run(main())
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "N x 4" in info.value.details()
+
+
+def test_closing_an_async_client_ends_its_calls_with_an_aevae_error_and_a_cancelled_task_stays_cancelled(
+        servers) -> None:
+    """Closing the channel cancels its calls; each raised CancelledError into a task nobody cancelled, which
+    `except AevaeError` missed and a TaskGroup took for its own cancellation."""
+    z = np.zeros((20_000, 4), np.float32)  # a stream of many messages, still running when the client closes
+
+    async def closed_under() -> BaseException:
+        client = AsyncDecoderClient(servers["decoder"], timeout=60)
+        call = asyncio.create_task(client.decode(z))
+        await asyncio.sleep(0.2)
+        await client.close()
+        return (await asyncio.gather(call, return_exceptions=True))[0]
+
+    async def cancelled() -> bool:
+        async with AsyncDecoderClient(servers["decoder"], timeout=60) as client:
+            call = asyncio.create_task(client.decode(z))
+            await asyncio.sleep(0.2)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            return call.cancelled()
+
+    error = asyncio.run(closed_under())
+    assert isinstance(error, AevaeError) and error.code() == grpc.StatusCode.CANCELLED, repr(error)
+    assert "closed" in error.details()
+    assert asyncio.run(cancelled())
+
+
+def test_a_stream_message_s_refusal_names_the_caller_s_rows_and_a_nan_its_index_in_the_caller_s_array(
+        enc, dec) -> None:
+    """The server counts a stream's messages and positions within one: "message 6: ... index [424, 1]"."""
+    z = np.zeros((3_000, 4), np.float32)  # float32 images of 4 KiB: 62 a message under MAX_MESSAGE
+    z[2_000, 1] = 2e4
+    with pytest.raises(AevaeError) as info:
+        dec.decode(z)
+    said = re.match(r"latents (\d+) to (\d+) of the batch, sent as message (\d+) \(a position below counts from "
+                    r"(\d+)\): latents: values must lie in \[-10000, 10000\]; row (\d+) holds", info.value.details())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said, info.value.details()
+    start, stop, message, counted_from, row = map(int, said.groups())
+    assert start == counted_from == message * (stop - start + 1) and start + row == 2_000 <= stop
+    z[2_000, 1], z[2_500, 3] = 0, np.nan
+    with pytest.raises(AevaeError, match=r"latents: expected finite values, got nan at index \[2500, 3\]"):
+        dec.decode(z)
+    x = np.zeros((700, 32, 32), np.float32)
+    x[650, 3, 3] = 1.5
+    with pytest.raises(AevaeError, match=r"^INVALID_ARGUMENT: images \d+ to \d+ of the batch, sent as message \d+ "
+                                         r".*float32 pixels must lie in \[0, 1\].*the first outside in image \d+$"):
+        enc.encode(x)
+
+
+def test_a_client_pickles_and_copies_as_its_target_and_settings(servers, dec) -> None:
+    import copy
+    import pickle
+
+    copied = pickle.loads(pickle.dumps(dec))
+    try:
+        assert copied is not dec and copied.target == dec.target and copied.timeout == dec.timeout
+        np.testing.assert_array_equal(copied.decode(np.ones((2, 4))), dec.decode(np.ones((2, 4))))
+    finally:
+        copied.close()
+    with copy.deepcopy(DecoderClient([servers["decoder"], servers["decoder"] + ",127.0.0.1:1"], token="t",
+                                     stream_chunk=7)) as fan:
+        assert fan.targets == [servers["decoder"], "127.0.0.1:1"] and fan.stream_chunk == 7
+        assert fan.security.current_token() == "t"
 
 
 def test_importing_the_client_never_imports_torch() -> None:

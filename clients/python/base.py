@@ -49,6 +49,7 @@ class _Common:
         self._closed = False
         self._loop: Any = None  # the event loop a grpc.aio channel belongs to (None: not known, not checked)
         self.targets = parse_targets(target)  # first: a target of None or a number is refused before it is used
+        self._made_from = target if isinstance(target, str) else self.targets  # dns:/// resolved again in a copy
         if security is not None and not isinstance(security, ChannelSecurity):
             raise invalid(f"security: expected a ChannelSecurity, got {security!r:.80}")
         self.security = security = security or ChannelSecurity.resolve(token, token_file, tls, tls_ca, tls_cert,
@@ -63,9 +64,10 @@ class _Common:
         self._retry.explain = lambda error: late(unimplemented(transport(error)))
         self._limits: ServerLimits | None = None
         self._limits_at = 0.0  # time.monotonic() of the ListModels response they came from
+        self._options: dict[str, Any] = dict(timeout=timeout, retries=retries, backoff=backoff,
+                                             stream_chunk=stream_chunk, metadata=metadata, security=security)
         if len(self.targets) > 1:  # each replica: this constructor, one target, these options
-            options: dict[str, Any] = dict(timeout=timeout, retries=0, backoff=backoff, stream_chunk=stream_chunk,
-                                           metadata=metadata, security=security)
+            options = {**self._options, "retries": 0}
             self._fanout = self.FANOUT(lambda t: type(self)(t, **options), self.targets, self._retry)
             return
         try:
@@ -82,6 +84,12 @@ class _Common:
 
     def _make_stub(self, channel: Any) -> Any:
         raise NotImplementedError
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (for a process pool, Ray or joblib) and copied as what makes it: the targets and the settings,
+        security included (the token and the PEM files' paths or bytes travel with it). The copy opens its own
+        channel where it is unpickled; a channel, its threads and its loop cannot travel."""
+        return _rebuilt, (type(self), self._made_from, self._options)
 
     @property
     def replicas(self) -> list[Any]:
@@ -122,6 +130,10 @@ class _Common:
         return f"{type(self).__name__}({self.target!r})"
 
 
+def _rebuilt(cls: type[_Common], target: str | list[str], options: dict[str, Any]) -> _Common:
+    return cls(target, **options)
+
+
 class SyncClient(_Common):
     def _list_models_response(self, timeout: float | None) -> tensor_pb2.ListModelsResponse:
         response = self._retry(lambda: self._stub.ListModels(tensor_pb2.ListModelsRequest(),
@@ -137,6 +149,8 @@ class SyncClient(_Common):
         return self._limits
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server serves: its newest version, all versions, kind, shapes, test metrics, the
+        runtime and its broken versions (results.ModelInfo)."""
         if self._fanout is not None:
             return self._fanout.first(lambda client, t: client.list_models(timeout=t), self._fanned(timeout))
         return model_infos(self._list_models_response(timeout))
@@ -200,11 +214,13 @@ class AsyncClient(_Common):
         return self._limits
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """As the synchronous client's list_models."""
         if self._fanout is not None:
             return await self._fanout.first(lambda client, t: client.list_models(timeout=t), self._fanned(timeout))
         return model_infos(await self._list_models_response(timeout))
 
     async def health(self, *, timeout: float | None = None) -> str:
+        """As the synchronous client's health."""
         if self._fanout is not None:
             return await self._fanout.health(lambda client, t: client.health(timeout=t), self._fanned(timeout))
         return await self._retry.run_async(

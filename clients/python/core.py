@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterator, TypeVar
@@ -17,6 +18,7 @@ import grpc
 import numpy as np
 
 from aevae.client.errors import AevaeError, bad_answer, invalid
+from aevae.finite import nonfinite
 from aevae.v1 import tensor_pb2
 from aevae.v1.tensors import WireError, version_to_wire
 
@@ -92,11 +94,50 @@ class ServerLimits:
 
 
 def _array(values: object, name: str, shape: str) -> np.ndarray:
-    """An array of the caller's values; a ragged list or an object that is not numbers is INVALID_ARGUMENT."""
+    """An array of the caller's values; a ragged list or an object that is not numbers is INVALID_ARGUMENT.
+    A masked array with masked values is refused (np.asarray would send the values under the mask)."""
+    if np.ma.is_masked(values):
+        raise invalid(f"{name}: got a masked array with masked values; fill them (values.filled(...)) or drop "
+                      "those rows first: the values under a mask would be sent as they are")
     try:
         return np.asarray(values)
-    except (ValueError, TypeError) as exc:
-        raise invalid(f"{name}: expected {shape} numbers, got what numpy cannot make an array of ({exc})") from None
+    except (ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: torch's tensor that requires grad
+        raise invalid(f"{name}: expected {shape} numbers (float32; other float and integer types are converted), "
+                      f"got what numpy cannot make an array of ({exc})") from None
+
+
+def _no_object(array: np.ndarray, name: str, wanted: str) -> None:
+    """Strings, booleans, complex and objects carry no pixels or latents; objects are most often a frame's
+    nullable columns (pandas' Float32 with missing values) or mixed types, said so."""
+    if array.dtype.kind == "O":
+        raise invalid(f"{name}: expected {wanted}, got Python objects (a pandas frame with nullable columns or "
+                      "missing values, or mixed types): pass a float array, e.g. frame.to_numpy('float32')")
+    if array.dtype.kind not in "fiu":
+        raise invalid(f"{name}: expected {wanted}, got {array.dtype.name}")
+
+
+def _as_float32(array: np.ndarray, name: str) -> np.ndarray:
+    """Native float32 from any float or integer array; a value beyond float32's range (float64's 1e39) is
+    refused naming its place, where the cast would have made it inf (and numpy warned of the overflow)."""
+    if array.dtype == np.float32:
+        return array
+    top = float(np.finfo(np.float32).max)
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and array.size and not -top <= array.min() <= array.max() <= top:
+        over = np.isfinite(array) & (np.abs(array) > top)  # on a refusal only: NaN and inf are the server's to name
+        if over.any():
+            where = np.argwhere(over)[0].tolist()
+            raise invalid(f"{name}: {array[tuple(where)].item()!r} at index {where} is beyond float32's range "
+                          f"(+-{top:.4g}): values travel as float32")
+    return array.astype(np.float32)
+
+
+def _finite(array: np.ndarray, name: str) -> np.ndarray:
+    """Checked here, as the server would, so that the index named is the caller's: a batch split into messages
+    was refused by the server with the position within one message ("message 6: ... index [424, 1]")."""
+    refusal = nonfinite(array, name) if array.dtype.kind == "f" else None
+    if refusal is not None:
+        raise invalid(refusal)
+    return array
 
 
 def prepare_images(images: object) -> np.ndarray:
@@ -107,14 +148,13 @@ def prepare_images(images: object) -> np.ndarray:
     if array.ndim == 0:  # a number or a string: the server's "shape []" would not say what was passed
         raise invalid(f"images: expected an N x H x W array (or one H x W image) of uint8 0..255 or float32 in "
                       f"[0, 1], got a single {array.dtype.name} value")
-    if array.dtype.kind not in "fiu":  # strings, booleans, complex, objects: no pixels
-        raise invalid(f"images: expected pixels as uint8 0..255 or float32 in [0, 1], got {array.dtype.name}")
+    _no_object(array, "images", "pixels as uint8 0..255 or float32 in [0, 1]")
     if array.ndim == 1 or array.ndim > 3:  # as for latents: the server refuses them, whatever the size
         raise invalid(f"images: expected an N x H x W array (or one H x W image), got shape {list(array.shape)}")
     if array.ndim == 2:
         array = array[None]
-    if array.dtype.kind == "f" and array.dtype != np.float32:
-        array = array.astype(np.float32)
+    if array.dtype.kind == "f":
+        array = _finite(_as_float32(array, "images"), "images")
     elif array.dtype.kind in "iu" and array.dtype != np.uint8:
         if array.size and not (array.min() >= 0 and array.max() <= 255):
             raise invalid(f"images: whole-number pixels must lie in 0..255 (uint8), got {array.dtype.name} values "
@@ -131,16 +171,12 @@ def prepare_latents(latents: object) -> np.ndarray:
                       f"{array.dtype.name} value")
     if array.ndim == 1 and array.size == 0:  # [] would be one row of no values: say so rather than "rows of 0"
         raise invalid("latents: got an empty vector; expected N x d numbers (no rows: an array of shape (0, d))")
-    if array.dtype.kind not in "fiu":  # strings, booleans, complex, objects
-        raise invalid(f"latents: expected real numbers (float32; other float and integer types are converted), "
-                      f"got {array.dtype.name}")
+    _no_object(array, "latents", "real numbers (float32; other float and integer types are converted)")
     if array.ndim > 2:  # the server refuses them too, but one too big for a message heard "split the batch"
         raise invalid(f"latents: expected an N x d array (or one d-vector), got shape {list(array.shape)}")
     if array.ndim == 1:
         array = array[None]
-    if array.dtype != np.float32 and (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-        array = array.astype(np.float32)
-    return np.ascontiguousarray(array)
+    return np.ascontiguousarray(_finite(_as_float32(array, "latents"), "latents"))
 
 
 def model_name(model: object) -> str:
@@ -198,12 +234,15 @@ def check_timeout(timeout: object) -> None:
         raise invalid(f"timeout: expected seconds (a number from 0 up) or None, got {timeout!r}")
 
 
-def output_dtype(dtype: str) -> np.dtype:
-    if dtype in (np.float32, np.uint8):  # the types themselves, as np.dtype("uint8") is taken
-        dtype = np.dtype(dtype).name
-    if dtype not in ("float32", "uint8"):
+def output_dtype(dtype: object) -> np.dtype:
+    """float32 or uint8, however numpy spells them ('float32', 'f4', '<f4', np.uint8, np.dtype('u1'), ...)."""
+    try:
+        parsed = np.dtype(dtype) if isinstance(dtype, (str, type, np.dtype)) and dtype != "" else None
+    except TypeError:
+        parsed = None
+    if parsed is None or parsed.name not in ("float32", "uint8") or not parsed.isnative:
         raise invalid(f"dtype: expected 'float32' or 'uint8', got {dtype!r}")
-    return np.dtype(dtype)
+    return np.dtype(parsed.name)
 
 
 def grpc_timeout(timeout: float | None) -> float | None:
@@ -265,6 +304,22 @@ def spans(n: int, rows: int) -> Iterator[tuple[int, int]]:
         yield start, min(n, start + rows)
 
 
+_MESSAGE = re.compile(r"message (\d+): ")
+
+
+def located(error: AevaeError, parts: list[tuple[int, int]], first: int, rows: str) -> AevaeError:
+    """A stream's refusal of one message, said of the caller's rows: the server counts the messages of its
+    stream (the first being `parts[first]`, the first this attempt sent) and positions within one message, so
+    "message 6: ... index [424, 1]" alone depended on the server's limits and the client's `stream_chunk`."""
+    match = _MESSAGE.match(error.details())
+    if match is None or first + int(match[1]) >= len(parts):
+        return error
+    index = first + int(match[1])
+    start, stop = parts[index]
+    return AevaeError(error.code(), f"{rows} {start} to {stop - 1} of the batch, sent as message {index} (a "
+                                    f"position below counts from {start}): {error.details()[match.end():]}")
+
+
 def wire_version(version: int | None) -> int:
     """None (the newest) or a positive number -> the request's version field; AevaeError when invalid."""
     try:
@@ -320,6 +375,20 @@ def restarts_big(request_bytes: int) -> bool:
     return request_bytes > RETRY_BUFFER // 2
 
 
+def task_cancelled() -> bool:
+    """Whether a grpc.aio call's CancelledError is the awaiting task's own cancellation (task.cancel(), a
+    timeout, a TaskGroup), which must go on as CancelledError. Otherwise the call's channel was closed under
+    it: that cancels its calls, each raising CancelledError into a task nobody cancelled, and a caller
+    catching AevaeError (or a TaskGroup, taking it for its own) was misled; that is `closed_under()`, as the sync
+    client's closed channel gives AevaeError CANCELLED."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
+def closed_under() -> AevaeError:
+    return AevaeError(grpc.StatusCode.CANCELLED, "the client was closed while this call ran")
+
+
 class Retry:
     """The retry settings of a client. gRPC retries the calls itself (`channel_options`, the channel's service
     config); calling this runs a call once and surfaces every failure as AevaeError. `retries` and `_delay`
@@ -350,6 +419,10 @@ class Retry:
             return await call()
         except grpc.RpcError as error:
             raise self.explain(AevaeError.from_rpc(error)) from None
+        except asyncio.CancelledError:
+            if task_cancelled():
+                raise
+            raise closed_under() from None
 
     # A stream that breaks after some answers (the server restarted, a connection dropped) is resumed from the
     # first message not answered: gRPC's own retries stop at a stream's first response, and starting over
@@ -398,6 +471,10 @@ class Retry:
             before = progress()
             try:
                 return await attempt(None if end is None else max(0.0, end - time.monotonic()))
+            except asyncio.CancelledError:
+                if task_cancelled():
+                    raise
+                raise closed_under() from None
             except grpc.RpcError as error:
                 progressed = progress() > before
                 failed = self._resume(error, progressed, heard(), restarts)

@@ -118,6 +118,18 @@ class TokenFile:
                                      "line") from None
         return self.tokens
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickled with the tokens last read, without the lock; re-read where unpickled when the file is there
+        (a client sent to a process pool or a Ray worker)."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_checked"], state["_stamp"] = 0.0, None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def first(self) -> str:
         tokens = self.refresh()
         return tokens[0] if tokens else ""

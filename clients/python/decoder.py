@@ -18,7 +18,7 @@ from aevae import allocation
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
 from aevae.client.core import (ServerLimits, Unlisted, bulk_stub, model_name, output_dtype, prepare_latents,
-                               reading, restarts_big, spans, wire_version)
+                               located, reading, restarts_big, spans, wire_version)
 from aevae.client.errors import AevaeError, bad_answer
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
 from aevae.v1.tensors import TensorResponse, to_tensor
@@ -50,6 +50,7 @@ class _Plan:
         self.spans = [(0, n)] if self.unary else list(spans(n, limits.rows(row, stream_chunk)))
         self.out: np.ndarray | None = None
         self.received = 0
+        self.first = 0  # the first message of the latest attempt: the one the server calls "message 0"
 
     def request(self, start: int, stop: int) -> decoder_pb2.DecodeRequest:
         latents = self.z if self.unary else self.z[start:stop]
@@ -58,6 +59,7 @@ class _Plan:
 
     def requests(self) -> Iterator[decoder_pb2.DecodeRequest]:
         """The messages not yet answered: all of them, or after a broken stream those after its last answer."""
+        self.first = self.received
         for start, stop in self.spans[self.received:]:
             yield self.request(start, stop)
 
@@ -96,6 +98,9 @@ class _Plan:
         self.out[start:stop] = images
         self.received += 1
         self.version = self.version or checked.version  # pinned: a resumed stream gets the same version
+
+    def located(self, error: AevaeError) -> AevaeError:
+        return located(error, self.spans, self.first, "latents")
 
     def result(self) -> np.ndarray:
         if self.received != len(self.spans) or self.out is None:
@@ -143,7 +148,10 @@ class DecoderClient(SyncClient):
                 plan.add(response)
             return plan.result()
 
-        return self._retry.resumable(stream, lambda: plan.received, deadline, restart=restarts_big(plan.z.nbytes))
+        try:
+            return self._retry.resumable(stream, lambda: plan.received, deadline, restart=restarts_big(plan.z.nbytes))
+        except AevaeError as error:
+            raise plan.located(error) from None
 
 
 class AsyncDecoderClient(AsyncClient):
@@ -156,6 +164,7 @@ class AsyncDecoderClient(AsyncClient):
 
     async def decode(self, latents: object, model: str = "vae", version: int | None = None,
                      dtype: str = "float32", *, timeout: float | None = None) -> np.ndarray:
+        """As DecoderClient.decode."""
         model, latents = model_name(model), prepare_latents(latents)
         if self._fanout is not None:
             return await fanout.decode_async(self._fanout, latents, model, version, dtype, self._fanned(timeout),
@@ -177,5 +186,8 @@ class AsyncDecoderClient(AsyncClient):
                 plan.add(response)
             return plan.result()
 
-        return await self._retry.resumable_async(stream, lambda: plan.received, deadline,
-                                                  restart=restarts_big(plan.z.nbytes))
+        try:
+            return await self._retry.resumable_async(stream, lambda: plan.received, deadline,
+                                                      restart=restarts_big(plan.z.nbytes))
+        except AevaeError as error:
+            raise plan.located(error) from None

@@ -13,8 +13,8 @@ import numpy as np
 
 from aevae.client import fanout
 from aevae.client.base import AsyncClient, SyncClient
-from aevae.client.core import (ServerLimits, bulk_stub, model_name, prepare_images, restarts_big, spans,
-                               wire_version)
+from aevae.client.core import (ServerLimits, bulk_stub, located, model_name, prepare_images, restarts_big,
+                               spans, wire_version)
 from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.client.results import EncodeResult, latent_stats
 from aevae.v1 import encoder_pb2, encoder_pb2_grpc
@@ -43,6 +43,7 @@ class _Plan:
         self.unary = self.x.ndim != 3 or n <= limits.rows(row)
         self.spans = [(0, n)] if self.unary else list(spans(n, limits.rows(row, stream_chunk)))
         self.parts: list[encoder_pb2.EncodeResponse] = []
+        self.first = 0  # the first message of the latest attempt: the one the server calls "message 0"
         self._width: tuple[int, ...] | None = None  # the latent width of the first response read
 
     def request(self, start: int, stop: int, first: bool = True) -> encoder_pb2.EncodeRequest:
@@ -70,8 +71,12 @@ class _Plan:
             self.parts = []
         if self.parts:
             self.version = self.version or int(self.parts[0].version)
+        self.first = len(self.parts)
         for i, (start, stop) in enumerate(self.spans[len(self.parts):], start=len(self.parts)):
             yield self.request(start, stop, first=i == 0)
+
+    def located(self, error: AevaeError) -> AevaeError:
+        return located(error, self.spans, self.first, "images")
 
     def _part(self, response: encoder_pb2.EncodeResponse, name: str, index: int) -> np.ndarray:
         """One response's `name`, checked: float32, one row per image of its span, as wide as the first read
@@ -136,7 +141,10 @@ class EncoderClient(SyncClient):
 
     def encode(self, images: object, model: str = "vae", version: int | None = None, sample: bool = False,
                seed: int | None = None, *, timeout: float | None = None) -> EncodeResult:
-        """N x 32 x 32 or N x 28 x 28 images (or one 2-D image), uint8 0..255 or float32 in [0, 1]."""
+        """N x H x W images of the model's shape (or without its padding: 28 x 28 for 32 x 32), or one 2-D
+        image; uint8 0..255 or float32 in [0, 1]. `seed` draws the noise of a sample (`sample=True`), the same
+        for the same seed however the batch is split; without a sample the answer (the mean and, for a VAE,
+        the log-variance) draws no noise, and a seed changes nothing."""
         model, images = model_name(model), prepare_images(images)  # refused before any call
         if self._fanout is not None:
             return fanout.encode(self._fanout, images, model, version, sample, seed, self._fanned(timeout),
@@ -155,8 +163,11 @@ class EncoderClient(SyncClient):
                 plan.add(response)  # kept if the stream breaks: a resumption starts after it
             return plan.result(plan.parts)
 
-        return self._retry.resumable(stream, plan.progress, deadline, lambda: bool(plan.parts),
-                                     restarts_big(plan.x.nbytes))
+        try:
+            return self._retry.resumable(stream, plan.progress, deadline, lambda: bool(plan.parts),
+                                         restarts_big(plan.x.nbytes))
+        except AevaeError as error:
+            raise plan.located(error) from None
 
     def latent_stats(self, model: str = "vae", version: int | None = None, *,
                      timeout: float | None = None) -> dict[str, Any]:
@@ -179,6 +190,7 @@ class AsyncEncoderClient(AsyncClient):
 
     async def encode(self, images: object, model: str = "vae", version: int | None = None, sample: bool = False,
                      seed: int | None = None, *, timeout: float | None = None) -> EncodeResult:
+        """As EncoderClient.encode."""
         model, images = model_name(model), prepare_images(images)
         if self._fanout is not None:
             return await fanout.encode_async(self._fanout, images, model, version, sample, seed,
@@ -198,11 +210,15 @@ class AsyncEncoderClient(AsyncClient):
                 plan.add(response)
             return plan.result(plan.parts)
 
-        return await self._retry.resumable_async(stream, plan.progress, deadline, lambda: bool(plan.parts),
-                                                  restarts_big(plan.x.nbytes))
+        try:
+            return await self._retry.resumable_async(stream, plan.progress, deadline, lambda: bool(plan.parts),
+                                                      restarts_big(plan.x.nbytes))
+        except AevaeError as error:
+            raise plan.located(error) from None
 
     async def latent_stats(self, model: str = "vae", version: int | None = None, *,
                            timeout: float | None = None) -> dict[str, Any]:
+        """As EncoderClient.latent_stats."""
         model = model_name(model)
         if self._fanout is not None:
             return await self._fanout.first(lambda client, t: client.latent_stats(model, version, timeout=t),

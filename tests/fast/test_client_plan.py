@@ -270,6 +270,75 @@ def test_arrays_of_another_rank_are_refused_before_any_call_and_numpy_dtypes_are
     assert prepare_images(np.zeros((28, 28), np.uint8)).shape == (1, 28, 28)
     assert output_dtype(np.uint8) == output_dtype("uint8") == np.dtype(np.uint8)
     assert output_dtype(np.float32) == np.dtype(np.float32)
+    assert output_dtype("u1") == output_dtype(np.dtype("u1")) and output_dtype("<f4") == np.dtype(np.float32)
+    for refused in ("float64", ">f4", "", None, 5):
+        with pytest.raises(AevaeError, match="dtype: expected 'float32' or 'uint8'"):
+            output_dtype(refused)  # type: ignore[arg-type]
+
+
+def test_inputs_numpy_would_send_wrongly_are_refused_saying_what_to_do() -> None:
+    """A masked value was sent as the value under its mask; float64 past float32's range became inf (numpy's
+    overflow warning, then "expected finite values"); a frame's nullable columns were refused as "object"; a
+    torch tensor that requires grad escaped as torch's RuntimeError; a NaN in a batch split into messages was
+    named by its place in one message."""
+    import warnings
+
+    from aevae.client.core import prepare_images, prepare_latents
+
+    with pytest.raises(AevaeError, match="masked array with masked values; fill them"):
+        prepare_latents(np.ma.masked_array(np.ones((2, 4)), mask=np.eye(2, 4)))
+    assert prepare_latents(np.ma.masked_array(np.ones((2, 4)))).dtype == np.float32  # nothing masked: taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        far = np.zeros((3, 4))
+        far[2, 1] = -1e39
+        with pytest.raises(AevaeError, match=r"latents: -1e\+39 at index \[2, 1\] is beyond float32's range"):
+            prepare_latents(far)
+        with pytest.raises(AevaeError, match=r"images: 1e\+300 at index \[0, 0, 0\] is beyond float32's range"):
+            prepare_images(np.full((1, 4, 4), 1e300))
+    with pytest.raises(AevaeError, match=r"got Python objects .* frame.to_numpy\('float32'\)"):
+        prepare_latents(np.array([[1.0, None]], dtype=object))
+    with pytest.raises(AevaeError, match="INVALID_ARGUMENT: latents: expected finite values, got inf at index \\[7000, 0\\]"):
+        big = np.zeros((8000, 4), np.float32)
+        big[7000, 0] = np.inf
+        prepare_latents(big)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(AevaeError, match="INVALID_ARGUMENT: .*requires grad"):
+        prepare_latents(torch.zeros(2, 4, requires_grad=True))
+
+
+def test_a_stream_message_s_refusal_is_said_of_the_caller_s_rows() -> None:
+    from aevae.client.core import located
+
+    parts = [(0, 10), (10, 20), (20, 25)]
+    refused = AevaeError(grpc.StatusCode.INVALID_ARGUMENT, "message 1: latents: row 3 holds [2e4]")
+    assert located(refused, parts, 0, "latents").details() == (
+        "latents 10 to 19 of the batch, sent as message 1 (a position below counts from 10): latents: row 3 holds [2e4]")
+    assert located(refused, parts, 1, "latents").details().startswith("latents 20 to 24 of the batch, sent as message 2")
+    assert located(refused, parts, 2, "latents") is refused  # no such message: left as the server said it
+    other = AevaeError(grpc.StatusCode.NOT_FOUND, "unknown model 'gan'")
+    assert located(other, parts, 0, "latents") is other
+
+
+def test_a_client_and_its_token_file_pickle_without_a_connection(tmp_path) -> None:
+    import pickle
+
+    from aevae.client import AsyncDecoderClient, DecoderClient
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    with DecoderClient("127.0.0.1:1", timeout=7, retries=1, token_file=str(token)) as client:
+        copy = pickle.loads(pickle.dumps(client))
+    with copy:
+        assert (copy.target, copy.timeout, copy._retry.retries) == ("127.0.0.1:1", 7, 1)
+        assert copy.security.current_token() == "s3cret"
+
+    async def in_a_loop() -> str:
+        async with AsyncDecoderClient("127.0.0.1:1,127.0.0.1:2") as fan:
+            async with pickle.loads(pickle.dumps(fan)) as again:
+                return again.target
+
+    assert asyncio.run(in_a_loop()) == "127.0.0.1:1,127.0.0.1:2"
 
 
 class _Cut(grpc.RpcError):

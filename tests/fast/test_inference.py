@@ -47,6 +47,7 @@ def test_sample_uses_sigma_and_the_ae_sample_is_its_mean() -> None:
 
 class _NaNRuntime:
     name = "nan"
+    rows_alone = True
 
     def encode(self, images: np.ndarray) -> tuple[np.ndarray, None]:
         return np.full((len(images), 4), np.nan, np.float32), None
@@ -107,7 +108,7 @@ def test_a_request_of_both_infinities_is_not_finite_and_leaves_no_warning_in_the
     """+inf and -inf in one request summed to NaN with numpy's RuntimeWarning, printed into a service's log."""
     import warnings
 
-    from aevae.inference import all_finite, quiet_sums
+    from aevae.finite import all_finite, quiet_sums
 
     with warnings.catch_warnings(record=True) as seen:
         quiet_sums()  # as a service sets its warnings up (pytest's own catch_warnings dropped the import's)
