@@ -98,6 +98,7 @@ class OnnxRuntime:
 
         self.encoders = sessions(ENCODER)
         self.precision = precision
+        self.rows_alone = precision != "int8"  # int8: activations quantized per batch (onnx_export.quantize_decoder)
         self.decoders = sessions(decoder)
         self._variational = len(self.encoders[0].get_outputs()) == 2
         manifest = version.manifest
@@ -163,6 +164,9 @@ def _check_decoder_output(graph: str, session: Any, latent_dim: int, image_shape
 
 class TorchRuntime:
     name = "torch"
+    # A row's image depends on the rows beside it only in float32's last bits (oneDNN's kernels sum in an order
+    # that depends on the batch's size: up to about 1e-6, and a uint8 pixel at a rounding edge by 1 level).
+    rows_alone = True
     # torch's intra-op threads are per process: `threads` is applied when the runtime is opened.
 
     def __init__(self, model: Any, precision: str = "fp32"):

@@ -76,8 +76,13 @@ class DecoderLogic:
 
     @staticmethod
     def run(jobs: Sequence[DecodeJob]) -> list[Decoded]:
-        """Decodes jobs of one key in one pass; each gets its own rows (views on one output array)."""
+        """Decodes jobs of one key in one pass; each gets its own rows (views on one output array). A runtime
+        whose rows depend on the batch beside them (the int8 decoder's) runs each job alone, still in the one
+        task the batch took: a caller's 4 latents shared a pass with another's 32 large ones, and their images
+        moved by up to 208 of 255 levels."""
         model, dtype = jobs[0].model, jobs[0].dtype
+        if len(jobs) > 1 and not model.runtime.rows_alone:
+            return [decoded for job in jobs for decoded in DecoderLogic.run([job])]
         z = jobs[0].latents if len(jobs) == 1 else np.concatenate([j.latents for j in jobs])
         images = model.decode(z, dtype)
         out, start = [], 0

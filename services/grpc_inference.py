@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import math
-from contextlib import aclosing
+from contextlib import aclosing, nullcontext
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, NoReturn
 
@@ -427,10 +427,13 @@ class InferenceServicer:
         waiting a moment for others: Batcher.submit). In a stream, `pinned` holds its versions."""
         request: service_pb2.ModelInferRequest = readable(message)
         newest = request.model_version in ("", "0")
-        if pinned is not None and newest:
-            version = pinned.version(request.model_name)
-            if version is not None:
+        async with pinned.asking(request.model_name, newest) if pinned else nullcontext() as version:
+            if version:
                 request.model_version = str(version)
+            return await self._infer_one(request, unary, pinned, newest)
+
+    async def _infer_one(self, request: service_pb2.ModelInferRequest, unary: bool, pinned: Pinned | None,
+                         newest: bool) -> service_pb2.ModelInferResponse | bytes:
         with self.engine.admission.hold(request.ByteSize()):
             check_extensions(request)
             prepare, rows, ready = self._job(self._servicer, request)
@@ -461,15 +464,12 @@ class InferenceServicer:
         pinned = Pinned()
 
         async def answer(index: int, message: Any) -> service_pb2.ModelStreamInferResponse | bytes:
-            await pinned.turn(index)
             try:
                 response = await guarded(_Capture(), self._infer(message, pinned=pinned))
             except _Captured as exc:
                 request = message if isinstance(message, service_pb2.ModelInferRequest) else \
                     service_pb2.ModelInferRequest()
                 return error_response(f"message {index}: {exc}", request, self.logic.limits.max_message_bytes)
-            finally:
-                pinned.taken(index)
             return stream_response(response)
 
         async with aclosing(answered_stream(context, self.engine.admission, request_iterator, answer,

@@ -109,28 +109,34 @@ class Reply(NamedTuple):
 
 
 class Pinned:
-    """The versions of one stream: the first message resolves "newest", and later messages that name the same
-    model without a version are served by the version it got, so that a version written mid-stream cannot
-    mix in. The messages after the first wait their `turn` until the first has taken its version. A version
-    whose files are replaced mid-stream under the same number (a repository deleted and trained anew) ends
-    the stream (ABORTED) rather than mix two sets of weights under one label."""
+    """The versions of one stream: the first message that asks for the newest version of a model resolves it,
+    and every later one that does is served by the version it got, so that a version written mid-stream
+    cannot mix in. While one message resolves a model's newest, the others asking for it wait for its answer
+    (`asking`): with several messages computed at once, a later one resolved "newest" on its own, and a
+    stream [v1, newest, newest] with v3 written meanwhile was answered [1, 2, 3]. A version asked by number
+    pins nothing. A version whose files are replaced mid-stream under the same number (a repository deleted
+    and trained anew) ends the stream (ABORTED) rather than mix two sets of weights under one label."""
 
     def __init__(self) -> None:
         self._versions: dict[str, int] = {}
+        self._resolving: dict[str, asyncio.Event] = {}
         self._contents: dict[tuple[str, int], int] = {}
-        self._first = asyncio.Event()
 
-    async def turn(self, index: int) -> None:
-        if index > 0:
-            await self._first.wait()
-
-    def taken(self, index: int) -> None:
-        """Message `index` is resolved (or failed): after the first, the others may go."""
-        if index == 0:
-            self._first.set()
-
-    def version(self, model: str) -> int | None:
-        return self._versions.get(model)
+    @contextlib.asynccontextmanager
+    async def asking(self, model: str, newest: bool) -> AsyncIterator[int | None]:
+        """Around one message: the version it is to ask for, the one pinned for `model` (None: the number it
+        names, or, first to ask for the newest, the newest as the store resolves it, which `served` then pins;
+        if it fails, the next waiting message resolves it instead)."""
+        while newest and model not in self._versions and model in self._resolving:
+            await self._resolving[model].wait()
+        resolver = newest and model not in self._versions
+        if resolver:
+            self._resolving[model] = asyncio.Event()
+        try:
+            yield self._versions.get(model) if newest else None
+        finally:
+            if resolver:
+                self._resolving.pop(model).set()
 
     def served(self, model: str, version: int, content: int = 0, newest: bool = True) -> None:
         """Message answered by `version`; `newest`: the message asked for the newest, which the version then
@@ -160,18 +166,15 @@ def served_stream(
     pinned = Pinned()
 
     async def handle(index: int, message: Any) -> Any:
-        await pinned.turn(index)
         try:
             request = readable(message)
             newest = not request.version
-            if newest:
-                request.version = pinned.version(request.model) or 0
-            reply = await submit(index, request)
-            pinned.served(reply.model, reply.version, reply.content, newest)
+            async with pinned.asking(request.model, newest) as version:
+                request.version = version or request.version
+                reply = await submit(index, request)
+                pinned.served(reply.model, reply.version, reply.content, newest)
         except Exception as exc:  # noqa: BLE001 - re-raised with the message's position
             raise prefixed(exc, f"message {index}") from None
-        finally:
-            pinned.taken(index)
         return reply.response
 
     return answered_stream(context, admission, requests, handle, depth)

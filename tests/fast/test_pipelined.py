@@ -124,7 +124,12 @@ def test_a_stream_s_version_replaced_on_disk_under_the_same_number_ends_it() -> 
     pinned.served("ae", 3, content=222)
     with pytest.raises(Aborted, match="model 'vae' version 1 changed on disk during this stream"):
         pinned.served("vae", 1, content=999)
-    assert pinned.version("vae") == 1
+
+    async def asked() -> int | None:
+        async with pinned.asking("vae", True) as version:
+            return version
+
+    assert asyncio.run(asked()) == 1
 
 
 def test_an_idle_stream_ends_with_deadline_exceeded_after_its_answers() -> None:
@@ -174,3 +179,38 @@ def test_slow_answers_a_slow_reader_and_short_pauses_are_not_idle(slow: str) -> 
         return got
 
     assert asyncio.run(main()) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("first", [1, None])
+def test_every_message_asking_for_the_newest_gets_the_version_the_first_of_them_got(first: int | None) -> None:
+    """A stream [v1, newest, newest] with v3 written while the second computed was answered [1, 2, 3]: only
+    message 0 held the others back, and the third resolved "newest" on its own. Also when message 0 asks for
+    the newest itself, and when the message resolving it fails (the next one resolves it then)."""
+    from aevae.services.streams import Pinned
+
+    newest = {"vae": 2}
+
+    async def message(pinned: Pinned, asked: int | None, compute_s: float, fails: bool = False) -> int | None:
+        async with pinned.asking("vae", not asked) as version:
+            served = asked or version or newest["vae"]  # as the store resolves it when asked at once
+            await asyncio.sleep(compute_s)
+            if fails:
+                return None
+            pinned.served("vae", served, newest=not asked)
+            return served
+
+    async def stream(fails: bool) -> list[int | None]:
+        pinned = Pinned()
+        calls = [asyncio.create_task(message(pinned, first, 0.0)),
+                 asyncio.create_task(message(pinned, None, 0.05, fails)),
+                 asyncio.create_task(message(pinned, None, 0.0))]
+        await asyncio.sleep(0.01)
+        newest["vae"] = 3  # written while the second message computes
+        return await asyncio.gather(*calls)
+
+    newest["vae"] = 2
+    answers = asyncio.run(stream(fails=False))
+    assert answers == ([1, 2, 2] if first else [2, 2, 2]), answers
+    if first:
+        newest["vae"] = 2
+        assert asyncio.run(stream(fails=True)) == [1, None, 3]  # the failed resolver pinned nothing

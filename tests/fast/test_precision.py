@@ -170,3 +170,22 @@ def test_the_bf16_training_step_keeps_float32_state() -> None:
         state = [v for s in m.optimizer.state.values() for k, v in s.items() if k != "step"]
         assert state and all(v.dtype == torch.float32 for v in state)
     assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_caller_s_images_do_not_depend_on_whose_rows_share_its_pass(tiny_repo: Path, precision: str) -> None:
+    """The int8 decoder quantizes activations per batch: a caller's 4 latents merged with another caller's 32
+    large ones came back up to 208 of 255 levels off what they decode to alone."""
+    from aevae.services.decoder import DecoderLogic
+    from aevae.services.settings import Limits
+
+    logic = DecoderLogic(ModelStore(tiny_repo, precision=precision), Limits(1 << 24, 1 << 16))
+    rng = np.random.default_rng(3)
+    mine = logic.prepare("vae", 1, rng.standard_normal((4, 4)).astype(np.float32), "uint8")
+    theirs = logic.prepare("vae", 1, 50 * rng.standard_normal((32, 4)).astype(np.float32), "uint8")
+    alone = DecoderLogic.run([mine])[0].images
+    together = DecoderLogic.run([theirs, mine, theirs])
+    np.testing.assert_array_equal(together[1].images, alone)
+    assert [len(d.images) for d in together] == [32, 4, 32]
+    merged_anyway = mine.model.decode(np.concatenate([theirs.latents, mine.latents]), "uint8")[32:]
+    assert (precision == "int8") == (not np.array_equal(merged_anyway, alone))  # what a shared pass would give
