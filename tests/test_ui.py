@@ -306,6 +306,40 @@ def test_page_loads_everything_from_the_services(page, stack):
     assert f"{bits_image:,}" in info and f"{d} × 32 = {d * 32}" in info
     assert f"{bits_image // (d * 32)} ×" in info
     assert "selected inputs" in page.locator("#ranges").inner_text()
+    # what a code carries, measured: the VAE's test KL in bits (the seed's "one image in 64" was a ratio of bit
+    # counts read as a probability, and is gone)
+    kl = manifest["metrics"]["test_kl"]
+    assert f"{kl:.1f} nats = {kl / math.log(2):.1f} bits" in info and "no noise: up to" in info
+    note = page.locator("#info-note").inner_text()
+    assert "not one in 64" in note and "could reproduce one image in" not in note
+
+
+def test_the_first_samples_are_drawn_once_and_the_same_on_every_load(browser, stack):
+    """The listing and the decoder coming up both drew at load: two draws (4 POSTs) in half the loads, tallies
+    of 32 against 16, and first samples of seed 1 or 2."""
+    shown = []
+    for _ in range(3):
+        with opened(browser, stack["url"]) as fresh:
+            fresh.wait_for_function("() => document.querySelectorAll('[data-testid=sample-ae] img[src]').length === 16")
+            fresh.wait_for_timeout(1500)  # a second draw, if any, has been asked for by now
+            assert fresh.evaluate("() => window.__aevae.state.samples.seed") == 1  # one draw, of seed 1
+            tally = fresh.locator("#samples-tally").inner_text()
+            assert "VAE" in tally and "of 16" in tally and "of 32" not in tally, tally
+            shown.append(fresh.locator("[data-testid=sample-vae] img").first.get_attribute("src"))
+    assert len(set(shown)) == 1
+
+
+def test_black_line_handles_take_touch_drags_and_violins_stay_inside_their_plot(page):
+    """A finger on a black-line point scrolled the page (the points' SVG had no touch-action), and the first
+    and the last violin ran past the plot's edges, the first over the tick labels."""
+    assert page.evaluate("() => getComputedStyle(document.querySelector('.parcoords-top')).touchAction") == "none"
+    for kind in ("vae", "ae"):
+        inside = page.evaluate("""(kind) => { const m = document.querySelector(`[data-testid=model-${kind}]`);
+            const svg = m.querySelector('svg.parcoords').getBoundingClientRect();
+            const ticks = [...m.querySelectorAll('text.tick')].map((t) => t.getBoundingClientRect().right);
+            return [...m.querySelectorAll('path.violin')].map((v) => { const r = v.getBoundingClientRect();
+                return r.left >= Math.max(svg.left, ...ticks) - 0.5 && r.right <= svg.right + 0.5; }); }""", kind)
+        assert inside and all(inside), (kind, inside)
 
 
 def test_both_models_share_one_scale_with_a_legend(page, stack):

@@ -76,10 +76,17 @@ def test_samples_follow_the_version_the_page_switches_to(page, tiny_stack):
     """A new version appeared: the page switched its labels, statistics and encodings to it, but kept showing
     the samples decoded by the version before (images and labels must belong together)."""
     assert page.evaluate("() => window.__aevae.state.samples.shown.vae.version") == 1
+    ae_samples = page.locator("[data-testid=sample-ae] img").first.get_attribute("src")
     write_tiny(tiny_stack["repo"], "vae", "vae", seed=1)
     wait_label(page, "vae", "vae v2")
     page.wait_for_function("() => window.__aevae.state.samples.shown.vae?.version === 2", timeout=10000)
     assert page.evaluate("() => window.__aevae.state.samples.shown.ae.version") == 1
+    # the other model's samples are not drawn again, and the tally counts the new version's draw alone
+    assert page.locator("[data-testid=sample-ae] img").first.get_attribute("src") == ae_samples
+    assert page.evaluate("() => window.__aevae.state.samples.tally.vae[1]") in (0, 16)  # 0: not judged
+    # the black line is the selected input's point in the new version's space, not v1's coordinates
+    page.wait_for_function("""() => { const s = window.__aevae.state, z = s.inputs[s.selected[0]].latents.vae;
+        return z && s.z.vae && z.every((v, i) => Math.abs(v - s.z.vae[i]) < 1e-6); }""", timeout=10000)
 
 
 # -- another latent dimension and image shape -------------------------------------------------------------
@@ -113,7 +120,8 @@ def test_switching_to_a_model_of_another_shape_leaves_nothing_of_the_old_one(pag
     # the AE's 4 numbers mean nothing to the 8-d decoder: the cell says so instead of showing a broken image
     cross = page.get_by_test_id("cross-ae-vae")
     page.wait_for_function("() => !document.querySelector('[data-testid=cross-ae-vae]').hasAttribute('src')")
-    assert "takes 8 values, not 4" in cross.get_attribute("alt")
+    note = page.locator("[data-testid=cross-ae-vae] + .no-image")
+    assert "takes 8 values, not 4" in note.inner_text() and cross.is_hidden()
     # its sliders by keyboard, and the image that ends up shown is that of the slider's last position
     last = handles(page, "vae").nth(7)
     last.focus()

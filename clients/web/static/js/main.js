@@ -11,7 +11,7 @@ import { drawingPad } from "./draw.js";
 import { DIGIT_COLOURS, drawPca, projector, sharedExtent } from "./pca.js";
 import { ParCoords } from "./parcoords.js";
 import { blank, paint, toImage } from "./pixels.js";
-import { infoRows, rangeOf, renderTable } from "./numbers.js";
+import { INFO_NOTE, infoRows, rangeOf, renderTable } from "./numbers.js";
 
 // Dark and far apart (CIE76 dE >= 50 between any two, >= 35 from every digit colour of the PCA plots)
 export const SELECTION_COLOURS = ["#a50971", "#5709a5", "#066b49", "#887207", "#6b1606", "#1dad00"];
@@ -36,9 +36,15 @@ const state = {
   colourOf: {},                     // input index -> its colour (kept after deselection, reused when free)
   axes: null,                       // the shared scale: [{lo, hi, label}] per latent dimension
   z: { vae: null, ae: null },       // the black line per model
+  // a black line set without an input's encoding to start from (the encoder down at load): replaced by the
+  // selected input's once it is encoded, unless the user has moved it since
+  zStandIn: { vae: false, ae: false },
   selectedDim: { vae: 0, ae: 0 },
   traverse: { kind: "vae", dim: 0 },
-  samples: { seed: 0, shown: { vae: null, ae: null }, failed: { vae: false, ae: false }, tally: { vae: [0, 0], ae: [0, 0] } },
+  // asked: the seed of a draw in flight per kind (0: none), so that two triggers at once (the listing and the
+  // decoder coming up, at load) draw once; tally: the draws of the version shown, reset when it changes
+  samples: { seed: 0, shown: { vae: null, ae: null }, failed: { vae: false, ae: false }, asked: { vae: 0, ae: 0 },
+             tally: { vae: [0, 0], ae: [0, 0] } },
   decoderError: { vae: "", ae: "" },
   encodeError: { vae: "", ae: "" }, // the encoder refused the inputs for this model (e.g. another image shape)
   shown: { vae: null, ae: null },   // the last decoded main image per model
@@ -105,7 +111,9 @@ async function load() {
       state.inputs.forEach((item) => { delete item.latents[kind]; });
       state.encodeError[kind] = "";
       clearSamples(kind); // another model's samples: drawn again below, by this one
-      if (known && known.info.latent_dim !== info.latent_dim) state.z[kind] = null;
+      // another version's space: the black line's coordinates meant a point of the old one, and are taken
+      // again from the selected input's encoding by this version (below)
+      if (known) state.z[kind] = null;
     }
   }
   await Promise.all(KINDS.map(async (kind) => {
@@ -120,15 +128,16 @@ async function load() {
   state.axes = sharedAxes();
   for (const kind of KINDS) {
     const model = state.models[kind];
-    if (!model || state.z[kind]) continue;
     const seed = state.inputs[state.selected[0]]?.latents[kind];
+    if (!model || (state.z[kind] && !(state.zStandIn[kind] && seed))) continue;
     state.z[kind] = seed ? seed.slice()
       : model.stats ? model.stats.dims.map((d) => d.quantiles?.["0.5"] ?? d.mean)
       : new Array(model.info.latent_dim).fill(0);
+    state.zStandIn[kind] = !seed;
   }
   renderAll();
   for (const kind of KINDS) requestMain(kind);
-  if (KINDS.some((k) => state.models[k] && !state.samples.shown[k])) drawSamples();
+  drawSamples(undrawn());
 }
 
 // The models served: the encoder's list, or the decoder's while the encoder is down (the black lines can still
@@ -159,13 +168,23 @@ function forget(kind) {
   $(`output-${kind}`).parentElement.classList.remove("stale");
   $(`note-${kind}`).textContent = "";
   $(`cross-${kind}-${kind}`).removeAttribute("src");
+  noImage($(`cross-${kind}-${kind}`), "not served");
   if (state.traverse.kind === kind) $("traversal").replaceChildren();
 }
 
 function clearSamples(kind) {
   state.samples.shown[kind] = null;
+  state.samples.asked[kind] = 0; // a draw in flight was for the model or version gone
+  state.samples.tally[kind] = [0, 0]; // the tally counts draws of one version
   $(`samples-${kind}`).replaceChildren();
   $(`share-${kind}`).textContent = "";
+  renderTally();
+}
+
+// The served kinds with no samples shown (or whose draw failed), and none being drawn.
+function undrawn() {
+  return KINDS.filter((k) => state.models[k] && (!state.samples.shown[k] || state.samples.failed[k])
+    && !state.samples.asked[k]);
 }
 
 async function encodeMissing(kind) {
@@ -369,13 +388,7 @@ function renderNumbers() {
   renderTable($("ranges"), ranges);
   const infos = KINDS.map((k) => state.models[k]?.info || null);
   renderTable($("info"), infoRows(infos, KINDS));
-  const info = infos.find(Boolean);
-  $("info-note").textContent = info
-    ? "From the served models' metadata: image shape at 8 bits per pixel, latent dimension at float32. "
-      + `An ideal code in ${info.latent_dim * 32} bits could reproduce one image in `
-      + `${(info.image_shape.reduce((x, y) => x * y, 1) * 8 / (info.latent_dim * 32)).toFixed(0)} exactly; `
-      + "real networks get nowhere near that, but MNIST digits are very alike."
-    : "";
+  $("info-note").textContent = infos.some(Boolean) ? INFO_NOTE : "";
 }
 
 function pcaMarker(kind) {
@@ -471,33 +484,41 @@ function renderInterpolation() {
 function shortName(item) { return item.label === null ? item.name : `digit ${item.label}`; }
 
 // -- judged samples from N(0, I) ------------------------------------------------------------------------
-async function drawSamples() {
+async function drawSamples(kinds = KINDS.filter((k) => state.models[k])) {
+  if (!kinds.length) return;
   const seed = ++state.samples.seed;
-  await Promise.all(KINDS.filter((k) => state.models[k]).map(async (kind) => {
-    if (state.services.decoder?.state === "down") {
-      // not asked while the decoder is known to be down: the answer would be a 503, which the browser logs as
-      // a console error for every draw; the panel is dimmed, and the draw is made when the decoder is back
-      $(`share-${kind}`).textContent = "(decoder unavailable)";
-      state.samples.failed[kind] = true;
-      return;
-    }
-    let reply;
-    try {
-      const ref = modelRef(kind);
-      // the width of the version shown: the server knows only the newest version's, which may differ
-      const latentDim = state.models[kind].info.latent_dim;
-      reply = await postJSON("/api/samples", { model: ref.name, version: ref.version, latent_dim: latentDim, count: SAMPLES, seed });
-    } catch (error) {
-      $(`share-${kind}`).textContent = `(${error.message})`;
-      state.samples.failed[kind] = true; // drawn again when the decoder is back
-      return;
-    }
-    if (seed !== state.samples.seed) return; // a newer draw was asked for
-    state.samples.failed[kind] = false;
-    state.samples.shown[kind] = reply;
-    renderSamples(kind, reply);
+  kinds.forEach((kind) => { state.samples.asked[kind] = seed; });
+  const current = (kind) => state.samples.asked[kind] === seed; // not superseded, nor its version gone
+  await Promise.all(kinds.map(async (kind) => {
+    try { await drawOne(kind, seed, current); } finally { if (current(kind)) state.samples.asked[kind] = 0; }
   }));
   renderTally();
+}
+
+async function drawOne(kind, seed, current) {
+  if (state.services.decoder?.state === "down") {
+    // not asked while the decoder is known to be down: the answer would be a 503, which the browser logs as
+    // a console error for every draw; the panel is dimmed, and the draw is made when the decoder is back
+    $(`share-${kind}`).textContent = "(decoder unavailable)";
+    state.samples.failed[kind] = true;
+    return;
+  }
+  let reply;
+  try {
+    const ref = modelRef(kind);
+    // the width of the version shown: the server knows only the newest version's, which may differ
+    const latentDim = state.models[kind].info.latent_dim;
+    reply = await postJSON("/api/samples", { model: ref.name, version: ref.version, latent_dim: latentDim, count: SAMPLES, seed });
+  } catch (error) {
+    if (!current(kind)) return;
+    $(`share-${kind}`).textContent = `(${error.message})`;
+    state.samples.failed[kind] = true; // drawn again when the decoder is back
+    return;
+  }
+  if (!current(kind)) return; // a newer draw was asked for, or the version changed meanwhile
+  state.samples.failed[kind] = false;
+  state.samples.shown[kind] = reply;
+  renderSamples(kind, reply);
 }
 
 function renderSamples(kind, reply) {
@@ -640,10 +661,25 @@ function scheduleSecondary() {
   secondaryTimer = setTimeout(() => { secondaryTimer = null; requestSecondary(); }, wait);
 }
 
+// Why a cross-decoding cell has no image (empty: it has one): said in a note beside the image, which is
+// hidden meanwhile, where Chromium drew a broken image's icon with the alt text squeezed into its box.
+function noImage(img, reason) {
+  let note = img.nextElementSibling;
+  if (!note) {
+    note = document.createElement("span");
+    note.className = "no-image";
+    img.after(note);
+  }
+  note.textContent = reason;
+  note.hidden = !reason;
+  img.hidden = Boolean(reason);
+}
+
 function describeOutput(kind) {
   const shown = state.shown[kind];
   if (!shown) return;
   toImage($(`cross-${kind}-${kind}`), shown.bytes, shown.w, shown.h);
+  noImage($(`cross-${kind}-${kind}`), "");
   $(`note-${kind}`).textContent = `z = [${shown.z.map((v) => v.toFixed(2)).join(", ")}]`;
 }
 
@@ -658,11 +694,14 @@ function requestSecondary() {
     target.alt = `the ${NAMES[kind]}'s black line, decoded by the ${NAMES[otherKind]}`;
     if (z && other && other.latent_dim === z.length) {
       link.decode(`cross-${kind}`, modelRef(otherKind), [z.slice()], (reply) => {
-        if (reply.op === "decoded") toImage(target, base64ToBytes(reply.images[0]), reply.shape[1], reply.shape[0]);
+        if (reply.op !== "decoded") return;
+        toImage(target, base64ToBytes(reply.images[0]), reply.shape[1], reply.shape[0]);
+        noImage(target, "");
       });
     } else {
-      target.removeAttribute("src"); // and the text in its place says why, rather than a broken image
-      if (z && other) target.alt = `none: the ${NAMES[otherKind]} takes ${other.latent_dim} values, not ${z.length}`;
+      target.removeAttribute("src"); // and a note in its place says why, rather than a broken image's icon
+      noImage(target, z && other ? `none: the ${NAMES[otherKind]} takes ${other.latent_dim} values, not ${z.length}`
+        : "none yet");
     }
   }
   requestTraversal();
@@ -715,6 +754,7 @@ let lineTimer = null;
 function dragTo(kind, dim, value) {
   timing.moves.set(++timing.seq, performance.now());
   state.z[kind][dim] = value;
+  state.zStandIn[kind] = false;
   state.selectedDim[kind] = dim;
   if (state.services.decoder?.state !== "up" || state.decoderError[kind]) {
     moveLine(kind);
@@ -733,6 +773,7 @@ function moveLine(kind) {
 // After an edit that is not a drag move: redraw what depends on the black line, and decode it.
 function afterEdit(kind) {
   if (!state.z[kind]) return;
+  state.zStandIn[kind] = false;
   moveLine(kind);
   renderNumbers();
   renderPca();
@@ -827,7 +868,7 @@ function statusChanged(services) {
     interpolationKey = "";
     renderInterpolation();
     KINDS.forEach(requestMain);
-    if (KINDS.some((k) => state.models[k] && (!state.samples.shown[k] || state.samples.failed[k]))) drawSamples();
+    drawSamples(undrawn());
   }
 }
 

@@ -58,10 +58,13 @@ export class ParCoords {
     const width = Math.max(rect.width, 160), height = Math.max(rect.height, 160);
     const d = this.view.axes.length;
     const inner = width - MARGIN.left - MARGIN.right;
-    const xs = this.view.axes.map((_, i) => (d === 1 ? MARGIN.left + inner / 2 : MARGIN.left + (i * inner) / (d - 1)));
+    // The violins' half width, at most 0.4 of the spacing of the axes, which are inset by it so that the first
+    // and the last violin stay inside the plot (they covered the tick labels and ran past the right edge).
+    const halfWidth = Math.min(60, d > 1 ? (0.4 * inner) / (d - 1 + 0.8) : 0.4 * inner);
+    const span = inner - 2 * halfWidth;
+    const xs = this.view.axes.map((_, i) => MARGIN.left + halfWidth + (d === 1 ? span / 2 : (i * span) / (d - 1)));
     const y0 = MARGIN.top, y1 = height - MARGIN.bottom;
-    const spacing = d > 1 ? inner / (d - 1) : inner;
-    return { width, height, xs, y0, y1, halfWidth: Math.min(0.4 * spacing, 60) };
+    return { width, height, xs, y0, y1, halfWidth };
   }
 
   y(dim, value) {

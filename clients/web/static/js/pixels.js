@@ -1,5 +1,5 @@
 // Grey images on canvases. The models work white on black (MNIST); the page shows black on white, as the
-// seed does, because that reads better. Canvases are the image's own size and scaled by CSS (pixelated).
+// seed does, because that reads better (the page's lede says so). Canvases are the image's own size and scaled by CSS (pixelated).
 
 export function paint(canvas, bytes, width, height) {
   if (canvas.width !== width || canvas.height !== height) { canvas.width = width; canvas.height = height; }
