@@ -256,12 +256,22 @@ def _finite(text: str) -> float:
     return value
 
 
+def _once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object whose keys are each given once: {"model": "vae", "model": "ae"} was taken as "ae" without a
+    word (JSON leaves it open; a query string's repeated `version` is refused the same way)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        repeated = next(key for i, (key, _) in enumerate(pairs) if any(key == k for k, _ in pairs[:i]))
+        raise BadMessage(f"key {repeated[:40]!r} given more than once in one object; give each once")
+    return value
+
+
 def parse_json(text: str | bytes, max_bytes: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH) -> Any:
     """json.loads with a size and a nesting limit; BadMessage saying which was passed."""
     if len(text) > max_bytes:
         raise BadMessage(f"message of {len(text)} bytes is over the limit of {max_bytes} bytes")
     try:
-        value = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        value = json.loads(text, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_once)
     except RecursionError:
         raise BadMessage(f"JSON nested deeper than {max_depth} levels") from None
     except BadMessage:

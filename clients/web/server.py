@@ -125,6 +125,8 @@ def parse_latents(value: Any) -> np.ndarray:
     if not isinstance(value, list) or not all(
             isinstance(row, list) and all(type(v) in (int, float) for v in row) for row in value):
         raise BadRequest(wanted)
+    if len({len(row) for row in value}) > 1:
+        raise BadRequest(f"{wanted}: got rows of {sorted({len(row) for row in value})[:8]} numbers")
     try:
         latents = np.asarray(value, dtype=np.float32)
     except (ValueError, TypeError, OverflowError) as exc:

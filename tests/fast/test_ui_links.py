@@ -108,3 +108,18 @@ def test_bounded_times_out_without_waiting_and_always_passes_a_cancellation_on()
 def test_a_service_refusal_maps_to_the_http_status_of_whose_fault_it_is(code: str, status: int) -> None:
     got, body = error_body(services.RequestRejected("decoder", grpc.StatusCode[code], "why"))
     assert got == status and body == {"error": "why", "service": "decoder", "code": code}
+
+
+def test_a_message_s_repeated_key_and_ragged_latents_are_refused_saying_so() -> None:
+    """{"model": "vae", "model": "ae"} encoded with "ae" without a word; ragged latents were refused as not
+    finite or past float32's range."""
+    from aevae.ui.guard import BadMessage, parse_json
+    from aevae.ui.server import BadRequest, parse_latents
+
+    assert parse_json('{"model": "vae", "shape": {"h": 1, "w": 2}}') == {"model": "vae", "shape": {"h": 1, "w": 2}}
+    with pytest.raises(BadMessage, match="key 'model' given more than once"):
+        parse_json('{"model": "vae", "model": "ae"}')
+    with pytest.raises(BadMessage, match="key 'w' given more than once"):
+        parse_json('{"a": [{"w": 1, "w": 2}]}')
+    with pytest.raises(BadRequest, match=r"equal-length lists of numbers: got rows of \[1, 2\] numbers"):
+        parse_latents([[1.0, 2.0], [1.0]])
