@@ -119,11 +119,34 @@ LOADER_THREADS = 32
 
 class Health(health.aio.HealthServicer):
     """grpc_health's servicer, whose NOT_FOUND for a service it has no status of said nothing: it names the
-    ones it has."""
+    ones it has; and whose Watch streams end when the server drains (`close_watches`)."""
 
     def __init__(self, known: tuple[str, ...]):
         super().__init__()
         self.known = known
+        self._closing = asyncio.Event()
+
+    async def Watch(self, request: Any, context: Any) -> None:  # noqa: N802 - gRPC's name
+        """grpc_health's stream of status changes, ended with UNAVAILABLE once the server drains: a watch has no
+        work to finish, and one left open (a load balancer's, a client's health checking) made every SIGTERM
+        wait out the whole --grace (11.8 s against 1.5 s)."""
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({watch, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not watch.done():
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+        if not watch.cancelled():
+            return watch.result()  # the watch's own end (its client gone): as grpc_health ends it
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down (its status went "
+                                                         "NOT_SERVING): watch another replica")
+
+    def close_watches(self) -> None:
+        """Ends every Watch stream, after the drain's NOT_SERVING has gone out to them."""
+        self._closing.set()
 
     async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
         if request.service not in self.known:
@@ -248,6 +271,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     state.stop()  # OIP ServerReady and ModelReady answer false from now on
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.shutdown_delay)
+    health_servicer.close_watches()  # told NOT_SERVING: nothing for the drain to wait for
     # Calls still running after the grace are cancelled; model work queued for them is dropped, never
     # computed: the process exits within the grace plus the one forward pass each worker may be in (and at
     # most CUT_CALLS_SECONDS for the cut calls' handlers to unwind; measured: under a millisecond).

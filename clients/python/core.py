@@ -122,8 +122,9 @@ def _as_float32(array: np.ndarray, name: str) -> np.ndarray:
     if array.dtype == np.float32:
         return array
     top = float(np.finfo(np.float32).max)
-    if array.dtype.kind == "f" and array.dtype.itemsize > 4 and array.size and not -top <= array.min() <= array.max() <= top:
-        over = np.isfinite(array) & (np.abs(array) > top)  # on a refusal only: NaN and inf are the server's to name
+    wide = array.dtype.kind == "f" and array.dtype.itemsize > 4
+    if wide and array.size and not -top <= array.min() <= array.max() <= top:  # NaN fails it too
+        over = np.isfinite(array) & (np.abs(array) > top)  # NaN and inf: named by _finite, after the cast
         if over.any():
             where = np.argwhere(over)[0].tolist()
             raise invalid(f"{name}: {array[tuple(where)].item()!r} at index {where} is beyond float32's range "
@@ -307,11 +308,18 @@ def spans(n: int, rows: int) -> Iterator[tuple[int, int]]:
 _MESSAGE = re.compile(r"message (\d+): ")
 
 
-def located(error: AevaeError, parts: list[tuple[int, int]], first: int, rows: str) -> AevaeError:
+def located(error: AevaeError, parts: list[tuple[int, int]], first: int, rows: str,
+            answered: int = 0) -> AevaeError:
     """A stream's refusal of one message, said of the caller's rows: the server counts the messages of its
     stream (the first being `parts[first]`, the first this attempt sent) and positions within one message, so
-    "message 6: ... index [424, 1]" alone depended on the server's limits and the client's `stream_chunk`."""
+    "message 6: ... index [424, 1]" alone depended on the server's limits and the client's `stream_chunk`.
+    A stream that broke after `answered` answers and could not be resumed says so (a bare UNAVAILABLE did not
+    say the call was half done)."""
     match = _MESSAGE.match(error.details())
+    if match is None and answered and broken(error):
+        return AevaeError(error.code(), f"{error.details()} (the stream broke after {answered} of {len(parts)} "
+                                        "answers and could not be resumed: it waits for the server within the "
+                                        "call's timeout, and with none tries once)")
     if match is None or first + int(match[1]) >= len(parts):
         return error
     index = first + int(match[1])

@@ -100,7 +100,7 @@ class _Plan:
         self.version = self.version or checked.version  # pinned: a resumed stream gets the same version
 
     def located(self, error: AevaeError) -> AevaeError:
-        return located(error, self.spans, self.first, "latents")
+        return located(error, self.spans, self.first, "latents", self.received)
 
     def result(self) -> np.ndarray:
         if self.received != len(self.spans) or self.out is None:

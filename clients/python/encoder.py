@@ -76,7 +76,7 @@ class _Plan:
             yield self.request(start, stop, first=i == 0)
 
     def located(self, error: AevaeError) -> AevaeError:
-        return located(error, self.spans, self.first, "images")
+        return located(error, self.spans, self.first, "images", len(self.parts))
 
     def _part(self, response: encoder_pb2.EncodeResponse, name: str, index: int) -> np.ndarray:
         """One response's `name`, checked: float32, one row per image of its span, as wide as the first read

@@ -318,6 +318,10 @@ def test_a_stream_message_s_refusal_is_said_of_the_caller_s_rows() -> None:
     assert located(refused, parts, 2, "latents") is refused  # no such message: left as the server said it
     other = AevaeError(grpc.StatusCode.NOT_FOUND, "unknown model 'gan'")
     assert located(other, parts, 0, "latents") is other
+    cut = AevaeError(grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    assert located(cut, parts, 0, "latents") is cut  # nothing answered: gRPC's words, with the client's hints
+    assert located(cut, parts, 2, "latents", answered=2).details().startswith(
+        "Socket closed (the stream broke after 2 of 3 answers and could not be resumed")
 
 
 def test_a_client_and_its_token_file_pickle_without_a_connection(tmp_path) -> None:
