@@ -4,7 +4,7 @@
 // and Space or Enter lifts or lowers it; a lowered pen draws as it moves.
 
 export function drawingPad(canvas, pen = null) {
-  const ctx = canvas.getContext("2d");
+  const ctx = canvas.getContext("2d", { willReadFrequently: true }); // read back by toMnist
   let last = null;
   let inked = false;
 
@@ -84,7 +84,7 @@ export function drawingPad(canvas, pen = null) {
 // Returns a Uint8Array of 28 * 28 pixels (white ink on black), or null when nothing was drawn.
 export function toMnist(canvas) {
   const { width, height } = canvas;
-  const src = canvas.getContext("2d").getImageData(0, 0, width, height).data;
+  const src = canvas.getContext("2d", { willReadFrequently: true }).getImageData(0, 0, width, height).data;
   let x0 = width, y0 = height, x1 = -1, y1 = -1;
   for (let y = 0; y < height; y++) {
     for (let x = 0; x < width; x++) {
@@ -101,7 +101,7 @@ export function toMnist(canvas) {
   // scale the ink box down to at most 20 x 20 (the browser's smoothing averages, like MNIST's anti-aliasing)
   const small = document.createElement("canvas");
   small.width = tw; small.height = th;
-  const sctx = small.getContext("2d");
+  const sctx = small.getContext("2d", { willReadFrequently: true });
   sctx.imageSmoothingEnabled = true;
   sctx.imageSmoothingQuality = "high";
   sctx.drawImage(canvas, x0, y0, w, h, 0, 0, tw, th);

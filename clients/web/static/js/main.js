@@ -119,7 +119,8 @@ async function load() {
   await Promise.all(KINDS.map(async (kind) => {
     const model = state.models[kind];
     if (!model) return;
-    if (!model.stats) {
+    // not asked of an encoder known to be down (a 503 the browser logs): asked again when it is back (refresh)
+    if (!model.stats && state.services.encoder?.state !== "down") {
       const pinned = model.info.version ? `?version=${model.info.version}` : "";
       try { model.stats = await getJSON(`/api/stats/${encodeURIComponent(model.info.name)}${pinned}`); } catch (error) { /* status shows it */ }
     }
