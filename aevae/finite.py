@@ -1,5 +1,6 @@
-"""Whether an array holds NaN or infinity, and where: one owner for the service's checks of requests and
-outputs and the client's check of what it is about to send (numpy only, so the thin client can import it)."""
+"""Whether an array holds NaN or infinity, or values float32 cannot hold, and where: one owner for the
+service's checks of requests and outputs, the batch jobs' of their inputs and the client's of what it is about to
+send (numpy only, so the thin client can import it)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,17 @@ def nonfinite(array: np.ndarray, field: str) -> str | None:
     bad = np.argwhere(~np.isfinite(array))
     where = bad[0].tolist() if len(bad) else []
     return f"{field}: expected finite values, got {array[tuple(where)]} at index {where}"
+
+
+def past_float32(array: np.ndarray) -> list[int] | None:
+    """The index of the first finite value beyond float32's range (a float64's 1e39: cast, it becomes infinity
+    with numpy's overflow warning, and was then refused as "not finite"), or None. One min and max over the
+    array when all is well; the mask that finds the place is made only when one is out of range."""
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4 or not array.size:
+        return None
+    top = float(np.finfo(np.float32).max)
+    if -top <= array.min() <= array.max() <= top:  # NaN fails it too: then the mask below decides
+        return None
+    with np.errstate(invalid="ignore"):
+        over = np.isfinite(array) & (np.abs(array) > top)
+    return np.argwhere(over)[0].tolist() if over.any() else None

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from aevae.errors import UserError
+from aevae.finite import past_float32
 from aevae.services.inputs import LATENT_BOUND
 
 SCAN_ROWS = 1 << 20  # rows per step of the driver's scan for NaN, shape and range
@@ -299,13 +300,10 @@ def _as_float32(rows: np.ndarray, first: int = 0) -> np.ndarray:
     """Latent rows (the input's from `first`) as float32; ValueError naming the first row of values beyond
     float32's range (cast, they became infinity with numpy's overflow warning, and were called "NaN or
     infinity")."""
-    if np.issubdtype(rows.dtype, np.floating) and np.finfo(rows.dtype).max > np.finfo(np.float32).max:
-        with np.errstate(invalid="ignore"):
-            huge = (np.isfinite(rows) & (np.abs(rows) > np.finfo(np.float32).max)).any(axis=1)
-        if huge.any():
-            at = int(np.argmax(huge))
-            raise ValueError(f"row {first + at} holds values beyond float32's range ({rows[at].tolist()}); "
-                             f"latents must lie in [-{LATENT_BOUND:g}, {LATENT_BOUND:g}]")
+    where = past_float32(rows)
+    if where is not None:
+        raise ValueError(f"row {first + where[0]} holds values beyond float32's range ({rows[where[0]].tolist()}); "
+                         f"latents must lie in [-{LATENT_BOUND:g}, {LATENT_BOUND:g}]")
     return rows.astype(np.float32, copy=False)
 
 

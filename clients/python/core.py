@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from aevae.client.errors import AevaeError, bad_answer, invalid
-from aevae.finite import nonfinite
+from aevae.finite import nonfinite, past_float32
 from aevae.v1 import tensor_pb2
 from aevae.v1.tensors import WireError, version_to_wire
 
@@ -121,14 +121,10 @@ def _as_float32(array: np.ndarray, name: str) -> np.ndarray:
     refused naming its place, where the cast would have made it inf (and numpy warned of the overflow)."""
     if array.dtype == np.float32:
         return array
-    top = float(np.finfo(np.float32).max)
-    wide = array.dtype.kind == "f" and array.dtype.itemsize > 4
-    if wide and array.size and not -top <= array.min() <= array.max() <= top:  # NaN fails it too
-        over = np.isfinite(array) & (np.abs(array) > top)  # NaN and inf: named by _finite, after the cast
-        if over.any():
-            where = np.argwhere(over)[0].tolist()
-            raise invalid(f"{name}: {array[tuple(where)].item()!r} at index {where} is beyond float32's range "
-                          f"(+-{top:.4g}): values travel as float32")
+    where = past_float32(array)
+    if where is not None:
+        raise invalid(f"{name}: {array[tuple(where)].item()!r} at index {where} is beyond float32's range "
+                      f"(+-{np.finfo(np.float32).max:.4g}): values travel as float32")
     return array.astype(np.float32)
 
 
@@ -448,12 +444,13 @@ class Retry:
         return self.late(failed) if answered else self.explain(failed)
 
     def resumable(self, attempt: Callable[[float | None], T], progress: Callable[[], int],
-                  timeout: float | None, answered: Callable[[], bool] | None = None, restart: bool = False) -> T:
+                  timeout: float | None, answered: Callable[[], bool] | None = None, restart: bool = False,
+                  locate: Callable[[AevaeError], AevaeError] = lambda error: error) -> T:
         """`attempt(timeout)` streams the messages not yet answered; `progress()` counts those answered that a
         resumption keeps; `answered()` whether the server answered at all (by default, some progress): a
         stream that cannot resume (a seeded sample's) was called a TLS mismatch when it broke after answers.
         `restart`: its requests overflow gRPC's retry buffer (`restarts_big`), so a cut before any answer is
-        started over here."""
+        started over here. `locate` says the failure of the call in the caller's terms (the plan's `located`)."""
         end = None if timeout is None else time.monotonic() + timeout
         heard = answered or (lambda: progress() > 0)
         restarts = 0 if restart else self.retries  # from the start, nothing answered yet
@@ -465,13 +462,14 @@ class Retry:
                 progressed = progress() > before
                 failed = self._resume(error, progressed, heard(), restarts)
                 if failed is not None:
-                    raise failed from None
+                    raise locate(failed) from None
             restarts += not progressed
             time.sleep(self.backoff if progressed else self._delay(restarts))
 
     async def resumable_async(self, attempt: Callable[[float | None], Awaitable[T]], progress: Callable[[], int],
                               timeout: float | None, answered: Callable[[], bool] | None = None,
-                              restart: bool = False) -> T:
+                              restart: bool = False,
+                              locate: Callable[[AevaeError], AevaeError] = lambda error: error) -> T:
         end = None if timeout is None else time.monotonic() + timeout
         heard = answered or (lambda: progress() > 0)
         restarts = 0 if restart else self.retries
@@ -487,6 +485,6 @@ class Retry:
                 progressed = progress() > before
                 failed = self._resume(error, progressed, heard(), restarts)
                 if failed is not None:
-                    raise failed from None
+                    raise locate(failed) from None
             restarts += not progressed
             await asyncio.sleep(self.backoff if progressed else self._delay(restarts))

@@ -148,10 +148,8 @@ class DecoderClient(SyncClient):
                 plan.add(response)
             return plan.result()
 
-        try:
-            return self._retry.resumable(stream, lambda: plan.received, deadline, restart=restarts_big(plan.z.nbytes))
-        except AevaeError as error:
-            raise plan.located(error) from None
+        return self._retry.resumable(stream, lambda: plan.received, deadline, restart=restarts_big(plan.z.nbytes),
+                                     locate=plan.located)
 
 
 class AsyncDecoderClient(AsyncClient):
@@ -186,8 +184,5 @@ class AsyncDecoderClient(AsyncClient):
                 plan.add(response)
             return plan.result()
 
-        try:
-            return await self._retry.resumable_async(stream, lambda: plan.received, deadline,
-                                                      restart=restarts_big(plan.z.nbytes))
-        except AevaeError as error:
-            raise plan.located(error) from None
+        return await self._retry.resumable_async(stream, lambda: plan.received, deadline,
+                                                  restart=restarts_big(plan.z.nbytes), locate=plan.located)

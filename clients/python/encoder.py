@@ -163,11 +163,8 @@ class EncoderClient(SyncClient):
                 plan.add(response)  # kept if the stream breaks: a resumption starts after it
             return plan.result(plan.parts)
 
-        try:
-            return self._retry.resumable(stream, plan.progress, deadline, lambda: bool(plan.parts),
-                                         restarts_big(plan.x.nbytes))
-        except AevaeError as error:
-            raise plan.located(error) from None
+        return self._retry.resumable(stream, plan.progress, deadline, lambda: bool(plan.parts),
+                                     restarts_big(plan.x.nbytes), locate=plan.located)
 
     def latent_stats(self, model: str = "vae", version: int | None = None, *,
                      timeout: float | None = None) -> dict[str, Any]:
@@ -210,11 +207,8 @@ class AsyncEncoderClient(AsyncClient):
                 plan.add(response)
             return plan.result(plan.parts)
 
-        try:
-            return await self._retry.resumable_async(stream, plan.progress, deadline, lambda: bool(plan.parts),
-                                                      restarts_big(plan.x.nbytes))
-        except AevaeError as error:
-            raise plan.located(error) from None
+        return await self._retry.resumable_async(stream, plan.progress, deadline, lambda: bool(plan.parts),
+                                                  restarts_big(plan.x.nbytes), locate=plan.located)
 
     async def latent_stats(self, model: str = "vae", version: int | None = None, *,
                            timeout: float | None = None) -> dict[str, Any]:
