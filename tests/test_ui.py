@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 
 from helpers import ROOT, run_aevae
@@ -597,6 +598,73 @@ def test_cross_decoding_shows_each_models_latents_in_both_decoders(page):
         page.wait_for_function(f"() => !!document.querySelector('[data-testid={testid}]').getAttribute('src')")
     note = page.locator("#cross-note").inner_text()
     assert "trained separately" in note and "other decoder" in note
+
+
+GRID_CELL = """([testid, row, column, width, height, gap]) => {
+  const img = document.querySelector(`[data-testid=${testid}]`);
+  const c = document.createElement('canvas');
+  c.width = img.naturalWidth; c.height = img.naturalHeight;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(img, 0, 0);
+  const top = gap + row * (height + gap), left = gap + column * (width + gap);
+  const grab = (x, y, w, h) => Array.from(ctx.getImageData(x, y, w, h).data.filter((_, i) => i % 4 === 0));
+  return {cell: grab(left, top, width, height), frame: grab(left - gap, top - gap, width + 2 * gap, gap)};
+}"""
+
+
+def test_latent_grids_decode_two_dimensions_around_each_black_line(page, stack):
+    from aevae.client import DecoderClient
+
+    steps, gap = 9, 2
+    for kind in ("vae", "ae"):
+        page.wait_for_function(f"() => !!document.querySelector('[data-testid=grid-{kind}]').getAttribute('src')")
+    with DecoderClient(stack["decoder"].target) as decoder:
+        for kind in ("vae", "ae"):
+            z, version = page.evaluate(f"() => [window.__aevae.state.z.{kind}.slice(), "
+                                       f"window.__aevae.state.models.{kind}.info.version]")
+            height, width = {m.name: m for m in decoder.list_models()}[kind].image_shape
+            natural = page.evaluate(f"() => [document.querySelector('[data-testid=grid-{kind}]').naturalWidth, "
+                                    f"document.querySelector('[data-testid=grid-{kind}]').naturalHeight]")
+            assert natural == [steps * width + (steps + 1) * gap, steps * height + (steps + 1) * gap]
+            # the default span is the prior's +-3: the top-left image is z with z1 = -3 and z2 = +3, the bottom-
+            # right one z1 = +3, z2 = -3, each as the decoder draws it (the page shows it inverted)
+            for row, column, z1, z2 in ((0, 0, -3.0, 3.0), (steps - 1, steps - 1, 3.0, -3.0)):
+                corner = [z1, z2, *z[2:]]
+                expected = decoder.decode([corner], model=kind, version=version, dtype="uint8")[0].ravel()
+                shown = page.evaluate(GRID_CELL, [f"grid-{kind}", row, column, width, height, gap])["cell"]
+                drawn = 255 - np.array(shown, dtype=int)
+                assert np.abs(drawn - expected.astype(int)).max() <= 1, (kind, row, column)
+    assert "z1 across, -3.0 to 3.0; z2 up, -3.0 to 3.0" in page.locator("#grid-vae-note").inner_text()
+    # over the shared axes the black line (on an input, which the axes include) is always inside: the frame is
+    # round the image nearest it, and round no other
+    before = {kind: page.evaluate(f"() => document.querySelector('[data-testid=grid-{kind}]').src") for kind in ("vae", "ae")}
+    page.select_option("#grid-range", "axes")
+    for kind in ("vae", "ae"):
+        page.wait_for_function(f"(b) => document.querySelector('[data-testid=grid-{kind}]').src !== b", arg=before[kind])
+        z = page.evaluate(f"() => window.__aevae.state.z.{kind}.slice()")
+        (x_lo, x_hi), (y_lo, y_hi) = axes(page, kind)[:2]
+        row = steps - 1 - int(np.argmin(abs(np.linspace(y_lo, y_hi, steps) - z[1])))
+        column = int(np.argmin(abs(np.linspace(x_lo, x_hi, steps) - z[0])))
+        framed = page.evaluate(GRID_CELL, [f"grid-{kind}", row, column, width, height, gap])["frame"]
+        assert max(framed) < 60, (kind, row, column)  # dark on the page
+        other = (row + 4) % steps
+        unframed = page.evaluate(GRID_CELL, [f"grid-{kind}", other, column, width, height, gap])["frame"]
+        assert min(unframed) > 200, (kind, other, column)
+    # another dimension up: decoded again, named; picking the dimension across swaps the two
+    before = page.evaluate("() => document.querySelector('[data-testid=grid-vae]').src")
+    page.select_option("#grid-y", "2")
+    page.wait_for_function("(b) => document.querySelector('[data-testid=grid-vae]').src !== b", arg=before)
+    assert "z3 up" in page.locator("#grid-vae-note").inner_text()
+    page.select_option("#grid-x", "2")
+    assert page.evaluate("() => [document.querySelector('#grid-x').value, document.querySelector('#grid-y').value]") == ["2", "0"]
+    # each model's own training latents, 1 % to 99 % of them in each dimension (the encoder's statistics)
+    page.select_option("#grid-range", "training")
+    for kind, name in (("vae", "VAE"), ("ae", "AE")):
+        q = page.evaluate(f"() => window.__aevae.state.models.{kind}.stats.dims.map(d => d.quantiles)")
+        expected = (f"{name}: z3 across, {q[2]['0.01']:.1f} to {q[2]['0.99']:.1f}; "
+                    f"z1 up, {q[0]['0.01']:.1f} to {q[0]['0.99']:.1f}")
+        page.wait_for_function("([id, text]) => document.getElementById(id).textContent.startsWith(text)",
+                               arg=[f"grid-{kind}-note", expected])
 
 
 def test_drawing_a_digit_encodes_it(page):

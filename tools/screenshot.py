@@ -4,7 +4,7 @@
 
 Writes screenshot-1920.png, screenshot-1024.png and screenshot-390.png (the whole page). The state shown: the
 default selection (a 3 and a 7), the black lines a third of the way from the 3 to the 7 (the interpolation
-slider), a digit drawn on the pad and encoded, and the judged samples.
+slider), a digit drawn on the pad and encoded, the judged samples and the latent grids.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def prepare(page) -> None:
         for x, y in stroke[1:]:
             page.mouse.move(box["x"] + x * scale, box["y"] + y * scale, steps=8)
         page.mouse.up()
+    page.wait_for_function("() => ['vae', 'ae'].every(k => !!document.getElementById(`grid-${k}`).getAttribute('src'))",
+                           timeout=30000)
     page.evaluate("() => window.scrollTo(0, 0)")
     page.mouse.move(5, 5)
     page.wait_for_timeout(1500)

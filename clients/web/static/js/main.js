@@ -3,11 +3,12 @@
 // Both models are always on screen, side by side on one shared scale. Data path: inputs.json +
 // /api/models + /api/stats/<model> + /api/encode give the input latents and the axes; each model's black line
 // goes to the decoder over the WebSocket (channel "main-<kind>" first, then the cross decoding and the
-// traversal strip); /api/samples gives judged samples from N(0, I). Everything about a model's shape (image
+// traversal strip, the latent grids); /api/samples gives judged samples from N(0, I). Everything about a model's shape (image
 // size, latent dimension) comes from the served metadata.
 
 import { Link, base64ToBytes, bytesToBase64, getJSON, postJSON } from "./api.js";
 import { drawingPad } from "./draw.js";
+import { GRID_STEPS, composeGrid, gridLatents, gridValues, nearest } from "./grid.js";
 import { DIGIT_COLOURS, drawPca, projector, sharedExtent } from "./pca.js";
 import { ParCoords } from "./parcoords.js";
 import { blank, paint, toImage } from "./pixels.js";
@@ -41,6 +42,8 @@ const state = {
   zStandIn: { vae: false, ae: false },
   selectedDim: { vae: 0, ae: 0 },
   traverse: { kind: "vae", dim: 0 },
+  grid: { x: 0, y: 1, range: "prior" }, // the latent grids' dimensions, across and up, and their range (GRID_RANGES)
+  grids: { vae: null, ae: null },   // the last grid decoded per model: {key, images, shape, xs, ys}
   // asked: the seed of a draw in flight per kind (0: none), so that two triggers at once (the listing and the
   // decoder coming up, at load) draw once; tally: the draws of the version shown, reset when it changes
   samples: { seed: 0, shown: { vae: null, ae: null }, failed: { vae: false, ae: false }, asked: { vae: 0, ae: 0 },
@@ -171,6 +174,9 @@ function forget(kind) {
   $(`cross-${kind}-${kind}`).removeAttribute("src");
   noImage($(`cross-${kind}-${kind}`), "not served");
   if (state.traverse.kind === kind) $("traversal").replaceChildren();
+  state.grids[kind] = null;
+  $(`grid-${kind}`).removeAttribute("src");
+  $(`grid-${kind}-note`).textContent = `${NAMES[kind]}: not served`;
 }
 
 function clearSamples(kind) {
@@ -289,6 +295,7 @@ function renderAll() {
   renderPlots();
   renderInterpolation();
   renderTraversalControls();
+  renderGridControls();
   renderNumbers();
   renderPca();
   renderBadge();
@@ -439,6 +446,22 @@ function renderTraversalControls() {
   state.traverse.dim = Math.min(state.traverse.dim, Math.max(0, d - 1));
   select.value = state.traverse.dim;
   $("traverse-model").value = kind;
+}
+
+// The grids' dimensions: as many choices as the widest model has; across and up always differ.
+function renderGridControls() {
+  const d = Math.max(0, ...KINDS.map((k) => axesOf(k)?.length || 0));
+  for (const [id, axis] of [["grid-x", "x"], ["grid-y", "y"]]) {
+    const select = $(id);
+    if (select.options.length !== d) {
+      select.replaceChildren(...Array.from({ length: d }, (_, i) => new Option(`z${i + 1}`, i)));
+    }
+    state.grid[axis] = Math.min(state.grid[axis], Math.max(0, d - 1));
+  }
+  if (state.grid.x === state.grid.y && d > 1) state.grid.y = state.grid.x === 0 ? 1 : 0;
+  $("grid-x").value = state.grid.x;
+  $("grid-y").value = state.grid.y;
+  $("grid-range").value = state.grid.range;
 }
 
 // -- interpolation: both models between the first two selected inputs ------------------------------------
@@ -706,6 +729,71 @@ function requestSecondary() {
     }
   }
   requestTraversal();
+  KINDS.forEach(requestGrid);
+}
+
+// A model's latent grid: decoded again when anything but the two swept values of its black line changed (its
+// version, the dimensions, the axes, the held values); otherwise only its frame moves. Not while a handle is
+// being dragged: 81 images per model at every step of a drag would hold up the main image.
+// What a grid spans, per dimension: the prior's +-3 (where the samples come from: 99.7 % of N(0, 1)), the shared
+// axes of the plots, or the middle 98 % of the model's own training latents.
+const GRID_RANGES = {
+  prior: () => ({ lo: -3, hi: 3 }),
+  axes: (kind, dim) => axesOf(kind)[dim],
+  training: (kind, dim) => {
+    const q = state.models[kind]?.stats?.dims?.[dim]?.quantiles;
+    return q && Number.isFinite(q["0.01"]) && Number.isFinite(q["0.99"]) ? { lo: q["0.01"], hi: q["0.99"] } : axesOf(kind)[dim];
+  },
+};
+
+function requestGrid(kind) {
+  const z = state.z[kind], axes = axesOf(kind), img = $(`grid-${kind}`), note = $(`grid-${kind}-note`);
+  const { x, y } = state.grid;
+  if (!z || !axes) return;
+  if (!axes[x] || !axes[y] || x === y) {
+    state.grids[kind] = null;
+    img.removeAttribute("src");
+    note.textContent = `${NAMES[kind]}: none, its latent has ${axes.length} dimension${axes.length === 1 ? "" : "s"}`;
+    return;
+  }
+  const span = GRID_RANGES[state.grid.range] || GRID_RANGES.prior;
+  const [rx, ry] = [span(kind, x), span(kind, y)];
+  const xs = gridValues(rx.lo, rx.hi), ys = gridValues(ry.lo, ry.hi);
+  const held = z.map((v, i) => (i === x || i === y ? null : v));
+  const key = JSON.stringify([state.models[kind]?.info.version, x, y, xs[0], xs.at(-1), ys[0], ys.at(-1), held]);
+  const shown = state.grids[kind];
+  if (shown && shown.key === key) { paintGrid(kind); return; }
+  if (dragging()) return;
+  const model = modelRef(kind);
+  link.decode(`grid-${kind}`, model, gridLatents(z, x, y, xs, ys), (reply) => {
+    if (reply.op !== "decoded" || modelRef(kind)?.version !== model.version) return;
+    state.grids[kind] = { key, images: reply.images.map(base64ToBytes), shape: reply.shape, xs, ys, x, y };
+    paintGrid(kind);
+  });
+}
+
+function paintGrid(kind) {
+  const grid = state.grids[kind], z = state.z[kind];
+  if (!grid || !z) return;
+  const [height, width] = grid.shape;
+  const inside = within(grid.xs, z[grid.x]) && within(grid.ys, z[grid.y]);
+  const mark = inside ? [GRID_STEPS - 1 - nearest(grid.ys, z[grid.y]), nearest(grid.xs, z[grid.x])] : null;
+  const picture = composeGrid(grid.images, width, height, GRID_STEPS, mark);
+  const img = $(`grid-${kind}`);
+  toImage(img, picture.bytes, picture.width, picture.height);
+  const range = (values) => `${values[0].toFixed(1)} to ${values.at(-1).toFixed(1)}`;
+  img.alt = `the ${NAMES[kind]}'s decoder over a ${GRID_STEPS} x ${GRID_STEPS} grid of z${grid.x + 1} (across) and ` +
+    `z${grid.y + 1} (up), the other values at its black line; ` +
+    (inside ? "the framed image is nearest the black line" : "the black line lies outside the grid");
+  $(`grid-${kind}-note`).textContent =
+    `${NAMES[kind]}: z${grid.x + 1} across, ${range(grid.xs)}; z${grid.y + 1} up, ${range(grid.ys)}` +
+    (inside ? "" : "; the black line lies outside");
+}
+
+// Whether v falls in the grid's span, half a step beyond its ends included (the end cells' share).
+function within(values, v) {
+  const half = Math.abs(values[1] - values[0]) / 2;
+  return v >= Math.min(values[0], values.at(-1)) - half && v <= Math.max(values[0], values.at(-1)) + half;
 }
 
 function requestTraversal() {
@@ -838,6 +926,21 @@ $("traverse-model").addEventListener("change", (event) => {
 $("traverse-dim").addEventListener("change", (event) => {
   state.traverse.dim = Number(event.target.value);
   requestTraversal();
+});
+
+for (const axis of ["x", "y"]) {
+  $(`grid-${axis}`).addEventListener("change", (event) => {
+    const other = axis === "x" ? "y" : "x", value = Number(event.target.value);
+    if (state.grid[other] === value) state.grid[other] = state.grid[axis]; // picked the other's: they swap
+    state.grid[axis] = value;
+    renderGridControls();
+    KINDS.forEach(requestGrid);
+  });
+}
+
+$("grid-range").addEventListener("change", (event) => {
+  state.grid.range = event.target.value;
+  KINDS.forEach(requestGrid);
 });
 
 $("clear-drawing").addEventListener("click", () => pad.clear());
