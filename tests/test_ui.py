@@ -667,6 +667,20 @@ def test_latent_grids_decode_two_dimensions_around_each_black_line(page, stack):
                                arg=[f"grid-{kind}-note", expected])
 
 
+def test_posterior_spread_of_the_selected_inputs_is_the_encoders(page, stack):
+    from aevae.client import EncoderClient
+
+    page.wait_for_function("() => /posterior sd, selected\\t\\[/.test(document.querySelector('#ranges').innerText)")
+    rows = {line.split("\t")[0]: line.split("\t")[1:] for line in page.locator("#ranges").inner_text().splitlines()}
+    chosen, version = page.evaluate("() => [window.__aevae.state.selected.map(i => window.__aevae.state.inputs[i].pixels"
+                                    ".reduce((s, b) => s + String.fromCharCode(b), '')), "
+                                    "window.__aevae.state.models.vae.info.version]")
+    images = np.stack([np.frombuffer(text.encode("latin-1"), np.uint8).reshape(28, 28) for text in chosen])
+    with EncoderClient(stack["encoder"].target) as encoder:
+        sd = np.exp(0.5 * encoder.encode(images, model="vae", version=version).logvar)
+    assert rows["posterior sd, selected"] == [f"[{sd.min():.2f}, {sd.max():.2f}]", "none: a point"]
+
+
 def test_drawing_a_digit_encodes_it(page):
     canvas = page.get_by_test_id("draw-canvas")
     canvas.scroll_into_view_if_needed()

@@ -85,6 +85,7 @@ async function load() {
     const data = await getJSON("/static/inputs.json");
     state.inputs = data.items.map((item) => ({
       name: item.name, label: item.label, shape: item.shape, pixels: base64ToBytes(item.pixels), drawn: false, latents: {},
+      spreads: {},
     }));
     // the default view: a clean 3 (its line under the black line, which starts on it) and a 7 to interpolate to
     for (const digit of [3, 7]) {
@@ -211,7 +212,11 @@ async function encodeMissing(kind) {
         model: model.info.name, version: model.info.version || null, shape: group[0].shape,
         images: group.map((item) => bytesToBase64(item.pixels)),
       });
-      group.forEach((item, j) => { item.latents[kind] = reply.mean[j]; });
+      group.forEach((item, j) => {
+        item.latents[kind] = reply.mean[j];
+        // the VAE's posterior spread, standard deviations (the AE has none)
+        item.spreads[kind] = reply.logvar?.[j]?.every(Number.isFinite) ? reply.logvar[j].map((v) => Math.exp(0.5 * v)) : null;
+      });
       state.encodeError[kind] = "";
     } catch (error) {
       // The encoder refused them (a `code`: e.g. a model made for another image shape): the label says why.
@@ -365,7 +370,8 @@ function renderPlots() {
     if (!model || !axes || !state.z[kind]) { plots[kind].setView({ axes: [], recon: [], lines: [] }); continue; }
     const lines = state.selected
       .filter((i) => state.inputs[i]?.latents[kind])
-      .map((i) => ({ values: state.inputs[i].latents[kind], colour: colourOf(i), index: i, name: displayName(state.inputs[i]) }));
+      .map((i) => ({ values: state.inputs[i].latents[kind], spread: state.inputs[i].spreads[kind] || null,
+                     colour: colourOf(i), index: i, name: displayName(state.inputs[i]) }));
     plots[kind].setView({
       axes, violins: model.stats?.dims || [], lines, recon: state.z[kind],
       selectedDim: Math.min(state.selectedDim[kind], axes.length - 1),
@@ -393,6 +399,11 @@ function renderNumbers() {
   ranges.push(["all inputs", ...KINDS.map((k) => rangeOf(allLatents(k)))]);
   ranges.push(["training set", ...KINDS.map((k) => rangeOf(training(k) ? [training(k)] : []))]);
   ranges.push(["black line", ...KINDS.map((k) => rangeOf(state.z[k] ? [state.z[k]] : []))]);
+  // the VAE's posterior around each selected input, as standard deviations: against the prior's 1, how precisely
+  // an image pins down its code (the AE's code is a point)
+  const spreads = (k) => state.selected.map((i) => state.inputs[i]?.spreads[k]).filter(Boolean);
+  ranges.push(["posterior sd, selected", ...KINDS.map((k) => (state.models[k]?.info.kind === "ae" ? "none: a point"
+    : rangeOf(spreads(k))))]);
   renderTable($("ranges"), ranges);
   const infos = KINDS.map((k) => state.models[k]?.info || null);
   renderTable($("info"), infoRows(infos, KINDS));
@@ -948,7 +959,7 @@ $("encode-drawing").addEventListener("click", async () => {
   const pixels = pad.toMnist();
   if (!pixels) { $("inputs-note").textContent = "Draw something first."; return; }
   const count = state.inputs.filter((item) => item.drawn).length + 1;
-  state.inputs.push({ name: `drawing ${count}`, label: null, shape: [28, 28], pixels, drawn: true, latents: {} });
+  state.inputs.push({ name: `drawing ${count}`, label: null, shape: [28, 28], pixels, drawn: true, latents: {}, spreads: {} });
   const index = state.inputs.length - 1;
   select(index);
   renderInputs();
