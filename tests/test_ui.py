@@ -667,6 +667,37 @@ def test_latent_grids_decode_two_dimensions_around_each_black_line(page, stack):
                                arg=[f"grid-{kind}-note", expected])
 
 
+TRAVERSAL_VALUES = "() => [...document.querySelectorAll('#traversal button')].map(b => Number(b.dataset.value))"
+
+
+def test_traversal_sweeps_the_prior_or_the_axes_and_its_frames_are_the_decoders(page, stack):
+    from aevae.client import DecoderClient
+
+    page.wait_for_function("() => document.querySelectorAll('#traversal img[src]').length === 11")
+    assert page.evaluate(TRAVERSAL_VALUES) == pytest.approx(np.linspace(-3, 3, 11))  # the default: the prior's +-3
+    z, version = page.evaluate("() => [window.__aevae.state.z.vae.slice(), window.__aevae.state.models.vae.info.version]")
+    with DecoderClient(stack["decoder"].target) as decoder:
+        expected = decoder.decode([[-3.0, *z[1:]], [3.0, *z[1:]]], model="vae", version=version, dtype="uint8")
+    for frame, image in ((0, expected[0]), (10, expected[1])):
+        shown = page.evaluate("""(i) => {
+          const img = document.querySelectorAll('#traversal img')[i];
+          const c = document.createElement('canvas');
+          c.width = img.naturalWidth; c.height = img.naturalHeight;
+          c.getContext('2d').drawImage(img, 0, 0);
+          return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data.filter((_, k) => k % 4 === 0));
+        }""", frame)
+        assert np.abs(255 - np.array(shown) - image.ravel().astype(int)).max() <= 1, frame
+    page.select_option("#traverse-range", "axes")
+    lo, hi = axes(page, "vae")[0]
+    page.wait_for_function(f"() => ({TRAVERSAL_VALUES})()[0] === {lo}")
+    assert page.evaluate(TRAVERSAL_VALUES) == pytest.approx(np.linspace(lo, hi, 11))
+    # the frame nearest the black line is marked; the black line is on an input, inside the axes
+    current = page.locator("#traversal button.current")
+    assert current.count() == 1
+    assert float(current.get_attribute("data-value")) == pytest.approx(
+        np.linspace(lo, hi, 11)[np.argmin(abs(np.linspace(lo, hi, 11) - z[0]))])
+
+
 def test_posterior_spread_of_the_selected_inputs_is_the_encoders(page, stack):
     from aevae.client import EncoderClient
 

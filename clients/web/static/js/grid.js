@@ -25,6 +25,12 @@ export function gridLatents(z, xDim, yDim, xs, ys) {
   return latents;
 }
 
+// Whether v falls in a sweep's span, half a step beyond its ends included (the end cells' share).
+export function within(values, v) {
+  const half = Math.abs(values[1] - values[0]) / 2;
+  return v >= Math.min(values[0], values.at(-1)) - half && v <= Math.max(values[0], values.at(-1)) + half;
+}
+
 export function nearest(values, v) {
   return values.reduce((best, value, i) => (Math.abs(value - v) < Math.abs(values[best] - v) ? i : best), 0);
 }

@@ -8,7 +8,7 @@
 
 import { Link, base64ToBytes, bytesToBase64, getJSON, postJSON } from "./api.js";
 import { drawingPad } from "./draw.js";
-import { GRID_STEPS, composeGrid, gridLatents, gridValues, nearest } from "./grid.js";
+import { GRID_STEPS, composeGrid, gridLatents, gridValues, nearest, within } from "./grid.js";
 import { DIGIT_COLOURS, drawPca, projector, sharedExtent } from "./pca.js";
 import { ParCoords } from "./parcoords.js";
 import { blank, paint, toImage } from "./pixels.js";
@@ -41,8 +41,8 @@ const state = {
   // selected input's once it is encoded, unless the user has moved it since
   zStandIn: { vae: false, ae: false },
   selectedDim: { vae: 0, ae: 0 },
-  traverse: { kind: "vae", dim: 0 },
-  grid: { x: 0, y: 1, range: "prior" }, // the latent grids' dimensions, across and up, and their range (GRID_RANGES)
+  traverse: { kind: "vae", dim: 0, range: "prior" }, // the swept model, dimension and range (SPANS)
+  grid: { x: 0, y: 1, range: "prior" }, // the latent grids' dimensions, across and up, and their range (SPANS)
   grids: { vae: null, ae: null },   // the last grid decoded per model: {key, images, shape, xs, ys}
   // asked: the seed of a draw in flight per kind (0: none), so that two triggers at once (the listing and the
   // decoder coming up, at load) draw once; tally: the draws of the version shown, reset when it changes
@@ -51,6 +51,17 @@ const state = {
   decoderError: { vae: "", ae: "" },
   encodeError: { vae: "", ae: "" }, // the encoder refused the inputs for this model (e.g. another image shape)
   shown: { vae: null, ae: null },   // the last decoded main image per model
+};
+
+// What a traversal or a grid sweeps, per dimension: the prior's +-3 (where the samples come from: 99.7 % of
+// N(0, 1)), the shared axes of the plots, or the middle 98 % of the model's own training latents.
+const SPANS = {
+  prior: () => ({ lo: -3, hi: 3 }),
+  axes: (kind, dim) => axesOf(kind)[dim],
+  training: (kind, dim) => {
+    const q = state.models[kind]?.stats?.dims?.[dim]?.quantiles;
+    return q && Number.isFinite(q["0.01"]) && Number.isFinite(q["0.99"]) ? { lo: q["0.01"], hi: q["0.99"] } : axesOf(kind)[dim];
+  },
 };
 
 // In-page timing of the drag loop: pointer move -> decoded image for that move (or a later one) painted.
@@ -457,6 +468,7 @@ function renderTraversalControls() {
   state.traverse.dim = Math.min(state.traverse.dim, Math.max(0, d - 1));
   select.value = state.traverse.dim;
   $("traverse-model").value = kind;
+  $("traverse-range").value = state.traverse.range;
 }
 
 // The grids' dimensions: as many choices as the widest model has; across and up always differ.
@@ -746,17 +758,6 @@ function requestSecondary() {
 // A model's latent grid: decoded again when anything but the two swept values of its black line changed (its
 // version, the dimensions, the axes, the held values); otherwise only its frame moves. Not while a handle is
 // being dragged: 81 images per model at every step of a drag would hold up the main image.
-// What a grid spans, per dimension: the prior's +-3 (where the samples come from: 99.7 % of N(0, 1)), the shared
-// axes of the plots, or the middle 98 % of the model's own training latents.
-const GRID_RANGES = {
-  prior: () => ({ lo: -3, hi: 3 }),
-  axes: (kind, dim) => axesOf(kind)[dim],
-  training: (kind, dim) => {
-    const q = state.models[kind]?.stats?.dims?.[dim]?.quantiles;
-    return q && Number.isFinite(q["0.01"]) && Number.isFinite(q["0.99"]) ? { lo: q["0.01"], hi: q["0.99"] } : axesOf(kind)[dim];
-  },
-};
-
 function requestGrid(kind) {
   const z = state.z[kind], axes = axesOf(kind), img = $(`grid-${kind}`), note = $(`grid-${kind}-note`);
   const { x, y } = state.grid;
@@ -767,7 +768,7 @@ function requestGrid(kind) {
     note.textContent = `${NAMES[kind]}: none, its latent has ${axes.length} dimension${axes.length === 1 ? "" : "s"}`;
     return;
   }
-  const span = GRID_RANGES[state.grid.range] || GRID_RANGES.prior;
+  const span = SPANS[state.grid.range] || SPANS.prior;
   const [rx, ry] = [span(kind, x), span(kind, y)];
   const xs = gridValues(rx.lo, rx.hi), ys = gridValues(ry.lo, ry.hi);
   const held = z.map((v, i) => (i === x || i === y ? null : v));
@@ -801,17 +802,12 @@ function paintGrid(kind) {
     (inside ? "" : "; the black line lies outside");
 }
 
-// Whether v falls in the grid's span, half a step beyond its ends included (the end cells' share).
-function within(values, v) {
-  const half = Math.abs(values[1] - values[0]) / 2;
-  return v >= Math.min(values[0], values.at(-1)) - half && v <= Math.max(values[0], values.at(-1)) + half;
-}
-
 function requestTraversal() {
   const { kind, dim } = state.traverse;
   const z = state.z[kind], axes = axesOf(kind);
   if (!z || !axes || !axes[dim]) return;
-  const values = Array.from({ length: TRAVERSAL_STEPS }, (_, i) => axes[dim].lo + (i / (TRAVERSAL_STEPS - 1)) * (axes[dim].hi - axes[dim].lo));
+  const { lo, hi } = (SPANS[state.traverse.range] || SPANS.prior)(kind, dim);
+  const values = gridValues(lo, hi, TRAVERSAL_STEPS);
   const latents = values.map((v) => { const row = z.slice(); row[dim] = v; return row; });
   link.decode("traverse", modelRef(kind), latents, (reply) => paintTraversal(reply, kind, values, dim));
 }
@@ -836,13 +832,13 @@ function paintTraversal(reply, kind, values, dim) {
     }));
   }
   const current = state.z[kind]?.[dim];
-  const nearest = values.reduce((best, v, i) => (Math.abs(v - current) < Math.abs(values[best] - current) ? i : best), 0);
+  const marked = current !== undefined && within(values, current) ? nearest(values, current) : -1;
   reply.images.forEach((image, i) => {
     const button = strip.children[i];
     toImage(button.firstChild, base64ToBytes(image), reply.shape[1], reply.shape[0]);
     Object.assign(button.dataset, { value: values[i], dim, kind });
     button.setAttribute("aria-label", `${NAMES[kind]}: set z${dim + 1} to ${values[i].toFixed(2)}`);
-    button.classList.toggle("current", i === nearest);
+    button.classList.toggle("current", i === marked);
   });
 }
 
@@ -932,6 +928,10 @@ $("interpolate").addEventListener("change", () => KINDS.forEach(afterEdit));
 $("traverse-model").addEventListener("change", (event) => {
   state.traverse.kind = event.target.value;
   renderTraversalControls();
+  requestTraversal();
+});
+$("traverse-range").addEventListener("change", (event) => {
+  state.traverse.range = event.target.value;
   requestTraversal();
 });
 $("traverse-dim").addEventListener("change", (event) => {
