@@ -73,6 +73,12 @@ class TrainConfig:
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"--name {self.name!r} is not a model name: 1 to 64 lowercase letters, digits, '.', "
                              f"'_' or '-', starting with a letter or digit, e.g. ae-2d ({NAME_PATTERN.pattern})")
+        kinds = ("ae", "vae")
+        if self.name in kinds and tuple(self.models) != (self.name,):
+            # `--models vae --name ae` wrote a VAE as the newest "ae": every client asking for the AE got a VAE
+            raise ValueError(f"--name {self.name} is where the {self.name.upper()} versions go; write the "
+                             f"{'/'.join(self.models).upper()} under its own name (leave --name out) or another, "
+                             f"e.g. {self.models[0]}-2d")
         if self.storage_path is None:
             self.storage_path = str(Path(_temporary_folder()) / "aevae-ray")
 

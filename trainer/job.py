@@ -50,6 +50,8 @@ LOCK_FILE = "aevae-run.lock"
 # The versions the run has written (name -> [number, its manifest's sha256]): a run stopped while it wrote them,
 # resumed, wrote the ones already in place again as new versions of the same weights.
 WRITTEN_FILE = "aevae-written.json"
+# The training split's size, the most images any run's latent statistics cover (mnist.FILES).
+TRAIN_IMAGES = mnist.FILES["train-images-idx3-ubyte"][3]
 _claimed: dict[str, int] = {}  # run folder -> the descriptor holding its lock, open while this process lives
 MAX_FAILURES = 2
 HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -201,7 +203,9 @@ def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mn
         training={**config.without_places(),
                   "optimizer": "adam, one-cycle lr", "seconds": round(seconds, 1),
                   "epoch_seconds": round(run_metrics["epoch_seconds"], 2),  # the mean over the epochs
-                  "note": "the AE and the VAE train together, so seconds cover both"},
+                  # only when it is so: a run of one model (--models ae) said that the AE and the VAE trained
+                  **({"note": "the AE and the VAE train together, so seconds cover both"}
+                     if len(config.models) > 1 else {})},
         data={"dataset": "MNIST", "source": data.source, "sha256": data.sha256,
               "train_images": train_count, "test_images": len(data.test.images),
               "preprocessing": "28x28 zero-padded to 32x32, scaled to [0, 1]"},
@@ -254,6 +258,26 @@ def _check_memory(config: TrainConfig, archs: dict[str, Architecture]) -> None:
                         "layers, fewer --models or fewer --num-workers")
 
 
+def statistics_bytes(latent_dim: int, images: int) -> int:
+    """The least memory the driver needs for one model's latent statistics after training: the encoder's means
+    and log-variances over `images` training images (float32, 8 bytes per value), the PCA's float64 copy and
+    its centred copy (16 more), and its latent_dim x latent_dim covariance, product and eigenvectors (float64,
+    24 bytes per entry). The models' statistics are computed one after the other, so one model's is the need."""
+    return 24 * images * latent_dim + 24 * latent_dim * latent_dim
+
+
+def _check_statistics_memory(config: TrainConfig) -> None:
+    """Refuses, before MNIST is read or Ray starts, a --latent-dim whose latent statistics this machine could not
+    compute: `--latent-dim 65536` trained (its layers fit the workers) and then failed after the whole run in
+    the PCA's 32 GiB covariance, a numpy traceback and exit 1, with nothing written."""
+    images = min(config.train_limit or TRAIN_IMAGES, TRAIN_IMAGES)
+    problem = memory.shortfall(statistics_bytes(config.latent_dim, images))
+    if problem:
+        raise UserError(f"the latent statistics of --latent-dim {config.latent_dim} over {images:,} training images, "
+                        f"computed on this machine after training, need at least {problem}; pass a smaller "
+                        "--latent-dim (or a smaller --train-limit)")
+
+
 def weights_writer(state: dict[str, torch.Tensor]) -> FileWriter:
     """A writer of weights.pt that serializes in memory first: torch.save straight into a file on a full disk
     failed with torch's own "[enforce fail at inline_container.cc] unexpected pos", where writing the bytes gives
@@ -299,6 +323,7 @@ def run(config: TrainConfig) -> list[Version]:
                                                     hidden=tuple(config.hidden)) for kind in config.models}
     if not config.address:  # a remote cluster's memory is not this machine's
         _check_memory(config, archs)
+    _check_statistics_memory(config)  # on this machine, the driver, wherever the workers are
     repository = ModelRepository(config.models_dir)
     repository.ensure_writable(archs, needed_bytes=sum(version_bytes(arch) for arch in archs.values()))
     if config.address:  # a bad form, or nothing listening, said before MNIST is read and checked
@@ -477,9 +502,21 @@ def _check_storage_uri(uri: str) -> None:
 
 def _local_runs(config: TrainConfig) -> Path | None:
     """The folder holding the runs' checkpoints; None for a remote --storage-path (s3://...), which aevae
-    neither lists nor cleans."""
+    neither lists nor cleans. A file:// URI is the local folder it names, as Ray Train resolves it (pyarrow):
+    taken for a remote one, its runs' checkpoints (about 160 MB each) stayed after every finished run, and
+    --resume never looked there."""
     storage = config.storage_path or ""
-    return None if "://" in storage else Path(storage).absolute()
+    if "://" not in storage:
+        return Path(storage).absolute()
+    if not storage.startswith("file://"):
+        return None
+    import pyarrow.fs
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(storage)
+    except (OSError, ValueError, pyarrow.ArrowException):  # said by _check_storage_uri
+        return None
+    return Path(path) if isinstance(filesystem, pyarrow.fs.LocalFileSystem) else None
 
 
 def stopped_run(config: TrainConfig, prefix: str) -> str | None:

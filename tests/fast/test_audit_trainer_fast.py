@@ -308,3 +308,100 @@ def test_the_stop_line_names_what_was_written_and_what_was_not() -> None:
     assert job._stopped_line(Terminated(), 2, ["ae", "vae"], [ae, vae], "kept").endswith(
         "SIGTERM after 2s, written: ae/3, vae/1; kept")
     assert "nothing written; kept" in job._stopped_line(Terminated(), 0, ["vae"], [], "kept")
+
+
+# -- found by the second audit of the trainer --------------------------------------------------------------
+
+
+def test_a_latent_dim_whose_statistics_cannot_fit_is_refused_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--latent-dim 65536 --train-limit 100` passed the workers' memory check, trained, and then failed in the
+    latent statistics' PCA (a 32 GiB covariance): a numpy traceback, exit 1, nothing written, the checkpoints
+    left. It is refused before MNIST is read or Ray starts; the default latent needs next to nothing."""
+    from aevae import memory
+    from aevae.trainer import job
+
+    _fake_run(monkeypatch, fit=lambda *args: pytest.fail("trained"))
+    monkeypatch.setattr(memory, "available_bytes", lambda: 8 * memory.GIB)
+    code = cli.main(["train", "--latent-dim", "65536", "--train-limit", "100", "--hidden", "16",
+                     "--models-dir", str(tmp_path / "m"), "--storage-path", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert ("the latent statistics of --latent-dim 65536 over 100 training images, computed on this machine after "
+            "training, need at least 96.1 GiB, and 8.0 GiB is available; pass a smaller --latent-dim") in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "m").exists()
+    assert job.statistics_bytes(4, 60_000) < 8 << 20  # the default: under 8 MiB
+    # past the training split, the statistics cover the 60,000 images there are, not --train-limit's
+    config = job.TrainConfig(latent_dim=20_000, train_limit=10**9)
+    with pytest.raises(job.UserError, match="over 60,000 training images"):
+        job._check_statistics_memory(config)
+
+
+def test_a_single_model_run_does_not_say_that_the_ae_and_the_vae_trained_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--models ae` wrote a manifest whose training note said "the AE and the VAE train together, so seconds
+    cover both"."""
+    from aevae.repository import ModelRepository
+
+    _fake_run(monkeypatch)
+    for models in ("ae", "ae,vae"):
+        assert cli.main(["train", "--models", models, "--hidden", "16", "--models-dir", str(tmp_path / models),
+                         "--storage-path", str(tmp_path / "r")]) == 0
+    [[alone]] = ModelRepository(tmp_path / "ae").versions().values()
+    assert "note" not in alone.manifest.training
+    for [together] in ModelRepository(tmp_path / "ae,vae").versions().values():
+        assert together.manifest.training["note"] == "the AE and the VAE train together, so seconds cover both"
+
+
+def test_a_file_uri_storage_path_is_a_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--storage-path file:///... is a folder on this machine (Ray Train writes there through pyarrow's local
+    file system), but was taken for a remote one: each finished run left its checkpoints (about 160 MB) there,
+    and --resume said it looked in a local --storage-path only and started afresh."""
+    from aevae.trainer import job
+    from aevae.trainer.config import TrainConfig
+
+    folder = tmp_path / "runs here"
+    uri = "file://" + str(folder).replace(" ", "%20")
+    assert job._local_runs(TrainConfig(storage_path=uri)) == folder
+    assert job._local_runs(TrainConfig(storage_path="s3://bucket/runs")) is None
+    assert job._local_runs(TrainConfig(storage_path="file://host/runs")) is None  # not this machine's
+    _fake_run(monkeypatch)
+
+    def trained(config: Any, archs: dict, refs: Any, run_name: str) -> tuple[dict, dict]:
+        from aevae.models import build
+
+        (folder / run_name / job.RAY_SNAPSHOT_FILE).write_text("{}")  # where Ray Train keeps the run
+        figures = {"train_loss": 700.0, "test_bce": 700.0, "test_kl": 0.0, "test_loss": 700.0}
+        return {name: build(arch).state_dict() for name, arch in archs.items()}, {"ae": figures, "epoch_seconds": 1.0}
+
+    monkeypatch.setattr(job, "_fit", trained)
+    assert cli.main(["train", "--models", "ae", "--hidden", "16", "--models-dir", str(tmp_path / "m"),
+                     "--storage-path", uri]) == 0
+    assert list(folder.iterdir()) == []  # the finished run's checkpoints are gone
+    stopped = folder / "ae-stopped"
+    stopped.mkdir()
+    config = TrainConfig(models=("ae",), hidden=(16,), storage_path=uri, resume=True)
+    (stopped / job.RUN_FILE).write_text(json.dumps(config.run_identity()))
+    (stopped / job.RAY_SNAPSHOT_FILE).write_text("{}")
+    capsys.readouterr()
+    assert job._run_name(config, "ae") == "ae-stopped"
+    assert f"resuming run ae-stopped from its last checkpoint under {folder}" in capsys.readouterr().out
+
+
+def test_a_model_is_not_written_under_the_other_kinds_name(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`--models vae --name ae` trained and wrote a VAE as the newest "ae", which every client asking for the AE
+    was then served. Refused before anything starts; a kind's own name, or any other, still goes."""
+    from aevae.trainer.config import TrainConfig
+
+    code = cli.main(["train", "--models", "vae", "--name", "ae", "--models-dir", str(tmp_path / "m"),
+                     "--storage-path", str(tmp_path / "r")])
+    assert code == 2
+    assert ("--name ae is where the AE versions go; write the VAE under its own name (leave --name out) or another, "
+            "e.g. vae-2d") in capsys.readouterr().err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="--name vae is where the VAE versions go; write the AE under"):
+        TrainConfig(models=("ae",), name="vae")
+    assert TrainConfig(models=("ae",), name="ae").target_name("ae") == "ae"
+    assert TrainConfig(models=("vae",), name="vae-2d").target_name("vae") == "vae-2d"
