@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Any
 
 # gRPC's core logs at INFO a line per failed TLS handshake ("Handshake failed with error SSL_ERROR_SSL ..."), on
 # stderr: any peer that reaches a TLS port with plaintext or garbage writes to the log at its connection rate.
@@ -38,8 +39,20 @@ COMMANDS = (
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refuses an unknown argument in the (sub)command it was given to, with that command's usage: argparse
+    hands a subcommand's unknown arguments up to the root, whose error showed `usage: aevae [-h] ... COMMAND`
+    for `aevae serve decoder --prot 5`. Subparsers are made of the root's class, so every level is one."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:  # argparse's overloads, as one
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="aevae", description="Serve and explore autoencoder latent spaces.")
+    root = _Parser(prog="aevae", description="Serve and explore autoencoder latent spaces.")
     root.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
                       help=f"Python logging level: {', '.join(LOG_LEVELS)} (default: WARNING)")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -57,8 +57,11 @@ def compute(latents: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str,
     dims = []
     for values in latents.T:
         lo, hi = float(values.min()), float(values.max())
-        margin = 0.05 * (hi - lo) or 1.0
-        grid, dens = density(values, lo - margin, hi + margin)
+        # A constant dimension (a dead unit), or one whose values differ by a few float32 steps, gets a window of
+        # 1 either side: numpy cannot cut 1,024 bins out of a range of one float32 step ("Too many bins for data
+        # range"), which failed a training run after its last epoch.
+        margin = 0.05 * (hi - lo) if hi - lo > 1e-6 * max(1.0, abs(lo), abs(hi)) else 1.0
+        grid, dens = density(values.astype(np.float64), lo - margin, hi + margin)
         dims.append({
             "min": lo, "max": hi, "mean": float(values.mean()), "std": float(values.std()),
             "quantiles": {str(q): float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))},

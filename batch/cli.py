@@ -110,6 +110,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=run, op="encode", image_format="raw", precision=None)  # encoding is always float32
 
 
+def _given(chosen: list[str]) -> str:
+    """The inputs a job was given, for the message refusing none or several."""
+    return "none given" if not chosen else "given " + " and ".join(f"--{name}" for name in chosen)
+
+
 def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tuple[int, int]):
     """The input the flags describe, checked against the model's shapes (UserError before any work)."""
     from pathlib import Path
@@ -129,12 +134,13 @@ def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tup
     if args.op == "encode":
         chosen = [f for f in ("input", "mnist") if getattr(args, f) is not None]
         if len(chosen) != 1:
-            raise UserError("encode-batch needs one input: --input FILE or --mnist train|test|all")
+            raise UserError(f"encode-batch takes one input, {_given(chosen)}: --input FILE or --mnist train|test|all")
         source = sources.MnistImages(args.data_root, args.mnist) if args.mnist else file_source("image")
     else:
         chosen = [f for f in ("input", "grid", "prior") if getattr(args, f) is not None]
         if args.traverse is None and len(chosen) != 1:
-            raise UserError("decode-batch needs one input: --input FILE, --grid RANGES, --prior N or --traverse RANGE")
+            raise UserError(f"decode-batch takes one input, {_given(chosen)}: --input FILE, --grid RANGES, --prior N "
+                            "or --traverse RANGE")
         if args.traverse is not None and ("grid" in chosen or len(chosen) > 1):
             raise UserError("--traverse sweeps around the origin, --prior N samples or --input latents (one of "
                             "them), not a --grid")

@@ -51,7 +51,7 @@ def train(store: ModelStore, reference: LoadedModel, data_root: str | None, epoc
     )
     subset = f"first {config.train_limit:,}" if config.train_limit else "all"
     print(f"{NAME} is missing: training it like {reference.name}/{reference.number} with a {LATENT_DIM}-d latent "
-          f"({config.epochs} epochs, {subset} training images)", flush=True)
+          f"({config.epochs} epoch{'' if config.epochs == 1 else 's'}, {subset} training images)", flush=True)
     started_ray = not ray.is_initialized()
     try:
         job.run(config)

@@ -11,7 +11,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       "writes an HTML page with PNG figures")
     p.add_argument("--models-dir", default=None, help="model repository (or AEVAE_MODELS_DIR; default ./models)")
     p.add_argument("--data-root", default=None, help="folder holding MNIST/raw/ (or AEVAE_DATA_ROOT)")
-    p.add_argument("--out", default="report", help="output folder for index.html, figures/ and numbers.json (default: ./report)")
+    # ./reports, not ./report: in a checkout that is this package's own folder (the page went among its sources)
+    p.add_argument("--out", default="reports", help="output folder for index.html, figures/ and numbers.json "
+                                                    "(default: ./reports)")
     p.add_argument("--samples", type=int, default=1000, help="random samples scored per source (default: 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw and of the classifier (default: 0)")
     p.add_argument("--test-limit", type=int, default=None, metavar="N",

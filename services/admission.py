@@ -98,7 +98,8 @@ class _Call:
     def __enter__(self) -> None:
         admission = self.admission
         if admission.calls >= admission.max_calls:
-            raise ResourceExhausted(f"the server has {admission.calls} calls in flight, its limit "
+            calls = f"{admission.calls} call{'' if admission.calls == 1 else 's'}"
+            raise ResourceExhausted(f"the server has {calls} in flight, its limit "
                                     f"(--max-concurrent-rpcs {admission.max_calls}); retry with backoff")
         admission.calls += 1
 

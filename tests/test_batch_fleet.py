@@ -146,7 +146,7 @@ def overloaded() -> Iterator[str]:
     from concurrent import futures
 
     def busy(request: bytes, context: grpc.ServicerContext) -> bytes:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server has 1 calls in flight, its limit "
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the server has 1 call in flight, its limit "
                       "(--max-concurrent-rpcs); retry with backoff")
 
     server = grpc.server(futures.ThreadPoolExecutor(8))

@@ -217,7 +217,7 @@ def test_the_cli_refuses_bad_input_before_anything_runs(tiny_repo: Path, tmp_pat
         (["--grid=-1e39:1:3"], "LO and HI must lie in [-10000, 10000]"),  # -inf once float32
         (["--traverse", "nan:1:3"], "LO and HI must lie in"),
         (["--prior", "10", "--scale", "nan"], "--scale must be positive and finite"),
-        (["--prior", "10", "--grid=-1:1:3"], "needs one input"),
+        (["--prior", "10", "--grid=-1:1:3"], "takes one input, given --grid and --prior"),
     ]
     for flags, message in cases:
         code = main(["decode-batch", *flags, "--models-dir", str(tiny_repo), "--output", str(out)])

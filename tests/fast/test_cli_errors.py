@@ -622,3 +622,22 @@ def test_export_onnx_names_a_damaged_version_that_has_its_graphs(tiny_repo: Path
     err = _refused(["export-onnx", "--models-dir", str(tiny_repo)], capsys)
     assert "vae/1: broken: weights.pt does not match the checksum in its manifest" in err
     assert "1 version(s) broken, left as they are: vae/1" in err
+
+
+@pytest.mark.parametrize(("argv", "usage", "unknown"), [
+    (["serve", "decoder", "--prot", "5"], "usage: aevae serve decoder ", "--prot 5"),
+    (["up", "--no-uii"], "usage: aevae up ", "--no-uii"),
+    (["serve", "--x", "decoder"], "usage: aevae serve ", "--x"),
+    (["--bogus", "train"], "usage: aevae ", "--bogus"),
+])
+def test_an_unknown_argument_is_refused_with_its_own_commands_usage(
+        argv: list[str], usage: str, unknown: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse handed a subcommand's unknown arguments to the root, whose error showed `usage: aevae [-h]
+    [--log-level LEVEL] COMMAND ...` for `aevae serve decoder --prot 5`: the command's own usage says what it
+    takes."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(usage), err
+    assert err.rstrip().endswith(f"error: unrecognized arguments: {unknown}"), err

@@ -29,3 +29,17 @@ def test_stats_of_constant_latents_are_finite() -> None:
     assert stats["pca"]["explained_variance_ratio"] == [0.0, 0.0]
     assert np.isfinite(np.array(stats["pca"]["points"])).all()
     assert len(stats["pca"]["labels"]) == 300 and stats["latent_dim"] == 4
+
+
+def test_a_dimension_a_float32_step_wide_has_a_violin() -> None:
+    """A dimension whose values differ by one float32 step failed numpy's histogram ("Too many bins for data
+    range") after a whole training run; it gets the window a constant one gets."""
+    latents = np.random.default_rng(0).normal(size=(300, 2)).astype(np.float32)
+    latents[:, 1] = np.float32(3.0)
+    latents[::2, 1] = np.nextafter(np.float32(3.0), np.float32(4.0))
+    stats = compute(latents, np.arange(300) % 10)
+    narrow = stats["dims"][1]
+    assert narrow["grid"][0] == pytest.approx(2.0) and narrow["grid"][-1] == pytest.approx(4.0)
+    assert np.isfinite(narrow["density"]).all() and max(narrow["density"]) > 0
+    wide = stats["dims"][0]  # an ordinary one keeps its 5 % margins
+    assert wide["grid"][0] == pytest.approx(wide["min"] - 0.05 * (wide["max"] - wide["min"]), abs=1e-5)
