@@ -61,6 +61,9 @@ def _common(p: argparse.ArgumentParser, service: str, port: int) -> None:
     fleet.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                        help="deadline per request message of up to 4,096 rows: a call streaming N rows may take "
                        "ceil(N / 4096) x SECONDS, whatever --shard-size is (default 60)")
+    from aevae.client.cli import add_security_arguments
+
+    add_security_arguments(p)  # how the fleet engine reaches TLS or token-protected services
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -220,6 +223,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from aevae.batch import model as models
     from aevae.batch.job import Job, fleet_model, started_version
     from aevae.batch.sinks import Sink
+    from aevae.client.cli import security_options
     from aevae.errors import UserError
 
     check_flags(args)
@@ -239,7 +243,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
         cls = DecoderClient if service == "decoder" else EncoderClient
         try:
-            client = cls(targets, timeout=args.timeout)
+            client = cls(targets, timeout=args.timeout, **security_options(args))
         except AevaeError as exc:  # a target that is not host:port, a name that does not resolve
             raise UserError(f"--{service} {targets}: {exc.details()}") from None
         try:
@@ -249,6 +253,10 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             client.close()
             raise
     else:
+        if security_options(args):
+            given = ", ".join(f"--{name.replace('_', '-')}" for name in security_options(args))
+            raise UserError(f"{given}: how to reach running services, which --{service} names; the Ray engine "
+                            "reads the model repository itself")
         ref = models.resolve(args.models_dir, args.model, args.version, args.precision or "fp32")
         source = source_from_args(args, ref.latent_dim, ref.image_shape)
     meta = {"op": args.op, "model": ref.describe()}

@@ -322,3 +322,30 @@ def test_a_rerun_resumes_on_the_version_the_job_started_with(fleet, repo: Path, 
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming on pinned/1, the version this job started with" in rerun.stderr
     assert "3,000 rows of pinned/1" in rerun.stderr and "3 shards done before;" in rerun.stderr
+
+
+def test_decode_batch_reaches_a_token_protected_fleet_with_its_token_file(repo: Path, tmp_path: Path) -> None:
+    """decode-batch and encode-batch take the client's --token-file and --tls-* flags (they had none: a fleet
+    behind a token was reached only through the environment); without the token the job is refused, saying
+    which flag gives it, and the Ray engine refuses the flags, which it has no use for."""
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-the-fleet\n")
+    service = ServiceProcess("decoder", repo, args=["--token-file", str(token)]).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AEVAE_TOKEN")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "no-config")  # no token of `aevae up` found by itself
+    command = [*AEVAE, "decode-batch", "--prior", "300", "--model", "vae", "--decoder", service.address,
+               "--quiet"]
+    try:
+        refused = subprocess.run([*command, "--output", str(tmp_path / "refused")], cwd=ROOT, capture_output=True,
+                                 text=True, timeout=120, env=env)
+        assert refused.returncode != 0 and "--token-file to the aevae commands" in refused.stderr, refused.stderr
+        done = subprocess.run([*command, "--output", str(tmp_path / "out"), "--token-file", str(token)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        assert pq.read_table(tmp_path / "out").num_rows == 300
+    finally:
+        service.stop()
+    ray = subprocess.run([*AEVAE, "decode-batch", "--prior", "3", "--models-dir", str(repo), "--token-file",
+                          str(token), "--output", str(tmp_path / "ray")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert ray.returncode == 2 and "--token-file: how to reach running services, which --decoder names" in ray.stderr

@@ -265,12 +265,14 @@ class ChannelSecurity:
             hint = ""
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 hint = ("" if self.has_token else
-                        f" (this client sent no token: pass token= or set {ENV_TOKEN} / {ENV_TOKEN_FILE})")
+                        f" (this client sent no token: pass token= (--token-file to the aevae commands) or set {ENV_TOKEN} / "
+                        f"{ENV_TOKEN_FILE})")
             elif code == grpc.StatusCode.UNAVAILABLE:
                 if not self.tls and ("socket closed" in lowered or "connection reset" in lowered
                                      or "ssl" in lowered or "handshake" in lowered or "eof" in lowered):
                     hint = (f"; the server at {target} closed a plaintext connection: if it serves TLS, pass "
-                            f"tls_ca= (or set {ENV_CA}) with the CA that signed its certificate")
+                            f"tls_ca= (--tls-ca to the aevae commands, or set {ENV_CA}) with the CA that signed its "
+                            "certificate")
                 elif self.tls and ("wrong_version_number" in lowered or "wrong version number" in lowered
                                    or "record layer failure" in lowered or "packet length too long" in lowered):
                     hint = (f"; TLS handshake with {target} failed: the server answers in plaintext (connect "
@@ -280,17 +282,18 @@ class ChannelSecurity:
                             "(or this machine's clock is wrong)")
                 elif self.tls and ("certificate_verify_failed" in lowered or "certificate verify failed" in lowered
                                    or "self signed" in lowered or "self-signed" in lowered):
-                    hint = (f"; the certificate of {target} is not signed by the CA this client trusts (tls_ca= "
-                            f"or {ENV_CA}), or does not name {target.rpartition(':')[0]}")
+                    hint = (f"; the certificate of {target} is not signed by the CA this client trusts (tls_ca=, "
+                            f"--tls-ca or {ENV_CA}), or does not name {target.rpartition(':')[0]}")
                 elif self.tls and ("certificate required" in lowered or "alert" in lowered
                                    or "handshake" in lowered or "ssl" in lowered
                                    or (self.tls_cert is None and "socket closed" in lowered)):
                     hint = (f"; TLS handshake with {target} failed: if the server requires mutual TLS, pass "
-                            f"tls_cert= and tls_key= (or {ENV_CERT} and {ENV_KEY}) with a certificate its "
-                            "client CA signed")
+                            f"tls_cert= and tls_key= (--tls-cert and --tls-key, or {ENV_CERT} and {ENV_KEY}) with "
+                            "a certificate its client CA signed")
                 elif self.tls and "socket closed" in lowered:  # a client certificate was sent, and refused
                     hint = (f"; the server at {target} closed the TLS connection: if it requires mutual TLS, "
-                            f"the client certificate (tls_cert= or {ENV_CERT}) must be signed by a CA it trusts "
+                            f"the client certificate (tls_cert=, --tls-cert or {ENV_CERT}) must be signed by a CA "
+                            "it trusts "
                             "for clients, and be valid now")
             return AevaeError(code, details + hint) if hint else error
         return explain
