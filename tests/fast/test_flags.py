@@ -119,3 +119,15 @@ def test_serve_refuses_numbers_past_what_grpc_takes(argv: list[str], message: st
     assert cli.main(["serve", "decoder", "--port", "0", "--models-dir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["serve", "decoder", "--help"], ["up", "--help"]])
+def test_help_shows_defaults_but_not_an_on_off_flags_false(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Every flag's default is shown from the code, except an on/off flag's: "--insecure ... (default: False)"
+    said what its name says."""
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: False)" not in out
+    assert "--insecure" in out
+    assert "(default: 0.5)" in out or "(default: 8080)" in out  # a valued flag still shows its default
