@@ -3,8 +3,8 @@
 // Both models are always on screen, side by side on one shared scale. Data path: inputs.json +
 // /api/models + /api/stats/<model> + /api/encode give the input latents and the axes; each model's black line
 // goes to the decoder over the WebSocket (channel "main-<kind>" first, then the cross decoding and the
-// traversal strip, the latent grids); /api/samples gives judged samples from N(0, I). Everything about a model's shape (image
-// size, latent dimension) comes from the served metadata.
+// traversal strip, the latent grids); /api/samples gives judged samples from N(0, I). Everything about a
+// model's shape (image size, latent dimension) comes from the served metadata.
 
 import { Link, base64ToBytes, bytesToBase64, getJSON, postJSON } from "./api.js";
 import { drawingPad } from "./draw.js";
@@ -123,7 +123,7 @@ async function load() {
     }
     if (!known || known.info.name !== info.name || known.info.version !== info.version) {
       state.models[kind] = { info, stats: null };
-      state.inputs.forEach((item) => { delete item.latents[kind]; });
+      state.inputs.forEach((item) => { delete item.latents[kind]; delete item.spreads[kind]; });
       state.encodeError[kind] = "";
       clearSamples(kind); // another model's samples: drawn again below, by this one
       // another version's space: the black line's coordinates meant a point of the old one, and are taken
@@ -178,7 +178,7 @@ function forget(kind) {
   state.shown[kind] = null;
   state.decoderError[kind] = "";
   state.encodeError[kind] = "";
-  state.inputs.forEach((item) => { delete item.latents[kind]; });
+  state.inputs.forEach((item) => { delete item.latents[kind]; delete item.spreads[kind]; });
   clearSamples(kind);
   blank($(`output-${kind}`));
   $(`output-${kind}`).parentElement.classList.remove("stale");
@@ -381,8 +381,7 @@ function renderPlots() {
     if (!model || !axes || !state.z[kind]) { plots[kind].setView({ axes: [], recon: [], lines: [] }); continue; }
     const lines = state.selected
       .filter((i) => state.inputs[i]?.latents[kind])
-      .map((i) => ({ values: state.inputs[i].latents[kind], spread: state.inputs[i].spreads[kind] || null,
-                     colour: colourOf(i), index: i, name: displayName(state.inputs[i]) }));
+      .map((i) => ({ values: state.inputs[i].latents[kind], colour: colourOf(i), index: i, name: displayName(state.inputs[i]) }));
     plots[kind].setView({
       axes, violins: model.stats?.dims || [], lines, recon: state.z[kind],
       selectedDim: Math.min(state.selectedDim[kind], axes.length - 1),
