@@ -214,4 +214,7 @@ def test_sigterm_stops_training_and_its_workers_with_one_line(mnist_root: Path, 
     assert "epoch 1/20" not in resumed.stdout, resumed.stdout  # it went on from the checkpoint, not from the start
     [version] = ModelRepository(models).versions()["vae"]
     assert version.manifest.training["epochs"] == 20
+    # its seconds are the resumed session's, and the manifest and the last line say so
+    assert "seconds cover this session" in version.manifest.training["resumed"]
+    assert "of 20 epochs)" in resumed.stdout and "this session, resumed:" in resumed.stdout
     assert not list((tmp_path / "ray").iterdir())  # the finished run's checkpoints are gone

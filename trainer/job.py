@@ -189,7 +189,17 @@ def _fit(config: TrainConfig, archs: dict[str, Architecture], refs: dict[str, An
     metrics = dict(result.metrics)
     if epoch_seconds:
         metrics["epoch_seconds"] = sum(epoch_seconds.values()) / len(epoch_seconds)
+    metrics["session_epochs"] = len(epoch_seconds)  # fewer than the run's when it was resumed
     return state["models"], metrics
+
+
+def _resumed(session_epochs: int | None, epochs: int) -> dict[str, Any]:
+    """The manifest's word on a run resumed from a checkpoint: which epochs its `seconds` and `epoch_seconds`
+    cover (a run resumed after its last epoch recorded 19.6 s having trained none)."""
+    if session_epochs is None or session_epochs >= epochs:
+        return {}
+    return {"resumed": f"resumed from a checkpoint: seconds cover this session, {session_epochs} of the {epochs} "
+                       "epochs" + ("" if session_epochs else " (none: it had trained them all before its stop)")}
 
 
 def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mnist, train_count: int,
@@ -205,7 +215,9 @@ def _manifest(kind: str, config: TrainConfig, arch: Architecture, data: mnist.Mn
                   "epoch_seconds": round(run_metrics["epoch_seconds"], 2),  # the mean over the epochs
                   # only when it is so: a run of one model (--models ae) said that the AE and the VAE trained
                   **({"note": "the AE and the VAE train together, so seconds cover both"}
-                     if len(config.models) > 1 else {})},
+                     if len(config.models) > 1 else {}),
+                  # a resumed run's seconds are this session's alone: said, rather than passed off as the run's
+                  **_resumed(run_metrics.get("session_epochs"), config.epochs)},
         data={"dataset": "MNIST", "source": data.source, "sha256": data.sha256,
               "train_images": train_count, "test_images": len(data.test.images),
               "preprocessing": "28x28 zero-padded to 32x32, scaled to [0, 1]"},
@@ -416,8 +428,10 @@ def _train_and_write(config: TrainConfig, archs: dict[str, Architecture], reposi
               f"nats/img", flush=True)
         written.append(version)
         _record_written(config, run_name, written)
-    print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch on average)",
-          flush=True)
+    session = metrics.get("session_epochs")
+    resumed = f"; this session, resumed: {session} of {config.epochs} epochs" if _resumed(session, config.epochs) else ""
+    print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch on average"
+          f"{resumed})", flush=True)
 
 
 def _record_written(config: TrainConfig, run_name: str, written: list[Version]) -> None:

@@ -405,3 +405,33 @@ def test_a_model_is_not_written_under_the_other_kinds_name(tmp_path: Path,
         TrainConfig(models=("ae",), name="vae")
     assert TrainConfig(models=("ae",), name="ae").target_name("ae") == "ae"
     assert TrainConfig(models=("vae",), name="vae-2d").target_name("vae") == "vae-2d"
+
+
+def test_a_resumed_run_says_its_seconds_are_the_sessions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A run resumed after its stop recorded `seconds` and `epoch_seconds` of the resumed session alone as the
+    run's (19.6 s for a 4-epoch run that had trained all its epochs before the stop): the manifest says which
+    epochs they cover, and the last line says it too; a run trained in one session says nothing of it."""
+    from aevae.models import build
+    from aevae.repository import ModelRepository
+    from aevae.trainer import job
+
+    def fit_with(session_epochs: int) -> Any:
+        def trained(config: Any, archs: dict, refs: Any, run_name: str) -> tuple[dict, dict]:
+            figures = {"train_loss": 700.0, "test_bce": 700.0, "test_kl": 0.0, "test_loss": 700.0}
+            return ({name: build(arch).state_dict() for name, arch in archs.items()},
+                    {**{name: figures for name in archs}, "epoch_seconds": 1.0, "session_epochs": session_epochs})
+        return trained
+
+    for session, folder in ((1, "resumed"), (3, "whole")):
+        _fake_run(monkeypatch, fit=fit_with(session))
+        assert cli.main(["train", "--models", "ae", "--epochs", "3", "--hidden", "16", "--models-dir",
+                         str(tmp_path / folder), "--storage-path", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    [[resumed]] = ModelRepository(tmp_path / "resumed").versions().values()
+    assert resumed.manifest.training["resumed"] == ("resumed from a checkpoint: seconds cover this session, 1 of "
+                                                    "the 3 epochs")
+    [[whole]] = ModelRepository(tmp_path / "whole").versions().values()
+    assert "resumed" not in whole.manifest.training
+    assert out.count("this session, resumed: 1 of 3 epochs") == 1
+    assert job._resumed(0, 4)["resumed"].endswith("(none: it had trained them all before its stop)")
