@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-KINDS = ("ae", "vae")
+from aevae.manifest import KINDS  # the model kinds have one owner, the manifest
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from aevae.errors import UserError
 
     check_flags(args)
+    security = security_options(args)
     if args.version is None and not args.overwrite:
         args.version = started_version(Path(args.output), args.op, args.model)
         if args.version is not None and not args.quiet:
@@ -243,7 +244,7 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
         cls = DecoderClient if service == "decoder" else EncoderClient
         try:
-            client = cls(targets, timeout=args.timeout, **security_options(args))
+            client = cls(targets, timeout=args.timeout, **security)
         except AevaeError as exc:  # a target that is not host:port, a name that does not resolve
             raise UserError(f"--{service} {targets}: {exc.details()}") from None
         try:
@@ -253,8 +254,8 @@ def build(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             client.close()
             raise
     else:
-        if security_options(args):
-            given = ", ".join(f"--{name.replace('_', '-')}" for name in security_options(args))
+        if security:
+            given = ", ".join(f"--{name.replace('_', '-')}" for name in security)
             raise UserError(f"{given}: how to reach running services, which --{service} names; the Ray engine "
                             "reads the model repository itself")
         ref = models.resolve(args.models_dir, args.model, args.version, args.precision or "fp32")

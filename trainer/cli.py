@@ -49,12 +49,13 @@ def config_from_args(args: argparse.Namespace):
     import os
 
     from aevae.errors import UserError, require_positive
+    from aevae.manifest import KINDS
     from aevae.trainer.config import TrainConfig
 
     for name in ("epochs", "batch_size", "lr", "latent_dim", "train_limit", "num_workers", "cpus_per_worker"):
         require_positive("--" + name.replace("_", "-"), getattr(args, name))
     models = tuple(dict.fromkeys(m.strip() for m in args.models.split(",") if m.strip()))  # once each, in order
-    if not models or any(m not in ("ae", "vae") for m in models):
+    if not models or any(m not in KINDS for m in models):
         raise UserError(f"--models accepts a comma-separated list of ae and vae, got {args.models!r}")
     if args.name and len(models) != 1:
         raise UserError("--name needs exactly one model in --models")

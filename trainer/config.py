@@ -7,6 +7,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aevae.manifest import KINDS
 from aevae.repository import NAME_PATTERN
 
 # Training precisions: "fp32", or "bf16" (CPU autocast: the matrix products in bfloat16; the loss, the master
@@ -73,8 +74,7 @@ class TrainConfig:
         if self.name is not None and not NAME_PATTERN.match(self.name):
             raise ValueError(f"--name {self.name!r} is not a model name: 1 to 64 lowercase letters, digits, '.', "
                              f"'_' or '-', starting with a letter or digit, e.g. ae-2d ({NAME_PATTERN.pattern})")
-        kinds = ("ae", "vae")
-        if self.name in kinds and tuple(self.models) != (self.name,):
+        if self.name in KINDS and tuple(self.models) != (self.name,):
             # `--models vae --name ae` wrote a VAE as the newest "ae": every client asking for the AE got a VAE
             raise ValueError(f"--name {self.name} is where the {self.name.upper()} versions go; write the "
                              f"{'/'.join(self.models).upper()} under its own name (leave --name out) or another, "

@@ -429,7 +429,8 @@ def _train_and_write(config: TrainConfig, archs: dict[str, Architecture], reposi
         written.append(version)
         _record_written(config, run_name, written)
     session = metrics.get("session_epochs")
-    resumed = f"; this session, resumed: {session} of {config.epochs} epochs" if _resumed(session, config.epochs) else ""
+    resumed = (f"; this session, resumed: {session} of {config.epochs} epochs"
+               if _resumed(session, config.epochs) else "")
     print(f"trained {', '.join(archs)} in {seconds:.0f}s ({metrics['epoch_seconds']:.1f}s per epoch on average"
           f"{resumed})", flush=True)
 

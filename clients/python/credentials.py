@@ -265,8 +265,8 @@ class ChannelSecurity:
             hint = ""
             if code == grpc.StatusCode.UNAUTHENTICATED:
                 hint = ("" if self.has_token else
-                        f" (this client sent no token: pass token= (--token-file to the aevae commands) or set {ENV_TOKEN} / "
-                        f"{ENV_TOKEN_FILE})")
+                        f" (this client sent no token: pass token= (--token-file to the aevae commands) or set "
+                        f"{ENV_TOKEN} / {ENV_TOKEN_FILE})")
             elif code == grpc.StatusCode.UNAVAILABLE:
                 if not self.tls and ("socket closed" in lowered or "connection reset" in lowered
                                      or "ssl" in lowered or "handshake" in lowered or "eof" in lowered):
@@ -293,8 +293,7 @@ class ChannelSecurity:
                 elif self.tls and "socket closed" in lowered:  # a client certificate was sent, and refused
                     hint = (f"; the server at {target} closed the TLS connection: if it requires mutual TLS, "
                             f"the client certificate (tls_cert=, --tls-cert or {ENV_CERT}) must be signed by a CA "
-                            "it trusts "
-                            "for clients, and be valid now")
+                            "it trusts for clients, and be valid now")
             return AevaeError(code, details + hint) if hint else error
         return explain
 
