@@ -138,21 +138,23 @@ _HANDLERS = {
 
 
 def register(servicer: Any, server: grpc.aio.Server, service: ServiceDescriptor, max_message_bytes: int,
-             split: bool = True) -> None:
+             split: bool = True, name: str | None = None) -> None:
     """Adds `servicer`'s methods for `service` to `server`, like the generated add_*_to_server, but with
     request parsing that turns bad bytes and over-limit messages into `Unreadable` for the handler (`split`:
-    see _parser)."""
+    see _parser). `name`: serve them under another service name whose messages are the same on the wire
+    (server reflection's v1, the same messages as the v1alpha that grpcio-reflection ships)."""
+    name = name or service.full_name
     handlers = {}
     implemented = [method.name for method in service.methods if hasattr(servicer, method.name)]
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         make = _HANDLERS[(method.client_streaming, method.server_streaming)]
-        behavior = getattr(servicer, method.name, None) or _unimplemented(service.full_name, method, implemented)
+        behavior = getattr(servicer, method.name, None) or _unimplemented(name, method, implemented)
         handlers[method.name] = make(behavior, request_deserializer=_parser(request_class, max_message_bytes, split),
                                      response_serializer=_serializer(response_class))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class Parsing:

@@ -78,6 +78,9 @@ def quiet_ended_call_writes() -> None:
 # event loop) before serve() returns; a bound, so that a handler that will not end cannot hold up the exit.
 CUT_CALLS_SECONDS = 1.0
 
+# Server reflection's current name; its messages are v1alpha's on the wire (see where it is registered).
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
 
 async def settle_calls(timeout: float) -> None:
     """Waits, at most `timeout` seconds, for the tasks still running on the loop (the calls that server.stop cut at
@@ -243,7 +246,11 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     add_health(server)
     names = (service.full_name, OIP.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection_service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
-    register(Parsing(reflection.aio.ReflectionServicer(names), reflection_service), server, reflection_service, size)
+    reflecting = Parsing(reflection.aio.ReflectionServicer(names), reflection_service)
+    register(reflecting, server, reflection_service, size)
+    # grpc.reflection.v1 too, which grpcurl, Postman and grpcui ask first (v1alpha is its wire-identical
+    # predecessor, the only one grpcio-reflection ships): they then need no fallback
+    register(reflecting, server, reflection_service, size, name=REFLECTION_V1)
     if settings.metrics_port is not None:
         from aevae.services.metrics import serve_metrics
 

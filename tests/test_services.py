@@ -215,6 +215,24 @@ def test_health_and_reflection_need_no_proto_files(servers) -> None:
             assert "ListModels" in methods and ("DecodeStream" in methods or "EncodeStream" in methods)
 
 
+def test_reflection_answers_under_v1_as_well_as_v1alpha(servers) -> None:
+    """grpcurl, Postman and grpcui ask grpc.reflection.v1 first: it answers, with v1alpha's messages (the
+    same on the wire), listing the services and describing the API."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(servers["decoder"].address) as channel:
+        for version in ("v1", "v1alpha"):
+            reflect = channel.stream_stream(f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                                            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                                            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+            listed, described = reflect(iter([
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol="aevae.v1.Decoder")]), timeout=10)
+            assert "aevae.v1.Decoder" in {s.name for s in listed.list_services_response.service}
+            files = described.file_descriptor_response.file_descriptor_proto
+            assert any(b"DecodeStream" in f for f in files), version
+
+
 def test_encode_sample_is_seeded_and_the_ae_has_no_log_variance(enc) -> None:
     images = to_tensor(np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8))
     first, again, other = (enc.Encode(encoder_pb2.EncodeRequest(model="vae", images=images, sample=True, seed=s))
