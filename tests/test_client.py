@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from aevae import allocation
-from aevae.client import (AevaeError, AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncodeResult,
-                          EncoderClient, ModelInfo)
+from aevae.client import (AevaeError, AsyncDecoderClient, AsyncEncoderClient, DecodeResult, DecoderClient,
+                          EncodeResult, EncoderClient, ModelInfo)
 from aevae.client import decoder as decoder_module
 from aevae.services.process import ServiceProcess
 from aevae.store import ModelStore
-from helpers import run_aevae, write_tiny
+from helpers import run_aevae, running, write_tiny
 
 # Small messages, so that a few hundred images already need the streaming RPCs.
 MAX_MESSAGE = 256 * 1024
@@ -223,6 +223,31 @@ def test_a_decode_whose_server_is_killed_and_restarted_midway_comes_back_whole(
     assert answered[0] == 74  # the ten answered before the kill were not asked for again
 
 
+def test_decode_result_names_the_version_that_decoded_the_images(tmp_path: Path) -> None:
+    """Unpinned, the newest version decodes and the result says which; pinned, that one: unary, streamed and
+    fanned out, sync and async, each result's images that version's own."""
+    for seed in (1, 2):
+        write_tiny(tmp_path, "vae", seed=seed)
+    store = ModelStore(tmp_path)
+    z = np.random.default_rng(0).normal(size=(300, 4)).astype(np.float32)  # 300 x 4 KiB: streamed in chunks of 64
+    with running(tmp_path, ["--max-message-bytes", str(MAX_MESSAGE)], kinds=("decoder",)) as up:
+        address = up["decoder"].address
+        with DecoderClient(address, stream_chunk=64) as one, \
+                DecoderClient([address, f"localhost:{address.rsplit(':', 1)[1]}"], stream_chunk=64) as fan:
+            for client in (one, fan):
+                for rows, version, expected in ((3, None, 2), (300, None, 2), (3, 1, 1), (300, 1, 1)):
+                    result = client.decode_result(z[:rows], version=version)
+                    assert isinstance(result, DecodeResult) and (result.model, result.version) == ("vae", expected)
+                    np.testing.assert_allclose(result.images, store.get("vae", expected).decode(z[:rows]), atol=1e-5)
+                    np.testing.assert_array_equal(client.decode(z[:rows], version=version), result.images)
+
+        async def unpinned_async() -> list[int]:
+            async with AsyncDecoderClient(address, stream_chunk=64) as client:
+                return [(await client.decode_result(z[:rows])).version for rows in (3, 300)]
+
+        assert asyncio.run(unpinned_async()) == [2, 2]
+
+
 def test_health(enc, dec) -> None:
     assert enc.health() == "SERVING" and dec.health() == "SERVING"
 
@@ -346,6 +371,7 @@ def test_cli_encode_prints_latents_and_decode_writes_a_png(servers, enc, dec, di
     out = tmp_path / "out.png"
     done = run_aevae("decode", ",".join(map(str, z)), "-o", str(out), "--decoder", servers["decoder"])
     assert done.returncode == 0, done.stderr
+    assert f"wrote {out} (1 image of vae/1, 32x32)" in done.stdout  # the version that decoded it
     written = np.asarray(Image.open(out))
     assert written.shape == (32, 32)
     np.testing.assert_array_equal(written, dec.decode(z, dtype="uint8")[0])

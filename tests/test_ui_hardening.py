@@ -250,7 +250,8 @@ def test_a_decode_pins_the_version_the_page_shows(decoder: ServiceProcess, model
             replies = []
             for message in ({"op": "decode", "id": 1, "model": "vae", "version": 1, "latents": z},
                             {"op": "decode", "id": 2, "model": "vae", "version": True, "latents": z},
-                            {"op": "decode", "id": 3, "model": "vae", "version": 99, "latents": z}):
+                            {"op": "decode", "id": 3, "model": "vae", "version": 99, "latents": z},
+                            {"op": "decode", "id": 4, "model": "vae", "latents": z}):
                 await ws.send_json(message)
                 reply = await ws.receive_json(timeout=20)
                 while reply["op"] == "status":  # broadcasts when a service's state changes
@@ -258,12 +259,18 @@ def test_a_decode_pins_the_version_the_page_shows(decoder: ServiceProcess, model
                 replies.append(reply)
             return replies
 
-    pinned, boolean, unknown = run(decoder, scenario)
+    pinned, boolean, unknown, newest = run(decoder, scenario)
     assert pinned["op"] == "decoded" and pinned["version"] == 1
     images = np.frombuffer(base64.b64decode(pinned["images"][0]), np.uint8).reshape(1, *pinned["shape"])
     np.testing.assert_array_equal(images, old)  # version 1's weights, whatever the newest is
     assert boolean["op"] == "error" and "'version' must be a model version" in boolean["error"]
     assert unknown["op"] == "error" and "version 99" in unknown["error"]
+    # without a version: the newest (1 or 2, as the decoder has seen version 2 yet or not), and the reply
+    # says which (it said null), its images that version's
+    assert newest["op"] == "decoded" and newest["version"] in (1, 2)
+    images = np.frombuffer(base64.b64decode(newest["images"][0]), np.uint8).reshape(1, *newest["shape"])
+    expected = ModelStore(models).get("vae", newest["version"]).decode(np.asarray(z, np.float32), dtype="uint8")
+    np.testing.assert_array_equal(images, expected)
 
 
 async def _raw_http(base: str, head: bytes) -> tuple[int, bytes]:

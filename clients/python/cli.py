@@ -178,9 +178,10 @@ def decode(args: argparse.Namespace) -> int:
     Image = _pillow()
     try:
         with DecoderClient(args.decoder, timeout=args.timeout, **security_options(args)) as client:
-            images = client.decode(latents, model=args.model, version=args.version, dtype="uint8")
+            decoded = client.decode_result(latents, model=args.model, version=args.version, dtype="uint8")
     except AevaeError as exc:
         raise UserError(f"{args.decoder}: {exc}") from None
+    images = decoded.images
     check_png_size(len(images), images.shape[1], images.shape[2], args.scale)
     row = np.concatenate(list(images), axis=1)
     if args.scale > 1:
@@ -191,5 +192,6 @@ def decode(args: argparse.Namespace) -> int:
         Image.fromarray(row).save(args.output, format=None if os.path.splitext(args.output)[1] else "PNG")
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot write {args.output}: {exc}") from None
-    print(f"wrote {args.output} ({len(images)} image{'s' if len(images) > 1 else ''}, {row.shape[1]}x{row.shape[0]})")
+    print(f"wrote {args.output} ({len(images)} image{'s' if len(images) > 1 else ''} of {decoded.model}/"
+          f"{decoded.version}, {row.shape[1]}x{row.shape[0]})")
     return 0

@@ -20,6 +20,7 @@ from aevae.client.base import AsyncClient, SyncClient
 from aevae.client.core import (ServerLimits, Unlisted, bulk_stub, model_name, output_dtype, prepare_latents,
                                located, reading, restarts_big, spans, wire_version)
 from aevae.client.errors import AevaeError, bad_answer
+from aevae.client.results import DecodeResult
 from aevae.v1 import decoder_pb2, decoder_pb2_grpc
 from aevae.v1.tensors import TensorResponse, to_tensor
 
@@ -81,11 +82,11 @@ class _Plan:
                              f"{asked}")
         return response
 
-    def unary_result(self, response: TensorResponse | AevaeError) -> np.ndarray:
-        images = self._checked(response, len(self.z), "the response").array
-        out = allocation.empty(images.shape, images.dtype)
-        out[...] = images
-        return out
+    def unary_result(self, response: TensorResponse | AevaeError) -> DecodeResult:
+        checked = self._checked(response, len(self.z), "the response")
+        out = allocation.empty(checked.array.shape, checked.array.dtype)
+        out[...] = checked.array
+        return DecodeResult(out, self.model, int(checked.version))
 
     def add(self, response: TensorResponse | AevaeError) -> None:
         if self.received >= len(self.spans):
@@ -102,11 +103,11 @@ class _Plan:
     def located(self, error: AevaeError) -> AevaeError:
         return located(error, self.spans, self.first, "latents", self.received)
 
-    def result(self) -> np.ndarray:
+    def result(self) -> DecodeResult:
         if self.received != len(self.spans) or self.out is None:
             raise AevaeError(grpc.StatusCode.INTERNAL,
                              f"the stream ended after {self.received} of {len(self.spans)} responses")
-        return self.out
+        return DecodeResult(self.out, self.model, int(self.version))  # pinned by the first answer
 
 
 _parse = reading(TensorResponse.parse)  # the images read without copying them
@@ -128,6 +129,12 @@ class DecoderClient(SyncClient):
     def decode(self, latents: object, model: str = "vae", version: int | None = None, dtype: str = "float32",
                *, timeout: float | None = None) -> np.ndarray:
         """N x d latents (or one d-vector) -> N x H x W images, float32 in [0, 1] or uint8."""
+        return self.decode_result(latents, model, version, dtype, timeout=timeout).images
+
+    def decode_result(self, latents: object, model: str = "vae", version: int | None = None,
+                      dtype: str = "float32", *, timeout: float | None = None) -> DecodeResult:
+        """As `decode`, with the model and the version that decoded the images (the newest when `version` is
+        None: a version written during a session changes the images a latent gives)."""
         model, latents = model_name(model), prepare_latents(latents)  # refused before any call
         if self._fanout is not None:
             return fanout.decode(self._fanout, latents, model, version, dtype, self._fanned(timeout), self.stream_chunk)
@@ -141,7 +148,7 @@ class DecoderClient(SyncClient):
             response = self._retry(lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))
             return plan.unary_result(response)
 
-        def stream(remaining: float | None) -> np.ndarray:
+        def stream(remaining: float | None) -> DecodeResult:
             # resumed: wait for the server to be back (within the deadline; with none, fail at once)
             resumed = plan.received > 0 and remaining is not None
             for response in self._stub.DecodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
@@ -163,6 +170,11 @@ class AsyncDecoderClient(AsyncClient):
     async def decode(self, latents: object, model: str = "vae", version: int | None = None,
                      dtype: str = "float32", *, timeout: float | None = None) -> np.ndarray:
         """As DecoderClient.decode."""
+        return (await self.decode_result(latents, model, version, dtype, timeout=timeout)).images
+
+    async def decode_result(self, latents: object, model: str = "vae", version: int | None = None,
+                            dtype: str = "float32", *, timeout: float | None = None) -> DecodeResult:
+        """As DecoderClient.decode_result."""
         model, latents = model_name(model), prepare_latents(latents)
         if self._fanout is not None:
             return await fanout.decode_async(self._fanout, latents, model, version, dtype, self._fanned(timeout),
@@ -178,7 +190,7 @@ class AsyncDecoderClient(AsyncClient):
                 lambda: self._stub.Decode(plan.request(*plan.spans[0]), timeout=deadline))
             return plan.unary_result(response)
 
-        async def stream(remaining: float | None) -> np.ndarray:
+        async def stream(remaining: float | None) -> DecodeResult:
             resumed = plan.received > 0 and remaining is not None
             async for response in self._stub.DecodeStream(plan.requests(), timeout=remaining, wait_for_ready=resumed):
                 plan.add(response)

@@ -34,7 +34,7 @@ import numpy as np
 from aevae import allocation
 from aevae.client.core import Retry, prepare_images, prepare_latents
 from aevae.client.errors import AevaeError, bad_answer, invalid
-from aevae.client.results import EncodeResult
+from aevae.client.results import DecodeResult, EncodeResult
 
 DNS_SCHEME = "dns:///"
 # host:port or [v6]:port, the forms whose port this client can check: gRPC reads a port past 65535 modulo 2^16
@@ -462,35 +462,41 @@ def _newest(infos: list[Any], model: str) -> int | None:
 
 
 def decode(fan: SyncFanOut, latents: object, model: str, version: int | None, dtype: str,
-           deadline: Deadline, chunk: int) -> np.ndarray:
+           deadline: Deadline, chunk: int) -> DecodeResult:
     z = prepare_latents(latents)
     if z.ndim != 2 or len(z) <= chunk:
-        return fan.first(lambda c, t: c.decode(z, model, version, dtype, timeout=t), deadline)
+        return fan.first(lambda c, t: c.decode_result(z, model, version, dtype, timeout=t), deadline)
     if not version:
         version = fan.first(lambda c, t: _newest(c.list_models(timeout=t), model), deadline)
     out = Assembler(len(z))
+    served: list[DecodeResult] = []
 
     def run(client: Any, start: int, stop: int, timeout: float) -> None:
-        out.put(start, {"images": client.decode(z[start:stop], model, version, dtype, timeout=timeout)})
+        result = client.decode_result(z[start:stop], model, version, dtype, timeout=timeout)
+        out.put(start, {"images": result.images})
+        served.append(result)
 
     fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run, deadline)
-    return out.array("images")
+    return DecodeResult(out.array("images"), served[0].model, served[0].version)
 
 
 async def decode_async(fan: AsyncFanOut, latents: object, model: str, version: int | None, dtype: str,
-                       deadline: Deadline, chunk: int) -> np.ndarray:
+                       deadline: Deadline, chunk: int) -> DecodeResult:
     z = prepare_latents(latents)
     if z.ndim != 2 or len(z) <= chunk:
-        return await fan.first(lambda c, t: c.decode(z, model, version, dtype, timeout=t), deadline)
+        return await fan.first(lambda c, t: c.decode_result(z, model, version, dtype, timeout=t), deadline)
     if not version:
         version = _newest(await fan.first(lambda c, t: c.list_models(timeout=t), deadline), model)
     out = Assembler(len(z))
+    served: list[DecodeResult] = []
 
     async def run(client: Any, start: int, stop: int, timeout: float) -> None:
-        out.put(start, {"images": await client.decode(z[start:stop], model, version, dtype, timeout=timeout)})
+        result = await client.decode_result(z[start:stop], model, version, dtype, timeout=timeout)
+        out.put(start, {"images": result.images})
+        served.append(result)
 
     await fan.spans(len(z), span_rows(len(z), len(fan.replicas), chunk), run, deadline)
-    return out.array("images")
+    return DecodeResult(out.array("images"), served[0].model, served[0].version)
 
 
 def _encoded(out: Assembler, model: str, version: int | None) -> EncodeResult:

@@ -22,6 +22,13 @@ class EncodeResult:
 
 
 @dataclass(frozen=True)
+class DecodeResult:
+    images: np.ndarray  # N x H x W, float32 in [0, 1] or uint8
+    model: str
+    version: int  # the version that decoded them: the one asked for, or the newest when none was
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     version: int  # the newest loadable (0 when none loads)

@@ -335,16 +335,17 @@ async def post_samples(request: web.Request) -> web.Response:
                                   f"no loadable version of model {name!r}: {reasons}")
         width = bounded_int(payload, "latent_dim", info.latent_dim, 1, MAX_LATENT_DIM)
         latents = np.random.default_rng(seed).standard_normal((count, width)).astype(np.float32)
-        images = await decoder.call(lambda client: client.decode(latents, model=name, version=version,
-                                                                 dtype="float32"))
+        decoded = await decoder.call(lambda client: client.decode_result(latents, model=name, version=version,
+                                                                         dtype="float32"))
     except (BadRequest, ServiceDown, RequestRejected) as exc:
         status, body = error_body(exc)
         return web.json_response(body, status=status)
+    images = decoded.images
     judge = request.app[JUDGE]
     why_not = judge.unavailable_for(images.shape[1:])
     pixels = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)  # for display; judged as floats
     return web.json_response({
-        "model": name, "version": version or info.version, "seed": seed, "shape": list(images.shape[1:]),
+        "model": name, "version": decoded.version, "seed": seed, "shape": list(images.shape[1:]),
         "latents": rows(latents), "images": to_base64(pixels),
         "verdicts": None if why_not else judge.judge(images).as_dict(), "unjudged": why_not,
     })
@@ -356,10 +357,10 @@ async def decode_reply(app: web.Application, message: dict[str, Any]) -> dict[st
     started = time.perf_counter()
     try:
         latents, name, version = parse_latents(message.get("latents")), model_name(message), model_version(message)
-        images = await app[LINKS].decoder.call(
-            lambda client: client.decode(latents, model=name, version=version, dtype="uint8"))
-        reply = {"op": "decoded", **base, "model": name, "version": version, "shape": list(images.shape[1:]),
-                 "images": to_base64(images)}
+        decoded = await app[LINKS].decoder.call(
+            lambda client: client.decode_result(latents, model=name, version=version, dtype="uint8"))
+        reply = {"op": "decoded", **base, "model": name, "version": decoded.version,
+                 "shape": list(decoded.images.shape[1:]), "images": to_base64(decoded.images)}
     except (BadRequest, ServiceDown, RequestRejected) as exc:
         reply = {"op": "error", **base, **error_body(exc)[1]}
     if ROUND_TRIP in app:

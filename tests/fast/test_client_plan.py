@@ -55,7 +55,7 @@ def test_an_answer_that_is_not_what_was_asked_is_an_error_never_data() -> None:
     INTERNAL saying what was wrong, never images that are not its own (nor uninitialized rows)."""
     plan = _Plan(np.zeros((3, 4)), "vae", None, "float32", LIMITS, 4096)
     good = np.random.default_rng(0).random((3, 32, 32), dtype=np.float32)
-    assert np.array_equal(plan.unary_result(_parse(_answer(good))), good)
+    assert np.array_equal(plan.unary_result(_parse(_answer(good))).images, good)
     for answer, words in [(_answer(good[:2]), "shape [2, 32, 32]; asked for 3 of float32"),
                           (_answer((good * 255).astype(np.uint8)), "uint8 images"),
                           (_answer(good.reshape(3, 1024)), "shape [3, 1024]"),
@@ -122,7 +122,7 @@ def test_an_answer_from_another_model_or_version_or_of_another_shape_than_listed
     with pytest.raises(AevaeError, match=r"from model 'vae' version 7; asked for 'vae' version 3"):
         pinned.unary_result(_parse(answer("vae", 7, (32, 32))))
     other = _Plan(np.zeros((2, 8)), "vae", 2, "float32", LISTED, 4096)  # another version: its own shape
-    assert other.unary_result(_parse(answer("vae", 2, (16, 16)))).shape == (2, 16, 16)
+    assert other.unary_result(_parse(answer("vae", 2, (16, 16)))).images.shape == (2, 16, 16)
 
 
 def test_encoder_messages_are_sized_by_the_model_s_latent_width() -> None:
