@@ -42,6 +42,9 @@ def _common(p: argparse.ArgumentParser, service: str, port: int) -> None:
                    help="rows per output file and per unit of work and retry (default 65536)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace what --output holds when it is another job (default: refuse)")
+    p.add_argument("--verify", action="store_true",
+                   help="on a rerun, read every finished shard whole (checksums) and make the damaged ones again "
+                   "(default: a shard whose index is whole counts as done)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress line")
     ray = p.add_argument_group("engine: Ray Data (the default)")
     ray.add_argument("--models-dir", default=None,
@@ -278,13 +281,15 @@ def run(args: argparse.Namespace) -> int:
 
     job, client, service = build(args)
     try:
-        plan = prepare(job, overwrite=args.overwrite, note=say)
+        plan = prepare(job, overwrite=args.overwrite, note=say, verify=args.verify)
     except BaseException:
         if client is not None:
             client.close()
         raise
     where = f"{len(client.targets)} {service} replica(s)" if client else "Ray Data"
-    redone = f" ({plan.redone} made again: their input rows changed)" if plan.redone else ""
+    again = ([f"{plan.redone} made again: their input rows changed"] if plan.redone else []) + \
+        ([f"{plan.damaged} made again: damaged"] if plan.damaged else [])
+    redone = f" ({'; '.join(again)})" if again else ""
     precision = f" in {job.model.precision}" if job.model.precision != "fp32" else ""
     say(f"{job.rows:,} rows of {job.model.name}/{job.model.number}{precision} in {job.shards:,} shards of {job.shard_size:,} -> "
         f"{job.sink.root} ({job.sink.format}); {plan.skipped_shards:,} shards done before{redone}; on {where}")

@@ -121,6 +121,7 @@ class Plan:
     job_file: Path
     record: dict[str, Any] = field(default_factory=dict)
     redone: int = 0  # finished shards removed because the input changed under them (their rows differ now)
+    damaged: int = 0  # finished shards removed because --verify found them damaged
 
 
 def run_shard(job: Job, model: Any, shard: int) -> dict[str, Any]:
@@ -210,7 +211,8 @@ def hold(root: Path) -> None:
     _HELD[key] = fd
 
 
-def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | None = None) -> Plan:
+def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | None = None,
+            verify: bool = False) -> Plan:
     """Creates the output folder or checks that it holds this same job; lists the shards still to do.
 
     "The same job" is `Job.describe()`: the op, the model, the input as named (path and rows, not size or
@@ -221,7 +223,9 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
     matches the rows the input holds now: a bad row fixed in place costs the shards around it, no other. Shards
     whose rows changed are removed before the job file records the input as it is now, so that no later run
     can take them for current. Finding the finished shards costs one listing of the folder, not a probe per
-    shard, so a job starts at once whatever its size. `note` hears what takes a while (that check)."""
+    shard, so a job starts at once whatever its size. `verify` reads every finished shard whole
+    (`Sink.intact`) and makes the damaged ones again, removing them first so that no later run takes them for
+    done. `note` hears what takes a while (those checks)."""
     root = job.sink.root
     job_file = root / JOB_FILE
     described = job.describe()
@@ -262,23 +266,27 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
     changed = record is not None and record.get("inputs") != stats
     if changed and parts and note is not None:
         note(f"the input changed since the last run: checking the {len(parts)} shards on disk against it")
-    done, stale = set(), []
+    if verify and parts and note is not None:
+        note(f"--verify: reading the {len(parts)} shards on disk whole")
+    done, stale, damaged = set(), [], []
     for shard in sorted(s for s in parts if s < job.shards):
         if not job.sink.done(shard, _rows(job, shard)):
             continue  # damaged: written again
-        if changed and job.sink.digest(shard) != input_digest(job.source.read(*job.span(shard))):
+        if verify and not job.sink.intact(shard):
+            damaged.append(shard)
+        elif changed and job.sink.digest(shard) != input_digest(job.source.read(*job.span(shard))):
             stale.append(shard)
         else:
             done.add(shard)
     new_record = {"job": described, "inputs": stats, "status": "running", "shards": job.shards}
     with _output_errors(root):
-        for shard in stale:
+        for shard in stale + damaged:
             job.sink.remove(shard)
         _write_json(job_file, new_record)
     todo = [shard for shard in range(job.shards) if shard not in done]
     skipped_rows = sum(_rows(job, shard) for shard in done)
     return Plan(todo=todo, skipped_shards=len(done), skipped_rows=skipped_rows, job_file=job_file,
-                record=new_record, redone=len(stale))
+                record=new_record, redone=len(stale), damaged=len(damaged))
 
 
 def on_disk(job: Job) -> int:

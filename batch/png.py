@@ -37,6 +37,36 @@ def encode_many(images: np.ndarray, level: int = LEVEL) -> list[bytes]:
     return out
 
 
+def intact(blob: bytes) -> bool:
+    """Whether a PNG file is whole: the signature, every chunk's CRC, an IEND at the end, and image data that
+    decompresses (zlib's own checksum). A disk fault or an edit that leaves the file's length alone fails one of
+    them; no image library needed."""
+    if not blob.startswith(SIGNATURE):
+        return False
+    at, data, kind = len(SIGNATURE), [], b""
+    while at + 12 <= len(blob):
+        (length,) = struct.unpack_from(">I", blob, at)
+        end = at + 12 + length
+        if end > len(blob):
+            return False
+        kind = blob[at + 4:at + 8]
+        body = blob[at + 8:end - 4]
+        if zlib.crc32(kind + body) != struct.unpack_from(">I", blob, end - 4)[0]:
+            return False
+        if kind == b"IDAT":
+            data.append(body)
+        at = end
+        if kind == b"IEND":
+            break
+    if kind != b"IEND" or at != len(blob):
+        return False
+    try:
+        zlib.decompress(b"".join(data))
+    except zlib.error:
+        return False
+    return True
+
+
 MAX_PIXELS = 1 << 24  # an image bigger than 4096 x 4096 is refused before it is decoded
 
 

@@ -301,6 +301,16 @@ def test_decode_batch_on_the_fleet_resumes_after_the_input_file_is_fixed(fleet, 
     table = pq.read_table(out)
     np.testing.assert_array_equal(table.column("id").to_numpy(), np.arange(5000))
     np.testing.assert_array_equal(np.stack(table.column("latent").to_numpy(zero_copy_only=False)), z)
+    # a byte of a finished shard's images flipped in place: --verify finds it and makes that shard again
+    damaged = out / "part-000001.parquet"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    damaged.write_bytes(bytes(data))
+    verified = subprocess.run([*command, "--verify"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert verified.returncode == 0, verified.stderr
+    assert "--verify: reading the 5 shards on disk whole" in verified.stderr, verified.stderr
+    assert "4 shards done before (1 made again: damaged);" in verified.stderr, verified.stderr
+    assert pq.read_table(out, page_checksum_verification=True).equals(table)
 
 
 def test_a_rerun_resumes_on_the_version_the_job_started_with(fleet, repo: Path, tmp_path: Path) -> None:

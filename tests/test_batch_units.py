@@ -391,6 +391,44 @@ def test_a_damaged_png_shard_is_made_again_whole(tiny_repo: Path, tmp_path: Path
     assert prepare(job).todo == [] and not list(out.glob(".part-*"))  # the old folder is gone too
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "npz", "png"])
+def test_verify_makes_again_a_shard_damaged_inside_a_whole_file(tiny_repo: Path, tmp_path: Path, fmt: str) -> None:
+    """One byte flipped inside a finished shard, its index (Parquet footer, zip directory, file count) left
+    whole: a plain rerun keeps it as done (it reads no shard's data); `--verify` reads every shard, removes the
+    damaged one and makes it again, keeping the others untouched."""
+    ref = resolve(str(tiny_repo), "vae", None)
+    out = tmp_path / "out"
+    job = Job("decode", ref, sources.Prior(300, 0, ref.latent_dim), Sink(out, fmt, id_digits=6), shard_size=100)
+    model = Loaded(ref)
+    for shard in prepare(job).todo:
+        run_shard(job, model, shard)
+    target = out / "part-000001" / "000150.png" if fmt == "png" else job.sink.path(1)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x40  # Parquet: inside the images' page, whose data its CRC covers
+    target.write_bytes(bytes(data))
+    others = {shard: job.sink.path(shard).stat().st_mtime_ns for shard in (0, 2)}
+    assert job.sink.done(1, 100) and prepare(job).todo == []  # its index is whole: kept without --verify
+    assert not job.sink.intact(1) and job.sink.intact(0) and job.sink.intact(2)
+    notes: list[str] = []
+    plan = prepare(job, note=notes.append, verify=True)
+    assert plan.todo == [1] and plan.damaged == 1 and plan.skipped_shards == 2 and not job.sink.path(1).exists()
+    assert notes == ["--verify: reading the 3 shards on disk whole"]
+    run_shard(job, model, 1)
+    assert job.sink.intact(1) and prepare(job, verify=True).todo == []
+    assert {shard: job.sink.path(shard).stat().st_mtime_ns for shard in (0, 2)} == others
+
+
+def test_png_intact_checks_every_chunk_and_the_image_data() -> None:
+    blob = png.encode_many(np.arange(64, dtype=np.uint8).reshape(1, 8, 8))[0]
+    assert png.intact(blob)
+    for broken in (blob[:-1], blob + b"x", b"GIF89a" + blob[6:], blob[:8] + blob[20:]):
+        assert not png.intact(broken)
+    for at in range(8, len(blob)):  # every single flipped bit past the signature is caught
+        flipped = bytearray(blob)
+        flipped[at] ^= 1
+        assert not png.intact(bytes(flipped)), at
+
+
 def test_a_job_file_that_cannot_be_written_at_the_end_is_one_line_and_leaves_no_temporary(
         tiny_repo: Path, tmp_path: Path, monkeypatch) -> None:
     """The disk filling with the last shard: every shard is on disk, and finishing says so in a UserError (one
