@@ -321,16 +321,21 @@ def add_graphs(repository: Any, version: Any, test_images: np.ndarray | None = N
         raise BrokenVersionError(f"broken: {broken_reason(exc)}") from None
     files = version.manifest.files
     runtimes: dict[str, Any] = {}
-    if ENCODER in files and DECODER in files:
-        graphs = {name: version.file(name).read_bytes() for name in (ENCODER, DECODER)}
-        new: dict[str, bytes] = {}
-    else:
-        graphs, runtimes["onnx"] = export(model)
-        new = dict(graphs)
-    if DECODER_INT8 not in files:
-        int8, entries = reduced_precision(graphs, model, test_images)
-        new.update(int8)
-        runtimes.update(entries)
+    # the graphs it has (checksummed by the load above) are kept; one missing of the two is exported anew
+    graphs = {name: version.file(name).read_bytes() for name in (ENCODER, DECODER) if name in files}
+    new: dict[str, bytes] = {}
+    try:
+        if len(graphs) < 2:
+            exported, runtimes["onnx"] = export(model)
+            new = {name: data for name, data in exported.items() if name not in graphs}
+            graphs = {**exported, **graphs}
+        if DECODER_INT8 not in files:
+            int8, entries = reduced_precision(graphs, model, test_images)
+            new.update(int8)
+            runtimes.update(entries)
+    except Exception as exc:  # noqa: BLE001 - a graph it holds that ONNX cannot read, or no export within tolerance
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BrokenVersionError(f"broken: cannot make its graphs ({first[:300]})") from None
     updated = repository.add_files(version, {name: bytes_writer(data) for name, data in new.items()},
                                    runtimes=runtimes)
     detail = f" (largest difference to torch {runtimes['onnx']['max_abs_diff']:.2g})" if "onnx" in runtimes else ""

@@ -41,6 +41,7 @@ WEIGHTS = "weights.pt"
 STATS = "latent_stats.json"
 HIGH_WATER = ".high-water"
 HIGH_WATER_LOCK = ".high-water.lock"  # updates of a model's high-water mark take turns on this file
+ADD_FILES_LOCK = ".add-files.lock"  # files added to a model's versions (add_files) take turns on this file
 MANIFEST_MAX_BYTES = 1 << 20  # a manifest is a few KiB (its latent statistics live in their own file)
 # latent_stats.json: about 0.2 MiB for a 4-d latent, growing by ~3 KiB per dimension; read whole and kept in
 # memory per loaded version, so a bigger one (a damaged or hostile file, checksummed or not) is refused.
@@ -505,36 +506,49 @@ class ModelRepository:
     def add_files(self, version: Version, writers: Mapping[str, FileWriter], **manifest_changes: Any) -> Version:
         """Adds files to an existing version (e.g. the ONNX graphs of one written before): each is written
         under a temporary name and renamed into place, then the manifest that lists them replaces the old one
-        atomically. The files it already lists are left as they are."""
-        clash = sorted(set(writers) & (set(version.manifest.files) | {MANIFEST}))
+        atomically. The files it already lists are left as they are.
+
+        Writers of one model take turns (a lock in the model's folder) and each reads the manifest anew under
+        it, so two commands adding the same files cannot remove each other's: the second finds them listed and
+        adds nothing. Once the new manifest is in place nothing is removed, whatever stops the call then (a
+        SIGTERM, a failing fsync): the files it lists are there."""
+        clash = sorted(set(writers) & {MANIFEST})
         if clash:
-            raise ValueError(f"{version} already has {clash}")
-        remove_stale(version.path)
-        checksums = {}
-        tmp = version.path / f".{MANIFEST}.incoming"
-        placed: list[Path] = []  # renamed into place, not yet listed: removed again if the manifest is not
-        try:
-            for filename, write in writers.items():
-                tmp = version.path / f".{filename}.incoming"
-                write(tmp)
+            raise ValueError(f"{version} cannot be given another {MANIFEST}")
+        with _locked(version.path.parent / ADD_FILES_LOCK):
+            version = self._check(version.name, version.number, version.path, self.root.resolve())
+            todo = {name: write for name, write in writers.items() if name not in version.manifest.files}
+            if not todo:
+                return version
+            remove_stale(version.path)
+            token = secrets.token_hex(6)  # the temporaries of a writer on another machine never clash
+            checksums = {}
+            tmp = version.path / f".{MANIFEST}.{token}.incoming"
+            placed: list[Path] = []  # renamed into place, not yet listed: removed again if the manifest is not
+            listed = False
+            try:
+                for filename, write in todo.items():
+                    tmp = version.path / f".{filename}.{token}.incoming"
+                    write(tmp)
+                    fsync_path(tmp)
+                    checksums[filename] = sha256_file(tmp)
+                    os.replace(tmp, version.path / filename)
+                    placed.append(version.path / filename)
+                changes = dict(manifest_changes)
+                if "runtimes" in changes:
+                    changes["runtimes"] = {**version.manifest.runtimes, **changes["runtimes"]}
+                manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
+                tmp = version.path / f".{MANIFEST}.{token}.incoming"
+                tmp.write_text(manifest.dumps())
                 fsync_path(tmp)
-                checksums[filename] = sha256_file(tmp)
-                os.replace(tmp, version.path / filename)
-                placed.append(version.path / filename)
-            changes = dict(manifest_changes)
-            if "runtimes" in changes:
-                changes["runtimes"] = {**version.manifest.runtimes, **changes["runtimes"]}
-            manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
-            tmp = version.path / f".{MANIFEST}.incoming"
-            tmp.write_text(manifest.dumps())
-            fsync_path(tmp)
-            os.replace(tmp, version.path / MANIFEST)
-            fsync_path(version.path)
-        except BaseException:  # a full disk: no file of this call stays behind (the version is as it was)
-            for path in [tmp, *placed]:
-                path.unlink(missing_ok=True)
-            raise
-        return self._check(version.name, version.number, version.path, self.root.resolve())
+                os.replace(tmp, version.path / MANIFEST)
+                listed = True
+                fsync_path(version.path)
+            except BaseException:  # a full disk: no file of this call stays behind (the version is as it was)
+                for path in [tmp, *([] if listed else placed)]:
+                    path.unlink(missing_ok=True)
+                raise
+            return self._check(version.name, version.number, version.path, self.root.resolve())
 
     def _next_number(self, model_dir: Path) -> int:
         """One past the high-water mark and every version folder's number (1 for a model not yet there)."""

@@ -22,6 +22,15 @@ def find(store: ModelStore) -> LoadedModel | None:
         return None
 
 
+def unfit(model: LoadedModel) -> str | None:
+    """Why a model found under NAME cannot stand for the 2-d AE (another kind, another latent size), or None."""
+    if model.manifest.kind != "ae" or model.latent_dim != LATENT_DIM:
+        kind = model.manifest.kind.upper()
+        return (f"{model.name}/{model.number} is {'an' if kind == 'AE' else 'a'} {kind} with a {model.latent_dim}-d "
+                f"latent; the comparison needs an AE with a {LATENT_DIM}-d latent")
+    return None
+
+
 def train(store: ModelStore, reference: LoadedModel, data_root: str | None, epochs: int | None = None,
           train_limit: int | None = None, storage_path: str | None = None) -> LoadedModel:
     """Trains `ae-2d` like `reference` (the 4-d AE) but with a 2-d latent; the trainer prints its progress."""
@@ -47,6 +56,8 @@ def train(store: ModelStore, reference: LoadedModel, data_root: str | None, epoc
         seed=int(training.get("seed", defaults.seed)),
         hidden=tuple(reference.manifest.architecture.get("hidden", defaults.hidden)),
         train_limit=train_limit or training.get("train_limit"),
+        # the AE's own precision: versions from before the setting trained in fp32
+        precision=str(training.get("precision", "fp32")),
         data_root=data_root, models_dir=str(store.repository.root), storage_path=storage_path,
     )
     subset = f"first {config.train_limit:,}" if config.train_limit else "all"

@@ -24,6 +24,8 @@ from aevae.inference import sample
 from aevae.store import ModelStore
 
 FIGURES = "figures"
+PAGE = "index.html"
+NUMBERS = "numbers.json"
 
 
 class Progress:
@@ -100,10 +102,18 @@ def prepare_out(out: Path) -> Path:
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out} is a file; the report is a folder (index.html, figures/, numbers.json): "
                           "pass a new or existing folder")
+    for name in (PAGE, NUMBERS):
+        if (out / name).is_dir():
+            raise ReportError(f"--out {out} holds a folder named {name}, where the report writes its {name}: "
+                              "pass another --out, or move that folder")
     try:
         (out / FIGURES).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out / FIGURES):
             pass
+        # An earlier report's page and numbers go now: a run stopped half way replaced some of its figures,
+        # and the old page would have shown them as its own. They come back, new, at the end.
+        for name in (PAGE, NUMBERS):
+            (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise ReportError(f"--out {out}: cannot write the report there ({exc.strerror or exc}); pass a folder "
                           "you can write") from None
@@ -125,7 +135,14 @@ def run(config: ReportConfig) -> dict[str, Any]:
     progress.say(f"MNIST from {data.source}; evaluating on {len(test):,} test images; models in {repository.root}")
 
     small = ae2d.find(store)
-    if small is None and config.ae2d:
+    unfit = ae2d.unfit(small) if small is not None else None
+    if unfit and config.ae2d:  # a 4-d AE written as ae-2d (--latent-dim forgotten) "supported" the claim
+        raise ReportError(f"{unfit}; write one with `aevae train --models ae --name {ae2d.NAME} --latent-dim "
+                          f"{ae2d.LATENT_DIM}`, or pass --no-ae2d to leave the 2-d comparison out")
+    if unfit:
+        progress.say(f"{unfit}: the 2-d comparison is left out (--no-ae2d)")
+        small = None
+    elif small is None and config.ae2d:
         with progress.part("ae2d_training", f"training {ae2d.NAME}"):
             small = ae2d.train(store, versions["ae"], config.data_root, config.ae2d_epochs,
                                config.ae2d_train_limit, config.storage_path)
@@ -137,6 +154,10 @@ def run(config: ReportConfig) -> dict[str, Any]:
     with progress.part("load", "loading models and encoding the test set"):
         models = versions
         stats = {name: m.latent_stats() for name, m in models.items()}
+        for name in ("ae", "vae"):
+            if not stats[name].get("pca"):  # the PCA figure is drawn from them (services take them as optional)
+                raise ReportError(f"{models[name].name}/{models[name].number}'s latent_stats.json holds no PCA, which "
+                                  "the report's PCA figure needs: write the version again with `aevae train`")
         encoded = {name: m.encode(test) for name, m in models.items()}
         means = {name: e[0] for name, e in encoded.items()}
         float_bce = {name: bce_per_image(m, means[name], test) for name, m in models.items()}
@@ -304,9 +325,9 @@ def run(config: ReportConfig) -> dict[str, Any]:
     numbers["claims"] = [c.as_dict() for c in claims.evaluate(numbers)]
     numbers["timings"] = {**progress.seconds, "total": round(time.perf_counter() - progress.started, 1)}
     numbers["figures"] = fig
-    (out / "numbers.json").write_text(json.dumps(numbers, indent=1, default=float) + "\n")
-    (out / "index.html").write_text(page.render(numbers))
-    progress.say(f"wrote {out / 'index.html'} ({len(fig)} figures, numbers in {out / 'numbers.json'})")
+    (out / NUMBERS).write_text(json.dumps(numbers, indent=1, default=float) + "\n")
+    (out / PAGE).write_text(page.render(numbers))
+    progress.say(f"wrote {out / PAGE} ({len(fig)} figures, numbers in {out / NUMBERS})")
     return numbers
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -151,7 +152,7 @@ def load_or_train(images: np.ndarray, labels: np.ndarray, train_sha256: str, cac
             classifier = DigitClassifier.load(path)
             say(f"digit classifier: cached {path}")
             return classifier
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:  # a cut-short file
             say(f"digit classifier: ignoring unreadable cache {path} ({exc})")
     say(f"digit classifier: training on {len(images):,} MNIST training images (PCA {RECIPE['components']} + "
         f"MLP {RECIPE['hidden']}) ...")

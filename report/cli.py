@@ -6,6 +6,11 @@ import argparse
 import errno
 
 
+MIN_TEST = 100
+MIN_CLASSIFIER = 1000
+MAX_SAMPLES = 100_000
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="measure the seed's figures and claims on the repository's models; "
                                       "writes an HTML page with PNG figures")
@@ -43,6 +48,16 @@ def config_from_args(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    # what the parts need: test pairs of different digits and 16 reconstructions (the first 100 test images
+    # hold every digit), a classifier's 50 PCA components and ten classes, samples that fit in memory
+    for name, least, most in (("test_limit", MIN_TEST, None), ("classifier_train_limit", MIN_CLASSIFIER, None),
+                              ("samples", 1, MAX_SAMPLES)):
+        value = getattr(args, name)
+        if value is not None and (value < least or (most is not None and value > most)):
+            span = f"from {least:,} to {most:,}" if most is not None else f"of at least {least:,}"
+            raise UserError(f"--{name.replace('_', '-')} must be a whole number {span}, got {value:,}")
+    if not str(args.out).strip():  # an empty --out was the current folder: the page went among its files
+        raise UserError("--out is empty; name the folder for the report, e.g. --out reports")
     # numpy's generators take no seed below 0 (that was a traceback), and the ae-2d run trains with it: the
     # trainer's range
     if not 0 <= args.seed <= MAX_SEED:

@@ -19,7 +19,7 @@ class ReportError(RuntimeError):
 class ReportConfig:
     models_dir: str | None = None
     data_root: str | None = None
-    out: Path = Path("report")
+    out: Path = Path("reports")  # as the command's default: ./report is the package's own folder in a checkout
     samples: int = 1000
     seed: int = 0
     test_limit: int | None = None  # evaluate on the first N test images only (quick runs)

@@ -624,6 +624,99 @@ def test_export_onnx_names_a_damaged_version_that_has_its_graphs(tiny_repo: Path
     assert "1 version(s) broken, left as they are: vae/1" in err
 
 
+def test_export_onnx_adds_only_the_graph_a_version_lacks_and_names_one_onnx_cannot_read(
+        tiny_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A version with its encoder graph but no decoder graph failed with a traceback ("ae/1 already has
+    ['encoder.onnx']"); one whose decoder graph was cut short (its checksum rewritten to match) with ONNX's own
+    traceback. The first gets the missing graphs, its encoder graph kept byte for byte; the second is named
+    broken, with the reason, and the exit status says so."""
+    import json
+
+    from aevae.repository import sha256_file
+    from aevae.store import ModelStore
+
+    folder = tiny_repo / "ae" / "1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in ("decoder.onnx", "decoder.int8.onnx"):
+        (folder / name).unlink()
+        del manifest["files"][name]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    encoder = (folder / "encoder.onnx").read_bytes()
+    assert cli.main(["export-onnx", "--models-dir", str(tiny_repo), "ae"]) == 0
+    out = capsys.readouterr().out
+    assert "ae/1: wrote decoder.int8.onnx and decoder.onnx" in out, out
+    assert (folder / "encoder.onnx").read_bytes() == encoder
+    assert ModelStore(tiny_repo).get("ae").runtime.name == "onnx"
+
+    folder = tiny_repo / "vae" / "1"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "decoder.int8.onnx").unlink()
+    del manifest["files"]["decoder.int8.onnx"]
+    decoder = folder / "decoder.onnx"
+    decoder.write_bytes(decoder.read_bytes()[:1000])
+    manifest["files"]["decoder.onnx"] = sha256_file(decoder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    err = _refused(["export-onnx", "--models-dir", str(tiny_repo), "vae"], capsys)
+    assert "vae/1: broken: cannot make its graphs (" in err and "1 version(s) broken" in err, err
+    assert not (folder / "decoder.int8.onnx").exists()
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--test-limit", "5"], "--test-limit must be a whole number of at least 100, got 5"),
+    (["--classifier-train-limit", "5"], "--classifier-train-limit must be a whole number of at least 1,000, got 5"),
+    (["--samples", "10000000"], "--samples must be a whole number from 1 to 100,000, got 10,000,000"),
+    (["--out", ""], "--out is empty; name the folder for the report"),
+])
+def test_report_refuses_values_its_parts_cannot_take_before_any_work(
+        flags: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each was accepted and failed minutes later with a traceback (a sample larger than the population, PCA's
+    n_components, a 38 GiB allocation), or wrote the page into the current folder."""
+    err = _refused(["report", "--models-dir", str(tmp_path / "m"), *flags], capsys)
+    assert words in err, err
+
+
+def test_a_report_run_removes_the_last_page_first_and_an_ae2d_of_the_wrong_shape_is_refused(tiny_repo: Path,
+                                                                                           tmp_path: Path) -> None:
+    """A rerun stopped half way left the old index.html and numbers.json beside new figures (a page that looked
+    whole, of two runs); an `ae-2d` with a 4-d latent (`--latent-dim` forgotten) was compared as the 2-d AE and
+    the claim called supported."""
+    import shutil
+
+    from aevae.report import ae2d, build
+    from aevae.report.config import ReportError
+    from aevae.store import ModelStore
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in (build.PAGE, build.NUMBERS):
+        (out / name).write_text("the last run's")
+    build.prepare_out(out)
+    assert not (out / build.PAGE).exists() and not (out / build.NUMBERS).exists() and (out / "figures").is_dir()
+    (out / build.PAGE).mkdir()
+    with pytest.raises(ReportError, match="holds a folder named index.html"):
+        build.prepare_out(out)
+    shutil.copytree(tiny_repo / "ae" / "1", tiny_repo / "ae-2d" / "1")
+    found = ae2d.find(ModelStore(tiny_repo))
+    assert found is not None and ae2d.unfit(found) == (
+        "ae-2d/1 is an AE with a 4-d latent; the comparison needs an AE with a 2-d latent")
+    write_tiny(tiny_repo, "ae-2d", "ae", latent_dim=2)
+    assert ae2d.unfit(ae2d.find(ModelStore(tiny_repo))) is None
+
+
+def test_a_damaged_classifier_cache_is_trained_again_not_a_traceback(tmp_path: Path) -> None:
+    from aevae.report import classifier
+
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((300, 32, 32), dtype=np.float32), np.arange(300) % 10
+    path = classifier.cache_path(tmp_path, "sha", len(images), 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"PK\x03\x04 cut short")
+    said: list[str] = []
+    model = classifier.load_or_train(images, labels, "sha", tmp_path, say=said.append)
+    assert any("ignoring unreadable cache" in line for line in said), said
+    assert model.probabilities(images[:3]).shape == (3, 10)
+
+
 @pytest.mark.parametrize(("argv", "usage", "unknown"), [
     (["serve", "decoder", "--prot", "5"], "usage: aevae serve decoder ", "--prot 5"),
     (["up", "--no-uii"], "usage: aevae up ", "--no-uii"),

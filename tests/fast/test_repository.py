@@ -213,6 +213,37 @@ def test_adding_files_that_cannot_be_written_leaves_the_version_as_it_was(tmp_pa
     assert sorted(p.name for p in version.path.iterdir()) == before  # no .extra.bin.incoming left behind
 
 
+def test_files_added_stay_once_the_manifest_lists_them_and_a_second_adder_adds_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the new manifest is in place (the folder's fsync; a SIGTERM there) removed the files it
+    lists, leaving a version broken for good ("no extra.bin"). And a second command adding the same files (two
+    `aevae export-onnx` at once) reads the manifest anew under the model's lock: it finds them and adds nothing."""
+    import errno
+
+    from aevae import repository as repo_module
+
+    version = write_tiny(tmp_path, "vae")
+    real = repo_module.fsync_path
+
+    def failing_on_the_folder(path: Path) -> None:
+        if Path(path) == version.path:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        real(path)
+
+    monkeypatch.setattr(repo_module, "fsync_path", failing_on_the_folder)
+    with pytest.raises(OSError):
+        ModelRepository(tmp_path).add_files(version, {"extra.bin": lambda path: path.write_bytes(b"data")})
+    monkeypatch.setattr(repo_module, "fsync_path", real)
+    again = ModelRepository(tmp_path).scan().versions["vae"][-1]  # the version is whole, with the file
+    assert "extra.bin" in again.manifest.files and (again.path / "extra.bin").read_bytes() == b"data"
+    again.check_files()
+    calls: list[str] = []
+    stale = version  # a caller holding the version as it was before the file was added
+    added = ModelRepository(tmp_path).add_files(stale, {"extra.bin": lambda path: calls.append("wrote")})
+    assert calls == [] and added.manifest.files == again.manifest.files
+    assert not [p.name for p in version.path.iterdir() if p.name.endswith(".incoming")]
+
+
 def test_a_version_in_place_is_reported_written_even_if_its_high_water_mark_is_not(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The mark's two bytes can find the disk the version just filled: the version is complete, so a failure
