@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -289,7 +290,9 @@ def run(args: Any) -> int:
                 broken.append(str(version))
                 continue
             except OSError as exc:  # a read-only or full repository: the version stays as it was
-                where = f" ({Path(exc.filename).name})" if exc.filename else ""
+                name = Path(exc.filename).name if exc.filename else ""
+                temporary = re.fullmatch(r"\.(.+)\.[0-9a-f]+\.incoming", name)  # add_files writes it first
+                where = f" ({temporary.group(1) if temporary else name})" if name else ""
                 raise UserError(f"cannot add the graphs to {version} in {repository.root}: {exc.strerror or exc}"
                                 f"{where}; it is left as it was ({done} version(s) converted before it)") from None
             done += 1

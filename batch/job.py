@@ -268,11 +268,12 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
         note(f"the input changed since the last run: checking the {len(parts)} shards on disk against it")
     if verify and parts and note is not None:
         note(f"--verify: reading the {len(parts)} shards on disk whole")
-    done, stale, damaged = set(), [], []
+    done, stale, damaged, undone = set(), [], [], []
     for shard in sorted(s for s in parts if s < job.shards):
         if not job.sink.done(shard, _rows(job, shard)):
-            continue  # damaged: written again
-        if verify and not job.sink.intact(shard):
+            undone.append(shard)  # damaged, or not a shard at all (a folder in a file's place): made again
+            continue
+        if verify and not _verified(job, shard):
             damaged.append(shard)
         elif changed and job.sink.digest(shard) != input_digest(job.source.read(*job.span(shard))):
             stale.append(shard)
@@ -280,13 +281,20 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
             done.add(shard)
     new_record = {"job": described, "inputs": stats, "status": "running", "shards": job.shards}
     with _output_errors(root):
-        for shard in stale + damaged:
+        for shard in stale + damaged + undone:
             job.sink.remove(shard)
         _write_json(job_file, new_record)
     todo = [shard for shard in range(job.shards) if shard not in done]
     skipped_rows = sum(_rows(job, shard) for shard in done)
     return Plan(todo=todo, skipped_shards=len(done), skipped_rows=skipped_rows, job_file=job_file,
                 record=new_record, redone=len(stale), damaged=len(damaged))
+
+
+def _verified(job: Job, shard: int) -> bool:
+    """`--verify` of one finished shard: read whole (Sink.intact), the ids its rows, and made from the rows the
+    input holds there (the digest written with it: another shard's file copied over it carries its own)."""
+    start, stop = job.span(shard)
+    return job.sink.intact(shard, start, stop) and job.sink.digest(shard) == input_digest(job.source.read(start, stop))
 
 
 def on_disk(job: Job) -> int:

@@ -88,32 +88,45 @@ class Sink:
                 import pyarrow.parquet as pq
 
                 return pq.ParquetFile(path).metadata.num_rows == rows
-            if self.format == "npz":
-                with zipfile.ZipFile(path) as z:
-                    return "ids.npy" in z.namelist()
+            if self.format == "npz":  # the ids' header alone: a shard of other rows (a copy) is not done
+                with zipfile.ZipFile(path) as z, z.open("ids.npy") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                    return header(f)[0][:1] == (rows,)
             # an empty image is one whose data a power cut lost (the files of a PNG shard are not flushed)
             return path.is_dir() and sum(1 for e in os.scandir(path)
                                          if e.name.endswith(".png") and e.stat().st_size > 0) == rows
         except Exception:  # noqa: BLE001 - missing or unreadable: not done
             return False
 
-    def intact(self, shard: int) -> bool:
-        """Whether the shard's data reads back whole (`--verify`): a Parquet shard's pages against their CRCs
-        (written with each page; they cover a page's data, not its header or the footer, which `done` and the
-        read parse), an NPZ shard's arrays against the zip's CRCs, each PNG of a shard folder against its
-        chunks' CRCs. `done` reads only a shard's index, so a shard damaged inside a whole file (a disk fault,
-        an edit) passes it; this reads all of it."""
+    def intact(self, shard: int, start: int, stop: int) -> bool:
+        """Whether the shard's data reads back whole and holds the ids `start` to `stop` (`--verify`): a Parquet
+        shard's pages against their CRCs (written with each page; they cover a page's data, not its header or
+        the footer, which `done` and the read parse), an NPZ shard's arrays against the zip's CRCs, each PNG of
+        a shard folder against its chunks' CRCs, and the ids (the PNG files' names) against the shard's rows,
+        so that another shard's file copied over it is found too. `done` reads only a shard's index, so a shard
+        damaged inside a whole file (a disk fault, an edit) passes it; this reads all of it."""
         path = self.path(shard)
+        expected = np.arange(start, stop)
         try:
             if self.format == "parquet":
                 import pyarrow.parquet as pq
 
-                pq.read_table(path, page_checksum_verification=True)
-                return True
+                with open(path, "rb") as f:
+                    if f.read(4) != b"PAR1":  # the leading magic, which pyarrow's reader does not check
+                        return False
+                table = pq.read_table(path, page_checksum_verification=True)
+                return np.array_equal(table.column("id").to_numpy(), expected)
             if self.format == "npz":
                 with zipfile.ZipFile(path) as z:
-                    return z.testzip() is None
-            return all(png.intact(Path(e.path).read_bytes()) for e in os.scandir(path) if e.name.endswith(".png"))
+                    if z.testzip() is not None:
+                        return False
+                with np.load(path, allow_pickle=False) as data:
+                    return np.array_equal(data["ids"], expected)
+            names = sorted(e.name for e in os.scandir(path) if e.name.endswith(".png"))
+            if names != [f"{int(i):0{self.id_digits}d}.png" for i in expected]:
+                return False
+            return all(png.intact((path / name).read_bytes()) for name in names)
         except Exception:  # noqa: BLE001 - what does not read is not intact
             return False
 

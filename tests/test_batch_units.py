@@ -408,14 +408,48 @@ def test_verify_makes_again_a_shard_damaged_inside_a_whole_file(tiny_repo: Path,
     target.write_bytes(bytes(data))
     others = {shard: job.sink.path(shard).stat().st_mtime_ns for shard in (0, 2)}
     assert job.sink.done(1, 100) and prepare(job).todo == []  # its index is whole: kept without --verify
-    assert not job.sink.intact(1) and job.sink.intact(0) and job.sink.intact(2)
+    assert not job.sink.intact(1, 100, 200) and job.sink.intact(0, 0, 100) and job.sink.intact(2, 200, 300)
     notes: list[str] = []
     plan = prepare(job, note=notes.append, verify=True)
     assert plan.todo == [1] and plan.damaged == 1 and plan.skipped_shards == 2 and not job.sink.path(1).exists()
     assert notes == ["--verify: reading the 3 shards on disk whole"]
     run_shard(job, model, 1)
-    assert job.sink.intact(1) and prepare(job, verify=True).todo == []
+    assert job.sink.intact(1, 100, 200) and prepare(job, verify=True).todo == []
     assert {shard: job.sink.path(shard).stat().st_mtime_ns for shard in (0, 2)} == others
+    # another shard's file (or folder) copied over shard 1: whole, with the right count of rows, but not its rows
+    import shutil
+
+    shutil.rmtree(job.sink.path(1)) if fmt == "png" else job.sink.path(1).unlink()
+    (shutil.copytree if fmt == "png" else shutil.copyfile)(job.sink.path(0), job.sink.path(1))
+    assert prepare(job).todo == []  # without --verify: counted done by its index, as documented
+    assert prepare(job, verify=True).todo == [1]
+    run_shard(job, model, 1)
+    assert prepare(job, verify=True).todo == []
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "npz", "png"])
+def test_a_shard_entry_of_the_wrong_kind_or_rows_is_made_again(tiny_repo: Path, tmp_path: Path, fmt: str) -> None:
+    """A folder where a file shard belongs (a file where a PNG folder does) failed every rerun ("Is a directory"
+    naming a temporary, and advice to free space); an NPZ shard holding another number of rows (the last
+    shard's copied over one) counted done, its rows missing from the output."""
+    import shutil
+
+    ref = resolve(str(tiny_repo), "vae", None)
+    out = tmp_path / "out"
+    job = Job("decode", ref, sources.Prior(250, 0, ref.latent_dim), Sink(out, fmt, id_digits=6), shard_size=100)
+    model = Loaded(ref)
+    for shard in prepare(job).todo:
+        run_shard(job, model, shard)
+    path = job.sink.path(1)
+    shutil.rmtree(path) if fmt == "png" else path.unlink()
+    path.write_text("x") if fmt == "png" else path.mkdir()
+    plan = prepare(job)
+    assert plan.todo == [1] and not path.exists()
+    run_shard(job, model, 1)
+    assert prepare(job).todo == [] and job.sink.done(1, 100)
+    if fmt == "npz":
+        shutil.copyfile(job.sink.path(2), path)  # 50 rows where 100 belong
+        assert not job.sink.done(1, 100) and prepare(job).todo == [1]
 
 
 def test_png_intact_checks_every_chunk_and_the_image_data() -> None:

@@ -240,6 +240,10 @@ def test_decode_result_names_the_version_that_decoded_the_images(tmp_path: Path)
                     assert isinstance(result, DecodeResult) and (result.model, result.version) == ("vae", expected)
                     np.testing.assert_allclose(result.images, store.get("vae", expected).decode(z[:rows]), atol=1e-5)
                     np.testing.assert_array_equal(client.decode(z[:rows], version=version), result.images)
+                for bad in (0, False, ""):  # a fan-out's big batch took these for "the newest"
+                    with pytest.raises(AevaeError) as refused:
+                        client.decode_result(z, version=bad)  # type: ignore[arg-type]
+                    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (client, bad)
 
         async def unpinned_async() -> list[int]:
             async with AsyncDecoderClient(address, stream_chunk=64) as client:

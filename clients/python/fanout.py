@@ -32,7 +32,7 @@ import grpc
 import numpy as np
 
 from aevae import allocation
-from aevae.client.core import Retry, prepare_images, prepare_latents
+from aevae.client.core import Retry, prepare_images, prepare_latents, wire_version
 from aevae.client.errors import AevaeError, bad_answer, invalid
 from aevae.client.results import DecodeResult, EncodeResult
 
@@ -466,7 +466,7 @@ def decode(fan: SyncFanOut, latents: object, model: str, version: int | None, dt
     z = prepare_latents(latents)
     if z.ndim != 2 or len(z) <= chunk:
         return fan.first(lambda c, t: c.decode_result(z, model, version, dtype, timeout=t), deadline)
-    if not version:
+    if wire_version(version) == 0:  # a bad version is refused here, as the one-replica path refuses it
         version = fan.first(lambda c, t: _newest(c.list_models(timeout=t), model), deadline)
     out = Assembler(len(z))
     served: list[DecodeResult] = []
@@ -485,7 +485,7 @@ async def decode_async(fan: AsyncFanOut, latents: object, model: str, version: i
     z = prepare_latents(latents)
     if z.ndim != 2 or len(z) <= chunk:
         return await fan.first(lambda c, t: c.decode_result(z, model, version, dtype, timeout=t), deadline)
-    if not version:
+    if wire_version(version) == 0:  # a bad version is refused here, as the one-replica path refuses it
         version = _newest(await fan.first(lambda c, t: c.list_models(timeout=t), deadline), model)
     out = Assembler(len(z))
     served: list[DecodeResult] = []
@@ -518,7 +518,7 @@ def encode(fan: SyncFanOut, images: object, model: str, version: int | None, sam
     x = prepare_images(images)
     if _whole(x, sample, seed, chunk):
         return fan.first(lambda c, t: c.encode(x, model, version, sample, seed, timeout=t), deadline)
-    if not version:
+    if wire_version(version) == 0:  # a bad version is refused here, as the one-replica path refuses it
         version = fan.first(lambda c, t: _newest(c.list_models(timeout=t), model), deadline)
     out = Assembler(len(x))
     served: list[EncodeResult] = []
@@ -537,7 +537,7 @@ async def encode_async(fan: AsyncFanOut, images: object, model: str, version: in
     x = prepare_images(images)
     if _whole(x, sample, seed, chunk):
         return await fan.first(lambda c, t: c.encode(x, model, version, sample, seed, timeout=t), deadline)
-    if not version:
+    if wire_version(version) == 0:  # a bad version is refused here, as the one-replica path refuses it
         version = _newest(await fan.first(lambda c, t: c.list_models(timeout=t), deadline), model)
     out = Assembler(len(x))
     served: list[EncodeResult] = []

@@ -128,14 +128,20 @@ def parse_latents(value: Any) -> np.ndarray:
     if len({len(row) for row in value}) > 1:
         raise BadRequest(f"{wanted}: got rows of {sorted({len(row) for row in value})[:8]} numbers")
     try:
-        latents = np.asarray(value, dtype=np.float32)
+        wide = np.asarray(value, dtype=np.float64)
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequest(f"{wanted}, each finite and of float32's range") from exc
-    if latents.ndim != 2 or not 1 <= latents.shape[0] <= MAX_LATENTS or latents.shape[1] < 1:
-        raise BadRequest(f"'latents' must be N x d with 1 <= N <= {MAX_LATENTS}, got shape {list(latents.shape)}")
-    if not np.isfinite(latents).all():
+    if wide.ndim != 2 or not 1 <= wide.shape[0] <= MAX_LATENTS or wide.shape[1] < 1:
+        raise BadRequest(f"'latents' must be N x d with 1 <= N <= {MAX_LATENTS}, got shape {list(wide.shape)}")
+    if not np.isfinite(wide).all():
         raise BadRequest("'latents' must be finite numbers (no NaN or Infinity)")
-    return latents
+    # 1e39 is finite but past float32's range: cast, it became infinity with numpy's warning in the log
+    beyond = np.argwhere(np.abs(wide) > np.finfo(np.float32).max)
+    if len(beyond):
+        row, col = beyond[0].tolist()
+        raise BadRequest(f"'latents' must lie within float32's range (about +-3.4e38); latents[{row}][{col}] is "
+                         f"{wide[row, col]:g}")
+    return wide.astype(np.float32)
 
 
 def model_name(payload: dict[str, Any]) -> str:

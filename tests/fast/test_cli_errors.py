@@ -450,7 +450,7 @@ def test_export_onnx_into_a_repository_it_cannot_write_says_so_in_one_line(
     monkeypatch.setattr(onnx_export, "bytes_writer", read_only)
     err = _refused(["export-onnx", "--models-dir", str(tmp_path / "models")], capsys)
     assert (f"cannot add the graphs to vae-old/1 in {tmp_path / 'models'}: Read-only file system "
-            "(.encoder.onnx.incoming); it is left as it was") in err
+            "(encoder.onnx); it is left as it was") in err
     assert sorted(p.name for p in version.path.iterdir()) == ["latent_stats.json", "manifest.json", "weights.pt"]
 
 

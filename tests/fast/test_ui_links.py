@@ -123,3 +123,21 @@ def test_a_message_s_repeated_key_and_ragged_latents_are_refused_saying_so() -> 
         parse_json('{"a": [{"w": 1, "w": 2}]}')
     with pytest.raises(BadRequest, match=r"equal-length lists of numbers: got rows of \[1, 2\] numbers"):
         parse_latents([[1.0, 2.0], [1.0]])
+
+
+def test_a_latent_past_float32_s_range_is_refused_as_such_without_a_warning() -> None:
+    """1e39 is finite: it was refused as "no NaN or Infinity", after numpy's overflow warning went to the log."""
+    import warnings
+
+    import numpy as np
+
+    from aevae.ui.server import BadRequest, parse_latents
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning fails the test
+        with pytest.raises(BadRequest, match=r"within float32's range .*latents\[1\]\[0\] is -1e\+39"):
+            parse_latents([[0.0, 1.0], [-1e39, 0.0]])
+        with pytest.raises(BadRequest, match="finite numbers"):
+            parse_latents([[float("nan"), 1.0]])
+        z = parse_latents([[0.5, -3.4e38]])
+    assert z.dtype == np.float32 and z.tolist() == [[0.5, np.float32(-3.4e38)]]
