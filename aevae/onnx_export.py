@@ -253,7 +253,11 @@ def run(args: Any) -> int:
     scan = repository.scan()
     available = scan.versions
     if not available and not scan.broken:
+        if scan.ignored:  # a repository or model folder it may not read: "no versions" sent its owner to train
+            raise UserError(scan.describe(repository.root))
         raise UserError(f"no model versions under {repository.root.resolve()}: `aevae train` writes them")
+    for path, why in scan.ignored:  # left out silently, a model it may not read looked converted, or absent
+        print(f"{path}: not converted: {why}", file=sys.stderr)
     wanted = [m.split("/", 1) for m in args.models]
 
     def chosen(w: list[str], version: Any) -> bool:  # "name" or "name/number"

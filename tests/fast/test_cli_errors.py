@@ -661,6 +661,26 @@ def test_export_onnx_adds_only_the_graph_a_version_lacks_and_names_one_onnx_cann
     assert not (folder / "decoder.int8.onnx").exists()
 
 
+def test_export_onnx_names_a_model_folder_it_cannot_read(tiny_repo: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model folder it may not read was left out without a word (the others converted, exit 0), and a
+    repository it may not read was "no model versions ...: `aevae train` writes them"."""
+    real = Path.iterdir
+
+    def denied(self: Path) -> Any:  # what chmod 000 does to a user who is not root (the tests run as root)
+        if self.name in ("ae", "empty"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    assert cli.main(["export-onnx", "--models-dir", str(tiny_repo)]) == 0
+    err = capsys.readouterr().err
+    assert f"{tiny_repo / 'ae'}: not converted: the model folder cannot be read" in err, err
+    (tiny_repo.parent / "empty").mkdir()
+    err = _refused(["export-onnx", "--models-dir", str(tiny_repo.parent / "empty")], capsys)
+    assert "cannot be read" in err and "writes them" not in err, err
+
+
 @pytest.mark.parametrize(("flags", "words"), [
     (["--test-limit", "5"], "--test-limit must be a whole number of at least 100, got 5"),
     (["--classifier-train-limit", "5"], "--classifier-train-limit must be a whole number of at least 1,000, got 5"),
