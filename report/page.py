@@ -129,8 +129,9 @@ def _samples(n: dict) -> str:
                       for name, b in s["boxes"].items())
     recipe = c["recipe"]
     return (
-        f"<h2>{escape(HEADINGS[3])}</h2><p>Decoded random latents: the first 64 of the {s['count']:,} scored per "
-        "source; a green frame marks each sample counted valid. "
+        f"<h2>{escape(HEADINGS[3])}</h2><p>Decoded random latents: "
+        + (f"the first 64 of the {s['count']:,}" if s["count"] > 64 else f"all {s['count']:,}")
+        + " scored per source; a green frame marks each sample counted valid. "
         "<code>N(0, I)</code> is the VAE's prior; <em>uniform in its box</em> draws uniformly from the "
         "model's own training bounding box (per dimension, min to max).</p>"
         + figure(n, "samples", "random samples") + figure(n, "validity", "sample validity")
