@@ -391,17 +391,23 @@ def test_a_damaged_png_shard_is_made_again_whole(tiny_repo: Path, tmp_path: Path
     assert prepare(job).todo == [] and not list(out.glob(".part-*"))  # the old folder is gone too
 
 
+def _finished_job(tiny_repo: Path, out: Path, fmt: str, rows: int) -> tuple[Job, Loaded]:
+    """A decode job of `rows` prior latents in shards of 100, every shard written; with its model."""
+    ref = resolve(str(tiny_repo), "vae", None)
+    job = Job("decode", ref, sources.Prior(rows, 0, ref.latent_dim), Sink(out, fmt, id_digits=6), shard_size=100)
+    model = Loaded(ref)
+    for shard in prepare(job).todo:
+        run_shard(job, model, shard)
+    return job, model
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "npz", "png"])
 def test_verify_makes_again_a_shard_damaged_inside_a_whole_file(tiny_repo: Path, tmp_path: Path, fmt: str) -> None:
     """One byte flipped inside a finished shard, its index (Parquet footer, zip directory, file count) left
     whole: a plain rerun keeps it as done (it reads no shard's data); `--verify` reads every shard, removes the
     damaged one and makes it again, keeping the others untouched."""
-    ref = resolve(str(tiny_repo), "vae", None)
+    job, model = _finished_job(tiny_repo, tmp_path / "out", fmt, 300)
     out = tmp_path / "out"
-    job = Job("decode", ref, sources.Prior(300, 0, ref.latent_dim), Sink(out, fmt, id_digits=6), shard_size=100)
-    model = Loaded(ref)
-    for shard in prepare(job).todo:
-        run_shard(job, model, shard)
     target = out / "part-000001" / "000150.png" if fmt == "png" else job.sink.path(1)
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x40  # Parquet: inside the images' page, whose data its CRC covers
@@ -434,12 +440,7 @@ def test_a_shard_entry_of_the_wrong_kind_or_rows_is_made_again(tiny_repo: Path, 
     shard's copied over one) counted done, its rows missing from the output."""
     import shutil
 
-    ref = resolve(str(tiny_repo), "vae", None)
-    out = tmp_path / "out"
-    job = Job("decode", ref, sources.Prior(250, 0, ref.latent_dim), Sink(out, fmt, id_digits=6), shard_size=100)
-    model = Loaded(ref)
-    for shard in prepare(job).todo:
-        run_shard(job, model, shard)
+    job, model = _finished_job(tiny_repo, tmp_path / "out", fmt, 250)
     path = job.sink.path(1)
     shutil.rmtree(path) if fmt == "png" else path.unlink()
     path.write_text("x") if fmt == "png" else path.mkdir()
