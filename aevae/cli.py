@@ -70,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as exc:
+        # Python wraps what a class's __set_name__ raises ("Error calling __set_name__"): a Ctrl-C landing while
+        # a module's dataclasses are made (an import of Ray Train's) was a traceback
+        if isinstance(exc.__cause__, Terminated):
+            return 128 + signal.SIGTERM
+        if isinstance(exc.__cause__, KeyboardInterrupt):
+            return 130
+        raise
     finally:
         # Exiting now: a SIGTERM from here on (a supervisor, `aevae up` stopping its children) ends the process
         # as by default, rather than raise Terminated into the interpreter's shutdown ("Exception ignored in

@@ -12,6 +12,13 @@ import pytest
 
 from helpers import SMALL_TRAINING, data_root, run_aevae, write_tiny_set
 
+# Started in the background of a shell without job control (`bash .ci/run &` in a script), the run inherits
+# SIGINT ignored, and so would every command the tests start (an ignored signal stays ignored across exec): the
+# tests of Ctrl-C found `aevae train` running to the end. The handler of a normal start, for the run and its
+# children (a handler, unlike an ignored signal, is reset to the default by exec).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture(autouse=True)
 def _signal_handlers() -> Iterator[None]:

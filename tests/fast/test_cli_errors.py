@@ -754,3 +754,30 @@ def test_an_unknown_argument_is_refused_with_its_own_commands_usage(
     assert exit_.value.code == 2
     assert err.startswith(usage), err
     assert err.rstrip().endswith(f"error: unrecognized arguments: {unknown}"), err
+
+
+def test_a_stop_landing_in_a_class_s_set_name_ends_the_command_as_any_stop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python wraps what __set_name__ raises in RuntimeError: a Ctrl-C while an import made its dataclasses
+    (Ray Train's, 0.5 s into `aevae train`) was a traceback instead of exit 130."""
+    from dataclasses import dataclass, field
+
+    from aevae.errors import Terminated
+
+    def stopped_while_importing(stop: BaseException) -> Any:
+        def run(argv: Any) -> int:
+            class Descriptor:
+                def __set_name__(self, owner: type, name: str) -> None:
+                    raise stop
+
+            @dataclass
+            class Imported:  # noqa: F841 - made for its __set_name__ call
+                value: Any = field(default=Descriptor())
+            return 0
+        return run
+
+    for stop, code in ((KeyboardInterrupt(), 130), (Terminated(), 143)):
+        monkeypatch.setattr(cli, "_run", stopped_while_importing(stop))
+        assert cli.main(["train"]) == code
+    monkeypatch.setattr(cli, "_run", stopped_while_importing(ValueError("a bug")))
+    with pytest.raises(RuntimeError):
+        cli.main(["train"])
