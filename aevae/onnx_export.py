@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -230,7 +229,7 @@ def run(args: Any) -> int:
     import sys
 
     from aevae.errors import UserError
-    from aevae.repository import ModelRepository
+    from aevae.repository import ModelRepository, added_name
     from aevae.store import broken_reason
 
     try:
@@ -294,9 +293,7 @@ def run(args: Any) -> int:
                 broken.append(str(version))
                 continue
             except OSError as exc:  # a read-only or full repository: the version stays as it was
-                name = Path(exc.filename).name if exc.filename else ""
-                temporary = re.fullmatch(r"\.(.+)\.[0-9a-f]+\.incoming", name)  # add_files writes it first
-                where = f" ({temporary.group(1) if temporary else name})" if name else ""
+                where = f" ({added_name(Path(exc.filename).name)})" if exc.filename else ""
                 raise UserError(f"cannot add the graphs to {version} in {repository.root}: {exc.strerror or exc}"
                                 f"{where}; it is left as it was ({done} version(s) converted before it)") from None
             done += 1

@@ -521,14 +521,14 @@ class ModelRepository:
             if not todo:
                 return version
             remove_stale(version.path)
-            token = secrets.token_hex(6)  # the temporaries of a writer on another machine never clash
+            token = secrets.token_hex(6)  # the temporaries of two writers never clash
             checksums = {}
-            tmp = version.path / f".{MANIFEST}.{token}.incoming"
+            tmp = version.path / _adding(MANIFEST, token)
             placed: list[Path] = []  # renamed into place, not yet listed: removed again if the manifest is not
             listed = False
             try:
                 for filename, write in todo.items():
-                    tmp = version.path / f".{filename}.{token}.incoming"
+                    tmp = version.path / _adding(filename, token)
                     write(tmp)
                     fsync_path(tmp)
                     checksums[filename] = sha256_file(tmp)
@@ -538,7 +538,7 @@ class ModelRepository:
                 if "runtimes" in changes:
                     changes["runtimes"] = {**version.manifest.runtimes, **changes["runtimes"]}
                 manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
-                tmp = version.path / f".{MANIFEST}.{token}.incoming"
+                tmp = version.path / _adding(MANIFEST, token)
                 tmp.write_text(manifest.dumps())
                 fsync_path(tmp)
                 os.replace(tmp, version.path / MANIFEST)
@@ -608,6 +608,18 @@ def fsync_path(path: Path) -> None:
 def _is_leftover(name: str) -> bool:
     """A writer's temporary: a staging folder, a high-water mark or a file added to a version being written."""
     return name.startswith((STAGING_PREFIX, f"{HIGH_WATER}-")) or (name.startswith(".") and name.endswith(".incoming"))
+
+
+def _adding(filename: str, token: str) -> str:
+    """The temporary under which add_files writes `filename` (a leftover by _is_leftover's rule)."""
+    return f".{filename}.{token}.incoming"
+
+
+def added_name(temporary: str) -> str:
+    """The file a temporary of add_files was to become (`temporary` itself if it is none): what an error
+    about writing it should name."""
+    match = re.fullmatch(r"\.(.+)\.[0-9a-f]+\.incoming", temporary)
+    return match.group(1) if match else temporary
 
 
 def remove_stale(folder: Path, is_leftover: Callable[[str], bool] = _is_leftover) -> None:

@@ -275,7 +275,7 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
             continue
         if verify and not _verified(job, shard):
             damaged.append(shard)
-        elif changed and job.sink.digest(shard) != input_digest(job.source.read(*job.span(shard))):
+        elif changed and not _from_current_input(job, shard):
             stale.append(shard)
         else:
             done.add(shard)
@@ -290,11 +290,15 @@ def prepare(job: Job, overwrite: bool = False, note: Callable[[str], None] | Non
                 record=new_record, redone=len(stale), damaged=len(damaged))
 
 
+def _from_current_input(job: Job, shard: int) -> bool:
+    """Whether the shard was made from the rows the input holds there now: the digest written with it."""
+    return job.sink.digest(shard) == input_digest(job.source.read(*job.span(shard)))
+
+
 def _verified(job: Job, shard: int) -> bool:
-    """`--verify` of one finished shard: read whole (Sink.intact), the ids its rows, and made from the rows the
-    input holds there (the digest written with it: another shard's file copied over it carries its own)."""
-    start, stop = job.span(shard)
-    return job.sink.intact(shard, start, stop) and job.sink.digest(shard) == input_digest(job.source.read(start, stop))
+    """`--verify` of one finished shard: read whole (Sink.intact), the ids its rows, and made from the current
+    input's rows (another shard's file copied over it carries its own digest)."""
+    return job.sink.intact(shard, *job.span(shard)) and _from_current_input(job, shard)
 
 
 def on_disk(job: Job) -> int:

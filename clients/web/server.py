@@ -31,6 +31,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from aevae.client import AsyncDecoderClient, AsyncEncoderClient, ModelInfo
+from aevae.finite import past_float32
 from aevae.ui.guard import MAX_DECODES, MAX_SOCKETS, TRANSPORT_MAX_BYTES, BadMessage, Guard, parse_json
 from aevae.ui.services import CLOSE_TIMEOUT, PROBE_TIMEOUT, RequestRejected, ServiceDown, ServiceLink, bounded
 from aevae.ui.validity import DEFAULT_PATH as CLASSIFIER_PATH, Judge
@@ -135,10 +136,9 @@ def parse_latents(value: Any) -> np.ndarray:
         raise BadRequest(f"'latents' must be N x d with 1 <= N <= {MAX_LATENTS}, got shape {list(wide.shape)}")
     if not np.isfinite(wide).all():
         raise BadRequest("'latents' must be finite numbers (no NaN or Infinity)")
-    # 1e39 is finite but past float32's range: cast, it became infinity with numpy's warning in the log
-    beyond = np.argwhere(np.abs(wide) > np.finfo(np.float32).max)
-    if len(beyond):
-        row, col = beyond[0].tolist()
+    beyond = past_float32(wide)  # 1e39: cast, it became infinity, with numpy's warning in the log
+    if beyond:
+        row, col = beyond
         raise BadRequest(f"'latents' must lie within float32's range (about +-3.4e38); latents[{row}][{col}] is "
                          f"{wide[row, col]:g}")
     return wide.astype(np.float32)
