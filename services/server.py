@@ -29,7 +29,7 @@ from aevae.services.grpc_decoder import DecoderServicer
 from aevae.services.grpc_encoder import EncoderServicer
 from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, ServingState
 from aevae.services.registration import Parsing, register
-from aevae.services import security
+from aevae.services import reflection_v1, security
 from aevae.services.settings import PORTS, ServiceSettings, host_port, listen_problem, listeners_problem
 from aevae.repository import models_dir
 from aevae.store import ModelStore
@@ -77,10 +77,6 @@ def quiet_ended_call_writes() -> None:
 # How long the calls cut at the end of the grace get to unwind (their handlers' cleanup: a few turns of the
 # event loop) before serve() returns; a bound, so that a handler that will not end cannot hold up the exit.
 CUT_CALLS_SECONDS = 1.0
-
-# Server reflection's current name; its messages are v1alpha's on the wire (see where it is registered).
-REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
-
 
 async def settle_calls(timeout: float) -> None:
     """Waits, at most `timeout` seconds, for the tasks still running on the loop (the calls that server.stop cut at
@@ -244,13 +240,13 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
         register(Parsing(health_servicer, health_service), on, health_service, size)
 
     add_health(server)
-    names = (service.full_name, OIP.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    names = (service.full_name, OIP.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME, reflection_v1.add_v1())
     reflection_service = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
     reflecting = Parsing(reflection.aio.ReflectionServicer(names), reflection_service)
     register(reflecting, server, reflection_service, size)
     # grpc.reflection.v1 too, which grpcurl, Postman and grpcui ask first (v1alpha is its wire-identical
     # predecessor, the only one grpcio-reflection ships): they then need no fallback
-    register(reflecting, server, reflection_service, size, name=REFLECTION_V1)
+    register(reflecting, server, reflection_service, size, name=reflection_v1.SERVICE_NAME)
     if settings.metrics_port is not None:
         from aevae.services.metrics import serve_metrics
 

@@ -218,6 +218,7 @@ def test_health_and_reflection_need_no_proto_files(servers) -> None:
 def test_reflection_answers_under_v1_as_well_as_v1alpha(servers) -> None:
     """grpcurl, Postman and grpcui ask grpc.reflection.v1 first: it answers, with v1alpha's messages (the
     same on the wire), listing the services and describing the API."""
+    from google.protobuf import descriptor_pb2
     from grpc_reflection.v1alpha import reflection_pb2
 
     with grpc.insecure_channel(servers["decoder"].address) as channel:
@@ -231,6 +232,14 @@ def test_reflection_answers_under_v1_as_well_as_v1alpha(servers) -> None:
             assert "aevae.v1.Decoder" in {s.name for s in listed.list_services_response.service}
             files = described.file_descriptor_response.file_descriptor_proto
             assert any(b"DecodeStream" in f for f in files), version
+            # the reflection service itself, under the name the client used: listed and described
+            own = f"grpc.reflection.{version}.ServerReflection"
+            assert own in {s.name for s in listed.list_services_response.service}, version
+            [itself] = reflect(iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=own)]), timeout=10)
+            [proto] = itself.file_descriptor_response.file_descriptor_proto
+            file = descriptor_pb2.FileDescriptorProto.FromString(proto)
+            assert file.package == f"grpc.reflection.{version}", version
+            assert {m.input_type for s in file.service for m in s.method} == {f".{file.package}.ServerReflectionRequest"}
 
 
 def test_encode_sample_is_seeded_and_the_ae_has_no_log_variance(enc) -> None:
