@@ -251,7 +251,8 @@ def test_a_decode_pins_the_version_the_page_shows(decoder: ServiceProcess, model
             for message in ({"op": "decode", "id": 1, "model": "vae", "version": 1, "latents": z},
                             {"op": "decode", "id": 2, "model": "vae", "version": True, "latents": z},
                             {"op": "decode", "id": 3, "model": "vae", "version": 99, "latents": z},
-                            {"op": "decode", "id": 4, "model": "vae", "latents": z}):
+                            {"op": "decode", "id": 4, "model": "vae", "latents": z},
+                            {"op": "decode", "id": 5, "model": "vae", "version": 1.0, "latents": z}):
                 await ws.send_json(message)
                 reply = await ws.receive_json(timeout=20)
                 while reply["op"] == "status":  # broadcasts when a service's state changes
@@ -259,7 +260,7 @@ def test_a_decode_pins_the_version_the_page_shows(decoder: ServiceProcess, model
                 replies.append(reply)
             return replies
 
-    pinned, boolean, unknown, newest = run(decoder, scenario)
+    pinned, boolean, unknown, newest, written_as_float = run(decoder, scenario)
     assert pinned["op"] == "decoded" and pinned["version"] == 1
     images = np.frombuffer(base64.b64decode(pinned["images"][0]), np.uint8).reshape(1, *pinned["shape"])
     np.testing.assert_array_equal(images, old)  # version 1's weights, whatever the newest is
@@ -271,6 +272,8 @@ def test_a_decode_pins_the_version_the_page_shows(decoder: ServiceProcess, model
     images = np.frombuffer(base64.b64decode(newest["images"][0]), np.uint8).reshape(1, *newest["shape"])
     expected = ModelStore(models).get("vae", newest["version"]).decode(np.asarray(z, np.float32), dtype="uint8")
     np.testing.assert_array_equal(images, expected)
+    # `1.0`, as some JSON encoders write 1, pins version 1 too (it was refused as not a version)
+    assert written_as_float["op"] == "decoded" and written_as_float["version"] == 1, written_as_float
 
 
 async def _raw_http(base: str, head: bytes) -> tuple[int, bytes]:

@@ -154,9 +154,17 @@ def model_name(payload: dict[str, Any]) -> str:
     return name
 
 
+def whole(value: Any) -> Any:
+    """A JSON number that is a whole number as that int (`1.0`, which some encoders write for 1, and which was
+    refused as "not a whole number"), anything else as given, for the checks that follow to name."""
+    if type(value) is float and value.is_integer() and abs(value) < 2 ** 63:
+        return int(value)
+    return value
+
+
 def model_version(payload: dict[str, Any]) -> int | None:
     """The version a message pins (the one the page shows), or None (absent, null or 0) for the newest."""
-    value = payload.get("version")
+    value = whole(payload.get("version"))
     if value is None or type(value) is int and value == 0:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2 ** 63 - 1:
@@ -171,7 +179,7 @@ def _query_int(text: str | None) -> Any:
 
 
 def bounded_int(payload: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    value = payload.get(key, default)
+    value = whole(payload.get(key, default))
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise BadRequest(f"'{key}' must be an integer in {lo}..{hi}, got {value!r}")
     return value

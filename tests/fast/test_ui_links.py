@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from aevae.ui import services
-from aevae.ui.server import error_body
+from aevae.ui.server import BadRequest, bounded_int, error_body, model_version
 from aevae.ui.services import ServiceLink
 
 
@@ -141,3 +141,21 @@ def test_a_latent_past_float32_s_range_is_refused_as_such_without_a_warning() ->
             parse_latents([[float("nan"), 1.0]])
         z = parse_latents([[0.5, -3.4e38]])
     assert z.dtype == np.float32 and z.tolist() == [[0.5, np.float32(-3.4e38)]]
+
+
+@pytest.mark.parametrize("value, expected", [(1.0, 1), (7, 7), (0.0, None), (None, None), (3e3, 3000)])
+def test_a_version_written_as_a_whole_float_is_that_version(value: object, expected: int | None) -> None:
+    """Some JSON encoders write 1 as 1.0; it was refused as "not a model version"."""
+    assert model_version({"version": value}) == expected
+
+
+@pytest.mark.parametrize("value", [1.5, -1.0, float("inf"), float("nan"), 1e300, "1", True])
+def test_a_version_that_is_no_whole_number_is_refused_naming_it(value: object) -> None:
+    with pytest.raises(BadRequest, match=r"'version' must be a model version \(a whole number from 1\)"):
+        model_version({"version": value})
+
+
+def test_a_count_written_as_a_whole_float_is_that_count() -> None:
+    assert bounded_int({"count": 16.0}, "count", 4, 1, 64) == 16
+    with pytest.raises(BadRequest, match=r"'count' must be an integer in 1..64, got 16.5"):
+        bounded_int({"count": 16.5}, "count", 4, 1, 64)
