@@ -1,4 +1,4 @@
-"""The report's driver: load the models and the data, measure the seven parts, draw, write the page.
+"""The report's driver: load the models and the data, measure the eight parts, draw, write the page.
 
 Every number comes from this run: the models are the repository's newest `ae` and `vae` (and `ae-2d`), the
 data MNIST's test set, the classifier trained here (or cached from an earlier run on the same data).
@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,62 @@ def _model_info(model: LoadedModel) -> dict[str, Any]:
             "manifest_test_bce": m.metric("test_bce")}
 
 
+@dataclass
+class Written:
+    """What this run has written so far under --out: a stopped run says it (the figures, the page's two files
+    and an ae-2d it trained), so that the user knows what is there and that a rerun redoes the page."""
+
+    out: Path
+    figures: list[Path] = field(default_factory=list)
+    page: set[str] = field(default_factory=set)  # PAGE and NUMBERS, once each is on disk
+    trained: str | None = None  # "ae-2d/1" when this run trained it
+
+    def stop_line(self) -> str:
+        """One line for stderr: what was finished and where, what was not, what to do."""
+        parts = [self._figures_part()]
+        if self.trained:
+            parts.append(f"{self.trained}, trained by this run, is in the repository and will be reused")
+        parts.append(self._page_part())
+        return "aevae report: " + "; ".join(parts)
+
+    def _figures_part(self) -> str:
+        if not self.figures:
+            return "stopped before any figure was written"
+        return (f"stopped: {len(self.figures)} figure(s) written to {self.out / FIGURES} "
+                f"({', '.join(path.name for path in self.figures)})")
+
+    def _page_part(self) -> str:
+        rerun = "rerun `aevae report` to finish"
+        if self.page >= {PAGE, NUMBERS}:
+            return f"the page is written: {self.out / PAGE}"
+        if NUMBERS in self.page:
+            return f"{self.out / NUMBERS} written, the page {self.out / PAGE} not: {rerun}"
+        return f"the page ({PAGE}, {NUMBERS} in {self.out}) not written: {rerun}"
+
+
+def folders_to_make(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, outermost first: what mkdir(parents=True) is
+    about to make, and so the only folders a run that stops may take away again (never one the user had)."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            break
+        missing.append(path)
+    return missing[::-1]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Removes `folders` (outermost first, as folders_to_make lists them) that are still empty, innermost first:
+    a run stopped before its first figure left an empty figures/ and an --out with nothing of use in it.
+    rmdir refuses a folder with anything in it, so a figure, or a file put there meanwhile, keeps its folder
+    and every folder above it."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, gone, or not ours to remove: it and its parents stay
+            return
+
+
 def prepare_out(out: Path) -> Path:
     """Creates `out`/figures and proves a file can be written there, before any of the minutes of work: an
     --out that is a file, or a folder that cannot be created or written (/proc/...), raises ReportError naming
@@ -121,9 +179,28 @@ def prepare_out(out: Path) -> Path:
 
 
 def run(config: ReportConfig) -> dict[str, Any]:
-    """Writes index.html, figures/*.png and numbers.json into `config.out`; returns the numbers."""
+    """Writes index.html, figures/*.png and numbers.json into `config.out`; returns the numbers.
+
+    However it ends, the folders it made and left empty go again (an error, a refusal found late, a stop
+    before the first figure). Stopped by Ctrl-C or SIGTERM it first says on stderr what it wrote and what
+    not, then lets the stop go on: aevae.cli.main turns it into exit status 130 or 143."""
+    out = Path(config.out)
+    made = folders_to_make(out / FIGURES)
+    written = Written(out)
+    try:
+        prepare_out(out)
+        return _measure_and_draw(config, out, written)
+    except KeyboardInterrupt:  # Terminated (SIGTERM) is one too
+        print(written.stop_line(), file=sys.stderr, flush=True)
+        raise
+    finally:
+        remove_empty(made)
+
+
+def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict[str, Any]:
+    """The report's parts one after another into the prepared `out`, noting each file in `written` as soon as
+    it is on disk."""
     progress = Progress()
-    out = prepare_out(Path(config.out))
     rng = np.random.default_rng(config.seed)
 
     store = ModelStore(config.models_dir, runtime="torch")  # BCE from the logits needs the torch module
@@ -146,6 +223,7 @@ def run(config: ReportConfig) -> dict[str, Any]:
         with progress.part("ae2d_training", f"training {ae2d.NAME}"):
             small = ae2d.train(store, versions["ae"], config.data_root, config.ae2d_epochs,
                                config.ae2d_train_limit, config.storage_path)
+        written.trained = f"{small.name}/{small.number}"
     elif small is None:
         progress.say(f"{ae2d.NAME} is missing and --no-ae2d was given: the 2-d comparison is left out")
     if small is not None:
@@ -180,6 +258,7 @@ def run(config: ReportConfig) -> dict[str, Any]:
 
     def save(key: str, path: Path) -> None:
         fig[key] = path.relative_to(out).as_posix()
+        written.figures.append(path)
 
     # 1. Reconstructions
     with progress.part("reconstructions", "1/8 reconstructions"):
@@ -326,7 +405,9 @@ def run(config: ReportConfig) -> dict[str, Any]:
     numbers["timings"] = {**progress.seconds, "total": round(time.perf_counter() - progress.started, 1)}
     numbers["figures"] = fig
     (out / NUMBERS).write_text(json.dumps(numbers, indent=1, default=float) + "\n")
+    written.page.add(NUMBERS)
     (out / PAGE).write_text(page.render(numbers))
+    written.page.add(PAGE)
     progress.say(f"wrote {out / PAGE} ({len(fig)} figures, numbers in {out / NUMBERS})")
     return numbers
 

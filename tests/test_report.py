@@ -347,5 +347,6 @@ def test_missing_models_and_bad_flags_give_clear_errors(tmp_path: Path, mnist_ro
                      "--out", str(tmp_path / "out"))
     assert done.returncode == 2
     assert "unknown model 'ae'" in done.stderr and "aevae train" in done.stderr
+    assert not (tmp_path / "out").exists()  # the --out it made at the start (and its empty figures/) went again
     done = run_aevae("report", "--samples", "0")
     assert done.returncode == 2 and "--samples must be a positive integer, got 0" in done.stderr

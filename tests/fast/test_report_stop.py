@@ -1,0 +1,137 @@
+"""`aevae report` stopped part way (Ctrl-C, SIGTERM, an error or a refusal found after the start): it says what
+it finished and what not, keeps its exit status, and leaves no empty folder it made itself.
+
+In process (aevae.cli.main) on the tiny models of `tiny_repo`, with 300 random images standing in for MNIST
+and a classifier of zeros: no training, no Ray, no MNIST files. The stop is made to happen at a known point by
+a figure function that raises."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from aevae import cli, mnist  # noqa: E402
+from aevae.errors import Terminated  # noqa: E402
+from aevae.report import build, figures, page  # noqa: E402
+from aevae.report import classifier as digit_classifier  # noqa: E402
+
+STOPS = [(KeyboardInterrupt, 130), (Terminated, 128 + signal.SIGTERM)]
+
+
+@pytest.fixture(autouse=True)
+def _fake_data_and_classifier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 random images as both MNIST splits, and a classifier that calls nothing a digit: the report runs
+    its parts on them in seconds."""
+    rng = np.random.default_rng(0)
+    split = mnist.Split(rng.integers(0, 256, (300, 32, 32), dtype=np.uint8), rng.integers(0, 10, 300))
+    data = mnist.Mnist(split, split, "fake", {"train-images-idx3-ubyte": "fake"})
+    monkeypatch.setattr(mnist, "load", lambda *args: data)
+    pooled = digit_classifier.features_in(np.zeros((1, 32, 32))).shape[1]
+    zeros = digit_classifier.DigitClassifier(
+        np.zeros(pooled, np.float32), np.eye(4, pooled, dtype=np.float32), 1e9, (np.zeros((4, 10), np.float32),),
+        (np.zeros(10, np.float32),), {"recipe": digit_classifier.RECIPE, "train_images": 300, "seed": 0})
+    monkeypatch.setattr(digit_classifier, "load_or_train", lambda *args, **kwargs: zeros)
+
+
+def _stop_at(monkeypatch: pytest.MonkeyPatch, module: object, name: str, stop: type[BaseException]) -> None:
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise stop()
+
+    monkeypatch.setattr(module, name, stopped)
+
+
+def _report(models: Path, out: Path) -> int:
+    return cli.main(["report", "--models-dir", str(models), "--out", str(out), "--no-ae2d", "--test-limit", "100",
+                     "--samples", "50"])
+
+
+@pytest.mark.parametrize(("stop", "code"), STOPS)
+def test_a_stop_before_the_first_figure_leaves_no_folder_it_made(
+        stop: type[BaseException], code: int, tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The run made --out/figures at its start: a stop before the first figure left an empty figures/ (and an
+    --out with nothing of use in it), which looked like a report that had written nothing."""
+    _stop_at(monkeypatch, figures, "reconstructions", stop)
+    out = tmp_path / "new" / "reports"
+    assert _report(tiny_repo, out) == code
+    assert not (tmp_path / "new").exists(), sorted(p.name for p in (tmp_path / "new").rglob("*"))
+    err = capsys.readouterr().err
+    assert "stopped before any figure was written" in err and "rerun `aevae report`" in err, err
+
+
+def test_a_refusal_after_the_start_leaves_no_folder_it_made(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A repository without `ae` is found missing after --out was made: the refusal left out/figures behind."""
+    out = tmp_path / "reports"
+    assert _report(tmp_path / "no-models", out) == 2
+    assert "unknown model 'ae'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_folders_the_user_had_stay_even_empty(tiny_repo: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what this run made goes: an --out the user made stays (its figures/ made by the run goes), and so
+    does an empty figures/ the user had, and a folder holding a file."""
+    drawn = figures.reconstructions
+    _stop_at(monkeypatch, figures, "reconstructions", KeyboardInterrupt)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    assert _report(tiny_repo, mine) == 130
+    assert mine.is_dir() and not (mine / "figures").exists()
+    (mine / "figures").mkdir()
+    assert _report(tiny_repo, mine) == 130
+    assert (mine / "figures").is_dir()
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(figures, "reconstructions", drawn)
+    _stop_at(monkeypatch, figures, "pca_scatter", KeyboardInterrupt)  # the first figure is written, then the stop
+    assert _report(tiny_repo, fresh) == 130
+    assert [p.name for p in (fresh / "figures").iterdir()] == ["reconstructions.png"]
+
+
+@pytest.mark.parametrize(("stop", "code"), STOPS)
+def test_a_stop_says_which_figures_were_written_and_that_the_page_was_not(
+        stop: type[BaseException], code: int, tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C or SIGTERM ended the report with 130 or 143 and not a word of what it had written."""
+    _stop_at(monkeypatch, figures, "violins", stop)  # the third figure: reconstructions and pca are written
+    out = tmp_path / "reports"
+    assert _report(tiny_repo, out) == code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "stopped" in line]
+    assert len(lines) == 1, err
+    assert (f"aevae report: stopped: 2 figure(s) written to {out / 'figures'} (reconstructions.png, pca.png); "
+            f"the page (index.html, numbers.json in {out}) not written: rerun `aevae report` to finish") == lines[0]
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["pca.png", "reconstructions.png"]
+    assert not (out / "index.html").exists() and not (out / "numbers.json").exists()
+
+
+def test_a_stop_while_the_page_is_written_says_which_half_is_there(tiny_repo: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Every part measured and drawn, numbers.json written, the stop while the page is rendered."""
+    _stop_at(monkeypatch, page, "render", KeyboardInterrupt)
+    out = tmp_path / "reports"
+    assert _report(tiny_repo, out) == 130
+    err = capsys.readouterr().err
+    assert f"stopped: 10 figure(s) written to {out / 'figures'} (reconstructions.png, " in err, err
+    assert (f"; {out / 'numbers.json'} written, the page {out / 'index.html'} not: rerun `aevae report` to "
+            "finish") in err, err
+    assert len(list((out / "figures").glob("*.png"))) == 10
+    assert (out / "numbers.json").is_file() and not (out / "index.html").exists()
+
+
+def test_the_stop_line_names_an_ae2d_the_run_trained_and_a_page_already_written(tmp_path: Path) -> None:
+    """A stop after `ae-2d` was trained (minutes of a first run) must say it is kept, or the user expects to
+    pay for it again; a stop after the page was written must not ask for a rerun."""
+    written = build.Written(tmp_path, figures=[tmp_path / "figures" / "pca.png"], trained="ae-2d/1")
+    line = written.stop_line()
+    assert line.startswith("aevae report: stopped: 1 figure(s) written") and "ae-2d/1, trained by this run, " \
+        "is in the repository and will be reused; the page (index.html, numbers.json" in line, line
+    written.page = {build.PAGE, build.NUMBERS}
+    assert written.stop_line().endswith(f"the page is written: {tmp_path / 'index.html'}")
+    assert "rerun" not in written.stop_line()
