@@ -404,9 +404,11 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
     numbers["claims"] = [c.as_dict() for c in claims.evaluate(numbers)]
     numbers["timings"] = {**progress.seconds, "total": round(time.perf_counter() - progress.started, 1)}
     numbers["figures"] = fig
-    (out / NUMBERS).write_text(json.dumps(numbers, indent=1, default=float) + "\n")
+    text = json.dumps(numbers, indent=1, default=float) + "\n"
+    figures.write_whole(out / NUMBERS, lambda tmp: tmp.write_text(text))
     written.page.add(NUMBERS)
-    (out / PAGE).write_text(page.render(numbers))
+    html = page.render(numbers)
+    figures.write_whole(out / PAGE, lambda tmp: tmp.write_text(html))
     written.page.add(PAGE)
     progress.say(f"wrote {out / PAGE} ({len(fig)} figures, numbers in {out / NUMBERS})")
     return numbers

@@ -6,7 +6,8 @@ axes, which keeps the whole report's drawing time in the seconds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -36,10 +37,26 @@ def tile(images: np.ndarray, cols: int, pad: int = 2, fill: float = 1.0) -> np.n
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
+    """Writes the figure whole or not at all (a temporary renamed into place): a stop or a full disk during
+    the write left a truncated PNG under the figure's name, which a page then showed as broken."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        write_whole(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=DPI,
+                                                  bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return path
+
+
+def write_whole(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(temporary)` then the temporary renamed to `path`; the temporary removed if the write fails."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def reconstructions(originals: np.ndarray, rows: Mapping[str, np.ndarray], path: Path) -> Path:

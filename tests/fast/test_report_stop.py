@@ -135,3 +135,26 @@ def test_the_stop_line_names_an_ae2d_the_run_trained_and_a_page_already_written(
     written.page = {build.PAGE, build.NUMBERS}
     assert written.stop_line().endswith(f"the page is written: {tmp_path / 'index.html'}")
     assert "rerun" not in written.stop_line()
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_figure_stopped_while_written_leaves_no_truncated_file(stop: type[BaseException], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop or a full disk during savefig left a truncated PNG under the figure's name (a broken image on the
+    page, or in place of an earlier run's whole one)."""
+    import matplotlib.figure
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / "figures" / "pca.png"
+    path.parent.mkdir()
+    path.write_bytes(b"an earlier run's figure")
+
+    def half_written(self: object, target: Path, **kwargs: object) -> None:
+        Path(target).write_bytes(b"\x89PNG\r\n\x1a\n")
+        raise stop()
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_written)
+    with pytest.raises(stop):
+        figures._save(plt.figure(), path)
+    assert path.read_bytes() == b"an earlier run's figure"
+    assert [p.name for p in path.parent.iterdir()] == ["pca.png"]  # no temporary left beside it
