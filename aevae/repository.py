@@ -510,8 +510,12 @@ class ModelRepository:
 
         Writers of one model take turns (a lock in the model's folder) and each reads the manifest anew under
         it, so two commands adding the same files cannot remove each other's: the second finds them listed and
-        adds nothing. Once the new manifest is in place nothing is removed, whatever stops the call then (a
-        SIGTERM, a failing fsync): the files it lists are there."""
+        adds nothing. Whatever stops the call (a full disk, a Ctrl-C or SIGTERM), what it leaves is decided by
+        the manifest on disk: one that does not list the new files yet gets none of them left behind (the
+        version is as it was); once the new manifest is in place nothing is removed (the files it lists are
+        there). Told by reading the manifest, not by a flag set after the rename: a KeyboardInterrupt is
+        raised right after the rename returns, before any next statement, and with a flag it removed the
+        files a manifest already listed, leaving the version broken for good."""
         clash = sorted(set(writers) & {MANIFEST})
         if clash:
             raise ValueError(f"{version} cannot be given another {MANIFEST}")
@@ -522,32 +526,48 @@ class ModelRepository:
                 return version
             remove_stale(version.path)
             token = secrets.token_hex(6)  # the temporaries of two writers never clash
-            checksums = {}
-            tmp = version.path / _adding(MANIFEST, token)
-            placed: list[Path] = []  # renamed into place, not yet listed: removed again if the manifest is not
-            listed = False
+            checksums: dict[str, str] = {}
+            tmp: Path | None = None  # the temporary of the file being written
+            placed: list[Path] = []  # renamed into place (or about to be), not yet listed
             try:
                 for filename, write in todo.items():
                     tmp = version.path / _adding(filename, token)
                     write(tmp)
                     fsync_path(tmp)
                     checksums[filename] = sha256_file(tmp)
+                    placed.append(version.path / filename)  # before the rename: an interrupt right after it
                     os.replace(tmp, version.path / filename)
-                    placed.append(version.path / filename)
                 changes = dict(manifest_changes)
                 if "runtimes" in changes:
                     changes["runtimes"] = {**version.manifest.runtimes, **changes["runtimes"]}
                 manifest = version.manifest.with_(files={**version.manifest.files, **checksums}, **changes)
-                tmp = version.path / _adding(MANIFEST, token)
-                tmp.write_text(manifest.dumps())
-                fsync_path(tmp)
-                os.replace(tmp, version.path / MANIFEST)
-                listed = True
-                fsync_path(version.path)
-            except BaseException:  # a full disk: no file of this call stays behind (the version is as it was)
-                for path in [tmp, *([] if listed else placed)]:
-                    path.unlink(missing_ok=True)
+                _swap_manifest(version.path, manifest, token)
+            except BaseException:  # a full disk, a stop: no file of this call stays unlisted
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+                if not (checksums and _lists(version.path, checksums)):
+                    for path in placed:
+                        path.unlink(missing_ok=True)
                 raise
+            return self._check(version.name, version.number, version.path, self.root.resolve())
+
+    def amend_manifest(self, version: Version, change: Callable[[Manifest], Manifest | None]) -> Version | None:
+        """Rewrites a version's manifest, its files left byte for byte as they are (e.g. the test-set figures
+        `aevae export-onnx` measures for graphs a version already has). `change` is given the manifest as it
+        is now, read anew under the model's add-files lock (the one add_files takes), and returns the manifest
+        to write, or None when there is nothing to do: what another writer recorded meanwhile is seen, never
+        replaced by a stale copy. Swapped atomically, as add_files swaps it; the new version, or None when
+        nothing was written. ValueError when `change` alters `files`: a file and its checksum are added by
+        add_files only, which writes the file first."""
+        with _locked(version.path.parent / ADD_FILES_LOCK):
+            current = self._check(version.name, version.number, version.path, self.root.resolve())
+            manifest = change(current.manifest)
+            if manifest is None:
+                return None
+            if manifest.files != current.manifest.files:
+                raise ValueError(f"{version}: amend_manifest leaves the files and their checksums as they are; "
+                                 "add files with add_files")
+            _swap_manifest(current.path, manifest, secrets.token_hex(6))
             return self._check(version.name, version.number, version.path, self.root.resolve())
 
     def _next_number(self, model_dir: Path) -> int:
@@ -613,6 +633,33 @@ def _is_leftover(name: str) -> bool:
 def _adding(filename: str, token: str) -> str:
     """The temporary under which add_files writes `filename` (a leftover by _is_leftover's rule)."""
     return f".{filename}.{token}.incoming"
+
+
+def _swap_manifest(folder: Path, manifest: Manifest, token: str) -> None:
+    """Replaces the version's manifest with `manifest` atomically: written under a temporary name, flushed,
+    renamed over the old one, then the folder flushed. Readers see the old manifest or the new one, whole.
+    Stopped before the rename (a full disk, a Ctrl-C), the temporary goes and the old manifest stays; after
+    it, the new one is in place (its temporary name is gone with the rename)."""
+    tmp = folder / _adding(MANIFEST, token)
+    try:
+        tmp.write_text(manifest.dumps())
+        fsync_path(tmp)
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(folder)
+
+
+def _lists(folder: Path, checksums: Mapping[str, str]) -> bool:
+    """Whether the version's manifest on disk lists every file of `checksums` with that checksum: after a
+    failure or a stop, whether the manifest naming the files was put in place (then they must stay)."""
+    try:
+        with open_regular(folder / MANIFEST) as f:
+            files = Manifest.loads(f.read(MANIFEST_MAX_BYTES + 1).decode("utf-8")).files
+    except (OSError, ValueError):
+        return False
+    return all(files.get(name) == digest for name, digest in checksums.items())
 
 
 def added_name(temporary: str) -> str:

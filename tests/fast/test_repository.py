@@ -244,6 +244,38 @@ def test_files_added_stay_once_the_manifest_lists_them_and_a_second_adder_adds_n
     assert not [p.name for p in version.path.iterdir() if p.name.endswith(".incoming")]
 
 
+@pytest.mark.parametrize("stop_after", ["extra.bin", MANIFEST])
+def test_a_stop_as_a_rename_returns_leaves_the_version_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              stop_after: str) -> None:
+    """Ctrl-C (and SIGTERM, raised as Terminated, a KeyboardInterrupt) is raised as the rename returns, before
+    the next statement. After the manifest's rename, add_files removed the files the manifest now listed: the
+    version was broken for good ("no extra.bin"). After a file's rename, it kept that file, listed nowhere."""
+    import os
+
+    from aevae import repository as repo_module
+
+    version = write_tiny(tmp_path, "vae")
+    before = sorted(p.name for p in version.path.iterdir())
+    real = os.replace
+
+    def stopped_as_it_returns(source: object, target: object) -> None:
+        real(source, target)  # type: ignore[arg-type]
+        if Path(str(target)).name == stop_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(repo_module.os, "replace", stopped_as_it_returns)
+    with pytest.raises(KeyboardInterrupt):
+        ModelRepository(tmp_path).add_files(version, {"extra.bin": lambda path: path.write_bytes(b"data")})
+    monkeypatch.setattr(repo_module.os, "replace", real)
+    scan = ModelRepository(tmp_path).scan()
+    assert not scan.broken, scan.broken
+    (again,) = scan.versions["vae"]
+    again.check_files()
+    listed = stop_after == MANIFEST  # the manifest naming it was in place: it stays, else it goes
+    assert ("extra.bin" in again.manifest.files) is listed
+    assert sorted(p.name for p in version.path.iterdir()) == sorted([*before, *(["extra.bin"] if listed else [])])
+
+
 def test_a_version_in_place_is_reported_written_even_if_its_high_water_mark_is_not(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The mark's two bytes can find the disk the version just filled: the version is complete, so a failure
