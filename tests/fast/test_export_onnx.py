@@ -284,3 +284,26 @@ def test_a_stop_inside_the_write_leaves_the_version_whole_and_says_which_way(
     assert not [name for name in os.listdir(folder) if name.endswith(".incoming")]
     if not int8_listed:
         assert _files(folder) == before
+
+
+def test_graphs_another_export_onnx_added_meanwhile_are_kept_and_named_so(
+        tiny_repo: Path, no_data_root: None, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Two runs converting one version at once: the second's add_files finds the graphs listed under the lock
+    and adds nothing, yet it printed "wrote decoder.int8.onnx" and counted the version as its own work."""
+    folder = tiny_repo / "vae" / "1"
+    _without_int8(folder)
+    repository = ModelRepository(tiny_repo)
+    (version,) = repository.versions()["vae"]
+    real = onnx_export.reduced_precision
+
+    def while_another_adds_its_own(*args: Any, **kwargs: Any) -> Any:
+        made = real(*args, **kwargs)
+        ModelRepository(tiny_repo).add_files(version, {DECODER_INT8: onnx_export.bytes_writer(b"theirs")})
+        return made
+
+    monkeypatch.setattr(onnx_export, "reduced_precision", while_another_adds_its_own)
+    onnx_export.add_graphs(repository, version)
+    out = capsys.readouterr().out
+    assert "vae/1: has its ONNX graphs (added meanwhile by another export-onnx)" in out and "wrote" not in out, out
+    assert (folder / DECODER_INT8).read_bytes() == b"theirs"
