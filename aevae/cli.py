@@ -25,7 +25,7 @@ from aevae.errors import Terminated, UserError, raise_on_sigterm
 COMMANDS = (
     "aevae.up",
     "aevae.trainer.cli",
-    "aevae.onnx_export",
+    "aevae.export_command",
     "aevae.services.cli",
     "aevae.client.cli",
     "aevae.ui.cli",

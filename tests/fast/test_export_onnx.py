@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from aevae import cli, mnist, onnx_export
+from aevae import cli, export_command, mnist, onnx_export
 from aevae.errors import Terminated
 from aevae.onnx_export import DECODER_INT8
 from aevae.repository import MANIFEST, ModelRepository
@@ -121,7 +121,7 @@ def test_the_figures_recorded_are_the_ones_the_trainer_s_writer_measures(tiny_re
     images = mnist.load(data_root).test.floats()
     graphs = {name: version.file(name).read_bytes() for name in ("encoder.onnx", "decoder.onnx")}
     _, expected = onnx_export.reduced_precision(graphs, torch_module(load(version, prefer="torch")), images)
-    recorded = onnx_export.record_figures(ModelRepository(tiny_repo), version, images)
+    recorded = export_command.record_figures(ModelRepository(tiny_repo), version, images)
     assert recorded is not None
     for name in ("int8", "bf16"):
         assert recorded.manifest.runtimes[name]["test"] == expected[name]["test"]
@@ -156,7 +156,7 @@ def test_a_figure_recorded_meanwhile_by_another_export_onnx_is_kept(tiny_repo: P
 
     monkeypatch.setattr(onnx_export, "precision_entries", measured_while_another_records)
     images = mnist.load(data_root).test.floats()
-    recorded = onnx_export.record_figures(repository, version, images)
+    recorded = export_command.record_figures(repository, version, images)
     assert recorded is not None
     assert recorded.manifest.runtimes["int8"]["test"] == theirs  # kept, not overwritten with a stale copy
     assert recorded.manifest.runtimes["bf16"]["test"]["images"] == TEST_IMAGES
@@ -176,7 +176,7 @@ def test_two_export_onnx_measuring_one_version_at_once_record_its_figures_once(t
     def measure() -> None:
         try:
             repository = ModelRepository(tiny_repo)
-            results.append(onnx_export.record_figures(repository, repository.versions()["vae"][0], images))
+            results.append(export_command.record_figures(repository, repository.versions()["vae"][0], images))
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 
@@ -227,7 +227,7 @@ def test_a_stop_between_versions_names_what_was_converted_and_what_was_left(
     for name in ("ae", "vae", "vae8"):
         _without_int8(tiny_repo / name / "1")
     before = {name: _files(tiny_repo / name / "1") for name in ("vae", "vae8")}
-    real = onnx_export.add_graphs
+    real = export_command.add_graphs
     calls: list[str] = []
 
     def stopped_on_the_second(repository: Any, version: Any, *args: Any) -> Any:
@@ -236,7 +236,7 @@ def test_a_stop_between_versions_names_what_was_converted_and_what_was_left(
             raise stop()
         return real(repository, version, *args)
 
-    monkeypatch.setattr(onnx_export, "add_graphs", stopped_on_the_second)
+    monkeypatch.setattr(export_command, "add_graphs", stopped_on_the_second)
     assert cli.main(["export-onnx", "--models-dir", str(tiny_repo)]) == status
     err = capsys.readouterr().err
     assert ("stopped: graphs added to ae/1; vae/1 left as it was (nothing of it changed); 1 version(s) not "
@@ -303,7 +303,7 @@ def test_graphs_another_export_onnx_added_meanwhile_are_kept_and_named_so(
         return made
 
     monkeypatch.setattr(onnx_export, "reduced_precision", while_another_adds_its_own)
-    onnx_export.add_graphs(repository, version)
+    export_command.add_graphs(repository, version)
     out = capsys.readouterr().out
     assert "vae/1: has its ONNX graphs (added meanwhile by another export-onnx)" in out and "wrote" not in out, out
     assert (folder / DECODER_INT8).read_bytes() == b"theirs"

@@ -80,7 +80,7 @@ def test_export_onnx_adds_graphs_to_a_version_written_without_them(tiny_repo: Pa
     import argparse
     import json
 
-    from aevae.onnx_export import run
+    from aevae.export_command import run
     from aevae.repository import ModelRepository
 
     folder = tiny_repo / "ae" / "1"

@@ -75,7 +75,7 @@ def test_a_version_without_the_int8_graph_decodes_in_fp32(tiny_repo: Path) -> No
 
 
 def test_export_onnx_adds_the_int8_decoder_to_an_older_version(tiny_repo: Path) -> None:
-    from aevae.onnx_export import run
+    from aevae.export_command import run
 
     folder = tiny_repo / "vae" / "1"
     manifest = json.loads((folder / "manifest.json").read_text())
