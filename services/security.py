@@ -338,6 +338,39 @@ def check_binding(settings: ServiceSettings, kind: str, env: dict[str, str] | No
 # thousand; a client that opens more waits for one of its own to end (HTTP/2 flow, no error). Far above what a
 # client pipelines (64 in flight, a stream per replica of a fan-out); the admission caps calls below it.
 MAX_STREAMS_PER_CONNECTION = 1024
+# A connection must finish its handshake (TLS, and the client's HTTP/2 preface and SETTINGS) within this long.
+# gRPC's default is 2 minutes and keepalive ended a silent one after about 60 s: so 350 bare TCP connects a
+# second from one peer, no token needed, held every file descriptor the server had (20,000), and no client
+# could connect. A real client sends its preface at once; a TLS handshake takes well under a second.
+HANDSHAKE_TIMEOUT_MS = 5_000
+# Descriptors kept free of connections (for the model files, the metrics endpoint, logs): the cap on
+# connections at once is the process's open-file limit less these. Past it gRPC closes a new connection at
+# once: the server goes on serving the connections it has and can still open a version's files.
+SPARE_DESCRIPTORS = 256
+# Request metadata (headers) of a call: at most 16 KiB, the same bound soft and hard. gRPC's defaults (a soft
+# 8 KiB, a hard 16 KiB) refused a call whose headers fell between them at random (at 12 KiB, 26 of 40 calls),
+# so a client with a big token or tracing headers looked flaky.
+MAX_METADATA_BYTES = 16 * 1024
+
+
+def raise_open_files_limit() -> int:
+    """Raises the soft limit on open files to the hard limit (a process may; systemd and containers often leave
+    the soft one at 1,024) and returns the soft limit then: each connection takes a descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an unlimited hard limit some kernels refuse as a soft one: keep it
+            pass
+    return soft
+
+
+def max_connections(open_files: int) -> int:
+    """Connections held at once: the open-file limit less SPARE_DESCRIPTORS, at least 16 (a tiny limit)."""
+    return max(16, min(open_files, 2**31 - 1) - SPARE_DESCRIPTORS)
 
 
 def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
@@ -350,12 +383,18 @@ def connection_options(settings: ServiceSettings) -> list[tuple[str, int]]:
     enough of them (128 under a limit of 128 open files) took the last descriptor, so that the server could
     accept no other client (gRPC logs "File descriptor limit reached" and retries, for ever); on the health
     port (plaintext, no token needed) anyone could do that. A live client answers the pings: its idle channel
-    stays connected, until --max-connection-age-s."""
+    stays connected, until --max-connection-age-s. A connection that never finishes its handshake is closed
+    sooner (HANDSHAKE_TIMEOUT_MS), and connections at once stay under the open-file limit (max_connections),
+    which this raises to its hard value first."""
     timeout_ms = round(min(settings.keepalive_seconds, 20.0) * 1000)
     options = [("grpc.keepalive_time_ms", round(settings.keepalive_seconds * 1000)),
                ("grpc.keepalive_timeout_ms", timeout_ms), ("grpc.http2.ping_timeout_ms", timeout_ms),
                ("grpc.http2.max_pings_without_data", 0), ("grpc.keepalive_permit_without_calls", 1),
                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+               ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+               ("grpc.max_allowed_incoming_connections", max_connections(raise_open_files_limit())),
+               ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+               ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
                # aevae's client pings a call's connection every 20 s (client.core.KEEPALIVE_MS), also while a
                # big call computes and sends nothing: gRPC's default (a ping per 5 min without data, two
                # strikes) would end such a connection with "too_many_pings" after a minute

@@ -404,3 +404,49 @@ def test_failed_handshakes_do_not_write_to_the_log(repo: Path, tmp_path: Path, v
         service.stop()
     printed = "Handshake failed" in "".join(service.output)
     assert printed == (verbosity == "INFO"), service.output
+
+
+def test_silent_connections_close_at_the_handshake_timeout_and_never_take_the_last_descriptor(repo: Path) -> None:
+    """Bare TCP connections that never send HTTP/2's preface (no token needed) stayed ~60 s, until keepalive:
+    350 connects a second held all of a server's 20,000 descriptors and no client could connect. Now they close
+    at the handshake timeout (5 s), and connections at once stay under the open-file limit less a reserve, so
+    the server never runs out (started here under a limit of 400: at most 144 connections)."""
+    from aevae.services.security import HANDSHAKE_TIMEOUT_MS, SPARE_DESCRIPTORS
+
+    service = ServiceProcess("decoder", repo, env=_isolated(repo.parent), args=["--shutdown-delay", "0"],
+                             security=ChannelSecurity.resolve(token=TOKEN))
+    service.command = ["prlimit", "--nofile=400:400", *service.command]
+    with service:
+        service.wait_healthy()
+        assert service.process is not None
+        host, port = service.address.rsplit(":", 1)
+        silent = [socket.create_connection((host, int(port)), timeout=10) for _ in range(300)]
+        try:
+            time.sleep(1)
+            descriptors = len(os.listdir(f"/proc/{service.process.pid}/fd"))
+            assert descriptors <= 400 - SPARE_DESCRIPTORS + 40, descriptors  # its own files, a few dozen
+            started = time.monotonic()
+            open_ = still_open(silent, 30)
+            assert not open_, f"{len(open_)} silent connections still open after 30 s"
+            assert time.monotonic() - started < HANDSHAKE_TIMEOUT_MS / 1000 + 5  # not keepalive's ~60 s
+        finally:
+            for connection in silent:
+                connection.close()
+        with grpc.insecure_channel(service.address) as channel:
+            assert _raw(channel, "/aevae.v1.Decoder/Decode")(DECODE, timeout=10,
+                                                              metadata=[("authorization", f"Bearer {TOKEN}")])
+    assert "File descriptor limit reached" not in "".join(service.output)
+
+
+def test_request_metadata_has_one_bound_not_a_random_band(decoder: ServiceProcess) -> None:
+    """gRPC's soft (8 KiB) and hard (16 KiB) metadata limits refused calls between them at random (12 KiB: 26
+    of 40), which looked flaky to a client with a big token or tracing headers: one bound, 16 KiB, now."""
+    auth = [("authorization", f"Bearer {TOKEN}")]
+    with grpc.insecure_channel(decoder.address) as channel:
+        decode = _raw(channel, "/aevae.v1.Decoder/Decode")
+        for _ in range(20):
+            assert decode(DECODE, timeout=10, metadata=[*auth, ("x-big", "a" * 12_000)])
+        with pytest.raises(grpc.RpcError) as refused:
+            decode(DECODE, timeout=10, metadata=[*auth, ("x-big", "a" * 17_000)])
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "16384" in (refused.value.details() or ""), refused.value.details()
