@@ -17,6 +17,11 @@ from aevae.errors import ResourceExhausted
 T = TypeVar("T")
 
 
+# Streams may hold all but 1/STREAMS_LEAVE of the call slots: the rest stay for unary calls, so that streams
+# whose clients stop reading (they hold their slots until their connection ages out) cannot refuse every call.
+STREAMS_LEAVE = 4
+
+
 class Admission:
     """Caps the model calls in flight and the request bytes they hold: past a cap, RESOURCE_EXHAUSTED naming
     it; health and ListModels are not counted, so they still answer. Answers wait for room in the same byte
@@ -31,10 +36,14 @@ class Admission:
 
     A stream holds its call slot while it is open, so one whose client sends nothing more while it has nothing
     left to answer ends after `stream_idle_s` (DEADLINE_EXCEEDED; 0: never, see `streams.pipelined`): clients
-    that open streams and leave them idle cannot hold every slot."""
+    that open streams and leave them idle cannot hold every slot. Streams hold at most `max_streams` of the
+    slots, the rest kept for unary calls (see STREAM_SHARE): 256 streams whose client wrote answers it never
+    read held every slot, for up to the connection's age, and every other client's calls were refused."""
 
     def __init__(self, max_calls: int, max_bytes: int, max_unsent: int | None = None, stream_idle_s: float = 0.0):
         self.max_calls = max_calls
+        self.max_streams = max_calls - max_calls // STREAMS_LEAVE  # a quarter kept for unary calls (of 4 and more)
+        self.streams = 0
         self.max_bytes = max_bytes
         self.max_unsent = 2 * max_bytes if max_unsent is None else max_unsent
         self.stream_idle_s = stream_idle_s
@@ -80,6 +89,10 @@ class Admission:
         is free."""
         return _Call(self)
 
+    def stream(self) -> "_Stream":
+        """Like `call`, for a stream: one of the `max_streams` slots streams may hold, and a call slot."""
+        return _Stream(self)
+
     def hold(self, nbytes: int) -> "_Held":
         """A context manager holding `nbytes` of request bytes for its block; RESOURCE_EXHAUSTED when they
         would pass the budget (one request bigger than it is let in alone)."""
@@ -105,6 +118,29 @@ class _Call:
 
     def __exit__(self, *exc: object) -> None:
         self.admission.calls -= 1
+
+
+class _Stream:
+    """Admission.stream's context manager: the stream cap first, then a call slot as any call."""
+
+    __slots__ = ("admission", "call")
+
+    def __init__(self, admission: Admission):
+        self.admission = admission
+        self.call = _Call(admission)
+
+    def __enter__(self) -> None:
+        admission = self.admission
+        if admission.streams >= admission.max_streams:
+            raise ResourceExhausted(f"the server has {admission.streams} streams open, the most it lets streams hold "
+                                    f"({admission.max_streams} of --max-concurrent-rpcs {admission.max_calls}; the "
+                                    "rest are kept for unary calls); retry with backoff, or call Decode/Encode")
+        self.call.__enter__()
+        admission.streams += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.admission.streams -= 1
+        self.call.__exit__()
 
 
 class _Held:

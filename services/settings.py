@@ -152,8 +152,9 @@ class ServiceSettings:
                                   minimum=64 * 1024, maximum=MAX_MESSAGE_BYTES)
     max_batch: int = _opt(65536, "most images or latents per request message; RESOURCE_EXHAUSTED beyond",
                           minimum=1)
-    max_concurrent_rpcs: int = _opt(256, "most Encode/Decode calls and streams in flight; RESOURCE_EXHAUSTED "
-                                         "beyond (health and ListModels always answer)", minimum=1)
+    max_concurrent_rpcs: int = _opt(256, "most Encode/Decode calls and streams in flight (streams at most 3/4 of "
+                                         "them, the rest kept for unary calls); RESOURCE_EXHAUSTED beyond (health "
+                                         "and ListModels always answer)", minimum=1)
     max_inflight_bytes: int = _opt(256 * 1024 * 1024, "most request bytes held by calls in flight, and most answer "
                                                       "bytes between the model and the wire (answers wait); "
                                                       "RESOURCE_EXHAUSTED beyond", minimum=1)

@@ -206,7 +206,7 @@ async def answered_stream(
         # nothing held every slot, and every other client's calls were refused, for --stream-idle-s each time
         with contextlib.ExitStack() as slot:
             async for result in pipelined(requests, counted, depth, admission.stream_idle_s,
-                                          lambda: slot.enter_context(admission.call())):
+                                          lambda: slot.enter_context(admission.stream())):
                 yield result
                 del result  # the response's bytes must not outlive the yield
 

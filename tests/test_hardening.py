@@ -505,6 +505,34 @@ def test_streams_that_send_nothing_hold_no_call_slot(repo: Path) -> None:
             assert stub.Decode(_request(1)).version == 1  # the slot is free again
 
 
+def test_streams_that_stop_reading_leave_unary_calls_a_quarter_of_the_slots(repo: Path) -> None:
+    """Streams whose clients wrote and never read held every slot (the auditor's 256, for up to the
+    connection's age) and every other client's Decode was refused. With 8 slots, 6 streams are let in, the
+    seventh is refused saying why, and Decode still answers."""
+    with ServiceProcess("decoder", repo, args=["--max-concurrent-rpcs", "8"]) as service:
+        service.wait_healthy()
+        done = threading.Event()
+
+        def one() -> Iterator[decoder_pb2.DecodeRequest]:
+            yield _request(1)
+            done.wait(60)
+
+        with grpc.insecure_channel(service.address) as channel:
+            stub = decoder_pb2_grpc.DecoderStub(channel)
+            held = [stub.DecodeStream(one()) for _ in range(6)]
+            try:
+                for call in held:  # each is admitted: its first answer comes
+                    assert len(from_tensor(next(call).images, "images")) == 1
+                code, details = _status(lambda: next(stub.DecodeStream(one())))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+                assert "6 streams open" in details and "kept for unary calls" in details, details
+                assert stub.Decode(_request(1)).version == 1  # the unary calls' quarter
+            finally:
+                done.set()
+                for call in held:
+                    call.cancel()
+
+
 def test_an_idle_stream_ends_after_stream_idle_s_and_gives_its_slot_back(repo: Path) -> None:
     """A live client that opens a stream and then sends nothing holds its admission slot only for
     --stream-idle-s; the stream ends with DEADLINE_EXCEEDED naming the flag, after the answers it was owed."""

@@ -213,3 +213,29 @@ def test_a_stream_takes_room_in_message_order_so_streams_that_read_never_deadloc
         assert admission.unsent == 0
 
     asyncio.run(main())
+
+
+def test_streams_leave_a_quarter_of_the_slots_to_unary_calls() -> None:
+    """256 streams whose clients wrote and never read held every slot (for up to the connection's age) and
+    every other client's Decode was refused: streams now hold at most three quarters of them."""
+    admission = Admission(max_calls=8, max_bytes=100)
+    streams = [admission.stream() for _ in range(6)]
+    for stream in streams:
+        stream.__enter__()
+    with pytest.raises(ResourceExhausted, match=r"6 streams open, the most it lets streams hold \(6 of "
+                                                r"--max-concurrent-rpcs 8; the rest are kept for unary calls\)"):
+        admission.stream().__enter__()
+    assert admission.streams == 6 and admission.calls == 6  # the refused one took nothing
+    with admission.call(), admission.call():  # the unary calls' quarter
+        with pytest.raises(ResourceExhausted, match="8 calls in flight"):
+            admission.call().__enter__()
+    streams[0].__exit__()
+    with admission.stream():  # a stream's place, given back, is taken again
+        assert admission.streams == 6 and admission.calls == 6
+    assert admission.streams == 5 and admission.calls == 5
+
+
+@pytest.mark.parametrize("max_calls, max_streams", [(1, 1), (3, 3), (4, 3), (256, 192)])
+def test_a_small_cap_lets_streams_take_every_slot(max_calls: int, max_streams: int) -> None:
+    """Under 4 slots nothing is kept back: `--max-concurrent-rpcs 1` must still serve a stream."""
+    assert Admission(max_calls=max_calls, max_bytes=100).max_streams == max_streams
