@@ -95,7 +95,7 @@ def _run(args: Any, progress: "Progress") -> int:
                if not any(chosen(w, v) for v in [*scan.broken, *(v for vs in available.values() for v in vs)])]
     if unknown:
         raise UserError(f"no such model or version: {', '.join(unknown)}; available: {scan.describe(repository.root)}")
-    broken = []
+    broken, changed = [], []
     # A version the scan already found broken (a file missing, a bad manifest) is named with its reason, as one
     # that fails to load below: left out silently, or called "no such version", it looked converted or absent.
     for gone in scan.broken:
@@ -111,12 +111,19 @@ def _run(args: Any, progress: "Progress") -> int:
         except BrokenVersionError as exc:  # the others are still converted; the exit status says it
             print(f"{version}: {exc}", file=sys.stderr)
             broken.append(str(version))
+        except ChangedMeanwhileError as exc:  # not broken: named apart, and the exit status says it too
+            print(f"{version}: {exc}", file=sys.stderr)
+            changed.append(str(version))
         except OSError as exc:  # a read-only or full repository: the version stays as it was
             raise UserError(progress.unwritable(repository.root, exc)) from None
         progress.end()
     print(progress.summary(test_images is not None))
-    if broken:
-        raise UserError(f"{len(broken)} version(s) broken, left as they are: {', '.join(broken)}")
+    problems = [f"{len(broken)} version(s) broken, left as they are: {', '.join(broken)}"] if broken else []
+    if changed:  # called broken, they sent their owner looking for damage that was another writer's change
+        problems.append(f"{len(changed)} version(s) changed by another writer while measured, not measured: "
+                        f"{', '.join(changed)} (run export-onnx again)")
+    if problems:
+        raise UserError("; ".join(problems))
     return 0
 
 
@@ -211,6 +218,11 @@ class BrokenVersionError(ValueError):
     """The version's files fail their checksums or its weights do not load: it gets no graphs."""
 
 
+class ChangedMeanwhileError(ValueError):
+    """The version's files changed while its figures were measured (another writer): nothing is recorded, and
+    the version is not broken; a rerun measures it as it is then."""
+
+
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
@@ -290,7 +302,7 @@ def record_figures(repository: Any, version: Any, test_images: np.ndarray) -> An
 
     def amend(current: Any) -> Any:
         if any(current.files.get(name) != digest for name, digest in measured.items()):
-            raise BrokenVersionError("not measured: its files changed while they were measured (another writer); "
+            raise ChangedMeanwhileError("not measured: its files changed while they were measured (another writer); "
                                      "run export-onnx again")
         recorded[:] = lacking_figures(current)
         if not recorded:

@@ -307,3 +307,30 @@ def test_graphs_another_export_onnx_added_meanwhile_are_kept_and_named_so(
     out = capsys.readouterr().out
     assert "vae/1: has its ONNX graphs (added meanwhile by another export-onnx)" in out and "wrote" not in out, out
     assert (folder / DECODER_INT8).read_bytes() == b"theirs"
+
+
+def test_a_version_changed_while_measured_is_named_as_changed_not_broken(
+        tiny_repo: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Another writer replaced a graph while this run measured the version: nothing is recorded, and the
+    version was listed as "broken", which sent its owner looking for damage that was another's change."""
+    folder = tiny_repo / "vae" / "1"
+    real = onnx_export.precision_entries
+
+    def while_another_replaces_the_int8_graph(*args: Any, **kwargs: Any) -> Any:
+        entries = real(*args, **kwargs)
+        if (folder / MANIFEST).exists():
+            manifest = _manifest(folder)
+            (folder / DECODER_INT8).write_bytes(b"another writer's graph")
+            manifest["files"][DECODER_INT8] = hashlib.sha256(b"another writer's graph").hexdigest()
+            (folder / MANIFEST).write_text(json.dumps(manifest))
+        return entries
+
+    monkeypatch.setattr(onnx_export, "precision_entries", while_another_replaces_the_int8_graph)
+    code = cli.main(["export-onnx", "vae/1", "--models-dir", str(tiny_repo), "--data-root", str(data_root)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "vae/1: not measured: its files changed while they were measured (another writer)" in err, err
+    assert "1 version(s) changed by another writer while measured, not measured: vae/1 (run export-onnx again)" \
+        in err, err
+    assert "broken" not in err, err
+    assert "test" not in _manifest(folder)["runtimes"]["int8"]  # nothing recorded
