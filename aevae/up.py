@@ -389,7 +389,10 @@ def _is_file(path: Path) -> bool:
 class _Output:
     """sys.stdout while `aevae up` runs, for it and for the children's echo threads: once whatever reads it has
     gone (`aevae up | tee up.log` and Ctrl-C, which ends tee too), what is written goes to /dev/null. Each write
-    raised BrokenPipeError: a traceback from every echo thread and one from "aevae up: stopped", exit 1."""
+    raised BrokenPipeError: a traceback from every echo thread and one from "aevae up: stopped", exit 1. Any
+    other write error is taken the same way (a full disk: ENOSPC, a terminal hung up: EIO): it killed the echo
+    thread, and `aevae up` then waited for a start line that thread would never pass on. An unencodable
+    character is written escaped."""
 
     def __init__(self, stream: Any):
         self._stream = stream
@@ -406,15 +409,20 @@ class _Output:
 
     def write(self, text: str) -> int:
         try:
-            return int(self._stream.write(text))
-        except BrokenPipeError:
+            try:
+                return int(self._stream.write(text))
+            except UnicodeEncodeError:
+                encoding = getattr(self._stream, "encoding", None) or "ascii"
+                self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+                return len(text)
+        except OSError:
             self._gone()
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError:
             self._gone()
 
     def _gone(self) -> None:

@@ -9,6 +9,7 @@ import argparse
 import os
 import re
 import sys
+from typing import Any
 
 from aevae.services.settings import PORTS  # stdlib only
 
@@ -39,8 +40,8 @@ def version_arg(text: str) -> int | None:
 def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("encode", help="encode images (PNG, JPEG, ...) to latents through the encoder service")
     e.add_argument("images", nargs="+", metavar="IMAGE", help="grey or colour images in the model's image shape "
-                   "or its shape before padding (28x28 or 32x32 for MNIST models; other sizes are resized to "
-                   "the latter); white digit on black, like MNIST")
+                   "or its shape before padding (32x32 or 28x28 for MNIST models; other sizes are resized to "
+                   "the latter, which the service pads); white digit on black, like MNIST")
     e.add_argument("--encoder", default=f"127.0.0.1:{PORTS['encoder']}", metavar="HOST:PORT")
     e.add_argument("--model", default="vae", help="model name in the repository (default vae)")
     e.add_argument("--version", type=version_arg, default=None, help="model version, 0 for the newest (default)")
@@ -52,7 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("decode", help="decode latents to a PNG through the decoder service",
                        epilog="Example: aevae decode 0.5,-1.2,0.3,2.0 -o digit.png (several latents: a row)")
     d.add_argument("latents", nargs="+", metavar="Z1,Z2,...", help="one comma-separated latent vector per image")
-    d.add_argument("-o", "--output", required=True, help="PNG to write (several latents: one row of images)")
+    d.add_argument("-o", "--output", required=True, help="PNG to write (several latents: one row of images); - "
+                                                          "writes the PNG to standard output")
     d.add_argument("--decoder", default=f"127.0.0.1:{PORTS['decoder']}", metavar="HOST:PORT")
     d.add_argument("--model", default="vae", help="model name in the repository (default vae)")
     d.add_argument("--version", type=version_arg, default=None, help="model version, 0 for the newest (default)")
@@ -137,8 +139,73 @@ def encode(args: argparse.Namespace) -> int:
         result, j = rows[i]
         line = ",".join(f"{v:.4f}" for v in result.mean[j])
         extra = "" if result.logvar is None else "  logvar " + ",".join(f"{v:.4f}" for v in result.logvar[j])
-        print(f"{path}\t{result.model}/{result.version}\t{line}{extra}")
+        say(f"{path}\t{result.model}/{result.version}\t{line}{extra}")
     return 0
+
+
+def say(line: str, stream: Any = None) -> None:
+    """Prints a line of a command's output. A stdout that cannot take it (a full disk, a closed pipe: `| head
+    -0`) was a traceback and exit 1, and a path the terminal's encoding cannot show (PYTHONIOENCODING=ascii)
+    one more: UserError naming stdout; an unencodable character is written escaped."""
+    from aevae.errors import UserError
+
+    stream = stream or sys.stdout
+    try:
+        try:
+            print(line, file=stream, flush=True)
+        except UnicodeEncodeError:
+            print(line.encode(stream.encoding or "ascii", "backslashreplace").decode(stream.encoding or "ascii"),
+                  file=stream, flush=True)
+    except OSError as exc:
+        _quiet(stream)
+        raise UserError(f"cannot write to {'standard output' if stream is sys.stdout else 'its stream'}: "
+                        f"{exc.strerror or exc}") from None
+
+
+def _quiet(stream: Any) -> None:
+    """Points the stream's descriptor at /dev/null, so that the flush at exit does not fail again (Python's
+    "Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def write_image(Image: Any, row: Any, output: str) -> None:
+    """Writes the PNG whole or not at all: into a temporary beside `output`, renamed over it once complete.
+    Written in place, a full disk or a file-size limit left a truncated file where an earlier image was, which
+    was lost. `-` writes the PNG to standard output."""
+    import io
+
+    if output == "-":
+        data = io.BytesIO()
+        Image.fromarray(row).save(data, format="PNG")
+        try:
+            sys.stdout.buffer.write(data.getvalue())
+            sys.stdout.flush()
+        except OSError:
+            _quiet(sys.stdout)
+            raise
+        return
+    if os.path.isdir(output):  # pillow said "unknown file extension:", the name a folder has not
+        raise ValueError("it is a folder; name the PNG file to write, e.g. -o digit.png")
+    extension = os.path.splitext(output)[1].lower()
+    image_format = Image.registered_extensions().get(extension) if extension else "PNG"
+    if image_format is None:
+        raise ValueError(f"unknown file extension: {extension}")
+    # short, so that an output name near the file system's limit still has a temporary
+    tmp = os.path.join(os.path.dirname(output) or ".", f".aevae-{os.getpid()}.partial")
+    try:
+        Image.fromarray(row).save(tmp, format=image_format)
+        os.replace(tmp, output)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def check_png_size(count: int, height: int, width: int, scale: int) -> None:
@@ -187,11 +254,12 @@ def decode(args: argparse.Namespace) -> int:
     if args.scale > 1:
         row = row.repeat(args.scale, axis=0).repeat(args.scale, axis=1)
     try:
-        if os.path.isdir(args.output):  # pillow said "unknown file extension:", the name a folder has not
-            raise ValueError("it is a folder; name the PNG file to write, e.g. -o digit.png")
-        Image.fromarray(row).save(args.output, format=None if os.path.splitext(args.output)[1] else "PNG")
+        write_image(Image, row, args.output)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot write {args.output}: {exc}") from None
-    print(f"wrote {args.output} ({len(images)} image{'s' if len(images) > 1 else ''} of {decoded.model}/"
-          f"{decoded.version}, {row.shape[1]}x{row.shape[0]})")
+        where = "standard output" if args.output == "-" else args.output
+        raise UserError(f"cannot write {where}: {exc}") from None
+    # the summary on stderr when the PNG itself went to stdout
+    say(f"wrote {'the PNG to standard output' if args.output == '-' else args.output} ({len(images)} "
+        f"image{'s' if len(images) > 1 else ''} of {decoded.model}/{decoded.version}, {row.shape[1]}x{row.shape[0]})",
+        sys.stderr if args.output == "-" else None)
     return 0

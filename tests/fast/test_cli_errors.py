@@ -781,3 +781,91 @@ def test_a_stop_landing_in_a_class_s_set_name_ends_the_command_as_any_stop(monke
     monkeypatch.setattr(cli, "_run", stopped_while_importing(ValueError("a bug")))
     with pytest.raises(RuntimeError):
         cli.main(["train"])
+
+
+def test_decode_s_png_is_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`aevae decode -o keep.png` wrote in place: a full disk or a file-size limit left a truncated file where
+    the earlier image was. Now a temporary is renamed over it once whole."""
+    from PIL import Image
+
+    from aevae.client.cli import write_image
+
+    target = tmp_path / "keep.png"
+    target.write_bytes(b"an earlier image")
+    row = np.zeros((32, 64), np.uint8)
+
+    def full_disk(self: Any, fp: Any, format: Any = None, **params: Any) -> None:
+        Path(fp).write_bytes(b"\x89PNG\r\n")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Image.Image, "save", full_disk)
+        with pytest.raises(OSError, match="No space left"):
+            write_image(Image, row, str(target))
+    assert target.read_bytes() == b"an earlier image" and sorted(os.listdir(tmp_path)) == ["keep.png"]
+    write_image(Image, row, str(target))  # the real save: whole, over the old one
+    with Image.open(target) as written:
+        assert written.size == (64, 32)
+    with pytest.raises(ValueError, match="unknown file extension: .xyz"):
+        write_image(Image, row, str(tmp_path / "out.xyz"))
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(32, "Broken pipe"), OSError(28, "No space left on device")])
+def test_a_stdout_that_takes_no_output_is_named_not_a_traceback(error: OSError) -> None:
+    """`aevae decode ... | head -0` or `> /dev/full` ended in a BrokenPipeError or OSError traceback, exit 1."""
+    from aevae.client.cli import say
+    from aevae.errors import UserError
+
+    class Refusing:
+        encoding = "utf-8"
+
+        def write(self, text: str) -> int:
+            raise error
+
+        def flush(self) -> None:
+            raise error
+
+        def fileno(self) -> int:
+            raise ValueError("no descriptor")  # _quiet leaves it
+
+    with pytest.raises(UserError, match=f"cannot write to its stream: {error.strerror}"):
+        say("wrote x.png", Refusing())
+
+
+def test_a_path_the_output_encoding_cannot_show_is_written_escaped() -> None:
+    import io
+
+    from aevae.client.cli import say
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    say("wrote zé.png", stream)
+    stream.seek(0)
+    assert stream.read() == "wrote z\\xe9.png\n"
+
+
+@pytest.mark.parametrize("error", [BrokenPipeError(32, "Broken pipe"), OSError(28, "No space left on device"),
+                                   OSError(5, "Input/output error")])
+def test_aevae_up_s_output_takes_any_write_error_as_output_gone(error: OSError) -> None:
+    """Only BrokenPipeError was taken as "output gone": with stdout on a full disk (or a terminal hung up) each
+    echo thread died in a traceback and `aevae up` waited for a start line it would never see."""
+    from aevae.up import _Output
+
+    class Failing:
+        encoding = "utf-8"
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            raise error
+
+        def flush(self) -> None:
+            raise error
+
+        def fileno(self) -> int:
+            raise ValueError("no descriptor")
+
+    stream = Failing()
+    output = _Output(stream)
+    assert output.write("aevae encoder serving ...\n") == len("aevae encoder serving ...\n")
+    output.flush()
+    assert stream.writes == 1
