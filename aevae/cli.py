@@ -19,7 +19,7 @@ from typing import Any
 # set before anything imports it.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from aevae.errors import Terminated, UserError, raise_on_sigterm
+from aevae.errors import HungUp, Terminated, UserError, raise_on_sigterm
 
 # module -> it defines `register(subparsers)`; the order is the order of `aevae --help`.
 COMMANDS = (
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     (a Ctrl-C while the commands' modules were imported printed one)."""
     try:
         return _run(argv)
+    except HungUp:
+        return 128 + signal.SIGHUP
     except Terminated:
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         # Python wraps what a class's __set_name__ raises ("Error calling __set_name__"): a Ctrl-C landing while
         # a module's dataclasses are made (an import of Ray Train's) was a traceback
         if isinstance(exc.__cause__, Terminated):
-            return 128 + signal.SIGTERM
+            return 128 + (signal.SIGHUP if isinstance(exc.__cause__, HungUp) else signal.SIGTERM)
         if isinstance(exc.__cause__, KeyboardInterrupt):
             return 130
         raise
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         # as by default, rather than raise Terminated into the interpreter's shutdown ("Exception ignored in
         # threading._shutdown" and a traceback).
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def _run(argv: list[str] | None) -> int:

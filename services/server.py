@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from aevae.errors import stops_on_hangup
 from aevae.services.admission import Admission, Engine, Runner
 from aevae.services.decoder import DecoderLogic
 from aevae.services.encoder import EncoderLogic
@@ -221,7 +222,8 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     # mid-start with -15, where the shutdown promised an exit 0).
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too (a closed terminal), unless started with it ignored (nohup)
+    for sig in (signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if stops_on_hangup() else [])):
         loop.add_signal_handler(sig, stop.set)
     credentials = security.server_credentials(settings)
     executor = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix=f"aevae-{kind}")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from aevae.errors import Terminated, raise_on_sigterm
+from aevae.errors import HungUp, Terminated, raise_on_sigterm
 
 
 def test_the_first_sigterm_raises_and_later_ones_do_not_interrupt_the_stop() -> None:
@@ -65,3 +65,43 @@ def test_decode_batch_stopped_while_ray_starts_says_what_is_on_disk(tiny_repo: o
     assert code == 128 + signal.SIGTERM, err
     assert "0 of 1 shards are on disk" in err and "Traceback" not in err, err
     assert shutdowns
+
+
+def test_a_hangup_stops_like_sigterm_and_exits_129(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGHUP (a closed terminal) killed a command at once: a batch job without its "interrupted" line and with
+    Ray's agents left running, a service without its drain. It stops the same way as SIGTERM now, once."""
+    from aevae.cli import main
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        raise_on_sigterm()
+        with pytest.raises(HungUp):
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(5)
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN  # a second one does not cut the stop short
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+        def hang_up(argv: object) -> int:
+            raise HungUp()
+
+        import aevae.cli
+
+        monkeypatch.setattr(aevae.cli, "_run", hang_up)
+        assert main([]) == 128 + signal.SIGHUP
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_a_hangup_ignored_at_start_stays_ignored() -> None:
+    """Under nohup (SIGHUP ignored) a command must go on when the terminal closes: that is what nohup is for."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        raise_on_sigterm()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGHUP)  # nothing happens
+        time.sleep(0.05)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
