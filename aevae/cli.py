@@ -19,7 +19,7 @@ from typing import Any
 # set before anything imports it.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
-from aevae.errors import HungUp, Terminated, UserError, raise_on_sigterm
+from aevae.errors import UserError, raise_on_sigterm, stop_signal
 
 # module -> it defines `register(subparsers)`; the order is the order of `aevae --help`.
 COMMANDS = (
@@ -66,19 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     (a Ctrl-C while the commands' modules were imported printed one)."""
     try:
         return _run(argv)
-    except HungUp:
-        return 128 + signal.SIGHUP
-    except Terminated:
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP raised as Terminated / HungUp
+        return 128 + stop_signal(exc)
     except RuntimeError as exc:
         # Python wraps what a class's __set_name__ raises ("Error calling __set_name__"): a Ctrl-C landing while
         # a module's dataclasses are made (an import of Ray Train's) was a traceback
-        if isinstance(exc.__cause__, Terminated):
-            return 128 + (signal.SIGHUP if isinstance(exc.__cause__, HungUp) else signal.SIGTERM)
         if isinstance(exc.__cause__, KeyboardInterrupt):
-            return 130
+            return 128 + stop_signal(exc.__cause__)
         raise
     finally:
         # Exiting now: a SIGTERM from here on (a supervisor, `aevae up` stopping its children) ends the process

@@ -29,9 +29,26 @@ class HungUp(Terminated):
     Ray's agents left running for a minute, a service without its drain."""
 
 
+# The stop signal this command received (SIGTERM or SIGHUP), once one came: a library that catches the
+# KeyboardInterrupt raised for it and raises a plain one of its own (Ray Train while it starts) must not turn a
+# SIGTERM into "stopped by Ctrl-C" and exit 130. Cleared by raise_on_sigterm, at each command's start.
+_received: list[int] = []
+
+
+def stop_signal(exc: BaseException) -> int:
+    """The signal that stopped the command with `exc`: SIGHUP, SIGTERM (as raised, or as received before a
+    library raised its own KeyboardInterrupt in its place), else SIGINT (Ctrl-C)."""
+    if isinstance(exc, HungUp):
+        return signal.SIGHUP
+    if isinstance(exc, Terminated):
+        return signal.SIGTERM
+    return _received[0] if _received else signal.SIGINT
+
+
 def _raise_hung_up(signum: int, frame: object) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # once, as SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _received.append(signal.SIGHUP)
     raise HungUp()
 
 
@@ -47,6 +64,7 @@ def _raise_terminated(signum: int, frame: object) -> None:
     # `aevae up`'s parent-death signal twice: a second Terminated inside ray.shutdown left Ray's agents running.
     # SIGKILL still ends the process at once.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _received.append(signal.SIGTERM)
     raise Terminated()
 
 
@@ -54,6 +72,7 @@ def raise_on_sigterm() -> None:
     """Makes SIGTERM raise Terminated (and SIGHUP HungUp, unless it is ignored) in the main thread; called at start and again after ray.init, which
     replaces the handler. From another thread it does nothing (Python sets handlers in the main thread only)."""
     if threading.current_thread() is threading.main_thread():
+        _received.clear()
         signal.signal(signal.SIGTERM, _raise_terminated)
         if stops_on_hangup():
             signal.signal(signal.SIGHUP, _raise_hung_up)

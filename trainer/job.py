@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -28,7 +29,7 @@ import numpy as np
 
 import aevae
 from aevae import memory, mnist, onnx_export, ray_start
-from aevae.errors import Terminated, UserError, check_cpus
+from aevae.errors import UserError, check_cpus, stop_signal
 from aevae.inference import LoadedModel, NonFiniteOutput
 from aevae.latent_stats import compute as compute_stats
 from aevae.manifest import Manifest, now
@@ -472,7 +473,8 @@ def _stopped_line(exc: KeyboardInterrupt, seconds: float, names: list[str], writ
     """The one line a run stopped by Ctrl-C or SIGTERM ends with, wherever it was: starting Ray, training, or
     writing the versions. Stopped while writing them, the run ended with no word at all, though one version
     could be in place and the next not."""
-    how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+    sig = stop_signal(exc)
+    how = "SIGTERM" if sig == signal.SIGTERM else "SIGHUP" if sig == signal.SIGHUP else "Ctrl-C"
     missing = [name for name in names if name not in {version.name for version in written}]
     what = "nothing written" if not written else f"written: {', '.join(map(str, written))}" + (
         f", not {', '.join(missing)}" if missing else "")

@@ -105,3 +105,31 @@ def test_a_hangup_ignored_at_start_stays_ignored() -> None:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
+
+
+def test_a_sigterm_whose_interrupt_a_library_replaced_still_exits_143(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train, while it starts, caught the Terminated raised for a SIGTERM and raised a plain
+    KeyboardInterrupt of its own: `aevae train` said "stopped by Ctrl-C" and exited 130."""
+    import aevae.cli
+    from aevae.cli import main
+    from aevae.errors import stop_signal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+
+    def replaced(argv: object) -> int:
+        raise_on_sigterm()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Terminated:
+            raise KeyboardInterrupt() from None  # what the library did
+        return 0
+
+    try:
+        monkeypatch.setattr(aevae.cli, "_run", replaced)
+        assert main([]) == 128 + signal.SIGTERM
+        raise_on_sigterm()  # the next command starts afresh: a plain KeyboardInterrupt is Ctrl-C again
+        assert stop_signal(KeyboardInterrupt()) == signal.SIGINT
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
