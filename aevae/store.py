@@ -230,7 +230,7 @@ class ModelStore:
             model = load(version, self.runtime, self.threads, self.precision)
         except MemoryError as exc:  # not the version's fault, and not for ever: not marked broken
             raise ResourceExhausted(f"model {key[0]!r} version {key[1]} cannot be loaded now: "
-                                    f"{exc or 'out of memory'}; it is tried again on the next request") from None
+                                    f"{broken_reason(exc)}; it is tried again on the next request") from None
         except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal
             if isinstance(exc, FileNotFoundError) and not (version.path / MANIFEST).exists():
                 # removed since the scan, the folder or its manifest (rm -r takes the files first): not
@@ -366,8 +366,11 @@ def _listed_reasons(reasons: list[tuple[int, str]]) -> str:
 
 
 def broken_reason(exc: Exception) -> str:
-    """Why a version failed to load, without absolute server paths."""
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    """Why a version failed to load, without absolute server paths; never empty: an exception without a message
+    (MemoryError(), whose str is "") is named by its type, not logged as "cannot be loaded now: ;"."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
     if isinstance(exc, OSError) and exc.strerror:  # the file's name, not its folders
         text = f"{Path(str(exc.filename)).name}: {exc.strerror}" if exc.filename else exc.strerror
-    return re.sub(r"(/[^\s/'\"]+)+/", "", text)[:300]  # file names stay, folders go
+    text = re.sub(r"(/[^\s/'\"]+)+/", "", text)[:300].strip()  # file names stay, folders go
+    return text or type(exc).__name__

@@ -123,7 +123,6 @@ def _given(chosen: list[str]) -> str:
 
 def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tuple[int, int]):
     """The input the flags describe, checked against the model's shapes (UserError before any work)."""
-    from pathlib import Path
 
     from aevae.batch import sources
     from aevae.batch.job import check_size
@@ -133,7 +132,7 @@ def source_from_args(args: argparse.Namespace, latent_dim: int, image_shape: tup
         path = args.input
         if path.endswith((".npy", ".npz")):
             return sources.ArrayFile(path, field, key=args.key)
-        if path.endswith(".parquet") or Path(path).is_dir():
+        if path.endswith(".parquet") or os.path.isdir(path):
             return sources.ParquetFile(path, field, column=args.column)
         raise UserError(f"--input {path}: expected a .npy, .npz or .parquet file (or a folder of .parquet)")
 

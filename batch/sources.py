@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import struct
 import zipfile
 import zlib
@@ -67,6 +68,26 @@ def resolve_path(path: str | os.PathLike[str], flag: str) -> Path:
         raise UserError(f"{flag} {path}: cannot follow its symlinks ({exc}); name a file or folder") from None
 
 
+def input_kind(path: Path, shown: str | os.PathLike[str], folder: bool = False) -> str:
+    """"file", or "folder" when `folder` allows one: what --input names (resolved). Else a UserError saying what
+    it is: missing, a folder, a FIFO or a device ("no such file" for all of them misled), or a path the system
+    refuses, by its errno's text as --output says it (a name over 255 bytes was pathlib's OSError traceback)."""
+    wanted = "file or folder" if folder else "file"
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise UserError(f"--input {shown}: no such {wanted}") from None
+    except OSError as exc:
+        raise UserError(f"--input {shown}: {exc.strerror or exc}") from None
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        if folder:
+            return "folder"
+        raise UserError(f"--input {shown}: is a folder, not a file")
+    raise UserError(f"--input {shown}: is not a regular {wanted}")
+
+
 def _npz_member(path: Path, key: str | None, field: str) -> str:
     with zipfile.ZipFile(path) as z:
         keys = [n[:-4] for n in z.namelist() if n.endswith(".npy")]
@@ -111,8 +132,7 @@ class ArrayFile(Source):
     def __init__(self, path: str | os.PathLike[str], field: str = "latent", key: str | None = None):
         self.path = resolve_path(path, "--input")
         self.field = field
-        if not self.path.is_file():
-            raise UserError(f"--input {path}: no such file")
+        input_kind(self.path, path)
         self.npz = self.path.suffix == ".npz"
         kind = ".npz" if self.npz else ".npy"
         try:
@@ -170,12 +190,10 @@ class ParquetFile(Source):
         self.path = resolve_path(path, "--input")
         self.field = field
         self.image_shape = image_shape
-        if self.path.is_dir():
+        if input_kind(self.path, path, folder=True) == "folder":
             self.files = sorted(str(p) for p in self.path.glob("*.parquet"))
-        elif self.path.is_file():
-            self.files = [str(self.path)]
         else:
-            raise UserError(f"--input {path}: no such file or folder")
+            self.files = [str(self.path)]
         if not self.files:
             raise UserError(f"--input {path}: the folder holds no .parquet files")
         groups, schemas = [], []

@@ -101,6 +101,13 @@ class DigitClassifier:
 
     @classmethod
     def load(cls, path: Path) -> "DigitClassifier":
+        """ValueError for a file that is no .npz archive: np.load returned a .npy file's array (no context
+        manager: a TypeError traceback) and took any other bytes for pickled data it would "load unsafely"."""
+        with open(path, "rb") as f:
+            magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+        if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):  # a zip archive, as np.load tells them apart
+            what = "a .npy array (numpy.save), not" if magic == np.lib.format.MAGIC_PREFIX else "not"
+            raise ValueError(f"{what} an .npz archive (the digit classifier `aevae report` caches)")
         with np.load(path, allow_pickle=False) as data:
             layers = sum(1 for k in data.files if k.startswith("w"))
             return cls(pca_mean=data["pca_mean"], pca_components=data["pca_components"],

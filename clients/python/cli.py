@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("encode", help="encode images (PNG, JPEG, ...) to latents through the encoder service")
     e.add_argument("images", nargs="+", metavar="IMAGE", help="grey or colour images in the model's image shape "
                    "or its shape before padding (32x32 or 28x28 for MNIST models; other sizes are resized to "
-                   "the latter, which the service pads); white digit on black, like MNIST")
+                   "the latter, which the service pads; at most 16,777,216 pixels, as encode-batch); white digit "
+                   "on black, like MNIST")
     e.add_argument("--encoder", default=f"127.0.0.1:{PORTS['encoder']}", metavar="HOST:PORT")
     e.add_argument("--model", default="vae", help="model name in the repository (default vae)")
     e.add_argument("--version", type=version_arg, default=None, help="model version, 0 for the newest (default)")
@@ -94,13 +95,30 @@ def _pillow():
 
 def _read_image(path: str, invert: bool, shapes: list[tuple[int, int]]):
     """A grey uint8 image in one of the model's accepted (height, width) shapes; else resized to the last."""
+    import re
+    import warnings
+
     import numpy as np
 
+    from aevae.batch.png import MAX_PIXELS  # encode-batch's bound on an image, for the same refusal here
     from aevae.errors import UserError
 
     Image = _pillow()
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # Pillow warns of big images as it opens them: they are refused below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+    except Image.DecompressionBombError as exc:  # past twice Pillow's own bound, refused as it opens: a traceback
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise UserError(f"cannot read image {path}: {pixels}, over the limit of {MAX_PIXELS:,}") from None
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+    try:
+        with opened as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise UserError(f"cannot read image {path}: {img.width * img.height:,} pixels, over the limit of "
+                                f"{MAX_PIXELS:,}")
             grey = img.convert("L")
             if (grey.size[1], grey.size[0]) not in shapes:
                 h, w = shapes[-1]

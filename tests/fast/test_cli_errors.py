@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -869,3 +870,70 @@ def test_aevae_up_s_output_takes_any_write_error_as_output_gone(error: OSError) 
     assert output.write("aevae encoder serving ...\n") == len("aevae encoder serving ...\n")
     output.flush()
     assert stream.writes == 1
+
+
+def test_batch_input_too_long_a_fifo_a_folder_or_a_device_is_named_for_what_it_is(
+        decoder: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A name over the file system's limit was pathlib's OSError traceback (is_file raises ENAMETOOLONG); a
+    FIFO, a folder or a device was "no such file"."""
+    from aevae.batch.sources import ArrayFile, ParquetFile
+    from aevae.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    long = "a" * 300
+    err = _refused(["decode-batch", "--input", f"{long}.npy", "-o", str(tmp_path / "out"), "--decoder", decoder],
+                   capsys)
+    assert f"--input {long}.npy: File name too long" in err and len(err.strip().splitlines()) == 1, err
+    err = _refused(["decode-batch", "--input", long, "-o", str(tmp_path / "out"), "--decoder", decoder], capsys)
+    assert f"--input {long}: expected a .npy, .npz or .parquet file" in err, err
+    with pytest.raises(UserError, match=f"--input {long}: File name too long"):
+        ParquetFile(long, "image")
+    fifo, folder = tmp_path / "fifo.npy", tmp_path / "folder.npy"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    with pytest.raises(UserError, match="fifo.npy: is not a regular file$"):
+        ArrayFile(fifo)
+    with pytest.raises(UserError, match="fifo.npy: is not a regular file or folder$"):
+        ParquetFile(fifo)
+    with pytest.raises(UserError, match="folder.npy: is a folder, not a file$"):
+        ArrayFile(folder)
+    with pytest.raises(UserError, match="/dev/null: is not a regular file$"):
+        ArrayFile("/dev/null")
+    with pytest.raises(UserError, match="missing.npy: no such file$"):
+        ArrayFile(tmp_path / "missing.npy")
+
+
+def test_encode_refuses_a_decompression_bomb_as_encode_batch_does(tmp_path: Path) -> None:
+    """Pillow's DecompressionBombError (over twice its own bound) was a traceback; an image over encode-batch's
+    bound is refused with that bound, not decoded."""
+    from PIL import Image
+
+    from aevae.batch.png import MAX_PIXELS
+    from aevae.client.cli import _read_image
+    from aevae.errors import UserError
+
+    bomb, big = tmp_path / "bomb.png", tmp_path / "big.png"
+    Image.new("L", (20000, 10000)).save(bomb)
+    Image.new("L", (4097, 4096)).save(big)
+    limit = f"over the limit of {MAX_PIXELS:,}$"
+    with pytest.raises(UserError, match=f"^cannot read image {re.escape(str(bomb))}: 200,000,000 pixels, {limit}"):
+        _read_image(str(bomb), False, [(32, 32)])
+    with pytest.raises(UserError, match=f"^cannot read image {re.escape(str(big))}: 16,781,312 pixels, {limit}"):
+        _read_image(str(big), False, [(32, 32)])
+    Image.new("L", (4096, 4096)).save(big)
+    assert _read_image(str(big), False, [(32, 32)]).shape == (32, 32)
+
+
+def test_ui_names_a_classifier_that_is_no_npz_archive(ui_not_served: list[dict[str, Any]], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """np.load returns a .npy file's array (a TypeError traceback: no context manager) and takes other bytes
+    for pickled data ("load it unsafely")."""
+    npy, junk = tmp_path / "z.npy", tmp_path / "junk.npz"
+    np.save(npy, np.zeros(3))
+    junk.write_bytes(bytes(range(256)))
+    err = _refused(["ui", "--port", "0", "--classifier", str(npy)], capsys)
+    assert f"not loaded from {npy}: a .npy array (numpy.save), not an .npz archive (the digit classifier " \
+           "`aevae report` caches)" in err, err
+    err = _refused(["ui", "--port", "0", "--classifier", str(junk)], capsys)
+    assert f"not loaded from {junk}: not an .npz archive" in err and "pickle" not in err, err
+    assert not ui_not_served

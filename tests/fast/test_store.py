@@ -380,3 +380,25 @@ def test_work_that_may_load_runs_on_the_loader_threads() -> None:
 
         inline, big, unready = asyncio.run(names())
     assert inline == "MainThread" and big.startswith("work") and unready.startswith("load")
+
+
+def test_a_load_out_of_memory_names_its_type_when_its_message_is_empty(tiny_repo: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """str(MemoryError()) is "": the store logged "not preloaded: ... cannot be loaded now: ;"."""
+    import aevae.store as store_module
+    from aevae.store import broken_reason
+
+    def out_of_memory(*args: object) -> object:
+        raise MemoryError()
+
+    monkeypatch.setattr(store_module, "load", out_of_memory)
+    store = ModelStore(tiny_repo, refresh_seconds=3600)
+    with caplog.at_level(logging.WARNING):
+        store.preload()
+    assert "cannot be loaded now: MemoryError; it is tried again" in caplog.text
+    assert "now: ;" not in caplog.text
+    assert store.broken() == {}  # not the version's fault
+    for exc in (MemoryError(), ValueError("\n  \n"), RuntimeError("/srv/models/vae/1/")):
+        assert broken_reason(exc) == type(exc).__name__
+    assert broken_reason(ValueError("\n  shape mismatch\n")) == "shape mismatch"
