@@ -467,6 +467,12 @@ def test_a_client_gone_without_closing_its_connection_loses_its_stream_to_keepal
             relay.close()
 
 
+def _one_then_held(done: threading.Event) -> Iterator[decoder_pb2.DecodeRequest]:
+    """A stream's requests: one message, then nothing until `done` (the stream stays open, holding its slot)."""
+    yield _request(1)
+    done.wait(60)
+
+
 def test_streams_that_send_nothing_hold_no_call_slot(repo: Path) -> None:
     """256 streams opened on one connection that sent nothing held every slot of --max-concurrent-rpcs, and
     every other client's calls were refused for --stream-idle-s (and again when they were reopened). A stream
@@ -481,8 +487,7 @@ def test_streams_that_send_nothing_hold_no_call_slot(repo: Path) -> None:
             yield
 
         def one() -> Iterator[decoder_pb2.DecodeRequest]:
-            yield _request(1)
-            done.wait(60)
+            return _one_then_held(done)
 
         with grpc.insecure_channel(service.address) as channel:
             stub = decoder_pb2_grpc.DecoderStub(channel)
@@ -512,18 +517,13 @@ def test_streams_that_stop_reading_leave_unary_calls_a_quarter_of_the_slots(repo
     with ServiceProcess("decoder", repo, args=["--max-concurrent-rpcs", "8"]) as service:
         service.wait_healthy()
         done = threading.Event()
-
-        def one() -> Iterator[decoder_pb2.DecodeRequest]:
-            yield _request(1)
-            done.wait(60)
-
         with grpc.insecure_channel(service.address) as channel:
             stub = decoder_pb2_grpc.DecoderStub(channel)
-            held = [stub.DecodeStream(one()) for _ in range(6)]
+            held = [stub.DecodeStream(_one_then_held(done)) for _ in range(6)]
             try:
                 for call in held:  # each is admitted: its first answer comes
                     assert len(from_tensor(next(call).images, "images")) == 1
-                code, details = _status(lambda: next(stub.DecodeStream(one())))
+                code, details = _status(lambda: next(stub.DecodeStream(_one_then_held(done))))
                 assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
                 assert "6 streams open" in details and "kept for unary calls" in details, details
                 assert stub.Decode(_request(1)).version == 1  # the unary calls' quarter
