@@ -84,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str] | None) -> int:
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # torch's oneMKL failed to load ("Cannot load libtorch_cpu.so"), Ray's job an unnamed file
+        print("aevae: error: the current folder no longer exists (it was removed); cd to another folder and run "
+              "the command again", file=sys.stderr)
+        return 2
     args = parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     raise_on_sigterm()  # `aevae serve` replaces it with its graceful drain once it is up

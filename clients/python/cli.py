@@ -250,10 +250,14 @@ def decode(args: argparse.Namespace) -> int:
     from aevae.client import AevaeError, DecoderClient
 
     require_positive("--timeout", args.timeout)
-    try:
-        rows = [[float(v) for v in z.split(",")] for z in args.latents]
-    except ValueError:
-        raise UserError(f"latents must be comma-separated numbers such as 0.5,-1.2,0.3,2.0; got {args.latents}") from None
+    rows = []
+    for position, z in enumerate(args.latents, 1):
+        try:
+            rows.append([float(v) for v in z.split(",")])
+        except ValueError:  # the one that is not, by position: the whole list (20,000 latents) said nothing
+            shown = z if len(z) <= 80 else z[:77] + "..."
+            raise UserError(f"latents must be comma-separated numbers such as 0.5,-1.2,0.3,2.0; latent {position} "
+                            f"of {len(args.latents)} is {shown!r}") from None
     if len({len(row) for row in rows}) > 1:  # numbers all, but not one array: not "must be numbers"
         raise UserError(f"every latent needs as many values as the model's latent dimension; got latents of "
                         f"{', '.join(str(len(row)) for row in rows)} values")

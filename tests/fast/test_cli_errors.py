@@ -937,3 +937,23 @@ def test_ui_names_a_classifier_that_is_no_npz_archive(ui_not_served: list[dict[s
     err = _refused(["ui", "--port", "0", "--classifier", str(junk)], capsys)
     assert f"not loaded from {junk}: not an .npz archive" in err and "pickle" not in err, err
     assert not ui_not_served
+
+
+def test_a_removed_current_folder_is_named_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Run from a folder removed meanwhile, `aevae train` failed in oneMKL ("Cannot load libtorch_cpu.so") and
+    decode-batch with an unnamed FileNotFoundError and "run the same command again", which could not help."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert cli.main(["list-nothing"]) == 2
+    assert "the current folder no longer exists (it was removed); cd to another folder" in capsys.readouterr().err
+
+
+def test_decode_names_the_one_latent_that_is_no_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    """One bad latent among 20,000 echoed the whole list (220 KB) without saying which."""
+    latents = ["0,0,0,0"] * 20_000 + ["x"]
+    assert cli.main(["decode", *latents, "-o", "never.png", "--decoder", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "latent 20001 of 20001 is 'x'" in err and len(err) < 300, err[:300]
