@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 
 from aevae.errors import Terminated, UserError, require_port
 from aevae.help_format import DefaultsFormatter
+from aevae.output import silence, write_text
 from aevae.services.settings import PORTS, Listener, connectable, host_port, listeners_problem
 
 
@@ -409,30 +410,16 @@ class _Output:
 
     def write(self, text: str) -> int:
         try:
-            try:
-                return int(self._stream.write(text))
-            except UnicodeEncodeError:
-                encoding = getattr(self._stream, "encoding", None) or "ascii"
-                self._stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
-                return len(text)
+            write_text(self._stream, text)
         except OSError:
-            self._gone()
-            return len(text)
+            silence(self._stream)
+        return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
         except OSError:
-            self._gone()
-
-    def _gone(self) -> None:
-        """Points the file descriptor at /dev/null: what is buffered, and the interpreter's last flush, go there."""
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, self._stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError):
-            pass
+            silence(self._stream)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)

@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from aevae.batch.model import ModelRef
+from aevae.output import write_whole
 from aevae.batch.progress import Progress
 from aevae.batch.sinks import SHARD_NAME, TMP_MARK, Sink, shard_entries
 from aevae.batch.sources import Source
@@ -402,14 +403,8 @@ def _remove_parts(root: Path) -> None:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Writes the job file atomically; a write that fails (a full disk) leaves the old one and no temporary."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # the write's own error is the one to report
-            tmp.unlink(missing_ok=True)
-        raise
+    text = json.dumps(data, indent=2) + "\n"
+    write_whole(path, lambda tmp: tmp.write_text(text), tmp=f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
 # -- engines ----------------------------------------------------------------------------------------------------

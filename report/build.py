@@ -19,6 +19,7 @@ import numpy as np
 
 from aevae import mnist
 from aevae.inference import LoadedModel
+from aevae.output import write_whole
 from aevae.report import ae2d, claims, classifier as digit_classifier, figures, information, page, samples
 from aevae.report.config import SEED_RANGES, ReportConfig, ReportError
 from aevae.report.quantize import BITS, TOLERANCE_NATS, bce_per_image, rate_distortion
@@ -405,10 +406,10 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
     numbers["timings"] = {**progress.seconds, "total": round(time.perf_counter() - progress.started, 1)}
     numbers["figures"] = fig
     text = json.dumps(numbers, indent=1, default=float) + "\n"
-    figures.write_whole(out / NUMBERS, lambda tmp: tmp.write_text(text))
+    write_whole(out / NUMBERS, lambda tmp: tmp.write_text(text))
     written.page.add(NUMBERS)
     html = page.render(numbers)
-    figures.write_whole(out / PAGE, lambda tmp: tmp.write_text(html))
+    write_whole(out / PAGE, lambda tmp: tmp.write_text(html))
     written.page.add(PAGE)
     progress.say(f"wrote {out / PAGE} ({len(fig)} figures, numbers in {out / NUMBERS})")
     return numbers

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from aevae.output import write_whole
+
 RECIPE = {"pool": 2, "components": 50, "hidden": 100, "alpha": 1e-2, "max_iter": 40, "batch_size": 256,
           "residual_quantile": 0.999, "version": 2}
 TRAIN_IMAGES = 20_000
@@ -90,14 +92,9 @@ class DigitClassifier:
                   "info": np.frombuffer(json.dumps(self.info).encode(), dtype=np.uint8)}
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             arrays[f"w{i}"], arrays[f"b{i}"] = w, b
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            np.savez(tmp, **arrays)
-            os.replace(tmp, path)  # atomic: a concurrent report never reads half a file
-        except BaseException:  # a full disk: no half-written temporary left behind
-            tmp.unlink(missing_ok=True)
-            raise
+        # whole: a concurrent report never reads half a file; ".npz" ending, or np.savez appends one
+        write_whole(path, lambda tmp: np.savez(tmp, **arrays), tmp=f".{path.name}.{os.getpid()}.tmp.npz")
 
     @classmethod
     def load(cls, path: Path) -> "DigitClassifier":

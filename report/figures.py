@@ -6,9 +6,10 @@ axes, which keeps the whole report's drawing time in the seconds.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from aevae.output import write_whole
 
 import matplotlib
 
@@ -48,15 +49,6 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(temporary)` then the temporary renamed to `path`; the temporary removed if the write fails."""
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def reconstructions(originals: np.ndarray, rows: Mapping[str, np.ndarray], path: Path) -> Path:

@@ -167,28 +167,16 @@ def say(line: str, stream: Any = None) -> None:
     one more: UserError naming stdout; an unencodable character is written escaped."""
     from aevae.errors import UserError
 
+    from aevae.output import silence, write_text
+
     stream = stream or sys.stdout
     try:
-        try:
-            print(line, file=stream, flush=True)
-        except UnicodeEncodeError:
-            print(line.encode(stream.encoding or "ascii", "backslashreplace").decode(stream.encoding or "ascii"),
-                  file=stream, flush=True)
+        write_text(stream, line + "\n")
+        stream.flush()
     except OSError as exc:
-        _quiet(stream)
+        silence(stream)
         raise UserError(f"cannot write to {'standard output' if stream is sys.stdout else 'its stream'}: "
                         f"{exc.strerror or exc}") from None
-
-
-def _quiet(stream: Any) -> None:
-    """Points the stream's descriptor at /dev/null, so that the flush at exit does not fail again (Python's
-    "Exception ignored ... BrokenPipeError")."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 def write_image(Image: Any, row: Any, output: str) -> None:
@@ -197,6 +185,8 @@ def write_image(Image: Any, row: Any, output: str) -> None:
     was lost. `-` writes the PNG to standard output."""
     import io
 
+    from aevae.output import silence, write_whole
+
     if output == "-":
         data = io.BytesIO()
         Image.fromarray(row).save(data, format="PNG")
@@ -204,7 +194,7 @@ def write_image(Image: Any, row: Any, output: str) -> None:
             sys.stdout.buffer.write(data.getvalue())
             sys.stdout.flush()
         except OSError:
-            _quiet(sys.stdout)
+            silence(sys.stdout)
             raise
         return
     if os.path.isdir(output):  # pillow said "unknown file extension:", the name a folder has not
@@ -213,17 +203,9 @@ def write_image(Image: Any, row: Any, output: str) -> None:
     image_format = Image.registered_extensions().get(extension) if extension else "PNG"
     if image_format is None:
         raise ValueError(f"unknown file extension: {extension}")
-    # short, so that an output name near the file system's limit still has a temporary
-    tmp = os.path.join(os.path.dirname(output) or ".", f".aevae-{os.getpid()}.partial")
-    try:
-        Image.fromarray(row).save(tmp, format=image_format)
-        os.replace(tmp, output)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    # a short temporary name, so that an output name near the file system's limit still has one
+    write_whole(output, lambda tmp: Image.fromarray(row).save(tmp, format=image_format),
+                tmp=f".aevae-{os.getpid()}.partial")
 
 
 def check_png_size(count: int, height: int, width: int, scale: int) -> None:

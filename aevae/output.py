@@ -1,0 +1,52 @@
+"""What a command writes: files whole or not at all, and text to a stream that may have gone.
+
+One owner for both, which the report's figures and page, the batch job's file, the digit classifier's cache,
+`aevae decode`'s PNG, the client commands' lines and `aevae up`'s echo all use. (The model repository writes
+its own files: it adds fsync and locks, which a version's durability needs and these do not.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+
+def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object], tmp: str | None = None) -> None:
+    """`write(temporary)`, then the temporary renamed over `path`; removed again if anything fails, a stop
+    included. Readers see the old file or the new one whole: written in place, a full disk, a file-size limit
+    or a Ctrl-C left a truncated file under the name, and an earlier file there was lost. `tmp`: the
+    temporary's name in the same folder (default `.NAME.PID.partial`)."""
+    path = Path(path)
+    temporary = path.with_name(tmp or f".{path.name}.{os.getpid()}.partial")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:  # the write's own error is the one to report
+            pass
+        raise
+
+
+def write_text(stream: Any, text: str) -> None:
+    """Writes `text` to a text stream; a character its encoding cannot show (PYTHONIOENCODING=ascii, a C
+    locale) is written escaped rather than failing the write. OSError as the stream raises it."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+
+def silence(stream: Any) -> None:
+    """Points a stream's descriptor at /dev/null once whatever read it has gone (a closed pipe, a full disk):
+    what is still buffered, and the interpreter's flush at exit, go there instead of failing again (Python's
+    "Exception ignored ... BrokenPipeError")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
