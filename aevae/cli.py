@@ -20,6 +20,7 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from aevae.errors import UserError, raise_on_sigterm, stop_signal
+from aevae.output import keep_standard_streams_open
 
 # module -> it defines `register(subparsers)`; the order is the order of `aevae --help`.
 COMMANDS = (
@@ -64,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; Ctrl-C and SIGTERM end it with 130 and 143 and no traceback, from the first import on
     (a Ctrl-C while the commands' modules were imported printed one)."""
+    keep_standard_streams_open()
     try:
         return _run(argv)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP raised as Terminated / HungUp

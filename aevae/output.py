@@ -8,8 +8,26 @@ its own files: it adds fsync and locks, which a version's durability needs and t
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
+
+
+def keep_standard_streams_open() -> None:
+    """Opens /dev/null on any of descriptors 0-2 that the command was started without (`2>&-`, `>&-`, a
+    supervisor that closes them) and gives Python a stream on it. Else the next file opened takes the number:
+    gRPC's or ONNX Runtime's log lines to descriptor 2 land inside a shard or PNG being written, and Python,
+    which set `sys.stderr` to None, prints errors to standard output (into `aevae decode -o -`'s PNG)."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:  # the lowest free number: `fd` itself unless a lower one is closed too
+                os.dup2(devnull, fd)
+                os.close(devnull)
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object], tmp: str | None = None) -> None:

@@ -152,6 +152,25 @@ def test_cli_decode_of_latents_of_different_lengths_says_so() -> None:
         decode(args)
 
 
+def test_a_command_started_with_standard_streams_closed_keeps_them_apart(tmp_path: Path) -> None:
+    """`aevae decode ... -o - 2>&-`: Python set sys.stderr to None and print() sent the error to standard output,
+    into the PNG stream, and the next file opened took descriptor 2 (gRPC's log lines would land inside it)."""
+    def run(code: str, close: tuple[int, ...]) -> subprocess.CompletedProcess[bytes]:
+        def closed() -> None:
+            for fd in close:
+                os.close(fd)
+        return subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, preexec_fn=closed,
+                              timeout=120, check=False)
+
+    usage = run("import sys; from aevae.cli import main; sys.exit(main(['decode', '1,2', '-o', '-', '--version', "
+                "'abc']))", (2,))
+    assert usage.returncode == 2 and usage.stdout == b"", usage
+    opened = run(f"import os; from aevae.output import keep_standard_streams_open as k; k(); "
+                 f"print(os.open({str(tmp_path / 'f')!r}, os.O_CREAT | os.O_WRONLY), "
+                 f"os.path.samefile('/proc/self/fd/2', {os.devnull!r}), flush=True)", (0, 2))
+    assert opened.returncode == 0 and opened.stdout.split() == [b"3", b"True"], opened
+
+
 # -- the UI server ------------------------------------------------------------------------------------------
 def run_ui(scenario: Any, encoder: str = NOWHERE) -> Any:
     """`scenario(session, base_url)` against a fresh UI app (decoder nowhere)."""
