@@ -9,7 +9,7 @@ import argparse
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from aevae.services.settings import PORTS  # stdlib only
 
@@ -18,6 +18,8 @@ _NUMBERS = re.compile(r"^-[0-9.]+([eE][-+]?\d+)?(,[-+]?[0-9.]+([eE][-+]?\d+)?)*$
 # The most pixels `aevae decode` writes into one PNG (64 Mi; 8192 x 8192): the row of images, upscaled by
 # --scale, is built in memory first, and without a bound a large --scale ended in numpy's MemoryError.
 MAX_PNG_PIXELS = 1 << 26
+
+T = TypeVar("T")
 
 
 def version_arg(text: str) -> int | None:
@@ -83,6 +85,19 @@ def security_options(args: argparse.Namespace) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def connect(client: Callable[..., T], target: str, args: argparse.Namespace) -> T:
+    """The client of `target` with the command's timeout and TLS and token options. What is wrong with those
+    (a token file that cannot be read, a PEM that is no certificate) is the command's own error, said as such:
+    prefixed with the address like the server's answers, it read as if the server had refused the call."""
+    from aevae.client import AevaeError
+    from aevae.errors import UserError
+
+    try:
+        return client(target, timeout=args.timeout, **security_options(args))
+    except AevaeError as exc:
+        raise UserError(exc.details()) from None
+
+
 def _pillow():
     from aevae.errors import UserError
 
@@ -138,7 +153,7 @@ def encode(args: argparse.Namespace) -> int:
 
     require_positive("--timeout", args.timeout)
     try:
-        with EncoderClient(args.encoder, timeout=args.timeout, **security_options(args)) as client:
+        with connect(EncoderClient, args.encoder, args) as client:
             served = {m.name: m for m in client.list_models()}
             if args.model not in served:
                 raise UserError(f"{args.encoder} serves no model {args.model!r}; it serves {sorted(served)}")
@@ -248,7 +263,7 @@ def decode(args: argparse.Namespace) -> int:
         raise UserError(f"--scale must be a positive integer, got {args.scale}")
     Image = _pillow()
     try:
-        with DecoderClient(args.decoder, timeout=args.timeout, **security_options(args)) as client:
+        with connect(DecoderClient, args.decoder, args) as client:
             decoded = client.decode_result(latents, model=args.model, version=args.version, dtype="uint8")
     except AevaeError as exc:
         raise UserError(f"{args.decoder}: {exc}") from None

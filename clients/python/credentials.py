@@ -109,9 +109,10 @@ class TokenFile:
                     tokens = tuple(t for t in (line.strip() for line in lines) if t and not t.startswith("#"))
                     if tokens or force:
                         self.tokens, self._stamp = tokens, stamp
-            except OSError:
+            except OSError as exc:
                 if force:
-                    raise ValueError(f"cannot read the token file {self.path}") from None
+                    reason = exc.strerror or type(exc).__name__
+                    raise ValueError(f"cannot read the token file {self.path}: {reason}") from None
             except UnicodeDecodeError:
                 if force:
                     raise ValueError(f"the token file {self.path} is not UTF-8 text: it holds tokens, one per "
@@ -207,11 +208,14 @@ class ChannelSecurity:
         _check_types(token=(token, str), token_file=(token_file, (str, os.PathLike)), tls=(tls, bool),
                      tls_ca=(tls_ca, (str, bytes, os.PathLike)), tls_cert=(tls_cert, (str, bytes, os.PathLike)),
                      tls_key=(tls_key, (str, bytes, os.PathLike)))
+        named_by = "token_file"  # what named the token file, for an error about it
         if token is None and token_file is None:
             token = env.get(ENV_TOKEN) or None
             token_file = None if token else env.get(ENV_TOKEN_FILE) or None
+            named_by = f"{ENV_TOKEN_FILE} (the environment)"
             if not token and not token_file and is_loopback_target(target) and local_token_path().is_file():
                 token_file = str(local_token_path())
+                named_by = "token_file (this machine's, from aevae serve)"
         tls_ca = tls_ca if tls_ca is not None else env.get(ENV_CA) or None
         tls_cert = tls_cert if tls_cert is not None else env.get(ENV_CERT) or None
         tls_key = tls_key if tls_key is not None else env.get(ENV_KEY) or None
@@ -227,12 +231,12 @@ class ChannelSecurity:
             try:
                 tokens = TokenFile(token_file)
             except ValueError as exc:
-                raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"token_file: {exc}") from None
+                raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT, f"{named_by}: {exc}") from None
             try:  # the token a file gives is sent as it is: refused here, as token= is, not as INTERNAL later
                 _checked_token(tokens.first())
             except AevaeError as exc:
                 raise AevaeError(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"token_file {token_file}: {exc.details()}") from None
+                                 f"{named_by}: {token_file}: {exc.details()}") from None
         return cls(token or None, token_file, bool(tls), tls_ca, tls_cert, tls_key, tokens)
 
     def current_token(self) -> str:

@@ -957,3 +957,19 @@ def test_decode_names_the_one_latent_that_is_no_numbers(capsys: pytest.CaptureFi
     assert cli.main(["decode", *latents, "-o", "never.png", "--decoder", "127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "latent 20001 of 20001 is 'x'" in err and len(err) < 300, err[:300]
+
+
+def test_a_token_file_that_cannot_be_read_is_the_command_s_error_naming_what_named_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """It read "aevae decode: error: HOST:PORT: INVALID_ARGUMENT: token_file: cannot read the token file X", as if
+    the server had refused the call, without why the file could not be read or that AEVAE_TOKEN_FILE named it."""
+    missing, empty = tmp_path / "missing", tmp_path / "empty"
+    empty.write_text("# no token yet\n")
+    monkeypatch.setenv("AEVAE_TOKEN_FILE", str(missing))
+    err = _refused(["decode", "1,2", "-o", str(tmp_path / "x.png"), "--decoder", "127.0.0.1:1"], capsys)
+    assert err == (f"aevae decode: error: AEVAE_TOKEN_FILE (the environment): cannot read the token file {missing}: "
+                   "No such file or directory\n"), err
+    err = _refused(["encode", str(empty), "--encoder", "127.0.0.1:1", "--token-file", str(empty)], capsys)
+    assert err == f"aevae encode: error: token_file: token file {empty} holds no token\n", err
+    err = _refused(["decode", "1,2", "-o", "x.png", "--decoder", "127.0.0.1:1", "--token-file", str(tmp_path)], capsys)
+    assert err.endswith(f"cannot read the token file {tmp_path}: Is a directory\n") and "127.0.0.1" not in err, err
