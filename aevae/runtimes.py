@@ -218,6 +218,27 @@ class TorchRuntime:
             return self.model.decode(self._torch.from_numpy(latents)).float().numpy()
 
 
+class RuntimeUnavailable(Exception):
+    """A runtime that is installed but cannot be imported in this process: its libraries could not be mapped
+    (a low `ulimit -v`, memory), or the installation is broken. Not the version's fault, so the store does not
+    mark it broken: it said "torch is not installed" of an installed torch, and a model that was fine stayed
+    unusable after the limit was lifted."""
+
+
+def unloadable(exc: ImportError, module: str, install: str) -> Exception:
+    """What `open_runtime` raises for `module` failing to import with `exc`: not installed (ValueError: the
+    version cannot load here, with how to install it), or installed but not loadable (RuntimeUnavailable)."""
+    if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] == module:
+        return ValueError(f"{module} is not installed: {install}")
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    hint = "" if limit == resource.RLIM_INFINITY else f" (this process's address space is limited: ulimit -v " \
+                                                         f"{limit // 1024})"
+    return RuntimeUnavailable(f"{module} is installed but cannot be loaded in this process: {_first_line(exc)}"
+                              f"{hint}")
+
+
 def open_runtime(version: Version, prefer: str = "auto", threads: int | None = None,
                  precision: str = "fp32") -> OnnxRuntime | TorchRuntime:
     """"auto": ONNX Runtime when the version has its graphs and onnxruntime is installed, else torch.
@@ -234,7 +255,10 @@ def open_runtime(version: Version, prefer: str = "auto", threads: int | None = N
             raise ValueError("bf16 decoding runs on torch, not ONNX Runtime: use runtime torch or auto")
         try:
             return TorchRuntime.open(version, threads, precision)
-        except ImportError:
+        except ImportError as exc:
+            failure = unloadable(exc, "torch", "pip install 'aevae[model]'")
+            if isinstance(failure, RuntimeUnavailable):
+                raise failure from None
             raise ValueError("bf16 decoding needs torch (pip install 'aevae[model]'); or use precision int8 "
                              "or fp32") from None
     if precision == "int8":
@@ -248,17 +272,26 @@ def open_runtime(version: Version, prefer: str = "auto", threads: int | None = N
     has_graphs = ENCODER in version.manifest.files and DECODER in version.manifest.files
     if prefer == "onnx" and not has_graphs:
         raise ValueError("it has no ONNX graphs (add them with `aevae export-onnx`)")
+    failures = []  # why each runtime tried could not be imported, in order
     if prefer in ("auto", "onnx") and has_graphs:
         try:
             return OnnxRuntime(version, threads, precision)
-        except ImportError:
+        except ImportError as exc:
+            failures.append(unloadable(exc, "onnxruntime", "pip install 'aevae[serve]'"))
             if prefer == "onnx":
-                raise ValueError("onnxruntime is not installed: pip install 'aevae[serve]'") from None
+                raise failures[0] from None
     try:
         return TorchRuntime.open(version, threads)
-    except ImportError:
+    except ImportError as exc:
+        failures.append(unloadable(exc, "torch", "pip install 'aevae[model]'"))
+    # A runtime installed but not loadable here is the problem to report, not the version's own.
+    unavailable = [failure for failure in failures if isinstance(failure, RuntimeUnavailable)]
+    if unavailable:
+        raise unavailable[0]
+    if not has_graphs:
         raise ValueError("it has no ONNX graphs and torch is not installed: add the graphs with `aevae "
-                         "export-onnx` or install torch (pip install 'aevae[model]')") from None
+                         "export-onnx` or install torch (pip install 'aevae[model]')")
+    raise ValueError("; ".join(map(str, failures)))
 
 
 def torch_module(model: Any) -> Any:

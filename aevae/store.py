@@ -25,7 +25,7 @@ from aevae.errors import FailedPrecondition, NotFound, ResourceExhausted, shorte
 from aevae.inference import LoadedModel, load
 from aevae.manifest import Manifest
 from aevae.repository import MANIFEST, NAME_PATTERN, ModelRepository, Scan, Version
-from aevae.runtimes import label
+from aevae.runtimes import RuntimeUnavailable, label
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class ModelStore:
         try:
             fingerprint = version.fingerprint()
             model = load(version, self.runtime, self.threads, self.precision)
-        except MemoryError as exc:  # not the version's fault, and not for ever: not marked broken
+        except (MemoryError, RuntimeUnavailable) as exc:  # not the version's fault, not for ever: not marked broken
             raise ResourceExhausted(f"model {key[0]!r} version {key[1]} cannot be loaded now: "
                                     f"{broken_reason(exc)}; it is tried again on the next request") from None
         except Exception as exc:  # noqa: BLE001 - a version that cannot load is unusable, not fatal

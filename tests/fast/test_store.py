@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -402,3 +403,39 @@ def test_a_load_out_of_memory_names_its_type_when_its_message_is_empty(tiny_repo
     for exc in (MemoryError(), ValueError("\n  \n"), RuntimeError("/srv/models/vae/1/")):
         assert broken_reason(exc) == type(exc).__name__
     assert broken_reason(ValueError("\n  shape mismatch\n")) == "shape mismatch"
+
+
+def test_a_runtime_installed_but_not_loadable_is_said_so_and_breaks_no_version(tiny_repo: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a low `ulimit -v` onnxruntime's and torch's libraries could not be mapped: the store said "it has
+    no ONNX graphs and torch is not installed" of a version that had both, and marked it broken for good."""
+    import aevae.runtimes as runtimes
+    from aevae.errors import ResourceExhausted
+
+    def unmappable(name: str) -> Any:
+        def fail(*args: object, **kwargs: object) -> Any:
+            raise ImportError(f"{name}.so: failed to map segment from shared object")
+        return fail
+
+    real_onnx, real_torch = runtimes.onnxruntime, runtimes.TorchRuntime.open
+    monkeypatch.setattr(runtimes, "onnxruntime", unmappable("onnxruntime_pybind11_state"))
+    monkeypatch.setattr(runtimes.TorchRuntime, "open", unmappable("libtorch_cuda"))
+    store = ModelStore(tiny_repo, refresh_seconds=0)
+    with pytest.raises(ResourceExhausted, match=r"onnxruntime is installed but cannot be loaded in this process: "
+                                                r"onnxruntime_pybind11_state.so: failed to map segment.*tried again"):
+        store.get("vae", 1)
+    assert store.broken() == {}
+    monkeypatch.setattr(runtimes, "onnxruntime", real_onnx)
+    assert store.get("vae", 1).runtime.name == "onnx"  # the limit lifted: the same version loads
+
+    def not_installed(*args: object, **kwargs: object) -> Any:
+        raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
+
+    monkeypatch.setattr(runtimes, "onnxruntime", not_installed)
+    version = store.resolve("ae", 1)
+    with pytest.raises(runtimes.RuntimeUnavailable, match="torch is installed but cannot be loaded"):
+        runtimes.open_runtime(version)
+    monkeypatch.setattr(runtimes.TorchRuntime, "open", real_torch)
+    assert runtimes.open_runtime(version).name == "torch"
+    with pytest.raises(ValueError, match=r"^onnxruntime is not installed: pip install 'aevae\[serve\]'$"):
+        runtimes.open_runtime(version, prefer="onnx")
