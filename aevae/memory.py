@@ -54,3 +54,30 @@ def shortfall(needed: int, available: int | None = None) -> str | None:
 
 def _gib(size: int) -> str:
     return f"{size / GIB:,.1f} GiB"
+
+
+# The address space (virtual memory, `ulimit -v`) a service needs: a decoder serving both default models peaked
+# at 1.25 GiB of it (14 threads, each reserving its stack, and the runtimes' arenas). Under a lower limit gRPC's
+# core aborted the whole process when it could not start a thread (SIGABRT at 300-500 MiB, every call in
+# flight lost) and ONNX Runtime's library could not be mapped.
+SERVICE_ADDRESS_SPACE = 3 * GIB // 2
+
+
+def address_space_refusal(needed: int, what: str) -> str | None:
+    """Raises this process's soft address-space limit to its hard one; then why `what` cannot run in the room
+    left, or None when it can (no limit, or enough)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+            soft = hard
+        except (OSError, ValueError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return None
+    return (f"this process's address space is limited to {soft >> 20:,} MiB (ulimit -v {soft >> 10}); {what} "
+            f"needs {needed >> 20:,} MiB or more of it (its threads' stacks and the model runtimes' libraries; "
+            "gRPC aborts the whole process when it cannot start a thread): raise or remove the limit, and bound "
+            "memory with a container's or cgroup's limit instead, which counts what is used")

@@ -6,6 +6,7 @@ import argparse
 
 from aevae.errors import UserError
 from aevae.help_format import DefaultsFormatter
+from aevae.memory import SERVICE_ADDRESS_SPACE, address_space_refusal
 from aevae.services.settings import PORTS, ServiceSettings  # stdlib only
 
 
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
         from aevae.services.server import serve
     except ImportError as exc:
         raise UserError(f"serving needs the serve extra ({exc.name} is missing): pip install 'aevae[serve]'") from None
+    refusal = address_space_refusal(SERVICE_ADDRESS_SPACE, f"the {args.kind} service")
+    if refusal:
+        raise UserError(refusal)
     try:
         return asyncio.run(serve(args.kind, settings))
     except SecurityError as exc:

@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import grpc
 import numpy as np
@@ -344,3 +344,28 @@ def test_a_version_written_half_is_never_served_and_is_once_whole(tmp_path: Path
             settled(served)
             assert not stub.ListModels(tensor_pb2.ListModelsRequest(), timeout=10).models[0].broken
     assert "Traceback" not in "".join(service.output)
+
+
+def test_a_service_refuses_an_address_space_too_small_instead_of_aborting_later(tmp_path: Path) -> None:
+    """Under `ulimit -v` 300-500 MiB gRPC's core aborted the serving process (SIGABRT) when it could not start a
+    thread, every call in flight lost; at 600 MiB-1 GiB no model could load. A soft limit below the hard one
+    is raised to it, as the open files' is."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit(soft: int, hard: int) -> Any:
+        return lambda: resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    low = 600_000 * 1024
+    refused = subprocess.run([sys.executable, "-m", "aevae.cli", "serve", "decoder", "--models-dir", str(tmp_path),
+                              "--port", "0"], capture_output=True, text=True, timeout=60,
+                             preexec_fn=limit(low, low))
+    assert refused.returncode == 2, refused
+    assert refused.stderr.startswith("aevae serve: error: this process's address space is limited to 585 MiB "
+                                     "(ulimit -v 600000); the decoder service needs 1,536 MiB or more"), refused.stderr
+    raised = subprocess.run([sys.executable, "-c", "import resource; from aevae.memory import address_space_refusal"
+                             " as r; print(r(3 << 29, 'x'), resource.getrlimit(resource.RLIMIT_AS)[0] == "
+                             "resource.RLIM_INFINITY)"], capture_output=True, text=True, timeout=60,
+                            preexec_fn=limit(low, resource.RLIM_INFINITY))
+    assert raised.stdout.split() == ["None", "True"], raised
