@@ -91,6 +91,34 @@ async def settle_calls(timeout: float) -> None:
         await asyncio.wait(others, timeout=timeout)
 
 
+# The names grpc.aio (1.7x) gives the asyncio task of each call it serves, from the call's arrival (its request
+# not yet read) to its end; tests/test_audit_services.py checks that a call in flight is seen by them.
+CALL_TASK_NAMES = ("HandleExceptions[", "rpc_task")
+DRAIN_POLL_SECONDS = 0.05
+
+
+def calls_in_flight() -> int:
+    """The calls the gRPC servers of this event loop are serving now."""
+    return sum(1 for task in asyncio.all_tasks() if not task.done() and task.get_name().startswith(CALL_TASK_NAMES))
+
+
+async def drain(server: grpc.aio.Server, grace: float, admission: Admission) -> None:
+    """server.stop(grace), ended as soon as no call is in flight (twice in a row, DRAIN_POLL_SECONDS apart, and
+    none admitted). gRPC's core sends every connection a GOAWAY and then waits for each to be closed by its
+    client: one that ignored it (an idle HTTP/2 connection that sent no call, a client stuck elsewhere) held
+    every SIGTERM for the whole --grace, 10 s, with nothing left to finish. A second stop(0) closes them."""
+    stopping = asyncio.ensure_future(server.stop(grace))
+    quiet = 0
+    while quiet < 2:
+        await asyncio.wait({stopping}, timeout=DRAIN_POLL_SECONDS)
+        if stopping.done():
+            break
+        quiet = quiet + 1 if calls_in_flight() == 0 and admission.calls == 0 else 0
+    else:
+        await server.stop(0)
+    await stopping
+
+
 @dataclass(frozen=True)
 class Service:
     """One of the two services: its logic, its aevae.v1 servicer and service, where it listens."""
@@ -280,7 +308,7 @@ async def serve(kind: str, settings: ServiceSettings) -> int:
     # Calls still running after the grace are cancelled; model work queued for them is dropped, never
     # computed: the process exits within the grace plus the one forward pass each worker may be in (and at
     # most CUT_CALLS_SECONDS for the cut calls' handlers to unwind; measured: under a millisecond).
-    await server.stop(settings.grace)
+    await drain(server, settings.grace, work.admission)
     if probes is not None:
         await probes.stop(0)
     await settle_calls(CUT_CALLS_SECONDS)  # after every server has stopped: their own tasks are done too

@@ -182,6 +182,61 @@ def still_open(connections: list[Any], seconds: float) -> set[int]:
     return open_
 
 
+# -- bare HTTP/2: what a gRPC client library never sends (a call half sent, header values as given) ---------
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # the client's connection preface; a SETTINGS frame follows
+DATA, HEADERS, RST_STREAM, SETTINGS, GOAWAY = 0, 1, 3, 4, 7
+END_STREAM, END_HEADERS = 1, 4
+
+
+def hpack_length(n: int) -> bytes:
+    """An HPACK string length (7-bit prefix, no Huffman)."""
+    if n < 127:
+        return bytes([n])
+    out, n = [127], n - 127
+    while n >= 128:
+        out.append(n % 128 + 128)
+        n //= 128
+    return bytes([*out, n])
+
+
+def h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def grpc_call_start(path: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """The preface, an empty SETTINGS and the HEADERS of a gRPC call to `path` on stream 1 (fields as literals
+    without indexing: header values go as given, which grpc's own clients refuse when not printable ASCII)."""
+    fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()), (b":authority", b"x"),
+              (b"content-type", b"application/grpc"), (b"te", b"trailers"), *headers]
+    block = b"".join(b"\x00" + hpack_length(len(k)) + k + hpack_length(len(v)) + v for k, v in fields)
+    return H2_PREFACE + h2_frame(SETTINGS, 0, 0, b"") + h2_frame(HEADERS, END_HEADERS, 1, block)
+
+
+def grpc_message(message: bytes) -> bytes:
+    """A gRPC length-prefixed message, uncompressed."""
+    return b"\x00" + len(message).to_bytes(4, "big") + message
+
+
+def read_call_frames(conn: Any) -> list[tuple[int, int, int, bytes]]:
+    """(kind, flags, stream, payload) of the frames the server sends until the call on stream 1 is over (its
+    trailers, its RST_STREAM, or the connection's GOAWAY or end); acknowledges the server's SETTINGS."""
+    frames, buffer = [], b""
+    while chunk := conn.recv(65536):
+        buffer += chunk
+        while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
+            size, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
+            stream = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+            frames.append((kind, flags, stream, buffer[9:9 + size]))
+            buffer = buffer[9 + size:]
+            if kind == SETTINGS and not flags & 1:
+                conn.sendall(h2_frame(SETTINGS, 1, 0, b""))
+            if kind == GOAWAY and int.from_bytes(frames[-1][3][:4], "big") & 0x7FFFFFFF < 1:
+                return frames  # GOAWAY before stream 1: never served (one naming 1 or above lets it finish)
+            if stream == 1 and (kind == RST_STREAM or kind == HEADERS and flags & END_STREAM):
+                return frames
+    return frames
+
+
 class UpProcess:
     """`aevae up` as a subprocess, its output collected line by line until it says it is ready.
 

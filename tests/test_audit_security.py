@@ -30,10 +30,10 @@ from aevae.client.credentials import ChannelSecurity
 from aevae.services.process import ServiceProcess
 from aevae.v1 import decoder_pb2
 from aevae.v1.tensors import to_tensor
-from helpers import Samples, metrics_url, scrape, self_signed_certificate, still_open, write_tiny
+from helpers import (DATA, END_STREAM, H2_PREFACE, SETTINGS, Samples, grpc_call_start, grpc_message, h2_frame,
+                     metrics_url, read_call_frames, scrape, self_signed_certificate, still_open, write_tiny)
 
 TOKEN = "audit-token-0123456789abcdef"
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DECODE = decoder_pb2.DecodeRequest(model="vae", latents=to_tensor(np.zeros((1, 4), np.float32))).SerializeToString()
 
 
@@ -105,42 +105,12 @@ def test_authorization_values_in_every_shape_a_client_sends(decoder: ServiceProc
         assert decode(DECODE, metadata=[("authorization", f"Bearer {TOKEN}")], timeout=10)
 
 
-def _hpack_length(n: int) -> bytes:
-    """An HPACK string length (7-bit prefix, no Huffman)."""
-    if n < 127:
-        return bytes([n])
-    out, n = [127], n - 127
-    while n >= 128:
-        out.append(n % 128 + 128)
-        n //= 128
-    return bytes([*out, n])
-
-
-def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
-
-
 def _bare_call(address: str, path: str, headers: list[tuple[bytes, bytes]], message: bytes) -> None:
-    """One unary gRPC call over a bare HTTP/2 connection (header values written as given: grpc's own clients
-    refuse values that are not printable ASCII); returns once the server has ended the call."""
-    fields = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()), (b":authority", b"x"),
-              (b"content-type", b"application/grpc"), (b"te", b"trailers"), *headers]
-    block = b"".join(b"\x00" + _hpack_length(len(k)) + k + _hpack_length(len(v)) + v for k, v in fields)
+    """One unary gRPC call over a bare HTTP/2 connection; returns once the server has ended the call."""
     host, port = address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=15) as conn:
-        conn.sendall(H2_PREFACE + _frame(4, 0, 0, b"") + _frame(1, 4, 1, block)
-                     + _frame(0, 1, 1, b"\x00" + len(message).to_bytes(4, "big") + message))
-        buffer = b""
-        while chunk := conn.recv(65536):
-            buffer += chunk
-            while len(buffer) >= 9 and len(buffer) >= 9 + int.from_bytes(buffer[:3], "big"):
-                size, kind, flags = int.from_bytes(buffer[:3], "big"), buffer[3], buffer[4]
-                stream = int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
-                buffer = buffer[9 + size:]
-                if kind == 4 and not flags & 1:
-                    conn.sendall(_frame(4, 1, 0, b""))  # their SETTINGS, acknowledged
-                if kind == 7 or stream == 1 and (kind == 3 or kind == 1 and flags & 1):
-                    return  # GOAWAY, RST_STREAM, or the trailers: the call is over
+        conn.sendall(grpc_call_start(path, headers) + h2_frame(DATA, END_STREAM, 1, grpc_message(message)))
+        read_call_frames(conn)
 
 
 def test_metadata_values_that_are_not_utf8_never_reach_the_log(repo: Path) -> None:
@@ -183,7 +153,7 @@ def test_connections_abandoned_on_the_health_port_are_closed(decoder: ServicePro
     abandoned = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
     try:
         for connection in abandoned:
-            connection.sendall(H2_PREFACE + _frame(4, 0, 0, b""))
+            connection.sendall(H2_PREFACE + h2_frame(SETTINGS, 0, 0, b""))
         open_ = still_open(abandoned, 20)  # pings every 1 s, 1 s to answer: closed within seconds
         assert not open_, f"{len(open_)} of {len(abandoned)} abandoned health-port connections still open"
     finally:
