@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+# The standard descriptors the command was started without, which keep_standard_streams_open put /dev/null on:
+# a command told to write its result to standard output refuses rather than write it into /dev/null.
+closed_at_start: set[int] = set()
+
+
 def keep_standard_streams_open() -> None:
     """Opens /dev/null on any of descriptors 0-2 that the command was started without (`2>&-`, `>&-`, a
     supervisor that closes them) and gives Python a stream on it. Else the next file opened takes the number:
@@ -22,6 +27,7 @@ def keep_standard_streams_open() -> None:
         try:
             os.fstat(fd)
         except OSError:
+            closed_at_start.add(fd)
             devnull = os.open(os.devnull, os.O_RDWR)
             if devnull != fd:  # the lowest free number: `fd` itself unless a lower one is closed too
                 os.dup2(devnull, fd)

@@ -169,6 +169,9 @@ def test_a_command_started_with_standard_streams_closed_keeps_them_apart(tmp_pat
                  f"print(os.open({str(tmp_path / 'f')!r}, os.O_CREAT | os.O_WRONLY), "
                  f"os.path.samefile('/proc/self/fd/2', {os.devnull!r}), flush=True)", (0, 2))
     assert opened.returncode == 0 and opened.stdout.split() == [b"3", b"True"], opened
+    lost = subprocess.run([sys.executable, "-m", "aevae.cli", "decode", "1,2", "-o", "-", "--decoder", NOWHERE],
+                          stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1), timeout=120, check=False)
+    assert lost.returncode == 2 and b"-o -: standard output was closed when the command started" in lost.stderr, lost
 
 
 # -- the UI server ------------------------------------------------------------------------------------------

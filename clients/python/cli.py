@@ -245,6 +245,7 @@ def decode(args: argparse.Namespace) -> int:
 
     from aevae.errors import UserError, require_positive
     from aevae.client import AevaeError, DecoderClient
+    from aevae.output import closed_at_start
 
     require_positive("--timeout", args.timeout)
     rows = []
@@ -261,6 +262,9 @@ def decode(args: argparse.Namespace) -> int:
     latents = np.array(rows, dtype=np.float32)
     if args.scale < 1:
         raise UserError(f"--scale must be a positive integer, got {args.scale}")
+    if args.output == "-" and 1 in closed_at_start:
+        raise UserError("-o -: standard output was closed when the command started (>&-), and the PNG would be "
+                        "lost; name a file, or give standard output a file or pipe")
     Image = _pillow()
     try:
         with connect(DecoderClient, args.decoder, args) as client:
