@@ -205,7 +205,8 @@ def test_the_ui_s_own_refusals_are_json_saying_what_is_accepted(encoder: Service
         assert "POST /api/samples" in await error("GET", "/api/nope", 404)
         assert "it takes POST" in await error("GET", "/api/encode", 405)
         assert "it takes GET" in await error("DELETE", "/api/models", 405, headers={"Origin": base})
-        assert "WebSocket" in await error("GET", "/ws", 400)
+        ws = await error("GET", "/ws", 400)
+        assert ws.startswith("/ws is the page's WebSocket (No WebSocket UPGRADE hdr: None Can ") and "\n" not in ws, ws
         assert f"{MAX_BODY:,} bytes" in await error("POST", "/api/samples", 413, data=b" " * (MAX_BODY + 1),
                                                      headers=json_post)
         assert "given 2 times" in await error("GET", "/api/stats/vae?version=1&version=2", 400)

@@ -257,7 +257,8 @@ async def api_errors(request: web.Request,
         elif isinstance(exc, web.HTTPRequestEntityTooLarge):
             message = f"the body is over the limit of {MAX_BODY:,} bytes"
         elif request.path == "/ws":
-            message = (f"/ws is the page's WebSocket ({exc.text}): open it with a WebSocket client (Upgrade: "
+            why = " ".join((exc.text or exc.reason).split())  # aiohttp's reason, on one line (it holds a newline)
+            message = (f"/ws is the page's WebSocket ({why}): open it with a WebSocket client (Upgrade: "
                        "websocket, Sec-WebSocket-Version: 13, a Sec-WebSocket-Key of 16 bytes in base64)")
         else:
             message = exc.text or exc.reason
