@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -98,11 +99,16 @@ def _model_info(model: LoadedModel) -> dict[str, Any]:
 
 @dataclass
 class Written:
-    """What this run has written so far under --out: a stopped run says it (the figures, the page's two files
-    and an ae-2d it trained), so that the user knows what is there and that a rerun redoes the page."""
+    """What this run has made so far: a stopped run says it (the figures drawn, whether they and the page reached
+    --out, an ae-2d it trained), so that the user knows what is there and that a rerun finishes it.
+
+    The figures are drawn into `staging`, a hidden folder in --out, and reach --out/figures only with the page,
+    once every part is done (`publish`): a rerun that stops leaves the earlier report whole."""
 
     out: Path
-    figures: list[Path] = field(default_factory=list)
+    staging: Path
+    figures: list[Path] = field(default_factory=list)  # drawn, in `staging` until published
+    published: bool = False  # the figures moved into --out/figures (an earlier page and numbers removed)
     page: set[str] = field(default_factory=set)  # PAGE and NUMBERS, once each is on disk
     trained: str | None = None  # "ae-2d/1" when this run trained it
 
@@ -115,18 +121,39 @@ class Written:
         return "aevae report: " + "; ".join(parts)
 
     def _figures_part(self) -> str:
+        names = ", ".join(path.name for path in self.figures)
+        if self.published:
+            return f"stopped: {len(self.figures)} figure(s) written to {self.out / FIGURES} ({names})"
         if not self.figures:
-            return "stopped before any figure was written"
-        return (f"stopped: {len(self.figures)} figure(s) written to {self.out / FIGURES} "
-                f"({', '.join(path.name for path in self.figures)})")
+            return "stopped before any figure was drawn"
+        return f"stopped: {len(self.figures)} figure(s) drawn ({names}), dropped with the run"
 
     def _page_part(self) -> str:
         rerun = "rerun `aevae report` to finish"
         if self.page >= {PAGE, NUMBERS}:
             return f"the page is written: {self.out / PAGE}"
+        if not self.published:
+            return f"the report in {self.out} is as it was (an earlier run's, or none): {rerun}"
         if NUMBERS in self.page:
             return f"{self.out / NUMBERS} written, the page {self.out / PAGE} not: {rerun}"
         return f"the page ({PAGE}, {NUMBERS} in {self.out}) not written: {rerun}"
+
+
+def publish(written: Written, numbers: str, html: str) -> None:
+    """The run's figures, numbers.json and page into --out, over an earlier report's. Its page and numbers go
+    first, so that a stop part way never leaves a page beside figures of another run; then the figures, each
+    renamed in whole; numbers.json; the page last."""
+    out = written.out
+    for name in (PAGE, NUMBERS):
+        (out / name).unlink(missing_ok=True)
+    (out / FIGURES).mkdir(exist_ok=True)
+    written.published = True
+    for path in written.figures:
+        os.replace(path, out / FIGURES / path.name)
+    write_whole(out / NUMBERS, lambda tmp: tmp.write_text(numbers))
+    written.page.add(NUMBERS)
+    write_whole(out / PAGE, lambda tmp: tmp.write_text(html))
+    written.page.add(PAGE)
 
 
 def folders_to_make(folder: Path) -> list[Path]:
@@ -152,10 +179,11 @@ def remove_empty(folders: list[Path]) -> None:
             return
 
 
-def prepare_out(out: Path) -> Path:
-    """Creates `out`/figures and proves a file can be written there, before any of the minutes of work: an
-    --out that is a file, or a folder that cannot be created or written (/proc/...), raises ReportError naming
-    it instead of a traceback from mkdir, or an OSError at the very end that loses the run."""
+def prepare_out(out: Path, staging: Path) -> Path:
+    """Creates `out` and the run's `staging` folder in it and proves a file can be written there, before any of
+    the minutes of work: an --out that is a file, or a folder that cannot be created or written (/proc/...),
+    raises ReportError naming it instead of a traceback from mkdir, or an OSError at the very end that loses
+    the run. An earlier report there stays as it is until this run publishes its own."""
     import tempfile
 
     if out.exists() and not out.is_dir():
@@ -165,14 +193,13 @@ def prepare_out(out: Path) -> Path:
         if (out / name).is_dir():
             raise ReportError(f"--out {out} holds a folder named {name}, where the report writes its {name}: "
                               "pass another --out, or move that folder")
+    if (out / FIGURES).exists() and not (out / FIGURES).is_dir():
+        raise ReportError(f"--out {out} holds a file named {FIGURES}, where the report writes its figures: pass "
+                          "another --out, or move that file")
     try:
-        (out / FIGURES).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out / FIGURES):
+        staging.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=staging):
             pass
-        # An earlier report's page and numbers go now: a run stopped half way replaced some of its figures,
-        # and the old page would have shown them as its own. They come back, new, at the end.
-        for name in (PAGE, NUMBERS):
-            (out / name).unlink(missing_ok=True)
     except OSError as exc:
         raise ReportError(f"--out {out}: cannot write the report there ({exc.strerror or exc}); pass a folder "
                           "you can write") from None
@@ -186,21 +213,23 @@ def run(config: ReportConfig) -> dict[str, Any]:
     before the first figure). Stopped by Ctrl-C or SIGTERM it first says on stderr what it wrote and what
     not, then lets the stop go on: aevae.cli.main turns it into exit status 130 or 143."""
     out = Path(config.out)
-    made = folders_to_make(out / FIGURES)
-    written = Written(out)
+    made = folders_to_make(out)
+    written = Written(out, out / f".{FIGURES}.partial-{os.getpid()}")
     try:
-        prepare_out(out)
-        return _measure_and_draw(config, out, written)
+        prepare_out(out, written.staging)
+        return _measure_and_draw(config, written)
     except KeyboardInterrupt:  # Terminated (SIGTERM) is one too
         print(written.stop_line(), file=sys.stderr, flush=True)
         raise
     finally:
+        shutil.rmtree(written.staging, ignore_errors=True)  # what was drawn and not published
         remove_empty(made)
 
 
-def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict[str, Any]:
-    """The report's parts one after another into the prepared `out`, noting each file in `written` as soon as
-    it is on disk."""
+def _measure_and_draw(config: ReportConfig, written: Written) -> dict[str, Any]:
+    """The report's parts one after another, each figure drawn into `written.staging` and noted there, then
+    everything published into `written.out` at once."""
+    out, drawn = written.out, written.staging
     progress = Progress()
     rng = np.random.default_rng(config.seed)
 
@@ -258,14 +287,14 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
     fig: dict[str, str] = {}
 
     def save(key: str, path: Path) -> None:
-        fig[key] = path.relative_to(out).as_posix()
+        fig[key] = f"{FIGURES}/{path.name}"  # where the page finds it once published
         written.figures.append(path)
 
     # 1. Reconstructions
     with progress.part("reconstructions", "1/8 reconstructions"):
         idx = np.sort(rng.choice(len(test), size=min(config.reconstructions, len(test)), replace=False))
         rows = {name: models[name].decode(means[name][idx]) for name in models}
-        save("reconstructions", figures.reconstructions(test[idx], rows, out / FIGURES / "reconstructions.png"))
+        save("reconstructions", figures.reconstructions(test[idx], rows, drawn / "reconstructions.png"))
         numbers["reconstructions"] = {
             "indices": idx.tolist(), "labels": test_labels[idx].tolist(),
             "bce_shown": {n: round(float(float_bce[n][idx].mean()), 3) for n in models},
@@ -277,14 +306,14 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
         pcas = {n: stats[n]["pca"] for n in ("ae", "vae")}
         save("pca", figures.pca_scatter(
             {n: (np.asarray(p["points"]), np.asarray(p["labels"]), p["explained_variance_ratio"])
-             for n, p in pcas.items()}, out / FIGURES / "pca.png"))
+             for n, p in pcas.items()}, drawn / "pca.png"))
         numbers["pca"] = {n: {"explained_variance_ratio": [round(v, 4) for v in p["explained_variance_ratio"]],
                               "points": len(p["points"]), "training_latents": stats[n]["count"]}
                           for n, p in pcas.items()}
 
     # 3. Violins
     with progress.part("violins", "3/8 latent distributions"):
-        save("violins", figures.violins({n: stats[n]["dims"] for n in ("ae", "vae")}, out / FIGURES / "violins.png"))
+        save("violins", figures.violins({n: stats[n]["dims"] for n in ("ae", "vae")}, drawn / "violins.png"))
         numbers["violins"] = {n: [{k: round(d[k], 4) for k in ("min", "max", "mean", "std")}
                                   | {"median": round(d["quantiles"]["0.5"], 4)} for d in stats[n]["dims"]]
                               for n in ("ae", "vae")}
@@ -309,8 +338,8 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
             progress.say(f"  validity of {label}: {claims.fmt_share(shares[label])}")
         shown = ("vae: N(0, I)", "ae: N(0, I)", "ae: uniform in its box", "vae: uniform in its box")
         grids = {label: (sources[label][:64], valid[label][:64]) for label in shown}
-        save("samples", figures.sample_grids(grids, out / FIGURES / "samples.png"))
-        save("validity", figures.validity_bars(validity, digit_classifier.CONFIDENCE, out / FIGURES / "validity.png",
+        save("samples", figures.sample_grids(grids, drawn / "samples.png"))
+        save("validity", figures.validity_bars(validity, digit_classifier.CONFIDENCE, drawn / "validity.png",
                                                {label: (x["lo"], x["hi"]) for label, x in shares.items()}))
         test_probs = classifier.probabilities(test, gate=False)
         numbers["samples"] = {
@@ -328,7 +357,7 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
         ranges = {name: _range(means[name]) for name in ("ae", "vae")}
         mu, logvar = encoded["vae"]
         sampled = sample(mu, logvar, rng)
-        save("ranges", figures.latent_ranges(ranges, SEED_RANGES, out / FIGURES / "ranges.png"))
+        save("ranges", figures.latent_ranges(ranges, SEED_RANGES, drawn / "ranges.png"))
         width = {n: r["max"] - r["min"] for n, r in ranges.items()}
         numbers["ranges"] = {**ranges, "vae_sampled": _range(sampled),
                              "seed": {k: list(v) for k, v in SEED_RANGES.items()},
@@ -353,7 +382,7 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
             curves.append(curve.to_json())
             progress.say(f"  {name}: float BCE {curve.float_bce:.2f}; within {TOLERANCE_NATS:g} nat at "
                          f"{curve.bits_within()} bits/dim; 1 bit {curve.bce[0]:.1f}, 16 bits {curve.bce[-1]:.2f}")
-        save("rate_distortion", figures.rate_distortion(curves, floor, out / FIGURES / "rate_distortion.png"))
+        save("rate_distortion", figures.rate_distortion(curves, floor, drawn / "rate_distortion.png"))
         numbers["information"] = {
             "image_bits": image_bits,
             "latent_bits": {n: information.latent_bits(m.latent_dim) for n, m in models.items()},
@@ -391,7 +420,7 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
             save(f"traversal_{name}", figures.traversal(
                 images, values, digits, f"{name}: each dimension swept over its training range, the others at "
                 f"their median (digit: classifier, p >= {digit_classifier.CONFIDENCE})",
-                out / FIGURES / f"traversal-{name}.png"))
+                drawn / f"traversal-{name}.png"))
             numbers["traversals"][name] = {"median": median.tolist(), "sweeps": [
                 {"dim": d + 1, "from": float(values[d, 0]), "to": float(values[d, -1]), "digits": digits[d],
                  "distinct_digits": sorted({x for x in digits[d] if x != "-"})} for d in range(m.latent_dim)]}
@@ -400,17 +429,14 @@ def _measure_and_draw(config: ReportConfig, out: Path, written: Written) -> dict
     with progress.part("interpolations", "8/8 interpolations between test digits"):
         numbers["interpolations"] = interpolations(models, means, test, test_labels, classifier, config, rng)
         save("interpolations", figures.interpolations(
-            numbers["interpolations"].pop("figure"), out / FIGURES / "interpolations.png"))
+            numbers["interpolations"].pop("figure"), drawn / "interpolations.png"))
 
     numbers["claims"] = [c.as_dict() for c in claims.evaluate(numbers)]
     numbers["timings"] = {**progress.seconds, "total": round(time.perf_counter() - progress.started, 1)}
     numbers["figures"] = fig
     text = json.dumps(numbers, indent=1, default=float) + "\n"
-    write_whole(out / NUMBERS, lambda tmp: tmp.write_text(text))
-    written.page.add(NUMBERS)
     html = page.render(numbers)
-    write_whole(out / PAGE, lambda tmp: tmp.write_text(html))
-    written.page.add(PAGE)
+    publish(written, text, html)
     progress.say(f"wrote {out / PAGE} ({len(fig)} figures, numbers in {out / NUMBERS})")
     return numbers
 

@@ -696,10 +696,10 @@ def test_report_refuses_values_its_parts_cannot_take_before_any_work(
     assert words in err, err
 
 
-def test_a_report_run_removes_the_last_page_first_and_an_ae2d_of_the_wrong_shape_is_refused(tiny_repo: Path,
-                                                                                           tmp_path: Path) -> None:
+def test_a_report_run_keeps_the_last_page_until_its_own_and_an_ae2d_of_the_wrong_shape_is_refused(
+        tiny_repo: Path, tmp_path: Path) -> None:
     """A rerun stopped half way left the old index.html and numbers.json beside new figures (a page that looked
-    whole, of two runs); an `ae-2d` with a 4-d latent (`--latent-dim` forgotten) was compared as the 2-d AE and
+    whole, of two runs): they are now replaced only when the run publishes its own; an `ae-2d` with a 4-d latent (`--latent-dim` forgotten) was compared as the 2-d AE and
     the claim called supported."""
     import shutil
 
@@ -711,11 +711,16 @@ def test_a_report_run_removes_the_last_page_first_and_an_ae2d_of_the_wrong_shape
     out.mkdir()
     for name in (build.PAGE, build.NUMBERS):
         (out / name).write_text("the last run's")
-    build.prepare_out(out)
-    assert not (out / build.PAGE).exists() and not (out / build.NUMBERS).exists() and (out / "figures").is_dir()
+    build.prepare_out(out, out / ".staging")  # the earlier page stays until this run publishes its own
+    assert (out / build.PAGE).read_text() == "the last run's" and (out / ".staging").is_dir()
+    (out / build.PAGE).unlink()
     (out / build.PAGE).mkdir()
     with pytest.raises(ReportError, match="holds a folder named index.html"):
-        build.prepare_out(out)
+        build.prepare_out(out, out / ".staging")
+    (out / build.PAGE).rmdir()
+    (out / "figures").write_text("")
+    with pytest.raises(ReportError, match="holds a file named figures"):
+        build.prepare_out(out, out / ".staging")
     shutil.copytree(tiny_repo / "ae" / "1", tiny_repo / "ae-2d" / "1")
     found = ae2d.find(ModelStore(tiny_repo))
     assert found is not None and ae2d.unfit(found) == (

@@ -1,5 +1,6 @@
 """`aevae report` stopped part way (Ctrl-C, SIGTERM, an error or a refusal found after the start): it says what
-it finished and what not, keeps its exit status, and leaves no empty folder it made itself.
+it finished and what not, keeps its exit status, leaves an earlier report in --out whole, and leaves no empty
+folder it made itself.
 
 In process (aevae.cli.main) on the tiny models of `tiny_repo`, with 300 random images standing in for MNIST
 and a classifier of zeros: no training, no Ray, no MNIST files. The stop is made to happen at a known point by
@@ -61,7 +62,7 @@ def test_a_stop_before_the_first_figure_leaves_no_folder_it_made(
     assert _report(tiny_repo, out) == code
     assert not (tmp_path / "new").exists(), sorted(p.name for p in (tmp_path / "new").rglob("*"))
     err = capsys.readouterr().err
-    assert "stopped before any figure was written" in err and "rerun `aevae report`" in err, err
+    assert "stopped before any figure was drawn" in err and "rerun `aevae report`" in err, err
 
 
 def test_a_refusal_after_the_start_leaves_no_folder_it_made(tmp_path: Path,
@@ -86,36 +87,52 @@ def test_the_folders_the_user_had_stay_even_empty(tiny_repo: Path, tmp_path: Pat
     (mine / "figures").mkdir()
     assert _report(tiny_repo, mine) == 130
     assert (mine / "figures").is_dir()
+    assert [p.name for p in mine.iterdir()] == ["figures"]  # and no staging folder of the runs
     fresh = tmp_path / "fresh"
     monkeypatch.setattr(figures, "reconstructions", drawn)
-    _stop_at(monkeypatch, figures, "pca_scatter", KeyboardInterrupt)  # the first figure is written, then the stop
+    _stop_at(monkeypatch, figures, "pca_scatter", KeyboardInterrupt)  # the first figure is drawn, then the stop
     assert _report(tiny_repo, fresh) == 130
-    assert [p.name for p in (fresh / "figures").iterdir()] == ["reconstructions.png"]
+    assert not fresh.exists()  # what was drawn went with the run
 
 
 @pytest.mark.parametrize(("stop", "code"), STOPS)
-def test_a_stop_says_which_figures_were_written_and_that_the_page_was_not(
+def test_a_rerun_that_stops_leaves_the_earlier_report_whole_and_says_so(
         stop: type[BaseException], code: int, tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """A Ctrl-C or SIGTERM ended the report with 130 or 143 and not a word of what it had written."""
-    _stop_at(monkeypatch, figures, "violins", stop)  # the third figure: reconstructions and pca are written
+    """A Ctrl-C or SIGTERM ended the report with 130 or 143 and not a word of what it had written; and a rerun
+    stopped half way had removed the earlier report's page and replaced some of its figures (finished work
+    lost, for a page it had not made yet). The figures are drawn aside and published with the page."""
     out = tmp_path / "reports"
+    assert _report(tiny_repo, out) == 0
+    earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len([p for p in earlier if p.parts[0] == "figures"]) == 10 and Path("index.html") in earlier
+    capsys.readouterr()
+    _stop_at(monkeypatch, figures, "violins", stop)  # the third figure: reconstructions and pca are drawn
     assert _report(tiny_repo, out) == code
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "stopped" in line]
     assert len(lines) == 1, err
-    assert (f"aevae report: stopped: 2 figure(s) written to {out / 'figures'} (reconstructions.png, pca.png); "
-            f"the page (index.html, numbers.json in {out}) not written: rerun `aevae report` to finish") == lines[0]
-    assert sorted(p.name for p in (out / "figures").iterdir()) == ["pca.png", "reconstructions.png"]
-    assert not (out / "index.html").exists() and not (out / "numbers.json").exists()
+    assert ("aevae report: stopped: 2 figure(s) drawn (reconstructions.png, pca.png), dropped with the run; the "
+            f"report in {out} is as it was (an earlier run's, or none): rerun `aevae report` to finish") == lines[0]
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+    assert sorted(p.name for p in out.iterdir()) == ["figures", "index.html", "numbers.json"]
 
 
-def test_a_stop_while_the_page_is_written_says_which_half_is_there(tiny_repo: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """Every part measured and drawn, numbers.json written, the stop while the page is rendered."""
-    _stop_at(monkeypatch, page, "render", KeyboardInterrupt)
+def test_a_stop_while_the_page_is_published_says_which_half_is_there(tiny_repo: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Every part measured and drawn, the figures and numbers.json published, the stop as the page is written:
+    no page of the earlier run is left beside the new figures."""
     out = tmp_path / "reports"
+    assert _report(tiny_repo, out) == 0
+    real = build.write_whole
+
+    def stopped_at_the_page(path: Path, *args: object, **kwargs: object) -> None:
+        if Path(path).name == build.PAGE:
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(build, "write_whole", stopped_at_the_page)
     assert _report(tiny_repo, out) == 130
     err = capsys.readouterr().err
     assert f"stopped: 10 figure(s) written to {out / 'figures'} (reconstructions.png, " in err, err
@@ -128,10 +145,14 @@ def test_a_stop_while_the_page_is_written_says_which_half_is_there(tiny_repo: Pa
 def test_the_stop_line_names_an_ae2d_the_run_trained_and_a_page_already_written(tmp_path: Path) -> None:
     """A stop after `ae-2d` was trained (minutes of a first run) must say it is kept, or the user expects to
     pay for it again; a stop after the page was written must not ask for a rerun."""
-    written = build.Written(tmp_path, figures=[tmp_path / "figures" / "pca.png"], trained="ae-2d/1")
+    written = build.Written(tmp_path, tmp_path / ".staging", figures=[tmp_path / ".staging" / "pca.png"],
+                            trained="ae-2d/1")
     line = written.stop_line()
-    assert line.startswith("aevae report: stopped: 1 figure(s) written") and "ae-2d/1, trained by this run, " \
-        "is in the repository and will be reused; the page (index.html, numbers.json" in line, line
+    assert line.startswith("aevae report: stopped: 1 figure(s) drawn (pca.png)") and "ae-2d/1, trained by this " \
+        "run, is in the repository and will be reused; the report in" in line, line
+    written.published = True
+    assert "1 figure(s) written to" in written.stop_line() and "the page (index.html, numbers.json" in \
+        written.stop_line()
     written.page = {build.PAGE, build.NUMBERS}
     assert written.stop_line().endswith(f"the page is written: {tmp_path / 'index.html'}")
     assert "rerun" not in written.stop_line()
