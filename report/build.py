@@ -142,18 +142,33 @@ class Written:
 def publish(written: Written, numbers: str, html: str) -> None:
     """The run's figures, numbers.json and page into --out, over an earlier report's. Its page and numbers go
     first, so that a stop part way never leaves a page beside figures of another run; then the figures, each
-    renamed in whole; numbers.json; the page last."""
+    renamed in whole; numbers.json; the page last. The earlier report's figures this run does not draw (a
+    2-d comparison left out) go too: its numbers.json names them, and nothing else there is touched."""
     out = written.out
+    earlier = _figures_named(out / NUMBERS)
     for name in (PAGE, NUMBERS):
         (out / name).unlink(missing_ok=True)
     (out / FIGURES).mkdir(exist_ok=True)
     written.published = True
     for path in written.figures:
         os.replace(path, out / FIGURES / path.name)
+    for name in earlier - {path.name for path in written.figures}:
+        (out / FIGURES / name).unlink(missing_ok=True)
     write_whole(out / NUMBERS, lambda tmp: tmp.write_text(numbers))
     written.page.add(NUMBERS)
     write_whole(out / PAGE, lambda tmp: tmp.write_text(html))
     written.page.add(PAGE)
+
+
+def _figures_named(numbers: Path) -> set[str]:
+    """The file names of the figures a report's numbers.json lists (under figures/); none when it is missing or
+    unreadable."""
+    try:
+        listed = json.loads(numbers.read_text()).get("figures", {})
+        paths = [Path(value) for value in listed.values()] if isinstance(listed, dict) else []
+    except (OSError, ValueError, AttributeError, TypeError):  # no file, no JSON, not a report's numbers
+        return set()
+    return {path.name for path in paths if path.parent == Path(FIGURES) and path.suffix == ".png"}
 
 
 def folders_to_make(folder: Path) -> list[Path]:

@@ -118,6 +118,27 @@ def test_a_rerun_that_stops_leaves_the_earlier_report_whole_and_says_so(
     assert sorted(p.name for p in out.iterdir()) == ["figures", "index.html", "numbers.json"]
 
 
+def test_a_rerun_removes_the_earlier_report_s_figures_it_does_not_draw_and_nothing_else(
+        tiny_repo: Path, tmp_path: Path) -> None:
+    """An earlier report with the 2-d comparison, a rerun with --no-ae2d: its traversal figure stayed in figures/
+    beside the new page, which no longer shows it. What the earlier numbers.json did not list is not the
+    report's to remove."""
+    import json
+
+    out = tmp_path / "reports"
+    assert _report(tiny_repo, out) == 0
+    numbers = json.loads((out / "numbers.json").read_text())
+    numbers["figures"]["traversal_ae-2d"] = "figures/traversal-ae-2d.png"
+    (out / "numbers.json").write_text(json.dumps(numbers))
+    (out / "figures" / "traversal-ae-2d.png").write_bytes(b"the earlier run's")
+    (out / "figures" / "mine.png").write_bytes(b"the user's")
+    assert _report(tiny_repo, out) == 0
+    names = sorted(p.name for p in (out / "figures").iterdir())
+    assert "traversal-ae-2d.png" not in names and "mine.png" in names and len(names) == 11, names
+    (out / "numbers.json").write_text('{"figures": {"x": 5}}')  # not a report's: nothing removed, no error
+    assert _report(tiny_repo, out) == 0 and (out / "figures" / "mine.png").is_file()
+
+
 def test_a_stop_while_the_page_is_published_says_which_half_is_there(tiny_repo: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
