@@ -135,8 +135,9 @@ def test_a_rerun_removes_the_earlier_report_s_figures_it_does_not_draw_and_nothi
     assert _report(tiny_repo, out) == 0
     names = sorted(p.name for p in (out / "figures").iterdir())
     assert "traversal-ae-2d.png" not in names and "mine.png" in names and len(names) == 11, names
-    (out / "numbers.json").write_text('{"figures": {"x": 5}}')  # not a report's: nothing removed, no error
-    assert _report(tiny_repo, out) == 0 and (out / "figures" / "mine.png").is_file()
+    for text in ('{"figures": {"x": 5}}', "[]", "{", '{"figures": {"x": "../index.html"}}'):  # not a report's
+        (out / "numbers.json").write_text(text)
+        assert build._figures_named(out / "numbers.json") == set(), text
 
 
 def test_a_stop_while_the_page_is_published_says_which_half_is_there(tiny_repo: Path, tmp_path: Path,
