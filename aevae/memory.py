@@ -68,13 +68,9 @@ def address_space_refusal(needed: int, what: str) -> str | None:
     left, or None when it can (no limit, or enough)."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-            soft = hard
-        except (OSError, ValueError):
-            pass
+    from aevae.rlimits import raise_soft_limit
+
+    soft = raise_soft_limit(resource.RLIMIT_AS)
     if soft == resource.RLIM_INFINITY or soft >= needed:
         return None
     return (f"this process's address space is limited to {soft >> 20:,} MiB (ulimit -v {soft >> 10}); {what} "

@@ -28,10 +28,7 @@ def keep_standard_streams_open() -> None:
             os.fstat(fd)
         except OSError:
             closed_at_start.add(fd)
-            devnull = os.open(os.devnull, os.O_RDWR)
-            if devnull != fd:  # the lowest free number: `fd` itself unless a lower one is closed too
-                os.dup2(devnull, fd)
-                os.close(devnull)
+            _devnull_onto(fd)
         if getattr(sys, name) is None:
             setattr(sys, name, open(fd, mode, closefd=False))
 
@@ -69,8 +66,14 @@ def silence(stream: Any) -> None:
     what is still buffered, and the interpreter's flush at exit, go there instead of failing again (Python's
     "Exception ignored ... BrokenPipeError")."""
     try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
+        _devnull_onto(stream.fileno())
     except (OSError, ValueError, AttributeError):
         pass
+
+
+def _devnull_onto(fd: int) -> None:
+    """Descriptor `fd` opened on /dev/null, for reading and writing (whatever it was before is closed)."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    if devnull != fd:  # the lowest free number: `fd` itself when it was closed and no lower one is
+        os.dup2(devnull, fd)
+        os.close(devnull)

@@ -49,8 +49,6 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-
-
 def reconstructions(originals: np.ndarray, rows: Mapping[str, np.ndarray], path: Path) -> Path:
     """One row of test digits, then one row per model with its reconstructions of them."""
     labels = ["test digits", *rows]

@@ -37,7 +37,7 @@ class Admission:
     A stream holds its call slot while it is open, so one whose client sends nothing more while it has nothing
     left to answer ends after `stream_idle_s` (DEADLINE_EXCEEDED; 0: never, see `streams.pipelined`): clients
     that open streams and leave them idle cannot hold every slot. Streams hold at most `max_streams` of the
-    slots, the rest kept for unary calls (see STREAM_SHARE): 256 streams whose client wrote answers it never
+    slots, the rest kept for unary calls (see STREAMS_LEAVE): 256 streams whose client wrote answers it never
     read held every slot, for up to the connection's age, and every other client's calls were refused."""
 
     def __init__(self, max_calls: int, max_bytes: int, max_unsent: int | None = None, stream_idle_s: float = 0.0):

@@ -354,18 +354,13 @@ MAX_METADATA_BYTES = 16 * 1024
 
 
 def raise_open_files_limit() -> int:
-    """Raises the soft limit on open files to the hard limit (a process may; systemd and containers often leave
-    the soft one at 1,024) and returns the soft limit then: each connection takes a descriptor."""
+    """Raises the soft limit on open files to the hard limit and returns it: each connection takes a
+    descriptor, and systemd and containers often leave the soft one at 1,024."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):  # an unlimited hard limit some kernels refuse as a soft one: keep it
-            pass
-    return soft
+    from aevae.rlimits import raise_soft_limit
+
+    return raise_soft_limit(resource.RLIMIT_NOFILE)
 
 
 def max_connections(open_files: int) -> int:
