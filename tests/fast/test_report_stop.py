@@ -8,6 +8,7 @@ a figure function that raises."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 
@@ -28,6 +29,10 @@ STOPS = [(KeyboardInterrupt, 130), (Terminated, 128 + signal.SIGTERM)]
 def _fake_data_and_classifier(monkeypatch: pytest.MonkeyPatch) -> None:
     """300 random images as both MNIST splits, and a classifier that calls nothing a digit: the report runs
     its parts on them in seconds."""
+    _fake(monkeypatch)
+
+
+def _fake(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
     split = mnist.Split(rng.integers(0, 256, (300, 32, 32), dtype=np.uint8), rng.integers(0, 10, 300))
     data = mnist.Mnist(split, split, "fake", {"train-images-idx3-ubyte": "fake"})
@@ -49,6 +54,23 @@ def _stop_at(monkeypatch: pytest.MonkeyPatch, module: object, name: str, stop: t
 def _report(models: Path, out: Path) -> int:
     return cli.main(["report", "--models-dir", str(models), "--out", str(out), "--no-ae2d", "--test-limit", "100",
                      "--samples", "50"])
+
+
+@pytest.fixture(scope="module")
+def _a_report(_tiny_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One whole report of the tiny models, made once for the tests that need an earlier report in --out."""
+    made = tmp_path_factory.mktemp("report")
+    models, out = Path(shutil.copytree(_tiny_template, made / "models")), made / "reports"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _fake(monkeypatch)
+        assert _report(models, out) == 0
+    return out
+
+
+@pytest.fixture
+def earlier(_a_report: Path, tmp_path: Path) -> Path:
+    """--out holding an earlier whole report (a fresh copy of `_a_report`)."""
+    return Path(shutil.copytree(_a_report, tmp_path / "reports"))
 
 
 @pytest.mark.parametrize(("stop", "code"), STOPS)
@@ -97,15 +119,14 @@ def test_the_folders_the_user_had_stay_even_empty(tiny_repo: Path, tmp_path: Pat
 
 @pytest.mark.parametrize(("stop", "code"), STOPS)
 def test_a_rerun_that_stops_leaves_the_earlier_report_whole_and_says_so(
-        stop: type[BaseException], code: int, tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        stop: type[BaseException], code: int, tiny_repo: Path, earlier: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """A Ctrl-C or SIGTERM ended the report with 130 or 143 and not a word of what it had written; and a rerun
     stopped half way had removed the earlier report's page and replaced some of its figures (finished work
     lost, for a page it had not made yet). The figures are drawn aside and published with the page."""
-    out = tmp_path / "reports"
-    assert _report(tiny_repo, out) == 0
-    earlier = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert len([p for p in earlier if p.parts[0] == "figures"]) == 10 and Path("index.html") in earlier
+    out = earlier
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert len([p for p in before if p.parts[0] == "figures"]) == 10 and Path("index.html") in before
     capsys.readouterr()
     _stop_at(monkeypatch, figures, "violins", stop)  # the third figure: reconstructions and pca are drawn
     assert _report(tiny_repo, out) == code
@@ -114,19 +135,18 @@ def test_a_rerun_that_stops_leaves_the_earlier_report_whole_and_says_so(
     assert len(lines) == 1, err
     assert ("aevae report: stopped: 2 figure(s) drawn (reconstructions.png, pca.png), dropped with the run; the "
             f"report in {out} is as it was (an earlier run's, or none): rerun `aevae report` to finish") == lines[0]
-    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == earlier
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in out.iterdir()) == ["figures", "index.html", "numbers.json"]
 
 
 def test_a_rerun_removes_the_earlier_report_s_figures_it_does_not_draw_and_nothing_else(
-        tiny_repo: Path, tmp_path: Path) -> None:
+        tiny_repo: Path, earlier: Path) -> None:
     """An earlier report with the 2-d comparison, a rerun with --no-ae2d: its traversal figure stayed in figures/
     beside the new page, which no longer shows it. What the earlier numbers.json did not list is not the
     report's to remove."""
     import json
 
-    out = tmp_path / "reports"
-    assert _report(tiny_repo, out) == 0
+    out = earlier
     numbers = json.loads((out / "numbers.json").read_text())
     numbers["figures"]["traversal_ae-2d"] = "figures/traversal-ae-2d.png"
     (out / "numbers.json").write_text(json.dumps(numbers))
@@ -140,13 +160,12 @@ def test_a_rerun_removes_the_earlier_report_s_figures_it_does_not_draw_and_nothi
         assert build._figures_named(out / "numbers.json") == set(), text
 
 
-def test_a_stop_while_the_page_is_published_says_which_half_is_there(tiny_repo: Path, tmp_path: Path,
+def test_a_stop_while_the_page_is_published_says_which_half_is_there(tiny_repo: Path, earlier: Path,
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Every part measured and drawn, the figures and numbers.json published, the stop as the page is written:
     no page of the earlier run is left beside the new figures."""
-    out = tmp_path / "reports"
-    assert _report(tiny_repo, out) == 0
+    out = earlier
     real = build.write_whole
 
     def stopped_at_the_page(path: Path, *args: object, **kwargs: object) -> None:

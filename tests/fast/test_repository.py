@@ -352,8 +352,8 @@ def test_what_exists_is_described_in_bounded_length(tmp_path: Path) -> None:
 
     few = Scan(versions={"ae": [SimpleNamespace(number=n) for n in (1, 2, 3)]})  # type: ignore[misc]
     assert few.describe(tmp_path) == "ae: 1, 2, 3"
-    huge = Scan(versions={f"m{i:03d}-{'x' * 56}": [SimpleNamespace(number=2**62 + n) for n in range(5000)]
-                          for i in range(300)})  # type: ignore[misc]
+    many = [SimpleNamespace(number=2**62 + n) for n in range(5000)]
+    huge = Scan(versions={f"m{i:03d}-{'x' * 56}": many for i in range(300)})  # type: ignore[misc]
     text = huge.describe(tmp_path)
     assert len(text.encode()) < 8192, len(text)
     assert text.startswith(f"m000-{'x' * 56}: {2**62}, {2**62 + 1}, {2**62 + 2}, ..., ")
