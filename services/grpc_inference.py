@@ -35,6 +35,7 @@ from aevae.services.encoder import EncoderLogic
 from aevae.repository import MAX_NUMBER, NUMBER_PATTERN
 from aevae.services.admission import Engine
 from aevae.services.registration import describable, parsed, readable
+from aevae.services.listing import fitted
 from aevae.services.status import guarded
 from aevae.services.streams import Pinned, answered_stream
 from aevae.v1.tensors import length_delimited
@@ -562,15 +563,19 @@ class InferenceServicer:
         UNAVAILABLE with the reason."""
         message = await guarded(context, parsed(request))
         summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
-        index = []
-        for s in summaries:
-            states = {n: ("READY", "") for n in s.numbers}
-            states.update({n: ("UNAVAILABLE", reason) for n, reason in s.listed_broken()})
-            for number, (state, reason) in sorted(states.items()):
-                if not message.ready or state == "READY":
-                    index.append(service_pb2.RepositoryIndexResponse.ModelIndex(
-                        name=s.name, version=str(number), state=state, reason=reason))
-        return service_pb2.RepositoryIndexResponse(models=index)
+
+        def listing(reasons: bool) -> service_pb2.RepositoryIndexResponse:
+            index = []
+            for s in summaries:
+                states = {n: ("READY", "") for n in s.numbers}
+                states.update({n: ("UNAVAILABLE", reason if reasons else "") for n, reason in s.listed_broken()})
+                for number, (state, reason) in sorted(states.items()):
+                    if not message.ready or state == "READY":
+                        index.append(service_pb2.RepositoryIndexResponse.ModelIndex(
+                            name=s.name, version=str(number), state=state, reason=reason))
+            return service_pb2.RepositoryIndexResponse(models=index)
+
+        return await guarded(context, fitted(listing, len(summaries), self.logic.limits.max_message_bytes))
 
 
 async def _named(request: Any) -> tuple[str, int | None]:

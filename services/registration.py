@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 
 from aevae.errors import InvalidArgument, ResourceExhausted
 from aevae.services.field_limit import check_for
-from aevae.services.status import Aborts, status_of
+from aevae.services.status import Aborts, abort, status_of
 from aevae.v1 import tensor_pb2
 from aevae.v1.tensors import DTYPES, TensorError, WireError, from_tensor, split_payload
 
@@ -183,8 +183,7 @@ def _generated_stub(servicer: Any, name: str) -> bool:
 
 
 async def _refuse(context: Aborts, error: Exception) -> NoReturn:
-    await context.abort(*status_of(error))
-    raise AssertionError("unreachable: context.abort raises")
+    await abort(context, *status_of(error))
 
 
 def _parsing(behavior: Callable[..., Any], method: MethodDescriptor) -> Callable[..., Any]:
@@ -223,7 +222,7 @@ def _unimplemented(service: str, method: MethodDescriptor, implemented: list[str
                f"{', '.join(implemented)}")
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> NoReturn:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, details)
+        await abort(context, grpc.StatusCode.UNIMPLEMENTED, details)
 
     if not method.server_streaming:
         return refuse

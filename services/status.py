@@ -5,9 +5,12 @@ without taking the server down or flooding the log."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import time
-from typing import Any, Awaitable, Protocol, TypeVar
+import traceback
+from typing import Any, Awaitable, NoReturn, Protocol, TypeVar
 
 import grpc
 
@@ -32,8 +35,31 @@ async def guarded(context: Aborts, work: Awaitable[T]) -> T:
     except StopAsyncIteration:
         raise
     except Exception as exc:  # noqa: BLE001 - a bug must not take the server down
-        await context.abort(*status_of(exc))
+        status = status_of(exc)  # aborted below, outside this block: no chain back to `exc`'s frames
+    await abort(context, *status)
+
+
+async def abort(context: Aborts, code: grpc.StatusCode, details: str) -> NoReturn:
+    """`context.abort`, and the aborted call's locals released as soon as the call is done.
+
+    grpc.aio keeps the exception `context.abort` raises on the call's state, which the frames of its traceback
+    reach again through the context: a reference cycle holding every local of the aborted handler (the
+    request, up to twice --max-message-bytes of it) until Python's cyclic collector next runs, which counts
+    objects, not bytes (measured: 20 refused requests of a 60 MiB model name left 2.4 GB behind for as long as
+    no other traffic came). Once the call's task is done its frames have all returned, and clearing their
+    locals breaks the cycle."""
+    try:
+        await context.abort(code, details)
+    except BaseException as aborted:
+        task = asyncio.current_task()
+        if task is not None:  # read once the call is done: its traceback grows as it is raised further
+            task.add_done_callback(functools.partial(_clear_frames, aborted))
+        raise
     raise AssertionError("unreachable: context.abort raises")
+
+
+def _clear_frames(aborted: BaseException, _: object) -> None:
+    traceback.clear_frames(aborted.__traceback__)
 
 
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:

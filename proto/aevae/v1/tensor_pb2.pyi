@@ -127,8 +127,9 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def broken(self) -> _containers.RepeatedCompositeFieldContainer[Global___BrokenVersion]:
         """Versions that cannot be served (failed checksum, unsafe or unreadable weights, incomplete), with why:
-        the newest 16 of them (a repository can hold any number; the server log names every one). They are left
-        out of `versions` and never the default.
+        the newest 16 of them (a repository can hold any number; the server log names every one), without their
+        reasons when the listing would not fit in the server's max_message_bytes otherwise. They are left out of
+        `versions` and never the default.
         """
 
     def __init__(
