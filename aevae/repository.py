@@ -421,7 +421,9 @@ class ModelRepository:
         try:
             st = path.stat()
         except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):  # as Path.is_file
+            if exc.errno == errno.ELOOP:  # as the version's other files say it
+                raise ValueError(f"{MANIFEST} cannot be resolved: a loop of symbolic links") from None
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF):  # as Path.is_file
                 raise ValueError(f"no {MANIFEST}") from None
             raise
         if not stat.S_ISREG(st.st_mode):

@@ -384,6 +384,12 @@ def test_a_symlink_loop_in_a_version_is_named_without_the_servers_path(tmp_path:
     (broken,) = repository.scan().broken
     assert f"{listed} cannot be resolved: a loop of symbolic links" in broken.reason
     assert str(tmp_path) not in broken.reason
+    # the manifest too (it was "no manifest.json", as if the version had none)
+    (version.path / "manifest.json").unlink()
+    (version.path / "manifest.json").symlink_to("m2")
+    (version.path / "m2").symlink_to("manifest.json")
+    (broken,) = ModelRepository(tmp_path, allow_symlinks=True).scan().broken
+    assert broken.reason == "manifest.json cannot be resolved: a loop of symbolic links"
 
 
 def test_misnamed_model_folders_and_control_characters_are_said_once_and_escaped(
