@@ -318,6 +318,9 @@ def test_bytes_that_are_not_utf8_odd_origins_and_malformed_requests_get_4xx_with
             async with session.post(f"{base}/login", data=body, headers={
                     **origin, "Content-Type": f"application/x-www-form-urlencoded; charset={charset}"}) as form:
                 assert form.status in (400, 401) and "<form" in await form.text(), (charset, form.status)
+        async with session.post(f"{base}/login", data=b"--zz\r\nxxxx", headers={  # a multipart that breaks off
+                **origin, "Content-Type": "multipart/form-data; boundary=zz"}) as cut:
+            assert cut.status == 400 and "could not be read" in await cut.text(), cut.status  # was a 500
         async with session.post(f"{base}/api/samples", headers=login,
                                 json={"model": "v" * 1_000_000, "count": 1, "seed": 0}) as long_name:
             text = await long_name.text()
@@ -540,3 +543,39 @@ def test_calls_to_a_service_that_hangs_fail_at_once_until_it_answers_again(model
     with ServiceProcess("decoder", models) as service:
         service.wait_healthy()
         asyncio.run(scenario(service))
+
+
+def test_a_busy_ui_does_not_call_a_healthy_service_down(models: Path) -> None:
+    """Pages flooding the UI with decodes kept its event loop busy: the health probe, run on that loop, found
+    no answer within its second from a service that answered in milliseconds, and every page was told both
+    services were down and had its calls refused until a probe got through. The probes run on a thread."""
+    import time
+
+    from aevae.client import AsyncEncoderClient
+    from aevae.ui.services import ServiceLink
+
+    async def busy(until: float) -> None:  # work that holds the loop 30 ms at a time, as parsing a flood does
+        while time.monotonic() < until:
+            time.sleep(0.03)
+            await asyncio.sleep(0)
+
+    async def scenario(address: str) -> list[str]:
+        link = ServiceLink("encoder", address, AsyncEncoderClient)
+        try:
+            await link.probe()
+            assert link.status.state == "up"
+            until = time.monotonic() + 6.0
+            hogs = [asyncio.create_task(busy(until)) for _ in range(40)]  # a turn of the loop takes about 1.2 s
+            states = []
+            while time.monotonic() < until - 1.5:
+                await link.probe()
+                states.append(f"{link.status.state} {link.status.message}".strip())
+            await asyncio.gather(*hogs)
+            return states
+        finally:
+            await link.aclose()
+
+    with ServiceProcess("encoder", models) as service:
+        service.wait_healthy()
+        states = asyncio.run(scenario(service.address))
+    assert states and set(states) == {"up"}, states

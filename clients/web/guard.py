@@ -27,6 +27,7 @@ from typing import Any, Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from aevae.client.credentials import TokenFile, is_loopback
@@ -203,9 +204,12 @@ class Guard:
         async def login(request: web.Request) -> web.StreamResponse:
             try:
                 form = await request.post()
-            except (LookupError, ValueError) as exc:  # an unknown charset, bytes not in it: the one open page
+            except (LookupError, ValueError, HttpProcessingError) as exc:
+                # an unknown charset, bytes not in it, a multipart body that breaks off: 400 on the one open
+                # page (aiohttp's own error for the multipart was a 500)
                 return web.Response(text=LOGIN_PAGE.format(error="<p role=alert>The form could not be read "
-                                                           f"({type(exc).__name__}): send it as UTF-8.</p>"),
+                                                           f"({type(exc).__name__}): send the token field as a "
+                                                           "form (urlencoded or multipart) in UTF-8.</p>"),
                                     content_type="text/html", status=400)
             token = form.get("token")
             if not isinstance(token, str) or not self.token_ok(token.strip()):

@@ -7,6 +7,11 @@ health every second with a fresh channel while the service is down, so that a se
 port is picked up at the first probe after it is back (within a second) instead of after gRPC's reconnect
 backoff (up to minutes); each client has its own connection (aevae.client.core.CHANNEL_OPTIONS), so the
 fresh one does not inherit the backoff of the old.
+
+The probes run on a thread of their own with the synchronous client, so that they time the service and not
+this server's event loop: run on the loop, a probe of a healthy service found no answer in time whenever pages
+kept the loop busy (20 pages each sending decodes as fast as they could), and every page was told that both
+services were down and had its calls refused until a probe got through.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import grpc
 
-from aevae.client import AevaeError, AsyncDecoderClient, AsyncEncoderClient
+from aevae.client import AevaeError, AsyncDecoderClient, AsyncEncoderClient, DecoderClient, EncoderClient
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +40,9 @@ UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_E
 
 Client = TypeVar("Client", AsyncEncoderClient, AsyncDecoderClient)
 T = TypeVar("T")
+# the synchronous client the probes of each service use
+PROBER: dict[type, type[EncoderClient] | type[DecoderClient]] = {AsyncEncoderClient: EncoderClient,
+                                                                 AsyncDecoderClient: DecoderClient}
 
 
 async def bounded(awaitable: Awaitable[T], seconds: float) -> T:
@@ -99,6 +108,8 @@ class ServiceLink(Generic[Client]):
         # not refusing. Calls then fail at once with the probe's words until a probe is answered: each waited
         # out its timeout (5 s, 6 with the retry) while the page already said "down".
         self._hung = False
+        self._prober: EncoderClient | DecoderClient | None = None
+        self._probing = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"aevae-ui-probe-{service}")
 
     def _new_client(self, timeout: float) -> Client:
         # one quick retry: the page would rather hear "down" now than after a long backoff
@@ -141,13 +152,23 @@ class ServiceLink(Generic[Client]):
             await self._set("up", "")
         return result
 
+    def _check(self, fresh: bool) -> str:
+        """The health check, on the probing thread: with a new channel when `fresh`."""
+        if fresh or self._prober is None:
+            if self._prober is not None:
+                self._prober.close()
+            self._prober = PROBER[self._client_type](self.target, timeout=PROBE_TIMEOUT, retries=0,
+                                                     security=self.security)
+        return self._prober.health(timeout=PROBE_TIMEOUT)
+
     async def probe(self) -> None:
-        """One health check. While down, it uses a fresh channel and, when that answers, adopts a new client."""
+        """One health check, on the probing thread (see the module's docstring). While down, it uses a fresh
+        channel and, when that answers, adopts a new client for the calls."""
         fresh = self.status.state != "up" or self._client is None
-        client = self._new_client(PROBE_TIMEOUT) if fresh else self._client
-        assert client is not None
         try:
-            serving = await bounded(client.health(timeout=PROBE_TIMEOUT), PROBE_TIMEOUT + 1.0)
+            # bounded far past the check's own deadline: only a thread that never returns meets it
+            serving = await bounded(asyncio.get_running_loop().run_in_executor(self._probing, self._check, fresh),
+                                    PROBE_TIMEOUT + 5.0)
             healthy, message = serving == "SERVING", ("" if serving == "SERVING" else f"health: {serving}")
         except AevaeError as exc:
             healthy, message = False, short_message(exc)
@@ -157,12 +178,10 @@ class ServiceLink(Generic[Client]):
             self._hung = True
         if healthy:
             self._hung = False
-        if fresh:
-            await self._close(client)  # the probe's client has a short timeout; calls get a normal one
-            if healthy:
-                if self._client is not None:  # a call may still be running on it: close it later, not now
-                    self._retired.append((self._client, time.monotonic() + CALL_TIMEOUT + 1))
-                self._client = self._new_client(CALL_TIMEOUT)
+        if fresh and healthy:
+            if self._client is not None:  # a call may still be running on it: close it later, not now
+                self._retired.append((self._client, time.monotonic() + CALL_TIMEOUT + 1))
+            self._client = self._new_client(CALL_TIMEOUT)
         await self._set("up" if healthy else "down", message)
         now = time.monotonic()
         for old, due in [r for r in self._retired if r[1] <= now]:
@@ -186,6 +205,10 @@ class ServiceLink(Generic[Client]):
         if self._client is not None:
             await self._close(self._client)
             self._client = None
+        self._probing.shutdown(wait=False, cancel_futures=True)
+        if self._prober is not None:
+            self._prober.close()
+            self._prober = None
 
 
 def short_message(exc: AevaeError) -> str:
