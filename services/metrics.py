@@ -446,18 +446,25 @@ def observe_ui_decode(seconds: float, outcome: str) -> None:
     UI_DECODES.labels(outcome).observe(seconds)
 
 
+def observe_ui_session(opened: bool) -> None:
+    """A WebSocket session upgraded (`opened`) or ended: a handshake refused (503 past the limit, 403 from
+    another origin) is a request, not a session."""
+    if opened:
+        UI_SESSIONS.inc()
+        UI_SESSIONS_TOTAL.inc()
+    else:
+        UI_SESSIONS.dec()
+
+
 def ui_middleware() -> Any:
-    """An aiohttp middleware: requests by route and status; /ws counts as a session while it is open."""
+    """An aiohttp middleware: requests by route and status, the UI's refusals (421, 403, 415) included: it
+    runs before its checks."""
     from aiohttp import web
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> Any:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        session = route == "/ws"
-        if session:
-            UI_SESSIONS.inc()
-            UI_SESSIONS_TOTAL.inc()
         status = 500
         try:
             response = await handler(request)
@@ -467,8 +474,6 @@ def ui_middleware() -> Any:
             status = exc.status
             raise
         finally:
-            if session:
-                UI_SESSIONS.dec()
             UI_HTTP.labels(route, str(status)).inc()
 
     return middleware

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Iterator
@@ -239,6 +240,16 @@ def test_ui_sessions_and_decode_round_trips(decoder: ServiceProcess) -> None:
             time.sleep(0.05)
         assert value(scrape(url), "aevae_ui_websocket_sessions") == 0
         assert value(scrape(url), "aevae_ui_http_requests_total", route="/ws") == 1  # counted when it ended
+        # a /ws request that is no upgrade is no session, and the guard's refusals are counted (they were not)
+        for request, code in ((f"http://127.0.0.1:{port}/ws", 400), (urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/status", headers={"Host": "rebound.example"}), 421)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code == code
+        samples = scrape(url)
+        assert value(samples, "aevae_ui_websocket_sessions_opened_total") == 1
+        assert value(samples, "aevae_ui_http_requests_total", route="/ws", status="400") == 1
+        assert value(samples, "aevae_ui_http_requests_total", route="/api/status", status="421") == 1
     finally:
         ui.terminate()
         ui.wait(20)

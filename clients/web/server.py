@@ -67,8 +67,10 @@ LINKS = web.AppKey("links", Links)
 JUDGE = web.AppKey("judge", Judge)
 SOCKETS: web.AppKey[weakref.WeakSet["Socket"]] = web.AppKey("sockets")
 TASKS: web.AppKey[list[asyncio.Task[None]]] = web.AppKey("tasks")
-# With --metrics-port: called with each WebSocket decode's round trip in seconds and its outcome.
+# With --metrics-port: called with each WebSocket decode's round trip in seconds and its outcome, and with
+# True when a WebSocket session is upgraded, False when it ends.
 ROUND_TRIP: web.AppKey[Callable[[float, str], None]] = web.AppKey("round_trip")
+SESSION: web.AppKey[Callable[[bool], None]] = web.AppKey("session")
 
 
 class BadRequest(ValueError):
@@ -434,10 +436,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     ws = Socket(heartbeat=20, max_msg_size=TRANSPORT_MAX_BYTES)
     await ws.prepare(request)
     sockets.add(ws)
+    observe = request.app.get(SESSION)
+    if observe is not None:
+        observe(True)
     try:
         return await _converse(request.app, ws)
     finally:
         sockets.discard(ws)  # now, not when collected: the count is the limit's
+        if observe is not None:
+            observe(False)
 
 
 async def _converse(app: web.Application, ws: Socket) -> Socket:
@@ -539,7 +546,8 @@ def create_app(encoder: str, decoder: str, poll_interval: float = POLL_INTERVAL,
     `security`: the aevae.client ChannelSecurity for the services (default: from the environment)."""
     guard = guard or Guard.create("127.0.0.1")
     quiet_unreadable_bodies()
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[guard.middleware(), api_errors, *middlewares])
+    # `middlewares` (the metrics) first: they see the guard's refusals too
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[*middlewares, guard.middleware(), api_errors])
 
     broadcasts: set[asyncio.Task[None]] = set()
 
@@ -600,6 +608,7 @@ def serve(encoder: str, decoder: str, host: str = "127.0.0.1", port: int = 8080,
                      guard=guard or Guard.create(host), security=security)
     if metrics_port is not None:
         app[ROUND_TRIP] = metrics.observe_ui_decode
+        app[SESSION] = metrics.observe_ui_session
     where: dict[str, Any] = {"host": host, "port": port}
     if port == 0:
         # The system picks the port: bind it here to know which, so the line below names the port listened on
