@@ -7,7 +7,9 @@ its own files: it adds fsync and locks, which a version's durability needs and t
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -37,8 +39,22 @@ def write_whole(path: str | os.PathLike[str], write: Callable[[Path], object], t
     """`write(temporary)`, then the temporary renamed over `path`; removed again if anything fails, a stop
     included. Readers see the old file or the new one whole: written in place, a full disk, a file-size limit
     or a Ctrl-C left a truncated file under the name, and an earlier file there was lost. `tmp`: the
-    temporary's name in the same folder (default `.NAME.PID.partial`)."""
-    path = Path(path)
+    temporary's name in the same folder (default `.NAME.PID.partial`).
+
+    What is at `path` stays what it is: a symbolic link is written through (its target gets the file), and a
+    device or a FIFO is written into directly (`-o /dev/null` had the rename put a regular file in place of the
+    device, and `-o /dev/full` reported success). A folder that does not exist is named as such, not the
+    temporary that could not be made in it."""
+    path = Path(os.path.realpath(path))
+    try:
+        mode: int | None = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        write(path)  # a device, a FIFO, a socket: nothing to keep whole, and not ours to replace
+        return
+    if not path.parent.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no such folder", str(path.parent))
     temporary = path.with_name(tmp or f".{path.name}.{os.getpid()}.partial")
     try:
         write(temporary)

@@ -102,12 +102,20 @@ def _decoded(Image: Any, file: Any, i: int, first: int, shape: tuple[int, ...] |
         if shape is not None and shape != (height, width):
             raise ValueError(f"row {i} is a {width} x {height} image and row {first} {shape[1]} x {shape[0]}; "
                              "every image of an input must have one size")
-        if img.mode.startswith("I"):  # 16-bit grey: "I;16", or "I" in some Pillow versions
-            values = np.asarray(img)
-            if values.size and (values.min() < 0 or values.max() > 65535):
-                raise ValueError(f"row {i} is an image of 32-bit integers; give 8- or 16-bit grey or colour images")
-            return (values.astype(np.uint32) >> 8).astype(np.uint8)
-        if img.mode == "F":
-            raise ValueError(f"row {i} is an image of 32-bit floats; give 8- or 16-bit grey or colour images")
-        return np.asarray(img.convert("L"), dtype=np.uint8)
+        return grey8(img, f"row {i}")
+
+
+def grey8(img: Any, what: str) -> np.ndarray:
+    """An opened Pillow image as 8-bit grey, for `encode-batch`'s PNG rows and `aevae encode`'s files alike:
+    16-bit grey keeps its top byte (Pillow's own conversion clipped every value over 255, a 16-bit digit
+    became black and white); 32-bit integers and floats, which have no one scale, are refused (ValueError
+    naming `what`)."""
+    if img.mode.startswith("I"):  # 16-bit grey: "I;16", or "I" in some Pillow versions
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{what} is an image of 32-bit integers; give 8- or 16-bit grey or colour images")
+        return (values.astype(np.uint32) >> 8).astype(np.uint8)
+    if img.mode == "F":
+        raise ValueError(f"{what} is an image of 32-bit floats; give 8- or 16-bit grey or colour images")
+    return np.asarray(img.convert("L"), dtype=np.uint8)
 

@@ -242,6 +242,9 @@ def test_healthcheck_reports_a_real_decoder_and_ui_healthy_and_a_stopped_one_unh
         decoder.wait_healthy()
         done = healthcheck(decoder.address)
         assert done.returncode == 0, done.stderr
+        done = healthcheck(f"http://{decoder.address}/")  # a gRPC port asked for HTTP: was a traceback
+        assert done.returncode == 1 and "not an HTTP answer" in done.stderr and "Traceback" not in done.stderr, \
+            done.stderr
         port = free_port()
         ui = subprocess.Popen([sys.executable, "-m", "aevae.cli", "ui", "--port", str(port),
                                "--decoder", decoder.address], stdout=subprocess.DEVNULL,

@@ -115,7 +115,7 @@ def _read_image(path: str, invert: bool, shapes: list[tuple[int, int]]):
 
     import numpy as np
 
-    from aevae.batch.png import MAX_PIXELS  # encode-batch's bound on an image, for the same refusal here
+    from aevae.batch.png import MAX_PIXELS, grey8  # encode-batch's bound and reading, for the same answers here
     from aevae.errors import UserError
 
     Image = _pillow()
@@ -134,7 +134,7 @@ def _read_image(path: str, invert: bool, shapes: list[tuple[int, int]]):
             if img.width * img.height > MAX_PIXELS:
                 raise UserError(f"cannot read image {path}: {img.width * img.height:,} pixels, over the limit of "
                                 f"{MAX_PIXELS:,}")
-            grey = img.convert("L")
+            grey = Image.fromarray(grey8(img, "it"))  # ValueError below: "cannot read image P: it is ..."
             if (grey.size[1], grey.size[0]) not in shapes:
                 h, w = shapes[-1]
                 print(f"{path}: resized from {grey.size[0]}x{grey.size[1]} to {w}x{h}", file=sys.stderr)
@@ -259,7 +259,9 @@ def decode(args: argparse.Namespace) -> int:
     if len({len(row) for row in rows}) > 1:  # numbers all, but not one array: not "must be numbers"
         raise UserError(f"every latent needs as many values as the model's latent dimension; got latents of "
                         f"{', '.join(str(len(row)) for row in rows)} values")
-    latents = np.array(rows, dtype=np.float32)
+    # float64 as typed: the client names a value beyond float32's range (cast here, it became an infinity the
+    # user never typed, with numpy's overflow warning)
+    latents = np.array(rows, dtype=np.float64)
     if args.scale < 1:
         raise UserError(f"--scale must be a positive integer, got {args.scale}")
     if args.output == "-" and 1 in closed_at_start:

@@ -13,6 +13,7 @@ Kubernetes needs none of this: its native `grpc:` probe speaks grpc.health.v1 (s
 
 from __future__ import annotations
 
+import http.client
 import os
 import sys
 import urllib.request
@@ -52,6 +53,8 @@ def http_health(url: str, timeout: float) -> str | None:
             return None if response.status == 200 else f"HTTP {response.status}"
     except OSError as exc:  # URLError, HTTPError, timeouts
         return str(exc)
+    except http.client.HTTPException as exc:  # a port that answers something else (gRPC): was a traceback
+        return f"{url}: not an HTTP answer ({type(exc).__name__})"
 
 
 def main(argv: list[str]) -> int:

@@ -929,6 +929,26 @@ def test_encode_refuses_a_decompression_bomb_as_encode_batch_does(tmp_path: Path
     assert _read_image(str(big), False, [(32, 32)]).shape == (32, 32)
 
 
+def test_encode_reads_16_bit_grey_as_encode_batch_does_and_refuses_floats(tmp_path: Path) -> None:
+    """Pillow's conversion clipped a 16-bit image's values at 255: a digit became black and white and was
+    encoded without a word; a float image was read as almost black."""
+    import numpy as np
+    from PIL import Image
+
+    from aevae.client.cli import _read_image
+    from aevae.errors import UserError
+
+    digit = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) % 256
+    Image.fromarray(digit.astype(np.uint8)).save(tmp_path / "8.png")
+    Image.fromarray(digit * 257).save(tmp_path / "16.png")  # the same values, 16-bit
+    assert Image.open(tmp_path / "16.png").mode.startswith("I")
+    eight = _read_image(str(tmp_path / "8.png"), False, [(32, 32)])
+    assert np.array_equal(_read_image(str(tmp_path / "16.png"), False, [(32, 32)]), eight)
+    Image.fromarray(digit.astype(np.float32) / 255).save(tmp_path / "f.tif")
+    with pytest.raises(UserError, match=r"f\.tif: it is an image of 32-bit floats; give 8- or 16-bit grey"):
+        _read_image(str(tmp_path / "f.tif"), False, [(32, 32)])
+
+
 def test_ui_names_a_classifier_that_is_no_npz_archive(ui_not_served: list[dict[str, Any]], tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     """np.load returns a .npy file's array (a TypeError traceback: no context manager) and takes other bytes
@@ -962,6 +982,17 @@ def test_decode_names_the_one_latent_that_is_no_numbers(capsys: pytest.CaptureFi
     assert cli.main(["decode", *latents, "-o", "never.png", "--decoder", "127.0.0.1:9"]) == 2
     err = capsys.readouterr().err
     assert "latent 20001 of 20001 is 'x'" in err and len(err) < 300, err[:300]
+
+
+def test_decode_names_a_value_beyond_float32_as_typed(capsys: pytest.CaptureFixture[str]) -> None:
+    """1e40 was cast to float32 by the command: numpy's overflow warning, then the server's "got inf"."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(["decode", "0.5,-1.2,0.3,1e40", "-o", "never.png", "--decoder", "127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err
+    assert "1e+40 at index [0, 3] is beyond float32's range" in err and "inf" not in err, err
 
 
 def test_a_token_file_that_cannot_be_read_is_the_command_s_error_naming_what_named_it(
