@@ -563,6 +563,11 @@ def fleet_model(client: Any, flag: str, name: str, number: int | None, precision
     except AevaeError as exc:
         hint = " (pass a bigger --timeout: seconds per request message)" if deadline_missed(exc) else ""
         raise UserError(f"{flag} {client.target}: {exc}{hint}") from None
+    for replica in client.replicas:  # ListModels is answered by either service: asked, the health service tells
+        if replica.serves() is False:
+            other = "encoder" if flag == "--decoder" else "decoder"
+            raise UserError(f"{flag}: {replica.target} does not serve aevae.v1.{replica.SERVICE} (perhaps it is "
+                            f"the {other}?); name only {flag.removeprefix('--')} services")
     info = infos.get(name)
     if info is None:
         listed = "; ".join(f"{m.name}: {', '.join(map(str, m.versions))}" for m in infos.values()) or "none"

@@ -313,6 +313,19 @@ def test_decode_batch_on_the_fleet_resumes_after_the_input_file_is_fixed(fleet, 
     assert pq.read_table(out, page_checksum_verification=True).equals(table)
 
 
+def test_an_encoder_among_the_decoders_is_refused_before_any_work(fleet, tmp_path: Path) -> None:
+    """The encoder answers ListModels as the decoder does: the job started, then failed every run with
+    UNIMPLEMENTED, the other replica healthy."""
+    mixed = f"{fleet['decoder'][0]},{fleet['encoder'][0]}"
+    done = subprocess.run([*AEVAE, "decode-batch", "--prior", "2000", "--model", "vae", "--output",
+                           str(tmp_path / "out"), "--decoder", mixed], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert (f"--decoder: {fleet['encoder'][0]} does not serve aevae.v1.Decoder (perhaps it is the encoder?); "
+            "name only decoder services") in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_rerun_resumes_on_the_version_the_job_started_with(fleet, repo: Path, tmp_path: Path) -> None:
     """Without --version a job is pinned to the newest version at its start; a newer version written before a
     rerun does not make the same command another job: it resumes on the version it started with."""

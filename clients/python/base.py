@@ -163,6 +163,11 @@ class SyncClient(_Common):
             return self._fanout.health(lambda client, t: client.health(timeout=t), self._fanned(timeout))
         return self._retry(lambda: health.check(self._channel, self._deadline(timeout), self.SERVICE), retries=0)
 
+    def serves(self, *, timeout: float | None = 5.0) -> bool | None:
+        """Whether the server at this (single) target serves this client's service: False for another one (the
+        encoder's address given to a DecoderClient), None when it cannot tell (see health.serves)."""
+        return health.serves(self._channel, timeout, self.SERVICE)
+
     def close(self) -> None:
         """Closes the channel(s); later calls raise AevaeError (FAILED_PRECONDITION). Closing twice is fine."""
         self._closed = True

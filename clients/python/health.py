@@ -46,3 +46,16 @@ async def check_async(channel: grpc.aio.Channel, timeout: float | None, service:
         await _list_models(channel, service)(tensor_pb2.ListModelsRequest(), timeout=timeout)
         return "SERVING"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def serves(channel: grpc.Channel, timeout: float | None, service: str) -> bool | None:
+    """Whether the server serves aevae.v1.`service` ("Encoder" or "Decoder"), from its health status for
+    that service name (each aevae service reports its own): False for another service (an encoder's address
+    given for the decoder, which answers ListModels alike); None when it cannot tell (no health service, as
+    behind Ray Serve's proxy; not reachable now)."""
+    health_pb2, stub = _stub(channel)
+    try:
+        stub.Check(health_pb2.HealthCheckRequest(service=f"aevae.v1.{service}"), timeout=timeout)
+    except grpc.RpcError as error:
+        return False if error.code() == grpc.StatusCode.NOT_FOUND else None
+    return True
