@@ -29,6 +29,7 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 import aevae
 from aevae.errors import InvalidArgument, ResourceExhausted, ServiceError, shorten
 from aevae.inference import LoadedModel
+from aevae.store import ModelSummary
 from aevae.services import inputs
 from aevae.services.decoder import Decoded, DecoderLogic
 from aevae.services.encoder import EncoderLogic
@@ -562,9 +563,8 @@ class InferenceServicer:
         """Every version READY (served on request), and the newest broken ones (store.LISTED_BROKEN a model)
         UNAVAILABLE with the reason."""
         message = await guarded(context, parsed(request))
-        summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
 
-        def listing(reasons: bool) -> service_pb2.RepositoryIndexResponse:
+        def listing(summaries: list[ModelSummary], reasons: bool) -> service_pb2.RepositoryIndexResponse:
             index = []
             for s in summaries:
                 states = {n: ("READY", "") for n in s.numbers}
@@ -575,7 +575,12 @@ class InferenceServicer:
                             name=s.name, version=str(number), state=state, reason=reason))
             return service_pb2.RepositoryIndexResponse(models=index)
 
-        return await guarded(context, fitted(listing, len(summaries), self.logic.limits.max_message_bytes))
+        def answer() -> service_pb2.RepositoryIndexResponse:  # off the event loop: a scan may read the disk
+            summaries = self.logic.list_models()
+            return fitted(lambda reasons: listing(summaries, reasons), len(summaries),
+                          self.logic.limits.max_message_bytes)
+
+        return await guarded(context, self.engine.run(answer, 0, False))
 
 
 async def _named(request: Any) -> tuple[str, int | None]:

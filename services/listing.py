@@ -32,10 +32,14 @@ class ListsModels:
         # The request has no fields, but bytes that are no ListModelsRequest are refused like any other
         # method's, rather than answered as if they were one.
         await guarded(context, parsed(request))
-        summaries = await guarded(context, self.engine.run(self.logic.list_models, 0, False))
         limits = self.logic.limits
-        return await guarded(context, fitted(lambda reasons: models_response(summaries, limits, reasons),
-                                             len(summaries), limits.max_message_bytes))
+
+        def answer() -> tensor_pb2.ListModelsResponse:  # off the event loop: a scan may read the disk
+            summaries = self.logic.list_models()
+            return fitted(lambda reasons: models_response(summaries, limits, reasons), len(summaries),
+                          limits.max_message_bytes)
+
+        return await guarded(context, self.engine.run(answer, 0, False))
 
 
 def models_response(summaries: list[ModelSummary], limits: Limits,
@@ -55,7 +59,7 @@ def models_response(summaries: list[ModelSummary], limits: Limits,
     )
 
 
-async def fitted(listing: Callable[[bool], M], models: int, max_message_bytes: int) -> M:
+def fitted(listing: Callable[[bool], M], models: int, max_message_bytes: int) -> M:
     """A listing of the repository (ListModels, the Open Inference Protocol's RepositoryIndex) that the server
     can send: `listing(True)`, with the broken versions' reasons, if it fits in max_message_bytes; if not,
     `listing(False)`, their numbers without the reasons (up to store.REASON_MAX characters each, which a few

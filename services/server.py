@@ -32,6 +32,7 @@ from aevae.services.grpc_inference import DESCRIPTOR as OIP, InferenceServicer, 
 from aevae.services.registration import Parsing, register
 from aevae.services import reflection_v1, security
 from aevae.services.settings import PORTS, ServiceSettings, host_port, listen_problem, listeners_problem
+from aevae.services.status import abort
 from aevae.repository import models_dir
 from aevae.store import ModelStore
 from aevae.v1 import decoder_pb2, encoder_pb2
@@ -169,8 +170,8 @@ class Health(health.aio.HealthServicer):
                 await asyncio.gather(watch, return_exceptions=True)
         if not watch.cancelled():
             return watch.result()  # the watch's own end (its client gone): as grpc_health ends it
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down (its status went "
-                                                         "NOT_SERVING): watch another replica")
+        await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down (its status went "
+                                                          "NOT_SERVING): watch another replica")
 
     def close_watches(self) -> None:
         """Ends every Watch stream, after the drain's NOT_SERVING has gone out to them."""
@@ -178,9 +179,9 @@ class Health(health.aio.HealthServicer):
 
     async def Check(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
         if request.service not in self.known:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"no health status for service {request.service[:200]!r}; this server reports "
-                                f"{' and '.join(repr(k) for k in self.known)} ('': the server as a whole)")
+            await abort(context, grpc.StatusCode.NOT_FOUND,
+                        f"no health status for service {request.service[:200]!r}; this server reports "
+                        f"{' and '.join(repr(k) for k in self.known)} ('': the server as a whole)")
         return await super().Check(request, context)
 
 

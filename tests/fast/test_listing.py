@@ -3,8 +3,6 @@ the largest message the server may send: services/listing.py."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from aevae.errors import ResourceExhausted
@@ -25,7 +23,7 @@ def _summaries(models: int, broken: int) -> list[ModelSummary]:
 
 def _listing(summaries: list[ModelSummary], limit: int) -> object:
     limits = Limits(max_message_bytes=limit, max_batch=65536)
-    return asyncio.run(fitted(lambda reasons: models_response(summaries, limits, reasons), len(summaries), limit))
+    return fitted(lambda reasons: models_response(summaries, limits, reasons), len(summaries), limit)
 
 
 def test_a_listing_that_fits_keeps_the_reasons() -> None:
